@@ -1,0 +1,4 @@
+//! The x86_64 PC: address map, Linux boot, ACPI tables.
+pub mod acpi;
+pub mod boot;
+pub mod layout;

@@ -1,0 +1,232 @@
+//! The backend-neutral hypervisor interface: `Hypervisor` → `Vm` → `Vcpu`.
+//!
+//! ```text
+//!  Hypervisor ──create_vm──▶ Vm (Send + Sync, shared by all threads)
+//!                              │  map_memory / irq lines / MSI / save+restore
+//!                              └─create_vcpu (on the vCPU's own thread)──▶ Vcpu (!Send)
+//!                                                     run(&mut dyn ExitHandler)
+//! ```
+//!
+//! No platform type appears here: guest RAM is owned by `vmm` and only mapped by a backend,
+//! exits are finished by the backend through [`ExitHandler`], and backend state crosses the
+//! trait as plain serde data ([`VcpuState`], [`VmState`]) so snapshots can store it.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+/// Errors from a hypervisor backend.
+#[derive(Debug, thiserror::Error)]
+pub enum HypervisorError {
+    /// The backend cannot be used on this host at all (no /dev/kvm, wrong OS, ...).
+    #[error("Hypervisor {backend} is not available: {reason}")]
+    Unavailable { backend: &'static str, reason: String },
+    /// A call into the host hypervisor failed.
+    #[error("Hypervisor call {op} failed")]
+    Os {
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The hypervisor met guest code it could not run (KVM_EXIT_INTERNAL_ERROR and kin).
+    #[error(
+        "The hypervisor could not emulate guest code (internal error, suberror {suberror}) at \
+         rip {rip:#x}{detail}; this host's KVM is probably not hardware-assisted"
+    )]
+    EmulationFailure { suberror: u32, rip: u64, detail: String },
+    /// The hypervisor refused to enter the guest (bad state, e.g. invalid guest registers).
+    #[error("The hypervisor could not enter the guest (reason {reason:#x})")]
+    FailEntry { reason: u64 },
+    /// An exit the backend does not know how to finish.
+    #[error("Unexpected vCPU exit: {0}")]
+    UnexpectedExit(String),
+    /// Saved state that does not fit this backend or this VM.
+    #[error("Invalid backend state: {0}")]
+    InvalidState(String),
+}
+
+pub type Result<T> = std::result::Result<T, HypervisorError>;
+
+/// Finishes port I/O and MMIO exits. The backend calls it during [`Vcpu::run`] and completes
+/// the guest instruction itself (KVM: on the next KVM_RUN; HVF: write the register, advance PC).
+pub trait ExitHandler {
+    fn pio_read(&mut self, port: u16, data: &mut [u8]);
+    fn pio_write(&mut self, port: u16, data: &[u8]);
+    fn mmio_read(&mut self, addr: u64, data: &mut [u8]);
+    fn mmio_write(&mut self, addr: u64, data: &[u8]);
+}
+
+/// Why [`Vcpu::run`] returned. I/O exits never show up here: the handler finished them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuExit {
+    /// An I/O or MMIO access was handled; run again.
+    Io,
+    /// The guest executed HLT (only without an in-kernel irqchip).
+    Halt,
+    /// The guest asked for a reset (triple fault, i8042 reset through the backend, PSCI reset).
+    Reset,
+    /// The guest powered off through a hypervisor-level event (PSCI off, KVM system event).
+    Shutdown,
+    /// [`VcpuKicker::kick`] interrupted the run.
+    Interrupted,
+}
+
+/// Forces a running vCPU out of [`Vcpu::run`] from any thread.
+pub trait VcpuKicker: Send + Sync {
+    fn kick(&self);
+}
+
+/// A memory region of host memory mapped as guest RAM.
+#[derive(Debug, Clone, Copy)]
+pub struct GuestRamMapping {
+    pub slot: u32,
+    pub guest_addr: u64,
+    pub size: u64,
+    pub host_addr: *mut u8,
+    pub readonly: bool,
+}
+
+/// Everything a backend needs to know to create a VM.
+#[derive(Debug, Clone)]
+pub struct VmSetup {
+    pub vcpu_count: u32,
+    /// Guest-physical address of the IOAPIC / interrupt controller, for backends that place it.
+    pub ioapic_addr: u64,
+}
+
+/// Delivers interrupts into the guest. Devices get this (as `Arc<dyn InterruptSink>`), never
+/// the `Vm` itself.
+pub trait InterruptSink: Send + Sync {
+    /// Drive a legacy interrupt line (GSI) high or low.
+    fn set_irq_line(&self, gsi: u32, active: bool) -> Result<()>;
+    /// Deliver one message-signalled interrupt.
+    fn signal_msi(&self, address: u64, data: u32) -> Result<()>;
+}
+
+/// One hypervisor (KVM, Hypervisor.framework).
+pub trait Hypervisor: Send + Sync {
+    fn name(&self) -> &'static str;
+    fn create_vm(&self, setup: &VmSetup) -> Result<Arc<dyn Vm>>;
+}
+
+/// One virtual machine. Shared by the VMM's threads.
+pub trait Vm: InterruptSink {
+    /// Maps host memory into the guest-physical address space.
+    ///
+    /// # Safety
+    /// `mapping.host_addr .. + mapping.size` must be a valid, page-aligned host mapping that
+    /// outlives the VM (the guest writes it behind Rust's back).
+    unsafe fn map_memory(&self, mapping: GuestRamMapping) -> Result<()>;
+
+    /// Creates vCPU `id`. Call it on the thread that will run the vCPU; the result never
+    /// leaves that thread.
+    fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>>;
+
+    /// Saves VM-wide backend state (interrupt controllers, timers, clock).
+    fn save_state(&self) -> Result<VmState>;
+    fn restore_state(&self, state: &VmState) -> Result<()>;
+}
+
+/// One virtual CPU, bound to the thread that created it.
+pub trait Vcpu {
+    fn id(&self) -> u32;
+    /// Runs the guest until an exit that the VMM must see.
+    fn run(&mut self, handler: &mut dyn ExitHandler) -> Result<VcpuExit>;
+    fn kicker(&self) -> Arc<dyn VcpuKicker>;
+
+    fn regs(&self) -> Result<X86Regs>;
+    fn set_regs(&mut self, regs: &X86Regs) -> Result<()>;
+    fn sregs(&self) -> Result<X86Sregs>;
+    fn set_sregs(&mut self, sregs: &X86Sregs) -> Result<()>;
+
+    fn save_state(&self) -> Result<VcpuState>;
+    fn restore_state(&mut self, state: &VcpuState) -> Result<()>;
+}
+
+/// General-purpose registers of an x86_64 vCPU.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct X86Regs {
+    pub rax: u64,
+    pub rbx: u64,
+    pub rcx: u64,
+    pub rdx: u64,
+    pub rsi: u64,
+    pub rdi: u64,
+    pub rsp: u64,
+    pub rbp: u64,
+    pub r8: u64,
+    pub r9: u64,
+    pub r10: u64,
+    pub r11: u64,
+    pub r12: u64,
+    pub r13: u64,
+    pub r14: u64,
+    pub r15: u64,
+    pub rip: u64,
+    pub rflags: u64,
+}
+
+/// A segment register as the hardware caches it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct X86Segment {
+    pub base: u64,
+    pub limit: u32,
+    pub selector: u16,
+    pub type_: u8,
+    pub present: bool,
+    pub dpl: u8,
+    pub db: bool,
+    pub s: bool,
+    pub l: bool,
+    pub g: bool,
+    pub avl: bool,
+    pub unusable: bool,
+}
+
+/// GDTR / IDTR.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct X86DescriptorTable {
+    pub base: u64,
+    pub limit: u16,
+}
+
+/// Segment, control and descriptor-table registers of an x86_64 vCPU.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct X86Sregs {
+    pub cs: X86Segment,
+    pub ds: X86Segment,
+    pub es: X86Segment,
+    pub fs: X86Segment,
+    pub gs: X86Segment,
+    pub ss: X86Segment,
+    pub tr: X86Segment,
+    pub ldt: X86Segment,
+    pub gdt: X86DescriptorTable,
+    pub idt: X86DescriptorTable,
+    pub cr0: u64,
+    pub cr2: u64,
+    pub cr3: u64,
+    pub cr4: u64,
+    pub cr8: u64,
+    pub efer: u64,
+    pub apic_base: u64,
+}
+
+/// Saved state of one vCPU. Registers are typed; everything else the backend needs (FPU,
+/// XSAVE, XCRs, MSRs, LAPIC, pending events, debug registers, MP state) travels as named,
+/// backend-encoded blobs that only the same backend can read back.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VcpuState {
+    pub backend: String,
+    pub regs: X86Regs,
+    pub sregs: X86Sregs,
+    pub blobs: BTreeMap<String, Vec<u8>>,
+}
+
+/// Saved VM-wide backend state (irqchips, PIT, clock), as named backend-encoded blobs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmState {
+    pub backend: String,
+    pub blobs: BTreeMap<String, Vec<u8>>,
+}

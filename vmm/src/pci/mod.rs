@@ -1,0 +1,1 @@
+//! PCI: host bridge and configuration space. (being written)

@@ -1,0 +1,1 @@
+//! Virtio devices and the virtio-pci transport. (being written)
