@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Runs Hutch's whole test suite on a fresh Debian/Ubuntu machine (as root, for apt-get):
+# system packages, lints, unit and backend-conformance tests, guest fixtures, the host-KVM
+# check, and the end-to-end tests against a real Linux guest in the nested KVM lab.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+step() { printf '\n=== %s (%s)\n' "$*" "$(date +%T)"; }
+
+step "system packages"
+bash tests/lab/deps.sh
+
+step "format and lints"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "build (release)"
+cargo build --release --locked -p hutch
+
+mkdir -p build
+step "unit, integration and backend conformance tests"
+cargo test --workspace --locked --release 2>&1 | tee build/cargo-test.log
+grep -q "SKIP" build/cargo-test.log && { [ "${CI:-}" = true ] && { echo "skipped tests in CI"; exit 1; }; }
+
+step "guest fixtures"
+bash tests/guest/build.sh
+
+step "host /dev/kvm: a real kernel fails with a clear error"
+HUTCH="$REPO/target/release/hutch" bash tests/e2e/host-kvm.sh
+
+step "end-to-end tests in the nested KVM lab"
+HUTCH="$REPO/target/release/hutch" bash tests/lab/lab.sh -- bash tests/e2e/run.sh
