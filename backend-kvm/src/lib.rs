@@ -3,8 +3,8 @@
 //!
 //! ```text
 //!  KvmHypervisor (/dev/kvm, cached CPUID + MSR list)
-//!      └─create_vm──▶ KvmVm (VM fd, in-kernel PIC/IOAPIC/LAPIC + PIT)
-//!                        └─create_vcpu──▶ KvmVcpu (vCPU fd, kvm_run page) ──kicker──▶ KvmKicker
+//!    └─create_vm──▶ KvmVm (VM fd, in-kernel PIC/IOAPIC/LAPIC + PIT)
+//!                     └─create_vcpu──▶ KvmVcpu (vCPU fd, kvm_run) ──kicker──▶ KvmKicker
 //! ```
 //!
 //! All KVM code lives in `sys::linux`; on other systems the crate compiles empty.

@@ -35,17 +35,15 @@ fn core_id_bits(vcpu_count: u32) -> u32 {
 pub fn patch_cpuid(entries: &mut Vec<kvm_cpuid_entry2>, topology: CpuTopology) {
     let count = topology.vcpu_count.max(1);
     let apic_id = topology.apic_id;
-    let max_basic_leaf =
-        entries.iter().find(|e| e.function == LEAF_BASIC).map_or(0, |e| e.eax);
+    let max_basic_leaf = entries.iter().find(|e| e.function == LEAF_BASIC).map_or(0, |e| e.eax);
     let has_leaf_1f = entries.iter().any(|e| e.function == LEAF_TOPOLOGY_V2);
 
     for entry in entries.iter_mut() {
         match entry.function {
             LEAF_FEATURES => {
                 // EBX[31:24] initial APIC id, EBX[23:16] logical processors per package.
-                entry.ebx = (entry.ebx & 0x0000_ffff)
-                    | ((apic_id & 0xff) << 24)
-                    | (count.min(0xff) << 16);
+                entry.ebx =
+                    (entry.ebx & 0x0000_ffff) | ((apic_id & 0xff) << 24) | (count.min(0xff) << 16);
                 entry.ecx |= LEAF1_ECX_HYPERVISOR;
                 entry.edx |= LEAF1_EDX_HTT;
             }
@@ -95,7 +93,14 @@ fn topology_leaf(function: u32, apic_id: u32, count: u32) -> [kvm_cpuid_entry2; 
 mod tests {
     use super::*;
 
-    fn entry(function: u32, index: u32, eax: u32, ebx: u32, ecx: u32, edx: u32) -> kvm_cpuid_entry2 {
+    fn entry(
+        function: u32,
+        index: u32,
+        eax: u32,
+        ebx: u32,
+        ecx: u32,
+        edx: u32,
+    ) -> kvm_cpuid_entry2 {
         kvm_cpuid_entry2 { function, index, flags: 0, eax, ebx, ecx, edx, padding: [0; 3] }
     }
 
@@ -174,7 +179,8 @@ mod tests {
     #[test]
     fn paravirt_leaves_are_kept() {
         let mut entries = host_list();
-        let before: Vec<_> = entries.iter().filter(|e| e.function >= 0x4000_0000).copied().collect();
+        let before: Vec<_> =
+            entries.iter().filter(|e| e.function >= 0x4000_0000).copied().collect();
         patch_cpuid(&mut entries, CpuTopology { apic_id: 0, vcpu_count: 1 });
         let after: Vec<_> = entries.iter().filter(|e| e.function >= 0x4000_0000).copied().collect();
         assert_eq!(before, after);
@@ -182,10 +188,7 @@ mod tests {
 
     #[test]
     fn core_id_bits_round_up_to_a_power_of_two() {
-        assert_eq!(
-            [1, 2, 3, 4, 5, 8, 9].map(core_id_bits),
-            [0, 1, 2, 2, 3, 3, 4]
-        );
+        assert_eq!([1, 2, 3, 4, 5, 8, 9].map(core_id_bits), [0, 1, 2, 2, 3, 3, 4]);
         assert_eq!(core_id_bits(0), 0);
     }
 }

@@ -44,7 +44,12 @@ pub unsafe fn store_immediate_exit(immediate_exit: *mut u8, value: u8) {
 struct Target {
     immediate_exit: *mut u8,
     thread: libc::pthread_t,
+    /// Kicks so far; lets a completing run tell whether a kick arrived meanwhile.
+    kicks: u64,
 }
+
+/// What [`KvmKicker::begin_completion`] found, for [`KvmKicker::end_completion`].
+pub struct Completion(Option<u64>);
 
 /// The `Send + Sync` kick handle of one vCPU. Holding it after the vCPU is gone is harmless:
 /// the vCPU clears the target (under the lock) before its kvm_run page is unmapped.
@@ -68,7 +73,29 @@ impl KvmKicker {
     pub unsafe fn for_current_thread(immediate_exit: *mut u8) -> KvmKicker {
         // SAFETY: pthread_self has no preconditions.
         let thread = unsafe { libc::pthread_self() };
-        KvmKicker { target: Mutex::new(Some(Target { immediate_exit, thread })) }
+        KvmKicker { target: Mutex::new(Some(Target { immediate_exit, thread, kicks: 0 })) }
+    }
+
+    /// Sets `immediate_exit` for a KVM_RUN that must only complete pending I/O. If a kick is
+    /// already pending, it stays pending.
+    pub fn begin_completion(&self) -> Completion {
+        let target = self.target.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(target) = target.as_ref() else { return Completion(None) };
+        // SAFETY: the target is present, so the kvm_run page is mapped (see `detach`).
+        let pending =
+            unsafe { AtomicU8::from_ptr(target.immediate_exit) }.swap(1, Ordering::SeqCst);
+        Completion((pending == 0).then_some(target.kicks))
+    }
+
+    /// Clears `immediate_exit` again, unless a kick was pending before or arrived since.
+    pub fn end_completion(&self, completion: Completion) {
+        let target = self.target.lock().unwrap_or_else(|e| e.into_inner());
+        if let (Some(target), Some(kicks)) = (target.as_ref(), completion.0) {
+            if target.kicks == kicks {
+                // SAFETY: the target is present, so the kvm_run page is mapped.
+                unsafe { store_immediate_exit(target.immediate_exit, 0) };
+            }
+        }
     }
 
     /// Forgets the vCPU; later kicks do nothing. The vCPU calls it before it unmaps kvm_run.
@@ -79,8 +106,9 @@ impl KvmKicker {
 
 impl VcpuKicker for KvmKicker {
     fn kick(&self) {
-        let target = self.target.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(target) = target.as_ref() else { return };
+        let mut target = self.target.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(target) = target.as_mut() else { return };
+        target.kicks = target.kicks.wrapping_add(1);
         // SAFETY: the target is only present while the kvm_run mapping is alive (see `detach`),
         // and we hold the lock that `detach` takes.
         unsafe { store_immediate_exit(target.immediate_exit, 1) };

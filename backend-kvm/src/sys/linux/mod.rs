@@ -16,8 +16,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vmm::hypervisor::{
-    GuestRamMapping, Hypervisor, HypervisorError, InterruptSink, Result, Vcpu, Vm, VmSetup,
-    VmState,
+    GuestRamMapping, Hypervisor, HypervisorError, InterruptSink, Result, Vcpu, Vm, VmSetup, VmState,
 };
 
 pub use kick::KvmKicker;
@@ -59,21 +58,29 @@ impl KvmHypervisor {
     /// Opens /dev/kvm and reads what it supports. A missing or forbidden /dev/kvm (or an
     /// unusable KVM) is [`HypervisorError::Unavailable`] with the reason.
     pub fn new() -> std::result::Result<KvmHypervisor, HypervisorError> {
-        let unavailable = |reason: String| HypervisorError::Unavailable { backend: BACKEND, reason };
+        let unavailable =
+            |reason: String| HypervisorError::Unavailable { backend: BACKEND, reason };
         let kvm = Kvm::new().map_err(|e| {
             unavailable(match e.errno() {
                 libc::ENOENT => "/dev/kvm does not exist (is the kvm module loaded?)".to_string(),
                 libc::EACCES | libc::EPERM => {
                     "permission denied opening /dev/kvm (is the user in the kvm group?)".to_string()
                 }
-                _ => format!("cannot open /dev/kvm: {}", std::io::Error::from_raw_os_error(e.errno())),
+                _ => format!(
+                    "cannot open /dev/kvm: {}",
+                    std::io::Error::from_raw_os_error(e.errno())
+                ),
             })
         })?;
         let version = kvm.get_api_version();
         if version != kvm_bindings::KVM_API_VERSION as i32 {
             return Err(unavailable(format!("unsupported KVM API version {version}")));
         }
-        for (cap, name) in [(Cap::Irqchip, "in-kernel irqchip"), (Cap::Pit2, "PIT2"), (Cap::UserMemory, "user memory")] {
+        for (cap, name) in [
+            (Cap::Irqchip, "in-kernel irqchip"),
+            (Cap::Pit2, "PIT2"),
+            (Cap::UserMemory, "user memory"),
+        ] {
             if !kvm.check_extension(cap) {
                 return Err(unavailable(format!("KVM lacks the {name} capability")));
             }

@@ -10,8 +10,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{VcpuExit as KvmExit, VcpuFd};
 use vmm::hypervisor::{
-    ExitHandler, HypervisorError, Result, Vcpu, VcpuExit, VcpuKicker, VcpuState, X86Regs,
-    X86Sregs,
+    ExitHandler, HypervisorError, Result, Vcpu, VcpuExit, VcpuKicker, VcpuState, X86Regs, X86Sregs,
 };
 use zerocopy::IntoBytes;
 
@@ -19,8 +18,8 @@ use super::convert::{regs_from_kvm, regs_to_kvm, sregs_from_kvm, sregs_to_kvm};
 use super::cpuid::{patch_cpuid, CpuTopology};
 use super::kick::{install_kick_signal, store_immediate_exit, KvmKicker};
 use super::state::{
-    blob, check_backend, decode, decode_fpu, decode_msrs, encode, encode_fpu, encode_msrs,
-    invalid, BACKEND,
+    blob, check_backend, decode, decode_fpu, decode_msrs, encode, encode_fpu, encode_msrs, invalid,
+    BACKEND,
 };
 use super::{os, HostCaps, KvmVm};
 
@@ -42,6 +41,9 @@ const APIC_LVT_LINT1: usize = 0x360;
 const APIC_DELIVERY_MODE_MASK: u32 = 0x700;
 const APIC_MODE_EXTINT: u32 = 0x7 << 8;
 const APIC_MODE_NMI: u32 = 0x4 << 8;
+
+// KVM_RUN, for the I/O-completing run that `save_state` makes with only `&self`.
+vmm_sys_util::ioctl_io_nr!(KVM_RUN, kvm_bindings::KVMIO, 0x80);
 
 const FPU_DEFAULT_FCW: u16 = 0x37f;
 const FPU_DEFAULT_MXCSR: u32 = 0x1f80;
@@ -227,7 +229,11 @@ impl KvmVcpu {
                 source: std::io::Error::new(std::io::ErrorKind::OutOfMemory, format!("{e:?}")),
             })?;
             // SAFETY: only the region is written, never the FAM length.
-            unsafe { xsave.as_mut_fam_struct() }.xsave.region.as_mut_bytes().copy_from_slice(legacy);
+            unsafe { xsave.as_mut_fam_struct() }
+                .xsave
+                .region
+                .as_mut_bytes()
+                .copy_from_slice(legacy);
             // `extra` fits: its length is at most host_size - 4096, i.e. the FAM's bytes.
             let tail = xsave.as_mut_slice().as_mut_bytes();
             let n = extra.len().min(tail.len());
@@ -238,6 +244,29 @@ impl KvmVcpu {
             let xsave: kvm_xsave = decode(KEY_XSAVE, legacy)?;
             // SAFETY: without KVM_CAP_XSAVE2 the kernel reads exactly sizeof(kvm_xsave).
             unsafe { self.fd.set_xsave(&xsave) }.map_err(os("KVM_SET_XSAVE"))
+        }
+    }
+
+    /// KVM finishes an I/O or MMIO exit (stores IN data, advances RIP) only on the next
+    /// KVM_RUN. Before saving, make that run with `immediate_exit` set, so it completes the
+    /// instruction and returns EINTR without running guest code: the state is then between
+    /// two instructions. A kick pending before or arriving meanwhile stays pending.
+    fn complete_pending_io(&self) -> Result<()> {
+        let completion = self.kicker.begin_completion();
+        // SAFETY: KVM_RUN on our own vCPU fd takes no argument; the kvm_run page it writes is
+        // mapped by `self.fd`, and no reference into it is held across this call.
+        let rc = unsafe { vmm_sys_util::ioctl::ioctl(&self.fd, KVM_RUN()) };
+        let error = std::io::Error::last_os_error();
+        self.kicker.end_completion(completion);
+        if rc == 0 {
+            // Completing the access asked userspace for more (a long string I/O).
+            return Err(HypervisorError::UnexpectedExit(
+                "I/O still pending while saving vCPU state; run the vCPU first".to_string(),
+            ));
+        }
+        match error.raw_os_error() {
+            Some(libc::EINTR) | Some(libc::EAGAIN) => Ok(()),
+            _ => Err(HypervisorError::Os { op: "KVM_RUN", source: error }),
         }
     }
 
@@ -343,7 +372,9 @@ impl Vcpu for KvmVcpu {
             Ok(KvmExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _)) => {
                 RunOutcome::Exit(VcpuExit::Shutdown)
             }
-            Ok(KvmExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _)) => RunOutcome::Exit(VcpuExit::Reset),
+            Ok(KvmExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _)) => {
+                RunOutcome::Exit(VcpuExit::Reset)
+            }
             Ok(KvmExit::SystemEvent(kind, _)) => RunOutcome::Failed(
                 HypervisorError::UnexpectedExit(format!("SystemEvent (type {kind})")),
             ),
@@ -392,6 +423,7 @@ impl Vcpu for KvmVcpu {
     }
 
     fn save_state(&self) -> Result<VcpuState> {
+        self.complete_pending_io()?;
         let mut blobs = BTreeMap::new();
         let fpu = self.fd.get_fpu().map_err(os("KVM_GET_FPU"))?;
         blobs.insert(KEY_FPU.to_string(), encode_fpu(&fpu));
@@ -411,7 +443,12 @@ impl Vcpu for KvmVcpu {
         blobs.insert(KEY_DEBUGREGS.to_string(), encode(&debugregs));
         let mp_state = self.fd.get_mp_state().map_err(os("KVM_GET_MP_STATE"))?;
         blobs.insert(KEY_MP_STATE.to_string(), encode(&mp_state));
-        Ok(VcpuState { backend: BACKEND.to_string(), regs: self.regs()?, sregs: self.sregs()?, blobs })
+        Ok(VcpuState {
+            backend: BACKEND.to_string(),
+            regs: self.regs()?,
+            sregs: self.sregs()?,
+            blobs,
+        })
     }
 
     fn restore_state(&mut self, state: &VcpuState) -> Result<()> {
@@ -423,11 +460,8 @@ impl Vcpu for KvmVcpu {
         if let Some(bytes) = xsave {
             self.check_xsave_len(bytes)?;
         }
-        let xcrs: Option<kvm_bindings::kvm_xcrs> = if self.has_xcrs {
-            Some(decode(KEY_XCRS, blob(blobs, KEY_XCRS)?)?)
-        } else {
-            None
-        };
+        let xcrs: Option<kvm_bindings::kvm_xcrs> =
+            if self.has_xcrs { Some(decode(KEY_XCRS, blob(blobs, KEY_XCRS)?)?) } else { None };
         let msrs = decode_msrs(KEY_MSRS, blob(blobs, KEY_MSRS)?)?;
         let lapic: kvm_lapic_state = decode(KEY_LAPIC, blob(blobs, KEY_LAPIC)?)?;
         let events: kvm_bindings::kvm_vcpu_events = decode(KEY_EVENTS, blob(blobs, KEY_EVENTS)?)?;
