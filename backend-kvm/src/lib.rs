@@ -1,1 +1,15 @@
+//! The KVM backend of Hutch: implements `vmm::hypervisor::{Hypervisor, Vm, Vcpu}` on Linux's
+//! `/dev/kvm` through kvm-ioctls.
+//!
+//! ```text
+//!  KvmHypervisor (/dev/kvm, cached CPUID + MSR list)
+//!    └─create_vm──▶ KvmVm (VM fd, in-kernel PIC/IOAPIC/LAPIC + PIT)
+//!                     └─create_vcpu──▶ KvmVcpu (vCPU fd, kvm_run) ──kicker──▶ KvmKicker
+//! ```
+//!
+//! All KVM code lives in `sys::linux`; on other systems the crate compiles empty.
 
+mod sys;
+
+#[cfg(target_os = "linux")]
+pub use sys::linux::{KvmHypervisor, KvmKicker};

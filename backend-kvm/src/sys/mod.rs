@@ -1,0 +1,4 @@
+//! Platform code. Only Linux has KVM.
+
+#[cfg(target_os = "linux")]
+pub mod linux;

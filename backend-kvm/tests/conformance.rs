@@ -1,0 +1,64 @@
+//! The backend conformance tier (`vmm::conformance`) on this host's /dev/kvm.
+//!
+//! Without a usable /dev/kvm each test prints `SKIP` and passes, except in CI (`CI=true`),
+//! where a skip is a failure.
+
+#![cfg(target_os = "linux")]
+
+use backend_kvm::KvmHypervisor;
+use vmm::conformance;
+
+fn hypervisor() -> Option<KvmHypervisor> {
+    match KvmHypervisor::new() {
+        Ok(hv) => Some(hv),
+        Err(e) if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("/dev/kvm is required in CI: {e}")
+        }
+        Err(e) => {
+            eprintln!("SKIP: /dev/kvm not available: {e}");
+            None
+        }
+    }
+}
+
+#[test]
+fn port_io_round_trip() {
+    if let Some(hv) = hypervisor() {
+        conformance::port_io_round_trip(&hv);
+    }
+}
+
+#[test]
+fn mmio_round_trip() {
+    if let Some(hv) = hypervisor() {
+        conformance::mmio_round_trip(&hv);
+    }
+}
+
+#[test]
+fn kick_interrupts_halted_vcpu() {
+    if let Some(hv) = hypervisor() {
+        conformance::kick_interrupts_halted_vcpu(&hv);
+    }
+}
+
+#[test]
+fn kick_before_run_is_not_lost() {
+    if let Some(hv) = hypervisor() {
+        conformance::kick_before_run_is_not_lost(&hv);
+    }
+}
+
+#[test]
+fn register_round_trip() {
+    if let Some(hv) = hypervisor() {
+        conformance::register_round_trip(&hv);
+    }
+}
+
+#[test]
+fn save_restore_round_trip() {
+    if let Some(hv) = hypervisor() {
+        conformance::save_restore_round_trip(&hv);
+    }
+}
