@@ -235,6 +235,14 @@ fn check_bzimage(
     // The byte after the jump instruction gives the header's length (boot.rst: 0x202 + it).
     let header_end = (offset_of!(setup_header, header) + SETUP_HEADER_OFFSET)
         + usize::from(probe[hdr_off!(jump) + 1]);
+    // The header must hold every field its protocol version defines that we read below.
+    let needed_end =
+        if version >= 0x020a { hdr_off!(init_size) + 4 } else { hdr_off!(cmdline_size) + 4 };
+    if header_end < needed_end {
+        return Err(corrupt(format!(
+            "setup header ends at {header_end:#x}, too short for its protocol version"
+        )));
+    }
     let setup_sects = match probe[hdr_off!(setup_sects)] {
         0 => 4,
         n => u64::from(n),
@@ -1058,6 +1066,14 @@ mod tests {
     }
 
     #[test]
+    fn bzimage_header_shorter_than_its_version_is_corrupt() {
+        let mut img = synthetic_bzimage();
+        img[hdr_off!(jump) + 1] = 0x30;
+        let (_, result) = load(&img, None, "");
+        assert!(matches!(result, Err(BootError::CorruptBzImage { .. })), "{result:?}");
+    }
+
+    #[test]
     fn bzimage_without_64bit_entry_is_refused() {
         let mut img = synthetic_bzimage();
         put16(&mut img, hdr_off!(xloadflags), 0);
@@ -1096,6 +1112,32 @@ mod tests {
         let initrd = vec![0u8; (RAM_MIB as usize - 17) << 20];
         let (_, result) = load(&synthetic_bzimage(), Some(&initrd), "");
         assert!(matches!(result, Err(BootError::InitrdTooBig { .. })), "{result:?}");
+    }
+
+    #[test]
+    fn mutated_headers_never_panic() {
+        let memory = create_guest_memory(RAM_MIB).expect("guest memory");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("kernel");
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for base in [synthetic_bzimage(), synthetic_elf(true)] {
+            for _ in 0..500 {
+                let mut img = base.clone();
+                for _ in 0..1 + next() % 4 {
+                    let at = (next() % 0x300) as usize;
+                    img[at] = next() as u8;
+                }
+                std::fs::write(&path, &img).expect("write kernel");
+                // Any result is fine; a panic fails the test.
+                let _ = load_kernel(&memory, &path, None, "", RAM_MIB, 0);
+            }
+        }
     }
 
     #[test]
