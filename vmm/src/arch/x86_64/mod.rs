@@ -1,4 +1,5 @@
 //! The x86_64 PC: address map, Linux boot, ACPI tables.
 pub mod acpi;
+pub mod aml;
 pub mod boot;
 pub mod layout;
