@@ -221,6 +221,7 @@ impl BlockBackend for RawFile {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // Tests fail loudly on purpose.
 mod tests {
     use super::*;
     use crate::DiskErrorKind;
