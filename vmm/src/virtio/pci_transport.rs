@@ -444,9 +444,9 @@ impl VirtioPciDevice {
             (0x1c, 2) => q.map_or(0, |q| u64::from(q.enabled)),
             (0x1e, 2) => u64::from(self.queue_select), // queue_notify_off
             (0x20 | 0x28 | 0x30, 8) => q.map_or(0, |q| Self::queue_addr(&q, offset)),
-            (0x20..=0x37, 4) if offset % 4 == 0 => {
+            (0x20..=0x37, 4) if offset & 3 == 0 => {
                 let full = q.map_or(0, |q| Self::queue_addr(&q, offset & !7));
-                if offset % 8 == 0 {
+                if offset & 7 == 0 {
                     full & 0xffff_ffff
                 } else {
                     full >> 32
@@ -501,8 +501,8 @@ impl VirtioPciDevice {
             }
             (0x1c, 2) => self.enable_queue(value as u16),
             (0x20 | 0x28 | 0x30, 8) => self.set_queue_addr(offset, value, u64::MAX),
-            (0x20..=0x37, 4) if offset % 4 == 0 => {
-                let (shifted, mask) = if offset % 8 == 0 {
+            (0x20..=0x37, 4) if offset & 3 == 0 => {
+                let (shifted, mask) = if offset & 7 == 0 {
                     (value, 0xffff_ffff)
                 } else {
                     (value << 32, !0xffff_ffff)
@@ -565,8 +565,8 @@ impl VirtioPciDevice {
         let words = [e.addr_lo, e.addr_hi, e.data, e.control];
         let word = ((offset % MSIX_ENTRY_SIZE) / 4) as usize;
         match data.len() {
-            4 if offset % 4 == 0 => data.copy_from_slice(&words[word].to_le_bytes()),
-            8 if offset % 8 == 0 => {
+            4 if offset & 3 == 0 => data.copy_from_slice(&words[word].to_le_bytes()),
+            8 if offset & 7 == 0 => {
                 data[..4].copy_from_slice(&words[word].to_le_bytes());
                 data[4..].copy_from_slice(&words[word + 1].to_le_bytes());
             }
@@ -578,8 +578,8 @@ impl VirtioPciDevice {
         let index = (offset / MSIX_ENTRY_SIZE) as usize;
         let word = ((offset % MSIX_ENTRY_SIZE) / 4) as usize;
         let values: Vec<u32> = match data.len() {
-            4 if offset % 4 == 0 => vec![u32::from_le_bytes([data[0], data[1], data[2], data[3]])],
-            8 if offset % 8 == 0 => vec![
+            4 if offset & 3 == 0 => vec![u32::from_le_bytes([data[0], data[1], data[2], data[3]])],
+            8 if offset & 7 == 0 => vec![
                 u32::from_le_bytes([data[0], data[1], data[2], data[3]]),
                 u32::from_le_bytes([data[4], data[5], data[6], data[7]]),
             ],
@@ -688,5 +688,275 @@ impl PciDevice for VirtioPciDevice {
             }
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    //! A test "driver" that brings a [`VirtioPciDevice`] up through its registers the way
+    //! Linux's virtio_pci_modern does, with a recording interrupt sink.
+    #![allow(clippy::unwrap_used)] // Test scaffolding fails loudly on purpose.
+
+    use super::*;
+    use crate::hypervisor;
+    use crate::virtio::queue::testing::{memory, TestQueue};
+    use crate::virtio::{STATUS_ACKNOWLEDGE, STATUS_DRIVER};
+
+    pub const MSI_ADDR: u64 = 0xfee0_0000;
+    pub const QUEUE_MSI_DATA: u32 = 0x41;
+    pub const CONFIG_MSI_DATA: u32 = 0x40;
+
+    #[derive(Default)]
+    pub struct RecordingSink {
+        pub msis: Mutex<Vec<(u64, u32)>>,
+    }
+
+    impl InterruptSink for RecordingSink {
+        fn set_irq_line(&self, _gsi: u32, _active: bool) -> hypervisor::Result<()> {
+            Ok(())
+        }
+        fn signal_msi(&self, address: u64, data: u32) -> hypervisor::Result<()> {
+            self.msis.lock().unwrap().push((address, data));
+            Ok(())
+        }
+    }
+
+    pub struct TestDriver {
+        pub dev: VirtioPciDevice,
+        pub mem: GuestMemory,
+        pub sink: Arc<RecordingSink>,
+        pub tq: TestQueue,
+    }
+
+    impl TestDriver {
+        pub fn new(device: Box<dyn VirtioDevice>) -> Self {
+            let mem = memory(4);
+            let sink = Arc::new(RecordingSink::default());
+            let dev = VirtioPciDevice::new(device, mem.clone(), sink.clone()).unwrap();
+            TestDriver { dev, mem, sink, tq: TestQueue::new(256, 0x10_0000) }
+        }
+
+        pub fn read(&mut self, offset: u64, len: usize) -> u64 {
+            let mut d = [0u8; 8];
+            self.dev.bar_read(0, offset, &mut d[..len]);
+            u64::from_le_bytes(d)
+        }
+
+        pub fn write(&mut self, offset: u64, len: usize, value: u64) {
+            self.dev.bar_write(0, offset, &value.to_le_bytes()[..len]);
+        }
+
+        pub fn status(&mut self) -> u8 {
+            self.read(0x14, 1) as u8
+        }
+
+        pub fn msis(&self) -> Vec<(u64, u32)> {
+            self.sink.msis.lock().unwrap().clone()
+        }
+
+        /// Reset, ACK, DRIVER, feature negotiation (`accept` masks the offered features),
+        /// FEATURES_OK; returns the status read back after FEATURES_OK.
+        pub fn negotiate(&mut self, accept: u64) -> u8 {
+            self.write(0x14, 1, 0);
+            assert_eq!(self.status(), 0);
+            self.write(0x14, 1, u64::from(STATUS_ACKNOWLEDGE));
+            self.write(0x14, 1, u64::from(STATUS_ACKNOWLEDGE | STATUS_DRIVER));
+            self.write(0x00, 4, 0);
+            let low = self.read(0x04, 4);
+            self.write(0x00, 4, 1);
+            let high = self.read(0x04, 4);
+            let offered = high << 32 | low;
+            let wanted = offered & accept;
+            self.write(0x08, 4, 0);
+            self.write(0x0c, 4, wanted & 0xffff_ffff);
+            self.write(0x08, 4, 1);
+            self.write(0x0c, 4, wanted >> 32);
+            self.write(0x14, 1, u64::from(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK));
+            self.status()
+        }
+
+        /// Enables MSI-X in the capability and programs vector 0 (config) and 1 (queue 0).
+        pub fn setup_msix(&mut self) {
+            let reg = self.dev.msix_control_reg;
+            self.dev.write_config_register(reg, 2, &MSIX_CONTROL_ENABLE.to_le_bytes());
+            for (v, data) in [(0u64, CONFIG_MSI_DATA), (1, QUEUE_MSI_DATA)] {
+                let base = MSIX_TABLE_OFFSET + v * MSIX_ENTRY_SIZE;
+                self.write(base, 4, MSI_ADDR & 0xffff_ffff);
+                self.write(base + 4, 4, MSI_ADDR >> 32);
+                self.write(base + 8, 4, u64::from(data));
+                self.write(base + 12, 4, 0);
+            }
+            self.write(0x10, 2, 0);
+            assert_eq!(self.read(0x10, 2), 0);
+        }
+
+        /// Programs queue 0 with `size` at the test queue's rings and enables it.
+        pub fn setup_queue(&mut self, size: u16) {
+            self.write(0x16, 2, 0);
+            assert_eq!(self.read(0x18, 2), 256);
+            self.write(0x18, 2, u64::from(size));
+            self.write(0x1a, 2, 1);
+            assert_eq!(self.read(0x1a, 2), 1);
+            for (off, addr) in [(0x20, self.tq.desc), (0x28, self.tq.avail), (0x30, self.tq.used)] {
+                self.write(off, 4, addr & 0xffff_ffff);
+                self.write(off + 4, 4, addr >> 32);
+            }
+            self.write(0x1c, 2, 1);
+        }
+
+        /// The whole bring-up with every offered feature; panics unless DRIVER_OK sticks.
+        pub fn bring_up(&mut self) {
+            assert_ne!(self.negotiate(u64::MAX) & STATUS_FEATURES_OK, 0);
+            self.setup_msix();
+            self.setup_queue(256);
+            self.write(0x14, 1, 0xf);
+            assert_eq!(self.status(), 0xf);
+        }
+
+        pub fn notify(&mut self, queue: u64) {
+            let off = self.read(0x1e, 2) * u64::from(NOTIFY_OFF_MULTIPLIER);
+            self.write(NOTIFY_OFFSET + off, 2, queue);
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // Tests fail loudly on purpose.
+mod tests {
+    use super::testing::*;
+    use super::*;
+    use crate::virtio::rng::Rng;
+    use crate::virtio::{STATUS_ACKNOWLEDGE, STATUS_DRIVER};
+
+    fn driver() -> TestDriver {
+        TestDriver::new(Box::new(Rng::new().unwrap()))
+    }
+
+    #[test]
+    fn identity_is_modern_virtio() {
+        let mut d = driver();
+        assert_eq!(d.dev.read_config_register(0), 0x1044_1af4);
+        assert_eq!(d.dev.read_config_register(2) & 0xff, 1);
+        assert_eq!(d.dev.read_config_register(11), 0x1100_1af4);
+        assert_eq!(d.dev.read_config_register(15) >> 8 & 0xff, 0, "no INTx pin");
+    }
+
+    #[test]
+    fn capability_list_walks_to_virtio_and_msix_caps() {
+        let mut d = driver();
+        let mut found = Vec::new();
+        let mut ptr = d.dev.read_config_register(13) as usize & 0xff;
+        while ptr != 0 && found.len() < 16 {
+            let dword = d.dev.read_config_register(ptr / 4);
+            let id = dword as u8;
+            if id == CAP_ID_VENDOR {
+                let cfg_type = (dword >> 24) as u8;
+                let bar = d.dev.read_config_register(ptr / 4 + 1) as u8;
+                let offset = d.dev.read_config_register(ptr / 4 + 2);
+                let length = d.dev.read_config_register(ptr / 4 + 3);
+                assert_eq!(bar, 0);
+                assert!(u64::from(offset) + u64::from(length) <= BAR0_SIZE);
+                if cfg_type == CAP_NOTIFY_CFG {
+                    assert_eq!(d.dev.read_config_register(ptr / 4 + 4), NOTIFY_OFF_MULTIPLIER);
+                }
+                found.push(cfg_type);
+            } else if id == CAP_ID_MSIX {
+                let table_size = ((dword >> 16) & 0x7ff) + 1;
+                assert_eq!(table_size, 2, "one queue + config");
+                assert_eq!(d.dev.read_config_register(ptr / 4 + 1), MSIX_TABLE_OFFSET as u32);
+                assert_eq!(d.dev.read_config_register(ptr / 4 + 2), MSIX_PBA_OFFSET as u32);
+                found.push(0x11);
+            }
+            ptr = (dword >> 8) as usize & 0xff;
+        }
+        found.sort();
+        assert_eq!(found, vec![1, 2, 3, 4, 0x11]);
+    }
+
+    #[test]
+    fn features_not_offered_are_refused() {
+        let mut d = driver();
+        d.negotiate(u64::MAX);
+        // Sneak in an extra feature bit before FEATURES_OK.
+        d.write(0x14, 1, 0);
+        d.write(0x14, 1, u64::from(STATUS_ACKNOWLEDGE | STATUS_DRIVER));
+        d.write(0x08, 4, 0);
+        d.write(0x0c, 4, 1 << 3);
+        d.write(0x08, 4, 1);
+        d.write(0x0c, 4, 1);
+        d.write(0x14, 1, u64::from(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK));
+        assert_eq!(d.status() & STATUS_FEATURES_OK, 0);
+    }
+
+    #[test]
+    fn missing_version_1_is_refused() {
+        let mut d = driver();
+        let status = d.negotiate(!VIRTIO_F_VERSION_1);
+        assert_eq!(status & STATUS_FEATURES_OK, 0);
+    }
+
+    #[test]
+    fn queue_size_not_a_power_of_two_is_refused() {
+        let mut d = driver();
+        d.negotiate(u64::MAX);
+        d.setup_msix();
+        d.setup_queue(100);
+        assert_eq!(d.read(0x1c, 2), 0, "queue must not be enabled");
+        assert_ne!(d.status() & STATUS_DEVICE_NEEDS_RESET, 0);
+        assert_eq!(d.msis(), vec![(MSI_ADDR, CONFIG_MSI_DATA)]);
+    }
+
+    #[test]
+    fn rings_outside_guest_memory_are_refused() {
+        let mut d = driver();
+        d.negotiate(u64::MAX);
+        d.tq.desc = 0xffff_0000_0000;
+        d.setup_queue(256);
+        assert_ne!(d.status() & STATUS_DEVICE_NEEDS_RESET, 0);
+    }
+
+    #[test]
+    fn invalid_msix_vector_reads_back_no_vector() {
+        let mut d = driver();
+        d.negotiate(u64::MAX);
+        d.write(0x1a, 2, 7);
+        assert_eq!(d.read(0x1a, 2), u64::from(VIRTIO_MSI_NO_VECTOR));
+        d.write(0x10, 2, 2);
+        assert_eq!(d.read(0x10, 2), u64::from(VIRTIO_MSI_NO_VECTOR));
+    }
+
+    #[test]
+    fn reset_clears_status_and_queue_state() {
+        let mut d = driver();
+        d.bring_up();
+        d.write(0x14, 1, 0);
+        assert_eq!(d.status(), 0);
+        d.write(0x16, 2, 0);
+        assert_eq!(d.read(0x1c, 2), 0);
+        assert_eq!(d.read(0x20, 8), 0);
+        assert_eq!(d.read(0x1a, 2), u64::from(VIRTIO_MSI_NO_VECTOR));
+    }
+
+    #[test]
+    fn masked_vector_is_pending_until_unmasked() {
+        let mut d = driver();
+        d.bring_up();
+        let entry1 = MSIX_TABLE_OFFSET + MSIX_ENTRY_SIZE;
+        d.write(entry1 + 12, 4, 1);
+        d.dev.interrupt.signal_used_queue(0);
+        assert!(d.msis().is_empty());
+        assert_eq!(d.read(MSIX_PBA_OFFSET, 8), 0b10);
+        d.write(entry1 + 12, 4, 0);
+        assert_eq!(d.msis(), vec![(MSI_ADDR, QUEUE_MSI_DATA)]);
+        assert_eq!(d.read(MSIX_PBA_OFFSET, 8), 0);
+    }
+
+    #[test]
+    fn isr_is_set_and_cleared_by_reading() {
+        let mut d = driver();
+        d.bring_up();
+        d.dev.interrupt.signal_config_change();
+        assert_eq!(d.read(ISR_CFG_OFFSET, 1), u64::from(ISR_CONFIG));
+        assert_eq!(d.read(ISR_CFG_OFFSET, 1), 0);
     }
 }

@@ -77,7 +77,7 @@ impl Block {
         if capacity_sectors == 0 {
             return Err(VirtioBlockError::Empty);
         }
-        if disk.size() % SECTOR_SIZE != 0 {
+        if disk.size() & (SECTOR_SIZE - 1) != 0 {
             warn!("virtio-blk: disk size {} is not a multiple of 512", disk.size());
         }
         let mut id_bytes = [0u8; VIRTIO_BLK_ID_BYTES];
@@ -184,7 +184,7 @@ impl Block {
     fn checked_range(&self, sector: u64, len: u64) -> Option<u64> {
         let end_ok =
             sector.checked_add(len / SECTOR_SIZE).is_some_and(|end| end <= self.capacity_sectors);
-        if len % SECTOR_SIZE != 0 || !end_ok {
+        if len & (SECTOR_SIZE - 1) != 0 || !end_ok {
             warn!("virtio-blk: request of {len} bytes at sector {sector} is out of range");
             return None;
         }
@@ -204,7 +204,10 @@ impl Block {
     fn discard_or_zero(&self, request_type: u32, data_out: &[VolatileSlice<'_>]) -> Completion {
         let len = total_len(data_out);
         let count = len / DISCARD_SEGMENT_SIZE;
-        if len % DISCARD_SEGMENT_SIZE != 0 || count == 0 || count > MAX_DISCARD_SEGMENTS as usize {
+        if len & (DISCARD_SEGMENT_SIZE - 1) != 0
+            || count == 0
+            || count > MAX_DISCARD_SEGMENTS as usize
+        {
             return Completion::status(VIRTIO_BLK_S_IOERR);
         }
         let mut segment = [0u8; DISCARD_SEGMENT_SIZE];
@@ -303,5 +306,263 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) {
         self.active = None;
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // Tests fail loudly on purpose.
+mod tests {
+    use std::io::Write;
+
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+    use crate::pci::PciDevice;
+    use crate::virtio::pci_transport::testing::{TestDriver, MSI_ADDR, QUEUE_MSI_DATA};
+    use crate::virtio::queue::testing::{DESC_F_NEXT, DESC_F_WRITE};
+
+    const HEADER: u64 = 0x20_0000;
+    const DATA: u64 = 0x21_0000;
+    const STATUS: u64 = 0x30_0000;
+    const DISK_SECTORS: u64 = 64;
+
+    struct Setup {
+        d: TestDriver,
+        file: tempfile::NamedTempFile,
+        next_head: u16,
+    }
+
+    fn setup(read_only: bool) -> Setup {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        let contents: Vec<u8> = (0..DISK_SECTORS * 512).map(|i| (i % 251) as u8).collect();
+        file.write_all(&contents).unwrap();
+        let raw = disk::RawFile::open(file.path(), read_only).unwrap();
+        let block = Block::new(Box::new(raw), read_only, "hutch-test-disk".into()).unwrap();
+        let mut d = TestDriver::new(Box::new(block));
+        d.bring_up();
+        Setup { d, file, next_head: 0 }
+    }
+
+    impl Setup {
+        /// Submits header + optional data descriptor + status descriptor; returns the status
+        /// byte and the used length.
+        fn submit(
+            &mut self,
+            req_type: u32,
+            sector: u64,
+            data: Option<(u64, u32, u16)>,
+        ) -> (u8, u32) {
+            let mut header = [0u8; 16];
+            header[0..4].copy_from_slice(&req_type.to_le_bytes());
+            header[8..16].copy_from_slice(&sector.to_le_bytes());
+            self.d.mem.write_slice(&header, GuestAddress(HEADER)).unwrap();
+            self.d.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+            let h = self.next_head;
+            self.next_head = (h + 3) % 255;
+            self.d.tq.set_desc(&self.d.mem, h, HEADER, 16, DESC_F_NEXT, h + 1);
+            let status_index = match data {
+                Some((addr, len, flags)) => {
+                    self.d.tq.set_desc(&self.d.mem, h + 1, addr, len, flags | DESC_F_NEXT, h + 2);
+                    h + 2
+                }
+                None => h + 1,
+            };
+            if status_index == h + 1 {
+                self.d.tq.set_desc(&self.d.mem, h, HEADER, 16, DESC_F_NEXT, status_index);
+            }
+            self.d.tq.set_desc(&self.d.mem, status_index, STATUS, 1, DESC_F_WRITE, 0);
+            self.run(h)
+        }
+
+        fn run(&mut self, head: u16) -> (u8, u32) {
+            let before = self.d.tq.used_idx(&self.d.mem);
+            self.d.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+            self.d.tq.push(&self.d.mem, head);
+            self.d.notify(0);
+            assert_eq!(self.d.tq.used_idx(&self.d.mem), before.wrapping_add(1), "not completed");
+            let (id, len) = self.d.tq.used_elem(&self.d.mem, before);
+            assert_eq!(id, u32::from(head));
+            (self.d.mem.read_obj(GuestAddress(STATUS)).unwrap(), len)
+        }
+
+        fn file_bytes(&self) -> Vec<u8> {
+            std::fs::read(self.file.path()).unwrap()
+        }
+    }
+
+    #[test]
+    fn read_request_returns_file_bytes_and_signals_msi() {
+        let mut s = setup(false);
+        let (status, len) = s.submit(VIRTIO_BLK_T_IN, 2, Some((DATA, 1024, DESC_F_WRITE)));
+        assert_eq!(status, VIRTIO_BLK_S_OK);
+        assert_eq!(len, 1025);
+        let mut got = vec![0u8; 1024];
+        s.d.mem.read_slice(&mut got, GuestAddress(DATA)).unwrap();
+        assert_eq!(got, s.file_bytes()[1024..2048]);
+        assert_eq!(s.d.msis(), vec![(MSI_ADDR, QUEUE_MSI_DATA)]);
+    }
+
+    #[test]
+    fn write_request_reaches_the_file() {
+        let mut s = setup(false);
+        s.d.mem.write_slice(&[0x5a; 512], GuestAddress(DATA)).unwrap();
+        let (status, len) = s.submit(VIRTIO_BLK_T_OUT, 3, Some((DATA, 512, 0)));
+        assert_eq!((status, len), (VIRTIO_BLK_S_OK, 1));
+        let bytes = s.file_bytes();
+        assert!(bytes[1536..2048].iter().all(|&b| b == 0x5a));
+        assert_eq!(bytes[2048], (2048 % 251) as u8);
+    }
+
+    #[test]
+    fn flush_succeeds() {
+        let mut s = setup(false);
+        assert_eq!(s.submit(VIRTIO_BLK_T_FLUSH, 0, None).0, VIRTIO_BLK_S_OK);
+    }
+
+    #[test]
+    fn get_id_returns_the_serial() {
+        let mut s = setup(false);
+        let (status, len) = s.submit(VIRTIO_BLK_T_GET_ID, 0, Some((DATA, 20, DESC_F_WRITE)));
+        assert_eq!((status, len), (VIRTIO_BLK_S_OK, 21));
+        let mut id = [0u8; 20];
+        s.d.mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+        assert_eq!(&id[..15], b"hutch-test-disk");
+    }
+
+    #[test]
+    fn read_only_disk_refuses_writes_with_an_error_status() {
+        let mut s = setup(true);
+        let features = s.d.dev.read_config_register(0); // device still readable
+        assert_ne!(features, u32::MAX);
+        let (status, _) = s.submit(VIRTIO_BLK_T_OUT, 0, Some((DATA, 512, 0)));
+        assert_eq!(status, VIRTIO_BLK_S_IOERR);
+        assert_eq!(s.file_bytes()[0..4], [0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn read_only_disk_offers_ro_and_no_discard() {
+        let raw = |ro| {
+            let file = tempfile::NamedTempFile::new().unwrap();
+            file.as_file().set_len(4096).unwrap();
+            let b =
+                Block::new(Box::new(disk::RawFile::open(file.path(), ro).unwrap()), ro, "x".into());
+            b.unwrap().features()
+        };
+        let ro = raw(true);
+        assert_ne!(ro & VIRTIO_BLK_F_RO, 0);
+        assert_eq!(ro & (VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES), 0);
+        assert_eq!(raw(false) & VIRTIO_BLK_F_RO, 0);
+    }
+
+    #[test]
+    fn sector_past_the_end_is_an_io_error() {
+        let mut s = setup(false);
+        let (status, _) =
+            s.submit(VIRTIO_BLK_T_IN, DISK_SECTORS - 1, Some((DATA, 1024, DESC_F_WRITE)));
+        assert_eq!(status, VIRTIO_BLK_S_IOERR);
+        let (status, _) = s.submit(VIRTIO_BLK_T_IN, u64::MAX, Some((DATA, 512, DESC_F_WRITE)));
+        assert_eq!(status, VIRTIO_BLK_S_IOERR);
+    }
+
+    #[test]
+    fn header_too_short_is_an_io_error() {
+        let mut s = setup(false);
+        s.d.tq.set_desc(&s.d.mem, 0, HEADER, 8, DESC_F_NEXT, 1);
+        s.d.tq.set_desc(&s.d.mem, 1, STATUS, 1, DESC_F_WRITE, 0);
+        assert_eq!(s.run(0).0, VIRTIO_BLK_S_IOERR);
+    }
+
+    #[test]
+    fn buffer_outside_guest_ram_is_an_io_error() {
+        let mut s = setup(false);
+        let (status, len) = s.submit(VIRTIO_BLK_T_IN, 0, Some((0x7000_0000, 512, DESC_F_WRITE)));
+        assert_eq!((status, len), (VIRTIO_BLK_S_IOERR, 1));
+    }
+
+    #[test]
+    fn length_past_guest_memory_is_an_io_error() {
+        let mut s = setup(false);
+        let (status, _) = s.submit(VIRTIO_BLK_T_IN, 0, Some((DATA, 0x1000_0000, DESC_F_WRITE)));
+        assert_eq!(status, VIRTIO_BLK_S_IOERR);
+    }
+
+    #[test]
+    fn chain_longer_than_4_gib_is_dropped_without_panic() {
+        let mut s = setup(false);
+        let (status, len) = s.submit(VIRTIO_BLK_T_IN, 0, Some((DATA, u32::MAX, DESC_F_WRITE)));
+        assert_eq!((status, len), (0xff, 0));
+    }
+
+    #[test]
+    fn data_buffer_with_wrong_direction_is_an_io_error() {
+        let mut s = setup(false);
+        // A read whose data buffer is device-readable: the only writable byte is the status.
+        let (status, len) = s.submit(VIRTIO_BLK_T_IN, 0, Some((DATA, 512, 0)));
+        assert_eq!((status, len), (VIRTIO_BLK_S_OK, 1), "zero-length read, nothing written");
+        // A write whose data is device-writable: it follows the header... and then a readable
+        // descriptor would come after writable ones; here the status follows, so the data is
+        // read into instead. The device must not write the file.
+        let before = s.file_bytes();
+        let (status, _) = s.submit(VIRTIO_BLK_T_OUT, 0, Some((DATA, 512, DESC_F_WRITE)));
+        assert_eq!(status, VIRTIO_BLK_S_OK);
+        assert_eq!(s.file_bytes(), before);
+    }
+
+    #[test]
+    fn descriptor_loop_is_dropped_without_panic() {
+        let mut s = setup(false);
+        s.d.tq.set_desc(&s.d.mem, 0, HEADER, 16, DESC_F_NEXT, 1);
+        s.d.tq.set_desc(&s.d.mem, 1, STATUS, 1, DESC_F_WRITE | DESC_F_NEXT, 0);
+        let (status, len) = s.run(0);
+        assert_eq!((status, len), (0xff, 0), "no status written, nothing used");
+    }
+
+    #[test]
+    fn next_index_out_of_range_is_dropped_without_panic() {
+        let mut s = setup(false);
+        s.d.tq.set_desc(&s.d.mem, 0, HEADER, 16, DESC_F_NEXT, 9999);
+        assert_eq!(s.run(0), (0xff, 0));
+    }
+
+    #[test]
+    fn chain_without_status_byte_is_dropped() {
+        let mut s = setup(false);
+        s.d.tq.set_desc(&s.d.mem, 0, HEADER, 16, 0, 0);
+        assert_eq!(s.run(0), (0xff, 0));
+    }
+
+    #[test]
+    fn write_zeroes_and_discard_clear_the_range() {
+        let mut s = setup(false);
+        let segment = |sector: u64, n: u32, flags: u32| {
+            let mut b = [0u8; 16];
+            b[0..8].copy_from_slice(&sector.to_le_bytes());
+            b[8..12].copy_from_slice(&n.to_le_bytes());
+            b[12..16].copy_from_slice(&flags.to_le_bytes());
+            b
+        };
+        s.d.mem.write_slice(&segment(8, 8, 0), GuestAddress(DATA)).unwrap();
+        assert_eq!(s.submit(VIRTIO_BLK_T_WRITE_ZEROES, 0, Some((DATA, 16, 0))).0, VIRTIO_BLK_S_OK);
+        let bytes = s.file_bytes();
+        assert!(bytes[4096..8192].iter().all(|&b| b == 0));
+        assert_ne!(bytes[8192], 0);
+        s.d.mem.write_slice(&segment(0, 8, 1), GuestAddress(DATA)).unwrap();
+        assert_eq!(s.submit(VIRTIO_BLK_T_DISCARD, 0, Some((DATA, 16, 0))).0, VIRTIO_BLK_S_UNSUPP);
+        s.d.mem.write_slice(&segment(60, 8, 0), GuestAddress(DATA)).unwrap();
+        assert_eq!(s.submit(VIRTIO_BLK_T_DISCARD, 0, Some((DATA, 16, 0))).0, VIRTIO_BLK_S_IOERR);
+    }
+
+    #[test]
+    fn unknown_request_is_unsupported() {
+        let mut s = setup(false);
+        assert_eq!(s.submit(99, 0, None).0, VIRTIO_BLK_S_UNSUPP);
+    }
+
+    #[test]
+    fn config_space_reports_capacity_and_limits() {
+        let mut s = setup(false);
+        assert_eq!(s.d.read(0x1000, 8), DISK_SECTORS);
+        assert_eq!(s.d.read(0x1000 + 0x0c, 4), u64::from(SEG_MAX));
+        assert_eq!(s.d.read(0x1000 + 0x14, 4), 512);
     }
 }

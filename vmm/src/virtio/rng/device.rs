@@ -141,3 +141,38 @@ impl VirtioDevice for Rng {
         self.active = None;
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // Tests fail loudly on purpose.
+mod tests {
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+    use crate::virtio::pci_transport::testing::{TestDriver, MSI_ADDR, QUEUE_MSI_DATA};
+    use crate::virtio::queue::testing::DESC_F_WRITE;
+
+    #[test]
+    fn writable_buffer_is_filled_with_random_bytes() {
+        let mut d = TestDriver::new(Box::new(Rng::new().unwrap()));
+        d.bring_up();
+        d.tq.set_desc(&d.mem, 0, 0x20_0000, 256, DESC_F_WRITE, 0);
+        d.tq.push(&d.mem, 0);
+        d.notify(0);
+        assert_eq!(d.tq.used_idx(&d.mem), 1);
+        assert_eq!(d.tq.used_elem(&d.mem, 0), (0, 256));
+        let mut buf = [0u8; 256];
+        d.mem.read_slice(&mut buf, GuestAddress(0x20_0000)).unwrap();
+        assert!(buf.iter().any(|&b| b != 0));
+        assert_eq!(d.msis(), vec![(MSI_ADDR, QUEUE_MSI_DATA)]);
+    }
+
+    #[test]
+    fn huge_request_is_capped() {
+        let mut d = TestDriver::new(Box::new(Rng::new().unwrap()));
+        d.bring_up();
+        d.tq.set_desc(&d.mem, 0, 0x20_0000, 1 << 20, DESC_F_WRITE, 0);
+        d.tq.push(&d.mem, 0);
+        d.notify(0);
+        assert_eq!(d.tq.used_elem(&d.mem, 0), (0, MAX_BYTES_PER_REQUEST as u32));
+    }
+}
