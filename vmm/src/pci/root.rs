@@ -1,0 +1,545 @@
+//! The root bus: host bridge, slot assignment, BAR allocation, and the three bus adapters
+//! (config ports, ECAM, MMIO window) the machine inserts on its buses.
+
+use std::sync::{Arc, Mutex};
+
+use super::config::{
+    PciConfiguration, PciHeader, BAR0_REG, CLASS_BRIDGE_HOST, COMMAND_BUS_MASTER,
+    COMMAND_MEMORY_SPACE, COMMAND_REG,
+};
+use super::{PciBar, PciBarKind, PciDevice, PciError};
+use crate::arch::x86_64::layout;
+use crate::devices::bus::{lock, BusDevice};
+
+/// Slots on bus 0.
+const NUM_SLOTS: usize = 32;
+/// The host bridge's identity (the id Intel's virtual host bridges use).
+const HOST_BRIDGE_VENDOR: u16 = 0x8086;
+const HOST_BRIDGE_DEVICE: u16 = 0x0d57;
+/// CONFIG_ADDRESS: enable bit, then bus / device / function / register fields.
+const CONFIG_ADDRESS_ENABLE: u32 = 1 << 31;
+const CONFIG_ADDRESS_MASK: u32 = 0x80ff_fffc;
+
+/// Slot 0: the host bridge, which has nothing but its identity.
+struct HostBridge {
+    config: PciConfiguration,
+}
+
+impl HostBridge {
+    fn new() -> Self {
+        HostBridge {
+            config: PciConfiguration::new(PciHeader {
+                vendor_id: HOST_BRIDGE_VENDOR,
+                device_id: HOST_BRIDGE_DEVICE,
+                revision: 0,
+                class_code: CLASS_BRIDGE_HOST,
+                subsystem_vendor_id: 0,
+                subsystem_id: 0,
+            }),
+        }
+    }
+}
+
+impl PciDevice for HostBridge {
+    fn read_config_register(&mut self, reg: usize) -> u32 {
+        self.config.read_reg(reg)
+    }
+    fn write_config_register(&mut self, reg: usize, offset: u64, data: &[u8]) {
+        self.config.write_reg(reg, offset, data);
+    }
+    fn bars(&self) -> Vec<PciBar> {
+        Vec::new()
+    }
+    fn bar_read(&mut self, _bar: u8, _offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+    fn bar_write(&mut self, _bar: u8, _offset: u64, _data: &[u8]) {}
+}
+
+/// A BAR as currently decoded: guest-physical range → (BAR, offset).
+#[derive(Debug, Clone, Copy)]
+struct Decoded {
+    start: u64,
+    size: u64,
+    bar: u8,
+}
+
+/// A device shared between the root (config accesses) and in-flight BAR accesses.
+type SharedDevice = Arc<Mutex<Box<dyn PciDevice>>>;
+
+struct Slot {
+    device: SharedDevice,
+    bars: Vec<PciBar>,
+    decoded: Vec<Decoded>,
+}
+
+impl Slot {
+    /// Recomputes the decoded ranges from the command register and the BAR registers.
+    fn refresh(&mut self) {
+        let mut device = lock(&self.device);
+        self.decoded.clear();
+        if device.read_config_register(COMMAND_REG) & COMMAND_MEMORY_SPACE == 0 {
+            return;
+        }
+        for bar in &self.bars {
+            let reg = BAR0_REG + bar.index as usize;
+            let low = u64::from(device.read_config_register(reg) & !0xf);
+            let start = match bar.kind {
+                PciBarKind::Memory32 => low,
+                PciBarKind::Memory64 => u64::from(device.read_config_register(reg + 1)) << 32 | low,
+            };
+            // An unassigned BAR (0) or one wrapping the address space decodes nothing.
+            if start != 0 && start.checked_add(bar.size).is_some() {
+                self.decoded.push(Decoded { start, size: bar.size, bar: bar.index });
+            }
+        }
+    }
+}
+
+/// Bus 0: the host bridge at 00:00.0 and the devices added after it.
+pub struct PciRoot {
+    slots: Vec<Option<Slot>>,
+    /// Next free address in the MMIO window (a bump allocator, like firmware's).
+    next_mmio: u64,
+}
+
+impl Default for PciRoot {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PciRoot {
+    pub fn new() -> Self {
+        let mut slots: Vec<Option<Slot>> = (0..NUM_SLOTS).map(|_| None).collect();
+        slots[0] = Some(Slot {
+            device: Arc::new(Mutex::new(Box::new(HostBridge::new()))),
+            bars: Vec::new(),
+            decoded: Vec::new(),
+        });
+        PciRoot { slots, next_mmio: layout::PCI_MMIO_START }
+    }
+
+    /// Puts `device` in the next free slot and programs its BARs inside the MMIO window, with
+    /// memory decoding and bus mastering on, as firmware would. Returns the slot number.
+    pub fn add_device(&mut self, device: Box<dyn PciDevice>) -> Result<u8, PciError> {
+        let slot = self.slots.iter().position(Option::is_none).ok_or(PciError::NoFreeSlot)?;
+        let mut device = device;
+        let bars = device.bars();
+        let window_end = layout::PCI_MMIO_START + layout::PCI_MMIO_SIZE;
+        let mut next = self.next_mmio;
+        let mut assigned = Vec::new();
+        for bar in &bars {
+            if !bar.size.is_power_of_two() {
+                return Err(PciError::InvalidBarSize { index: bar.index, size: bar.size });
+            }
+            // Natural alignment, as the PCI spec requires of BAR addresses.
+            let start = next
+                .checked_add(bar.size - 1)
+                .map(|n| n & !(bar.size - 1))
+                .filter(|start| start.checked_add(bar.size).is_some_and(|end| end <= window_end))
+                .ok_or(PciError::MmioWindowFull { size: bar.size })?;
+            assigned.push((*bar, start));
+            next = start + bar.size;
+        }
+        for (bar, start) in assigned {
+            let reg = BAR0_REG + bar.index as usize;
+            device.write_config_register(reg, 0, &(start as u32).to_le_bytes());
+            if bar.kind == PciBarKind::Memory64 {
+                device.write_config_register(reg + 1, 0, &((start >> 32) as u32).to_le_bytes());
+            }
+        }
+        let command = device.read_config_register(COMMAND_REG) as u16
+            | (COMMAND_MEMORY_SPACE | COMMAND_BUS_MASTER) as u16;
+        device.write_config_register(COMMAND_REG, 0, &command.to_le_bytes());
+        self.next_mmio = next;
+        let mut entry = Slot { device: Arc::new(Mutex::new(device)), bars, decoded: Vec::new() };
+        entry.refresh();
+        self.slots[slot] = Some(entry);
+        Ok(slot as u8)
+    }
+
+    /// Reads configuration dword `reg` of 00:`device`.`function`; absent ones read all-ones.
+    pub fn config_read(&mut self, device: u8, function: u8, reg: usize) -> u32 {
+        match self.slot(device, function) {
+            Some(slot) => lock(&slot.device).read_config_register(reg),
+            None => u32::MAX,
+        }
+    }
+
+    /// Writes bytes into configuration dword `reg` of 00:`device`.`function`.
+    pub fn config_write(&mut self, device: u8, function: u8, reg: usize, offset: u64, data: &[u8]) {
+        if let Some(slot) = self.slot(device, function) {
+            lock(&slot.device).write_config_register(reg, offset, data);
+            // Any write may have moved a BAR or toggled decoding.
+            slot.refresh();
+        }
+    }
+
+    fn slot(&mut self, device: u8, function: u8) -> Option<&mut Slot> {
+        if function != 0 {
+            return None;
+        }
+        self.slots.get_mut(device as usize)?.as_mut()
+    }
+
+    /// The device, BAR and offset that decode guest-physical `addr`, if any.
+    pub fn mmio_target(&self, addr: u64) -> Option<(SharedDevice, u8, u64)> {
+        self.slots.iter().flatten().find_map(|slot| {
+            slot.decoded
+                .iter()
+                .find(|d| addr >= d.start && addr - d.start < d.size)
+                .map(|d| (slot.device.clone(), d.bar, addr - d.start))
+        })
+    }
+}
+
+/// Reads through the root's MMIO dispatch; false when no BAR decodes `addr`. The root is
+/// unlocked before the device is entered.
+pub fn mmio_read(root: &Mutex<PciRoot>, addr: u64, data: &mut [u8]) -> bool {
+    let target = lock(root).mmio_target(addr);
+    match target {
+        Some((device, bar, offset)) => {
+            lock(&device).bar_read(bar, offset, data);
+            true
+        }
+        None => false,
+    }
+}
+
+/// Writes through the root's MMIO dispatch; false when no BAR decodes `addr`.
+pub fn mmio_write(root: &Mutex<PciRoot>, addr: u64, data: &[u8]) -> bool {
+    let target = lock(root).mmio_target(addr);
+    match target {
+        Some((device, bar, offset)) => {
+            lock(&device).bar_write(bar, offset, data);
+            true
+        }
+        None => false,
+    }
+}
+
+/// Splits a configuration access at byte `offset` of a dword; None if it crosses the dword
+/// or has an odd size.
+fn dword_access(offset: u64, len: usize) -> Option<u64> {
+    let byte = offset & 3;
+    (matches!(len, 1 | 2 | 4) && byte as usize + len <= 4).then_some(byte)
+}
+
+fn extract(value: u32, byte: u64, data: &mut [u8]) {
+    let bytes = value.to_le_bytes();
+    let byte = byte as usize;
+    data.copy_from_slice(&bytes[byte..byte + data.len()]);
+}
+
+/// Configuration mechanism #1: CONFIG_ADDRESS at port 0xCF8 (dword only), CONFIG_DATA at
+/// 0xCFC..0xCFF (any size). Insert at [`layout::PCI_CONFIG_ADDRESS_PORT`], length 8.
+///
+/// Byte accesses to 0xCF8..0xCFB are not config cycles; they read all-ones and are ignored
+/// (0xCF9 is the PC reset-control register, which this adapter does not implement).
+pub struct PciConfigIo {
+    root: Arc<Mutex<PciRoot>>,
+    address: u32,
+}
+
+impl PciConfigIo {
+    pub const LEN: u64 = 8;
+
+    pub fn new(root: Arc<Mutex<PciRoot>>) -> Self {
+        PciConfigIo { root, address: 0 }
+    }
+
+    /// (device, function, register) selected by CONFIG_ADDRESS, if enabled and on bus 0.
+    fn target(&self) -> Option<(u8, u8, usize)> {
+        let a = self.address;
+        let bus = (a >> 16) & 0xff;
+        (a & CONFIG_ADDRESS_ENABLE != 0 && bus == 0).then_some((
+            ((a >> 11) & 0x1f) as u8,
+            ((a >> 8) & 0x7) as u8,
+            ((a >> 2) & 0x3f) as usize,
+        ))
+    }
+}
+
+impl BusDevice for PciConfigIo {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+        match offset {
+            0 if data.len() == 4 => data.copy_from_slice(&self.address.to_le_bytes()),
+            4..=7 => {
+                let (Some(byte), Some((dev, func, reg))) =
+                    (dword_access(offset - 4, data.len()), self.target())
+                else {
+                    return;
+                };
+                let value = lock(&self.root).config_read(dev, func, reg);
+                extract(value, byte, data);
+            }
+            _ => {}
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        match offset {
+            0 => {
+                if let Ok(bytes) = <[u8; 4]>::try_from(data) {
+                    self.address = u32::from_le_bytes(bytes) & CONFIG_ADDRESS_MASK;
+                }
+            }
+            4..=7 => {
+                let (Some(byte), Some((dev, func, reg))) =
+                    (dword_access(offset - 4, data.len()), self.target())
+                else {
+                    return;
+                };
+                lock(&self.root).config_write(dev, func, reg, byte, data);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// ECAM for bus 0. Insert at [`layout::PCI_ECAM_START`], length [`layout::PCI_ECAM_SIZE`].
+pub struct PciConfigMmio {
+    root: Arc<Mutex<PciRoot>>,
+}
+
+impl PciConfigMmio {
+    pub fn new(root: Arc<Mutex<PciRoot>>) -> Self {
+        PciConfigMmio { root }
+    }
+
+    fn target(offset: u64, len: usize) -> Option<(u8, u8, usize, u64)> {
+        let byte = dword_access(offset, len)?;
+        if offset >> 20 != 0 {
+            return None;
+        }
+        Some((
+            ((offset >> 15) & 0x1f) as u8,
+            ((offset >> 12) & 0x7) as u8,
+            ((offset & 0xfff) >> 2) as usize,
+            byte,
+        ))
+    }
+}
+
+impl BusDevice for PciConfigMmio {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+        if let Some((dev, func, reg, byte)) = Self::target(offset, data.len()) {
+            let value = lock(&self.root).config_read(dev, func, reg);
+            extract(value, byte, data);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let Some((dev, func, reg, byte)) = Self::target(offset, data.len()) {
+            lock(&self.root).config_write(dev, func, reg, byte, data);
+        }
+    }
+}
+
+/// The PCI MMIO window: routes accesses to the BAR that decodes them; unclaimed reads return
+/// all-ones. Insert at [`layout::PCI_MMIO_START`], length [`layout::PCI_MMIO_SIZE`].
+pub struct PciMmioWindow {
+    root: Arc<Mutex<PciRoot>>,
+}
+
+impl PciMmioWindow {
+    pub fn new(root: Arc<Mutex<PciRoot>>) -> Self {
+        PciMmioWindow { root }
+    }
+}
+
+impl BusDevice for PciMmioWindow {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if !mmio_read(&self.root, layout::PCI_MMIO_START + offset, data) {
+            data.fill(0xff);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        mmio_write(&self.root, layout::PCI_MMIO_START + offset, data);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // Tests fail loudly on purpose.
+mod tests {
+    use super::*;
+    use crate::pci::config::CLASS_OTHER;
+
+    type WriteLog = Arc<Mutex<Vec<(u8, u64, Vec<u8>)>>>;
+
+    /// A device with one 64-bit BAR that remembers writes and reads back a pattern.
+    struct TestDevice {
+        config: PciConfiguration,
+        writes: WriteLog,
+    }
+
+    impl TestDevice {
+        fn new(bar_size: u64) -> (Self, WriteLog) {
+            let mut config = PciConfiguration::new(PciHeader {
+                vendor_id: 0x1234,
+                device_id: 0x5678,
+                revision: 0,
+                class_code: CLASS_OTHER,
+                subsystem_vendor_id: 0,
+                subsystem_id: 0,
+            });
+            config
+                .add_bar(PciBar {
+                    index: 0,
+                    size: bar_size,
+                    kind: PciBarKind::Memory64,
+                    prefetchable: false,
+                })
+                .unwrap();
+            let writes = Arc::new(Mutex::new(Vec::new()));
+            (TestDevice { config, writes: writes.clone() }, writes)
+        }
+    }
+
+    impl PciDevice for TestDevice {
+        fn read_config_register(&mut self, reg: usize) -> u32 {
+            self.config.read_reg(reg)
+        }
+        fn write_config_register(&mut self, reg: usize, offset: u64, data: &[u8]) {
+            self.config.write_reg(reg, offset, data);
+        }
+        fn bars(&self) -> Vec<PciBar> {
+            self.config.bars().to_vec()
+        }
+        fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]) {
+            data.fill(bar + offset as u8);
+        }
+        fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]) {
+            self.writes.lock().unwrap().push((bar, offset, data.to_vec()));
+        }
+    }
+
+    fn cf8(io: &mut PciConfigIo, dev: u32, reg: u32) {
+        io.write(0, &(0x8000_0000 | dev << 11 | reg << 2).to_le_bytes());
+    }
+
+    fn cfc_read(io: &mut PciConfigIo, dev: u32, reg: u32) -> u32 {
+        cf8(io, dev, reg);
+        let mut d = [0u8; 4];
+        io.read(4, &mut d);
+        u32::from_le_bytes(d)
+    }
+
+    fn setup() -> (Arc<Mutex<PciRoot>>, WriteLog) {
+        let root = Arc::new(Mutex::new(PciRoot::new()));
+        let (dev, writes) = TestDevice::new(0x4000);
+        assert_eq!(root.lock().unwrap().add_device(Box::new(dev)).unwrap(), 1);
+        (root, writes)
+    }
+
+    #[test]
+    fn config_reads_through_cf8_reach_the_right_device() {
+        let (root, _) = setup();
+        let mut io = PciConfigIo::new(root);
+        assert_eq!(cfc_read(&mut io, 0, 0), 0x0d57_8086);
+        assert_eq!(cfc_read(&mut io, 0, 2) >> 8, 0x06_00_00);
+        assert_eq!(cfc_read(&mut io, 1, 0), 0x5678_1234);
+        // A 16-bit read of the device id at 0xCFE.
+        cf8(&mut io, 1, 0);
+        let mut w = [0u8; 2];
+        io.read(6, &mut w);
+        assert_eq!(u16::from_le_bytes(w), 0x5678);
+        let mut a = [0u8; 4];
+        io.read(0, &mut a);
+        assert_eq!(u32::from_le_bytes(a), 0x8000_0800);
+    }
+
+    #[test]
+    fn absent_slots_and_functions_read_all_ones() {
+        let (root, _) = setup();
+        let mut io = PciConfigIo::new(root.clone());
+        assert_eq!(cfc_read(&mut io, 7, 0), u32::MAX);
+        io.write(0, &(0x8000_0000u32 | 1 << 11 | 1 << 8).to_le_bytes());
+        let mut d = [0u8; 4];
+        io.read(4, &mut d);
+        assert_eq!(d, [0xff; 4]);
+        let mut ecam = PciConfigMmio::new(root);
+        ecam.read(3 << 15, &mut d);
+        assert_eq!(d, [0xff; 4]);
+        ecam.read(1 << 15, &mut d);
+        assert_eq!(u32::from_le_bytes(d), 0x5678_1234);
+    }
+
+    #[test]
+    fn bars_are_preprogrammed_aligned_and_decoding() {
+        let root = Arc::new(Mutex::new(PciRoot::new()));
+        let (small, _) = TestDevice::new(0x1000);
+        let (big, _) = TestDevice::new(0x10_0000);
+        root.lock().unwrap().add_device(Box::new(small)).unwrap();
+        root.lock().unwrap().add_device(Box::new(big)).unwrap();
+        let mut io = PciConfigIo::new(root);
+        assert_eq!(cfc_read(&mut io, 1, 4), 0xc000_0004);
+        assert_eq!(cfc_read(&mut io, 2, 4), 0xc010_0004);
+        assert_eq!(cfc_read(&mut io, 2, 5), 0);
+        assert_eq!(cfc_read(&mut io, 2, 1) & 0x6, 0x6);
+    }
+
+    #[test]
+    fn bar_sizing_through_config_ports() {
+        let (root, _) = setup();
+        let mut io = PciConfigIo::new(root);
+        cf8(&mut io, 1, 4);
+        io.write(4, &u32::MAX.to_le_bytes());
+        assert_eq!(cfc_read(&mut io, 1, 4), 0xffff_c004);
+        cf8(&mut io, 1, 5);
+        io.write(4, &u32::MAX.to_le_bytes());
+        assert_eq!(cfc_read(&mut io, 1, 5), u32::MAX);
+    }
+
+    #[test]
+    fn moving_a_bar_moves_dispatch() {
+        let (root, writes) = setup();
+        let mut window = PciMmioWindow::new(root.clone());
+        let mut d = [0u8; 4];
+        window.read(0x10, &mut d);
+        assert_eq!(d, [0x10; 4]);
+        let mut io = PciConfigIo::new(root.clone());
+        cf8(&mut io, 1, 4);
+        io.write(4, &0xc080_0000u32.to_le_bytes());
+        window.read(0x10, &mut d);
+        assert_eq!(d, [0xff; 4], "old address must no longer decode");
+        window.write(0x80_0020, &[1, 2]);
+        assert_eq!(writes.lock().unwrap().as_slice(), &[(0, 0x20, vec![1, 2])]);
+        // Memory decoding off: nothing decodes.
+        cf8(&mut io, 1, 1);
+        io.write(4, &[0, 0]);
+        window.read(0x80_0020, &mut d);
+        assert_eq!(d, [0xff; 4]);
+    }
+
+    #[test]
+    fn unclaimed_window_reads_all_ones() {
+        let (root, _) = setup();
+        let mut window = PciMmioWindow::new(root);
+        let mut d = [0u8; 8];
+        window.read(0x100_0000, &mut d);
+        assert_eq!(d, [0xff; 8]);
+    }
+
+    #[test]
+    fn full_bus_is_refused() {
+        let root = Arc::new(Mutex::new(PciRoot::new()));
+        for _ in 1..NUM_SLOTS {
+            root.lock().unwrap().add_device(Box::new(TestDevice::new(0x1000).0)).unwrap();
+        }
+        let err = root.lock().unwrap().add_device(Box::new(TestDevice::new(0x1000).0));
+        assert!(matches!(err, Err(PciError::NoFreeSlot)));
+    }
+
+    #[test]
+    fn bar_larger_than_the_window_is_refused() {
+        let root = Arc::new(Mutex::new(PciRoot::new()));
+        let huge = TestDevice::new(layout::PCI_MMIO_SIZE * 2).0;
+        let err = root.lock().unwrap().add_device(Box::new(huge));
+        assert!(matches!(err, Err(PciError::MmioWindowFull { .. })));
+    }
+}

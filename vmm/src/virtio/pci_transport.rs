@@ -1,0 +1,962 @@
+//! The modern virtio-pci transport (virtio 1.2 section 4.1): one 64-bit memory BAR holding
+//! the common configuration, ISR, device configuration, notify region and MSI-X table + PBA,
+//! described by vendor-specific capabilities.
+//!
+//! ```text
+//!  BAR0 (16 KiB)  0x0000 common cfg   0x0800 ISR   0x1000 device cfg
+//!                 0x2000 notify (queue n at n * 4)  0x3000 MSI-X table  0x3800 MSI-X PBA
+//! ```
+//! Interrupts are MSI-X only: INTx is not wired (interrupt pin 0). A vector that is masked
+//! (entry or function mask) is recorded in the PBA and sent when unmasked; an interrupt with
+//! MSI-X disabled or with no vector assigned only sets the ISR bit.
+//! The VIRTIO_PCI_CAP_PCI_CFG access window is not offered (Linux does not use it).
+
+use std::sync::{Arc, Mutex};
+
+use log::{error, warn};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestAddress;
+
+use super::{
+    VirtioDevice, VirtioInterrupt, STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
+    TYPE_BLOCK, TYPE_NET, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
+};
+use crate::devices::bus::lock;
+use crate::hypervisor::InterruptSink;
+use crate::memory::GuestMemory;
+use crate::pci::config::{CLASS_NETWORK_ETHERNET, CLASS_OTHER, CLASS_STORAGE_SCSI};
+use crate::pci::{PciBar, PciBarKind, PciConfiguration, PciDevice, PciError, PciHeader};
+
+pub const VIRTIO_PCI_VENDOR_ID: u16 = 0x1af4;
+/// Modern device ids are 0x1040 + the virtio device type.
+const VIRTIO_PCI_DEVICE_ID_BASE: u16 = 0x1040;
+const VIRTIO_PCI_SUBSYSTEM_ID: u16 = 0x1100;
+/// "No MSI-X vector" in msix_config / queue_msix_vector.
+pub const VIRTIO_MSI_NO_VECTOR: u16 = 0xffff;
+
+const BAR0_SIZE: u64 = 0x4000;
+const COMMON_CFG_OFFSET: u64 = 0x0000;
+const COMMON_CFG_SIZE: u64 = 0x38;
+const ISR_CFG_OFFSET: u64 = 0x0800;
+const ISR_CFG_SIZE: u64 = 4;
+const DEVICE_CFG_OFFSET: u64 = 0x1000;
+const DEVICE_CFG_SIZE: u64 = 0x1000;
+const NOTIFY_OFFSET: u64 = 0x2000;
+const NOTIFY_SIZE: u64 = 0x1000;
+const NOTIFY_OFF_MULTIPLIER: u32 = 4;
+const MSIX_TABLE_OFFSET: u64 = 0x3000;
+const MSIX_PBA_OFFSET: u64 = 0x3800;
+const MSIX_ENTRY_SIZE: u64 = 16;
+/// Table entries that fit between the table and the PBA.
+const MAX_MSIX_VECTORS: usize = ((MSIX_PBA_OFFSET - MSIX_TABLE_OFFSET) / MSIX_ENTRY_SIZE) as usize;
+
+/// PCI capability ids.
+const CAP_ID_VENDOR: u8 = 0x09;
+const CAP_ID_MSIX: u8 = 0x11;
+/// virtio_pci_cap.cfg_type values.
+const CAP_COMMON_CFG: u8 = 1;
+const CAP_NOTIFY_CFG: u8 = 2;
+const CAP_ISR_CFG: u8 = 3;
+const CAP_DEVICE_CFG: u8 = 4;
+
+const MSIX_CONTROL_ENABLE: u16 = 1 << 15;
+const MSIX_CONTROL_FUNCTION_MASK: u16 = 1 << 14;
+const MSIX_ENTRY_MASKED: u32 = 1;
+
+const ISR_QUEUE: u8 = 1;
+const ISR_CONFIG: u8 = 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VirtioPciError {
+    #[error("Device has {0} queues; between 1 and {max} are supported", max = MAX_MSIX_VECTORS - 1)]
+    QueueCount(usize),
+    #[error("Queue {index} maximum size {size} is not a power of two up to 32768")]
+    QueueMaxSize { index: usize, size: u16 },
+    #[error("Could not build the PCI configuration space")]
+    Pci(#[from] PciError),
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct MsixEntry {
+    addr_lo: u32,
+    addr_hi: u32,
+    data: u32,
+    control: u32,
+}
+
+struct MsixState {
+    entries: Vec<MsixEntry>,
+    pending: Vec<bool>,
+    enabled: bool,
+    function_mask: bool,
+    config_vector: u16,
+    queue_vectors: Vec<u16>,
+    isr: u8,
+}
+
+/// The transport's interrupt side, shared with the activated device.
+struct PciInterrupt {
+    sink: Arc<dyn InterruptSink>,
+    state: Mutex<MsixState>,
+}
+
+impl PciInterrupt {
+    /// Raises `vector` (and the ISR bit); sends it now, or marks it pending while masked.
+    fn trigger(&self, vector: u16, isr_bit: u8) {
+        let mut st = lock(&self.state);
+        st.isr |= isr_bit;
+        if vector == VIRTIO_MSI_NO_VECTOR || !st.enabled {
+            return;
+        }
+        let v = vector as usize;
+        let Some(entry) = st.entries.get(v).copied() else {
+            return;
+        };
+        if st.function_mask || entry.control & MSIX_ENTRY_MASKED != 0 {
+            st.pending[v] = true;
+            return;
+        }
+        drop(st);
+        self.send(entry);
+    }
+
+    fn send(&self, entry: MsixEntry) {
+        let address = u64::from(entry.addr_hi) << 32 | u64::from(entry.addr_lo);
+        if let Err(e) = self.sink.signal_msi(address, entry.data) {
+            warn!("virtio-pci: MSI delivery to {address:#x} failed: {e}");
+        }
+    }
+
+    /// Sends every pending vector that is no longer masked.
+    fn deliver_pending(&self) {
+        let mut st = lock(&self.state);
+        if !st.enabled || st.function_mask {
+            return;
+        }
+        let mut ready = Vec::new();
+        for v in 0..st.entries.len() {
+            if st.pending[v] && st.entries[v].control & MSIX_ENTRY_MASKED == 0 {
+                st.pending[v] = false;
+                ready.push(st.entries[v]);
+            }
+        }
+        drop(st);
+        for entry in ready {
+            self.send(entry);
+        }
+    }
+}
+
+impl VirtioInterrupt for PciInterrupt {
+    fn signal_used_queue(&self, queue_index: u16) {
+        let vector = lock(&self.state)
+            .queue_vectors
+            .get(queue_index as usize)
+            .copied()
+            .unwrap_or(VIRTIO_MSI_NO_VECTOR);
+        self.trigger(vector, ISR_QUEUE);
+    }
+
+    fn signal_config_change(&self) {
+        let vector = lock(&self.state).config_vector;
+        self.trigger(vector, ISR_CONFIG);
+    }
+}
+
+/// What the driver programmed for one queue.
+#[derive(Debug, Clone, Copy)]
+struct QueueConfig {
+    max_size: u16,
+    size: u16,
+    enabled: bool,
+    desc: u64,
+    driver: u64,
+    device: u64,
+}
+
+impl QueueConfig {
+    fn new(max_size: u16) -> Self {
+        QueueConfig { max_size, size: max_size, enabled: false, desc: 0, driver: 0, device: 0 }
+    }
+
+    /// A ready `Queue` from the driver's values, or why they are unusable.
+    fn build(&self, memory: &GuestMemory, event_idx: bool) -> Result<Queue, String> {
+        let mut q = Queue::new(self.max_size).map_err(|e| format!("max size: {e}"))?;
+        q.try_set_size(self.size).map_err(|_| format!("size {} is invalid", self.size))?;
+        q.try_set_desc_table_address(GuestAddress(self.desc))
+            .map_err(|_| format!("descriptor table {:#x} is misaligned", self.desc))?;
+        q.try_set_avail_ring_address(GuestAddress(self.driver))
+            .map_err(|_| format!("driver area {:#x} is misaligned", self.driver))?;
+        q.try_set_used_ring_address(GuestAddress(self.device))
+            .map_err(|_| format!("device area {:#x} is misaligned", self.device))?;
+        q.set_event_idx(event_idx);
+        q.set_ready(true);
+        if !q.is_valid(memory) {
+            return Err("rings are outside guest memory".to_string());
+        }
+        Ok(q)
+    }
+}
+
+/// A virtio device on PCI.
+pub struct VirtioPciDevice {
+    config: PciConfiguration,
+    device: Box<dyn VirtioDevice>,
+    memory: GuestMemory,
+    interrupt: Arc<PciInterrupt>,
+    /// Configuration register whose high half is the MSI-X message control word.
+    msix_control_reg: usize,
+    device_feature_select: u32,
+    driver_feature_select: u32,
+    driver_features: u64,
+    status: u8,
+    queue_select: u16,
+    queues: Vec<QueueConfig>,
+    active: bool,
+}
+
+impl VirtioPciDevice {
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        memory: GuestMemory,
+        interrupt: Arc<dyn InterruptSink>,
+    ) -> Result<Self, VirtioPciError> {
+        let max_sizes = device.queue_max_sizes().to_vec();
+        let num_queues = max_sizes.len();
+        if num_queues == 0 || num_queues >= MAX_MSIX_VECTORS {
+            return Err(VirtioPciError::QueueCount(num_queues));
+        }
+        for (index, &size) in max_sizes.iter().enumerate() {
+            if Queue::new(size).is_err() {
+                return Err(VirtioPciError::QueueMaxSize { index, size });
+            }
+        }
+        let device_type = device.device_type();
+        let class_code = match device_type {
+            TYPE_BLOCK => CLASS_STORAGE_SCSI,
+            TYPE_NET => CLASS_NETWORK_ETHERNET,
+            _ => CLASS_OTHER,
+        };
+        let mut config = PciConfiguration::new(PciHeader {
+            vendor_id: VIRTIO_PCI_VENDOR_ID,
+            device_id: VIRTIO_PCI_DEVICE_ID_BASE + device_type as u16,
+            revision: 1,
+            class_code,
+            subsystem_vendor_id: VIRTIO_PCI_VENDOR_ID,
+            subsystem_id: VIRTIO_PCI_SUBSYSTEM_ID,
+        });
+        config.add_bar(PciBar {
+            index: 0,
+            size: BAR0_SIZE,
+            kind: PciBarKind::Memory64,
+            prefetchable: false,
+        })?;
+        let virtio_cap = |cfg_type: u8, offset: u64, length: u64, extra: Option<u32>| {
+            let cap_len: u8 = if extra.is_some() { 20 } else { 16 };
+            let mut body = vec![cap_len, cfg_type, 0, 0, 0, 0];
+            body.extend_from_slice(&(offset as u32).to_le_bytes());
+            body.extend_from_slice(&(length as u32).to_le_bytes());
+            if let Some(x) = extra {
+                body.extend_from_slice(&x.to_le_bytes());
+            }
+            body
+        };
+        config.add_capability(
+            CAP_ID_VENDOR,
+            &virtio_cap(CAP_COMMON_CFG, COMMON_CFG_OFFSET, COMMON_CFG_SIZE, None),
+        )?;
+        config.add_capability(
+            CAP_ID_VENDOR,
+            &virtio_cap(CAP_NOTIFY_CFG, NOTIFY_OFFSET, NOTIFY_SIZE, Some(NOTIFY_OFF_MULTIPLIER)),
+        )?;
+        config.add_capability(
+            CAP_ID_VENDOR,
+            &virtio_cap(CAP_ISR_CFG, ISR_CFG_OFFSET, ISR_CFG_SIZE, None),
+        )?;
+        config.add_capability(
+            CAP_ID_VENDOR,
+            &virtio_cap(CAP_DEVICE_CFG, DEVICE_CFG_OFFSET, DEVICE_CFG_SIZE, None),
+        )?;
+        let vectors = num_queues + 1;
+        let mut msix = Vec::new();
+        msix.extend_from_slice(&((vectors - 1) as u16).to_le_bytes());
+        msix.extend_from_slice(&(MSIX_TABLE_OFFSET as u32).to_le_bytes()); // BIR 0
+        msix.extend_from_slice(&(MSIX_PBA_OFFSET as u32).to_le_bytes()); // BIR 0
+        let msix_offset = config.add_capability(CAP_ID_MSIX, &msix)?;
+        let msix_control_reg = msix_offset / 4;
+        config.set_writable_bits(
+            msix_control_reg,
+            u32::from(MSIX_CONTROL_ENABLE | MSIX_CONTROL_FUNCTION_MASK) << 16,
+        );
+        let interrupt = Arc::new(PciInterrupt {
+            sink: interrupt,
+            state: Mutex::new(MsixState {
+                entries: vec![
+                    MsixEntry { control: MSIX_ENTRY_MASKED, ..Default::default() };
+                    vectors
+                ],
+                pending: vec![false; vectors],
+                enabled: false,
+                function_mask: false,
+                config_vector: VIRTIO_MSI_NO_VECTOR,
+                queue_vectors: vec![VIRTIO_MSI_NO_VECTOR; num_queues],
+                isr: 0,
+            }),
+        });
+        Ok(VirtioPciDevice {
+            config,
+            device,
+            memory,
+            interrupt,
+            msix_control_reg,
+            device_feature_select: 0,
+            driver_feature_select: 0,
+            driver_features: 0,
+            status: 0,
+            queue_select: 0,
+            queues: max_sizes.into_iter().map(QueueConfig::new).collect(),
+            active: false,
+        })
+    }
+
+    /// The current device status byte.
+    pub fn status(&self) -> u8 {
+        self.status
+    }
+
+    /// Marks the device broken: DEVICE_NEEDS_RESET plus a configuration-change interrupt.
+    fn device_failure(&mut self, reason: &str) {
+        error!("virtio-pci device type {}: {reason}", self.device.device_type());
+        self.status |= STATUS_DEVICE_NEEDS_RESET;
+        self.interrupt.signal_config_change();
+    }
+
+    fn reset(&mut self) {
+        if self.active {
+            self.device.reset();
+        }
+        self.active = false;
+        self.status = 0;
+        self.device_feature_select = 0;
+        self.driver_feature_select = 0;
+        self.driver_features = 0;
+        self.queue_select = 0;
+        for q in &mut self.queues {
+            *q = QueueConfig::new(q.max_size);
+        }
+        let mut st = lock(&self.interrupt.state);
+        st.config_vector = VIRTIO_MSI_NO_VECTOR;
+        st.queue_vectors.fill(VIRTIO_MSI_NO_VECTOR);
+        st.pending.fill(false);
+        st.isr = 0;
+    }
+
+    fn write_status(&mut self, value: u8) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        let old = self.status;
+        let mut new = value & !STATUS_DEVICE_NEEDS_RESET;
+        if new & STATUS_FEATURES_OK != 0 && old & STATUS_FEATURES_OK == 0 {
+            let offered = self.device.features();
+            let extra = self.driver_features & !offered;
+            if extra != 0 || self.driver_features & VIRTIO_F_VERSION_1 == 0 {
+                warn!(
+                    "virtio-pci: refusing features {:#x} (offered {offered:#x})",
+                    self.driver_features
+                );
+                new &= !STATUS_FEATURES_OK;
+            }
+        }
+        self.status = new | (old & STATUS_DEVICE_NEEDS_RESET);
+        if new & STATUS_DRIVER_OK != 0 && old & STATUS_DRIVER_OK == 0 && !self.active {
+            if new & STATUS_FEATURES_OK == 0 {
+                self.device_failure("DRIVER_OK without FEATURES_OK");
+            } else {
+                self.activate();
+            }
+        }
+    }
+
+    fn activate(&mut self) {
+        let event_idx = self.driver_features & VIRTIO_F_RING_EVENT_IDX != 0;
+        let mut queues = Vec::with_capacity(self.queues.len());
+        for (i, qc) in self.queues.iter().enumerate() {
+            let q = if qc.enabled {
+                match qc.build(&self.memory, event_idx) {
+                    Ok(q) => q,
+                    Err(reason) => return self.device_failure(&format!("queue {i}: {reason}")),
+                }
+            } else {
+                match Queue::new(qc.max_size) {
+                    Ok(q) => q,
+                    Err(e) => return self.device_failure(&format!("queue {i}: {e}")),
+                }
+            };
+            queues.push(q);
+        }
+        let interrupt: Arc<dyn VirtioInterrupt> = self.interrupt.clone();
+        match self.device.activate(self.memory.clone(), interrupt, queues) {
+            Ok(()) => self.active = true,
+            Err(e) => self.device_failure(&format!("activation failed: {e}")),
+        }
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut QueueConfig> {
+        self.queues.get_mut(self.queue_select as usize)
+    }
+
+    fn valid_vector(&self, vector: u16) -> u16 {
+        let count = lock(&self.interrupt.state).entries.len();
+        if (vector as usize) < count {
+            vector
+        } else {
+            // Reading back NO_VECTOR tells the driver the vector was refused.
+            VIRTIO_MSI_NO_VECTOR
+        }
+    }
+
+    fn common_read(&mut self, offset: u64, data: &mut [u8]) {
+        let q = self.queues.get(self.queue_select as usize).copied();
+        let st = lock(&self.interrupt.state);
+        let qvec = st.queue_vectors.get(self.queue_select as usize).copied();
+        let value: u64 = match (offset, data.len()) {
+            (0x00, 4) => u64::from(self.device_feature_select),
+            (0x04, 4) => match self.device_feature_select {
+                0 => self.device.features() & 0xffff_ffff,
+                1 => self.device.features() >> 32,
+                _ => 0,
+            },
+            (0x08, 4) => u64::from(self.driver_feature_select),
+            (0x0c, 4) => match self.driver_feature_select {
+                0 => self.driver_features & 0xffff_ffff,
+                1 => self.driver_features >> 32,
+                _ => 0,
+            },
+            (0x10, 2) => u64::from(st.config_vector),
+            (0x12, 2) => self.queues.len() as u64,
+            (0x14, 1) => u64::from(self.status),
+            (0x15, 1) => 0, // config_generation: device configs never change under the driver
+            (0x16, 2) => u64::from(self.queue_select),
+            (0x18, 2) => q.map_or(0, |q| u64::from(q.size)),
+            (0x1a, 2) => u64::from(qvec.unwrap_or(VIRTIO_MSI_NO_VECTOR)),
+            (0x1c, 2) => q.map_or(0, |q| u64::from(q.enabled)),
+            (0x1e, 2) => u64::from(self.queue_select), // queue_notify_off
+            (0x20 | 0x28 | 0x30, 8) => q.map_or(0, |q| Self::queue_addr(&q, offset)),
+            (0x20..=0x37, 4) if offset & 3 == 0 => {
+                let full = q.map_or(0, |q| Self::queue_addr(&q, offset & !7));
+                if offset & 7 == 0 {
+                    full & 0xffff_ffff
+                } else {
+                    full >> 32
+                }
+            }
+            _ => 0,
+        };
+        drop(st);
+        let bytes = value.to_le_bytes();
+        data.copy_from_slice(&bytes[..data.len()]);
+    }
+
+    fn queue_addr(q: &QueueConfig, offset: u64) -> u64 {
+        match offset {
+            0x20 => q.desc,
+            0x28 => q.driver,
+            _ => q.device,
+        }
+    }
+
+    fn common_write(&mut self, offset: u64, data: &[u8]) {
+        let mut raw = [0u8; 8];
+        raw[..data.len()].copy_from_slice(data);
+        let value = u64::from_le_bytes(raw);
+        let features_locked = self.status & STATUS_FEATURES_OK != 0;
+        match (offset, data.len()) {
+            (0x00, 4) => self.device_feature_select = value as u32,
+            (0x08, 4) => self.driver_feature_select = value as u32,
+            (0x0c, 4) if !features_locked => match self.driver_feature_select {
+                0 => self.driver_features = (self.driver_features & !0xffff_ffff) | value,
+                1 => self.driver_features = (self.driver_features & 0xffff_ffff) | value << 32,
+                _ => {}
+            },
+            (0x10, 2) => {
+                let v = self.valid_vector(value as u16);
+                lock(&self.interrupt.state).config_vector = v;
+            }
+            (0x14, 1) => self.write_status(value as u8),
+            (0x16, 2) => self.queue_select = value as u16,
+            (0x18, 2) => {
+                if let Some(q) = self.selected_queue().filter(|q| !q.enabled) {
+                    // Checked when the queue is enabled.
+                    q.size = value as u16;
+                }
+            }
+            (0x1a, 2) => {
+                let v = self.valid_vector(value as u16);
+                let sel = self.queue_select as usize;
+                if let Some(slot) = lock(&self.interrupt.state).queue_vectors.get_mut(sel) {
+                    *slot = v;
+                }
+            }
+            (0x1c, 2) => self.enable_queue(value as u16),
+            (0x20 | 0x28 | 0x30, 8) => self.set_queue_addr(offset, value, u64::MAX),
+            (0x20..=0x37, 4) if offset & 3 == 0 => {
+                let (shifted, mask) = if offset & 7 == 0 {
+                    (value, 0xffff_ffff)
+                } else {
+                    (value << 32, !0xffff_ffff)
+                };
+                self.set_queue_addr(offset & !7, shifted, mask);
+            }
+            _ => {}
+        }
+    }
+
+    fn set_queue_addr(&mut self, offset: u64, value: u64, mask: u64) {
+        let Some(q) = self.selected_queue().filter(|q| !q.enabled) else {
+            return;
+        };
+        let field = match offset {
+            0x20 => &mut q.desc,
+            0x28 => &mut q.driver,
+            _ => &mut q.device,
+        };
+        *field = (*field & !mask) | (value & mask);
+    }
+
+    fn enable_queue(&mut self, value: u16) {
+        // Writing 0 is not allowed to the driver; a queue is disabled only by reset.
+        if value != 1 {
+            return;
+        }
+        let index = self.queue_select;
+        let Some(q) = self.queues.get(index as usize) else {
+            return;
+        };
+        match q.build(&self.memory, false) {
+            Ok(_) => self.queues[index as usize].enabled = true,
+            Err(reason) => self.device_failure(&format!("queue {index}: {reason}")),
+        }
+    }
+
+    fn notify(&mut self, queue_index: usize) {
+        if !self.active
+            || queue_index >= self.queues.len()
+            || self.status & STATUS_DRIVER_OK == 0
+            || self.status & STATUS_DEVICE_NEEDS_RESET != 0
+        {
+            return;
+        }
+        match self.device.process_queue(queue_index) {
+            Ok(true) => self.interrupt.signal_used_queue(queue_index as u16),
+            Ok(false) => {}
+            Err(e) => self.device_failure(&format!("queue {queue_index}: {e}")),
+        }
+    }
+
+    fn msix_table_read(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let st = lock(&self.interrupt.state);
+        let index = (offset / MSIX_ENTRY_SIZE) as usize;
+        let Some(e) = st.entries.get(index) else {
+            return;
+        };
+        let words = [e.addr_lo, e.addr_hi, e.data, e.control];
+        let word = ((offset % MSIX_ENTRY_SIZE) / 4) as usize;
+        match data.len() {
+            4 if offset & 3 == 0 => data.copy_from_slice(&words[word].to_le_bytes()),
+            8 if offset & 7 == 0 => {
+                data[..4].copy_from_slice(&words[word].to_le_bytes());
+                data[4..].copy_from_slice(&words[word + 1].to_le_bytes());
+            }
+            _ => {}
+        }
+    }
+
+    fn msix_table_write(&mut self, offset: u64, data: &[u8]) {
+        let index = (offset / MSIX_ENTRY_SIZE) as usize;
+        let word = ((offset % MSIX_ENTRY_SIZE) / 4) as usize;
+        let values: Vec<u32> = match data.len() {
+            4 if offset & 3 == 0 => vec![u32::from_le_bytes([data[0], data[1], data[2], data[3]])],
+            8 if offset & 7 == 0 => vec![
+                u32::from_le_bytes([data[0], data[1], data[2], data[3]]),
+                u32::from_le_bytes([data[4], data[5], data[6], data[7]]),
+            ],
+            _ => return,
+        };
+        {
+            let mut st = lock(&self.interrupt.state);
+            let Some(e) = st.entries.get_mut(index) else {
+                return;
+            };
+            for (i, v) in values.into_iter().enumerate() {
+                match word + i {
+                    0 => e.addr_lo = v,
+                    1 => e.addr_hi = v,
+                    2 => e.data = v,
+                    _ => e.control = v & MSIX_ENTRY_MASKED,
+                }
+            }
+        }
+        self.interrupt.deliver_pending();
+    }
+
+    fn msix_pba_read(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let st = lock(&self.interrupt.state);
+        for (i, byte) in data.iter_mut().enumerate() {
+            for bit in 0..8 {
+                let v = (offset as usize + i) * 8 + bit;
+                if st.pending.get(v).copied().unwrap_or(false) {
+                    *byte |= 1 << bit;
+                }
+            }
+        }
+    }
+
+    /// Picks up MSI-X enable / function-mask changes from the capability.
+    fn update_msix_control(&mut self) {
+        let control = (self.config.read_reg(self.msix_control_reg) >> 16) as u16;
+        {
+            let mut st = lock(&self.interrupt.state);
+            st.enabled = control & MSIX_CONTROL_ENABLE != 0;
+            st.function_mask = control & MSIX_CONTROL_FUNCTION_MASK != 0;
+        }
+        self.interrupt.deliver_pending();
+    }
+}
+
+impl PciDevice for VirtioPciDevice {
+    fn read_config_register(&mut self, reg: usize) -> u32 {
+        self.config.read_reg(reg)
+    }
+
+    fn write_config_register(&mut self, reg: usize, offset: u64, data: &[u8]) {
+        self.config.write_reg(reg, offset, data);
+        if reg == self.msix_control_reg {
+            self.update_msix_control();
+        }
+    }
+
+    fn bars(&self) -> Vec<PciBar> {
+        self.config.bars().to_vec()
+    }
+
+    fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if bar != 0 || data.len() > 8 {
+            return;
+        }
+        match offset {
+            o if o < COMMON_CFG_SIZE => self.common_read(o, data),
+            o if (ISR_CFG_OFFSET..ISR_CFG_OFFSET + ISR_CFG_SIZE).contains(&o) => {
+                // Reading the ISR acknowledges it.
+                let mut st = lock(&self.interrupt.state);
+                if o == ISR_CFG_OFFSET {
+                    data[0] = st.isr;
+                    st.isr = 0;
+                }
+            }
+            o if (DEVICE_CFG_OFFSET..DEVICE_CFG_OFFSET + DEVICE_CFG_SIZE).contains(&o) => {
+                self.device.read_config(o - DEVICE_CFG_OFFSET, data)
+            }
+            o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => {
+                self.msix_table_read(o - MSIX_TABLE_OFFSET, data)
+            }
+            o if (MSIX_PBA_OFFSET..BAR0_SIZE).contains(&o) => {
+                self.msix_pba_read(o - MSIX_PBA_OFFSET, data)
+            }
+            _ => {}
+        }
+    }
+
+    fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]) {
+        if bar != 0 || data.len() > 8 {
+            return;
+        }
+        match offset {
+            o if o < COMMON_CFG_SIZE => self.common_write(o, data),
+            o if (DEVICE_CFG_OFFSET..DEVICE_CFG_OFFSET + DEVICE_CFG_SIZE).contains(&o) => {
+                self.device.write_config(o - DEVICE_CFG_OFFSET, data)
+            }
+            o if (NOTIFY_OFFSET..NOTIFY_OFFSET + NOTIFY_SIZE).contains(&o) => {
+                self.notify(((o - NOTIFY_OFFSET) / u64::from(NOTIFY_OFF_MULTIPLIER)) as usize)
+            }
+            o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => {
+                self.msix_table_write(o - MSIX_TABLE_OFFSET, data)
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    //! A test "driver" that brings a [`VirtioPciDevice`] up through its registers the way
+    //! Linux's virtio_pci_modern does, with a recording interrupt sink.
+    #![allow(clippy::unwrap_used)] // Test scaffolding fails loudly on purpose.
+
+    use super::*;
+    use crate::hypervisor;
+    use crate::virtio::queue::testing::{memory, TestQueue};
+    use crate::virtio::{STATUS_ACKNOWLEDGE, STATUS_DRIVER};
+
+    pub const MSI_ADDR: u64 = 0xfee0_0000;
+    pub const QUEUE_MSI_DATA: u32 = 0x41;
+    pub const CONFIG_MSI_DATA: u32 = 0x40;
+
+    #[derive(Default)]
+    pub struct RecordingSink {
+        pub msis: Mutex<Vec<(u64, u32)>>,
+    }
+
+    impl InterruptSink for RecordingSink {
+        fn set_irq_line(&self, _gsi: u32, _active: bool) -> hypervisor::Result<()> {
+            Ok(())
+        }
+        fn signal_msi(&self, address: u64, data: u32) -> hypervisor::Result<()> {
+            self.msis.lock().unwrap().push((address, data));
+            Ok(())
+        }
+    }
+
+    pub struct TestDriver {
+        pub dev: VirtioPciDevice,
+        pub mem: GuestMemory,
+        pub sink: Arc<RecordingSink>,
+        pub tq: TestQueue,
+    }
+
+    impl TestDriver {
+        pub fn new(device: Box<dyn VirtioDevice>) -> Self {
+            let mem = memory(4);
+            let sink = Arc::new(RecordingSink::default());
+            let dev = VirtioPciDevice::new(device, mem.clone(), sink.clone()).unwrap();
+            TestDriver { dev, mem, sink, tq: TestQueue::new(256, 0x10_0000) }
+        }
+
+        pub fn read(&mut self, offset: u64, len: usize) -> u64 {
+            let mut d = [0u8; 8];
+            self.dev.bar_read(0, offset, &mut d[..len]);
+            u64::from_le_bytes(d)
+        }
+
+        pub fn write(&mut self, offset: u64, len: usize, value: u64) {
+            self.dev.bar_write(0, offset, &value.to_le_bytes()[..len]);
+        }
+
+        pub fn status(&mut self) -> u8 {
+            self.read(0x14, 1) as u8
+        }
+
+        pub fn msis(&self) -> Vec<(u64, u32)> {
+            self.sink.msis.lock().unwrap().clone()
+        }
+
+        /// Reset, ACK, DRIVER, feature negotiation (`accept` masks the offered features),
+        /// FEATURES_OK; returns the status read back after FEATURES_OK.
+        pub fn negotiate(&mut self, accept: u64) -> u8 {
+            self.write(0x14, 1, 0);
+            assert_eq!(self.status(), 0);
+            self.write(0x14, 1, u64::from(STATUS_ACKNOWLEDGE));
+            self.write(0x14, 1, u64::from(STATUS_ACKNOWLEDGE | STATUS_DRIVER));
+            self.write(0x00, 4, 0);
+            let low = self.read(0x04, 4);
+            self.write(0x00, 4, 1);
+            let high = self.read(0x04, 4);
+            let offered = high << 32 | low;
+            let wanted = offered & accept;
+            self.write(0x08, 4, 0);
+            self.write(0x0c, 4, wanted & 0xffff_ffff);
+            self.write(0x08, 4, 1);
+            self.write(0x0c, 4, wanted >> 32);
+            self.write(0x14, 1, u64::from(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK));
+            self.status()
+        }
+
+        /// Enables MSI-X in the capability and programs vector 0 (config) and 1 (queue 0).
+        pub fn setup_msix(&mut self) {
+            let reg = self.dev.msix_control_reg;
+            self.dev.write_config_register(reg, 2, &MSIX_CONTROL_ENABLE.to_le_bytes());
+            for (v, data) in [(0u64, CONFIG_MSI_DATA), (1, QUEUE_MSI_DATA)] {
+                let base = MSIX_TABLE_OFFSET + v * MSIX_ENTRY_SIZE;
+                self.write(base, 4, MSI_ADDR & 0xffff_ffff);
+                self.write(base + 4, 4, MSI_ADDR >> 32);
+                self.write(base + 8, 4, u64::from(data));
+                self.write(base + 12, 4, 0);
+            }
+            self.write(0x10, 2, 0);
+            assert_eq!(self.read(0x10, 2), 0);
+        }
+
+        /// Programs queue 0 with `size` at the test queue's rings and enables it.
+        pub fn setup_queue(&mut self, size: u16) {
+            self.write(0x16, 2, 0);
+            assert_eq!(self.read(0x18, 2), 256);
+            self.write(0x18, 2, u64::from(size));
+            self.write(0x1a, 2, 1);
+            assert_eq!(self.read(0x1a, 2), 1);
+            for (off, addr) in [(0x20, self.tq.desc), (0x28, self.tq.avail), (0x30, self.tq.used)] {
+                self.write(off, 4, addr & 0xffff_ffff);
+                self.write(off + 4, 4, addr >> 32);
+            }
+            self.write(0x1c, 2, 1);
+        }
+
+        /// The whole bring-up with every offered feature; panics unless DRIVER_OK sticks.
+        pub fn bring_up(&mut self) {
+            assert_ne!(self.negotiate(u64::MAX) & STATUS_FEATURES_OK, 0);
+            self.setup_msix();
+            self.setup_queue(256);
+            self.write(0x14, 1, 0xf);
+            assert_eq!(self.status(), 0xf);
+        }
+
+        pub fn notify(&mut self, queue: u64) {
+            let off = self.read(0x1e, 2) * u64::from(NOTIFY_OFF_MULTIPLIER);
+            self.write(NOTIFY_OFFSET + off, 2, queue);
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // Tests fail loudly on purpose.
+mod tests {
+    use super::testing::*;
+    use super::*;
+    use crate::virtio::rng::Rng;
+    use crate::virtio::{STATUS_ACKNOWLEDGE, STATUS_DRIVER};
+
+    fn driver() -> TestDriver {
+        TestDriver::new(Box::new(Rng::new().unwrap()))
+    }
+
+    #[test]
+    fn identity_is_modern_virtio() {
+        let mut d = driver();
+        assert_eq!(d.dev.read_config_register(0), 0x1044_1af4);
+        assert_eq!(d.dev.read_config_register(2) & 0xff, 1);
+        assert_eq!(d.dev.read_config_register(11), 0x1100_1af4);
+        assert_eq!(d.dev.read_config_register(15) >> 8 & 0xff, 0, "no INTx pin");
+    }
+
+    #[test]
+    fn capability_list_walks_to_virtio_and_msix_caps() {
+        let mut d = driver();
+        let mut found = Vec::new();
+        let mut ptr = d.dev.read_config_register(13) as usize & 0xff;
+        while ptr != 0 && found.len() < 16 {
+            let dword = d.dev.read_config_register(ptr / 4);
+            let id = dword as u8;
+            if id == CAP_ID_VENDOR {
+                let cfg_type = (dword >> 24) as u8;
+                let bar = d.dev.read_config_register(ptr / 4 + 1) as u8;
+                let offset = d.dev.read_config_register(ptr / 4 + 2);
+                let length = d.dev.read_config_register(ptr / 4 + 3);
+                assert_eq!(bar, 0);
+                assert!(u64::from(offset) + u64::from(length) <= BAR0_SIZE);
+                if cfg_type == CAP_NOTIFY_CFG {
+                    assert_eq!(d.dev.read_config_register(ptr / 4 + 4), NOTIFY_OFF_MULTIPLIER);
+                }
+                found.push(cfg_type);
+            } else if id == CAP_ID_MSIX {
+                let table_size = ((dword >> 16) & 0x7ff) + 1;
+                assert_eq!(table_size, 2, "one queue + config");
+                assert_eq!(d.dev.read_config_register(ptr / 4 + 1), MSIX_TABLE_OFFSET as u32);
+                assert_eq!(d.dev.read_config_register(ptr / 4 + 2), MSIX_PBA_OFFSET as u32);
+                found.push(0x11);
+            }
+            ptr = (dword >> 8) as usize & 0xff;
+        }
+        found.sort();
+        assert_eq!(found, vec![1, 2, 3, 4, 0x11]);
+    }
+
+    #[test]
+    fn features_not_offered_are_refused() {
+        let mut d = driver();
+        d.negotiate(u64::MAX);
+        // Sneak in an extra feature bit before FEATURES_OK.
+        d.write(0x14, 1, 0);
+        d.write(0x14, 1, u64::from(STATUS_ACKNOWLEDGE | STATUS_DRIVER));
+        d.write(0x08, 4, 0);
+        d.write(0x0c, 4, 1 << 3);
+        d.write(0x08, 4, 1);
+        d.write(0x0c, 4, 1);
+        d.write(0x14, 1, u64::from(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK));
+        assert_eq!(d.status() & STATUS_FEATURES_OK, 0);
+    }
+
+    #[test]
+    fn missing_version_1_is_refused() {
+        let mut d = driver();
+        let status = d.negotiate(!VIRTIO_F_VERSION_1);
+        assert_eq!(status & STATUS_FEATURES_OK, 0);
+    }
+
+    #[test]
+    fn queue_size_not_a_power_of_two_is_refused() {
+        let mut d = driver();
+        d.negotiate(u64::MAX);
+        d.setup_msix();
+        d.setup_queue(100);
+        assert_eq!(d.read(0x1c, 2), 0, "queue must not be enabled");
+        assert_ne!(d.status() & STATUS_DEVICE_NEEDS_RESET, 0);
+        assert_eq!(d.msis(), vec![(MSI_ADDR, CONFIG_MSI_DATA)]);
+    }
+
+    #[test]
+    fn rings_outside_guest_memory_are_refused() {
+        let mut d = driver();
+        d.negotiate(u64::MAX);
+        d.tq.desc = 0xffff_0000_0000;
+        d.setup_queue(256);
+        assert_ne!(d.status() & STATUS_DEVICE_NEEDS_RESET, 0);
+    }
+
+    #[test]
+    fn invalid_msix_vector_reads_back_no_vector() {
+        let mut d = driver();
+        d.negotiate(u64::MAX);
+        d.write(0x1a, 2, 7);
+        assert_eq!(d.read(0x1a, 2), u64::from(VIRTIO_MSI_NO_VECTOR));
+        d.write(0x10, 2, 2);
+        assert_eq!(d.read(0x10, 2), u64::from(VIRTIO_MSI_NO_VECTOR));
+    }
+
+    #[test]
+    fn reset_clears_status_and_queue_state() {
+        let mut d = driver();
+        d.bring_up();
+        d.write(0x14, 1, 0);
+        assert_eq!(d.status(), 0);
+        d.write(0x16, 2, 0);
+        assert_eq!(d.read(0x1c, 2), 0);
+        assert_eq!(d.read(0x20, 8), 0);
+        assert_eq!(d.read(0x1a, 2), u64::from(VIRTIO_MSI_NO_VECTOR));
+    }
+
+    #[test]
+    fn masked_vector_is_pending_until_unmasked() {
+        let mut d = driver();
+        d.bring_up();
+        let entry1 = MSIX_TABLE_OFFSET + MSIX_ENTRY_SIZE;
+        d.write(entry1 + 12, 4, 1);
+        d.dev.interrupt.signal_used_queue(0);
+        assert!(d.msis().is_empty());
+        assert_eq!(d.read(MSIX_PBA_OFFSET, 8), 0b10);
+        d.write(entry1 + 12, 4, 0);
+        assert_eq!(d.msis(), vec![(MSI_ADDR, QUEUE_MSI_DATA)]);
+        assert_eq!(d.read(MSIX_PBA_OFFSET, 8), 0);
+    }
+
+    #[test]
+    fn isr_is_set_and_cleared_by_reading() {
+        let mut d = driver();
+        d.bring_up();
+        d.dev.interrupt.signal_config_change();
+        assert_eq!(d.read(ISR_CFG_OFFSET, 1), u64::from(ISR_CONFIG));
+        assert_eq!(d.read(ISR_CFG_OFFSET, 1), 0);
+    }
+}
