@@ -19,3 +19,15 @@ pub mod machine;
 pub mod memory;
 pub mod pci;
 pub mod virtio;
+
+/// Formats an error with its whole `source()` chain on one line ("a: b: c").
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}

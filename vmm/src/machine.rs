@@ -6,11 +6,28 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::hypervisor::{Hypervisor, HypervisorError};
+use crate::arch::x86_64::{acpi, boot, layout};
+use crate::devices::acpi_pm::AcpiPm;
+use crate::devices::bus::{lock, Bus, BusDevice};
+use crate::devices::i8042::I8042;
+use crate::devices::rtc::Rtc;
+use crate::devices::serial::{IrqEdge, SerialDevice};
+use crate::hypervisor::{
+    ExitHandler, Hypervisor, HypervisorError, InterruptSink, Vcpu, VcpuExit, VcpuKicker, Vm,
+    VmSetup, X86Regs, X86Sregs,
+};
+use crate::memory::{self, GuestMemory};
+use crate::pci::{PciConfigIo, PciConfigMmio, PciMmioWindow, PciRoot};
+use crate::virtio::block::Block;
+use crate::virtio::rng::Rng;
+use crate::virtio::VirtioPciDevice;
 
 /// One disk attached as virtio-blk.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,55 +99,352 @@ pub enum MachineError {
     Hypervisor(#[from] HypervisorError),
     #[error("Could not start a thread")]
     Thread(#[source] std::io::Error),
+    #[error("The machine is {0:?}")]
+    InvalidState(RunState),
+    #[error("The vCPUs did not pause in time")]
+    PauseTimeout,
+}
+
+/// Most vCPUs a machine may have: the MADT's xAPIC ids are 8 bits and the IOAPIC takes one.
+pub const MAX_VCPUS: u32 = 254;
+
+/// How long `pause` waits for every vCPU to reach a safe point.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The machine's run state and its outcome, shared by the vCPU threads and the handles.
+struct Control {
+    state: RunState,
+    outcome: Option<Result<ExitReason, MachineError>>,
+    pause_requested: bool,
+    paused_vcpus: u32,
+    live_vcpus: u32,
+}
+
+struct Lifecycle {
+    control: Mutex<Control>,
+    changed: Condvar,
+    kickers: Mutex<Vec<Arc<dyn VcpuKicker>>>,
+    started: Instant,
+}
+
+impl Lifecycle {
+    fn new() -> Self {
+        Self {
+            control: Mutex::new(Control {
+                state: RunState::Starting,
+                outcome: None,
+                pause_requested: false,
+                paused_vcpus: 0,
+                live_vcpus: 0,
+            }),
+            changed: Condvar::new(),
+            kickers: Mutex::new(Vec::new()),
+            started: Instant::now(),
+        }
+    }
+
+    /// Records how the machine ends (the first outcome wins) and gets every vCPU out.
+    fn request_exit(&self, outcome: Result<ExitReason, MachineError>) {
+        {
+            let mut control = lock(&self.control);
+            if control.outcome.is_none() {
+                if let Err(e) = &outcome {
+                    log::error!("machine stopping: {}", crate::error_chain(e));
+                }
+                control.outcome = Some(outcome);
+                control.state = RunState::ShuttingDown;
+            }
+        }
+        self.changed.notify_all();
+        self.kick_all();
+    }
+
+    fn kick_all(&self) {
+        for kicker in lock(&self.kickers).iter() {
+            kicker.kick();
+        }
+    }
+
+    /// Blocks while the machine is paused; false once the machine is ending.
+    fn wait_runnable(&self) -> bool {
+        let mut control = lock(&self.control);
+        let mut counted_paused = false;
+        loop {
+            if control.outcome.is_some() {
+                if counted_paused {
+                    control.paused_vcpus -= 1;
+                }
+                return false;
+            }
+            if !control.pause_requested {
+                if counted_paused {
+                    control.paused_vcpus -= 1;
+                }
+                return true;
+            }
+            if !counted_paused {
+                control.paused_vcpus += 1;
+                counted_paused = true;
+                self.changed.notify_all();
+            }
+            control = self.changed.wait(control).unwrap_or_else(|p| p.into_inner());
+        }
+    }
 }
 
 /// Control of a machine from any thread.
 #[derive(Clone)]
 pub struct MachineHandle {
-    inner: Arc<()>,
+    lifecycle: Arc<Lifecycle>,
+    serial: Arc<Mutex<SerialDevice>>,
+    acpi_pm: Arc<Mutex<AcpiPm>>,
+    vcpu_count: u32,
+    memory_mib: u64,
 }
 
 impl MachineHandle {
     pub fn state(&self) -> RunState {
-        let _ = &self.inner;
-        RunState::Starting
+        lock(&self.lifecycle.control).state
     }
-    /// Stops all vCPUs at a safe point.
+
+    /// Seconds since the machine was built.
+    pub fn uptime(&self) -> Duration {
+        self.lifecycle.started.elapsed()
+    }
+
+    /// Stops all vCPUs at a safe point (between two exits) and waits until they are there.
     pub fn pause(&self) -> Result<(), MachineError> {
-        Err(MachineError::Device("not yet".into()))
+        {
+            let mut control = lock(&self.lifecycle.control);
+            match control.state {
+                RunState::Running => {}
+                RunState::Paused => return Ok(()),
+                other => return Err(MachineError::InvalidState(other)),
+            }
+            control.pause_requested = true;
+            control.state = RunState::Paused;
+        }
+        self.lifecycle.kick_all();
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        let mut control = lock(&self.lifecycle.control);
+        while control.paused_vcpus < control.live_vcpus && control.outcome.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                control.pause_requested = false;
+                control.state = RunState::Running;
+                self.lifecycle.changed.notify_all();
+                return Err(MachineError::PauseTimeout);
+            }
+            control =
+                self.lifecycle.changed.wait_timeout(control, left).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        Ok(())
     }
+
     pub fn resume(&self) -> Result<(), MachineError> {
-        Err(MachineError::Device("not yet".into()))
+        let mut control = lock(&self.lifecycle.control);
+        match control.state {
+            RunState::Paused => {
+                control.pause_requested = false;
+                control.state = RunState::Running;
+                self.lifecycle.changed.notify_all();
+                Ok(())
+            }
+            RunState::Running => Ok(()),
+            other => Err(MachineError::InvalidState(other)),
+        }
     }
+
     /// Presses the ACPI power button: the guest shuts down in an orderly way.
     pub fn shutdown(&self) -> Result<(), MachineError> {
-        Err(MachineError::Device("not yet".into()))
+        let state = self.state();
+        if !matches!(state, RunState::Running | RunState::Starting) {
+            return Err(MachineError::InvalidState(state));
+        }
+        lock(&self.acpi_pm).press_power_button();
+        Ok(())
     }
+
     /// Pulls the plug: `run` returns [`ExitReason::ForcedOff`].
-    pub fn poweroff(&self) {}
-    /// Bytes typed on the guest's serial console (COM1).
-    pub fn serial_input(&self, _bytes: &[u8]) {}
-    pub fn vcpu_count(&self) -> u32 {
-        0
+    pub fn poweroff(&self) {
+        self.lifecycle.request_exit(Ok(ExitReason::ForcedOff));
     }
+
+    /// Bytes typed on the guest's serial console (COM1).
+    pub fn serial_input(&self, bytes: &[u8]) {
+        lock(&self.serial).queue_input(bytes);
+    }
+
+    pub fn vcpu_count(&self) -> u32 {
+        self.vcpu_count
+    }
+
     pub fn memory_mib(&self) -> u64 {
-        0
+        self.memory_mib
+    }
+}
+
+/// Port I/O and MMIO dispatch shared by all vCPUs.
+struct IoBuses {
+    pio: Bus,
+    mmio: Bus,
+}
+
+impl ExitHandler for &IoBuses {
+    fn pio_read(&mut self, port: u16, data: &mut [u8]) {
+        if !self.pio.read(u64::from(port), data) {
+            data.fill(0xff);
+        }
+    }
+
+    fn pio_write(&mut self, port: u16, data: &[u8]) {
+        self.pio.write(u64::from(port), data);
+    }
+
+    fn mmio_read(&mut self, addr: u64, data: &mut [u8]) {
+        if !self.mmio.read(addr, data) {
+            log::debug!("unclaimed MMIO read at {addr:#x}");
+            data.fill(0xff);
+        }
+    }
+
+    fn mmio_write(&mut self, addr: u64, data: &[u8]) {
+        if !self.mmio.write(addr, data) {
+            log::debug!("unclaimed MMIO write at {addr:#x}");
+        }
     }
 }
 
 /// A built, not yet running machine.
 pub struct Machine {
+    vm: Arc<dyn Vm>,
+    // Guest RAM must outlive the VM's use of it; the machine owns it until `run` ends.
+    _memory: GuestMemory,
+    io: Arc<IoBuses>,
+    boot_cpu: (X86Regs, X86Sregs),
     handle: MachineHandle,
+}
+
+fn host_memory_mib() -> Option<u64> {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let pages = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) };
+    // SAFETY: as above.
+    let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    (pages > 0 && page_size > 0).then(|| (pages as u64 * page_size as u64) >> 20)
+}
+
+fn validate(config: &MachineConfig) -> Result<(), MachineError> {
+    if config.cpus == 0 || config.cpus > MAX_VCPUS {
+        return Err(MachineError::InvalidConfig(format!(
+            "{} vCPUs requested; Hutch supports 1 to {MAX_VCPUS}",
+            config.cpus
+        )));
+    }
+    if config.memory_mib == 0 {
+        return Err(MachineError::InvalidConfig("guest memory must be at least 1 MiB".into()));
+    }
+    if let Some(host) = host_memory_mib() {
+        if config.memory_mib > host {
+            return Err(MachineError::InvalidConfig(format!(
+                "{} MiB of guest memory requested but this host has only {host} MiB",
+                config.memory_mib
+            )));
+        }
+    }
+    Ok(())
 }
 
 impl Machine {
     /// Builds the whole machine; nothing runs yet. Serial output (COM1) goes to `serial_out`.
     pub fn new(
-        _hypervisor: &dyn Hypervisor,
-        _config: &MachineConfig,
-        _serial_out: Box<dyn Write + Send>,
+        hypervisor: &dyn Hypervisor,
+        config: &MachineConfig,
+        serial_out: Box<dyn Write + Send>,
     ) -> Result<Machine, MachineError> {
-        Err(MachineError::Device("not yet".into()))
+        validate(config)?;
+        let memory = memory::create_guest_memory(config.memory_mib)?;
+        let vm = hypervisor
+            .create_vm(&VmSetup { vcpu_count: config.cpus, ioapic_addr: layout::IOAPIC_START })?;
+        memory::map_into_vm(&memory, vm.as_ref())?;
+        let irq: Arc<dyn InterruptSink> = vm.clone();
+
+        let rsdp = acpi::create_acpi_tables(&memory, config.cpus)?;
+        let entry = boot::load_kernel(
+            &memory,
+            &config.kernel,
+            config.initrd.as_deref(),
+            &config.cmdline,
+            config.memory_mib,
+            rsdp,
+        )?;
+        let boot_cpu = boot::setup_boot_cpu(&memory, &entry)?;
+
+        let lifecycle = Arc::new(Lifecycle::new());
+        let serial = Arc::new(Mutex::new(SerialDevice::new(
+            IrqEdge::new(irq.clone(), layout::SERIAL_COM1_IRQ),
+            serial_out,
+        )));
+        let on_poweroff = {
+            let lifecycle = lifecycle.clone();
+            Box::new(move || lifecycle.request_exit(Ok(ExitReason::PowerOff)))
+        };
+        let acpi_pm = Arc::new(Mutex::new(AcpiPm::new(irq.clone(), on_poweroff)));
+        let on_reset = {
+            let lifecycle = lifecycle.clone();
+            Box::new(move || lifecycle.request_exit(Ok(ExitReason::Reset)))
+        };
+        let i8042 = Arc::new(Mutex::new(I8042::new(on_reset)));
+
+        let mut pci = PciRoot::new();
+        for (index, disk) in config.disks.iter().enumerate() {
+            let backend = disk::RawFile::open(&disk.path, disk.readonly)
+                .map_err(|source| MachineError::Disk { path: disk.path.clone(), source })?;
+            let block = Block::new(Box::new(backend), disk.readonly, format!("hutch-disk{index}"))
+                .map_err(|e| MachineError::Device(format!("virtio-blk {}: {e}", disk.path.display())))?;
+            add_virtio(&mut pci, Box::new(block), &memory, &irq)?;
+        }
+        let rng = Rng::new().map_err(|e| MachineError::Device(format!("virtio-rng: {e}")))?;
+        add_virtio(&mut pci, Box::new(rng), &memory, &irq)?;
+        let pci = Arc::new(Mutex::new(pci));
+
+        let mut pio = Bus::new();
+        let mut mmio = Bus::new();
+        let bus_error = |e: crate::devices::bus::BusError| MachineError::Device(e.to_string());
+        pio.insert(serial.clone(), u64::from(layout::COM1_PORT), 8).map_err(bus_error)?;
+        pio.insert(i8042, u64::from(layout::I8042_DATA_PORT), 5).map_err(bus_error)?;
+        pio.insert(Arc::new(Mutex::new(Rtc::new())), u64::from(layout::RTC_PORT), 2)
+            .map_err(bus_error)?;
+        pio.insert(acpi_pm.clone(), u64::from(layout::ACPI_PM_PORT), u64::from(layout::ACPI_PM_LEN))
+            .map_err(bus_error)?;
+        pio.insert(
+            Arc::new(Mutex::new(PciConfigIo::new(pci.clone()))),
+            u64::from(layout::PCI_CONFIG_ADDRESS_PORT),
+            8,
+        )
+        .map_err(bus_error)?;
+        // Port 0x80 (POST codes) is Linux's I/O delay: swallow it quietly.
+        pio.insert(Arc::new(Mutex::new(Sink)), 0x80, 1).map_err(bus_error)?;
+        mmio.insert(
+            Arc::new(Mutex::new(PciConfigMmio::new(pci.clone()))),
+            layout::PCI_ECAM_START,
+            layout::PCI_ECAM_SIZE,
+        )
+        .map_err(bus_error)?;
+        mmio.insert(
+            Arc::new(Mutex::new(PciMmioWindow::new(pci))),
+            layout::PCI_MMIO_START,
+            layout::PCI_MMIO_SIZE,
+        )
+        .map_err(bus_error)?;
+
+        let handle = MachineHandle {
+            lifecycle,
+            serial,
+            acpi_pm,
+            vcpu_count: config.cpus,
+            memory_mib: config.memory_mib,
+        };
+        Ok(Machine { vm, _memory: memory, io: Arc::new(IoBuses { pio, mmio }), boot_cpu, handle })
     }
 
     pub fn handle(&self) -> MachineHandle {
@@ -139,6 +453,126 @@ impl Machine {
 
     /// Runs until the guest ends; returns how it ended.
     pub fn run(self) -> Result<ExitReason, MachineError> {
-        Err(MachineError::Device("not yet".into()))
+        let lifecycle = self.handle.lifecycle.clone();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let mut threads = Vec::new();
+        for id in 0..self.handle.vcpu_count {
+            let vm = self.vm.clone();
+            let io = self.io.clone();
+            let lifecycle = lifecycle.clone();
+            let ready = ready_tx.clone();
+            let boot = (id == 0).then_some(self.boot_cpu);
+            lock(&lifecycle.control).live_vcpus += 1;
+            let spawned = thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || vcpu_thread(id, vm, io, lifecycle, boot, ready));
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    lock(&self.handle.lifecycle.control).live_vcpus -= 1;
+                    self.handle.lifecycle.request_exit(Err(MachineError::Thread(e)));
+                    break;
+                }
+            }
+        }
+        drop(ready_tx);
+        // Every vCPU reports once, created or failed, before the machine counts as running.
+        for result in ready_rx.iter().take(threads.len()) {
+            if let Err(e) = result {
+                lifecycle.request_exit(Err(e));
+            }
+        }
+        {
+            let mut control = lock(&lifecycle.control);
+            if control.state == RunState::Starting {
+                control.state = RunState::Running;
+            }
+            while control.outcome.is_none() {
+                control = lifecycle.changed.wait(control).unwrap_or_else(|p| p.into_inner());
+            }
+        }
+        lifecycle.kick_all();
+        for t in threads {
+            if t.join().is_err() {
+                log::error!("a vCPU thread panicked");
+            }
+        }
+        let mut control = lock(&lifecycle.control);
+        control.state = RunState::Stopped;
+        control.outcome.take().unwrap_or(Ok(ExitReason::ForcedOff))
     }
+}
+
+fn add_virtio(
+    pci: &mut PciRoot,
+    device: Box<dyn crate::virtio::VirtioDevice>,
+    memory: &GuestMemory,
+    irq: &Arc<dyn InterruptSink>,
+) -> Result<(), MachineError> {
+    let transport = VirtioPciDevice::new(device, memory.clone(), irq.clone())
+        .map_err(|e| MachineError::Device(format!("virtio-pci: {e}")))?;
+    pci.add_device(Box::new(transport))
+        .map_err(|e| MachineError::Device(format!("PCI: {e}")))?;
+    Ok(())
+}
+
+/// Accepts and discards accesses.
+struct Sink;
+
+impl BusDevice for Sink {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+    fn write(&mut self, _offset: u64, _data: &[u8]) {}
+}
+
+fn vcpu_thread(
+    id: u32,
+    vm: Arc<dyn Vm>,
+    io: Arc<IoBuses>,
+    lifecycle: Arc<Lifecycle>,
+    boot: Option<(X86Regs, X86Sregs)>,
+    ready: mpsc::Sender<Result<(), MachineError>>,
+) {
+    let vcpu = prepare_vcpu(id, vm.as_ref(), boot);
+    let mut vcpu = match vcpu {
+        Ok(vcpu) => {
+            lock(&lifecycle.kickers).push(vcpu.kicker());
+            let _ = ready.send(Ok(()));
+            vcpu
+        }
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            lock(&lifecycle.control).live_vcpus -= 1;
+            return;
+        }
+    };
+    let mut handler: &IoBuses = &io;
+    while lifecycle.wait_runnable() {
+        match vcpu.run(&mut handler) {
+            Ok(VcpuExit::Io | VcpuExit::Interrupted) => {}
+            // Only seen without an in-kernel irqchip, where nothing could wake the vCPU.
+            Ok(VcpuExit::Halt) => thread::sleep(Duration::from_millis(1)),
+            Ok(VcpuExit::Reset) => lifecycle.request_exit(Ok(ExitReason::Reset)),
+            Ok(VcpuExit::Shutdown) => lifecycle.request_exit(Ok(ExitReason::PowerOff)),
+            Err(source) => lifecycle.request_exit(Err(MachineError::Vcpu { vcpu: id, source })),
+        }
+    }
+    let mut control = lock(&lifecycle.control);
+    control.live_vcpus -= 1;
+    lifecycle.changed.notify_all();
+}
+
+fn prepare_vcpu(
+    id: u32,
+    vm: &dyn Vm,
+    boot: Option<(X86Regs, X86Sregs)>,
+) -> Result<Box<dyn Vcpu>, MachineError> {
+    let wrap = |source| MachineError::Vcpu { vcpu: id, source };
+    let mut vcpu = vm.create_vcpu(id).map_err(wrap)?;
+    if let Some((regs, sregs)) = boot {
+        vcpu.set_sregs(&sregs).map_err(wrap)?;
+        vcpu.set_regs(&regs).map_err(wrap)?;
+    }
+    Ok(vcpu)
 }
