@@ -78,6 +78,7 @@ pub fn check_fits_host(config: &VmConfig) -> anyhow::Result<()> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // A failed unwrap is a failed test.
 mod tests {
     use super::*;
 

@@ -142,6 +142,7 @@ pub fn parse_disk(s: &str) -> Result<DiskEntry, String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // A failed unwrap is a failed test.
 mod tests {
     use super::*;
     use clap::CommandFactory;

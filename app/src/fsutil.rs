@@ -70,6 +70,7 @@ pub fn tail_lines(path: &Path, max_lines: usize) -> io::Result<Vec<String>> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // A failed unwrap is a failed test.
 mod tests {
     use super::*;
 

@@ -113,6 +113,7 @@ fn ensure_private_dir(path: &Path) -> Result<(), RuntimeError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // A failed unwrap is a failed test.
 mod tests {
     use super::*;
 

@@ -188,6 +188,7 @@ impl Drop for SerialSubscription {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // A failed unwrap is a failed test.
 mod tests {
     use super::*;
     use std::io::Read;

@@ -187,6 +187,7 @@ pub fn pump_input<R: Read>(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // A failed unwrap is a failed test.
 mod tests {
     use super::*;
 

@@ -13,11 +13,12 @@
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
-use vmm::machine::{ExitReason, Machine, MachineHandle};
+use vmm::machine::{ExitReason, Machine, MachineHandle, RunState};
 
 use crate::backend;
 use crate::control::protocol::StatusReply;
@@ -38,15 +39,72 @@ pub fn build_machine(
         .context("Cannot build the virtual machine")
 }
 
+/// What the VM process needs from a running machine's handle: [`MachineHandle`] in
+/// production, a fake in tests.
+pub trait MachineControl: Clone + Send + Sync + 'static {
+    fn state(&self) -> RunState;
+    fn pause(&self) -> anyhow::Result<()>;
+    fn resume(&self) -> anyhow::Result<()>;
+    fn shutdown(&self) -> anyhow::Result<()>;
+    fn poweroff(&self);
+    fn serial_input(&self, bytes: &[u8]);
+    fn vcpu_count(&self) -> u32;
+    fn memory_mib(&self) -> u64;
+}
+
+impl MachineControl for MachineHandle {
+    fn state(&self) -> RunState {
+        MachineHandle::state(self)
+    }
+    fn pause(&self) -> anyhow::Result<()> {
+        Ok(MachineHandle::pause(self)?)
+    }
+    fn resume(&self) -> anyhow::Result<()> {
+        Ok(MachineHandle::resume(self)?)
+    }
+    fn shutdown(&self) -> anyhow::Result<()> {
+        Ok(MachineHandle::shutdown(self)?)
+    }
+    fn poweroff(&self) {
+        MachineHandle::poweroff(self)
+    }
+    fn serial_input(&self, bytes: &[u8]) {
+        MachineHandle::serial_input(self, bytes)
+    }
+    fn vcpu_count(&self) -> u32 {
+        MachineHandle::vcpu_count(self)
+    }
+    fn memory_mib(&self) -> u64 {
+        MachineHandle::memory_mib(self)
+    }
+}
+
+/// A built machine the VM process can run: [`Machine`] in production.
+pub trait RunnableMachine {
+    type Handle: MachineControl;
+    fn handle(&self) -> Self::Handle;
+    fn run(self) -> anyhow::Result<ExitReason>;
+}
+
+impl RunnableMachine for Machine {
+    type Handle = MachineHandle;
+    fn handle(&self) -> MachineHandle {
+        Machine::handle(self)
+    }
+    fn run(self) -> anyhow::Result<ExitReason> {
+        Ok(Machine::run(self)?)
+    }
+}
+
 /// The machine as seen by the control server.
-struct MachineTarget {
+struct MachineTarget<H> {
     name: String,
-    handle: MachineHandle,
+    handle: H,
     hub: SerialHub,
     started: Instant,
 }
 
-impl ControlTarget for MachineTarget {
+impl<H: MachineControl> ControlTarget for MachineTarget<H> {
     fn status(&self) -> StatusReply {
         StatusReply {
             name: self.name.clone(),
@@ -82,9 +140,28 @@ impl ControlTarget for MachineTarget {
 pub fn main(library: &Library, name: &str) -> anyhow::Result<()> {
     let vm = library.existing(name)?;
     let signals = block_termination_signals();
-    let _lock = lock_with_retry(&vm)?;
+    let reason = lifecycle(&vm, &runtime::runtime_root(), signals, build_machine)?;
+    match reason {
+        ExitReason::PowerOff => log::info!("The guest powered off"),
+        ExitReason::Reset => {
+            log::warn!("The guest rebooted; rebooting is not supported yet, so the VM stopped")
+        }
+        ExitReason::ForcedOff => log::info!("The VM was powered off"),
+    }
+    Ok(())
+}
+
+/// Everything the VM process does between taking the lock and recording the exit; `build`
+/// makes the machine (the real one, or a fake in tests).
+fn lifecycle<M: RunnableMachine>(
+    vm: &VmDir,
+    runtime_root: &Path,
+    signals: Option<libc::sigset_t>,
+    build: impl FnOnce(&VmConfig, Box<dyn Write + Send>) -> anyhow::Result<M>,
+) -> anyhow::Result<ExitReason> {
+    let _lock = lock_with_retry(vm)?;
     vm.remove_last_exit()?;
-    let result = run_locked(&vm, signals);
+    let result = run_locked(vm, runtime_root, signals, build);
     let record = match &result {
         Ok(ExitReason::PowerOff) => ExitRecord::new(ExitKind::PowerOff, None),
         Ok(ExitReason::Reset) => ExitRecord::new(ExitKind::Reset, None),
@@ -93,14 +170,7 @@ pub fn main(library: &Library, name: &str) -> anyhow::Result<()> {
     };
     vm.write_last_exit(&record).context("Cannot record how the VM ended")?;
     vm.remove_pid_file();
-    match result? {
-        ExitReason::PowerOff => log::info!("The guest powered off"),
-        ExitReason::Reset => {
-            log::warn!("The guest rebooted; rebooting is not supported yet, so the VM stopped")
-        }
-        ExitReason::ForcedOff => log::info!("The VM was powered off"),
-    }
-    Ok(())
+    result
 }
 
 /// A concurrent `hutch status` holds the lock for an instant; only a lock that stays held
@@ -115,8 +185,13 @@ fn lock_with_retry(vm: &VmDir) -> anyhow::Result<VmLock> {
     Err(anyhow!("VM '{}' is already running (or being deleted)", vm.name()))
 }
 
-fn run_locked(vm: &VmDir, signals: Option<libc::sigset_t>) -> anyhow::Result<ExitReason> {
-    let socket = runtime::socket_path(vm.dir(), vm.name())?;
+fn run_locked<M: RunnableMachine>(
+    vm: &VmDir,
+    runtime_root: &Path,
+    signals: Option<libc::sigset_t>,
+    build: impl FnOnce(&VmConfig, Box<dyn Write + Send>) -> anyhow::Result<M>,
+) -> anyhow::Result<ExitReason> {
+    let socket = runtime::socket_path_in(runtime_root, vm.dir(), vm.name())?;
     runtime::prepare_socket_dir(&socket)?;
     vm.write_pid_file(&PidFile {
         pid: std::process::id(),
@@ -133,7 +208,7 @@ fn run_locked(vm: &VmDir, signals: Option<libc::sigset_t>) -> anyhow::Result<Exi
         .open(&serial_path)
         .with_context(|| format!("Cannot open {}", serial_path.display()))?;
     let hub = SerialHub::new(Some(serial_log));
-    let machine = build_machine(&config, Box::new(hub.writer()))?;
+    let machine = build(&config, Box::new(hub.writer()))?;
     let handle = machine.handle();
     let target = Arc::new(MachineTarget {
         name: vm.name().to_string(),
@@ -179,7 +254,7 @@ fn block_termination_signals() -> Option<libc::sigset_t> {
     }
 }
 
-fn spawn_signal_thread(set: libc::sigset_t, handle: MachineHandle) {
+fn spawn_signal_thread(set: libc::sigset_t, handle: impl MachineControl) {
     let spawned = std::thread::Builder::new().name("signals".into()).spawn(move || {
         let mut sig: libc::c_int = 0;
         // SAFETY: `set` is an initialized sigset and `sig` a valid out-parameter.
@@ -190,5 +265,199 @@ fn spawn_signal_thread(set: libc::sigset_t, handle: MachineHandle) {
     });
     if let Err(e) = spawned {
         log::warn!("Cannot start the signal thread: {e}");
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // A failed unwrap is a failed test.
+mod tests {
+    use super::*;
+    use crate::control::client::ControlClient;
+    use crate::library::{DiskState, Library, DEFAULT_CMDLINE};
+    use std::io::Read;
+    use std::path::PathBuf;
+    use std::sync::mpsc;
+    use std::sync::Mutex;
+
+    enum Cmd {
+        Shutdown,
+        Poweroff,
+        Input(Vec<u8>),
+    }
+
+    /// A machine that prints a banner, echoes serial input, and ends on shutdown/poweroff.
+    #[derive(Clone)]
+    struct FakeHandle {
+        tx: mpsc::Sender<Cmd>,
+        paused: Arc<Mutex<bool>>,
+    }
+
+    impl MachineControl for FakeHandle {
+        fn state(&self) -> RunState {
+            if *self.paused.lock().unwrap() {
+                RunState::Paused
+            } else {
+                RunState::Running
+            }
+        }
+        fn pause(&self) -> anyhow::Result<()> {
+            *self.paused.lock().unwrap() = true;
+            Ok(())
+        }
+        fn resume(&self) -> anyhow::Result<()> {
+            *self.paused.lock().unwrap() = false;
+            Ok(())
+        }
+        fn shutdown(&self) -> anyhow::Result<()> {
+            Ok(self.tx.send(Cmd::Shutdown)?)
+        }
+        fn poweroff(&self) {
+            let _ = self.tx.send(Cmd::Poweroff);
+        }
+        fn serial_input(&self, bytes: &[u8]) {
+            let _ = self.tx.send(Cmd::Input(bytes.to_vec()));
+        }
+        fn vcpu_count(&self) -> u32 {
+            2
+        }
+        fn memory_mib(&self) -> u64 {
+            128
+        }
+    }
+
+    struct FakeMachine {
+        handle: FakeHandle,
+        rx: mpsc::Receiver<Cmd>,
+        serial: Box<dyn Write + Send>,
+    }
+
+    impl RunnableMachine for FakeMachine {
+        type Handle = FakeHandle;
+        fn handle(&self) -> FakeHandle {
+            self.handle.clone()
+        }
+        fn run(mut self) -> anyhow::Result<ExitReason> {
+            self.serial.write_all(b"Booting fake\r\n")?;
+            loop {
+                match self.rx.recv()? {
+                    Cmd::Shutdown => return Ok(ExitReason::PowerOff),
+                    Cmd::Poweroff => return Ok(ExitReason::ForcedOff),
+                    Cmd::Input(bytes) => self.serial.write_all(&bytes)?,
+                }
+            }
+        }
+    }
+
+    fn fake_build(_: &VmConfig, serial: Box<dyn Write + Send>) -> anyhow::Result<FakeMachine> {
+        let (tx, rx) = mpsc::channel();
+        Ok(FakeMachine { handle: FakeHandle { tx, paused: Arc::default() }, rx, serial })
+    }
+
+    struct Setup {
+        _home: tempfile::TempDir,
+        runtime: tempfile::TempDir,
+        vm: VmDir,
+    }
+
+    fn setup() -> Setup {
+        let home = tempfile::tempdir().unwrap();
+        let runtime = tempfile::tempdir().unwrap();
+        let lib = Library::at(home.path().to_path_buf());
+        let config =
+            VmConfig::new(PathBuf::from("/k"), None, DEFAULT_CMDLINE.into(), Vec::new(), 2, 128);
+        let vm = lib.create("vm", &config).unwrap();
+        Setup { _home: home, runtime, vm }
+    }
+
+    /// Waits for the VM process to answer on the socket named in its pid file.
+    fn wait_for_socket(vm: &VmDir) -> PathBuf {
+        for _ in 0..500 {
+            if let Some(pid) = vm.read_pid_file() {
+                if ControlClient::connect(&pid.socket).and_then(|mut c| c.status()).is_ok() {
+                    return pid.socket;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("the VM process never answered");
+    }
+
+    #[test]
+    fn a_run_serves_control_and_console_then_records_a_clean_exit() {
+        let s = setup();
+        let (vm, root) = (s.vm.clone(), s.runtime.path().to_path_buf());
+        let run = std::thread::spawn(move || lifecycle(&vm, &root, None, fake_build));
+        let socket = wait_for_socket(&s.vm);
+        assert!(socket.starts_with(s.runtime.path()));
+        assert!(matches!(s.vm.disk_state().unwrap(), DiskState::Running { pid: Some(_) }));
+
+        let mut c = ControlClient::connect(&socket).unwrap();
+        let st = c.status().unwrap();
+        assert_eq!((st.name.as_str(), st.cpus, st.memory_mib), ("vm", 2, 128));
+        assert_eq!(st.pid, std::process::id());
+        c.pause().unwrap();
+        assert_eq!(c.status().unwrap().state, RunState::Paused);
+        c.resume().unwrap();
+
+        let mut console = ControlClient::connect(&socket).unwrap().into_console().unwrap();
+        console.writer.write_all(b"echo me").unwrap();
+        let mut echoed = [0u8; 7];
+        console.reader.read_exact(&mut echoed).unwrap();
+        assert_eq!(&echoed, b"echo me");
+
+        c.shutdown().unwrap();
+        assert_eq!(run.join().unwrap().unwrap(), ExitReason::PowerOff);
+        // The console was hung up when the VM ended.
+        let mut rest = Vec::new();
+        console.reader.read_to_end(&mut rest).unwrap();
+
+        let rec = s.vm.read_last_exit().unwrap();
+        assert_eq!((rec.reason, rec.clean), (ExitKind::PowerOff, true));
+        assert_eq!(s.vm.disk_state().unwrap(), DiskState::Stopped);
+        assert!(s.vm.read_pid_file().is_none());
+        assert!(!socket.exists() && !socket.parent().unwrap().exists());
+        let log = std::fs::read_to_string(s.vm.serial_log_path()).unwrap();
+        assert_eq!(log, "Booting fake\r\necho me");
+    }
+
+    #[test]
+    fn poweroff_is_recorded_as_forced_off() {
+        let s = setup();
+        let (vm, root) = (s.vm.clone(), s.runtime.path().to_path_buf());
+        let run = std::thread::spawn(move || lifecycle(&vm, &root, None, fake_build));
+        let socket = wait_for_socket(&s.vm);
+        ControlClient::connect(&socket).unwrap().poweroff().unwrap();
+        assert_eq!(run.join().unwrap().unwrap(), ExitReason::ForcedOff);
+        assert_eq!(s.vm.read_last_exit().unwrap().reason, ExitKind::ForcedOff);
+    }
+
+    #[test]
+    fn a_machine_that_cannot_be_built_is_recorded_as_crashed() {
+        let s = setup();
+        let err = lifecycle(&s.vm, s.runtime.path(), None, |_, _| -> anyhow::Result<FakeMachine> {
+            Err(anyhow!("no hypervisor")).context("Cannot build")
+        })
+        .unwrap_err();
+        assert_eq!(format!("{err:#}"), "Cannot build: no hypervisor");
+        assert_eq!(
+            s.vm.disk_state().unwrap(),
+            DiskState::Crashed { error: Some("Cannot build: no hypervisor".into()) }
+        );
+        assert!(s.vm.read_pid_file().is_none());
+    }
+
+    #[test]
+    fn a_second_vm_process_for_a_running_vm_is_refused_without_touching_its_records() {
+        let s = setup();
+        let (vm, root) = (s.vm.clone(), s.runtime.path().to_path_buf());
+        let run = std::thread::spawn(move || lifecycle(&vm, &root, None, fake_build));
+        let socket = wait_for_socket(&s.vm);
+        let pid_before = s.vm.read_pid_file();
+        let err = lifecycle(&s.vm, s.runtime.path(), None, fake_build).unwrap_err();
+        assert!(err.to_string().contains("already running"), "{err}");
+        assert_eq!(s.vm.read_pid_file(), pid_before);
+        assert!(s.vm.read_last_exit().is_none());
+        ControlClient::connect(&socket).unwrap().shutdown().unwrap();
+        run.join().unwrap().unwrap();
     }
 }

@@ -137,6 +137,7 @@ fn line_of<T: Serialize>(value: &T) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // A failed unwrap is a failed test.
 mod tests {
     use super::*;
 

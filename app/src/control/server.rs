@@ -240,6 +240,7 @@ fn run_console<T: ControlTarget + ?Sized>(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // A failed unwrap is a failed test.
 mod tests {
     use super::*;
     use crate::control::client::{ControlClient, ControlClientError};
