@@ -181,7 +181,9 @@ fn view(vm: &VmDir) -> anyhow::Result<VmView> {
                         v.memory_mib = st.memory_mib;
                     }
                 }
-                // Alive (it holds the lock) but not answering: still building, or hung.
+                // Alive (it holds the lock) but no socket yet: still building the machine.
+                Err(_) if !pidfile.socket.exists() => v.state = "starting".into(),
+                // A socket that does not answer: hung.
                 Err(e) => {
                     v.state = "unresponsive".into();
                     v.error = Some(format!("{:#}", anyhow::Error::from(e)));

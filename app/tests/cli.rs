@@ -284,3 +284,163 @@ fn help_documents_the_defaults() {
     }
     assert!(!stdout(&s.hutch(&["--help"])).contains("__vm-process"));
 }
+
+mod running {
+    //! A "running" VM faked inside the test process: it holds the VM lock, writes pid.json
+    //! and serves the real control server, so the binary's client side is exercised for real.
+    use super::*;
+    use hutch::control::protocol::StatusReply;
+    use hutch::control::server::{ControlServer, ControlTarget};
+    use hutch::library::{Library, PidFile, VmLock};
+    use hutch::serial_hub::{SerialHub, SerialSubscription};
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+    use vmm::machine::RunState;
+
+    struct FakeVm {
+        lock: Mutex<Option<VmLock>>,
+        hub: SerialHub,
+        obeys_power_button: bool,
+    }
+
+    impl FakeVm {
+        fn exit(&self) {
+            self.hub.close();
+            self.lock.lock().unwrap().take();
+        }
+    }
+
+    impl ControlTarget for FakeVm {
+        fn status(&self) -> StatusReply {
+            StatusReply {
+                name: "vm".into(),
+                state: RunState::Running,
+                pid: std::process::id(),
+                cpus: 1,
+                memory_mib: 512,
+                uptime_secs: 5,
+            }
+        }
+        fn pause(&self) -> anyhow::Result<()> {
+            Ok(())
+        }
+        fn resume(&self) -> anyhow::Result<()> {
+            Ok(())
+        }
+        fn shutdown(&self) -> anyhow::Result<()> {
+            if self.obeys_power_button {
+                self.exit();
+            }
+            Ok(())
+        }
+        fn poweroff(&self) -> anyhow::Result<()> {
+            self.exit();
+            Ok(())
+        }
+        fn console_output(&self) -> SerialSubscription {
+            self.hub.subscribe()
+        }
+        fn console_input(&self, bytes: &[u8]) {
+            // A guest that echoes what it is typed, loudly.
+            self.hub.publish(&bytes.to_ascii_uppercase());
+        }
+    }
+
+    fn start_fake(s: &Sandbox, obeys_power_button: bool) -> (Arc<FakeVm>, ControlServer) {
+        assert_ok(&s.create("vm"));
+        let vm = Library::at(s.home.path().to_path_buf()).existing("vm").unwrap();
+        let lock = vm.try_lock().unwrap().unwrap();
+        let fake = Arc::new(FakeVm {
+            lock: Mutex::new(Some(lock)),
+            hub: SerialHub::new(None),
+            obeys_power_button,
+        });
+        let socket = s.runtime.path().join("vm/control.sock");
+        std::fs::create_dir_all(socket.parent().unwrap()).unwrap();
+        let server = ControlServer::bind(&socket, fake.clone()).unwrap();
+        vm.write_pid_file(&PidFile { pid: std::process::id(), socket, started_at: 0 }).unwrap();
+        (fake, server)
+    }
+
+    #[test]
+    fn status_list_start_and_delete_see_a_running_vm() {
+        let s = Sandbox::new();
+        let (_fake, _server) = start_fake(&s, true);
+        let o = s.hutch(&["status", "vm", "--json"]);
+        assert_ok(&o);
+        let st: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+        assert_eq!(st["state"], "running");
+        assert_eq!(st["pid"], std::process::id());
+        assert_eq!(st["uptime_secs"], 5);
+        let row = stdout(&s.hutch(&["list"]));
+        assert!(row.lines().nth(1).unwrap().contains("running"), "{row}");
+        assert_error(&s.hutch(&["start", "vm"]), &["VM 'vm' is already running"]);
+        assert_error(&s.hutch(&["delete", "vm"]), &["VM 'vm' is running; stop it first"]);
+    }
+
+    #[test]
+    fn console_with_a_pipe_sends_input_and_shows_output_until_eof() {
+        let s = Sandbox::new();
+        let (_fake, _server) = start_fake(&s, true);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_hutch"))
+            .args(["console", "vm"])
+            .env("HUTCH_HOME", s.home.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(b"uname\n").unwrap();
+        let o = child.wait_with_output().unwrap();
+        assert_ok(&o);
+        assert_eq!(stdout(&o), "UNAME\n");
+    }
+
+    #[test]
+    fn console_ends_when_the_vm_stops() {
+        let s = Sandbox::new();
+        let (fake, _server) = start_fake(&s, true);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_hutch"))
+            .args(["console", "vm"])
+            .env("HUTCH_HOME", s.home.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"x").unwrap();
+        // The echo proves the console is attached; then the VM goes away.
+        let mut out = child.stdout.take().unwrap();
+        let mut echo = [0u8; 1];
+        std::io::Read::read_exact(&mut out, &mut echo).unwrap();
+        assert_eq!(&echo, b"X");
+        fake.hub.publish(b"reboot: Power down\r\n");
+        fake.exit();
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+        assert_eq!(rest, "reboot: Power down\r\n");
+        let o = child.wait_with_output().unwrap();
+        assert_ok(&o);
+        assert!(stderr(&o).contains("vm stopped"), "{}", stderr(&o));
+        drop(stdin);
+    }
+
+    #[test]
+    fn stop_presses_the_power_button_and_waits_for_the_exit() {
+        let s = Sandbox::new();
+        let (_fake, _server) = start_fake(&s, true);
+        let o = s.hutch(&["stop", "vm", "--timeout", "5"]);
+        assert_ok(&o);
+        assert_eq!(stdout(&o), "VM 'vm' stopped\n");
+    }
+
+    #[test]
+    fn stop_times_out_on_a_guest_that_ignores_the_button_and_force_works() {
+        let s = Sandbox::new();
+        let (_fake, _server) = start_fake(&s, false);
+        let o = s.hutch(&["stop", "vm", "--timeout", "1"]);
+        assert_error(&o, &["did not stop within 1 s", "--force"]);
+        assert_ok(&s.hutch(&["stop", "vm", "--force"]));
+    }
+}
