@@ -168,10 +168,7 @@ fn view(vm: &VmDir) -> anyhow::Result<VmView> {
                 .and_then(|mut c| c.status());
             match reply {
                 Ok(st) => {
-                    v.state = serde_json::to_value(st.state)
-                        .ok()
-                        .and_then(|s| s.as_str().map(str::to_string))
-                        .unwrap_or_else(|| "running".into());
+                    v.state = wire_name(&st.state);
                     v.uptime_secs = Some(st.uptime_secs);
                     // The machine's own numbers win once it reports them.
                     if st.cpus > 0 {
@@ -248,16 +245,21 @@ fn status(library: &Library, name: &str, json: bool) -> anyhow::Result<()> {
         println!("uptime:  {}", format_duration(up));
     }
     if let Some(rec) = &v.last_exit {
-        let reason = serde_json::to_value(rec.reason)
-            .ok()
-            .and_then(|s| s.as_str().map(str::to_string))
-            .unwrap_or_default();
+        let reason = wire_name(&rec.reason);
         println!("last exit: {reason}");
     }
     if let Some(err) = &v.error {
         println!("error:   {err}");
     }
     Ok(())
+}
+
+/// The name an enum has on the wire (`RunState::ShuttingDown` → "shutting_down").
+fn wire_name<T: Serialize>(value: &T) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => "unknown".into(),
+    }
 }
 
 fn format_duration(secs: u64) -> String {
@@ -322,10 +324,7 @@ fn start(library: &Library, name: &str) -> anyhow::Result<()> {
             let reply = ControlClient::connect_with_timeout(&pidfile.socket, QUERY_TIMEOUT)
                 .and_then(|mut c| c.status());
             if let Ok(st) = reply {
-                let state = serde_json::to_value(st.state)
-                    .ok()
-                    .and_then(|s| s.as_str().map(str::to_string))
-                    .unwrap_or_default();
+                let state = wire_name(&st.state);
                 println!("VM '{name}' started (pid {}): {state}", st.pid);
                 return Ok(());
             }
