@@ -1,0 +1,475 @@
+//! The control server inside the VM process: accepts on `control.sock`, one thread per
+//! client, and drives a [`ControlTarget`] (the machine, or a test double).
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use super::protocol::{Request, Response, StatusReply, MAX_LINE};
+use crate::serial_hub::{Received, SerialSubscription};
+
+/// What the control server controls. The VM process implements it for the machine.
+pub trait ControlTarget: Send + Sync + 'static {
+    fn status(&self) -> StatusReply;
+    fn pause(&self) -> anyhow::Result<()>;
+    fn resume(&self) -> anyhow::Result<()>;
+    /// ACPI power button.
+    fn shutdown(&self) -> anyhow::Result<()>;
+    /// Pull the plug.
+    fn poweroff(&self) -> anyhow::Result<()>;
+    /// Attaches a console to the serial output.
+    fn console_output(&self) -> SerialSubscription;
+    /// Bytes typed on the serial console.
+    fn console_input(&self, bytes: &[u8]);
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlServerError {
+    #[error("Cannot remove the stale socket {path}")]
+    Stale {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("Cannot listen on {path}")]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("Cannot start the control thread")]
+    Thread(#[source] io::Error),
+}
+
+/// A listening control socket. Stop it with [`ControlServer::stop`] (also on drop).
+pub struct ControlServer {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ControlServer {
+    /// Listens on `path`, replacing a stale socket there. The caller must own the VM (hold
+    /// its lock), so whatever socket is at `path` belongs to a dead process.
+    pub fn bind<T: ControlTarget>(
+        path: &Path,
+        target: Arc<T>,
+    ) -> Result<ControlServer, ControlServerError> {
+        if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+            std::fs::remove_file(path)
+                .map_err(|source| ControlServerError::Stale { path: path.into(), source })?;
+        }
+        let bind_err = |source| ControlServerError::Bind { path: path.into(), source };
+        let listener = UnixListener::bind(path).map_err(bind_err)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || accept_loop(listener, target, stop2))
+            .map_err(ControlServerError::Thread)?;
+        Ok(ControlServer { path: path.to_path_buf(), stop, thread: Some(thread) })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Stops accepting and removes the socket. Clients already connected keep their thread
+    /// until they hang up (consoles end when the serial hub closes).
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        let Some(thread) = self.thread.take() else { return };
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the blocking accept().
+        let _ = UnixStream::connect(&self.path);
+        let _ = thread.join();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn accept_loop<T: ControlTarget>(listener: UnixListener, target: Arc<T>, stop: Arc<AtomicBool>) {
+    for conn in listener.incoming() {
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        let stream = match conn {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("Control socket accept failed: {e}");
+                // Avoid spinning if the error persists (e.g. out of descriptors).
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        let target = target.clone();
+        let spawned = std::thread::Builder::new().name("control-client".into()).spawn(move || {
+            if let Err(e) = serve_client(stream, &*target) {
+                log::debug!("Control client ended: {e}");
+            }
+        });
+        if let Err(e) = spawned {
+            log::warn!("Cannot start a control client thread: {e}");
+        }
+    }
+}
+
+enum Line {
+    Text(Vec<u8>),
+    TooLong,
+}
+
+/// One request line (without the newline), bounded by [`MAX_LINE`]; `None` at end of stream.
+fn read_line<R: BufRead>(reader: &mut R) -> io::Result<Option<Line>> {
+    let mut buf = Vec::new();
+    let n = reader.by_ref().take(MAX_LINE as u64 + 1).read_until(b'\n', &mut buf)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if buf.last() == Some(&b'\n') {
+        buf.pop();
+    } else if buf.len() > MAX_LINE {
+        return Ok(Some(Line::TooLong));
+    }
+    Ok(Some(Line::Text(buf)))
+}
+
+fn reply(out: &mut UnixStream, response: &Response) -> io::Result<()> {
+    out.write_all(response.to_line().as_bytes())
+}
+
+fn result_reply(result: anyhow::Result<()>) -> Response {
+    match result {
+        Ok(()) => Response::done(),
+        Err(e) => Response::error(format!("{e:#}")),
+    }
+}
+
+fn serve_client<T: ControlTarget + ?Sized>(stream: UnixStream, target: &T) -> io::Result<()> {
+    let mut out = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    while let Some(line) = read_line(&mut reader)? {
+        let text = match line {
+            Line::TooLong => {
+                // The rest of the line cannot be told from the next request: hang up.
+                return reply(&mut out, &Response::error("Request line too long"));
+            }
+            Line::Text(bytes) => bytes,
+        };
+        let Ok(text) = std::str::from_utf8(&text) else {
+            reply(&mut out, &Response::error("Malformed request: not UTF-8"))?;
+            continue;
+        };
+        if text.trim().is_empty() {
+            continue;
+        }
+        let response = match Request::parse(text) {
+            Err(e) => Response::error(e.to_string()),
+            Ok(Request::Status) => Response::status(target.status()),
+            Ok(Request::Pause) => result_reply(target.pause()),
+            Ok(Request::Resume) => result_reply(target.resume()),
+            Ok(Request::Shutdown) => result_reply(target.shutdown()),
+            Ok(Request::Poweroff) => result_reply(target.poweroff()),
+            Ok(Request::Console) => {
+                // Subscribe before replying so no output after the reply is missed.
+                let output = target.console_output();
+                reply(&mut out, &Response::done())?;
+                return run_console(reader, out, output, target);
+            }
+        };
+        reply(&mut out, &response)?;
+    }
+    Ok(())
+}
+
+/// Raw console: a pump thread copies serial output to the client while this thread feeds
+/// the client's bytes (starting with any already buffered) to the guest.
+fn run_console<T: ControlTarget + ?Sized>(
+    mut input: BufReader<UnixStream>,
+    mut out: UnixStream,
+    output: SerialSubscription,
+    target: &T,
+) -> io::Result<()> {
+    let hung_up = Arc::new(AtomicBool::new(false));
+    let hung_up2 = hung_up.clone();
+    let pump = std::thread::Builder::new().name("console-out".into()).spawn(move || {
+        loop {
+            match output.recv_timeout(Duration::from_millis(200)) {
+                Received::Data(bytes) => {
+                    if out.write_all(&bytes).is_err() {
+                        break;
+                    }
+                }
+                Received::Timeout if hung_up2.load(Ordering::SeqCst) => break,
+                Received::Timeout => {}
+                // The VM is gone: hang up so the client sees end of stream.
+                Received::Closed => break,
+            }
+        }
+        let _ = out.shutdown(std::net::Shutdown::Both);
+    })?;
+    let mut buf = [0u8; 4096];
+    loop {
+        match input.read(&mut buf) {
+            // End of input is a half-close: keep sending output until the client hangs up.
+            Ok(0) => break,
+            Ok(n) => target.console_input(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => {
+                hung_up.store(true, Ordering::SeqCst);
+                break;
+            }
+        }
+    }
+    let _ = pump.join();
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // A failed unwrap is a failed test.
+mod tests {
+    use super::*;
+    use crate::control::client::{ControlClient, ControlClientError};
+    use crate::serial_hub::SerialHub;
+    use std::sync::Mutex;
+    use vmm::machine::RunState;
+
+    struct FakeTarget {
+        calls: Mutex<Vec<&'static str>>,
+        input: Mutex<Vec<u8>>,
+        hub: SerialHub,
+    }
+
+    impl FakeTarget {
+        fn new() -> Arc<FakeTarget> {
+            Arc::new(FakeTarget {
+                calls: Mutex::new(Vec::new()),
+                input: Mutex::new(Vec::new()),
+                hub: SerialHub::new(None),
+            })
+        }
+        fn calls(&self) -> Vec<&'static str> {
+            self.calls.lock().unwrap().clone()
+        }
+        fn record(&self, call: &'static str) {
+            self.calls.lock().unwrap().push(call);
+        }
+        /// Waits until the guest has been sent `want` (console input is asynchronous).
+        fn wait_for_input(&self, want: &[u8]) -> Vec<u8> {
+            for _ in 0..200 {
+                let got = self.input.lock().unwrap().clone();
+                if got.len() >= want.len() {
+                    return got;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            self.input.lock().unwrap().clone()
+        }
+    }
+
+    impl ControlTarget for FakeTarget {
+        fn status(&self) -> StatusReply {
+            self.record("status");
+            StatusReply {
+                name: "fake".into(),
+                state: RunState::Running,
+                pid: 42,
+                cpus: 3,
+                memory_mib: 256,
+                uptime_secs: 9,
+            }
+        }
+        fn pause(&self) -> anyhow::Result<()> {
+            self.record("pause");
+            Ok(())
+        }
+        fn resume(&self) -> anyhow::Result<()> {
+            self.record("resume");
+            Err(anyhow::anyhow!("cannot resume").context("Resume failed"))
+        }
+        fn shutdown(&self) -> anyhow::Result<()> {
+            self.record("shutdown");
+            Ok(())
+        }
+        fn poweroff(&self) -> anyhow::Result<()> {
+            self.record("poweroff");
+            Ok(())
+        }
+        fn console_output(&self) -> SerialSubscription {
+            self.hub.subscribe()
+        }
+        fn console_input(&self, bytes: &[u8]) {
+            self.input.lock().unwrap().extend_from_slice(bytes);
+        }
+    }
+
+    fn serve() -> (tempfile::TempDir, ControlServer, Arc<FakeTarget>) {
+        let dir = tempfile::tempdir().unwrap();
+        let target = FakeTarget::new();
+        let server = ControlServer::bind(&dir.path().join("control.sock"), target.clone()).unwrap();
+        (dir, server, target)
+    }
+
+    /// Sends raw text, returns the reply lines until the server answers `n` times.
+    fn raw_exchange(path: &Path, text: &[u8], n: usize) -> Vec<String> {
+        let mut s = UnixStream::connect(path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(text).unwrap();
+        let mut r = BufReader::new(s);
+        (0..n)
+            .map(|_| {
+                let mut l = String::new();
+                r.read_line(&mut l).unwrap();
+                l
+            })
+            .collect()
+    }
+
+    #[test]
+    fn status_reports_the_targets_status() {
+        let (_d, server, target) = serve();
+        let status = ControlClient::connect(server.path()).unwrap().status().unwrap();
+        assert_eq!((status.pid, status.cpus, status.memory_mib), (42, 3, 256));
+        assert_eq!(status.state, RunState::Running);
+        assert_eq!(target.calls(), vec!["status"]);
+    }
+
+    #[test]
+    fn lifecycle_commands_reach_the_target_on_one_connection() {
+        let (_d, server, target) = serve();
+        let mut c = ControlClient::connect(server.path()).unwrap();
+        c.pause().unwrap();
+        c.shutdown().unwrap();
+        c.poweroff().unwrap();
+        assert_eq!(target.calls(), vec!["pause", "shutdown", "poweroff"]);
+    }
+
+    #[test]
+    fn target_errors_become_error_replies_with_the_whole_chain() {
+        let (_d, server, _t) = serve();
+        let err = ControlClient::connect(server.path()).unwrap().resume().unwrap_err();
+        match err {
+            ControlClientError::Refused(msg) => assert_eq!(msg, "Resume failed: cannot resume"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn garbage_and_unknown_commands_get_error_replies_and_the_connection_survives() {
+        let (_d, server, target) = serve();
+        let lines = raw_exchange(
+            server.path(),
+            b"not json\n{\"cmd\":\"bogus\"}\n\xff\xfe\n\n{\"cmd\":\"pause\"}\n",
+            4,
+        );
+        for l in &lines[..3] {
+            assert!(l.starts_with("{\"ok\":false,\"error\":\"Malformed request"), "{l}");
+        }
+        assert!(lines[1].contains("bogus"), "{}", lines[1]);
+        assert_eq!(lines[3], "{\"ok\":true}\n");
+        assert_eq!(target.calls(), vec!["pause"]);
+    }
+
+    #[test]
+    fn an_overlong_line_is_refused_without_crashing_the_server() {
+        let (_d, server, _t) = serve();
+        let mut big = vec![b'x'; MAX_LINE + 10];
+        big.push(b'\n');
+        let lines = raw_exchange(server.path(), &big, 1);
+        assert!(lines[0].contains("too long"), "{}", lines[0]);
+        // Still serving others.
+        ControlClient::connect(server.path()).unwrap().status().unwrap();
+    }
+
+    #[test]
+    fn a_final_line_without_newline_is_still_answered() {
+        let (_d, server, _t) = serve();
+        let mut s = UnixStream::connect(server.path()).unwrap();
+        s.write_all(b"{\"cmd\":\"pause\"}").unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).unwrap();
+        assert_eq!(reply, "{\"ok\":true}\n");
+    }
+
+    #[test]
+    fn console_streams_output_and_feeds_input_including_bytes_sent_with_the_request() {
+        let (_d, server, target) = serve();
+        let mut s = UnixStream::connect(server.path()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"{\"cmd\":\"console\"}\nroot\n").unwrap();
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut l = String::new();
+        r.read_line(&mut l).unwrap();
+        assert_eq!(l, "{\"ok\":true}\n");
+        assert_eq!(target.wait_for_input(b"root\n"), b"root\n");
+        target.hub.publish(b"login: ");
+        let mut got = [0u8; 7];
+        r.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"login: ");
+        s.write_all(b"\x03").unwrap();
+        assert_eq!(target.wait_for_input(b"root\n\x03"), b"root\n\x03");
+    }
+
+    #[test]
+    fn console_ends_with_end_of_stream_when_the_vm_goes_away() {
+        let (_d, server, target) = serve();
+        let mut console = ControlClient::connect(server.path()).unwrap().into_console().unwrap();
+        target.hub.publish(b"Power down.\r\n");
+        target.hub.close();
+        let mut all = Vec::new();
+        console.reader.read_to_end(&mut all).unwrap();
+        assert_eq!(all, b"Power down.\r\n");
+    }
+
+    #[test]
+    fn half_closed_console_still_receives_output() {
+        let (_d, server, target) = serve();
+        let mut console = ControlClient::connect(server.path()).unwrap().into_console().unwrap();
+        console.writer.write_all(b"ls\n").unwrap();
+        console.writer.shutdown(std::net::Shutdown::Write).unwrap();
+        assert_eq!(target.wait_for_input(b"ls\n"), b"ls\n");
+        target.hub.publish(b"bin etc\r\n");
+        let mut got = [0u8; 9];
+        console.reader.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"bin etc\r\n");
+    }
+
+    #[test]
+    fn clients_are_served_concurrently() {
+        let (_d, server, _t) = serve();
+        // A console holds its connection; status on another one must still answer.
+        let _console = ControlClient::connect(server.path()).unwrap().into_console().unwrap();
+        let mut idle = UnixStream::connect(server.path()).unwrap();
+        idle.write_all(b"{\"cmd\":").unwrap();
+        ControlClient::connect(server.path()).unwrap().status().unwrap();
+    }
+
+    #[test]
+    fn stop_removes_the_socket_and_a_stale_socket_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        // A leftover socket from a dead process.
+        drop(UnixListener::bind(&path).unwrap());
+        assert!(path.exists());
+        let server = ControlServer::bind(&path, FakeTarget::new()).unwrap();
+        ControlClient::connect(&path).unwrap().status().unwrap();
+        server.stop();
+        assert!(!path.exists());
+        assert!(ControlClient::connect(&path).is_err());
+    }
+}

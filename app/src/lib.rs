@@ -1,0 +1,43 @@
+//! `hutch`: the command line, the VM library on disk, the detached VM process and its control
+//! socket. The GUI reuses [`control::client`] to talk to VM processes.
+//!
+//! ```text
+//!  main ─▶ cli (clap) ─▶ commands ─┬─ library (vm.toml, names, lock/pid/exit records)
+//!                                  ├─ start ─spawn─▶ vm_process ─┬─ backend ─▶ vmm::Machine
+//!                                  │                              ├─ serial_hub ─▶ serial.log
+//!                                  │                              └─ control::server
+//!                                  ├─ stop/status ─▶ control::client ─▶ runtime (socket path)
+//!                                  └─ console ─▶ console + terminal (raw mode)
+//! ```
+
+pub mod backend;
+pub mod cli;
+pub mod commands;
+pub mod console;
+pub mod control;
+pub mod fsutil;
+pub mod library;
+pub mod runtime;
+pub mod serial_hub;
+pub mod terminal;
+pub mod vm_process;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// The whole program: parse, run, print the error chain as `hutch: error: a: b: c`.
+pub fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    let default_level =
+        if matches!(cli.command, cli::Command::VmProcess { .. }) { "info" } else { "warn" };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level))
+        .init();
+    match commands::dispatch(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("hutch: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,637 @@
+//! The VM library on disk: `$HUTCH_HOME/vms/NAME/` with `vm.toml` (the configuration), and the
+//! per-run records next to it: `pid.json` (a running VM process), `last-exit.json` (how the
+//! last run ended), `vm.lock` (held by the VM process while it runs), `hutch.log` and
+//! `serial.log`.
+//!
+//! "Running" means "some process holds `vm.lock`": a lock dies with its process, so stale pid
+//! files and reused pids never make a stopped VM look alive.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use vmm::machine::{DiskConfig, MachineConfig};
+
+use crate::fsutil::write_atomic;
+
+pub const MAX_NAME_LEN: usize = 64;
+pub const MAX_CPUS: u32 = 255;
+/// 1 TiB: a hard ceiling whatever the host (the host's RAM is checked when the VM starts).
+pub const MAX_MEMORY_MIB: u64 = 1 << 20;
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
+const CONFIG_FORMAT: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LibraryError {
+    #[error("Invalid VM name '{0}': use 1 to 64 of A-Z a-z 0-9 . _ - and do not start with '.'")]
+    InvalidName(String),
+    #[error("Cannot find the VM library: set HUTCH_HOME, XDG_DATA_HOME or HOME")]
+    NoHome,
+    #[error("A VM named '{0}' already exists")]
+    Exists(String),
+    #[error("No VM named '{0}'")]
+    NotFound(String),
+    #[error("VM '{0}' is running; stop it first")]
+    Running(String),
+    #[error("Invalid value for {what}: {reason}")]
+    InvalidConfig { what: &'static str, reason: String },
+    #[error("Cannot use {what} {path}")]
+    File {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("Cannot read {path}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("Cannot access {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+type Result<T> = std::result::Result<T, LibraryError>;
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> LibraryError + '_ {
+    move |source| LibraryError::Io { path: path.to_path_buf(), source }
+}
+
+/// Checks a VM name: `[A-Za-z0-9._-]{1,64}`, not starting with '.' (hidden names are ours).
+pub fn validate_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && !name.starts_with('.')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(LibraryError::InvalidName(name.to_string()))
+    }
+}
+
+/// One disk as stored in `vm.toml`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskEntry {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub readonly: bool,
+}
+
+/// `vm.toml`: what a VM boots and with how much. Paths are absolute.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmConfig {
+    /// Version of this file's layout, for later migrations.
+    #[serde(default = "default_format")]
+    pub format: u32,
+    pub kernel: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<PathBuf>,
+    #[serde(default = "default_cmdline")]
+    pub cmdline: String,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    // Tables last: TOML needs plain values before arrays of tables.
+    #[serde(default, rename = "disk", skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskEntry>,
+}
+
+fn default_format() -> u32 {
+    CONFIG_FORMAT
+}
+
+fn default_cmdline() -> String {
+    DEFAULT_CMDLINE.to_string()
+}
+
+impl VmConfig {
+    pub fn new(
+        kernel: PathBuf,
+        initrd: Option<PathBuf>,
+        cmdline: String,
+        disks: Vec<DiskEntry>,
+        cpus: u32,
+        memory_mib: u64,
+    ) -> VmConfig {
+        VmConfig { format: CONFIG_FORMAT, kernel, initrd, cmdline, cpus, memory_mib, disks }
+    }
+
+    /// Checks the numbers and strings (not the files).
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what, reason: String| Err(LibraryError::InvalidConfig { what, reason });
+        if self.cpus == 0 || self.cpus > MAX_CPUS {
+            return bad("cpus", format!("{} (must be 1 to {MAX_CPUS})", self.cpus));
+        }
+        if self.memory_mib == 0 || self.memory_mib > MAX_MEMORY_MIB {
+            return bad(
+                "memory",
+                format!("{} MiB (must be 1 to {MAX_MEMORY_MIB} MiB)", self.memory_mib),
+            );
+        }
+        if self.cmdline.contains('\0') {
+            return bad("cmdline", "contains a NUL byte".to_string());
+        }
+        if self.format != CONFIG_FORMAT {
+            return bad("format", format!("{} (this hutch reads {CONFIG_FORMAT})", self.format));
+        }
+        Ok(())
+    }
+
+    /// Checks that every file exists and can be opened as the VM will open it.
+    pub fn check_files(&self) -> Result<()> {
+        check_file("kernel", &self.kernel, false)?;
+        if let Some(initrd) = &self.initrd {
+            check_file("initrd", initrd, false)?;
+        }
+        for disk in &self.disks {
+            check_file("disk", &disk.path, !disk.readonly)?;
+        }
+        Ok(())
+    }
+
+    /// Makes every path absolute against the current directory (symlinks are kept as links).
+    pub fn make_paths_absolute(&mut self) -> Result<()> {
+        let abs = |p: &Path| {
+            std::path::absolute(p).map_err(|source| LibraryError::File {
+                what: "path",
+                path: p.to_path_buf(),
+                source,
+            })
+        };
+        self.kernel = abs(&self.kernel)?;
+        if let Some(initrd) = &self.initrd {
+            self.initrd = Some(abs(initrd)?);
+        }
+        for disk in &mut self.disks {
+            disk.path = abs(&disk.path)?;
+        }
+        Ok(())
+    }
+
+    pub fn to_machine_config(&self) -> MachineConfig {
+        MachineConfig {
+            kernel: self.kernel.clone(),
+            initrd: self.initrd.clone(),
+            cmdline: self.cmdline.clone(),
+            disks: self
+                .disks
+                .iter()
+                .map(|d| DiskConfig { path: d.path.clone(), readonly: d.readonly })
+                .collect(),
+            cpus: self.cpus,
+            memory_mib: self.memory_mib,
+        }
+    }
+
+    pub fn to_toml(&self) -> String {
+        // Serializing plain strings, numbers and paths cannot fail except for non-UTF-8
+        // paths, which `from_toml` could not read back anyway; fall back to lossy paths.
+        toml::to_string(self).unwrap_or_else(|_| {
+            let lossy = |p: &Path| PathBuf::from(p.to_string_lossy().into_owned());
+            let mut copy = self.clone();
+            copy.kernel = lossy(&copy.kernel);
+            copy.initrd = copy.initrd.as_deref().map(lossy);
+            for d in &mut copy.disks {
+                d.path = lossy(&d.path);
+            }
+            toml::to_string(&copy).unwrap_or_default()
+        })
+    }
+
+    pub fn from_toml(text: &str) -> std::result::Result<VmConfig, toml::de::Error> {
+        toml::from_str(text)
+    }
+}
+
+fn check_file(what: &'static str, path: &Path, write: bool) -> Result<()> {
+    let err = |source| LibraryError::File { what, path: path.to_path_buf(), source };
+    let meta = fs::metadata(path).map_err(err)?;
+    if meta.is_dir() {
+        return Err(err(io::Error::new(io::ErrorKind::InvalidInput, "is a directory")));
+    }
+    OpenOptions::new().read(true).write(write).open(path).map_err(err)?;
+    Ok(())
+}
+
+/// Where the library lives: `$HUTCH_HOME`, else `$XDG_DATA_HOME/hutch`, else
+/// `~/.local/share/hutch`.
+#[derive(Debug, Clone)]
+pub struct Library {
+    root: PathBuf,
+}
+
+impl Library {
+    pub fn from_env() -> Result<Library> {
+        let var = |k| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+        let root = if let Some(home) = var("HUTCH_HOME") {
+            home
+        } else if let Some(data) = var("XDG_DATA_HOME").filter(|p| p.is_absolute()) {
+            data.join("hutch")
+        } else if let Some(home) = var("HOME") {
+            home.join(".local/share/hutch")
+        } else {
+            return Err(LibraryError::NoHome);
+        };
+        let root = std::path::absolute(&root).map_err(io_err(&root))?;
+        Ok(Library { root })
+    }
+
+    pub fn at(root: PathBuf) -> Library {
+        Library { root }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn vms_dir(&self) -> PathBuf {
+        self.root.join("vms")
+    }
+
+    /// The directory of VM `name` (which need not exist).
+    pub fn vm(&self, name: &str) -> Result<VmDir> {
+        validate_name(name)?;
+        Ok(VmDir { name: name.to_string(), dir: self.vms_dir().join(name) })
+    }
+
+    /// The directory of an existing VM.
+    pub fn existing(&self, name: &str) -> Result<VmDir> {
+        let vm = self.vm(name)?;
+        if !vm.config_path().is_file() {
+            return Err(LibraryError::NotFound(name.to_string()));
+        }
+        Ok(vm)
+    }
+
+    /// Names of all VMs, sorted. Half-created or foreign entries are skipped.
+    pub fn names(&self) -> Result<Vec<String>> {
+        let dir = self.vms_dir();
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_err(&dir)(e)),
+        };
+        let mut names = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(io_err(&dir))?;
+            let Ok(name) = entry.file_name().into_string() else { continue };
+            if validate_name(&name).is_ok() && entry.path().join("vm.toml").is_file() {
+                names.push(name);
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    /// Creates VM `name` with `config` (already validated and absolute).
+    pub fn create(&self, name: &str, config: &VmConfig) -> Result<VmDir> {
+        let vm = self.vm(name)?;
+        let vms = self.vms_dir();
+        fs::create_dir_all(&vms).map_err(io_err(&vms))?;
+        // create_dir is the atomic claim on the name.
+        match fs::create_dir(&vm.dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                return Err(LibraryError::Exists(name.to_string()))
+            }
+            Err(e) => return Err(io_err(&vm.dir)(e)),
+        }
+        if let Err(e) = vm.write_config(config) {
+            let _ = fs::remove_dir_all(&vm.dir);
+            return Err(e);
+        }
+        Ok(vm)
+    }
+
+    /// Deletes a stopped VM's directory.
+    pub fn delete(&self, name: &str) -> Result<()> {
+        let vm = self.existing(name)?;
+        let _lock = vm.try_lock()?.ok_or_else(|| LibraryError::Running(name.to_string()))?;
+        // Rename first so the VM disappears at once even if removing its files is slow or
+        // fails halfway; hidden names can never be VM names.
+        let trash = self.vms_dir().join(format!(".deleting-{name}-{}", std::process::id()));
+        fs::rename(&vm.dir, &trash).map_err(io_err(&vm.dir))?;
+        fs::remove_dir_all(&trash).map_err(io_err(&trash))
+    }
+}
+
+/// Written by the VM process when it has started: who it is and where its socket is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PidFile {
+    pub pid: u32,
+    pub socket: PathBuf,
+    /// Unix time, seconds.
+    pub started_at: u64,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExitKind {
+    PowerOff,
+    Reset,
+    ForcedOff,
+    Failed,
+}
+
+/// `last-exit.json`: written by the VM process as its last act.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitRecord {
+    pub reason: ExitKind,
+    pub clean: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Unix time, seconds.
+    pub at: u64,
+}
+
+impl ExitRecord {
+    pub fn new(reason: ExitKind, error: Option<String>) -> ExitRecord {
+        ExitRecord { clean: reason != ExitKind::Failed, reason, error, at: unix_now() }
+    }
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_secs()
+}
+
+/// What the files on disk say about a VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiskState {
+    /// A process holds the VM lock; `pid` is absent while it is still starting.
+    Running {
+        pid: Option<PidFile>,
+    },
+    Stopped,
+    /// The last run did not end cleanly; `error` says why if it got to say.
+    Crashed {
+        error: Option<String>,
+    },
+}
+
+/// Held while a VM process runs (or while the VM is being deleted).
+#[derive(Debug)]
+pub struct VmLock {
+    _file: File,
+}
+
+#[derive(Debug, Clone)]
+pub struct VmDir {
+    name: String,
+    dir: PathBuf,
+}
+
+impl VmDir {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("vm.toml")
+    }
+    pub fn pid_path(&self) -> PathBuf {
+        self.dir.join("pid.json")
+    }
+    pub fn last_exit_path(&self) -> PathBuf {
+        self.dir.join("last-exit.json")
+    }
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("hutch.log")
+    }
+    pub fn serial_log_path(&self) -> PathBuf {
+        self.dir.join("serial.log")
+    }
+    fn lock_path(&self) -> PathBuf {
+        self.dir.join("vm.lock")
+    }
+
+    pub fn load_config(&self) -> Result<VmConfig> {
+        let path = self.config_path();
+        let text = fs::read_to_string(&path).map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                LibraryError::NotFound(self.name.clone())
+            } else {
+                io_err(&path)(e)
+            }
+        })?;
+        let config =
+            VmConfig::from_toml(&text).map_err(|source| LibraryError::Parse { path, source })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn write_config(&self, config: &VmConfig) -> Result<()> {
+        let path = self.config_path();
+        write_atomic(&path, config.to_toml().as_bytes()).map_err(io_err(&path))
+    }
+
+    /// Takes the VM lock if nobody holds it; `None` if a VM process (or a delete) holds it.
+    pub fn try_lock(&self) -> Result<Option<VmLock>> {
+        let path = self.lock_path();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        // SAFETY: flock on a descriptor we own; no memory is involved.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc == 0 {
+            return Ok(Some(VmLock { _file: file }));
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() == io::ErrorKind::WouldBlock {
+            Ok(None)
+        } else {
+            Err(io_err(&path)(err))
+        }
+    }
+
+    /// True while a process holds the VM lock.
+    pub fn is_locked(&self) -> Result<bool> {
+        if !self.lock_path().exists() {
+            return Ok(false);
+        }
+        Ok(self.try_lock()?.is_none())
+    }
+
+    pub fn read_pid_file(&self) -> Option<PidFile> {
+        read_json(&self.pid_path())
+    }
+
+    pub fn write_pid_file(&self, pid: &PidFile) -> Result<()> {
+        write_json(&self.pid_path(), pid)
+    }
+
+    pub fn remove_pid_file(&self) {
+        let _ = fs::remove_file(self.pid_path());
+    }
+
+    pub fn read_last_exit(&self) -> Option<ExitRecord> {
+        read_json(&self.last_exit_path())
+    }
+
+    pub fn write_last_exit(&self, record: &ExitRecord) -> Result<()> {
+        write_json(&self.last_exit_path(), record)
+    }
+
+    pub fn remove_last_exit(&self) -> Result<()> {
+        let path = self.last_exit_path();
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(&path)(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Running if the lock is held; otherwise stopped or crashed from the exit record.
+    pub fn disk_state(&self) -> Result<DiskState> {
+        if self.is_locked()? {
+            return Ok(DiskState::Running { pid: self.read_pid_file() });
+        }
+        Ok(match self.read_last_exit() {
+            Some(rec) if rec.clean => DiskState::Stopped,
+            Some(rec) => DiskState::Crashed { error: rec.error },
+            // A pid file with nobody holding the lock: the process died without a word.
+            None if self.pid_path().exists() => DiskState::Crashed { error: None },
+            None => DiskState::Stopped,
+        })
+    }
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Option<T> {
+    let bytes = fs::read(path).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    let mut bytes = serde_json::to_vec_pretty(value)
+        .map_err(|e| io_err(path)(io::Error::new(io::ErrorKind::InvalidData, e)))?;
+    bytes.push(b'\n');
+    write_atomic(path, &bytes).map_err(io_err(path))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // A failed unwrap is a failed test.
+mod tests {
+    use super::*;
+
+    fn config(kernel: &Path) -> VmConfig {
+        VmConfig::new(
+            kernel.to_path_buf(),
+            Some(PathBuf::from("/boot/initrd.img")),
+            DEFAULT_CMDLINE.to_string(),
+            vec![
+                DiskEntry { path: PathBuf::from("/vm/root.img"), readonly: false },
+                DiskEntry { path: PathBuf::from("/vm/iso.img"), readonly: true },
+            ],
+            2,
+            1024,
+        )
+    }
+
+    #[test]
+    fn valid_names_are_accepted() {
+        for name in ["a", "debian-12", "web_01.test", "A.b-C_9", &"x".repeat(64)] {
+            assert!(validate_name(name).is_ok(), "{name}");
+        }
+    }
+
+    #[test]
+    fn invalid_names_are_rejected() {
+        let long = "x".repeat(65);
+        for name in ["", ".hidden", "..", "a/b", "a b", "ü", "a\0", "-ok-but-\n", &long] {
+            assert!(matches!(validate_name(name), Err(LibraryError::InvalidName(_))), "{name:?}");
+        }
+    }
+
+    #[test]
+    fn vm_toml_round_trips() {
+        let c = config(Path::new("/boot/vmlinuz"));
+        let text = c.to_toml();
+        assert!(text.contains("[[disk]]"), "{text}");
+        assert_eq!(VmConfig::from_toml(&text).unwrap(), c);
+    }
+
+    #[test]
+    fn minimal_vm_toml_gets_defaults() {
+        let c = VmConfig::from_toml("kernel = \"/k\"\ncpus = 1\nmemory_mib = 64\n").unwrap();
+        assert_eq!(c.cmdline, DEFAULT_CMDLINE);
+        assert_eq!(c.format, 1);
+        assert!(c.disks.is_empty() && c.initrd.is_none());
+    }
+
+    #[test]
+    fn out_of_range_numbers_are_rejected() {
+        let mut c = config(Path::new("/k"));
+        for (cpus, mem) in [(0, 512), (256, 512), (1, 0), (1, MAX_MEMORY_MIB + 1)] {
+            c.cpus = cpus;
+            c.memory_mib = mem;
+            assert!(c.validate().is_err(), "{cpus} {mem}");
+        }
+        c.cpus = 255;
+        c.memory_mib = 512;
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn missing_kernel_is_reported_with_its_path() {
+        let err = config(Path::new("/nonexistent/vmlinuz")).check_files().unwrap_err();
+        assert!(matches!(&err, LibraryError::File { what: "kernel", path, .. }
+            if path == Path::new("/nonexistent/vmlinuz")));
+    }
+
+    #[test]
+    fn create_refuses_an_existing_name_and_delete_removes_the_vm() {
+        let home = tempfile::tempdir().unwrap();
+        let lib = Library::at(home.path().to_path_buf());
+        let c = config(Path::new("/k"));
+        lib.create("vm1", &c).unwrap();
+        assert!(matches!(lib.create("vm1", &c), Err(LibraryError::Exists(_))));
+        assert_eq!(lib.names().unwrap(), vec!["vm1"]);
+        assert_eq!(lib.existing("vm1").unwrap().load_config().unwrap(), c);
+        lib.delete("vm1").unwrap();
+        assert!(lib.names().unwrap().is_empty());
+        assert!(matches!(lib.delete("vm1"), Err(LibraryError::NotFound(_))));
+        // Nothing left behind, not even the trash directory.
+        assert_eq!(fs::read_dir(home.path().join("vms")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_held_lock_means_running_and_blocks_delete() {
+        let home = tempfile::tempdir().unwrap();
+        let lib = Library::at(home.path().to_path_buf());
+        let vm = lib.create("vm1", &config(Path::new("/k"))).unwrap();
+        assert_eq!(vm.disk_state().unwrap(), DiskState::Stopped);
+        let lock = vm.try_lock().unwrap().unwrap();
+        assert!(matches!(vm.disk_state().unwrap(), DiskState::Running { pid: None }));
+        assert!(matches!(lib.delete("vm1"), Err(LibraryError::Running(_))));
+        drop(lock);
+        assert_eq!(vm.disk_state().unwrap(), DiskState::Stopped);
+    }
+
+    #[test]
+    fn stale_pid_file_without_exit_record_means_crashed() {
+        let home = tempfile::tempdir().unwrap();
+        let lib = Library::at(home.path().to_path_buf());
+        let vm = lib.create("vm1", &config(Path::new("/k"))).unwrap();
+        vm.write_pid_file(&PidFile { pid: 1, socket: PathBuf::from("/x"), started_at: 0 }).unwrap();
+        assert_eq!(vm.disk_state().unwrap(), DiskState::Crashed { error: None });
+        vm.write_last_exit(&ExitRecord::new(ExitKind::PowerOff, None)).unwrap();
+        assert_eq!(vm.disk_state().unwrap(), DiskState::Stopped);
+        vm.write_last_exit(&ExitRecord::new(ExitKind::Failed, Some("boom".into()))).unwrap();
+        assert_eq!(vm.disk_state().unwrap(), DiskState::Crashed { error: Some("boom".into()) });
+    }
+}

@@ -1,0 +1,463 @@
+//! The detached VM process (`hutch __vm-process NAME`, started by `hutch start`): owns the
+//! VM lock, builds and runs the machine, fans serial output to `serial.log` and consoles,
+//! serves the control socket, and records how the run ended in `last-exit.json`.
+//!
+//! ```text
+//!   hutch start ──spawn (setsid)──▶ __vm-process ──┬─ vm.lock (held until exit)
+//!                                                  ├─ pid.json, control.sock
+//!                                                  ├─ Machine::run (main thread)
+//!                                                  ├─ SerialHub ─▶ serial.log + consoles
+//!                                                  └─ last-exit.json (last act)
+//! ```
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context};
+use vmm::machine::{ExitReason, Machine, MachineHandle, RunState};
+
+use crate::backend;
+use crate::control::protocol::StatusReply;
+use crate::control::server::{ControlServer, ControlTarget};
+use crate::library::{ExitKind, ExitRecord, Library, PidFile, VmConfig, VmDir, VmLock};
+use crate::runtime;
+use crate::serial_hub::{SerialHub, SerialSubscription};
+
+/// Checks the files and the host, opens the hypervisor and builds the machine.
+pub fn build_machine(
+    config: &VmConfig,
+    serial_out: Box<dyn Write + Send>,
+) -> anyhow::Result<Machine> {
+    config.check_files()?;
+    backend::check_fits_host(config)?;
+    let hypervisor = backend::open_hypervisor(None)?;
+    Machine::new(&*hypervisor, &config.to_machine_config(), serial_out)
+        .context("Cannot build the virtual machine")
+}
+
+/// What the VM process needs from a running machine's handle: [`MachineHandle`] in
+/// production, a fake in tests.
+pub trait MachineControl: Clone + Send + Sync + 'static {
+    fn state(&self) -> RunState;
+    fn pause(&self) -> anyhow::Result<()>;
+    fn resume(&self) -> anyhow::Result<()>;
+    fn shutdown(&self) -> anyhow::Result<()>;
+    fn poweroff(&self);
+    fn serial_input(&self, bytes: &[u8]);
+    fn vcpu_count(&self) -> u32;
+    fn memory_mib(&self) -> u64;
+}
+
+impl MachineControl for MachineHandle {
+    fn state(&self) -> RunState {
+        MachineHandle::state(self)
+    }
+    fn pause(&self) -> anyhow::Result<()> {
+        Ok(MachineHandle::pause(self)?)
+    }
+    fn resume(&self) -> anyhow::Result<()> {
+        Ok(MachineHandle::resume(self)?)
+    }
+    fn shutdown(&self) -> anyhow::Result<()> {
+        Ok(MachineHandle::shutdown(self)?)
+    }
+    fn poweroff(&self) {
+        MachineHandle::poweroff(self)
+    }
+    fn serial_input(&self, bytes: &[u8]) {
+        MachineHandle::serial_input(self, bytes)
+    }
+    fn vcpu_count(&self) -> u32 {
+        MachineHandle::vcpu_count(self)
+    }
+    fn memory_mib(&self) -> u64 {
+        MachineHandle::memory_mib(self)
+    }
+}
+
+/// A built machine the VM process can run: [`Machine`] in production.
+pub trait RunnableMachine {
+    type Handle: MachineControl;
+    fn handle(&self) -> Self::Handle;
+    fn run(self) -> anyhow::Result<ExitReason>;
+}
+
+impl RunnableMachine for Machine {
+    type Handle = MachineHandle;
+    fn handle(&self) -> MachineHandle {
+        Machine::handle(self)
+    }
+    fn run(self) -> anyhow::Result<ExitReason> {
+        Ok(Machine::run(self)?)
+    }
+}
+
+/// The machine as seen by the control server.
+struct MachineTarget<H> {
+    name: String,
+    handle: H,
+    hub: SerialHub,
+    started: Instant,
+}
+
+impl<H: MachineControl> ControlTarget for MachineTarget<H> {
+    fn status(&self) -> StatusReply {
+        StatusReply {
+            name: self.name.clone(),
+            state: self.handle.state(),
+            pid: std::process::id(),
+            cpus: self.handle.vcpu_count(),
+            memory_mib: self.handle.memory_mib(),
+            uptime_secs: self.started.elapsed().as_secs(),
+        }
+    }
+    fn pause(&self) -> anyhow::Result<()> {
+        self.handle.pause().context("Cannot pause")
+    }
+    fn resume(&self) -> anyhow::Result<()> {
+        self.handle.resume().context("Cannot resume")
+    }
+    fn shutdown(&self) -> anyhow::Result<()> {
+        self.handle.shutdown().context("Cannot press the power button")
+    }
+    fn poweroff(&self) -> anyhow::Result<()> {
+        self.handle.poweroff();
+        Ok(())
+    }
+    fn console_output(&self) -> SerialSubscription {
+        self.hub.subscribe()
+    }
+    fn console_input(&self, bytes: &[u8]) {
+        self.handle.serial_input(bytes);
+    }
+}
+
+/// Entry point of `hutch __vm-process NAME`. Returns when the VM has ended.
+pub fn main(library: &Library, name: &str) -> anyhow::Result<()> {
+    let vm = library.existing(name)?;
+    let signals = block_termination_signals();
+    let reason = lifecycle(&vm, &runtime::runtime_root(), signals, build_machine)?;
+    match reason {
+        ExitReason::PowerOff => log::info!("The guest powered off"),
+        ExitReason::Reset => {
+            log::warn!("The guest rebooted; rebooting is not supported yet, so the VM stopped")
+        }
+        ExitReason::ForcedOff => log::info!("The VM was powered off"),
+    }
+    Ok(())
+}
+
+/// Everything the VM process does between taking the lock and recording the exit; `build`
+/// makes the machine (the real one, or a fake in tests).
+fn lifecycle<M: RunnableMachine>(
+    vm: &VmDir,
+    runtime_root: &Path,
+    signals: Option<libc::sigset_t>,
+    build: impl FnOnce(&VmConfig, Box<dyn Write + Send>) -> anyhow::Result<M>,
+) -> anyhow::Result<ExitReason> {
+    let _lock = lock_with_retry(vm)?;
+    vm.remove_last_exit()?;
+    let result = run_locked(vm, runtime_root, signals, build);
+    let record = match &result {
+        Ok(ExitReason::PowerOff) => ExitRecord::new(ExitKind::PowerOff, None),
+        Ok(ExitReason::Reset) => ExitRecord::new(ExitKind::Reset, None),
+        Ok(ExitReason::ForcedOff) => ExitRecord::new(ExitKind::ForcedOff, None),
+        Err(e) => ExitRecord::new(ExitKind::Failed, Some(format!("{e:#}"))),
+    };
+    vm.write_last_exit(&record).context("Cannot record how the VM ended")?;
+    vm.remove_pid_file();
+    result
+}
+
+/// A concurrent `hutch status` holds the lock for an instant; only a lock that stays held
+/// means another VM process (or a delete).
+fn lock_with_retry(vm: &VmDir) -> anyhow::Result<VmLock> {
+    for _ in 0..20 {
+        if let Some(lock) = vm.try_lock()? {
+            return Ok(lock);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Err(anyhow!("VM '{}' is already running (or being deleted)", vm.name()))
+}
+
+fn run_locked<M: RunnableMachine>(
+    vm: &VmDir,
+    runtime_root: &Path,
+    signals: Option<libc::sigset_t>,
+    build: impl FnOnce(&VmConfig, Box<dyn Write + Send>) -> anyhow::Result<M>,
+) -> anyhow::Result<ExitReason> {
+    let socket = runtime::socket_path_in(runtime_root, vm.dir(), vm.name())?;
+    runtime::prepare_socket_dir(&socket)?;
+    vm.write_pid_file(&PidFile {
+        pid: std::process::id(),
+        socket: socket.clone(),
+        started_at: crate::library::unix_now(),
+    })?;
+    let config = vm.load_config()?;
+
+    let serial_path = vm.serial_log_path();
+    let serial_log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(&serial_path)
+        .with_context(|| format!("Cannot open {}", serial_path.display()))?;
+    let hub = SerialHub::new(Some(serial_log));
+    let machine = build(&config, Box::new(hub.writer()))?;
+    let handle = machine.handle();
+    let target = Arc::new(MachineTarget {
+        name: vm.name().to_string(),
+        handle: handle.clone(),
+        hub: hub.clone(),
+        started: Instant::now(),
+    });
+    let server = ControlServer::bind(&socket, target)?;
+    if let Some(set) = signals {
+        spawn_signal_thread(set, handle);
+    }
+    log::info!(
+        "VM '{}' running (pid {}), control socket {}",
+        vm.name(),
+        std::process::id(),
+        socket.display()
+    );
+
+    let result = machine.run().context("The virtual machine failed");
+    hub.close();
+    server.stop();
+    runtime::remove_socket(&socket);
+    result
+}
+
+const TERMINATION_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+
+/// Blocks SIGTERM/SIGINT/SIGHUP in this thread (and so in every thread started later) so
+/// one thread can take them with sigwait and power the VM off cleanly.
+fn block_termination_signals() -> Option<libc::sigset_t> {
+    // SAFETY: sigemptyset/sigaddset initialize and edit the set we own; pthread_sigmask
+    // only changes this thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in TERMINATION_SIGNALS {
+            libc::sigaddset(&mut set, sig);
+        }
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            return None;
+        }
+        Some(set)
+    }
+}
+
+fn spawn_signal_thread(set: libc::sigset_t, handle: impl MachineControl) {
+    let spawned = std::thread::Builder::new().name("signals".into()).spawn(move || {
+        let mut sig: libc::c_int = 0;
+        // SAFETY: `set` is an initialized sigset and `sig` a valid out-parameter.
+        if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+            log::warn!("Got signal {sig}: powering the VM off");
+            handle.poweroff();
+        }
+    });
+    if let Err(e) = spawned {
+        log::warn!("Cannot start the signal thread: {e}");
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // A failed unwrap is a failed test.
+mod tests {
+    use super::*;
+    use crate::control::client::ControlClient;
+    use crate::library::{DiskState, Library, DEFAULT_CMDLINE};
+    use std::io::Read;
+    use std::path::PathBuf;
+    use std::sync::mpsc;
+    use std::sync::Mutex;
+
+    enum Cmd {
+        Shutdown,
+        Poweroff,
+        Input(Vec<u8>),
+    }
+
+    /// A machine that prints a banner, echoes serial input, and ends on shutdown/poweroff.
+    #[derive(Clone)]
+    struct FakeHandle {
+        tx: mpsc::Sender<Cmd>,
+        paused: Arc<Mutex<bool>>,
+    }
+
+    impl MachineControl for FakeHandle {
+        fn state(&self) -> RunState {
+            if *self.paused.lock().unwrap() {
+                RunState::Paused
+            } else {
+                RunState::Running
+            }
+        }
+        fn pause(&self) -> anyhow::Result<()> {
+            *self.paused.lock().unwrap() = true;
+            Ok(())
+        }
+        fn resume(&self) -> anyhow::Result<()> {
+            *self.paused.lock().unwrap() = false;
+            Ok(())
+        }
+        fn shutdown(&self) -> anyhow::Result<()> {
+            Ok(self.tx.send(Cmd::Shutdown)?)
+        }
+        fn poweroff(&self) {
+            let _ = self.tx.send(Cmd::Poweroff);
+        }
+        fn serial_input(&self, bytes: &[u8]) {
+            let _ = self.tx.send(Cmd::Input(bytes.to_vec()));
+        }
+        fn vcpu_count(&self) -> u32 {
+            2
+        }
+        fn memory_mib(&self) -> u64 {
+            128
+        }
+    }
+
+    struct FakeMachine {
+        handle: FakeHandle,
+        rx: mpsc::Receiver<Cmd>,
+        serial: Box<dyn Write + Send>,
+    }
+
+    impl RunnableMachine for FakeMachine {
+        type Handle = FakeHandle;
+        fn handle(&self) -> FakeHandle {
+            self.handle.clone()
+        }
+        fn run(mut self) -> anyhow::Result<ExitReason> {
+            self.serial.write_all(b"Booting fake\r\n")?;
+            loop {
+                match self.rx.recv()? {
+                    Cmd::Shutdown => return Ok(ExitReason::PowerOff),
+                    Cmd::Poweroff => return Ok(ExitReason::ForcedOff),
+                    Cmd::Input(bytes) => self.serial.write_all(&bytes)?,
+                }
+            }
+        }
+    }
+
+    fn fake_build(_: &VmConfig, serial: Box<dyn Write + Send>) -> anyhow::Result<FakeMachine> {
+        let (tx, rx) = mpsc::channel();
+        Ok(FakeMachine { handle: FakeHandle { tx, paused: Arc::default() }, rx, serial })
+    }
+
+    struct Setup {
+        _home: tempfile::TempDir,
+        runtime: tempfile::TempDir,
+        vm: VmDir,
+    }
+
+    fn setup() -> Setup {
+        let home = tempfile::tempdir().unwrap();
+        let runtime = tempfile::tempdir().unwrap();
+        let lib = Library::at(home.path().to_path_buf());
+        let config =
+            VmConfig::new(PathBuf::from("/k"), None, DEFAULT_CMDLINE.into(), Vec::new(), 2, 128);
+        let vm = lib.create("vm", &config).unwrap();
+        Setup { _home: home, runtime, vm }
+    }
+
+    /// Waits for the VM process to answer on the socket named in its pid file.
+    fn wait_for_socket(vm: &VmDir) -> PathBuf {
+        for _ in 0..500 {
+            if let Some(pid) = vm.read_pid_file() {
+                if ControlClient::connect(&pid.socket).and_then(|mut c| c.status()).is_ok() {
+                    return pid.socket;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("the VM process never answered");
+    }
+
+    #[test]
+    fn a_run_serves_control_and_console_then_records_a_clean_exit() {
+        let s = setup();
+        let (vm, root) = (s.vm.clone(), s.runtime.path().to_path_buf());
+        let run = std::thread::spawn(move || lifecycle(&vm, &root, None, fake_build));
+        let socket = wait_for_socket(&s.vm);
+        assert!(socket.starts_with(s.runtime.path()));
+        assert!(matches!(s.vm.disk_state().unwrap(), DiskState::Running { pid: Some(_) }));
+
+        let mut c = ControlClient::connect(&socket).unwrap();
+        let st = c.status().unwrap();
+        assert_eq!((st.name.as_str(), st.cpus, st.memory_mib), ("vm", 2, 128));
+        assert_eq!(st.pid, std::process::id());
+        c.pause().unwrap();
+        assert_eq!(c.status().unwrap().state, RunState::Paused);
+        c.resume().unwrap();
+
+        let mut console = ControlClient::connect(&socket).unwrap().into_console().unwrap();
+        console.writer.write_all(b"echo me").unwrap();
+        let mut echoed = [0u8; 7];
+        console.reader.read_exact(&mut echoed).unwrap();
+        assert_eq!(&echoed, b"echo me");
+
+        c.shutdown().unwrap();
+        assert_eq!(run.join().unwrap().unwrap(), ExitReason::PowerOff);
+        // The console was hung up when the VM ended.
+        let mut rest = Vec::new();
+        console.reader.read_to_end(&mut rest).unwrap();
+
+        let rec = s.vm.read_last_exit().unwrap();
+        assert_eq!((rec.reason, rec.clean), (ExitKind::PowerOff, true));
+        assert_eq!(s.vm.disk_state().unwrap(), DiskState::Stopped);
+        assert!(s.vm.read_pid_file().is_none());
+        assert!(!socket.exists() && !socket.parent().unwrap().exists());
+        let log = std::fs::read_to_string(s.vm.serial_log_path()).unwrap();
+        assert_eq!(log, "Booting fake\r\necho me");
+    }
+
+    #[test]
+    fn poweroff_is_recorded_as_forced_off() {
+        let s = setup();
+        let (vm, root) = (s.vm.clone(), s.runtime.path().to_path_buf());
+        let run = std::thread::spawn(move || lifecycle(&vm, &root, None, fake_build));
+        let socket = wait_for_socket(&s.vm);
+        ControlClient::connect(&socket).unwrap().poweroff().unwrap();
+        assert_eq!(run.join().unwrap().unwrap(), ExitReason::ForcedOff);
+        assert_eq!(s.vm.read_last_exit().unwrap().reason, ExitKind::ForcedOff);
+    }
+
+    #[test]
+    fn a_machine_that_cannot_be_built_is_recorded_as_crashed() {
+        let s = setup();
+        let err = lifecycle(&s.vm, s.runtime.path(), None, |_, _| -> anyhow::Result<FakeMachine> {
+            Err(anyhow!("no hypervisor")).context("Cannot build")
+        })
+        .unwrap_err();
+        assert_eq!(format!("{err:#}"), "Cannot build: no hypervisor");
+        assert_eq!(
+            s.vm.disk_state().unwrap(),
+            DiskState::Crashed { error: Some("Cannot build: no hypervisor".into()) }
+        );
+        assert!(s.vm.read_pid_file().is_none());
+    }
+
+    #[test]
+    fn a_second_vm_process_for_a_running_vm_is_refused_without_touching_its_records() {
+        let s = setup();
+        let (vm, root) = (s.vm.clone(), s.runtime.path().to_path_buf());
+        let run = std::thread::spawn(move || lifecycle(&vm, &root, None, fake_build));
+        let socket = wait_for_socket(&s.vm);
+        let pid_before = s.vm.read_pid_file();
+        let err = lifecycle(&s.vm, s.runtime.path(), None, fake_build).unwrap_err();
+        assert!(err.to_string().contains("already running"), "{err}");
+        assert_eq!(s.vm.read_pid_file(), pid_before);
+        assert!(s.vm.read_last_exit().is_none());
+        ControlClient::connect(&socket).unwrap().shutdown().unwrap();
+        run.join().unwrap().unwrap();
+    }
+}
