@@ -12,6 +12,8 @@ const COMMAND_OFFSET: u64 = 4;
 const STATUS_OUTPUT_FULL: u8 = 0x01;
 const STATUS_SYSTEM_FLAG: u8 = 0x04;
 const STATUS_COMMAND: u8 = 0x08;
+/// Set when the keyboard is NOT inhibited by the key lock (Linux warns otherwise).
+const STATUS_UNLOCKED: u8 = 0x10;
 
 const CMD_READ_CTR: u8 = 0x20;
 const CMD_WRITE_CTR: u8 = 0x60;
@@ -41,7 +43,7 @@ impl I8042 {
     }
 
     fn status(&self) -> u8 {
-        let mut s = STATUS_SYSTEM_FLAG;
+        let mut s = STATUS_SYSTEM_FLAG | STATUS_UNLOCKED;
         if !self.output.is_empty() {
             s |= STATUS_OUTPUT_FULL;
         }
