@@ -141,6 +141,7 @@ run_action() {
         result "ddread_direct=$([ -n "$flag" ] && echo yes || echo no)"
         ;;
     sleep:*)
+        result "sleep=${1#sleep:}"
         sleep "${1#sleep:}"
         ;;
     poweroff)
