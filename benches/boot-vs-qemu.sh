@@ -17,14 +17,15 @@
 # QEMU's configuration is its fastest sensible one for this guest: -enable-kvm -cpu host, q35
 # (BENCH_QEMU_MACHINE), -nodefaults -no-user-config, no display, serial on stdio, virtio-blk-pci.
 #
-# Environment: HUTCH (default $REPO/target/release/hutch), BENCH_REPS, BENCH_MEM,
-#   BENCH_QEMU_MACHINE, BENCH_VM_TIMEOUT (s per boot, default 180), BENCH_ONLY=qemu|hutch.
+# Environment: HUTCH (default ${CARGO_TARGET_DIR:-$REPO/target}/release/hutch), BENCH_REPS, BENCH_MEM,
+#   BENCH_QEMU_MACHINE, BENCH_VM_TIMEOUT (s per boot, default 180), BENCH_ONLY=qemu|hutch,
+#   BENCH_LOGS (a directory for the boot logs; default: the temporary work directory).
 # Output: a table, then boot_time_ratio=, memory_overhead_ratio=, disk_read_ratio= (hutch/qemu,
 #   "n/a" when Hutch can't boot yet) with their targets (<= 0.5, <= 0.25, >= 1.0).
 set -euo pipefail
 . "$(dirname "$0")/../tests/lab/common.sh"
 
-HUTCH=${HUTCH:-$REPO/target/release/hutch}
+HUTCH=${HUTCH:-${CARGO_TARGET_DIR:-$REPO/target}/release/hutch}
 REPS=${BENCH_REPS:-3}
 MEM=${BENCH_MEM:-512}
 MACHINE=${BENCH_QEMU_MACHINE:-q35}
@@ -173,7 +174,9 @@ main() {
     [ -f "$KERNEL" ] && [ -f "$INITRD" ] || die "no guest fixtures (run tests/guest/build.sh)"
     local work vmm
     work=$(mktemp -d "${TMPDIR:-/tmp}/hutch-bench.XXXXXX")
-    log "bench: work in $work, $REPS reps, guest RAM $MEM MiB, kernel $(cat "$BUILD/guest/VERSION")"
+    local logs=${BENCH_LOGS:-$work}
+    mkdir -p "$logs"
+    log "bench: logs in $logs, $REPS reps, guest RAM $MEM MiB, kernel $(cat "$BUILD/guest/VERSION")"
     head -c 256M /dev/urandom >"$work/disk.img"
 
     for vmm in hutch qemu; do
@@ -184,14 +187,15 @@ main() {
                 log "hutch: not available (no binary at $HUTCH)"
                 continue
             fi
-            if ! boot_once hutch "$work/hutch-probe.log" >/dev/null; then
-                log "hutch: not available (it does not boot the guest yet; log: $work/hutch-probe.log)"
+            if ! boot_once hutch "$logs/hutch-probe.log" >/dev/null; then
+                log "hutch: not available (it does not boot the guest yet; log: $logs/hutch-probe.log)"
                 continue
             fi
         fi
-        bench_vmm "$vmm" "$work" "$work/disk.img" || true
+        bench_vmm "$vmm" "$logs" "$work/disk.img" || true
     done
     rm -f "$work/disk.img"
+    [ "$logs" = "$work" ] || rmdir "$work"
 
     printf '%-28s %12s %12s %8s  %s\n' metric hutch qemu ratio target
     printf '%-28s %12s %12s %8s  %s\n' "boot_to_exit_ms (median)" "${BOOT[hutch]}" "${BOOT[qemu]}" \
@@ -205,7 +209,7 @@ main() {
     echo "boot_time_ratio=$(ratio "${BOOT[hutch]}" "${BOOT[qemu]}") (target <= 0.5)"
     echo "memory_overhead_ratio=$(ratio "${OVER[hutch]}" "${OVER[qemu]}") (target <= 0.25)"
     echo "disk_read_ratio=$(ratio "${MBPS[hutch]}" "${MBPS[qemu]}") (target >= 1.0)"
-    echo "bench logs: $work"
+    echo "bench logs: $logs"
 }
 
 main "$@"

@@ -7,16 +7,17 @@
 # Prints "PASS name", "FAIL name: reason" or "SKIP name: reason" per case, then exactly one line
 # "N passed, M failed"; exits 1 if any case failed. With CI set, a skip counts as a failure.
 # Environment:
-#   HUTCH             the binary (default $REPO/target/release/hutch)
+#   HUTCH             the binary (default ${CARGO_TARGET_DIR:-$REPO/target}/release/hutch)
 #   E2E_TARGET        hutch (default) or qemu: run the cases that don't need hutch's CLI against
 #                     qemu-system-x86_64 -enable-kvm, to check the fixtures and the harness
 #   E2E_CASE_TIMEOUT  seconds per case (default 300); E2E_VM_TIMEOUT per boot (default 150)
 #   E2E_FORCE=1       run even where /dev/kvm is not hardware-assisted (outside the lab)
 #   E2E_KEEP=1        keep the work directory
+#   E2E_LOGS          a directory to copy failed cases' work (logs) into, e.g. the lab's --out
 set -euo pipefail
 . "$(dirname "$0")/../lab/common.sh"
 
-HUTCH=${HUTCH:-$REPO/target/release/hutch}
+HUTCH=${HUTCH:-${CARGO_TARGET_DIR:-$REPO/target}/release/hutch}
 TARGET=${E2E_TARGET:-hutch}
 CASE_TIMEOUT=${E2E_CASE_TIMEOUT:-300}
 VM_TIMEOUT=${E2E_VM_TIMEOUT:-150}
@@ -323,6 +324,10 @@ main() {
         124 | 137) echo "FAIL $name: case timed out after $CASE_TIMEOUT s"; failed=$((failed + 1)) ;;
         *) echo "FAIL $name: ${reason:-exit $rc}"; failed=$((failed + 1)) ;;
         esac
+        if [ "$rc" != 0 ] && [ "$rc" != 3 ] && [ -n "${E2E_LOGS:-}" ]; then
+            mkdir -p "$E2E_LOGS/$name"
+            find "$dir" -maxdepth 3 -name '*log*' -exec cp {} "$E2E_LOGS/$name/" \; 2>/dev/null || true
+        fi
     done
     [ "${E2E_KEEP:-0}" = 1 ] || [ "$failed" -gt 0 ] || rm -rf "$root"
     echo "$passed passed, $failed failed"
