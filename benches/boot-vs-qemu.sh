@@ -91,10 +91,11 @@ boot_once() {
     else
         t0=$(now_ms)
         "${CMD[@]}" </dev/null >"$log" 2>&1 &
-        local pid=$! hwm=0 v
+        local pid=$! v pids
         peak=0
         while kill -0 "$pid" 2>/dev/null; do
-            v=$(hwm_kib $(pid_tree "$pid"))
+            mapfile -t pids < <(pid_tree "$pid")
+            v=$(hwm_kib "${pids[@]}")
             [ "$v" -le "$peak" ] || peak=$v
             [ $(($(now_ms) - t0)) -lt $((VM_TIMEOUT * 1000)) ] || kill "$pid"
             sleep 0.05
@@ -108,14 +109,15 @@ boot_once() {
 
 # disk_once VMM LOG IMAGE : prints "MBPS OVERHEAD_KIB TOTAL_RSS_KIB GUEST_RSS_KIB".
 disk_once() {
-    local vmm=$1 log=$2 image=$3 t0 pid rc=0 sample=
+    local vmm=$1 log=$2 image=$3 t0 pid rc=0 sample='' pids
     vm_cmd "$vmm" "console=ttyS0 quiet hutch.actions=ddread:/dev/vda,sleep:4,poweroff" "$image"
     t0=$(now_ms)
     "${CMD[@]}" </dev/null >"$log" 2>&1 &
     pid=$!
     while kill -0 "$pid" 2>/dev/null; do
         if [ -z "$sample" ] && grep -qaF 'HUTCH-RESULT sleep=' "$log"; then
-            sample=$(smaps_kib $(pid_tree "$pid"))
+            mapfile -t pids < <(pid_tree "$pid")
+            sample=$(smaps_kib "${pids[@]}")
         fi
         if [ $(($(now_ms) - t0)) -gt $((VM_TIMEOUT * 1000)) ]; then
             kill "$pid"
@@ -132,6 +134,7 @@ disk_once() {
 }
 
 median() {
+    [ $# -gt 0 ] || { echo n/a; return; }
     printf '%s\n' "$@" | sort -n | awk '{v[NR] = $1} END {
         if (NR == 0) print "n/a"; else if (NR % 2) print v[(NR + 1) / 2];
         else printf "%d\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
@@ -147,25 +150,17 @@ ratio() {
 
 declare -A BOOT RSS OVER MBPS
 
-bench_vmm() {
-    local vmm=$1 work=$2 image=$3 i out boots=() rsss=() overs=() mbpss=()
-    for i in $(seq "$REPS"); do
-        out=$(boot_once "$vmm" "$work/$vmm-boot-$i.log") ||
-            { log "$vmm: boot $i failed (log: $work/$vmm-boot-$i.log)"; return 1; }
-        set -- $out
-        boots+=("$1")
-        rsss+=("$2")
-        out=$(disk_once "$vmm" "$work/$vmm-disk-$i.log" "$image") ||
-            { log "$vmm: disk run $i failed (log: $work/$vmm-disk-$i.log)"; return 1; }
-        set -- $out
-        mbpss+=("$1")
-        overs+=("$2")
-        log "$vmm #$i: boot ${boots[-1]} ms, peak rss ${rsss[-1]} KiB, read $1 MB/s, overhead $2 KiB (rss $3 - guest ram $4)"
-    done
-    BOOT[$vmm]=$(median "${boots[@]}")
-    RSS[$vmm]=$(median "${rsss[@]}")
-    OVER[$vmm]=$(median "${overs[@]}")
-    MBPS[$vmm]=$(median "${mbpss[@]}")
+# bench_rep VMM LOGS IMAGE I : one repetition; appends to the lists in BOOT RSS OVER MBPS.
+bench_rep() {
+    local vmm=$1 logs=$2 image=$3 i=$4 out boot rss
+    out=$(boot_once "$vmm" "$logs/$vmm-boot-$i.log") ||
+        { log "$vmm: boot $i failed (log: $logs/$vmm-boot-$i.log)"; return 1; }
+    read -r boot rss <<<"$out"
+    out=$(disk_once "$vmm" "$logs/$vmm-disk-$i.log" "$image") ||
+        { log "$vmm: disk run $i failed (log: $logs/$vmm-disk-$i.log)"; return 1; }
+    set -- $out
+    BOOT[$vmm]+=" $boot" RSS[$vmm]+=" $rss" MBPS[$vmm]+=" $1" OVER[$vmm]+=" $2"
+    log "$vmm #$i: boot $boot ms, peak rss $rss KiB, read $1 MB/s, overhead $2 KiB (rss $3 - guest ram $4)"
 }
 
 main() {
@@ -179,8 +174,8 @@ main() {
     log "bench: logs in $logs, $REPS reps, guest RAM $MEM MiB, kernel $(cat "$BUILD/guest/VERSION")"
     head -c 256M /dev/urandom >"$work/disk.img"
 
+    local vmms=() i
     for vmm in hutch qemu; do
-        BOOT[$vmm]=n/a RSS[$vmm]=n/a OVER[$vmm]=n/a MBPS[$vmm]=n/a
         [ -z "${BENCH_ONLY:-}" ] || [ "$BENCH_ONLY" = "$vmm" ] || continue
         if [ "$vmm" = hutch ]; then
             if [ ! -x "$HUTCH" ]; then
@@ -192,7 +187,24 @@ main() {
                 continue
             fi
         fi
-        bench_vmm "$vmm" "$logs" "$work/disk.img" || true
+        vmms+=("$vmm")
+    done
+    # Interleaved, so that a slow phase of the emulated machine hits both VMMs alike.
+    local -A broken=()
+    for i in $(seq "$REPS"); do
+        for vmm in ${vmms[@]+"${vmms[@]}"}; do
+            [ -z "${broken[$vmm]:-}" ] || continue
+            bench_rep "$vmm" "$logs" "$work/disk.img" "$i" || broken[$vmm]=1
+        done
+    done
+    for vmm in hutch qemu; do
+        if [ -n "${broken[$vmm]:-}" ]; then
+            BOOT[$vmm]="" RSS[$vmm]="" OVER[$vmm]="" MBPS[$vmm]=""
+        fi
+        BOOT[$vmm]=$(median ${BOOT[$vmm]:-})
+        RSS[$vmm]=$(median ${RSS[$vmm]:-})
+        OVER[$vmm]=$(median ${OVER[$vmm]:-})
+        MBPS[$vmm]=$(median ${MBPS[$vmm]:-})
     done
     rm -f "$work/disk.img"
     [ "$logs" = "$work" ] || rmdir "$work"

@@ -26,6 +26,7 @@ result() {
 # Milliseconds since the epoch: busybox date has no %N, but adjtimex prints tv_usec.
 now_ms() {
     # awk's printf %d is 32-bit here: let the shell's 64-bit arithmetic do the sum.
+    # shellcheck disable=SC2046 # two words wanted
     set -- $(adjtimex 2>/dev/null | awk '/tv_sec/{s=$2} /tv_usec/{u=$2} END{print s, u}')
     if [ -n "${2:-}" ]; then
         echo $(($1 * 1000 + $2 / 1000))
@@ -62,10 +63,14 @@ EOF
     # Ready once it holds an input device open.
     i=0
     while [ $i -lt 100 ]; do
-        if ls -l /proc/$pid/fd 2>/dev/null | grep -q /dev/input/event; then
-            result acpid=ready
-            while :; do sleep 3600; done
-        fi
+        for fd in /proc/$pid/fd/*; do
+            case $(readlink "$fd" 2>/dev/null) in
+            /dev/input/event*)
+                result acpid=ready
+                while :; do sleep 3600; done
+                ;;
+            esac
+        done
         kill -0 $pid 2>/dev/null || break
         sleep 0.1
         i=$((i + 1))
@@ -172,6 +177,6 @@ for a in $(echo "$actions" | tr ',' ' '); do
 done
 
 # PID 1 must not exit; power off when the actions are done.
-result done
+result "done"
 sync
 poweroff -f

@@ -15,7 +15,7 @@ while read -r ko; do
     esac
 done </lib/modules/load.list
 
-out_dir= script= interactive=0
+out_dir='' script='' interactive=0
 for word in $(cat /proc/cmdline); do
     case $word in
     lab.out=*) out_dir=${word#lab.out=} ;;

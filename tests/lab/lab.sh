@@ -41,7 +41,8 @@ build_l1() {
     else
         kernel_prepare >&2
     fi
-    local stamp="$KVER $(sha256sum "$REPO/tests/lab/l1-init.sh" | cut -c1-16) ${L1_MODULES[*]}"
+    local stamp
+    stamp="$KVER $(sha256sum "$REPO/tests/lab/l1-init.sh" | cut -c1-16) ${L1_MODULES[*]}"
     if [ -f "$dir/l1-initramfs.cpio.gz" ] && [ -e "$dir/kernel" ] && [ "$(cat "$dir/l1.stamp" 2>/dev/null)" = "$stamp" ]; then
         return
     fi
