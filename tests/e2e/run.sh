@@ -1,0 +1,337 @@
+#!/usr/bin/env bash
+# End-to-end tests: boot the real test guest (tests/guest/build.sh) with the hutch binary and
+# check what the guest reports. Runs INSIDE the nested lab, where /dev/kvm can boot Linux:
+#
+#   tests/lab/lab.sh -- tests/e2e/run.sh [CASE...]
+#
+# Prints "PASS name", "FAIL name: reason" or "SKIP name: reason" per case, then exactly one line
+# "N passed, M failed"; exits 1 if any case failed. With CI set, a skip counts as a failure.
+# Environment:
+#   HUTCH             the binary (default ${CARGO_TARGET_DIR:-$REPO/target}/release/hutch)
+#   E2E_TARGET        hutch (default) or qemu: run the cases that don't need hutch's CLI against
+#                     qemu-system-x86_64 -enable-kvm, to check the fixtures and the harness
+#   E2E_CASE_TIMEOUT  seconds per case (default 300); E2E_VM_TIMEOUT per boot (default 150)
+#   E2E_FORCE=1       run even where /dev/kvm is not hardware-assisted (outside the lab)
+#   E2E_KEEP=1        keep the work directory
+#   E2E_LOGS          a directory to copy failed cases' work (logs) into, e.g. the lab's --out
+set -euo pipefail
+. "$(dirname "$0")/../lab/common.sh"
+
+HUTCH=${HUTCH:-${CARGO_TARGET_DIR:-$REPO/target}/release/hutch}
+TARGET=${E2E_TARGET:-hutch}
+CASE_TIMEOUT=${E2E_CASE_TIMEOUT:-300}
+VM_TIMEOUT=${E2E_VM_TIMEOUT:-150}
+GUEST=$BUILD/guest
+KERNEL=$GUEST/vmlinuz
+INITRD=$GUEST/initramfs.cpio.gz
+
+CASES=(boots_to_readiness_line guest_sees_cpus_and_memory disk_hash_matches_host
+    guest_writes_reach_the_file readonly_disk_refuses_writes stop_powers_guest_off_orderly
+    missing_kernel_is_a_clear_error truncated_bzimage_is_a_clear_error
+    bad_bzimage_magic_is_a_clear_error pvh_vmlinux_boots)
+
+# --- helpers -------------------------------------------------------------------------------
+
+# Each case runs in its own process: a failure is "fail REASON" (exit 1), a skip "skip REASON".
+fail() {
+    echo "$*" >"$WORK/.reason"
+    exit 1
+}
+
+skip() {
+    echo "$*" >"$WORK/.reason"
+    exit 3
+}
+
+need_hutch() {
+    [ "$TARGET" = hutch ] || skip "needs the hutch CLI (E2E_TARGET=$TARGET)"
+}
+
+# boot LOG [--kernel K] [--initrd I] [--cpus N] [--memory MIB] [--disk PATH] [--disk-ro PATH]
+#      --cmdline CMDLINE
+# Boots one VM to the end with the selected target; output (stdout+stderr) goes to LOG.
+# Returns the VMM's exit status (124 on timeout).
+boot() {
+    local log=$1
+    shift
+    local kernel=$KERNEL initrd=$INITRD cpus=1 mem=256 cmdline="" disks=()
+    while [ $# -gt 0 ]; do
+        case $1 in
+        --kernel) kernel=$2 ;;
+        --initrd) initrd=$2 ;;
+        --cpus) cpus=$2 ;;
+        --memory) mem=$2 ;;
+        --cmdline) cmdline=$2 ;;
+        --disk) disks+=("rw:$2") ;;
+        --disk-ro) disks+=("ro:$2") ;;
+        *) die "boot: unknown option $1" ;;
+        esac
+        shift 2
+    done
+    local cmd d
+    if [ "$TARGET" = qemu ]; then
+        cmd=(qemu-system-x86_64 -enable-kvm -cpu host -M q35 -m "$mem" -smp "$cpus"
+            -nodefaults -no-user-config -nographic -serial stdio -no-reboot
+            -kernel "$kernel" -append "$cmdline")
+        [ -z "$initrd" ] || cmd+=(-initrd "$initrd")
+        for d in ${disks[@]+"${disks[@]}"}; do
+            cmd+=(-drive "file=${d#*:},if=virtio,format=raw$([ "${d%%:*}" = ro ] && echo ,readonly=on)")
+        done
+    else
+        cmd=("$HUTCH" run --kernel "$kernel" --cmdline "$cmdline" --cpus "$cpus" --memory "$mem")
+        [ -z "$initrd" ] || cmd+=(--initrd "$initrd")
+        for d in ${disks[@]+"${disks[@]}"}; do
+            hutch_disk_args "${d#*:}" "${d%%:*}"
+        done
+    fi
+    echo "+ ${cmd[*]}" >"$log"
+    local rc=0
+    timeout -k 5 "$VM_TIMEOUT" "${cmd[@]}" </dev/null >>"$log" 2>&1 || rc=$?
+    echo "+ exit $rc" >>"$log"
+    return "$rc"
+}
+
+# The one place that knows hutch's disk flag syntax.
+hutch_disk_args() {
+    if [ "$2" = ro ]; then
+        cmd+=(--disk "$1,readonly")
+    else
+        cmd+=(--disk "$1")
+    fi
+}
+
+# result LOG KEY : the value of the last "HUTCH-RESULT KEY=value" line. Not anchored: firmware
+# escape sequences may precede a line; serial line ends may carry "\r".
+result() {
+    sed -n "s/.*HUTCH-RESULT $2=//p" "$1" | tr -d '\r' | tail -n 1
+}
+
+# has LOG TEXT : the log contains TEXT (a fixed string).
+has() {
+    grep -qaF -- "$2" "$1"
+}
+
+expect_ready() {
+    has "$1" HUTCH-GUEST-READY || fail "no HUTCH-GUEST-READY line (log: $1)"
+}
+
+actions() {
+    echo "console=ttyS0 quiet hutch.actions=$1"
+}
+
+random_disk() {
+    head -c "${2:-16M}" /dev/urandom >"$1"
+}
+
+# --- cases ---------------------------------------------------------------------------------
+
+boots_to_readiness_line() {
+    local rc=0
+    boot "$WORK/log" --cmdline "$(actions poweroff)" || rc=$?
+    [ "$rc" = 0 ] || fail "exit status $rc (log: $WORK/log)"
+    expect_ready "$WORK/log"
+}
+
+guest_sees_cpus_and_memory() {
+    local rc=0
+    boot "$WORK/log" --cpus 2 --memory 256 --cmdline "$(actions cpus,mem,poweroff)" || rc=$?
+    [ "$rc" = 0 ] || fail "exit status $rc (log: $WORK/log)"
+    local cpus mem
+    cpus=$(result "$WORK/log" cpus)
+    mem=$(result "$WORK/log" mem)
+    [ "$cpus" = 2 ] || fail "guest saw cpus='$cpus', expected 2"
+    # MemTotal is the RAM minus what firmware and the kernel image reserve: a bit below.
+    [ -n "$mem" ] && [ "$mem" -gt $((256 * 1024 * 3 / 4)) ] && [ "$mem" -le $((256 * 1024)) ] ||
+        fail "guest MemTotal='$mem' KiB, expected a bit below $((256 * 1024)) KiB"
+}
+
+disk_hash_matches_host() {
+    random_disk "$WORK/disk.img"
+    local want got rc=0
+    want=$(sha256sum "$WORK/disk.img" | cut -d' ' -f1)
+    boot "$WORK/log" --disk "$WORK/disk.img" --cmdline "$(actions hash:/dev/vda,poweroff)" || rc=$?
+    [ "$rc" = 0 ] || fail "exit status $rc (log: $WORK/log)"
+    got=$(result "$WORK/log" hash)
+    [ "$got" = "$want" ] || fail "guest hash '$got' != host hash '$want'"
+}
+
+guest_writes_reach_the_file() {
+    random_disk "$WORK/disk.img"
+    local token=hutch-e2e-$RANDOM$RANDOM rc=0
+    boot "$WORK/log" --disk "$WORK/disk.img" \
+        --cmdline "$(actions "write:/dev/vda:$token,read:/dev/vda,poweroff")" || rc=$?
+    [ "$rc" = 0 ] || fail "exit status $rc (log: $WORK/log)"
+    [ "$(result "$WORK/log" write)" = ok ] || fail "guest write failed (log: $WORK/log)"
+    local got
+    got=$(head -c ${#token} "$WORK/disk.img")
+    [ "$got" = "$token" ] || fail "file starts with '$got', expected '$token'"
+}
+
+readonly_disk_refuses_writes() {
+    random_disk "$WORK/disk.img"
+    local before after rc=0
+    before=$(sha256sum "$WORK/disk.img" | cut -d' ' -f1)
+    boot "$WORK/log" --disk-ro "$WORK/disk.img" \
+        --cmdline "$(actions write:/dev/vda:must-not-land,poweroff)" || rc=$?
+    [ "$rc" = 0 ] || fail "exit status $rc (log: $WORK/log)"
+    [ "$(result "$WORK/log" write)" = failed ] ||
+        fail "guest write on a read-only disk: '$(result "$WORK/log" write)', expected failed"
+    after=$(sha256sum "$WORK/disk.img" | cut -d' ' -f1)
+    [ "$before" = "$after" ] || fail "the read-only file changed"
+}
+
+# Waits for a text in a growing file; fails after $3 seconds.
+wait_for_line() {
+    local file=$1 pattern=$2 limit=$3 i=0
+    while ! has "$file" "$pattern" 2>/dev/null; do
+        i=$((i + 1))
+        [ "$i" -le $((limit * 5)) ] || fail "no '$pattern' in $file within $limit s"
+        sleep 0.2
+    done
+}
+
+stop_powers_guest_off_orderly() {
+    if [ "$TARGET" = qemu ]; then
+        stop_qemu_via_monitor
+        return
+    fi
+    export HUTCH_HOME=$WORK/home
+    local log=$WORK/log rc=0
+    "$HUTCH" create demo --kernel "$KERNEL" --initrd "$INITRD" \
+        --cmdline "$(actions wait)" >"$log" 2>&1 || fail "hutch create: exit $? (log: $log)"
+    "$HUTCH" start demo >>"$log" 2>&1 || fail "hutch start: exit $? (log: $log)"
+    local serial=$HUTCH_HOME/vms/demo/serial.log
+    wait_for_line "$serial" 'HUTCH-RESULT acpid=ready' "$VM_TIMEOUT"
+    timeout -k 5 60 "$HUTCH" stop demo >>"$log" 2>&1 || rc=$?
+    [ "$rc" = 0 ] || fail "hutch stop: exit $rc (log: $log)"
+    has "$serial" 'reboot: Power down' ||
+        fail "no orderly poweroff ('reboot: Power down') in $serial"
+}
+
+# The same check against QEMU: system_powerdown on its monitor (a socket on tmpfs).
+stop_qemu_via_monitor() {
+    require_tools socat
+    local sock=${XDG_RUNTIME_DIR:-/tmp}/e2e-mon-$$.sock serial=$WORK/serial.log
+    qemu-system-x86_64 -enable-kvm -cpu host -M q35 -m 256 -nodefaults -no-user-config \
+        -nographic -serial "file:$serial" -no-reboot -monitor "unix:$sock,server=on,wait=off" \
+        -kernel "$KERNEL" -initrd "$INITRD" -append "$(actions wait)" </dev/null \
+        >"$WORK/qemu.log" 2>&1 &
+    local pid=$!
+    wait_for_line "$serial" 'HUTCH-RESULT acpid=ready' "$VM_TIMEOUT"
+    echo system_powerdown | socat - "UNIX-CONNECT:$sock" >/dev/null
+    local i=0
+    while kill -0 "$pid" 2>/dev/null; do
+        i=$((i + 1))
+        [ $i -le 300 ] || { kill "$pid"; fail "QEMU still running 60 s after system_powerdown"; }
+        sleep 0.2
+    done
+    local rc=0
+    wait "$pid" || rc=$?
+    rm -f "$sock"
+    [ "$rc" = 0 ] || fail "QEMU exit $rc"
+    has "$serial" 'reboot: Power down' ||
+        fail "no orderly poweroff ('reboot: Power down') in $serial"
+    has "$serial" 'HUTCH-RESULT acpid=poweroff' ||
+        fail "the power button did not reach acpid"
+}
+
+# A bad kernel must end the VMM with a non-zero status and a message, not hang.
+expect_clear_error() {
+    local kernel=$1 needle=$2 rc=0
+    VM_TIMEOUT=60 boot "$WORK/log" --kernel "$kernel" --cmdline "$(actions poweroff)" || rc=$?
+    [ "$rc" != 124 ] && [ "$rc" != 137 ] || fail "still running after 60 s (log: $WORK/log)"
+    [ "$rc" != 0 ] || fail "exit status 0 for a bad kernel (log: $WORK/log)"
+    ! has "$WORK/log" HUTCH-GUEST-READY || fail "the guest booted"
+    # The message is the VMM's, not the log's command line.
+    [ -z "$needle" ] || sed 1d "$WORK/log" | grep -qF -- "$needle" ||
+        fail "the error does not name '$needle': $(sed 1d "$WORK/log" | head -c 300)"
+}
+
+missing_kernel_is_a_clear_error() {
+    expect_clear_error "$WORK/no-such-kernel" "$WORK/no-such-kernel"
+}
+
+truncated_bzimage_is_a_clear_error() {
+    # QEMU loads this and the guest triple-faults (exit 0): hutch must do better.
+    need_hutch
+    head -c 64K "$KERNEL" >"$WORK/truncated.bzImage"
+    expect_clear_error "$WORK/truncated.bzImage" ""
+}
+
+bad_bzimage_magic_is_a_clear_error() {
+    cp "$KERNEL" "$WORK/badmagic.bzImage"
+    # The boot protocol's "HdrS" sits at 0x202.
+    printf 'XXXX' | dd of="$WORK/badmagic.bzImage" bs=1 seek=$((0x202)) conv=notrunc 2>/dev/null
+    expect_clear_error "$WORK/badmagic.bzImage" ""
+}
+
+pvh_vmlinux_boots() {
+    [ "$(cat "$GUEST/PVH" 2>/dev/null)" != none ] || skip "build/guest/vmlinux has no PVH note"
+    local rc=0
+    boot "$WORK/log" --kernel "$GUEST/vmlinux" --cmdline "$(actions poweroff)" || rc=$?
+    [ "$rc" = 0 ] || fail "exit status $rc (log: $WORK/log)"
+    expect_ready "$WORK/log"
+}
+
+# --- driver --------------------------------------------------------------------------------
+
+# True when /dev/kvm is hardware-assisted (as in the lab): kvm_amd or kvm_intel drives it.
+kvm_can_boot() {
+    [ -c /dev/kvm ] && { [ -d /sys/module/kvm_amd ] || [ -d /sys/module/kvm_intel ]; }
+}
+
+run_one() {
+    WORK=$1
+    "$2"
+}
+
+main() {
+    if [ "${1:-}" = --case ]; then
+        run_one "$2" "$3"
+        exit 0
+    fi
+    require_tools timeout sha256sum head dd
+    [ "$TARGET" = hutch ] || [ "$TARGET" = qemu ] || die "E2E_TARGET must be hutch or qemu"
+    if [ "$TARGET" = qemu ]; then
+        require_tools qemu-system-x86_64
+    elif [ ! -x "$HUTCH" ]; then
+        die "no hutch binary at $HUTCH (cargo build --release, or set HUTCH)"
+    fi
+    if ! kvm_can_boot && [ "${E2E_FORCE:-0}" != 1 ]; then
+        die "/dev/kvm here can't boot Linux (not the lab); run: tests/lab/lab.sh -- $0 (or E2E_FORCE=1)"
+    fi
+    [ -f "$KERNEL" ] && [ -f "$INITRD" ] || die "no guest fixtures in $GUEST (run tests/guest/build.sh)"
+
+    local selected=("$@")
+    [ ${#selected[@]} -gt 0 ] || selected=("${CASES[@]}")
+    local root passed=0 failed=0 name dir rc reason t0
+    root=$(mktemp -d "${TMPDIR:-/tmp}/hutch-e2e.XXXXXX")
+    log "e2e: target $TARGET, work in $root"
+    for name in "${selected[@]}"; do
+        declare -F "$name" >/dev/null || die "no case named $name"
+        dir=$root/$name
+        mkdir -p "$dir"
+        t0=$(now_ms)
+        rc=0
+        timeout -k 5 "$CASE_TIMEOUT" bash "$0" --case "$dir" "$name" || rc=$?
+        reason=$(cat "$dir/.reason" 2>/dev/null || true)
+        case $rc in
+        0) echo "PASS $name ($(( ($(now_ms) - t0) / 1000 )) s)"; passed=$((passed + 1)) ;;
+        3)
+            echo "SKIP $name: $reason"
+            if [ -n "${CI:-}" ]; then failed=$((failed + 1)); fi
+            ;;
+        124 | 137) echo "FAIL $name: case timed out after $CASE_TIMEOUT s"; failed=$((failed + 1)) ;;
+        *) echo "FAIL $name: ${reason:-exit $rc}"; failed=$((failed + 1)) ;;
+        esac
+        if [ "$rc" != 0 ] && [ "$rc" != 3 ] && [ -n "${E2E_LOGS:-}" ]; then
+            mkdir -p "$E2E_LOGS/$name"
+            find "$dir" -maxdepth 3 -name '*log*' -exec cp {} "$E2E_LOGS/$name/" \; 2>/dev/null || true
+        fi
+    done
+    [ "${E2E_KEEP:-0}" = 1 ] || [ "$failed" -gt 0 ] || rm -rf "$root"
+    echo "$passed passed, $failed failed"
+    [ "$failed" = 0 ]
+}
+
+main "$@"

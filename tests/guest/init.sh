@@ -1,0 +1,182 @@
+#!/bin/sh
+# /init of the Hutch test guest (busybox ash). Loads the virtio modules, prints
+# HUTCH-GUEST-READY, then runs the actions named by hutch.actions=a,b,c on the kernel command
+# line and reports each as "HUTCH-RESULT key=value". See tests/guest/README.md.
+export PATH=/bin:/sbin
+
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mkdir -p /dev/pts /tmp /run
+mount -t devpts devpts /dev/pts 2>/dev/null
+
+while read -r ko; do
+    out=$(insmod "$ko" 2>&1) || case $out in
+        *"File exists"* | *"already"*) ;;
+        *) echo "hutch-init: insmod $ko: $out" ;;
+    esac
+done </lib/modules/load.list
+
+echo HUTCH-GUEST-READY
+
+result() {
+    echo "HUTCH-RESULT $1"
+}
+
+# Milliseconds since the epoch: busybox date has no %N, but adjtimex prints tv_usec.
+now_ms() {
+    # awk's printf %d is 32-bit here: let the shell's 64-bit arithmetic do the sum.
+    # shellcheck disable=SC2046 # two words wanted
+    set -- $(adjtimex 2>/dev/null | awk '/tv_sec/{s=$2} /tv_usec/{u=$2} END{print s, u}')
+    if [ -n "${2:-}" ]; then
+        echo $(($1 * 1000 + $2 / 1000))
+    else
+        awk '{printf "%d\n", $1*1000}' /proc/uptime
+    fi
+}
+
+# Block devices may appear a moment after their driver binds.
+wait_dev() {
+    i=0
+    while [ ! -b "$1" ] && [ $i -lt 50 ]; do
+        sleep 0.1
+        i=$((i + 1))
+    done
+    [ -b "$1" ] || { result "error=no-device:$1"; return 1; }
+}
+
+act_wait() {
+    # busybox acpid runs /etc/acpi/PWRF/00000080 for the ACPI power button (input events).
+    mkdir -p /etc/acpi/PWRF
+    cat >/etc/acpi/PWRF/00000080 <<'EOF'
+#!/bin/sh
+echo "HUTCH-RESULT acpid=poweroff"
+sync
+poweroff -f
+EOF
+    chmod +x /etc/acpi/PWRF/00000080
+    # No -a/-M: without /etc/acpid.conf and /etc/acpi.map acpid uses its built-in tables,
+    # which map KEY_POWER to PWRF/00000080. It opens /dev/input/event0, event1, ... in turn.
+    mkdir -p /var/run /var/log
+    acpid -f -c /etc/acpi -l /dev/console &
+    pid=$!
+    # Ready once it holds an input device open.
+    i=0
+    while [ $i -lt 100 ]; do
+        for fd in /proc/$pid/fd/*; do
+            case $(readlink "$fd" 2>/dev/null) in
+            /dev/input/event*)
+                result acpid=ready
+                while :; do sleep 3600; done
+                ;;
+            esac
+        done
+        kill -0 $pid 2>/dev/null || break
+        sleep 0.1
+        i=$((i + 1))
+    done
+    result "acpid=failed"
+    ls /dev/input 2>&1
+}
+
+act_echo() {
+    result echo=ready
+    while IFS= read -r line; do
+        echo "HUTCH-ECHO $line"
+    done </dev/console
+}
+
+run_action() {
+    case $1 in
+    cpus)
+        if [ -r /sys/devices/system/cpu/online ]; then
+            online=$(cat /sys/devices/system/cpu/online)
+            # "0-3,5" -> count
+            n=0
+            for r in $(echo "$online" | tr ',' ' '); do
+                case $r in
+                *-*) n=$((n + ${r#*-} - ${r%-*} + 1)) ;;
+                *) n=$((n + 1)) ;;
+                esac
+            done
+            result "cpus=$n"
+        else
+            result "cpus=$(nproc)"
+        fi
+        ;;
+    mem)
+        result "mem=$(awk '/^MemTotal:/{print $2}' /proc/meminfo)"
+        ;;
+    hash:*)
+        dev=${1#hash:}
+        wait_dev "$dev" || return
+        result "hash=$(sha256sum "$dev" | cut -d' ' -f1)"
+        ;;
+    write:*)
+        rest=${1#write:}
+        dev=${rest%%:*}
+        token=${rest#*:}
+        wait_dev "$dev" || return
+        if echo "$token" | dd of="$dev" conv=fsync,notrunc 2>/dev/null; then
+            result write=ok
+        else
+            result write=failed
+        fi
+        ;;
+    read:*)
+        dev=${1#read:}
+        wait_dev "$dev" || return
+        result "read=$(head -n 1 "$dev" | tr -d '\0')"
+        ;;
+    ddread:*)
+        dev=${1#ddread:}
+        wait_dev "$dev" || return
+        flag=iflag=direct
+        dd if="$dev" of=/dev/null bs=1M count=1 $flag 2>/dev/null || flag=
+        bytes=$(blockdev --getsize64 "$dev")
+        sync
+        echo 3 >/proc/sys/vm/drop_caches
+        t0=$(now_ms)
+        dd if="$dev" of=/dev/null bs=1M $flag 2>/dev/null
+        t1=$(now_ms)
+        ms=$((t1 - t0))
+        [ $ms -gt 0 ] || ms=1
+        result "ddread_mbps=$((bytes * 1000 / ms / 1048576))"
+        result "ddread_ms=$ms"
+        result "ddread_direct=$([ -n "$flag" ] && echo yes || echo no)"
+        ;;
+    sleep:*)
+        result "sleep=${1#sleep:}"
+        sleep "${1#sleep:}"
+        ;;
+    poweroff)
+        sync
+        poweroff -f
+        ;;
+    wait) act_wait ;;
+    echo) act_echo ;;
+    shell)
+        setsid cttyhack sh
+        ;;
+    *)
+        result "error=unknown-action:$1"
+        ;;
+    esac
+}
+
+actions=
+for word in $(cat /proc/cmdline); do
+    case $word in
+    hutch.actions=*) actions=${word#hutch.actions=} ;;
+    esac
+done
+[ -n "$actions" ] || actions=shell
+
+for a in $(echo "$actions" | tr ',' ' '); do
+    run_action "$a"
+done
+
+# PID 1 must not exit; power off when the actions are done.
+result "done"
+sync
+poweroff -f
