@@ -4,7 +4,7 @@
 set -euo pipefail
 
 PKGS=(qemu-system-x86 qemu-utils busybox-static cpio kmod socat python3 xz-utils zstd gzip
-    coreutils time procps)
+    coreutils time procps acpica-tools)
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "error: deps.sh must run as root" >&2
