@@ -7,9 +7,9 @@
 #   --out DIR      a writable directory shared into the lab at the same path (default
 #                  build/lab/out); everything else the command writes is thrown away
 #   --interactive  connect the command's stdin to this terminal
-# Environment: LAB_TIMEOUT (s, default 1800), LAB_MEM (MiB, default 4096), LAB_CPUS (default 1: measured faster than 2),
-#   LAB_ENV (extra variable names to pass in). CI, HUTCH_*, E2E_*, BENCH_*, RUST_* and TERM
-#   are passed in.
+# Environment: LAB_TIMEOUT (s, default 1800), LAB_MEM (MiB, default 4096), LAB_CPUS (default 1:
+#   measured faster than 2), LAB_ENV (extra variable names to pass in). CI, HUTCH_*, E2E_*,
+#   BENCH_*, RUST_*, CARGO_TARGET_DIR and TERM are passed in.
 # Exit status: the command's, or 125 if the lab itself failed (crash, timeout, no marker).
 set -euo pipefail
 . "$(dirname "$0")/common.sh"
@@ -28,7 +28,7 @@ lab_die() {
     exit 125
 }
 
-# build/lab/{vmlinuz,l1-initramfs.cpio.gz}, rebuilt when the kernel or init changes.
+# build/lab/{kernel,l1-initramfs.cpio.gz}, rebuilt when the kernel, init or module list changes.
 build_l1() {
     local dir=$BUILD/lab
     mkdir -p "$dir"
