@@ -235,8 +235,12 @@ impl MachineHandle {
                 self.lifecycle.changed.notify_all();
                 return Err(MachineError::PauseTimeout);
             }
-            control =
-                self.lifecycle.changed.wait_timeout(control, left).unwrap_or_else(|p| p.into_inner()).0;
+            control = self
+                .lifecycle
+                .changed
+                .wait_timeout(control, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
         Ok(())
     }
@@ -400,7 +404,9 @@ impl Machine {
             let backend = disk::RawFile::open(&disk.path, disk.readonly)
                 .map_err(|source| MachineError::Disk { path: disk.path.clone(), source })?;
             let block = Block::new(Box::new(backend), disk.readonly, format!("hutch-disk{index}"))
-                .map_err(|e| MachineError::Device(format!("virtio-blk {}: {e}", disk.path.display())))?;
+                .map_err(|e| {
+                    MachineError::Device(format!("virtio-blk {}: {e}", disk.path.display()))
+                })?;
             add_virtio(&mut pci, Box::new(block), &memory, &irq)?;
         }
         let rng = Rng::new().map_err(|e| MachineError::Device(format!("virtio-rng: {e}")))?;
@@ -414,8 +420,12 @@ impl Machine {
         pio.insert(i8042, u64::from(layout::I8042_DATA_PORT), 5).map_err(bus_error)?;
         pio.insert(Arc::new(Mutex::new(Rtc::new())), u64::from(layout::RTC_PORT), 2)
             .map_err(bus_error)?;
-        pio.insert(acpi_pm.clone(), u64::from(layout::ACPI_PM_PORT), u64::from(layout::ACPI_PM_LEN))
-            .map_err(bus_error)?;
+        pio.insert(
+            acpi_pm.clone(),
+            u64::from(layout::ACPI_PM_PORT),
+            u64::from(layout::ACPI_PM_LEN),
+        )
+        .map_err(bus_error)?;
         pio.insert(
             Arc::new(Mutex::new(PciConfigIo::new(pci.clone()))),
             u64::from(layout::PCI_CONFIG_ADDRESS_PORT),
@@ -511,8 +521,7 @@ fn add_virtio(
 ) -> Result<(), MachineError> {
     let transport = VirtioPciDevice::new(device, memory.clone(), irq.clone())
         .map_err(|e| MachineError::Device(format!("virtio-pci: {e}")))?;
-    pci.add_device(Box::new(transport))
-        .map_err(|e| MachineError::Device(format!("PCI: {e}")))?;
+    pci.add_device(Box::new(transport)).map_err(|e| MachineError::Device(format!("PCI: {e}")))?;
     Ok(())
 }
 
