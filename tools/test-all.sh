@@ -35,5 +35,5 @@ HUTCH="$REPO/target/release/hutch" bash tests/e2e/host-kvm.sh
 
 step "end-to-end tests in the nested KVM lab"
 mkdir -p build/e2e
-HUTCH="$REPO/target/release/hutch" E2E_LOGS="$REPO/build/e2e" \
+E2E_LOGS="$REPO/build/e2e" \
     bash tests/lab/lab.sh --out "$REPO/build/e2e" -- bash tests/e2e/run.sh

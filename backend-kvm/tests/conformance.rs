@@ -62,3 +62,10 @@ fn save_restore_round_trip() {
         conformance::save_restore_round_trip(&hv);
     }
 }
+
+#[test]
+fn triple_fault_is_reported() {
+    if let Some(hv) = hypervisor() {
+        conformance::triple_fault_is_reported(&hv);
+    }
+}

@@ -28,7 +28,7 @@ INITRD=$GUEST/initramfs.cpio.gz
 CASES=(boots_to_readiness_line guest_sees_cpus_and_memory disk_hash_matches_host
     guest_writes_reach_the_file readonly_disk_refuses_writes stop_powers_guest_off_orderly
     missing_kernel_is_a_clear_error truncated_bzimage_is_a_clear_error
-    bad_bzimage_magic_is_a_clear_error pvh_vmlinux_boots)
+    bad_bzimage_magic_is_a_clear_error triple_fault_is_a_clear_error pvh_vmlinux_boots)
 
 # --- helpers -------------------------------------------------------------------------------
 
@@ -256,6 +256,13 @@ truncated_bzimage_is_a_clear_error() {
     need_hutch
     head -c 64K "$KERNEL" >"$WORK/truncated.bzImage"
     expect_clear_error "$WORK/truncated.bzImage" ""
+}
+
+triple_fault_is_a_clear_error() {
+    # A guest that crashes the CPU (triple fault) ends the VM with an error naming it.
+    need_hutch
+    python3 "$REPO/tests/e2e/crashing-kernel.py" "$WORK/crash.elf"
+    expect_clear_error "$WORK/crash.elf" "triple-faulted"
 }
 
 bad_bzimage_magic_is_a_clear_error() {

@@ -250,6 +250,36 @@ pub fn kick_before_run_is_not_lost(hv: &dyn Hypervisor) {
     assert_eq!(exit, Ok(VcpuExit::Interrupted), "run after an early kick");
 }
 
+/// 32-bit: `lidt [CODE_ADDR + 0x10]` (an empty IDT), `ud2`: #UD → #GP → #DF → shutdown.
+const TRIPLE_FAULT_CODE: [u8; 22] = [
+    0x0f, 0x01, 0x1d, 0x10, 0x10, 0x00, 0x00, // lidt [0x1010]
+    0x0f, 0x0b, // ud2
+    0x90, 0x90, 0x90, 0x90, 0x90, 0x90, 0x90, // padding up to the IDTR
+    0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // IDTR: limit 0, base 0
+];
+
+/// (f) A guest that triple-faults ends its run with `TripleFault`: a crash, not a reset.
+pub fn triple_fault_is_reported(hv: &dyn Hypervisor) {
+    assert_eq!(CODE_ADDR, 0x1000, "TRIPLE_FAULT_CODE addresses its IDTR absolutely");
+    let guest = tiny_guest(hv, &TRIPLE_FAULT_CODE);
+    let mut vcpu = create_vcpu(guest.vm.as_ref());
+    enter_flat_protected_mode(vcpu.as_mut());
+    let mut handler = Recorder::answering(0);
+    for _ in 0..100 {
+        match vcpu.run(&mut handler) {
+            Ok(VcpuExit::Io | VcpuExit::Interrupted) => continue,
+            other => {
+                assert!(
+                    matches!(other, Ok(VcpuExit::TripleFault)),
+                    "exit of a triple-faulting guest: {other:?}"
+                );
+                return;
+            }
+        }
+    }
+    panic!("the guest kept running after ud2 with an empty IDT");
+}
+
 fn distinct_regs() -> X86Regs {
     let mut regs = X86Regs::default();
     for (i, reg) in [

@@ -64,8 +64,10 @@ pub enum VcpuExit {
     Io,
     /// The guest executed HLT (only without an in-kernel irqchip).
     Halt,
-    /// The guest asked for a reset (triple fault, i8042 reset through the backend, PSCI reset).
+    /// The guest asked for a reset (a hypervisor-level reset event, PSCI reset).
     Reset,
+    /// The guest triple-faulted: an exception it could not handle, a crash rather than a reboot.
+    TripleFault,
     /// The guest powered off through a hypervisor-level event (PSCI off, KVM system event).
     Shutdown,
     /// [`VcpuKicker::kick`] interrupted the run.

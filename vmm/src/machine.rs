@@ -99,6 +99,8 @@ pub enum MachineError {
     Hypervisor(#[from] HypervisorError),
     #[error("Could not start a thread")]
     Thread(#[source] std::io::Error),
+    #[error("The guest crashed: vCPU {vcpu} triple-faulted near rip {rip:#x}")]
+    TripleFault { vcpu: u32, rip: u64 },
     #[error("The machine is {0:?}")]
     InvalidState(RunState),
     #[error("The vCPUs did not pause in time")]
@@ -564,6 +566,10 @@ fn vcpu_thread(
             Ok(VcpuExit::Halt) => thread::sleep(Duration::from_millis(1)),
             Ok(VcpuExit::Reset) => lifecycle.request_exit(Ok(ExitReason::Reset)),
             Ok(VcpuExit::Shutdown) => lifecycle.request_exit(Ok(ExitReason::PowerOff)),
+            Ok(VcpuExit::TripleFault) => {
+                let rip = vcpu.regs().map(|r| r.rip).unwrap_or_default();
+                lifecycle.request_exit(Err(MachineError::TripleFault { vcpu: id, rip }));
+            }
             Err(source) => lifecycle.request_exit(Err(MachineError::Vcpu { vcpu: id, source })),
         }
     }

@@ -368,7 +368,7 @@ impl Vcpu for KvmVcpu {
             }
             Ok(KvmExit::Hlt) => RunOutcome::Exit(VcpuExit::Halt),
             // A triple fault: a PC resets.
-            Ok(KvmExit::Shutdown) => RunOutcome::Exit(VcpuExit::Reset),
+            Ok(KvmExit::Shutdown) => RunOutcome::Exit(VcpuExit::TripleFault),
             Ok(KvmExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _)) => {
                 RunOutcome::Exit(VcpuExit::Shutdown)
             }
