@@ -28,7 +28,8 @@ INITRD=$GUEST/initramfs.cpio.gz
 CASES=(boots_to_readiness_line guest_sees_cpus_and_memory disk_hash_matches_host
     guest_writes_reach_the_file readonly_disk_refuses_writes stop_powers_guest_off_orderly
     missing_kernel_is_a_clear_error truncated_bzimage_is_a_clear_error
-    bad_bzimage_magic_is_a_clear_error triple_fault_is_a_clear_error pvh_vmlinux_boots)
+    bad_bzimage_magic_is_a_clear_error triple_fault_is_a_clear_error pvh_vmlinux_boots
+    control_socket_speaks_json_lines console_types_into_the_guest serial_to_a_file)
 
 # --- helpers -------------------------------------------------------------------------------
 
@@ -206,6 +207,70 @@ stop_powers_guest_off_orderly() {
     [ "$rc" = 0 ] || fail "hutch stop: exit $rc (log: $log)"
     has "$serial" 'reboot: Power down' ||
         fail "no orderly poweroff ('reboot: Power down') in $serial"
+}
+
+# The control socket speaks one JSON object per line (socat works), and pause/resume/poweroff
+# do what they say.
+control_socket_speaks_json_lines() {
+    need_hutch
+    export HUTCH_HOME=$WORK/home
+    local log=$WORK/log
+    "$HUTCH" create ctl --kernel "$KERNEL" --initrd "$INITRD" \
+        --cmdline "$(actions wait)" >"$log" 2>&1 || fail "hutch create: exit $? (log: $log)"
+    "$HUTCH" start ctl >>"$log" 2>&1 || fail "hutch start: exit $? (log: $log)"
+    wait_for_line "$HUTCH_HOME/vms/ctl/serial.log" 'HUTCH-RESULT acpid=ready' "$VM_TIMEOUT"
+    local sock
+    sock=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["socket"])' \
+        "$HUTCH_HOME/vms/ctl/pid.json") || fail "no socket in pid.json"
+    ask() { printf '%s\n' "$1" | timeout 20 socat -t 5 - "UNIX-CONNECT:$sock"; }
+    local reply
+    reply=$(ask '{"cmd":"status"}') || fail "status over socat failed"
+    echo "$reply" | grep -q '"state":"running"' || fail "status reply: $reply"
+    reply=$(ask '{"cmd":"pause"}')
+    echo "$reply" | grep -q '"ok":true' || fail "pause reply: $reply"
+    ask '{"cmd":"status"}' | grep -q '"state":"paused"' || fail "not paused after pause"
+    "$HUTCH" status ctl | grep -q paused || fail "hutch status does not say paused"
+    reply=$(ask '{"cmd":"resume"}')
+    echo "$reply" | grep -q '"ok":true' || fail "resume reply: $reply"
+    ask '{"cmd":"status"}' | grep -q '"state":"running"' || fail "not running after resume"
+    reply=$(ask 'not json') || true
+    echo "$reply" | grep -q '"ok":false' || fail "garbage got: $reply"
+    ask '{"cmd":"poweroff"}' >/dev/null || true
+    local i=0
+    until "$HUTCH" status ctl | grep -q 'state: *stopped'; do
+        i=$((i + 1))
+        [ "$i" -le 100 ] || fail "still not stopped 20 s after poweroff"
+        sleep 0.2
+    done
+    "$HUTCH" status ctl | grep -q forced_off || fail "last exit is not forced_off"
+}
+
+# `hutch console` attaches to a running guest's serial console in both directions.
+console_types_into_the_guest() {
+    need_hutch
+    export HUTCH_HOME=$WORK/home
+    local log=$WORK/log
+    "$HUTCH" create con --kernel "$KERNEL" --initrd "$INITRD" \
+        --cmdline "$(actions echo)" >"$log" 2>&1 || fail "hutch create: exit $? (log: $log)"
+    "$HUTCH" start con >>"$log" 2>&1 || fail "hutch start: exit $? (log: $log)"
+    wait_for_line "$HUTCH_HOME/vms/con/serial.log" 'HUTCH-GUEST-READY' "$VM_TIMEOUT"
+    sleep 1
+    (printf 'typed-through-console\n'; sleep 5) | timeout 30 "$HUTCH" console con \
+        >"$WORK/console.out" 2>&1 || true
+    grep -q 'HUTCH-ECHO typed-through-console' "$WORK/console.out" ||
+        fail "the guest's echo did not come back through the console: $(tail -c 300 "$WORK/console.out")"
+    "$HUTCH" stop con --force >>"$log" 2>&1 || fail "hutch stop --force: exit $?"
+}
+
+# `hutch run --serial PATH` writes the console to a file instead of stdout.
+serial_to_a_file() {
+    need_hutch
+    local rc=0
+    timeout -k 5 "$VM_TIMEOUT" "$HUTCH" run --kernel "$KERNEL" --initrd "$INITRD" \
+        --serial "$WORK/serial.txt" --cmdline "$(actions poweroff)" >"$WORK/log" 2>&1 || rc=$?
+    [ "$rc" = 0 ] || fail "exit $rc (log: $WORK/log)"
+    has "$WORK/serial.txt" HUTCH-GUEST-READY || fail "no readiness line in the serial file"
+    ! has "$WORK/log" HUTCH-GUEST-READY || fail "the console also went to stdout"
 }
 
 # The same check against QEMU: system_powerdown on its monitor (a socket on tmpfs).
