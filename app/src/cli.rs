@@ -72,7 +72,7 @@ pub struct MachineArgs {
     /// Disk image (virtio-blk); repeat for more disks; append ",readonly" for read-only.
     #[arg(long = "disk", value_name = "PATH[,readonly]", value_parser = parse_disk)]
     pub disks: Vec<DiskEntry>,
-    /// Number of vCPUs (1 to 255).
+    /// Number of vCPUs (1 to 254).
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub cpus: u32,
     /// Guest RAM in MiB.

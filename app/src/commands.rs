@@ -63,6 +63,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             OpenOptions::new()
                 .create(true)
                 .append(true)
+                .mode(0o600)
                 .open(path)
                 .with_context(|| format!("Cannot open serial output {}", path.display()))?,
         ),

@@ -19,9 +19,9 @@ use vmm::machine::{DiskConfig, MachineConfig};
 use crate::fsutil::write_atomic;
 
 pub const MAX_NAME_LEN: usize = 64;
-pub const MAX_CPUS: u32 = 255;
+pub const MAX_CPUS: u32 = vmm::machine::MAX_VCPUS;
 /// 1 TiB: a hard ceiling whatever the host (the host's RAM is checked when the VM starts).
-pub const MAX_MEMORY_MIB: u64 = 1 << 20;
+pub const MAX_MEMORY_MIB: u64 = vmm::arch::x86_64::layout::MAX_GUEST_RAM_MIB;
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
 const CONFIG_FORMAT: u32 = 1;
 
@@ -576,12 +576,12 @@ mod tests {
     #[test]
     fn out_of_range_numbers_are_rejected() {
         let mut c = config(Path::new("/k"));
-        for (cpus, mem) in [(0, 512), (256, 512), (1, 0), (1, MAX_MEMORY_MIB + 1)] {
+        for (cpus, mem) in [(0, 512), (MAX_CPUS + 1, 512), (1, 0), (1, MAX_MEMORY_MIB + 1)] {
             c.cpus = cpus;
             c.memory_mib = mem;
             assert!(c.validate().is_err(), "{cpus} {mem}");
         }
-        c.cpus = 255;
+        c.cpus = MAX_CPUS;
         c.memory_mib = 512;
         assert!(c.validate().is_ok());
     }

@@ -59,6 +59,19 @@ pub enum RunState {
     Stopped,
 }
 
+impl RunState {
+    /// The state's name as the control protocol spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            RunState::Starting => "starting",
+            RunState::Running => "running",
+            RunState::Paused => "paused",
+            RunState::ShuttingDown => "shutting_down",
+            RunState::Stopped => "stopped",
+        }
+    }
+}
+
 /// How the guest ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -101,7 +114,9 @@ pub enum MachineError {
     Thread(#[source] std::io::Error),
     #[error("The guest crashed: vCPU {vcpu} triple-faulted near rip {rip:#x}")]
     TripleFault { vcpu: u32, rip: u64 },
-    #[error("The machine is {0:?}")]
+    #[error("vCPU {vcpu} crashed (a bug in Hutch; see the log)")]
+    VcpuPanicked { vcpu: u32 },
+    #[error("The machine is {}", .0.name())]
     InvalidState(RunState),
     #[error("The vCPUs did not pause in time")]
     PauseTimeout,
@@ -202,6 +217,10 @@ pub struct MachineHandle {
     acpi_pm: Arc<Mutex<AcpiPm>>,
     vcpu_count: u32,
     memory_mib: u64,
+    // Guest RAM stays mapped while anything can still reach the VM (the devices above hold
+    // it through their interrupt sinks), so the backend's memory slots never dangle. Last
+    // field: dropped after the VM references.
+    _memory: GuestMemory,
 }
 
 impl MachineHandle {
@@ -215,6 +234,7 @@ impl MachineHandle {
     }
 
     /// Stops all vCPUs at a safe point (between two exits) and waits until they are there.
+    /// The state reads `paused` only once every vCPU has stopped.
     pub fn pause(&self) -> Result<(), MachineError> {
         {
             let mut control = lock(&self.lifecycle.control);
@@ -224,16 +244,25 @@ impl MachineHandle {
                 other => return Err(MachineError::InvalidState(other)),
             }
             control.pause_requested = true;
-            control.state = RunState::Paused;
         }
         self.lifecycle.kick_all();
         let deadline = Instant::now() + PAUSE_TIMEOUT;
         let mut control = lock(&self.lifecycle.control);
-        while control.paused_vcpus < control.live_vcpus && control.outcome.is_none() {
+        loop {
+            if control.outcome.is_some() {
+                return Err(MachineError::InvalidState(RunState::ShuttingDown));
+            }
+            if !control.pause_requested {
+                // A resume came first.
+                return Err(MachineError::InvalidState(RunState::Running));
+            }
+            if control.paused_vcpus >= control.live_vcpus {
+                control.state = RunState::Paused;
+                return Ok(());
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 control.pause_requested = false;
-                control.state = RunState::Running;
                 self.lifecycle.changed.notify_all();
                 return Err(MachineError::PauseTimeout);
             }
@@ -244,7 +273,6 @@ impl MachineHandle {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
-        Ok(())
     }
 
     pub fn resume(&self) -> Result<(), MachineError> {
@@ -256,18 +284,27 @@ impl MachineHandle {
                 self.lifecycle.changed.notify_all();
                 Ok(())
             }
-            RunState::Running => Ok(()),
+            RunState::Running => {
+                // Cancels a pause still waiting for its vCPUs.
+                control.pause_requested = false;
+                self.lifecycle.changed.notify_all();
+                Ok(())
+            }
             other => Err(MachineError::InvalidState(other)),
         }
     }
 
     /// Presses the ACPI power button: the guest shuts down in an orderly way.
+    /// A paused machine is resumed so that the guest can act on the button.
     pub fn shutdown(&self) -> Result<(), MachineError> {
         let state = self.state();
-        if !matches!(state, RunState::Running | RunState::Starting) {
+        if !matches!(state, RunState::Running | RunState::Starting | RunState::Paused) {
             return Err(MachineError::InvalidState(state));
         }
         lock(&self.acpi_pm).press_power_button();
+        if state == RunState::Paused {
+            self.resume()?;
+        }
         Ok(())
     }
 
@@ -324,8 +361,6 @@ impl ExitHandler for &IoBuses {
 /// A built, not yet running machine.
 pub struct Machine {
     vm: Arc<dyn Vm>,
-    // Guest RAM must outlive the VM's use of it; the machine owns it until `run` ends.
-    _memory: GuestMemory,
     io: Arc<IoBuses>,
     boot_cpu: (X86Regs, X86Sregs),
     handle: MachineHandle,
@@ -455,8 +490,9 @@ impl Machine {
             acpi_pm,
             vcpu_count: config.cpus,
             memory_mib: config.memory_mib,
+            _memory: memory,
         };
-        Ok(Machine { vm, _memory: memory, io: Arc::new(IoBuses { pio, mmio }), boot_cpu, handle })
+        Ok(Machine { vm, io: Arc::new(IoBuses { pio, mmio }), boot_cpu, handle })
     }
 
     pub fn handle(&self) -> MachineHandle {
@@ -545,6 +581,7 @@ fn vcpu_thread(
     boot: Option<(X86Regs, X86Sregs)>,
     ready: mpsc::Sender<Result<(), MachineError>>,
 ) {
+    let _guard = VcpuThreadGuard { lifecycle: &lifecycle, id };
     let vcpu = prepare_vcpu(id, vm.as_ref(), boot);
     let mut vcpu = match vcpu {
         Ok(vcpu) => {
@@ -554,7 +591,6 @@ fn vcpu_thread(
         }
         Err(e) => {
             let _ = ready.send(Err(e));
-            lock(&lifecycle.control).live_vcpus -= 1;
             return;
         }
     };
@@ -573,9 +609,24 @@ fn vcpu_thread(
             Err(source) => lifecycle.request_exit(Err(MachineError::Vcpu { vcpu: id, source })),
         }
     }
-    let mut control = lock(&lifecycle.control);
-    control.live_vcpus -= 1;
-    lifecycle.changed.notify_all();
+}
+
+/// Accounts for a vCPU thread's end however it ends: a panic ends the machine with an error
+/// instead of leaving `run` and `pause` waiting for a thread that is gone.
+struct VcpuThreadGuard<'a> {
+    lifecycle: &'a Lifecycle,
+    id: u32,
+}
+
+impl Drop for VcpuThreadGuard<'_> {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            self.lifecycle.request_exit(Err(MachineError::VcpuPanicked { vcpu: self.id }));
+        }
+        let mut control = lock(&self.lifecycle.control);
+        control.live_vcpus -= 1;
+        self.lifecycle.changed.notify_all();
+    }
 }
 
 fn prepare_vcpu(

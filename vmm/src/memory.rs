@@ -44,8 +44,9 @@ pub fn map_into_vm(memory: &GuestMemory, vm: &dyn Vm) -> Result<(), MemoryError>
             host_addr: region.as_ptr(),
             readonly: false,
         };
-        // SAFETY: the mapping is a live mmap owned by `memory`, which the machine keeps alive
-        // for as long as the VM exists.
+        // SAFETY: the mapping is a live mmap owned by `memory`. Callers keep a clone of
+        // `memory` for as long as the VM can run (the machine's handle drops it only after
+        // its own references to the VM).
         unsafe { vm.map_memory(mapping) }.map_err(MemoryError::Map)?;
     }
     Ok(())

@@ -24,9 +24,9 @@ pub const MAX_LINE: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProtocolError {
-    #[error("Malformed request: {0}")]
+    #[error("Malformed request")]
     Request(#[source] serde_json::Error),
-    #[error("Malformed reply: {0}")]
+    #[error("Malformed reply")]
     Reply(#[source] serde_json::Error),
 }
 
@@ -176,7 +176,7 @@ mod tests {
 
     #[test]
     fn unknown_command_error_names_it() {
-        let err = Request::parse(r#"{"cmd":"bogus"}"#).unwrap_err().to_string();
+        let err = vmm::error_chain(&Request::parse(r#"{"cmd":"bogus"}"#).unwrap_err());
         assert!(err.contains("bogus"), "{err}");
     }
 

@@ -178,7 +178,7 @@ fn serve_client<T: ControlTarget + ?Sized>(stream: UnixStream, target: &T) -> io
             continue;
         }
         let response = match Request::parse(text) {
-            Err(e) => Response::error(e.to_string()),
+            Err(e) => Response::error(vmm::error_chain(&e)),
             Ok(Request::Status) => Response::status(target.status()),
             Ok(Request::Pause) => result_reply(target.pause()),
             Ok(Request::Resume) => result_reply(target.resume()),

@@ -23,6 +23,10 @@ const CMD_READ_OUTPUT_PORT: u8 = 0xd0;
 const CMD_WRITE_OUTPUT_PORT: u8 = 0xd1;
 const CMD_PULSE_RESET: u8 = 0xfe;
 
+/// A real 8042 has a one-byte output buffer; a few bytes of slack, never unbounded growth
+/// from a guest that writes commands and never reads.
+const OUTPUT_CAPACITY: usize = 16;
+
 pub struct I8042 {
     ctr: u8,
     output: VecDeque<u8>,
@@ -53,14 +57,20 @@ impl I8042 {
         s
     }
 
+    fn push_output(&mut self, byte: u8) {
+        if self.output.len() < OUTPUT_CAPACITY {
+            self.output.push_back(byte);
+        }
+    }
+
     fn command(&mut self, cmd: u8) {
         match cmd {
-            CMD_READ_CTR => self.output.push_back(self.ctr),
+            CMD_READ_CTR => self.push_output(self.ctr),
             CMD_WRITE_CTR | CMD_WRITE_OUTPUT_PORT => self.pending_command = Some(cmd),
-            CMD_SELF_TEST => self.output.push_back(0x55),
-            CMD_KBD_TEST => self.output.push_back(0x00),
+            CMD_SELF_TEST => self.push_output(0x55),
+            CMD_KBD_TEST => self.push_output(0x00),
             // A20 enabled, reset line not asserted.
-            CMD_READ_OUTPUT_PORT => self.output.push_back(0x03),
+            CMD_READ_OUTPUT_PORT => self.push_output(0x03),
             CMD_PULSE_RESET => (self.on_reset)(),
             _ => {}
         }
@@ -73,7 +83,7 @@ impl I8042 {
             Some(CMD_WRITE_OUTPUT_PORT) if value & 1 == 0 => (self.on_reset)(),
             // No keyboard is attached yet: a byte sent to it is acknowledged with "resend".
             Some(_) => {}
-            None => self.output.push_back(0xfe),
+            None => self.push_output(0xfe),
         }
     }
 }
@@ -138,6 +148,15 @@ mod tests {
         assert_eq!(d[0], 0x55);
         dev.read(COMMAND_OFFSET, &mut s);
         assert_eq!(s[0] & STATUS_OUTPUT_FULL, 0);
+    }
+
+    #[test]
+    fn output_buffer_does_not_grow_for_a_guest_that_never_reads() {
+        let (mut dev, _) = device();
+        for _ in 0..10_000 {
+            dev.write(COMMAND_OFFSET, &[CMD_SELF_TEST]);
+        }
+        assert_eq!(dev.output.len(), OUTPUT_CAPACITY);
     }
 
     #[test]
