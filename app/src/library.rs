@@ -438,6 +438,10 @@ impl VmDir {
 
     /// Takes the VM lock if nobody holds it; `None` if a VM process (or a delete) holds it.
     pub fn try_lock(&self) -> Result<Option<VmLock>> {
+        self.try_flock(libc::LOCK_EX)
+    }
+
+    fn try_flock(&self, mode: libc::c_int) -> Result<Option<VmLock>> {
         let path = self.lock_path();
         let file = OpenOptions::new()
             .read(true)
@@ -448,7 +452,7 @@ impl VmDir {
             .open(&path)
             .map_err(io_err(&path))?;
         // SAFETY: flock on a descriptor we own; no memory is involved.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        let rc = unsafe { libc::flock(file.as_raw_fd(), mode | libc::LOCK_NB) };
         if rc == 0 {
             return Ok(Some(VmLock { _file: file }));
         }
@@ -460,12 +464,13 @@ impl VmDir {
         }
     }
 
-    /// True while a process holds the VM lock.
+    /// True while a process holds the VM lock. Probes with a shared lock, so that two
+    /// concurrent probes (`list` and `delete`, say) never see each other as a running VM.
     pub fn is_locked(&self) -> Result<bool> {
         if !self.lock_path().exists() {
             return Ok(false);
         }
-        Ok(self.try_lock()?.is_none())
+        Ok(self.try_flock(libc::LOCK_SH)?.is_none())
     }
 
     pub fn read_pid_file(&self) -> Option<PidFile> {
