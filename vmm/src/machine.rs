@@ -20,8 +20,8 @@ use crate::devices::i8042::I8042;
 use crate::devices::rtc::Rtc;
 use crate::devices::serial::{IrqEdge, SerialDevice};
 use crate::hypervisor::{
-    ExitHandler, Hypervisor, HypervisorError, InterruptSink, Vcpu, VcpuExit, VcpuKicker, Vm,
-    VmSetup, X86Regs, X86Sregs,
+    ExitHandler, Hypervisor, HypervisorError, InterruptSink, NotifierRegistry, Vcpu, VcpuExit,
+    VcpuKicker, Vm, VmNotifiers, VmSetup, X86Regs, X86Sregs,
 };
 use crate::memory::{self, GuestMemory};
 use crate::pci::{PciConfigIo, PciConfigMmio, PciMmioWindow, PciRoot};
@@ -407,10 +407,11 @@ impl Machine {
                 .map_err(|e| {
                     MachineError::Device(format!("virtio-blk {}: {e}", disk.path.display()))
                 })?;
-            add_virtio(&mut pci, Box::new(block), &memory, &irq)?;
+            let notifiers: Arc<dyn NotifierRegistry> = Arc::new(VmNotifiers(vm.clone()));
+            add_virtio(&mut pci, Box::new(block), &memory, &irq, Some(notifiers))?;
         }
         let rng = Rng::new().map_err(|e| MachineError::Device(format!("virtio-rng: {e}")))?;
-        add_virtio(&mut pci, Box::new(rng), &memory, &irq)?;
+        add_virtio(&mut pci, Box::new(rng), &memory, &irq, None)?;
         let pci = Arc::new(Mutex::new(pci));
 
         let mut pio = Bus::new();
@@ -518,9 +519,13 @@ fn add_virtio(
     device: Box<dyn crate::virtio::VirtioDevice>,
     memory: &GuestMemory,
     irq: &Arc<dyn InterruptSink>,
+    notifiers: Option<Arc<dyn NotifierRegistry>>,
 ) -> Result<(), MachineError> {
-    let transport = VirtioPciDevice::new(device, memory.clone(), irq.clone())
+    let mut transport = VirtioPciDevice::new(device, memory.clone(), irq.clone())
         .map_err(|e| MachineError::Device(format!("virtio-pci: {e}")))?;
+    if let Some(n) = notifiers {
+        transport = transport.with_notifiers(n);
+    }
     pci.add_device(Box::new(transport)).map_err(|e| MachineError::Device(format!("PCI: {e}")))?;
     Ok(())
 }
