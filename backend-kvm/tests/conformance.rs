@@ -62,3 +62,10 @@ fn save_restore_round_trip() {
         conformance::save_restore_round_trip(&hv);
     }
 }
+
+#[test]
+fn notifier_catches_guest_write() {
+    if let Some(hv) = hypervisor() {
+        conformance::notifier_catches_guest_write(&hv);
+    }
+}

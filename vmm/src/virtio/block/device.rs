@@ -132,7 +132,15 @@ impl Block {
         put(0x30, &MAX_DISCARD_SECTORS.to_le_bytes());
         put(0x34, &MAX_DISCARD_SEGMENTS.to_le_bytes());
         put(0x38, &[1]); // write_zeroes_may_unmap
-        Ok(Block { stats: Stats::default(), disk, read_only, id: id_bytes, capacity_sectors, config, active: None })
+        Ok(Block {
+            stats: Stats::default(),
+            disk,
+            read_only,
+            id: id_bytes,
+            capacity_sectors,
+            config,
+            active: None,
+        })
     }
 
     /// Handles one chain; returns the number of bytes written into it (data + status).
@@ -186,7 +194,7 @@ impl Block {
                 Stats::add(&self.stats.reads, 1);
                 Stats::add(&self.stats.read_bytes, len as u64);
                 self.stats.read_max.set(self.stats.read_max.get().max(len as u64));
-                if self.stats.reads.get() % STATS_EVERY == 0 {
+                if self.stats.reads.get().is_multiple_of(STATS_EVERY) {
                     self.stats.log();
                 }
                 match self.disk.read_vectored_at(data_in, offset) {
