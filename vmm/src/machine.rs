@@ -407,8 +407,7 @@ impl Machine {
                 .map_err(|e| {
                     MachineError::Device(format!("virtio-blk {}: {e}", disk.path.display()))
                 })?;
-            let notifiers: Arc<dyn NotifierRegistry> = Arc::new(VmNotifiers(vm.clone()));
-            add_virtio(&mut pci, Box::new(block), &memory, &irq, Some(notifiers))?;
+            add_virtio(&mut pci, Box::new(block), &memory, &irq, io_thread_notifiers(&vm))?;
         }
         let rng = Rng::new().map_err(|e| MachineError::Device(format!("virtio-rng: {e}")))?;
         add_virtio(&mut pci, Box::new(rng), &memory, &irq, None)?;
@@ -528,6 +527,15 @@ fn add_virtio(
     }
     pci.add_device(Box::new(transport)).map_err(|e| MachineError::Device(format!("PCI: {e}")))?;
     Ok(())
+}
+
+/// Notifiers for devices that serve their queues on I/O threads, or None to serve them on the
+/// notifying vCPU. With a single host CPU the hand-off to another thread cannot overlap
+/// anything; in the lab (1 CPU, 5 interleaved runs) ddread medians were 106 MB/s with threads
+/// and 99 without, within the noise, so a one-CPU host keeps the simpler synchronous path.
+fn io_thread_notifiers(vm: &Arc<dyn Vm>) -> Option<Arc<dyn NotifierRegistry>> {
+    let cpus = thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    (cpus > 1).then(|| Arc::new(VmNotifiers(vm.clone())) as Arc<dyn NotifierRegistry>)
 }
 
 /// Accepts and discards accesses.
