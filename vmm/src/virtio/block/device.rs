@@ -1,4 +1,5 @@
-//! The virtio-blk device: one request queue, served synchronously on the notifying vCPU.
+//! The virtio-blk device: one request queue, served synchronously by whichever thread the
+//! transport calls `process_queue` on (the notifying vCPU, or the queue's I/O thread).
 //! Data moves straight between guest memory and the disk (preadv/pwritev on the guest
 //! buffers), never through a per-request copy.
 
