@@ -19,13 +19,18 @@
 #
 # Environment: HUTCH (default ${CARGO_TARGET_DIR:-$REPO/target}/release/hutch), BENCH_REPS, BENCH_MEM,
 #   BENCH_QEMU_MACHINE, BENCH_VM_TIMEOUT (s per boot, default 180), BENCH_ONLY=qemu|hutch,
-#   BENCH_LOGS (a directory for the boot logs; default: the temporary work directory).
+#   BENCH_LOGS (a directory for the boot logs; default: the temporary work directory),
+#   BENCH_DISK_ONLY=1 (only the disk run per repetition: no boot-time / peak-RSS boot),
+#   BENCH_HUTCH_B (a second hutch binary, benchmarked as "hutchb" interleaved with the others,
+#   e.g. the build before a change).
 # Output: a table, then boot_time_ratio=, memory_overhead_ratio=, disk_read_ratio= (hutch/qemu,
 #   "n/a" when Hutch can't boot yet) with their targets (<= 0.5, <= 0.25, >= 1.0).
 set -euo pipefail
 . "$(dirname "$0")/../tests/lab/common.sh"
 
 HUTCH=${HUTCH:-${CARGO_TARGET_DIR:-$REPO/target}/release/hutch}
+HUTCH_B=${BENCH_HUTCH_B:-}
+DISK_ONLY=${BENCH_DISK_ONLY:-}
 REPS=${BENCH_REPS:-3}
 MEM=${BENCH_MEM:-512}
 MACHINE=${BENCH_QEMU_MACHINE:-q35}
@@ -43,7 +48,9 @@ vm_cmd() {
         [ -z "$disk" ] || CMD+=(-drive "file=$disk,if=none,id=d0,format=raw"
             -device virtio-blk-pci,drive=d0)
     else
-        CMD=("$HUTCH" run --kernel "$KERNEL" --initrd "$INITRD" --cmdline "$cmdline"
+        local bin=$HUTCH
+        [ "$vmm" != hutchb ] || bin=$HUTCH_B
+        CMD=("$bin" run --kernel "$KERNEL" --initrd "$INITRD" --cmdline "$cmdline"
             --cpus 1 --memory "$MEM")
         [ -z "$disk" ] || CMD+=(--disk "$disk")
     fi
@@ -109,8 +116,10 @@ boot_once() {
 
 # disk_once VMM LOG IMAGE : prints "MBPS OVERHEAD_KIB TOTAL_RSS_KIB GUEST_RSS_KIB".
 disk_once() {
-    local vmm=$1 log=$2 image=$3 t0 pid rc=0 sample='' pids
-    vm_cmd "$vmm" "console=ttyS0 quiet hutch.actions=ddread:/dev/vda,sleep:4,poweroff" "$image"
+    local vmm=$1 log=$2 image=$3 t0 pid rc=0 sample='' pids actions=ddread:/dev/vda,sleep:4,poweroff
+    # Disk-only runs skip the memory sample (and the sleep that gives it time).
+    [ -z "$DISK_ONLY" ] || { actions=ddread:/dev/vda,poweroff sample="0 0"; }
+    vm_cmd "$vmm" "console=ttyS0 quiet hutch.actions=$actions" "$image"
     t0=$(now_ms)
     "${CMD[@]}" </dev/null >"$log" 2>&1 &
     pid=$!
@@ -148,14 +157,16 @@ ratio() {
     fi
 }
 
-declare -A BOOT RSS OVER MBPS
+declare -A BOOT RSS OVER MBPS LIST
 
 # bench_rep VMM LOGS IMAGE I : one repetition; appends to the lists in BOOT RSS OVER MBPS.
 bench_rep() {
-    local vmm=$1 logs=$2 image=$3 i=$4 out boot rss
-    out=$(boot_once "$vmm" "$logs/$vmm-boot-$i.log") ||
-        { log "$vmm: boot $i failed (log: $logs/$vmm-boot-$i.log)"; return 1; }
-    read -r boot rss <<<"$out"
+    local vmm=$1 logs=$2 image=$3 i=$4 out boot=0 rss=0
+    if [ -z "$DISK_ONLY" ]; then
+        out=$(boot_once "$vmm" "$logs/$vmm-boot-$i.log") ||
+            { log "$vmm: boot $i failed (log: $logs/$vmm-boot-$i.log)"; return 1; }
+        read -r boot rss <<<"$out"
+    fi
     out=$(disk_once "$vmm" "$logs/$vmm-disk-$i.log" "$image") ||
         { log "$vmm: disk run $i failed (log: $logs/$vmm-disk-$i.log)"; return 1; }
     set -- $out
@@ -175,15 +186,19 @@ main() {
     head -c 256M /dev/urandom >"$work/disk.img"
 
     local vmms=() i
-    for vmm in hutch qemu; do
+    local all=(hutch qemu) bin
+    [ -z "$HUTCH_B" ] || all=(hutch hutchb qemu)
+    for vmm in "${all[@]}"; do
         [ -z "${BENCH_ONLY:-}" ] || [ "$BENCH_ONLY" = "$vmm" ] || continue
-        if [ "$vmm" = hutch ]; then
-            if [ ! -x "$HUTCH" ]; then
-                log "hutch: not available (no binary at $HUTCH)"
+        if [ "$vmm" != qemu ]; then
+            bin=$HUTCH
+            [ "$vmm" != hutchb ] || bin=$HUTCH_B
+            if [ ! -x "$bin" ]; then
+                log "$vmm: not available (no binary at $bin)"
                 continue
             fi
-            if ! boot_once hutch "$logs/hutch-probe.log" >/dev/null; then
-                log "hutch: not available (it does not boot the guest yet; log: $logs/hutch-probe.log)"
+            if [ -z "$DISK_ONLY" ] && ! boot_once "$vmm" "$logs/$vmm-probe.log" >/dev/null; then
+                log "$vmm: not available (it does not boot the guest yet; log: $logs/$vmm-probe.log)"
                 continue
             fi
         fi
@@ -197,13 +212,14 @@ main() {
             bench_rep "$vmm" "$logs" "$work/disk.img" "$i" || broken[$vmm]=1
         done
     done
-    for vmm in hutch qemu; do
+    for vmm in hutch hutchb qemu; do
         if [ -n "${broken[$vmm]:-}" ]; then
             BOOT[$vmm]="" RSS[$vmm]="" OVER[$vmm]="" MBPS[$vmm]=""
         fi
         BOOT[$vmm]=$(median ${BOOT[$vmm]:-})
         RSS[$vmm]=$(median ${RSS[$vmm]:-})
         OVER[$vmm]=$(median ${OVER[$vmm]:-})
+        LIST[$vmm]=${MBPS[$vmm]:-}
         MBPS[$vmm]=$(median ${MBPS[$vmm]:-})
     done
     rm -f "$work/disk.img"
@@ -218,6 +234,14 @@ main() {
         "$(ratio "${OVER[hutch]}" "${OVER[qemu]}")" "<= 0.25"
     printf '%-28s %12s %12s %8s  %s\n' "disk_read_mbps" "${MBPS[hutch]}" "${MBPS[qemu]}" \
         "$(ratio "${MBPS[hutch]}" "${MBPS[qemu]}")" ">= 1.0"
+    if [ -n "$HUTCH_B" ]; then
+        printf '%-28s %12s %12s %8s  %s\n' "disk_read_mbps hutchb" "${MBPS[hutchb]}" "${MBPS[qemu]}" \
+            "$(ratio "${MBPS[hutchb]}" "${MBPS[qemu]}")" ">= 1.0"
+        echo "disk_read_ratio_b=$(ratio "${MBPS[hutchb]}" "${MBPS[qemu]}") (hutchb/qemu)"
+        echo "disk_read_lists: hutch=[${LIST[hutch]:-}] hutchb=[${LIST[hutchb]:-}] qemu=[${LIST[qemu]:-}]"
+    else
+        echo "disk_read_lists: hutch=[${LIST[hutch]:-}] qemu=[${LIST[qemu]:-}]"
+    fi
     echo "boot_time_ratio=$(ratio "${BOOT[hutch]}" "${BOOT[qemu]}") (target <= 0.5)"
     echo "memory_overhead_ratio=$(ratio "${OVER[hutch]}" "${OVER[qemu]}") (target <= 0.25)"
     echo "disk_read_ratio=$(ratio "${MBPS[hutch]}" "${MBPS[qemu]}") (target >= 1.0)"

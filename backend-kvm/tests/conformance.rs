@@ -69,3 +69,10 @@ fn triple_fault_is_reported() {
         conformance::triple_fault_is_reported(&hv);
     }
 }
+
+#[test]
+fn notifier_catches_guest_write() {
+    if let Some(hv) = hypervisor() {
+        conformance::notifier_catches_guest_write(&hv);
+    }
+}

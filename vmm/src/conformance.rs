@@ -409,3 +409,61 @@ pub fn save_restore_round_trip(hv: &dyn Hypervisor) {
         assert_invalid_state(restored.vm.restore_state(&garbled), &format!("VM without {key}"));
     }
 }
+
+/// (g) A registered guest notifier catches the guest's MMIO write inside the hypervisor: the
+/// write never reaches the handler and wakes the notifier; other accesses still exit. Dropping
+/// the notifier gives the address back to the handler. A backend without notifiers must say
+/// [`HypervisorError::Unsupported`] and keep exiting as before.
+pub fn notifier_catches_guest_write(hv: &dyn Hypervisor) {
+    let guest = tiny_guest(hv, &MMIO_CODE);
+    let mut vcpu = create_vcpu(guest.vm.as_ref());
+    let notifier = match guest.vm.register_notifier(MMIO_ADDR, 4) {
+        Ok(n) => n,
+        Err(HypervisorError::Unsupported(_)) => {
+            enter_flat_protected_mode(vcpu.as_mut());
+            let mut handler = Recorder::answering(0);
+            run_until_done(vcpu.as_mut(), &mut handler);
+            assert_eq!(handler.mmio_writes.len(), 1, "without notifiers the write exits");
+            return;
+        }
+        Err(e) => panic!("{}: register_notifier failed: {e}", hv.name()),
+    };
+    let notifier: Arc<dyn crate::hypervisor::GuestNotifier> = Arc::from(notifier);
+    enter_flat_protected_mode(vcpu.as_mut());
+    let mut handler = Recorder::answering(0x1234_5678);
+    run_until_done(vcpu.as_mut(), &mut handler);
+    assert!(handler.mmio_writes.is_empty(), "the notifier's write exited: {handler:?}");
+    assert_eq!(handler.mmio_reads, vec![(MMIO_ADDR + 0x10, 4)], "the MMIO read still exits");
+    let (tx, rx) = mpsc::channel();
+    let waiter = notifier.clone();
+    let first = std::thread::spawn(move || {
+        let _ = tx.send(waiter.wait().map_err(|e| e.to_string()));
+    });
+    match rx.recv_timeout(THREAD_TIMEOUT) {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => panic!("notifier wait failed: {e}"),
+        Err(_) => panic!("the guest's write did not wake the notifier"),
+    }
+
+    // A wake from the host side ends a wait too (how device threads are stopped).
+    let waiter = notifier.clone();
+    let (tx, rx) = mpsc::channel();
+    let second = std::thread::spawn(move || {
+        let _ = tx.send(waiter.wait().is_ok());
+    });
+    notifier.wake();
+    assert_eq!(rx.recv_timeout(THREAD_TIMEOUT), Ok(true), "wake did not end the wait");
+
+    // Both waiters returned, so joining is quick; then this is the last reference.
+    let _ = first.join();
+    let _ = second.join();
+    drop(notifier);
+    enter_flat_protected_mode(vcpu.as_mut());
+    let mut handler = Recorder::answering(0);
+    run_until_done(vcpu.as_mut(), &mut handler);
+    assert_eq!(
+        handler.mmio_writes,
+        vec![(MMIO_ADDR, vec![0x78, 0x56, 0x34, 0x12])],
+        "after the notifier is dropped the write exits again"
+    );
+}

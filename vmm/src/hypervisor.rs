@@ -41,6 +41,9 @@ pub enum HypervisorError {
     /// An exit the backend does not know how to finish.
     #[error("Unexpected vCPU exit: {0}")]
     UnexpectedExit(String),
+    /// The backend does not offer this feature; the caller takes its slower path.
+    #[error("The hypervisor backend does not support {0}")]
+    Unsupported(&'static str),
     /// Saved state that does not fit this backend or this VM.
     #[error("Invalid backend state: {0}")]
     InvalidState(String),
@@ -106,6 +109,33 @@ pub trait InterruptSink: Send + Sync {
     fn signal_msi(&self, address: u64, data: u32) -> Result<()>;
 }
 
+/// Guest writes to one address, caught by the hypervisor without a vCPU exit to the VMM
+/// (KVM: an ioeventfd). Dropping it unregisters the address: writes exit as MMIO again.
+pub trait GuestNotifier: Send + Sync {
+    /// Blocks until the guest wrote the address, or [`GuestNotifier::wake`] was called, at
+    /// least once since the last return (several writes may coalesce into one wake-up).
+    fn wait(&self) -> Result<()>;
+    /// Wakes the waiter from the host side (to make it look at a stop request).
+    fn wake(&self);
+}
+
+/// Registers [`GuestNotifier`]s. A narrow view of the [`Vm`] that devices may hold.
+pub trait NotifierRegistry: Send + Sync {
+    /// Guest writes of exactly `len` bytes (1, 2, 4 or 8) to guest-physical `addr` signal the
+    /// returned notifier instead of exiting as MMIO. Writes of other sizes still exit.
+    /// [`HypervisorError::Unsupported`] when the backend has no such mechanism.
+    fn register_notifier(&self, addr: u64, len: u32) -> Result<Box<dyn GuestNotifier>>;
+}
+
+/// A [`NotifierRegistry`] over a whole VM (the VM keeps its other powers to itself).
+pub struct VmNotifiers(pub Arc<dyn Vm>);
+
+impl NotifierRegistry for VmNotifiers {
+    fn register_notifier(&self, addr: u64, len: u32) -> Result<Box<dyn GuestNotifier>> {
+        self.0.register_notifier(addr, len)
+    }
+}
+
 /// One hypervisor (KVM, Hypervisor.framework).
 pub trait Hypervisor: Send + Sync {
     fn name(&self) -> &'static str;
@@ -124,6 +154,12 @@ pub trait Vm: InterruptSink {
     /// Creates vCPU `id`. Call it on the thread that will run the vCPU; the result never
     /// leaves that thread.
     fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>>;
+
+    /// See [`NotifierRegistry::register_notifier`]. Backends without a way to catch guest
+    /// writes in the hypervisor keep this default: the VMM then handles them as MMIO exits.
+    fn register_notifier(&self, _addr: u64, _len: u32) -> Result<Box<dyn GuestNotifier>> {
+        Err(HypervisorError::Unsupported("guest notifiers"))
+    }
 
     /// Saves VM-wide backend state (interrupt controllers, timers, clock).
     fn save_state(&self) -> Result<VmState>;

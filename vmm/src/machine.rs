@@ -20,8 +20,8 @@ use crate::devices::i8042::I8042;
 use crate::devices::rtc::Rtc;
 use crate::devices::serial::{IrqEdge, SerialDevice};
 use crate::hypervisor::{
-    ExitHandler, Hypervisor, HypervisorError, InterruptSink, Vcpu, VcpuExit, VcpuKicker, Vm,
-    VmSetup, X86Regs, X86Sregs,
+    ExitHandler, Hypervisor, HypervisorError, InterruptSink, NotifierRegistry, Vcpu, VcpuExit,
+    VcpuKicker, Vm, VmNotifiers, VmSetup, X86Regs, X86Sregs,
 };
 use crate::memory::{self, GuestMemory};
 use crate::pci::{PciConfigIo, PciConfigMmio, PciMmioWindow, PciRoot};
@@ -444,10 +444,10 @@ impl Machine {
                 .map_err(|e| {
                     MachineError::Device(format!("virtio-blk {}: {e}", disk.path.display()))
                 })?;
-            add_virtio(&mut pci, Box::new(block), &memory, &irq)?;
+            add_virtio(&mut pci, Box::new(block), &memory, &irq, io_thread_notifiers(&vm))?;
         }
         let rng = Rng::new().map_err(|e| MachineError::Device(format!("virtio-rng: {e}")))?;
-        add_virtio(&mut pci, Box::new(rng), &memory, &irq)?;
+        add_virtio(&mut pci, Box::new(rng), &memory, &irq, None)?;
         let pci = Arc::new(Mutex::new(pci));
 
         let mut pio = Bus::new();
@@ -556,11 +556,24 @@ fn add_virtio(
     device: Box<dyn crate::virtio::VirtioDevice>,
     memory: &GuestMemory,
     irq: &Arc<dyn InterruptSink>,
+    notifiers: Option<Arc<dyn NotifierRegistry>>,
 ) -> Result<(), MachineError> {
-    let transport = VirtioPciDevice::new(device, memory.clone(), irq.clone())
+    let mut transport = VirtioPciDevice::new(device, memory.clone(), irq.clone())
         .map_err(|e| MachineError::Device(format!("virtio-pci: {e}")))?;
+    if let Some(n) = notifiers {
+        transport = transport.with_notifiers(n);
+    }
     pci.add_device(Box::new(transport)).map_err(|e| MachineError::Device(format!("PCI: {e}")))?;
     Ok(())
+}
+
+/// Notifiers for devices that serve their queues on I/O threads, or None to serve them on the
+/// notifying vCPU. With a single host CPU the hand-off to another thread cannot overlap
+/// anything; in the lab (1 CPU, 5 interleaved runs) ddread medians were 106 MB/s with threads
+/// and 99 without, within the noise, so a one-CPU host keeps the simpler synchronous path.
+fn io_thread_notifiers(vm: &Arc<dyn Vm>) -> Option<Arc<dyn NotifierRegistry>> {
+    let cpus = thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    (cpus > 1).then(|| Arc::new(VmNotifiers(vm.clone())) as Arc<dyn NotifierRegistry>)
 }
 
 /// Accepts and discards accesses.

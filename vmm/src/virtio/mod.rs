@@ -5,8 +5,11 @@
 //!                   common cfg, ISR, notify, MSI-X      process_queue() on the notifying vCPU
 //!                   └─ VirtioInterrupt (MSI-X) ──▶ hypervisor::InterruptSink::signal_msi
 //! ```
-//! There are no device threads: a notify write processes the queue on the vCPU thread that
-//! wrote it, and the transport then signals the queue's MSI-X vector.
+//! By default a notify write processes the queue on the vCPU thread that wrote it, and the
+//! transport then signals the queue's MSI-X vector. A transport given a
+//! [`NotifierRegistry`](crate::hypervisor::NotifierRegistry) instead serves each enabled queue
+//! on its own I/O thread, woken by a hypervisor notifier (KVM: ioeventfd) so the guest's write
+//! completes without a vCPU exit to the VMM; MMIO notifies still work alongside.
 
 pub mod block;
 pub mod pci_transport;

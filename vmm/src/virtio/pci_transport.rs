@@ -11,7 +11,9 @@
 //! MSI-X disabled or with no vector assigned only sets the ISR bit.
 //! The VIRTIO_PCI_CAP_PCI_CFG access window is not offered (Linux does not use it).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
 
 use log::{error, warn};
 use virtio_queue::{Queue, QueueT};
@@ -22,7 +24,7 @@ use super::{
     TYPE_BLOCK, TYPE_NET, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
 };
 use crate::devices::bus::lock;
-use crate::hypervisor::InterruptSink;
+use crate::hypervisor::{GuestNotifier, InterruptSink, NotifierRegistry};
 use crate::memory::GuestMemory;
 use crate::pci::config::{CLASS_NETWORK_ETHERNET, CLASS_OTHER, CLASS_STORAGE_SCSI};
 use crate::pci::{PciBar, PciBarKind, PciConfiguration, PciDevice, PciError, PciHeader};
@@ -163,6 +165,95 @@ impl VirtioInterrupt for PciInterrupt {
     }
 }
 
+/// An I/O thread serving one queue: it sleeps on the queue's notifier (the guest's notify
+/// write completes in the hypervisor), processes the queue and raises its interrupt.
+struct QueueWorker {
+    /// The notify region's address the notifier was registered under.
+    base: u64,
+    notifier: Arc<dyn GuestNotifier>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl QueueWorker {
+    fn start(
+        index: usize,
+        base: u64,
+        notifier: crate::hypervisor::Result<Box<dyn GuestNotifier>>,
+        device: Arc<Mutex<Box<dyn VirtioDevice>>>,
+        interrupt: Arc<PciInterrupt>,
+        failed: Arc<AtomicBool>,
+    ) -> Result<QueueWorker, String> {
+        let notifier: Arc<dyn GuestNotifier> = Arc::from(notifier.map_err(|e| e.to_string())?);
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let notifier = notifier.clone();
+            let stop = stop.clone();
+            thread::Builder::new()
+                .name(format!("virtio-q{index}"))
+                .spawn(move || worker_loop(index, &*notifier, &stop, &device, &interrupt, &failed))
+                .map_err(|e| format!("could not start the I/O thread: {e}"))?
+        };
+        // Notifies written before the notifier existed went to the MMIO path; a first pass
+        // here would only find an empty ring, so nothing is lost.
+        Ok(QueueWorker { base, notifier, stop, thread: Some(thread) })
+    }
+
+    fn stop(mut self) {
+        self.stop.store(true, Ordering::Release);
+        self.notifier.wake();
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                error!("virtio-pci: an I/O thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for QueueWorker {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.stop.store(true, Ordering::Release);
+            self.notifier.wake();
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+fn worker_loop(
+    index: usize,
+    notifier: &dyn GuestNotifier,
+    stop: &AtomicBool,
+    device: &Mutex<Box<dyn VirtioDevice>>,
+    interrupt: &PciInterrupt,
+    failed: &AtomicBool,
+) {
+    loop {
+        if let Err(e) = notifier.wait() {
+            error!("virtio-pci: queue {index} notifier failed: {e}");
+            return;
+        }
+        if stop.load(Ordering::Acquire) {
+            return;
+        }
+        if failed.load(Ordering::Acquire) {
+            continue;
+        }
+        let result = lock(device).process_queue(index);
+        match result {
+            Ok(true) => interrupt.signal_used_queue(index as u16),
+            Ok(false) => {}
+            Err(e) => {
+                error!("virtio-pci: queue {index}: {e}");
+                failed.store(true, Ordering::Release);
+                interrupt.signal_config_change();
+            }
+        }
+    }
+}
+
 /// What the driver programmed for one queue.
 #[derive(Debug, Clone, Copy)]
 struct QueueConfig {
@@ -201,8 +292,14 @@ impl QueueConfig {
 /// A virtio device on PCI.
 pub struct VirtioPciDevice {
     config: PciConfiguration,
-    device: Box<dyn VirtioDevice>,
+    device: Arc<Mutex<Box<dyn VirtioDevice>>>,
     memory: GuestMemory,
+    /// Where queue notifiers come from; None keeps every notify on the vCPU (synchronous).
+    notifiers: Option<Arc<dyn NotifierRegistry>>,
+    /// One I/O thread per enabled queue while the device is active and its BAR decoded.
+    workers: Vec<QueueWorker>,
+    /// Set by an I/O thread whose queue failed: reads back as DEVICE_NEEDS_RESET.
+    failed: Arc<AtomicBool>,
     interrupt: Arc<PciInterrupt>,
     /// Configuration register whose high half is the MSI-X message control word.
     msix_control_reg: usize,
@@ -305,8 +402,11 @@ impl VirtioPciDevice {
         });
         Ok(VirtioPciDevice {
             config,
-            device,
+            device: Arc::new(Mutex::new(device)),
             memory,
+            notifiers: None,
+            workers: Vec::new(),
+            failed: Arc::new(AtomicBool::new(false)),
             interrupt,
             msix_control_reg,
             device_feature_select: 0,
@@ -319,22 +419,82 @@ impl VirtioPciDevice {
         })
     }
 
+    /// Serves queue notifies on per-queue I/O threads woken by notifiers from `registry`
+    /// (KVM: ioeventfds) instead of on the notifying vCPU. Where a notifier can't be had the
+    /// notify stays synchronous.
+    pub fn with_notifiers(mut self, registry: Arc<dyn NotifierRegistry>) -> Self {
+        self.notifiers = Some(registry);
+        self
+    }
+
     /// The current device status byte.
     pub fn status(&self) -> u8 {
-        self.status
+        if self.failed.load(Ordering::Acquire) {
+            self.status | STATUS_DEVICE_NEEDS_RESET
+        } else {
+            self.status
+        }
+    }
+
+    /// Guest-physical address of the notify region while notifiers should be registered.
+    fn notify_base(&self) -> Option<u64> {
+        if !self.active || self.notifiers.is_none() || !self.config.memory_space_enabled() {
+            return None;
+        }
+        self.config.bar_address(0).filter(|&a| a != 0).and_then(|a| a.checked_add(NOTIFY_OFFSET))
+    }
+
+    /// Brings the I/O threads in line with the device state and BAR address.
+    fn update_workers(&mut self) {
+        let want = self.notify_base();
+        if self.workers.first().map(|w| w.base) == want {
+            return;
+        }
+        self.stop_workers();
+        let (Some(base), Some(registry)) = (want, self.notifiers.clone()) else {
+            return;
+        };
+        for (index, q) in self.queues.iter().enumerate() {
+            if !q.enabled {
+                continue;
+            }
+            let addr = base + index as u64 * u64::from(NOTIFY_OFF_MULTIPLIER);
+            match QueueWorker::start(
+                index,
+                base,
+                registry.register_notifier(addr, 2),
+                self.device.clone(),
+                self.interrupt.clone(),
+                self.failed.clone(),
+            ) {
+                Ok(w) => self.workers.push(w),
+                Err(e) => {
+                    // The notify still works, through the MMIO exit.
+                    log::debug!("virtio-pci: queue {index} notifies stay synchronous: {e}");
+                }
+            }
+        }
+    }
+
+    fn stop_workers(&mut self) {
+        for w in self.workers.drain(..) {
+            w.stop();
+        }
     }
 
     /// Marks the device broken: DEVICE_NEEDS_RESET plus a configuration-change interrupt.
     fn device_failure(&mut self, reason: &str) {
-        error!("virtio-pci device type {}: {reason}", self.device.device_type());
+        error!("virtio-pci device type {}: {reason}", lock(&self.device).device_type());
         self.status |= STATUS_DEVICE_NEEDS_RESET;
         self.interrupt.signal_config_change();
     }
 
     fn reset(&mut self) {
+        self.stop_workers();
         if self.active {
-            self.device.reset();
+            lock(&self.device).reset();
         }
+        self.failed.store(false, Ordering::Release);
         self.active = false;
         self.status = 0;
         self.device_feature_select = 0;
@@ -359,7 +519,7 @@ impl VirtioPciDevice {
         let old = self.status;
         let mut new = value & !STATUS_DEVICE_NEEDS_RESET;
         if new & STATUS_FEATURES_OK != 0 && old & STATUS_FEATURES_OK == 0 {
-            let offered = self.device.features();
+            let offered = lock(&self.device).features();
             let extra = self.driver_features & !offered;
             if extra != 0 || self.driver_features & VIRTIO_F_VERSION_1 == 0 {
                 warn!(
@@ -397,8 +557,12 @@ impl VirtioPciDevice {
             queues.push(q);
         }
         let interrupt: Arc<dyn VirtioInterrupt> = self.interrupt.clone();
-        match self.device.activate(self.memory.clone(), interrupt, queues) {
-            Ok(()) => self.active = true,
+        let result = lock(&self.device).activate(self.memory.clone(), interrupt, queues);
+        match result {
+            Ok(()) => {
+                self.active = true;
+                self.update_workers();
+            }
             Err(e) => self.device_failure(&format!("activation failed: {e}")),
         }
     }
@@ -424,8 +588,8 @@ impl VirtioPciDevice {
         let value: u64 = match (offset, data.len()) {
             (0x00, 4) => u64::from(self.device_feature_select),
             (0x04, 4) => match self.device_feature_select {
-                0 => self.device.features() & 0xffff_ffff,
-                1 => self.device.features() >> 32,
+                0 => lock(&self.device).features() & 0xffff_ffff,
+                1 => lock(&self.device).features() >> 32,
                 _ => 0,
             },
             (0x08, 4) => u64::from(self.driver_feature_select),
@@ -436,7 +600,7 @@ impl VirtioPciDevice {
             },
             (0x10, 2) => u64::from(st.config_vector),
             (0x12, 2) => self.queues.len() as u64,
-            (0x14, 1) => u64::from(self.status),
+            (0x14, 1) => u64::from(self.status()),
             (0x15, 1) => 0, // config_generation: device configs never change under the driver
             (0x16, 2) => u64::from(self.queue_select),
             (0x18, 2) => q.map_or(0, |q| u64::from(q.size)),
@@ -548,7 +712,11 @@ impl VirtioPciDevice {
         {
             return;
         }
-        match self.device.process_queue(queue_index) {
+        if self.failed.load(Ordering::Acquire) {
+            return;
+        }
+        let result = lock(&self.device).process_queue(queue_index);
+        match result {
             Ok(true) => self.interrupt.signal_used_queue(queue_index as u16),
             Ok(false) => {}
             Err(e) => self.device_failure(&format!("queue {queue_index}: {e}")),
@@ -637,6 +805,8 @@ impl PciDevice for VirtioPciDevice {
         if reg == self.msix_control_reg {
             self.update_msix_control();
         }
+        // The command register or a BAR may have moved the notify region.
+        self.update_workers();
     }
 
     fn bars(&self) -> Vec<PciBar> {
@@ -659,7 +829,7 @@ impl PciDevice for VirtioPciDevice {
                 }
             }
             o if (DEVICE_CFG_OFFSET..DEVICE_CFG_OFFSET + DEVICE_CFG_SIZE).contains(&o) => {
-                self.device.read_config(o - DEVICE_CFG_OFFSET, data)
+                lock(&self.device).read_config(o - DEVICE_CFG_OFFSET, data)
             }
             o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => {
                 self.msix_table_read(o - MSIX_TABLE_OFFSET, data)
@@ -678,7 +848,7 @@ impl PciDevice for VirtioPciDevice {
         match offset {
             o if o < COMMON_CFG_SIZE => self.common_write(o, data),
             o if (DEVICE_CFG_OFFSET..DEVICE_CFG_OFFSET + DEVICE_CFG_SIZE).contains(&o) => {
-                self.device.write_config(o - DEVICE_CFG_OFFSET, data)
+                lock(&self.device).write_config(o - DEVICE_CFG_OFFSET, data)
             }
             o if (NOTIFY_OFFSET..NOTIFY_OFFSET + NOTIFY_SIZE).contains(&o) => {
                 self.notify(((o - NOTIFY_OFFSET) / u64::from(NOTIFY_OFF_MULTIPLIER)) as usize)
@@ -721,6 +891,82 @@ pub(crate) mod testing {
         }
     }
 
+    /// A notifier the test fires by hand, standing in for a hypervisor's (an ioeventfd).
+    #[derive(Default)]
+    pub struct TestNotifier {
+        pending: Mutex<bool>,
+        cond: std::sync::Condvar,
+    }
+
+    impl TestNotifier {
+        pub fn fire(&self) {
+            *self.pending.lock().unwrap() = true;
+            self.cond.notify_all();
+        }
+    }
+
+    /// What the registry handed out: address and notifier, dropped ones included.
+    pub struct Registration {
+        pub addr: u64,
+        pub notifier: Arc<TestNotifier>,
+        pub live: Arc<AtomicBool>,
+    }
+
+    struct Handed(Arc<TestNotifier>, Arc<AtomicBool>);
+
+    impl GuestNotifier for Handed {
+        fn wait(&self) -> hypervisor::Result<()> {
+            let mut pending = self.0.pending.lock().unwrap();
+            while !*pending {
+                pending = self.0.cond.wait(pending).unwrap();
+            }
+            *pending = false;
+            Ok(())
+        }
+        fn wake(&self) {
+            self.0.fire();
+        }
+    }
+
+    impl Drop for Handed {
+        fn drop(&mut self) {
+            self.1.store(false, Ordering::Release);
+        }
+    }
+
+    #[derive(Default)]
+    pub struct TestRegistry {
+        pub registrations: Mutex<Vec<Registration>>,
+    }
+
+    impl TestRegistry {
+        /// The notifiers still registered, by address.
+        pub fn live(&self) -> Vec<(u64, Arc<TestNotifier>)> {
+            let regs = self.registrations.lock().unwrap();
+            regs.iter()
+                .filter(|r| r.live.load(Ordering::Acquire))
+                .map(|r| (r.addr, r.notifier.clone()))
+                .collect()
+        }
+    }
+
+    impl NotifierRegistry for TestRegistry {
+        fn register_notifier(
+            &self,
+            addr: u64,
+            _len: u32,
+        ) -> hypervisor::Result<Box<dyn GuestNotifier>> {
+            let notifier = Arc::new(TestNotifier::default());
+            let live = Arc::new(AtomicBool::new(true));
+            self.registrations.lock().unwrap().push(Registration {
+                addr,
+                notifier: notifier.clone(),
+                live: live.clone(),
+            });
+            Ok(Box::new(Handed(notifier, live)))
+        }
+    }
+
     pub struct TestDriver {
         pub dev: VirtioPciDevice,
         pub mem: GuestMemory,
@@ -734,6 +980,13 @@ pub(crate) mod testing {
             let sink = Arc::new(RecordingSink::default());
             let dev = VirtioPciDevice::new(device, mem.clone(), sink.clone()).unwrap();
             TestDriver { dev, mem, sink, tq: TestQueue::new(256, 0x10_0000) }
+        }
+
+        /// Places BAR0 at `addr` and turns on memory decoding (what firmware or Linux does).
+        pub fn place_bar0(&mut self, addr: u64) {
+            self.dev.write_config_register(4, 0, &(addr as u32 | 0b100).to_le_bytes());
+            self.dev.write_config_register(5, 0, &((addr >> 32) as u32).to_le_bytes());
+            self.dev.write_config_register(1, 0, &2u16.to_le_bytes());
         }
 
         pub fn read(&mut self, offset: u64, len: usize) -> u64 {
@@ -949,6 +1202,81 @@ mod tests {
         d.write(entry1 + 12, 4, 0);
         assert_eq!(d.msis(), vec![(MSI_ADDR, QUEUE_MSI_DATA)]);
         assert_eq!(d.read(MSIX_PBA_OFFSET, 8), 0);
+    }
+
+    const BAR0_ADDR: u64 = 0xe000_0000;
+
+    /// A driver whose device serves queue notifies on an I/O thread.
+    fn threaded_driver() -> (TestDriver, Arc<TestRegistry>) {
+        let mut d = driver();
+        let registry = Arc::new(TestRegistry::default());
+        let dev = std::mem::replace(
+            &mut d.dev,
+            VirtioPciDevice::new(Box::new(Rng::new().unwrap()), d.mem.clone(), d.sink.clone())
+                .unwrap(),
+        );
+        d.dev = dev.with_notifiers(registry.clone());
+        d.place_bar0(BAR0_ADDR);
+        (d, registry)
+    }
+
+    fn wait_used(d: &TestDriver, want: u16) -> bool {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            if d.tq.used_idx(&d.mem) == want {
+                return true;
+            }
+            thread::sleep(std::time::Duration::from_millis(1));
+        }
+        false
+    }
+
+    #[test]
+    fn notifier_is_registered_only_while_active() {
+        let (mut d, registry) = threaded_driver();
+        assert!(registry.live().is_empty(), "nothing before DRIVER_OK");
+        d.bring_up();
+        let live: Vec<u64> = registry.live().iter().map(|(a, _)| *a).collect();
+        assert_eq!(live, vec![BAR0_ADDR + NOTIFY_OFFSET]);
+        d.write(0x14, 1, 0);
+        assert!(registry.live().is_empty(), "reset unregisters");
+    }
+
+    #[test]
+    fn notifier_wakes_the_io_thread_which_completes_and_interrupts() {
+        let (mut d, registry) = threaded_driver();
+        d.bring_up();
+        d.tq.set_desc(&d.mem, 0, 0x20_0000, 64, crate::virtio::queue::testing::DESC_F_WRITE, 0);
+        d.tq.push(&d.mem, 0);
+        let (_, notifier) = registry.live().remove(0);
+        notifier.fire();
+        assert!(wait_used(&d, 1), "the I/O thread did not complete the request");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while d.msis().is_empty() && std::time::Instant::now() < deadline {
+            thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(d.msis(), vec![(MSI_ADDR, QUEUE_MSI_DATA)]);
+    }
+
+    #[test]
+    fn mmio_notify_still_works_with_an_io_thread() {
+        let (mut d, _registry) = threaded_driver();
+        d.bring_up();
+        d.tq.set_desc(&d.mem, 0, 0x20_0000, 64, crate::virtio::queue::testing::DESC_F_WRITE, 0);
+        d.tq.push(&d.mem, 0);
+        d.notify(0);
+        assert_eq!(d.tq.used_idx(&d.mem), 1);
+    }
+
+    #[test]
+    fn moving_or_disabling_the_bar_moves_the_notifier() {
+        let (mut d, registry) = threaded_driver();
+        d.bring_up();
+        d.place_bar0(0xd000_0000);
+        let live: Vec<u64> = registry.live().iter().map(|(a, _)| *a).collect();
+        assert_eq!(live, vec![0xd000_0000 + NOTIFY_OFFSET]);
+        d.dev.write_config_register(1, 0, &0u16.to_le_bytes());
+        assert!(registry.live().is_empty(), "no memory decoding, no notifier");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 mod convert;
 mod cpuid;
 mod kick;
+mod notifier;
 mod state;
 mod vcpu;
 
@@ -16,7 +17,8 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vmm::hypervisor::{
-    GuestRamMapping, Hypervisor, HypervisorError, InterruptSink, Result, Vcpu, Vm, VmSetup, VmState,
+    GuestNotifier, GuestRamMapping, Hypervisor, HypervisorError, InterruptSink, Result, Vcpu, Vm,
+    VmSetup, VmState,
 };
 
 pub use kick::KvmKicker;
@@ -125,7 +127,7 @@ impl Hypervisor for KvmHypervisor {
         // KVM_CAP_XSAVE2 answers the size of the XSAVE buffer KVM_GET_XSAVE2 fills (0 if absent).
         let xsave2_size = usize::try_from(vm.check_extension_int(Cap::Xsave2)).unwrap_or(0);
         Ok(Arc::new(KvmVm {
-            fd: vm,
+            fd: Arc::new(vm),
             caps: self.caps.clone(),
             vcpu_count: setup.vcpu_count,
             xsave2_size,
@@ -137,7 +139,8 @@ impl Hypervisor for KvmHypervisor {
 
 /// One KVM VM with the in-kernel PIC, IOAPIC, LAPICs and PIT.
 pub struct KvmVm {
-    fd: VmFd,
+    /// Shared with the notifiers, which unregister themselves through it.
+    fd: Arc<VmFd>,
     caps: Arc<HostCaps>,
     vcpu_count: u32,
     xsave2_size: usize,
@@ -196,6 +199,10 @@ impl Vm for KvmVm {
         }
         let vcpu = vcpu::KvmVcpu::new(self, id)?;
         Ok(Box::new(vcpu))
+    }
+
+    fn register_notifier(&self, addr: u64, len: u32) -> Result<Box<dyn GuestNotifier>> {
+        Ok(Box::new(notifier::KvmNotifier::new(self.fd.clone(), addr, len)?))
     }
 
     fn save_state(&self) -> Result<VmState> {

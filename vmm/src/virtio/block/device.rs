@@ -1,7 +1,9 @@
-//! The virtio-blk device: one request queue, served synchronously on the notifying vCPU.
+//! The virtio-blk device: one request queue, served synchronously by whichever thread the
+//! transport calls `process_queue` on (the notifying vCPU, or the queue's I/O thread).
 //! Data moves straight between guest memory and the disk (preadv/pwritev on the guest
 //! buffers), never through a per-request copy.
 
+use std::cell::Cell;
 use std::sync::Arc;
 
 use log::{error, warn};
@@ -40,8 +42,41 @@ struct Active {
     _interrupt: Arc<dyn VirtioInterrupt>,
 }
 
+/// Request counters, logged at debug level: what sizes the guest's driver really sends.
+#[derive(Default)]
+struct Stats {
+    queue_runs: Cell<u64>,
+    reads: Cell<u64>,
+    read_bytes: Cell<u64>,
+    read_max: Cell<u64>,
+    writes: Cell<u64>,
+    write_bytes: Cell<u64>,
+}
+
+impl Stats {
+    fn add(counter: &Cell<u64>, n: u64) {
+        counter.set(counter.get().wrapping_add(n));
+    }
+
+    fn log(&self) {
+        log::debug!(
+            "virtio-blk: {} queue runs; {} reads of {} bytes (largest {}); {} writes of {} bytes",
+            self.queue_runs.get(),
+            self.reads.get(),
+            self.read_bytes.get(),
+            self.read_max.get(),
+            self.writes.get(),
+            self.write_bytes.get()
+        );
+    }
+}
+
+/// Every how many reads the counters are logged.
+const STATS_EVERY: u64 = 256;
+
 /// A virtio block device over one disk backend.
 pub struct Block {
+    stats: Stats,
     disk: Box<dyn disk::BlockBackend>,
     read_only: bool,
     id: [u8; VIRTIO_BLK_ID_BYTES],
@@ -98,7 +133,15 @@ impl Block {
         put(0x30, &MAX_DISCARD_SECTORS.to_le_bytes());
         put(0x34, &MAX_DISCARD_SEGMENTS.to_le_bytes());
         put(0x38, &[1]); // write_zeroes_may_unmap
-        Ok(Block { disk, read_only, id: id_bytes, capacity_sectors, config, active: None })
+        Ok(Block {
+            stats: Stats::default(),
+            disk,
+            read_only,
+            id: id_bytes,
+            capacity_sectors,
+            config,
+            active: None,
+        })
     }
 
     /// Handles one chain; returns the number of bytes written into it (data + status).
@@ -149,6 +192,12 @@ impl Block {
                 let Some(offset) = self.checked_range(sector, len as u64) else {
                     return Completion::status(VIRTIO_BLK_S_IOERR);
                 };
+                Stats::add(&self.stats.reads, 1);
+                Stats::add(&self.stats.read_bytes, len as u64);
+                self.stats.read_max.set(self.stats.read_max.get().max(len as u64));
+                if self.stats.reads.get().is_multiple_of(STATS_EVERY) {
+                    self.stats.log();
+                }
                 match self.disk.read_vectored_at(data_in, offset) {
                     Ok(()) => Completion { status: VIRTIO_BLK_S_OK, written: len },
                     Err(e) => {
@@ -168,6 +217,8 @@ impl Block {
                 let Some(offset) = self.checked_range(sector, total_len(&data_out) as u64) else {
                     return Completion::status(VIRTIO_BLK_S_IOERR);
                 };
+                Stats::add(&self.stats.writes, 1);
+                Stats::add(&self.stats.write_bytes, total_len(&data_out) as u64);
                 self.result(self.disk.write_vectored_at(&data_out, offset))
             }
             VIRTIO_BLK_T_FLUSH => self.result(self.disk.flush()),
@@ -306,6 +357,7 @@ impl VirtioDevice for Block {
         let Some(mut active) = self.active.take() else {
             return Ok(false);
         };
+        Stats::add(&self.stats.queue_runs, 1);
         let Active { memory, queue, .. } = &mut active;
         let result = drain_queue(queue, memory, |chain| self.handle_chain(memory, chain));
         self.active = Some(active);
@@ -313,7 +365,14 @@ impl VirtioDevice for Block {
     }
 
     fn reset(&mut self) {
+        self.stats.log();
         self.active = None;
+    }
+}
+
+impl Drop for Block {
+    fn drop(&mut self) {
+        self.stats.log();
     }
 }
 
