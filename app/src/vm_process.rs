@@ -306,11 +306,8 @@ mod tests {
 
     #[test]
     fn kernel_cache_dir_follows_the_environment_in_order() {
-        let all = [
-            ("HUTCH_CACHE_DIR", "/c/hutch"),
-            ("XDG_CACHE_HOME", "/xdg"),
-            ("HOME", "/home/u"),
-        ];
+        let all =
+            [("HUTCH_CACHE_DIR", "/c/hutch"), ("XDG_CACHE_HOME", "/xdg"), ("HOME", "/home/u")];
         assert_eq!(kernel_cache_dir(env(&all)), Some(PathBuf::from("/c/hutch")));
         assert_eq!(kernel_cache_dir(env(&all[1..])), Some(PathBuf::from("/xdg/hutch/kernels")));
         // A relative XDG_CACHE_HOME is invalid by the XDG spec and ignored.

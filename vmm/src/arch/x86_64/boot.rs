@@ -455,15 +455,15 @@ fn load_cached(
     let mut cached = match kernel_cache::lookup_or_insert(dir, file) {
         Ok(cached) => cached,
         Err(e) => {
-            log::warn!(
-                "kernel cache: {}; booting the bzImage itself",
-                crate::error_chain(&e)
-            );
+            log::warn!("kernel cache: {}; booting the bzImage itself", crate::error_chain(&e));
             return None;
         }
     };
     let looked_up = started.elapsed();
-    let result = read_probe(&mut cached.file)
+    let result = cached
+        .file
+        .seek(SeekFrom::Start(0))
+        .and_then(|_| read_probe(&mut cached.file))
         .map_err(|source| BootError::Read { what: "kernel", path: cached.path.clone(), source })
         .and_then(|probe| load_elf(memory, &cached.path, &mut cached.file, &probe, target));
     match result {
@@ -478,7 +478,10 @@ fn load_cached(
             Some(entry)
         }
         Ok(_) => {
-            log::warn!("kernel cache: {} has no PVH entry; booting the bzImage itself", cached.path.display());
+            log::warn!(
+                "kernel cache: {} has no PVH entry; booting the bzImage itself",
+                cached.path.display()
+            );
             None
         }
         Err(e) => {
@@ -793,7 +796,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::memory::create_guest_memory;
 
-    const RAM_MIB: u64 = 64;
+    pub(crate) const RAM_MIB: u64 = 64;
     const PAYLOAD_LEN: usize = 0x2000;
     const ENTRY_RAW: u64 = 0x10_0040;
 
@@ -815,7 +818,7 @@ pub(crate) mod tests {
 
     /// A minimal bzImage: one setup sector after the boot sector, protocol 2.15, a payload
     /// of `PAYLOAD_LEN` bytes filled with 0xAB.
-    fn synthetic_bzimage() -> Vec<u8> {
+    pub(crate) fn synthetic_bzimage() -> Vec<u8> {
         let setup_size = 2 * 512;
         let mut img = vec![0u8; setup_size + PAYLOAD_LEN];
         img[hdr_off!(setup_sects)] = 1;
@@ -840,7 +843,7 @@ pub(crate) mod tests {
 
     /// A minimal x86_64 vmlinux: one PT_LOAD at 1 MiB and, if `pvh`, a PT_NOTE with the Xen
     /// PHYS32_ENTRY note pointing at `ENTRY_RAW + 0x10`.
-    fn synthetic_elf(pvh: bool) -> Vec<u8> {
+    pub(crate) fn synthetic_elf(pvh: bool) -> Vec<u8> {
         let ehdr_len = size_of::<Elf64_Ehdr>();
         let phdr_len = size_of::<Elf64_Phdr>();
         let note_off = ehdr_len + 2 * phdr_len;
