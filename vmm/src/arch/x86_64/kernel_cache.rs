@@ -400,7 +400,7 @@ pub fn evict(dir: &Path, keep: usize, current: &Path) {
         }
     }
     // Newest first; everything past the newest `keep - 1` others goes.
-    entries.sort_by(|a, b| b.0.cmp(&a.0));
+    entries.sort_by_key(|e| std::cmp::Reverse(e.0));
     for (_, path) in entries.into_iter().skip(keep.saturating_sub(1)) {
         log::info!("kernel cache: evicting {}", path.display());
         let _ = fs::remove_file(path);
