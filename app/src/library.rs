@@ -189,6 +189,8 @@ impl VmConfig {
                 .collect(),
             cpus: self.cpus,
             memory_mib: self.memory_mib,
+            // Filled from the environment where the machine is built (vm_process).
+            kernel_cache_dir: None,
         }
     }
 

@@ -35,8 +35,29 @@ pub fn build_machine(
     config.check_files()?;
     backend::check_fits_host(config)?;
     let hypervisor = backend::open_hypervisor(None)?;
-    Machine::new(&*hypervisor, &config.to_machine_config(), serial_out)
+    let mut machine_config = config.to_machine_config();
+    machine_config.kernel_cache_dir = kernel_cache_dir(|k| std::env::var_os(k));
+    Machine::new(&*hypervisor, &machine_config, serial_out)
         .context("Cannot build the virtual machine")
+}
+
+/// The decompressed-kernel cache directory: `$HUTCH_CACHE_DIR`, else
+/// `$XDG_CACHE_HOME/hutch/kernels`, else `~/.cache/hutch/kernels`; None when
+/// `HUTCH_KERNEL_CACHE=0` or no home is known. `var` reads the environment.
+pub fn kernel_cache_dir(
+    var: impl Fn(&str) -> Option<std::ffi::OsString>,
+) -> Option<std::path::PathBuf> {
+    let var = |k| var(k).filter(|v| !v.is_empty()).map(std::path::PathBuf::from);
+    if var("HUTCH_KERNEL_CACHE").is_some_and(|v| v.as_os_str() == "0") {
+        return None;
+    }
+    if let Some(dir) = var("HUTCH_CACHE_DIR") {
+        Some(dir)
+    } else if let Some(cache) = var("XDG_CACHE_HOME").filter(|p| p.is_absolute()) {
+        Some(cache.join("hutch/kernels"))
+    } else {
+        var("HOME").map(|home| home.join(".cache/hutch/kernels"))
+    }
 }
 
 /// What the VM process needs from a running machine's handle: [`MachineHandle`] in
@@ -278,6 +299,33 @@ mod tests {
     use std::path::PathBuf;
     use std::sync::mpsc;
     use std::sync::Mutex;
+
+    fn env<'a>(pairs: &'a [(&str, &str)]) -> impl Fn(&str) -> Option<std::ffi::OsString> + 'a {
+        move |k| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| (*v).into())
+    }
+
+    #[test]
+    fn kernel_cache_dir_follows_the_environment_in_order() {
+        let all =
+            [("HUTCH_CACHE_DIR", "/c/hutch"), ("XDG_CACHE_HOME", "/xdg"), ("HOME", "/home/u")];
+        assert_eq!(kernel_cache_dir(env(&all)), Some(PathBuf::from("/c/hutch")));
+        assert_eq!(kernel_cache_dir(env(&all[1..])), Some(PathBuf::from("/xdg/hutch/kernels")));
+        // A relative XDG_CACHE_HOME is invalid by the XDG spec and ignored.
+        let relative = [("XDG_CACHE_HOME", "rel"), ("HOME", "/home/u")];
+        assert_eq!(
+            kernel_cache_dir(env(&relative)),
+            Some(PathBuf::from("/home/u/.cache/hutch/kernels"))
+        );
+        assert_eq!(kernel_cache_dir(env(&[])), None);
+    }
+
+    #[test]
+    fn kernel_cache_can_be_switched_off() {
+        let off = [("HUTCH_KERNEL_CACHE", "0"), ("HUTCH_CACHE_DIR", "/c")];
+        assert_eq!(kernel_cache_dir(env(&off)), None);
+        let on = [("HUTCH_KERNEL_CACHE", "1"), ("HUTCH_CACHE_DIR", "/c")];
+        assert_eq!(kernel_cache_dir(env(&on)), Some(PathBuf::from("/c")));
+    }
 
     enum Cmd {
         Shutdown,

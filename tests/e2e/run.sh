@@ -29,7 +29,8 @@ CASES=(boots_to_readiness_line guest_sees_cpus_and_memory disk_hash_matches_host
     guest_writes_reach_the_file readonly_disk_refuses_writes stop_powers_guest_off_orderly
     missing_kernel_is_a_clear_error truncated_bzimage_is_a_clear_error
     bad_bzimage_magic_is_a_clear_error triple_fault_is_a_clear_error pvh_vmlinux_boots
-    control_socket_speaks_json_lines console_types_into_the_guest serial_to_a_file)
+    bzimage_boots_from_kernel_cache control_socket_speaks_json_lines
+    console_types_into_the_guest serial_to_a_file)
 
 # --- helpers -------------------------------------------------------------------------------
 
@@ -343,6 +344,28 @@ pvh_vmlinux_boots() {
     boot "$WORK/log" --kernel "$GUEST/vmlinux" --cmdline "$(actions poweroff)" || rc=$?
     [ "$rc" = 0 ] || fail "exit status $rc (log: $WORK/log)"
     expect_ready "$WORK/log"
+}
+
+bzimage_boots_from_kernel_cache() {
+    need_hutch
+    [ "$(cat "$GUEST/PVH" 2>/dev/null)" != none ] || skip "the test kernel has no PVH note"
+    local cache=$WORK/kernel-cache rc=0 i
+    for i in 1 2; do
+        HUTCH_CACHE_DIR=$cache RUST_LOG=info boot "$WORK/log$i" --cmdline "$(actions poweroff)" ||
+            rc=$?
+        [ "$rc" = 0 ] || fail "boot $i: exit status $rc (log: $WORK/log$i)"
+        expect_ready "$WORK/log$i"
+    done
+    has "$WORK/log1" "kernel cache: miss, stored" || fail "boot 1 did not fill the cache (log: $WORK/log1)"
+    has "$WORK/log2" "kernel cache: hit" || fail "boot 2 did not hit the cache (log: $WORK/log2)"
+    ls "$cache"/*.vmlinux >/dev/null 2>&1 || fail "no cached kernel in $cache"
+    # Without the cache the same bzImage still boots (the guest decompresses it).
+    rc=0
+    HUTCH_KERNEL_CACHE=0 HUTCH_CACHE_DIR=$cache RUST_LOG=info boot "$WORK/log3" \
+        --cmdline "$(actions poweroff)" || rc=$?
+    [ "$rc" = 0 ] || fail "uncached boot: exit status $rc (log: $WORK/log3)"
+    expect_ready "$WORK/log3"
+    ! has "$WORK/log3" "kernel cache:" || fail "HUTCH_KERNEL_CACHE=0 still used the cache"
 }
 
 # --- driver --------------------------------------------------------------------------------

@@ -46,6 +46,9 @@ pub struct MachineConfig {
     pub disks: Vec<DiskConfig>,
     pub cpus: u32,
     pub memory_mib: u64,
+    /// Directory of the decompressed-kernel cache (`arch::x86_64::kernel_cache`); None: off.
+    #[serde(default)]
+    pub kernel_cache_dir: Option<PathBuf>,
 }
 
 /// Coarse state reported over the control protocol.
@@ -417,6 +420,7 @@ impl Machine {
             &config.cmdline,
             config.memory_mib,
             rsdp,
+            config.kernel_cache_dir.as_deref(),
         )?;
         let boot_cpu = boot::setup_boot_cpu(&memory, &entry)?;
 

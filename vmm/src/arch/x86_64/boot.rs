@@ -27,7 +27,7 @@ use linux_loader::loader::elf::start_info::{
 use linux_loader::loader::{BzImage, Elf, KernelLoader, PvhBootCapability};
 use vm_memory::{ByteValued, Bytes, GuestAddress};
 
-use super::layout;
+use super::{kernel_cache, layout};
 use crate::hypervisor::{X86DescriptorTable, X86Regs, X86Segment, X86Sregs};
 use crate::memory::GuestMemory;
 
@@ -364,6 +364,8 @@ fn mem_err(what: &'static str) -> impl FnOnce(vm_memory::GuestMemoryError) -> Bo
 
 /// Loads the kernel, initrd and command line and writes the boot information for the kernel's
 /// entry protocol. `acpi_rsdp` is the RSDP's guest address (0: none, the kernel scans for it).
+/// With `kernel_cache` (a directory), a bzImage is booted from its cached decompressed ELF
+/// through the PVH entry when that works (see [`kernel_cache`]), and as itself otherwise.
 pub fn load_kernel(
     memory: &GuestMemory,
     kernel: &Path,
@@ -371,11 +373,13 @@ pub fn load_kernel(
     cmdline: &str,
     ram_mib: u64,
     acpi_rsdp: u64,
+    kernel_cache: Option<&Path>,
 ) -> Result<KernelEntry, BootError> {
     let ram_size = ram_mib
         .checked_mul(1 << 20)
         .filter(|&size| size > layout::KERNEL_START)
         .ok_or(BootError::InvalidRamSize { mib: ram_mib })?;
+    let target = BootTarget { initrd, cmdline, ram_size, acpi_rsdp };
     let low_ram_end = ram_size.min(layout::MMIO_HOLE_START);
     let read_err = |source| BootError::Read { what: "kernel", path: kernel.to_path_buf(), source };
     let mut file = File::open(kernel).map_err(read_err)?;
@@ -396,7 +400,14 @@ pub fn load_kernel(
     match kind {
         ImageKind::BzImage(info) => {
             let max = info.cmdline_max;
+            // Checked first so that a too long command line fails the same with the cache.
             check_cmdline(cmdline, max)?;
+            if let Some(dir) = kernel_cache {
+                if let Some(entry) = load_cached(memory, dir, &mut file, &target) {
+                    return Ok(entry);
+                }
+            }
+            file.seek(SeekFrom::Start(0)).map_err(read_err)?;
             let loaded =
                 BzImage::load(memory, Some(GuestAddress(layout::KERNEL_START)), &mut file, None)
                     .map_err(load_err)?;
@@ -420,47 +431,120 @@ pub fn load_kernel(
                 initrd,
             })
         }
-        ImageKind::Elf => {
-            let ElfInfo { entry, end } = check_elf(kernel, &probe, &mut file, low_ram_end)?;
-            check_cmdline(cmdline, LINUX_COMMAND_LINE_SIZE - 1)?;
-            let loaded = Elf::load(memory, None, &mut file, None).map_err(load_err)?;
-            let initrd = load_initrd(memory, initrd, end, low_ram_end)?;
-            write_cmdline(memory, cmdline)?;
-            match loaded.pvh_boot_cap {
-                PvhBootCapability::PvhEntryPresent(pvh_entry) => {
-                    if !(layout::KERNEL_START..end).contains(&pvh_entry.0) {
-                        return Err(BootError::CorruptElf {
-                            path: kernel.to_path_buf(),
-                            reason: "PVH entry point outside the loaded segments".into(),
-                        });
-                    }
-                    write_pvh_info(memory, initrd, ram_size, acpi_rsdp)?;
-                    Ok(KernelEntry {
-                        protocol: BootProtocol::Pvh,
-                        entry: pvh_entry.0,
-                        kernel_start: layout::KERNEL_START,
-                        kernel_end: end,
-                        initrd,
-                    })
-                }
-                _ => {
-                    // No PVH note: enter vmlinux's startup_64 with a zero page (as Firecracker
-                    // does); the header fields below are what that entry reads.
-                    let mut params = boot_params::default();
-                    params.hdr.boot_flag = BOOT_FLAG_MAGIC;
-                    params.hdr.header = HDRS_MAGIC;
-                    params.hdr.kernel_alignment = DEFAULT_KERNEL_RUNTIME_START as u32;
-                    params.hdr.cmdline_size = (LINUX_COMMAND_LINE_SIZE - 1) as u32;
-                    write_zero_page(memory, params, initrd, ram_size, acpi_rsdp)?;
-                    Ok(KernelEntry {
-                        protocol: BootProtocol::LinuxBoot64,
-                        entry,
-                        kernel_start: layout::KERNEL_START,
-                        kernel_end: end,
-                        initrd,
-                    })
-                }
+        ImageKind::Elf => load_elf(memory, kernel, &mut file, &probe, &target),
+    }
+}
+
+/// What the kernel is booted with, besides the kernel itself.
+struct BootTarget<'a> {
+    initrd: Option<&'a Path>,
+    cmdline: &'a str,
+    ram_size: u64,
+    acpi_rsdp: u64,
+}
+
+/// Boots the bzImage `file` from the kernel cache in `dir` through the PVH entry. `None` (with
+/// a warning logged) whenever that does not work out: the caller then boots the bzImage.
+fn load_cached(
+    memory: &GuestMemory,
+    dir: &Path,
+    file: &mut File,
+    target: &BootTarget,
+) -> Option<KernelEntry> {
+    let started = std::time::Instant::now();
+    let mut cached = match kernel_cache::lookup_or_insert(dir, file) {
+        Ok(cached) => cached,
+        Err(e) => {
+            log::warn!("kernel cache: {}; booting the bzImage itself", crate::error_chain(&e));
+            return None;
+        }
+    };
+    let looked_up = started.elapsed();
+    let result = cached
+        .file
+        .seek(SeekFrom::Start(0))
+        .and_then(|_| read_probe(&mut cached.file))
+        .map_err(|source| BootError::Read { what: "kernel", path: cached.path.clone(), source })
+        .and_then(|probe| load_elf(memory, &cached.path, &mut cached.file, &probe, target));
+    match result {
+        Ok(entry) if entry.protocol == BootProtocol::Pvh => {
+            log::info!(
+                "kernel cache: {} {} (lookup {} ms, load {} ms)",
+                if cached.hit { "hit" } else { "miss, stored" },
+                cached.path.display(),
+                looked_up.as_millis(),
+                (started.elapsed() - looked_up).as_millis()
+            );
+            Some(entry)
+        }
+        Ok(_) => {
+            log::warn!(
+                "kernel cache: {} has no PVH entry; booting the bzImage itself",
+                cached.path.display()
+            );
+            None
+        }
+        Err(e) => {
+            log::warn!(
+                "kernel cache: cannot boot {}: {}; booting the bzImage itself",
+                cached.path.display(),
+                crate::error_chain(&e)
+            );
+            None
+        }
+    }
+}
+
+/// Loads an ELF vmlinux (`probe`: its first bytes) and enters it through its PVH note, or
+/// through startup_64 with a zero page when it has none.
+fn load_elf(
+    memory: &GuestMemory,
+    kernel: &Path,
+    file: &mut File,
+    probe: &[u8],
+    target: &BootTarget,
+) -> Result<KernelEntry, BootError> {
+    let &BootTarget { initrd, cmdline, ram_size, acpi_rsdp } = target;
+    let low_ram_end = ram_size.min(layout::MMIO_HOLE_START);
+    let load_err = |source| BootError::Load { path: kernel.to_path_buf(), source };
+    let ElfInfo { entry, end } = check_elf(kernel, probe, file, low_ram_end)?;
+    check_cmdline(cmdline, LINUX_COMMAND_LINE_SIZE - 1)?;
+    let loaded = Elf::load(memory, None, file, None).map_err(load_err)?;
+    let initrd = load_initrd(memory, initrd, end, low_ram_end)?;
+    write_cmdline(memory, cmdline)?;
+    match loaded.pvh_boot_cap {
+        PvhBootCapability::PvhEntryPresent(pvh_entry) => {
+            if !(layout::KERNEL_START..end).contains(&pvh_entry.0) {
+                return Err(BootError::CorruptElf {
+                    path: kernel.to_path_buf(),
+                    reason: "PVH entry point outside the loaded segments".into(),
+                });
             }
+            write_pvh_info(memory, initrd, ram_size, acpi_rsdp)?;
+            Ok(KernelEntry {
+                protocol: BootProtocol::Pvh,
+                entry: pvh_entry.0,
+                kernel_start: layout::KERNEL_START,
+                kernel_end: end,
+                initrd,
+            })
+        }
+        _ => {
+            // No PVH note: enter vmlinux's startup_64 with a zero page (as Firecracker
+            // does); the header fields below are what that entry reads.
+            let mut params = boot_params::default();
+            params.hdr.boot_flag = BOOT_FLAG_MAGIC;
+            params.hdr.header = HDRS_MAGIC;
+            params.hdr.kernel_alignment = DEFAULT_KERNEL_RUNTIME_START as u32;
+            params.hdr.cmdline_size = (LINUX_COMMAND_LINE_SIZE - 1) as u32;
+            write_zero_page(memory, params, initrd, ram_size, acpi_rsdp)?;
+            Ok(KernelEntry {
+                protocol: BootProtocol::LinuxBoot64,
+                entry,
+                kernel_start: layout::KERNEL_START,
+                kernel_end: end,
+                initrd,
+            })
         }
     }
 }
@@ -706,13 +790,13 @@ fn write_identity_page_tables(memory: &GuestMemory) -> Result<(), BootError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::io::Write;
 
     use super::*;
     use crate::memory::create_guest_memory;
 
-    const RAM_MIB: u64 = 64;
+    pub(crate) const RAM_MIB: u64 = 64;
     const PAYLOAD_LEN: usize = 0x2000;
     const ENTRY_RAW: u64 = 0x10_0040;
 
@@ -734,7 +818,7 @@ mod tests {
 
     /// A minimal bzImage: one setup sector after the boot sector, protocol 2.15, a payload
     /// of `PAYLOAD_LEN` bytes filled with 0xAB.
-    fn synthetic_bzimage() -> Vec<u8> {
+    pub(crate) fn synthetic_bzimage() -> Vec<u8> {
         let setup_size = 2 * 512;
         let mut img = vec![0u8; setup_size + PAYLOAD_LEN];
         img[hdr_off!(setup_sects)] = 1;
@@ -759,7 +843,7 @@ mod tests {
 
     /// A minimal x86_64 vmlinux: one PT_LOAD at 1 MiB and, if `pvh`, a PT_NOTE with the Xen
     /// PHYS32_ENTRY note pointing at `ENTRY_RAW + 0x10`.
-    fn synthetic_elf(pvh: bool) -> Vec<u8> {
+    pub(crate) fn synthetic_elf(pvh: bool) -> Vec<u8> {
         let ehdr_len = size_of::<Elf64_Ehdr>();
         let phdr_len = size_of::<Elf64_Phdr>();
         let note_off = ehdr_len + 2 * phdr_len;
@@ -811,6 +895,7 @@ mod tests {
             cmdline,
             RAM_MIB,
             layout::ACPI_START,
+            None,
         );
         (memory, result)
     }
@@ -1013,7 +1098,7 @@ mod tests {
     fn missing_kernel_names_the_path() {
         let memory = create_guest_memory(RAM_MIB).expect("guest memory");
         let path = Path::new("/nonexistent/hutch-vmlinuz");
-        let err = load_kernel(&memory, path, None, "", RAM_MIB, 0).expect_err("must fail");
+        let err = load_kernel(&memory, path, None, "", RAM_MIB, 0, None).expect_err("must fail");
         assert!(matches!(&err, BootError::Read { what: "kernel", path: p, .. } if p == path));
         assert!(err.to_string().contains("/nonexistent/hutch-vmlinuz"));
     }
@@ -1135,7 +1220,7 @@ mod tests {
                 }
                 std::fs::write(&path, &img).expect("write kernel");
                 // Any result is fine; a panic fails the test.
-                let _ = load_kernel(&memory, &path, None, "", RAM_MIB, 0);
+                let _ = load_kernel(&memory, &path, None, "", RAM_MIB, 0, None);
             }
         }
     }

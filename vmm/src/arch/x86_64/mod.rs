@@ -2,4 +2,5 @@
 pub mod acpi;
 pub mod aml;
 pub mod boot;
+pub mod kernel_cache;
 pub mod layout;
