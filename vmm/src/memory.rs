@@ -31,7 +31,24 @@ pub fn create_guest_memory(mib: u64) -> Result<GuestMemory, MemoryError> {
         .into_iter()
         .map(|(start, size)| (GuestAddress(start), size as usize))
         .collect();
-    GuestMemory::from_ranges(&ranges).map_err(|source| MemoryError::Allocate { mib, source })
+    let memory = GuestMemory::from_ranges(&ranges)
+        .map_err(|source| MemoryError::Allocate { mib, source })?;
+    for region in memory.iter() {
+        advise_huge_pages(region.as_ptr(), region.len());
+    }
+    Ok(memory)
+}
+
+/// Asks for transparent huge pages on guest RAM (as QEMU does): far fewer page faults while
+/// the guest first touches its memory, and 2 MiB nested page-table entries. Only advice: on a
+/// host without THP the call fails and nothing changes.
+fn advise_huge_pages(addr: *mut u8, len: u64) {
+    // SAFETY: madvise only changes paging advice for a range we own (a live mapping of guest
+    // RAM); it reads or writes no memory.
+    let rc = unsafe { libc::madvise(addr.cast(), len as usize, libc::MADV_HUGEPAGE) };
+    if rc != 0 {
+        log::debug!("madvise(MADV_HUGEPAGE) on guest RAM: {}", std::io::Error::last_os_error());
+    }
 }
 
 /// Maps every region of `memory` into `vm`, one slot per region.
@@ -50,4 +67,48 @@ pub fn map_into_vm(memory: &GuestMemory, vm: &dyn Vm) -> Result<(), MemoryError>
         unsafe { vm.map_memory(mapping) }.map_err(MemoryError::Map)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// VmFlags of the mapping that starts at `addr`, from /proc/self/smaps.
+    fn vm_flags(addr: usize) -> Option<String> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+        let mut in_mapping = false;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ') {
+                if let Some((start, _)) = range.split_once('-') {
+                    if let Ok(start) = usize::from_str_radix(start, 16) {
+                        in_mapping = start == addr;
+                        continue;
+                    }
+                }
+            }
+            if in_mapping {
+                if let Some(flags) = line.strip_prefix("VmFlags:") {
+                    return Some(flags.to_string());
+                }
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn guest_ram_asks_for_huge_pages() {
+        let memory = create_guest_memory(8).unwrap();
+        let region = memory.iter().next().unwrap();
+        let flags = vm_flags(region.as_ptr() as usize).expect("guest RAM mapping in smaps");
+        assert!(flags.split_whitespace().any(|f| f == "hg"), "VmFlags:{flags}");
+    }
+
+    #[test]
+    fn zero_or_absurd_sizes_are_refused() {
+        assert!(matches!(create_guest_memory(0), Err(MemoryError::InvalidSize { .. })));
+        assert!(matches!(
+            create_guest_memory(layout::MAX_GUEST_RAM_MIB + 1),
+            Err(MemoryError::InvalidSize { .. })
+        ));
+    }
 }
