@@ -29,6 +29,14 @@ use clap::Parser;
 /// The whole program: parse, run, print the error chain as `hutch: error: a: b: c`.
 pub fn main() -> ExitCode {
     let cli = cli::Cli::parse();
+    if !matches!(cli.command, cli::Command::VmProcess { .. }) {
+        // A command's output piped into `head` or `grep -q` ends it quietly, as for any Unix
+        // tool, instead of a panic on EPIPE. The VM process keeps ignoring SIGPIPE: a console
+        // client that goes away must not take the VM with it.
+        // SAFETY: restoring the default disposition of SIGPIPE at start-up, before any thread
+        // exists; no handler code is involved.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let default_level =
         if matches!(cli.command, cli::Command::VmProcess { .. }) { "info" } else { "warn" };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level))

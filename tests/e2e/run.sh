@@ -30,7 +30,7 @@ CASES=(boots_to_readiness_line guest_sees_cpus_and_memory disk_hash_matches_host
     missing_kernel_is_a_clear_error truncated_bzimage_is_a_clear_error
     bad_bzimage_magic_is_a_clear_error triple_fault_is_a_clear_error pvh_vmlinux_boots
     bzimage_boots_from_kernel_cache control_socket_speaks_json_lines
-    console_types_into_the_guest serial_to_a_file)
+    console_types_into_the_guest serial_to_a_file guest_reads_virtio_rng)
 
 # --- helpers -------------------------------------------------------------------------------
 
@@ -261,6 +261,16 @@ console_types_into_the_guest() {
     grep -q 'HUTCH-ECHO typed-through-console' "$WORK/console.out" ||
         fail "the guest's echo did not come back through the console: $(tail -c 300 "$WORK/console.out")"
     "$HUTCH" stop con --force >>"$log" 2>&1 || fail "hutch stop --force: exit $?"
+}
+
+# The virtio-rng device is the guest's hardware RNG and gives it bytes.
+guest_reads_virtio_rng() {
+    boot "$WORK/log" --cmdline "$(actions rng,poweroff)" || fail "exit $? (log: $WORK/log)"
+    expect_ready "$WORK/log"
+    result "$WORK/log" rng_current | grep -q '^virtio_rng' ||
+        fail "hw_random is not virtio: $(result "$WORK/log" rng_current)"
+    [ "$(result "$WORK/log" rng_bytes)" = 64 ] ||
+        fail "read $(result "$WORK/log" rng_bytes) of 64 bytes from /dev/hwrng"
 }
 
 # `hutch run --serial PATH` writes the console to a file instead of stdout.

@@ -145,6 +145,11 @@ run_action() {
         result "ddread_ms=$ms"
         result "ddread_direct=$([ -n "$flag" ] && echo yes || echo no)"
         ;;
+    rng)
+        # The virtio-rng device as the kernel's hardware RNG: its name and 64 bytes from it.
+        result "rng_current=$(cat /sys/class/misc/hw_random/rng_current 2>/dev/null)"
+        result "rng_bytes=$(head -c 64 /dev/hwrng 2>/dev/null | wc -c)"
+        ;;
     sleep:*)
         result "sleep=${1#sleep:}"
         sleep "${1#sleep:}"
