@@ -89,9 +89,16 @@ impl ControlServer {
     fn shutdown(&mut self) {
         let Some(thread) = self.thread.take() else { return };
         self.stop.store(true, Ordering::SeqCst);
-        // Wake the blocking accept().
-        let _ = UnixStream::connect(&self.path);
-        let _ = thread.join();
+        // Wake the blocking accept(). If the socket file is gone (removed behind our back),
+        // nothing can wake it: leave the thread rather than hang the VM process's exit.
+        if UnixStream::connect(&self.path).is_ok() {
+            let _ = thread.join();
+        } else {
+            log::warn!(
+                "control socket {} is gone; not waiting for its thread",
+                self.path.display()
+            );
+        }
         let _ = std::fs::remove_file(&self.path);
     }
 }
