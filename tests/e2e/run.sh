@@ -226,24 +226,24 @@ control_socket_speaks_json_lines() {
     ask() { printf '%s\n' "$1" | timeout 20 socat -t 5 - "UNIX-CONNECT:$sock"; }
     local reply
     reply=$(ask '{"cmd":"status"}') || fail "status over socat failed"
-    echo "$reply" | grep -q '"state":"running"' || fail "status reply: $reply"
+    echo "$reply" | grep -s >/dev/null '"state":"running"' || fail "status reply: $reply"
     reply=$(ask '{"cmd":"pause"}')
-    echo "$reply" | grep -q '"ok":true' || fail "pause reply: $reply"
-    ask '{"cmd":"status"}' | grep -q '"state":"paused"' || fail "not paused after pause"
-    "$HUTCH" status ctl | grep -q paused || fail "hutch status does not say paused"
+    echo "$reply" | grep -s >/dev/null '"ok":true' || fail "pause reply: $reply"
+    ask '{"cmd":"status"}' | grep -s >/dev/null '"state":"paused"' || fail "not paused after pause"
+    "$HUTCH" status ctl | grep -s >/dev/null paused || fail "hutch status does not say paused"
     reply=$(ask '{"cmd":"resume"}')
-    echo "$reply" | grep -q '"ok":true' || fail "resume reply: $reply"
-    ask '{"cmd":"status"}' | grep -q '"state":"running"' || fail "not running after resume"
+    echo "$reply" | grep -s >/dev/null '"ok":true' || fail "resume reply: $reply"
+    ask '{"cmd":"status"}' | grep -s >/dev/null '"state":"running"' || fail "not running after resume"
     reply=$(ask 'not json') || true
-    echo "$reply" | grep -q '"ok":false' || fail "garbage got: $reply"
+    echo "$reply" | grep -s >/dev/null '"ok":false' || fail "garbage got: $reply"
     ask '{"cmd":"poweroff"}' >/dev/null || true
     local i=0
-    until "$HUTCH" status ctl | grep -q 'state: *stopped'; do
+    until "$HUTCH" status ctl | grep -s >/dev/null 'state: *stopped'; do
         i=$((i + 1))
         [ "$i" -le 100 ] || fail "still not stopped 20 s after poweroff"
         sleep 0.2
     done
-    "$HUTCH" status ctl | grep -q forced_off || fail "last exit is not forced_off"
+    "$HUTCH" status ctl | grep -s >/dev/null forced_off || fail "last exit is not forced_off"
 }
 
 # `hutch console` attaches to a running guest's serial console in both directions.
@@ -267,7 +267,7 @@ console_types_into_the_guest() {
 guest_reads_virtio_rng() {
     boot "$WORK/log" --cmdline "$(actions rng,poweroff)" || fail "exit $? (log: $WORK/log)"
     expect_ready "$WORK/log"
-    result "$WORK/log" rng_current | grep -q '^virtio_rng' ||
+    result "$WORK/log" rng_current | grep -s >/dev/null '^virtio_rng' ||
         fail "hw_random is not virtio: $(result "$WORK/log" rng_current)"
     [ "$(result "$WORK/log" rng_bytes)" = 64 ] ||
         fail "read $(result "$WORK/log" rng_bytes) of 64 bytes from /dev/hwrng"
@@ -319,7 +319,7 @@ expect_clear_error() {
     [ "$rc" != 0 ] || fail "exit status 0 for a bad kernel (log: $WORK/log)"
     ! has "$WORK/log" HUTCH-GUEST-READY || fail "the guest booted"
     # The message is the VMM's, not the log's command line.
-    [ -z "$needle" ] || sed 1d "$WORK/log" | grep -qF -- "$needle" ||
+    [ -z "$needle" ] || sed 1d "$WORK/log" | grep -sF >/dev/null -- "$needle" ||
         fail "the error does not name '$needle': $(sed 1d "$WORK/log" | head -c 300)"
 }
 
