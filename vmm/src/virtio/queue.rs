@@ -33,6 +33,16 @@ impl From<virtio_queue::Error> for VirtioQueueError {
 /// wrote into the chain), and returns it to the used ring. Keeps going while the driver adds
 /// more, re-arming notifications (or `avail_event` with EVENT_IDX) before it stops. Returns
 /// whether the driver wants an interrupt.
+/// The one queue of a single-queue device, from the queues the transport activates it with.
+pub fn single_queue(queues: Vec<Queue>) -> Result<Queue, crate::virtio::VirtioError> {
+    let got = queues.len();
+    queues
+        .into_iter()
+        .next()
+        .filter(|_| got == 1)
+        .ok_or(crate::virtio::VirtioError::QueueCount { expected: 1, got })
+}
+
 pub fn drain_queue<F>(
     queue: &mut Queue,
     memory: &GuestMemory,

@@ -13,7 +13,7 @@ use vm_memory::VolatileSlice;
 use super::*;
 use crate::memory::GuestMemory;
 use crate::virtio::queue::{
-    copy_from_slices, copy_to_slices, drain_queue, map_chain, split_slices, total_len,
+    copy_from_slices, copy_to_slices, drain_queue, map_chain, single_queue, split_slices, total_len,
 };
 use crate::virtio::{
     read_config_bytes, VirtioDevice, VirtioError, VirtioInterrupt, TYPE_BLOCK,
@@ -339,12 +339,7 @@ impl VirtioDevice for Block {
         interrupt: Arc<dyn VirtioInterrupt>,
         queues: Vec<Queue>,
     ) -> Result<(), VirtioError> {
-        let got = queues.len();
-        let queue = queues
-            .into_iter()
-            .next()
-            .filter(|_| got == 1)
-            .ok_or(VirtioError::QueueCount { expected: 1, got })?;
+        let queue = single_queue(queues)?;
         self.active = Some(Active { memory, queue, _interrupt: interrupt });
         Ok(())
     }

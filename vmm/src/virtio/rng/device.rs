@@ -10,7 +10,7 @@ use vm_memory::ReadVolatile;
 
 use super::VirtioRngError;
 use crate::memory::GuestMemory;
-use crate::virtio::queue::{drain_queue, map_chain};
+use crate::virtio::queue::{drain_queue, map_chain, single_queue};
 use crate::virtio::{
     VirtioDevice, VirtioError, VirtioInterrupt, TYPE_RNG, VIRTIO_F_RING_EVENT_IDX,
     VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1,
@@ -115,12 +115,7 @@ impl VirtioDevice for Rng {
         interrupt: Arc<dyn VirtioInterrupt>,
         queues: Vec<Queue>,
     ) -> Result<(), VirtioError> {
-        let got = queues.len();
-        let queue = queues
-            .into_iter()
-            .next()
-            .filter(|_| got == 1)
-            .ok_or(VirtioError::QueueCount { expected: 1, got })?;
+        let queue = single_queue(queues)?;
         self.active = Some(Active { memory, queue, _interrupt: interrupt });
         Ok(())
     }
