@@ -193,10 +193,16 @@ fn cpus_zero_and_too_many_cpus_are_refused() {
 
 #[test]
 fn run_reports_a_hypervisor_or_machine_failure_as_an_error() {
-    // Whatever this host offers, a text file is not a bootable kernel: run must fail cleanly.
+    // Whatever this host offers, a text file is not a bootable kernel: run must fail cleanly,
+    // naming either the kernel (a hypervisor was found) or the hypervisor (none was).
     let s = Sandbox::new();
     let o = s.hutch(&["run", "--kernel", "vmlinuz", "--memory", "64"]);
     assert_error(&o, &[]);
+    let err = stderr(&o);
+    assert!(
+        err.contains("is not a Linux kernel image") || err.contains("Cannot open KVM"),
+        "{err}"
+    );
 }
 
 #[test]
