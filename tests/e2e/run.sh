@@ -183,6 +183,22 @@ readonly_disk_refuses_writes() {
 }
 
 # Waits for a text in a growing file; fails after $3 seconds.
+# contains TEXT PATTERN: grep without a pipeline (no SIGPIPE into a pipefail status).
+contains() {
+    grep -s -- "$2" >/dev/null <<<"$1"
+}
+
+# start_library_vm NAME ACTIONS LINE: creates VM NAME in $HUTCH_HOME (a fresh library under
+# $WORK) with the guest actions ACTIONS, starts it, and waits for LINE in its serial.log.
+start_library_vm() {
+    local name=$1 acts=$2 line=$3 log=$WORK/log
+    export HUTCH_HOME=$WORK/home
+    "$HUTCH" create "$name" --kernel "$KERNEL" --initrd "$INITRD" \
+        --cmdline "$(actions "$acts")" >>"$log" 2>&1 || fail "hutch create: exit $? (log: $log)"
+    "$HUTCH" start "$name" >>"$log" 2>&1 || fail "hutch start: exit $? (log: $log)"
+    wait_for_line "$HUTCH_HOME/vms/$name/serial.log" "$line" "$VM_TIMEOUT"
+}
+
 wait_for_line() {
     local file=$1 pattern=$2 limit=$3 i=0
     while ! has "$file" "$pattern" 2>/dev/null; do
@@ -197,13 +213,9 @@ stop_powers_guest_off_orderly() {
         stop_qemu_via_monitor
         return
     fi
-    export HUTCH_HOME=$WORK/home
     local log=$WORK/log rc=0
-    "$HUTCH" create demo --kernel "$KERNEL" --initrd "$INITRD" \
-        --cmdline "$(actions wait)" >"$log" 2>&1 || fail "hutch create: exit $? (log: $log)"
-    "$HUTCH" start demo >>"$log" 2>&1 || fail "hutch start: exit $? (log: $log)"
+    start_library_vm demo wait 'HUTCH-RESULT acpid=ready'
     local serial=$HUTCH_HOME/vms/demo/serial.log
-    wait_for_line "$serial" 'HUTCH-RESULT acpid=ready' "$VM_TIMEOUT"
     timeout -k 5 60 "$HUTCH" stop demo >>"$log" 2>&1 || rc=$?
     [ "$rc" = 0 ] || fail "hutch stop: exit $rc (log: $log)"
     has "$serial" 'reboot: Power down' ||
@@ -214,47 +226,38 @@ stop_powers_guest_off_orderly() {
 # do what they say.
 control_socket_speaks_json_lines() {
     need_hutch
-    export HUTCH_HOME=$WORK/home
-    local log=$WORK/log
-    "$HUTCH" create ctl --kernel "$KERNEL" --initrd "$INITRD" \
-        --cmdline "$(actions wait)" >"$log" 2>&1 || fail "hutch create: exit $? (log: $log)"
-    "$HUTCH" start ctl >>"$log" 2>&1 || fail "hutch start: exit $? (log: $log)"
-    wait_for_line "$HUTCH_HOME/vms/ctl/serial.log" 'HUTCH-RESULT acpid=ready' "$VM_TIMEOUT"
+    start_library_vm ctl wait 'HUTCH-RESULT acpid=ready'
     local sock
     sock=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["socket"])' \
         "$HUTCH_HOME/vms/ctl/pid.json") || fail "no socket in pid.json"
     ask() { printf '%s\n' "$1" | timeout 20 socat -t 5 - "UNIX-CONNECT:$sock"; }
     local reply
     reply=$(ask '{"cmd":"status"}') || fail "status over socat failed"
-    echo "$reply" | grep -s >/dev/null '"state":"running"' || fail "status reply: $reply"
+    contains "$reply" '"state":"running"' || fail "status reply: $reply"
     reply=$(ask '{"cmd":"pause"}')
-    echo "$reply" | grep -s >/dev/null '"ok":true' || fail "pause reply: $reply"
-    ask '{"cmd":"status"}' | grep -s >/dev/null '"state":"paused"' || fail "not paused after pause"
-    "$HUTCH" status ctl | grep -s >/dev/null paused || fail "hutch status does not say paused"
+    contains "$reply" '"ok":true' || fail "pause reply: $reply"
+    contains "$(ask '{"cmd":"status"}')" '"state":"paused"' || fail "not paused after pause"
+    contains "$("$HUTCH" status ctl)" paused || fail "hutch status does not say paused"
     reply=$(ask '{"cmd":"resume"}')
-    echo "$reply" | grep -s >/dev/null '"ok":true' || fail "resume reply: $reply"
-    ask '{"cmd":"status"}' | grep -s >/dev/null '"state":"running"' || fail "not running after resume"
+    contains "$reply" '"ok":true' || fail "resume reply: $reply"
+    contains "$(ask '{"cmd":"status"}')" '"state":"running"' || fail "not running after resume"
     reply=$(ask 'not json') || true
-    echo "$reply" | grep -s >/dev/null '"ok":false' || fail "garbage got: $reply"
+    contains "$reply" '"ok":false' || fail "garbage got: $reply"
     ask '{"cmd":"poweroff"}' >/dev/null || true
     local i=0
-    until "$HUTCH" status ctl | grep -s >/dev/null 'state: *stopped'; do
+    until contains "$("$HUTCH" status ctl)" 'state: *stopped'; do
         i=$((i + 1))
         [ "$i" -le 100 ] || fail "still not stopped 20 s after poweroff"
         sleep 0.2
     done
-    "$HUTCH" status ctl | grep -s >/dev/null forced_off || fail "last exit is not forced_off"
+    contains "$("$HUTCH" status ctl)" forced_off || fail "last exit is not forced_off"
 }
 
 # `hutch console` attaches to a running guest's serial console in both directions.
 console_types_into_the_guest() {
     need_hutch
-    export HUTCH_HOME=$WORK/home
     local log=$WORK/log
-    "$HUTCH" create con --kernel "$KERNEL" --initrd "$INITRD" \
-        --cmdline "$(actions echo)" >"$log" 2>&1 || fail "hutch create: exit $? (log: $log)"
-    "$HUTCH" start con >>"$log" 2>&1 || fail "hutch start: exit $? (log: $log)"
-    wait_for_line "$HUTCH_HOME/vms/con/serial.log" 'HUTCH-GUEST-READY' "$VM_TIMEOUT"
+    start_library_vm con echo HUTCH-GUEST-READY
     sleep 1
     (printf 'typed-through-console\n'; sleep 5) | timeout 30 "$HUTCH" console con \
         >"$WORK/console.out" 2>&1 || true
@@ -267,7 +270,7 @@ console_types_into_the_guest() {
 guest_reads_virtio_rng() {
     boot "$WORK/log" --cmdline "$(actions rng,poweroff)" || fail "exit $? (log: $WORK/log)"
     expect_ready "$WORK/log"
-    result "$WORK/log" rng_current | grep -s >/dev/null '^virtio_rng' ||
+    contains "$(result "$WORK/log" rng_current)" '^virtio_rng' ||
         fail "hw_random is not virtio: $(result "$WORK/log" rng_current)"
     [ "$(result "$WORK/log" rng_bytes)" = 64 ] ||
         fail "read $(result "$WORK/log" rng_bytes) of 64 bytes from /dev/hwrng"
@@ -319,7 +322,7 @@ expect_clear_error() {
     [ "$rc" != 0 ] || fail "exit status 0 for a bad kernel (log: $WORK/log)"
     ! has "$WORK/log" HUTCH-GUEST-READY || fail "the guest booted"
     # The message is the VMM's, not the log's command line.
-    [ -z "$needle" ] || sed 1d "$WORK/log" | grep -sF >/dev/null -- "$needle" ||
+    [ -z "$needle" ] || grep -qF -- "$needle" <(sed 1d "$WORK/log") ||
         fail "the error does not name '$needle': $(sed 1d "$WORK/log" | head -c 300)"
 }
 
