@@ -12,9 +12,11 @@ use std::path::{Path, PathBuf};
 
 use vm_memory::VolatileSlice;
 
+pub mod image;
 mod raw;
 mod sys;
 
+pub use image::{open_image, Extent, ExtentKind, ImageFormat, ImageInfo, OpenOptions};
 pub use raw::RawFile;
 
 /// What went wrong, for callers that need to react (the message is in [`DiskError`]).
@@ -106,7 +108,7 @@ impl DiskError {
 ///
 /// The vectored methods move data directly between guest memory and the image; their default
 /// implementations bounce through a buffer, formats that can do better override them.
-pub trait BlockBackend: Send {
+pub trait BlockBackend: Send + Sync {
     /// Size of the disk in bytes.
     fn size(&self) -> u64;
     fn is_writable(&self) -> bool;
@@ -118,6 +120,13 @@ pub trait BlockBackend: Send {
     fn discard(&self, offset: u64, len: u64) -> Result<(), DiskError>;
     /// Makes `len` bytes at `offset` read back as zeroes.
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DiskError>;
+
+    /// How the `len` bytes at `offset` are stored, as consecutive extents covering exactly
+    /// that range (converters skip zero and unallocated extents). The default says "all data".
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DiskError> {
+        check_range(self.size(), offset, len, "map")?;
+        Ok(vec![Extent { offset, len, kind: ExtentKind::Data }])
+    }
 
     /// Fills `bufs`, in order, from the disk starting at `offset`.
     fn read_vectored_at(&self, bufs: &[VolatileSlice<'_>], offset: u64) -> Result<(), DiskError> {
