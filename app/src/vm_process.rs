@@ -71,6 +71,8 @@ pub trait MachineControl: Clone + Send + Sync + 'static {
     fn serial_input(&self, bytes: &[u8]);
     fn vcpu_count(&self) -> u32;
     fn memory_mib(&self) -> u64;
+    fn input(&self, events: &[display::InputEvent]) -> anyhow::Result<()>;
+    fn display_size(&self, width: u32, height: u32) -> anyhow::Result<()>;
 }
 
 impl MachineControl for MachineHandle {
@@ -97,6 +99,12 @@ impl MachineControl for MachineHandle {
     }
     fn memory_mib(&self) -> u64 {
         MachineHandle::memory_mib(self)
+    }
+    fn input(&self, events: &[display::InputEvent]) -> anyhow::Result<()> {
+        Ok(MachineHandle::send_input(self, events)?)
+    }
+    fn display_size(&self, width: u32, height: u32) -> anyhow::Result<()> {
+        Ok(MachineHandle::set_display_size(self, width, height)?)
     }
 }
 
@@ -154,6 +162,12 @@ impl<H: MachineControl> ControlTarget for MachineTarget<H> {
     }
     fn console_input(&self, bytes: &[u8]) {
         self.handle.serial_input(bytes);
+    }
+    fn input(&self, events: &[display::InputEvent]) -> anyhow::Result<()> {
+        self.handle.input(events).context("Cannot send input to the guest")
+    }
+    fn display_size(&self, width: u32, height: u32) -> anyhow::Result<()> {
+        self.handle.display_size(width, height).context("Cannot resize the guest display")
     }
 }
 
@@ -370,6 +384,12 @@ mod tests {
         }
         fn memory_mib(&self) -> u64 {
             128
+        }
+        fn input(&self, _events: &[display::InputEvent]) -> anyhow::Result<()> {
+            Ok(())
+        }
+        fn display_size(&self, _width: u32, _height: u32) -> anyhow::Result<()> {
+            Ok(())
         }
     }
 

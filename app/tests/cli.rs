@@ -350,6 +350,12 @@ mod running {
             // A guest that echoes what it is typed, loudly.
             self.hub.publish(&bytes.to_ascii_uppercase());
         }
+        fn input(&self, _events: &[display::InputEvent]) -> anyhow::Result<()> {
+            Ok(())
+        }
+        fn display_size(&self, _width: u32, _height: u32) -> anyhow::Result<()> {
+            Ok(())
+        }
     }
 
     fn start_fake(s: &Sandbox, obeys_power_button: bool) -> (Arc<FakeVm>, ControlServer) {

@@ -123,6 +123,8 @@ pub enum MachineError {
     InvalidState(RunState),
     #[error("The vCPUs did not pause in time")]
     PauseTimeout,
+    #[error("This machine has no display")]
+    NoDisplay,
 }
 
 /// Most vCPUs a machine may have: the MADT's xAPIC ids are 8 bits and the IOAPIC takes one.
@@ -321,6 +323,16 @@ impl MachineHandle {
         lock(&self.serial).queue_input(bytes);
     }
 
+    /// Keyboard and pointer events for the guest's input devices.
+    pub fn send_input(&self, _events: &[display::InputEvent]) -> Result<(), MachineError> {
+        Err(MachineError::NoDisplay)
+    }
+
+    /// Asks the guest to switch its display to `width`×`height`.
+    pub fn set_display_size(&self, _width: u32, _height: u32) -> Result<(), MachineError> {
+        Err(MachineError::NoDisplay)
+    }
+
     pub fn vcpu_count(&self) -> u32 {
         self.vcpu_count
     }
@@ -415,12 +427,15 @@ impl Machine {
         let rsdp = acpi::create_acpi_tables(&memory, config.cpus)?;
         let entry = boot::load_kernel(
             &memory,
-            &config.kernel,
-            config.initrd.as_deref(),
-            &config.cmdline,
-            config.memory_mib,
-            rsdp,
-            config.kernel_cache_dir.as_deref(),
+            &boot::KernelBoot {
+                kernel: &config.kernel,
+                initrd: config.initrd.as_deref(),
+                cmdline: &config.cmdline,
+                ram_mib: config.memory_mib,
+                acpi_rsdp: rsdp,
+                kernel_cache: config.kernel_cache_dir.as_deref(),
+                framebuffer: None,
+            },
         )?;
         let boot_cpu = boot::setup_boot_cpu(&memory, &entry)?;
 

@@ -101,6 +101,16 @@ impl ControlClient {
         self.call(Request::Poweroff).map(drop)
     }
 
+    /// Sends keyboard and pointer events to the guest.
+    pub fn input(&mut self, events: &[display::InputEvent]) -> Result<()> {
+        self.call(Request::Input { events: events.to_vec() }).map(drop)
+    }
+
+    /// Asks the guest for a display mode.
+    pub fn display_size(&mut self, width: u32, height: u32) -> Result<()> {
+        self.call(Request::DisplaySize { width, height }).map(drop)
+    }
+
     /// Asks for the console and hands over the raw connection (no timeouts any more).
     pub fn into_console(mut self) -> Result<ConsoleStream> {
         self.call(Request::Console)?;

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::protocol::{Request, Response, StatusReply, MAX_LINE};
+use super::protocol::{Request, Response, StatusReply, MAX_INPUT_EVENTS, MAX_LINE};
 use crate::serial_hub::{Received, SerialSubscription};
 
 /// What the control server controls. The VM process implements it for the machine.
@@ -26,6 +26,10 @@ pub trait ControlTarget: Send + Sync + 'static {
     fn console_output(&self) -> SerialSubscription;
     /// Bytes typed on the serial console.
     fn console_input(&self, bytes: &[u8]);
+    /// Keyboard and pointer events for the guest.
+    fn input(&self, events: &[display::InputEvent]) -> anyhow::Result<()>;
+    /// Asks the guest to switch its display to `width`×`height`.
+    fn display_size(&self, width: u32, height: u32) -> anyhow::Result<()>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -191,6 +195,13 @@ fn serve_client<T: ControlTarget + ?Sized>(stream: UnixStream, target: &T) -> io
             Ok(Request::Resume) => result_reply(target.resume()),
             Ok(Request::Shutdown) => result_reply(target.shutdown()),
             Ok(Request::Poweroff) => result_reply(target.poweroff()),
+            Ok(Request::Input { events }) if events.len() > MAX_INPUT_EVENTS => Response::error(
+                format!("Too many input events ({}; at most {MAX_INPUT_EVENTS})", events.len()),
+            ),
+            Ok(Request::Input { events }) => result_reply(target.input(&events)),
+            Ok(Request::DisplaySize { width, height }) => {
+                result_reply(target.display_size(width, height))
+            }
             Ok(Request::Console) => {
                 // Subscribe before replying so no output after the reply is missed.
                 let output = target.console_output();
@@ -322,6 +333,18 @@ mod tests {
         fn console_input(&self, bytes: &[u8]) {
             self.input.lock().unwrap().extend_from_slice(bytes);
         }
+        fn input(&self, events: &[display::InputEvent]) -> anyhow::Result<()> {
+            self.record(if events.is_empty() { "input (none)" } else { "input" });
+            Ok(())
+        }
+        fn display_size(&self, width: u32, height: u32) -> anyhow::Result<()> {
+            self.record(if (width, height) == (1280, 800) {
+                "display_size 1280x800"
+            } else {
+                "display_size"
+            });
+            Ok(())
+        }
     }
 
     fn serve() -> (tempfile::TempDir, ControlServer, Arc<FakeTarget>) {
@@ -363,6 +386,20 @@ mod tests {
         c.shutdown().unwrap();
         c.poweroff().unwrap();
         assert_eq!(target.calls(), vec!["pause", "shutdown", "poweroff"]);
+    }
+
+    #[test]
+    fn input_and_display_size_reach_the_target_and_floods_are_refused() {
+        let (_d, server, target) = serve();
+        let mut c = ControlClient::connect(server.path()).unwrap();
+        c.input(&[display::InputEvent::Key { code: 30, down: true }]).unwrap();
+        c.display_size(1280, 800).unwrap();
+        let flood = vec![display::InputEvent::PointerRel { dx: 1, dy: 1 }; MAX_INPUT_EVENTS + 1];
+        match c.input(&flood).unwrap_err() {
+            ControlClientError::Refused(msg) => assert!(msg.contains("Too many"), "{msg}"),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert_eq!(target.calls(), vec!["input", "display_size 1280x800"]);
     }
 
     #[test]

@@ -17,8 +17,8 @@ use std::mem::{offset_of, size_of};
 use std::path::{Path, PathBuf};
 
 use linux_loader::bootparam::{
-    boot_e820_entry, boot_params, setup_header, CAN_USE_HEAP, E820_MAX_ENTRIES_ZEROPAGE,
-    LOADED_HIGH, XLF_KERNEL_64,
+    boot_e820_entry, boot_params, screen_info, setup_header, CAN_USE_HEAP,
+    E820_MAX_ENTRIES_ZEROPAGE, LOADED_HIGH, XLF_KERNEL_64,
 };
 use linux_loader::elf::{Elf64_Ehdr, Elf64_Phdr, EI_CLASS, ET_EXEC, PT_LOAD};
 use linux_loader::loader::elf::start_info::{
@@ -362,24 +362,46 @@ fn mem_err(what: &'static str) -> impl FnOnce(vm_memory::GuestMemoryError) -> Bo
     move |source| BootError::GuestMemory { what, source }
 }
 
+/// What to boot: the kernel and everything the loader tells it.
+#[derive(Debug, Clone, Copy)]
+pub struct KernelBoot<'a> {
+    pub kernel: &'a Path,
+    pub initrd: Option<&'a Path>,
+    pub cmdline: &'a str,
+    pub ram_mib: u64,
+    /// The RSDP's guest address (0: none, the kernel scans for it).
+    pub acpi_rsdp: u64,
+    /// A directory: a bzImage is booted from its cached decompressed ELF when that works (see
+    /// [`kernel_cache`]), and as itself otherwise.
+    pub kernel_cache: Option<&'a Path>,
+    /// A linear framebuffer to describe in the zero page. PVH's start info has no place for
+    /// one, so with a framebuffer an ELF kernel is entered through startup_64 instead.
+    pub framebuffer: Option<BootFramebufferInfo>,
+}
+
+/// A 32-bit XRGB8888 linear framebuffer, as VESA firmware would leave it (`screen_info`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BootFramebufferInfo {
+    /// Guest-physical address, below 4 GiB.
+    pub base: u32,
+    /// Bytes reserved for it (a multiple of 64 KiB).
+    pub size: u32,
+    pub width: u16,
+    pub height: u16,
+    /// Bytes per row.
+    pub stride: u16,
+}
+
 /// Loads the kernel, initrd and command line and writes the boot information for the kernel's
-/// entry protocol. `acpi_rsdp` is the RSDP's guest address (0: none, the kernel scans for it).
-/// With `kernel_cache` (a directory), a bzImage is booted from its cached decompressed ELF
-/// through the PVH entry when that works (see [`kernel_cache`]), and as itself otherwise.
-pub fn load_kernel(
-    memory: &GuestMemory,
-    kernel: &Path,
-    initrd: Option<&Path>,
-    cmdline: &str,
-    ram_mib: u64,
-    acpi_rsdp: u64,
-    kernel_cache: Option<&Path>,
-) -> Result<KernelEntry, BootError> {
+/// entry protocol.
+pub fn load_kernel(memory: &GuestMemory, boot: &KernelBoot<'_>) -> Result<KernelEntry, BootError> {
+    let &KernelBoot { kernel, initrd, cmdline, ram_mib, acpi_rsdp, kernel_cache, framebuffer } =
+        boot;
     let ram_size = ram_mib
         .checked_mul(1 << 20)
         .filter(|&size| size > layout::KERNEL_START)
         .ok_or(BootError::InvalidRamSize { mib: ram_mib })?;
-    let target = BootTarget { initrd, cmdline, ram_size, acpi_rsdp };
+    let target = BootTarget { initrd, cmdline, ram_size, acpi_rsdp, framebuffer };
     let low_ram_end = ram_size.min(layout::MMIO_HOLE_START);
     let read_err = |source| BootError::Read { what: "kernel", path: kernel.to_path_buf(), source };
     let mut file = File::open(kernel).map_err(read_err)?;
@@ -421,7 +443,7 @@ pub fn load_kernel(
             params.hdr.code32_start = layout::KERNEL_START as u32;
             params.hdr.loadflags |= CAN_USE_HEAP;
             params.hdr.heap_end_ptr = HEAP_END_PTR;
-            write_zero_page(memory, params, initrd, ram_size, acpi_rsdp)?;
+            write_zero_page(memory, params, initrd, &target)?;
             Ok(KernelEntry {
                 protocol: BootProtocol::LinuxBoot64,
                 // The 64-bit entry point sits 0x200 bytes into the protected-mode kernel.
@@ -441,6 +463,7 @@ struct BootTarget<'a> {
     cmdline: &'a str,
     ram_size: u64,
     acpi_rsdp: u64,
+    framebuffer: Option<BootFramebufferInfo>,
 }
 
 /// Boots the bzImage `file` from the kernel cache in `dir` through the PVH entry. `None` (with
@@ -467,7 +490,7 @@ fn load_cached(
         .map_err(|source| BootError::Read { what: "kernel", path: cached.path.clone(), source })
         .and_then(|probe| load_elf(memory, &cached.path, &mut cached.file, &probe, target));
     match result {
-        Ok(entry) if entry.protocol == BootProtocol::Pvh => {
+        Ok(entry) if entry.protocol == BootProtocol::Pvh || target.framebuffer.is_some() => {
             log::info!(
                 "kernel cache: {} {} (lookup {} ms, load {} ms)",
                 if cached.hit { "hit" } else { "miss, stored" },
@@ -504,7 +527,7 @@ fn load_elf(
     probe: &[u8],
     target: &BootTarget,
 ) -> Result<KernelEntry, BootError> {
-    let &BootTarget { initrd, cmdline, ram_size, acpi_rsdp } = target;
+    let &BootTarget { initrd, cmdline, ram_size, acpi_rsdp, framebuffer } = target;
     let low_ram_end = ram_size.min(layout::MMIO_HOLE_START);
     let load_err = |source| BootError::Load { path: kernel.to_path_buf(), source };
     let ElfInfo { entry, end } = check_elf(kernel, probe, file, low_ram_end)?;
@@ -513,7 +536,7 @@ fn load_elf(
     let initrd = load_initrd(memory, initrd, end, low_ram_end)?;
     write_cmdline(memory, cmdline)?;
     match loaded.pvh_boot_cap {
-        PvhBootCapability::PvhEntryPresent(pvh_entry) => {
+        PvhBootCapability::PvhEntryPresent(pvh_entry) if framebuffer.is_none() => {
             if !(layout::KERNEL_START..end).contains(&pvh_entry.0) {
                 return Err(BootError::CorruptElf {
                     path: kernel.to_path_buf(),
@@ -530,14 +553,14 @@ fn load_elf(
             })
         }
         _ => {
-            // No PVH note: enter vmlinux's startup_64 with a zero page (as Firecracker
-            // does); the header fields below are what that entry reads.
+            // No PVH note (or a framebuffer to describe): enter vmlinux's startup_64 with a
+            // zero page (as Firecracker does); the header fields below are what it reads.
             let mut params = boot_params::default();
             params.hdr.boot_flag = BOOT_FLAG_MAGIC;
             params.hdr.header = HDRS_MAGIC;
             params.hdr.kernel_alignment = DEFAULT_KERNEL_RUNTIME_START as u32;
             params.hdr.cmdline_size = (LINUX_COMMAND_LINE_SIZE - 1) as u32;
-            write_zero_page(memory, params, initrd, ram_size, acpi_rsdp)?;
+            write_zero_page(memory, params, initrd, target)?;
             Ok(KernelEntry {
                 protocol: BootProtocol::LinuxBoot64,
                 entry,
@@ -609,9 +632,12 @@ fn write_zero_page(
     memory: &GuestMemory,
     mut params: boot_params,
     initrd: Option<(u64, u64)>,
-    ram_size: u64,
-    acpi_rsdp: u64,
+    target: &BootTarget,
 ) -> Result<(), BootError> {
+    let &BootTarget { ram_size, acpi_rsdp, framebuffer, .. } = target;
+    if let Some(fb) = framebuffer {
+        params.screen_info = screen_info_for(fb);
+    }
     params.hdr.type_of_loader = LOADER_TYPE_UNDEFINED;
     params.hdr.cmd_line_ptr = layout::CMDLINE_START as u32;
     if let Some((addr, size)) = initrd {
@@ -628,6 +654,35 @@ fn write_zero_page(
     }
     params.e820_entries = entries.len() as u8;
     memory.write_obj(params, GuestAddress(layout::ZERO_PAGE_START)).map_err(mem_err("zero page"))
+}
+
+/// `screen_info` for a VESA linear framebuffer (VIDEO_TYPE_VLFB): Linux's vesafb drives it
+/// and fbcon draws the console on it, with no driver module.
+fn screen_info_for(fb: BootFramebufferInfo) -> screen_info {
+    const VIDEO_TYPE_VLFB: u8 = 0x23;
+    // Without this capability vesafb assumes VGA-compatible hardware and pokes VGA ports.
+    const VIDEO_CAPABILITY_64BIT_BASE: u32 = 1 << 1;
+    screen_info {
+        orig_video_isVGA: VIDEO_TYPE_VLFB,
+        lfb_width: fb.width,
+        lfb_height: fb.height,
+        lfb_depth: 32,
+        lfb_base: fb.base,
+        // In 64 KiB units for VESA.
+        lfb_size: fb.size >> 16,
+        lfb_linelength: fb.stride,
+        red_size: 8,
+        red_pos: 16,
+        green_size: 8,
+        green_pos: 8,
+        blue_size: 8,
+        blue_pos: 0,
+        rsvd_size: 8,
+        rsvd_pos: 24,
+        pages: 1,
+        capabilities: VIDEO_CAPABILITY_64BIT_BASE,
+        ..screen_info::default()
+    }
 }
 
 /// Writes `hvm_start_info` (version 1, with memory map) and the initrd module entry.
@@ -890,14 +945,27 @@ pub(crate) mod tests {
         let initrd = initrd.map(file_with);
         let result = load_kernel(
             &memory,
-            kernel.path(),
-            initrd.as_ref().map(|f| f.path()),
-            cmdline,
-            RAM_MIB,
-            layout::ACPI_START,
-            None,
+            &KernelBoot {
+                initrd: initrd.as_ref().map(|f| f.path()),
+                cmdline,
+                acpi_rsdp: layout::ACPI_START,
+                ..boot_of(kernel.path())
+            },
         );
         (memory, result)
+    }
+
+    /// `kernel` with no initrd, no command line, no ACPI, no cache, no framebuffer.
+    pub(crate) fn boot_of(kernel: &Path) -> KernelBoot<'_> {
+        KernelBoot {
+            kernel,
+            initrd: None,
+            cmdline: "",
+            ram_mib: RAM_MIB,
+            acpi_rsdp: 0,
+            kernel_cache: None,
+            framebuffer: None,
+        }
     }
 
     fn read_u64(memory: &GuestMemory, addr: u64) -> u64 {
@@ -1048,6 +1116,30 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn framebuffer_turns_a_pvh_elf_into_a_64bit_boot_with_screen_info() {
+        let memory = create_guest_memory(RAM_MIB).expect("guest memory");
+        let kernel = file_with(&synthetic_elf(true));
+        let fb = BootFramebufferInfo {
+            base: 0xc000_0000,
+            size: 16 << 20,
+            width: 1024,
+            height: 768,
+            stride: 4096,
+        };
+        let entry =
+            load_kernel(&memory, &KernelBoot { framebuffer: Some(fb), ..boot_of(kernel.path()) })
+                .expect("load");
+        assert_eq!(entry.protocol, BootProtocol::LinuxBoot64);
+        let params: boot_params =
+            memory.read_obj(GuestAddress(layout::ZERO_PAGE_START)).expect("zero page");
+        let si = params.screen_info;
+        assert_eq!(si.orig_video_isVGA, 0x23);
+        assert_eq!(({ si.lfb_base }, { si.lfb_size }), (0xc000_0000, 256));
+        assert_eq!(({ si.lfb_width }, { si.lfb_height }, { si.lfb_linelength }), (1024, 768, 4096));
+        assert_eq!((si.lfb_depth, si.red_pos, si.green_pos, si.blue_pos), (32, 16, 8, 0));
+    }
+
+    #[test]
     fn initrd_respects_the_kernels_initrd_addr_max() {
         let mut img = synthetic_bzimage();
         put32(&mut img, hdr_off!(initrd_addr_max), 0x1ff_ffff);
@@ -1098,7 +1190,7 @@ pub(crate) mod tests {
     fn missing_kernel_names_the_path() {
         let memory = create_guest_memory(RAM_MIB).expect("guest memory");
         let path = Path::new("/nonexistent/hutch-vmlinuz");
-        let err = load_kernel(&memory, path, None, "", RAM_MIB, 0, None).expect_err("must fail");
+        let err = load_kernel(&memory, &boot_of(path)).expect_err("must fail");
         assert!(matches!(&err, BootError::Read { what: "kernel", path: p, .. } if p == path));
         assert!(err.to_string().contains("/nonexistent/hutch-vmlinuz"));
     }
@@ -1220,7 +1312,7 @@ pub(crate) mod tests {
                 }
                 std::fs::write(&path, &img).expect("write kernel");
                 // Any result is fine; a panic fails the test.
-                let _ = load_kernel(&memory, &path, None, "", RAM_MIB, 0, None);
+                let _ = load_kernel(&memory, &boot_of(&path));
             }
         }
     }

@@ -414,7 +414,7 @@ mod tests {
 
     use super::*;
     use crate::arch::x86_64::boot::tests::{synthetic_bzimage, synthetic_elf, RAM_MIB};
-    use crate::arch::x86_64::boot::{load_kernel, BootError, BootProtocol};
+    use crate::arch::x86_64::boot::{load_kernel, BootError, BootProtocol, KernelBoot};
     use crate::memory::create_guest_memory;
 
     const SETUP_SIZE: usize = 2 * 512;
@@ -710,7 +710,16 @@ mod tests {
         let memory = create_guest_memory(RAM_MIB).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let kernel = temp_file(dir.path(), "bzImage", image);
-        load_kernel(&memory, &kernel, None, "console=ttyS0", RAM_MIB, 0, cache).map(|e| e.protocol)
+        let boot = KernelBoot {
+            kernel: &kernel,
+            initrd: None,
+            cmdline: "console=ttyS0",
+            ram_mib: RAM_MIB,
+            acpi_rsdp: 0,
+            kernel_cache: cache,
+            framebuffer: None,
+        };
+        load_kernel(&memory, &boot).map(|e| e.protocol)
     }
 
     #[test]
