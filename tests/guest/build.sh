@@ -8,6 +8,10 @@ set -euo pipefail
 
 GUEST_MODULES=(virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci
     virtio_blk rng_core virtio_rng button evdev)
+# Loaded on demand (actions load:gpu, load:input), so that tests see the guest before and
+# after its display and input drivers.
+GPU_MODULES=(virtio-gpu)
+INPUT_MODULES=(virtio_input)
 
 main() {
     require_tools busybox cpio gzip find ldd
@@ -34,6 +38,8 @@ main() {
     local stage=$STAGE
     initramfs_busybox "$stage"
     initramfs_add_modules "$stage" "${GUEST_MODULES[@]}"
+    initramfs_add_modules "$stage" gpu.list "${GPU_MODULES[@]}"
+    initramfs_add_modules "$stage" input.list "${INPUT_MODULES[@]}"
     install -m 0755 "$REPO/tests/guest/init.sh" "$stage/init"
     initramfs_pack "$stage" "$out/initramfs.cpio.gz"
 

@@ -10,14 +10,22 @@ mount -t devtmpfs devtmpfs /dev 2>/dev/null
 mkdir -p /dev/pts /tmp /run
 mount -t devpts devpts /dev/pts 2>/dev/null
 
-while read -r ko; do
-    out=$(insmod "$ko" 2>&1) || case $out in
-        *"File exists"* | *"already"*) ;;
-        *) echo "hutch-init: insmod $ko: $out" ;;
-    esac
-done </lib/modules/load.list
+load_modules() {
+    while read -r ko; do
+        out=$(insmod "$ko" 2>&1) || case $out in
+            *"File exists"* | *"already"*) ;;
+            *) echo "hutch-init: insmod $ko: $out" ;;
+        esac
+    done <"/lib/modules/$1"
+}
+load_modules load.list
 
-echo HUTCH-GUEST-READY
+# On the screen too (the framebuffer console is tty0 when there is a display).
+say() {
+    echo "$1"
+    [ -c /dev/tty0 ] && echo "$1" >/dev/tty0 2>/dev/null
+}
+say HUTCH-GUEST-READY
 
 result() {
     echo "HUTCH-RESULT $1"
@@ -77,6 +85,51 @@ EOF
     done
     result "acpid=failed"
     ls /dev/input 2>&1
+}
+
+# The connector's preferred mode (virtio-gpu follows the host window through it).
+drm_mode() {
+    for m in /sys/class/drm/card*-*/modes; do
+        [ -r "$m" ] && { head -n 1 "$m"; return; }
+    done
+    echo none
+}
+
+# Reports each change of the preferred mode as mode=WxH, for S seconds.
+act_modewatch() {
+    last=
+    end=$(($(now_ms) + $1 * 1000))
+    while [ "$(now_ms)" -lt $end ]; do
+        m=$(drm_mode)
+        [ "$m" = "$last" ] || { result "mode=$m"; last=$m; }
+        sleep 0.2
+    done
+}
+
+# Echoes the lines typed on the screen's console (tty1) to serial as HUTCH-KEYS <line>.
+act_keys() {
+    result keys=ready
+    while IFS= read -r line; do
+        echo "HUTCH-KEYS $line"
+    done </dev/tty1
+}
+
+# Reports pointer clicks on the tablet (absolute axes) as click=X,Y (0..32767).
+act_clicks() {
+    dev=
+    for d in /sys/class/input/event*; do
+        grep -q "Tablet" "$d/device/name" 2>/dev/null && dev=/dev/input/${d##*/}
+    done
+    [ -n "$dev" ] || { result "error=no-tablet"; return; }
+    result clicks=ready
+    # struct input_event on x86_64: 16 bytes of time, then type, code (u16) and value (s32).
+    od -An -v -w24 -tu2 "$dev" | while read -r _ _ _ _ _ _ _ _ type code lo hi; do
+        case $type:$code in
+        3:0) x=$((lo + hi * 65536)) ;;
+        3:1) y=$((lo + hi * 65536)) ;;
+        1:272) [ "$lo" = 1 ] && echo "HUTCH-RESULT click=$x,$y" ;;
+        esac
+    done
 }
 
 act_echo() {
@@ -159,6 +212,32 @@ run_action() {
         poweroff -f
         ;;
     wait) act_wait ;;
+    load:*)
+        load_modules "${1#load:}.list"
+        case ${1#load:} in
+        gpu)
+            i=0
+            while [ ! -e /sys/class/drm/card0 ] && [ $i -lt 100 ]; do
+                sleep 0.1
+                i=$((i + 1))
+            done
+            result "fb=$(tr '\n' ';' </proc/fb)"
+            ;;
+        esac
+        result "loaded=${1#load:}"
+        ;;
+    screen:*)
+        say "HUTCH-SCREEN ${1#screen:}"
+        result "screen=${1#screen:}"
+        ;;
+    mode) result "mode=$(drm_mode)" ;;
+    modewatch:*) act_modewatch "${1#modewatch:}" ;;
+    keys) act_keys ;;
+    clicks) act_clicks ;;
+    bg:*)
+        # Runs another action in the background (keys and clicks together).
+        run_action "${1#bg:}" &
+        ;;
     echo) act_echo ;;
     shell)
         setsid cttyhack sh

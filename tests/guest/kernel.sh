@@ -39,19 +39,27 @@ kernel_prepare() {
     [ -f "$KROOT/boot/vmlinuz-$KVER" ] || die "no vmlinuz-$KVER in $deb"
 }
 
-# initramfs_add_modules STAGE NAME... : copies the modules (and their dependencies) into
+# initramfs_add_modules STAGE [LIST] NAME... : copies the modules (and their dependencies) into
 # STAGE/lib/modules and writes STAGE/lib/modules/load.list in insmod order.
+# LIST (default load.list) names the list file, for modules loaded later on demand.
 initramfs_add_modules() {
     local stage=$1
     shift
+    local listfile=load.list
+    case ${1:-} in
+    *.list)
+        listfile=$1
+        shift
+        ;;
+    esac
     local list ko
     list=$("$PYTHON" "$REPO/tests/guest/kerneltool.py" modorder "$KMODDIR" "$@") ||
         die "module resolution failed"
     mkdir -p "$stage/lib/modules"
-    : >"$stage/lib/modules/load.list"
+    : >"$stage/lib/modules/$listfile"
     for ko in $list; do
         cp "$KMODDIR/$ko" "$stage/lib/modules/"
-        echo "/lib/modules/$(basename "$ko")" >>"$stage/lib/modules/load.list"
+        echo "/lib/modules/$(basename "$ko")" >>"$stage/lib/modules/$listfile"
     done
 }
 
