@@ -182,10 +182,10 @@ mod tests {
         let cli = Cli::try_parse_from(["hutch", "run", "--kernel", "k"]).unwrap();
         let Command::Run(args) = cli.command else { panic!("not run") };
         assert_eq!((args.machine.cpus, args.machine.memory), (1, 512));
-        assert_eq!(args.machine.cmdline, "console=ttyS0 reboot=k panic=-1");
+        assert_eq!(args.machine.cmdline, "console=tty0 console=ttyS0 reboot=k panic=-1");
         assert_eq!(args.serial, SerialTarget::Stdio);
         let help = Cli::command().find_subcommand_mut("run").unwrap().render_long_help();
-        assert!(help.to_string().contains("console=ttyS0 reboot=k panic=-1"));
+        assert!(help.to_string().contains("console=tty0 console=ttyS0 reboot=k panic=-1"));
     }
 
     #[test]

@@ -22,7 +22,8 @@ pub const MAX_NAME_LEN: usize = 64;
 pub const MAX_CPUS: u32 = vmm::machine::MAX_VCPUS;
 /// 1 TiB: a hard ceiling whatever the host (the host's RAM is checked when the VM starts).
 pub const MAX_MEMORY_MIB: u64 = vmm::arch::x86_64::layout::MAX_GUEST_RAM_MIB;
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
+/// The kernel console on the screen (tty0) and on serial; serial last, so it is /dev/console.
+pub const DEFAULT_CMDLINE: &str = "console=tty0 console=ttyS0 reboot=k panic=-1";
 const CONFIG_FORMAT: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +101,9 @@ pub struct VmConfig {
     pub cmdline: String,
     pub cpus: u32,
     pub memory_mib: u64,
+    /// A screen (boot framebuffer, virtio-gpu) and keyboard/tablet (virtio-input).
+    #[serde(default = "default_display")]
+    pub display: bool,
     // Tables last: TOML needs plain values before arrays of tables.
     #[serde(default, rename = "disk", skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<DiskEntry>,
@@ -107,6 +111,10 @@ pub struct VmConfig {
 
 fn default_format() -> u32 {
     CONFIG_FORMAT
+}
+
+fn default_display() -> bool {
+    true
 }
 
 fn default_cmdline() -> String {
@@ -122,7 +130,16 @@ impl VmConfig {
         cpus: u32,
         memory_mib: u64,
     ) -> VmConfig {
-        VmConfig { format: CONFIG_FORMAT, kernel, initrd, cmdline, cpus, memory_mib, disks }
+        VmConfig {
+            format: CONFIG_FORMAT,
+            kernel,
+            initrd,
+            cmdline,
+            cpus,
+            memory_mib,
+            display: true,
+            disks,
+        }
     }
 
     /// Checks the numbers and strings (not the files).

@@ -1,5 +1,7 @@
-//! Runtime files of running VMs: `$XDG_RUNTIME_DIR/hutch/<key>/control.sock` (or
-//! `/tmp/hutch-$UID/<key>/...` without XDG_RUNTIME_DIR). Directories are 0700 and must be
+//! Runtime files of running VMs: `$XDG_RUNTIME_DIR/hutch/<key>/control.sock` and
+//! `display.shm` (the shared frame), or `/dev/shm/hutch-$UID/<key>/...` without
+//! XDG_RUNTIME_DIR (`/tmp/hutch-$UID` if there is no /dev/shm): the frame must live in memory,
+//! not on a disk that would be written back at the guest's frame rate. Directories are 0700 and must be
 //! ours. `<key>` is `NAME-HASH` (HASH of the VM directory, so two libraries never share a
 //! socket), or the bare hash when the name would overflow `sun_path`.
 
@@ -9,6 +11,7 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 const SOCKET_NAME: &str = "control.sock";
+const FRAME_NAME: &str = "display.shm";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -31,12 +34,18 @@ fn sun_path_max() -> usize {
     addr.sun_path.len() - 1
 }
 
-/// `$XDG_RUNTIME_DIR/hutch` when set (and absolute), else `/tmp/hutch-$UID`.
+/// `$XDG_RUNTIME_DIR/hutch` when set (and absolute), else `/dev/shm/hutch-$UID`, else
+/// `/tmp/hutch-$UID`.
 pub fn runtime_root() -> PathBuf {
     match std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from) {
         Some(dir) if dir.is_absolute() => dir.join("hutch"),
-        // SAFETY: getuid cannot fail and touches no memory.
-        _ => PathBuf::from(format!("/tmp/hutch-{}", unsafe { libc::getuid() })),
+        _ => {
+            // SAFETY: getuid cannot fail and touches no memory.
+            let uid = unsafe { libc::getuid() };
+            let shm = Path::new("/dev/shm");
+            let base = if shm.is_dir() { shm } else { Path::new("/tmp") };
+            base.join(format!("hutch-{uid}"))
+        }
     }
 }
 
@@ -70,6 +79,11 @@ pub fn socket_path(vm_dir: &Path, name: &str) -> Result<PathBuf, RuntimeError> {
     socket_path_in(&runtime_root(), vm_dir, name)
 }
 
+/// The shared frame file of the VM whose control socket is `socket` (same directory).
+pub fn frame_path(socket: &Path) -> PathBuf {
+    socket.with_file_name(FRAME_NAME)
+}
+
 /// Creates (0700) the runtime root and the socket's own directory, refusing directories
 /// that belong to someone else (`/tmp` is shared).
 pub fn prepare_socket_dir(socket: &Path) -> Result<(), RuntimeError> {
@@ -80,9 +94,10 @@ pub fn prepare_socket_dir(socket: &Path) -> Result<(), RuntimeError> {
     ensure_private_dir(dir)
 }
 
-/// Removes the socket and its directory (best effort: the VM is going away anyway).
+/// Removes the socket, the frame and their directory (best effort: the VM is going away).
 pub fn remove_socket(socket: &Path) {
     let _ = fs::remove_file(socket);
+    let _ = fs::remove_file(frame_path(socket));
     if let Some(dir) = socket.parent() {
         let _ = fs::remove_dir(dir);
     }
