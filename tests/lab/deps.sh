@@ -4,7 +4,12 @@
 set -euo pipefail
 
 PKGS=(qemu-system-x86 qemu-utils busybox-static cpio kmod socat python3 xz-utils zstd gzip
-    coreutils time procps acpica-tools)
+    coreutils time procps acpica-tools
+    # The GUI and screen tests: a real X server, input, screenshots, OCR of the guest console.
+    xvfb xauth xdotool imagemagick tesseract-ocr libgl1-mesa-dri libegl1 libxkbcommon-x11-0
+    libxcursor1 libxrandr2 libxi6
+    # Disk image fixtures (ISO 9660).
+    genisoimage)
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "error: deps.sh must run as root" >&2
