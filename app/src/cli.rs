@@ -52,6 +52,12 @@ pub enum Command {
     },
     /// Delete a stopped VM and its directory.
     Delete { name: String },
+    /// Save a running VM's screen as a PNG file.
+    Screenshot {
+        name: String,
+        /// Where to write the PNG.
+        output: PathBuf,
+    },
     /// The background VM process (internal).
     #[command(name = "__vm-process", hide = true)]
     VmProcess { name: String },

@@ -5,6 +5,7 @@ use std::fs::OpenOptions;
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::{Command as Process, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
@@ -38,6 +39,7 @@ pub fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 Command::Stop { name, force, timeout } => stop(&library, &name, force, timeout),
                 Command::Status { name, json } => status(&library, &name, json),
                 Command::Delete { name } => delete(&library, &name),
+                Command::Screenshot { name, output } => screenshot(&library, &name, &output),
                 Command::Run(_) | Command::VmProcess { .. } => unreachable!("handled above"),
             }
         }
@@ -392,6 +394,18 @@ fn console(library: &Library, name: &str) -> anyhow::Result<()> {
         .and_then(ControlClient::into_console)
         .with_context(|| format!("Cannot attach to VM '{name}'"))?;
     console::attach(stream, name)?;
+    Ok(())
+}
+
+fn screenshot(library: &Library, name: &str, output: &Path) -> anyhow::Result<()> {
+    let vm = library.existing(name)?;
+    let pidfile = running(&vm)?;
+    let frame = crate::runtime::frame_path(&pidfile.socket);
+    let reader = display::frame::FrameReader::open(&frame)
+        .with_context(|| format!("VM '{name}' has no screen (display off?)"))?;
+    let image = reader.snapshot().with_context(|| format!("Cannot read VM '{name}''s screen"))?;
+    crate::screenshot::write_png(&image, output)?;
+    println!("Saved {}x{} screenshot to {}", image.width, image.height, output.display());
     Ok(())
 }
 

@@ -18,6 +18,7 @@ pub mod control;
 pub mod fsutil;
 pub mod library;
 pub mod runtime;
+pub mod screenshot;
 pub mod serial_hub;
 pub mod terminal;
 pub mod vm_process;

@@ -30,7 +30,8 @@ CASES=(boots_to_readiness_line guest_sees_cpus_and_memory disk_hash_matches_host
     missing_kernel_is_a_clear_error truncated_bzimage_is_a_clear_error
     bad_bzimage_magic_is_a_clear_error triple_fault_is_a_clear_error pvh_vmlinux_boots
     bzimage_boots_from_kernel_cache control_socket_speaks_json_lines
-    console_types_into_the_guest serial_to_a_file guest_reads_virtio_rng)
+    console_types_into_the_guest serial_to_a_file guest_reads_virtio_rng
+    screen_shows_console_on_boot_framebuffer_then_virtio_gpu)
 
 # --- helpers -------------------------------------------------------------------------------
 
@@ -121,6 +122,11 @@ actions() {
     echo "console=ttyS0 quiet hutch.actions=$1"
 }
 
+# The same with the kernel console also on the screen.
+screen_actions() {
+    echo "console=tty0 console=ttyS0 quiet hutch.actions=$1"
+}
+
 random_disk() {
     head -c "${2:-16M}" /dev/urandom >"$1"
 }
@@ -188,13 +194,14 @@ contains() {
     grep -s -- "$2" >/dev/null <<<"$1"
 }
 
-# start_library_vm NAME ACTIONS LINE: creates VM NAME in $HUTCH_HOME (a fresh library under
-# $WORK) with the guest actions ACTIONS, starts it, and waits for LINE in its serial.log.
+# start_library_vm NAME ACTIONS LINE [CMDLINE-FN]: creates VM NAME in $HUTCH_HOME (a fresh
+# library under $WORK) with the guest actions ACTIONS (command line made by CMDLINE-FN, default
+# `actions`), starts it, and waits for LINE in its serial.log.
 start_library_vm() {
-    local name=$1 acts=$2 line=$3 log=$WORK/log
+    local name=$1 acts=$2 line=$3 mkcmdline=${4:-actions} log=$WORK/log
     export HUTCH_HOME=$WORK/home
     "$HUTCH" create "$name" --kernel "$KERNEL" --initrd "$INITRD" \
-        --cmdline "$(actions "$acts")" >>"$log" 2>&1 || fail "hutch create: exit $? (log: $log)"
+        --cmdline "$("$mkcmdline" "$acts")" >>"$log" 2>&1 || fail "hutch create: exit $? (log: $log)"
     "$HUTCH" start "$name" >>"$log" 2>&1 || fail "hutch start: exit $? (log: $log)"
     wait_for_line "$HUTCH_HOME/vms/$name/serial.log" "$line" "$VM_TIMEOUT"
 }
@@ -285,6 +292,63 @@ serial_to_a_file() {
     [ "$rc" = 0 ] || fail "exit $rc (log: $WORK/log)"
     has "$WORK/serial.txt" HUTCH-GUEST-READY || fail "no readiness line in the serial file"
     ! has "$WORK/log" HUTCH-GUEST-READY || fail "the console also went to stdout"
+}
+
+# screen_has_text PNG TEXT: OCR (tesseract) of the screenshot finds TEXT. The console font is
+# small: scale it up and invert it (dark text on light) first.
+screen_has_text() {
+    local png=$1 text=$2 ocr
+    convert "$png" -scale 200% -colorspace Gray -negate "$png.ocr.png" ||
+        fail "convert could not read $png"
+    ocr=$(tesseract "$png.ocr.png" - 2>/dev/null) || fail "tesseract failed on $png"
+    echo "$ocr" >"$png.txt"
+    # OCR may drop or split characters at the edges: compare without spaces.
+    contains "$(tr -d ' ' <<<"$ocr")" "$text"
+}
+
+# bright_pixels PNG: how many pixels are not (nearly) black.
+bright_pixels() {
+    convert "$1" -colorspace Gray -threshold 25% -format '%[fx:int(mean*w*h)]' info:
+}
+
+# keep_screens FILE...: copies screenshots where the lab hands results back (E2E_LOGS).
+keep_screens() {
+    [ -n "${E2E_LOGS:-}" ] || return 0
+    mkdir -p "$E2E_LOGS/screens"
+    cp "$@" "$E2E_LOGS/screens/" 2>/dev/null || true
+}
+
+# display_source NAME: the VM's live display source as `hutch status --json` reports it.
+display_source() {
+    "$HUTCH" status "$1" --json | python3 -c 'import json,sys; print(json.load(sys.stdin).get("display") or "none")'
+}
+
+# The console appears on the boot framebuffer from the first second (no driver), then on
+# virtio-gpu once its driver loads (it evicts the boot framebuffer, as virtio-vga does).
+screen_shows_console_on_boot_framebuffer_then_virtio_gpu() {
+    need_hutch
+    require_tools tesseract convert
+    local serial=$WORK/home/vms/scr/serial.log src
+    start_library_vm scr "screen:FBONE,sleep:10,load:gpu,sleep:2,screen:GPUTWO,wait" \
+        'HUTCH-RESULT screen=FBONE' screen_actions
+    sleep 2
+    "$HUTCH" screenshot scr "$WORK/bootfb.png" >>"$WORK/log" 2>&1 || fail "hutch screenshot: exit $?"
+    keep_screens "$WORK/bootfb.png"
+    src=$(display_source scr)
+    contains "$src" '^boot-framebuffer' || fail "display source before the driver: $src"
+    [ "$(bright_pixels "$WORK/bootfb.png")" -gt 2000 ] || fail "the boot framebuffer screenshot is blank"
+    screen_has_text "$WORK/bootfb.png" FBONE ||
+        fail "no FBONE on the boot framebuffer; OCR saw: $(head -c 300 "$WORK/bootfb.png.txt")"
+    wait_for_line "$serial" 'HUTCH-RESULT screen=GPUTWO' 60
+    has "$serial" 'HUTCH-RESULT fb=0 virtio_gpudrmfb' || fail "virtio-gpu did not take over fb0: $(grep -a 'fb=' "$serial")"
+    sleep 2
+    "$HUTCH" screenshot scr "$WORK/gpu.png" >>"$WORK/log" 2>&1 || fail "hutch screenshot: exit $?"
+    keep_screens "$WORK/gpu.png"
+    src=$(display_source scr)
+    contains "$src" '^virtio-gpu' || fail "display source after the driver: $src"
+    screen_has_text "$WORK/gpu.png" GPUTWO ||
+        fail "no GPUTWO on the virtio-gpu screen; OCR saw: $(head -c 300 "$WORK/gpu.png.txt")"
+    "$HUTCH" stop scr --force >>"$WORK/log" 2>&1 || fail "hutch stop --force: exit $?"
 }
 
 # The same check against QEMU: system_powerdown on its monitor (a socket on tmpfs).
