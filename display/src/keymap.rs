@@ -516,7 +516,6 @@ fn set1_make(code: u16) -> Option<(bool, u8)> {
         KEY_POWER => extended(0x5e),
         KEY_KPEQUAL => plain(0x59),
         KEY_KPCOMMA => plain(0x7e),
-        KEY_HANJA => extended(0x0d),
         KEY_YEN => plain(0x7d),
         KEY_LEFTMETA => extended(0x5b),
         KEY_RIGHTMETA => extended(0x5c),
@@ -571,7 +570,8 @@ fn set1_make(code: u16) -> Option<(bool, u8)> {
 /// evdev code). None for keys a PC keyboard can't send.
 ///
 /// Pause sends its whole sequence on press and nothing (an empty sequence) on release, like a
-/// real keyboard. Hangeul is a single byte with no release either.
+/// real keyboard. Hangeul and Hanja are single bytes with no release either (atkbd
+/// reports the release itself).
 pub fn set1_scancode(code: u16, down: bool) -> Option<Scancodes> {
     let bytes = match (code, down) {
         // With no modifier held a real keyboard wraps PrintScreen in a fake left Shift.
@@ -579,9 +579,10 @@ pub fn set1_scancode(code: u16, down: bool) -> Option<Scancodes> {
         (KEY_SYSRQ, false) => Scancodes::from_slice(&[E0, 0xb7, E0, 0xaa]),
         (KEY_PAUSE, true) => Scancodes::from_slice(&[0xe1, 0x1d, 0x45, 0xe1, 0x9d, 0xc5]),
         (KEY_PAUSE, false) => Scancodes::default(),
-        // Korean keyboards send 0xF2 on press only; atkbd synthesizes the release.
+        // Korean keyboards send one byte on press only; atkbd synthesizes the release.
         (KEY_HANGEUL, true) => Scancodes::from_slice(&[0xf2]),
-        (KEY_HANGEUL, false) => Scancodes::default(),
+        (KEY_HANJA, true) => Scancodes::from_slice(&[0xf1]),
+        (KEY_HANGEUL | KEY_HANJA, false) => Scancodes::default(),
         _ => {
             let (extended, make) = set1_make(code)?;
             let byte = if down { make } else { make | BREAK };
@@ -759,6 +760,14 @@ mod tests {
     }
 
     #[test]
+    fn korean_keys_send_one_byte_and_no_release() {
+        assert_eq!(set1(KEY_HANGEUL, true), [0xf2]);
+        assert_eq!(set1(KEY_HANJA, true), [0xf1]);
+        assert!(set1(KEY_HANGEUL, false).is_empty());
+        assert!(set1(KEY_HANJA, false).is_empty());
+    }
+
+    #[test]
     fn break_codes_are_make_codes_with_the_top_bit() {
         for &code in PC_KEYS {
             if code == KEY_SYSRQ || code == KEY_PAUSE {
@@ -783,6 +792,20 @@ mod tests {
                 panic!("evdev {code} and {other} both send {make:02X?}");
             }
         }
+    }
+
+    #[test]
+    fn no_two_evdev_codes_send_the_same_make_code() {
+        let mut seen = std::collections::HashMap::new();
+        for code in 0..=KEY_MAX {
+            let Some(make) = set1_scancode(code, true) else {
+                continue;
+            };
+            if let Some(other) = seen.insert(make.to_vec(), code) {
+                panic!("evdev {code} and {other} both send {make:?}");
+            }
+        }
+        assert!(seen.len() > 150, "only {} keys have scan codes", seen.len());
     }
 
     #[test]
@@ -954,6 +977,21 @@ mod tests {
             assert_eq!(evdev_from_physical(unknown), None);
             let mac = PhysicalKey::Unidentified(NativeKeyCode::MacOS(0x66));
             assert_eq!(evdev_from_physical(mac), None);
+        }
+
+        /// On Linux winit's own scancode table is evdev: every key it decodes must come back as
+        /// the same evdev code, whether winit names it or passes it through as `Xkb`.
+        #[cfg(target_os = "linux")]
+        #[test]
+        fn agrees_with_winits_linux_scancode_table() {
+            use winit::platform::scancode::PhysicalKeyExtScancode;
+            for code in 1..=KEY_MAX {
+                let key = PhysicalKey::from_scancode(u32::from(code));
+                if key == PhysicalKey::Unidentified(NativeKeyCode::Unidentified) {
+                    continue; // KEY_UNKNOWN (240)
+                }
+                assert_eq!(evdev_from_physical(key), Some(code), "{key:?}");
+            }
         }
     }
 }
