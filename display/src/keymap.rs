@@ -2,7 +2,7 @@
 //! carries) → PS/2 scan code set 1 (what an i8042 with translation delivers to the guest).
 //!
 //! Keys are mapped by position, never by the character they produce: the guest applies its own
-//! layout. The host side ([`evdev_from_keycode`], [`evdev_from_physical`]) needs the crate feature
+//! layout. The host side (`evdev_from_keycode`, `evdev_from_physical`) needs the crate feature
 //! `winit`; the VM process only needs [`set1_scancode`] and the [`evdev`] codes.
 
 use std::fmt;
