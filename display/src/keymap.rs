@@ -410,7 +410,7 @@ pub fn evdev_from_physical(key: winit::keyboard::PhysicalKey) -> Option<u16> {
     }
 }
 
-/// The evdev code behind winit's `NativeKeyCode::Xkb(n)` on Linux (see [`evdev_from_physical`]).
+/// The evdev code behind winit's `NativeKeyCode::Xkb(n)` on Linux (see `evdev_from_physical`).
 pub fn evdev_from_native_xkb(n: u32) -> Option<u16> {
     u16::try_from(n).ok().filter(|&code| code != KEY_RESERVED && code <= KEY_MAX)
 }
