@@ -56,6 +56,9 @@ const LOGICAL_SECTOR_SIZE: Guid =
     guid(0x8141bf1d, 0xa96f, 0x4709, [0xba, 0x47, 0xf2, 0x33, 0xa8, 0xfa, 0xab, 0x5f]);
 const PHYSICAL_SECTOR_SIZE: Guid =
     guid(0xcda348c7, 0x445d, 0x4471, [0x9c, 0xc9, 0xe9, 0x88, 0x52, 0x51, 0xc5, 0x56]);
+/// The disk's SCSI identity: known, not needed for reading.
+const PAGE_83_DATA: Guid =
+    guid(0xbeca12ab, 0xb2e6, 0x4523, [0x93, 0xef, 0xc3, 0x09, 0xe0, 0x00, 0xc7, 0x46]);
 const PARENT_LOCATOR: Guid =
     guid(0xa8d35f2d, 0xb30b, 0x454d, [0xab, 0xf7, 0xd3, 0xd8, 0x48, 0x34, 0xab, 0x0c]);
 const VHDX_LOCATOR_TYPE: Guid =
@@ -324,6 +327,7 @@ fn read_metadata(file: &File, path: &Path, region: Region) -> Result<Metadata, D
             VIRTUAL_DISK_SIZE => disk_size = Some(le64(&read_item(8)?, 0)),
             LOGICAL_SECTOR_SIZE => logical = Some(le32(&read_item(4)?, 0)),
             PHYSICAL_SECTOR_SIZE => physical = Some(le32(&read_item(4)?, 0)),
+            PAGE_83_DATA => {}
             PARENT_LOCATOR => {
                 if len > MAX_LOCATOR_LEN {
                     return Err(err_at(
