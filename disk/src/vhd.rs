@@ -812,3 +812,309 @@ impl BlockBackend for Vhd {
         pieces_to_extents(&pieces, offset, self.parent_backend())
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // Tests fail loudly on purpose.
+mod tests {
+    use super::*;
+
+    const BS: usize = 4096; // small blocks keep fixtures small
+    const BITMAP: usize = 512;
+
+    fn put32(b: &mut [u8], at: usize, v: u32) {
+        b[at..at + 4].copy_from_slice(&v.to_be_bytes());
+    }
+
+    fn put64(b: &mut [u8], at: usize, v: u64) {
+        b[at..at + 8].copy_from_slice(&v.to_be_bytes());
+    }
+
+    fn footer(size: u64, disk_type: u32, data_offset: u64, uid: u8) -> [u8; 512] {
+        let mut f = [0u8; 512];
+        f[0..8].copy_from_slice(FOOTER_COOKIE);
+        put32(&mut f, 8, 2);
+        put32(&mut f, 12, 0x0001_0000);
+        put64(&mut f, 16, data_offset);
+        f[28..32].copy_from_slice(b"test");
+        put64(&mut f, 40, size);
+        put64(&mut f, 48, size);
+        put32(&mut f, 60, disk_type);
+        f[68..84].fill(uid);
+        let sum = vhd_checksum(&f, 64);
+        put32(&mut f, 64, sum);
+        f
+    }
+
+    /// One allocated block: its index, sector bitmap and data.
+    struct Block {
+        index: usize,
+        bitmap: Vec<u8>,
+        data: Vec<u8>,
+    }
+
+    /// A dynamic (or, with `parent` = (uid, relative path), differencing) VHD of `blocks`
+    /// blocks: footer copy, header at 512, BAT at 1536, blocks, footer.
+    fn dynamic(blocks: usize, allocated: &[Block], uid: u8, parent: Option<(u8, &str)>) -> Vec<u8> {
+        let size = (blocks * BS) as u64;
+        let bat_at = 1536usize;
+        let blocks_at = bat_at + (blocks * 4).next_multiple_of(512) + 512;
+        let mut out = vec![0u8; blocks_at];
+        let mut header = vec![0u8; DYN_HEADER_SIZE];
+        header[0..8].copy_from_slice(DYN_COOKIE);
+        put64(&mut header, 8, u64::MAX);
+        put64(&mut header, 16, bat_at as u64);
+        put32(&mut header, 24, 0x0001_0000);
+        put32(&mut header, 28, blocks as u32);
+        put32(&mut header, 32, BS as u32);
+        if let Some((puid, rel)) = parent {
+            header[40..56].fill(puid);
+            let locator: Vec<u8> = rel.encode_utf16().flat_map(u16::to_le_bytes).collect();
+            let e = 576;
+            header[e..e + 4].copy_from_slice(b"W2ru");
+            put32(&mut header, e + 4, 1);
+            put32(&mut header, e + 8, locator.len() as u32);
+            put64(&mut header, e + 16, (blocks_at - 512) as u64);
+            out[blocks_at - 512..blocks_at - 512 + locator.len()].copy_from_slice(&locator);
+        }
+        let sum = vhd_checksum(&header, 36);
+        put32(&mut header, 36, sum);
+        let disk_type = if parent.is_some() { TYPE_DIFFERENCING } else { TYPE_DYNAMIC };
+        let f = footer(size, disk_type, 512, uid);
+        out[0..512].copy_from_slice(&f);
+        out[512..1536].copy_from_slice(&header);
+        let mut bat = vec![0xffu8; blocks * 4];
+        for b in allocated {
+            let at = out.len();
+            put32(&mut bat, b.index * 4, (at / 512) as u32);
+            let mut bm = b.bitmap.clone();
+            bm.resize(BITMAP, 0);
+            out.extend_from_slice(&bm);
+            out.extend_from_slice(&b.data);
+        }
+        out[bat_at..bat_at + bat.len()].copy_from_slice(&bat);
+        out.extend_from_slice(&f);
+        out
+    }
+
+    fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p
+    }
+
+    fn open_err(path: &Path) -> DiskError {
+        Vhd::open(path, OpenOptions::default()).unwrap_err()
+    }
+
+    fn full(index: usize, byte: u8) -> Block {
+        Block { index, bitmap: vec![0xff; BITMAP], data: vec![byte; BS] }
+    }
+
+    #[test]
+    fn differencing_vhd_reads_its_sectors_and_the_parents_elsewhere() {
+        let dir = tempfile::tempdir().unwrap();
+        let parent = dynamic(3, &[full(0, 0x11)], 7, None);
+        write(dir.path(), "base.vhd", &parent);
+        // Sectors 1 and 2 of block 0, and sector 0 of block 1, are the child's.
+        let mut bitmap = vec![0u8; BITMAP];
+        bitmap[0] = 0x60;
+        let b0 = Block { index: 0, bitmap, data: vec![0x22; BS] };
+        let mut bitmap = vec![0u8; BITMAP];
+        bitmap[0] = 0x80;
+        let b1 = Block { index: 1, bitmap, data: vec![0x33; BS] };
+        let child =
+            write(dir.path(), "child.vhd", &dynamic(3, &[b0, b1], 8, Some((7, ".\\base.vhd"))));
+        let disk = Vhd::open(&child, OpenOptions::default()).unwrap();
+        let mut buf = vec![0u8; 3 * BS];
+        disk.read_at(&mut buf, 0).unwrap();
+        let mut want = vec![0x11u8; BS];
+        want[512..1536].fill(0x22);
+        want.extend(std::iter::repeat_n(0x33, 512));
+        want.resize(3 * BS, 0);
+        assert!(buf == want);
+        let extents = disk.extents(0, 3 * BS as u64).unwrap();
+        assert_eq!(
+            extents,
+            vec![
+                Extent { offset: 0, len: (BS + 512) as u64, kind: ExtentKind::Data },
+                Extent {
+                    offset: (BS + 512) as u64,
+                    len: (2 * BS - 512) as u64,
+                    kind: ExtentKind::Unallocated
+                },
+            ]
+        );
+        let info = disk.info();
+        assert_eq!(info.subformat.as_deref(), Some("differencing"));
+        assert_eq!(info.backing.as_deref(), Some(dir.path().join("base.vhd").as_path()));
+    }
+
+    #[test]
+    fn dynamic_vhd_bitmap_zero_sectors_read_as_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut bitmap = vec![0xffu8; BITMAP];
+        bitmap[0] = 0x7f; // sector 0 unused
+        let p = write(
+            dir.path(),
+            "d.vhd",
+            &dynamic(2, &[Block { index: 1, bitmap, data: vec![5; BS] }], 1, None),
+        );
+        let disk = Vhd::open(&p, OpenOptions::default()).unwrap();
+        let mut buf = vec![0u8; 1024];
+        disk.read_at(&mut buf, BS as u64).unwrap();
+        assert!(buf[..512].iter().all(|&b| b == 0) && buf[512..].iter().all(|&b| b == 5));
+        let kinds: Vec<_> =
+            disk.extents(0, 2 * BS as u64).unwrap().iter().map(|e| e.kind).collect();
+        assert_eq!(kinds, vec![ExtentKind::Unallocated, ExtentKind::Zero, ExtentKind::Data]);
+    }
+
+    #[test]
+    fn parent_with_another_unique_id_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "base.vhd", &dynamic(1, &[], 7, None));
+        let child = write(dir.path(), "child.vhd", &dynamic(1, &[], 8, Some((9, "base.vhd"))));
+        let err = open_err(&child);
+        assert_eq!(err.kind(), DiskErrorKind::CorruptImage);
+        assert_eq!(err.offset(), Some(40));
+    }
+
+    #[test]
+    fn parent_loop_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let child = write(dir.path(), "self.vhd", &dynamic(1, &[], 8, Some((8, "self.vhd"))));
+        let err = open_err(&child);
+        assert_eq!(err.kind(), DiskErrorKind::CorruptImage);
+        assert!(err.to_string().contains("loop"), "{err}");
+    }
+
+    #[test]
+    fn missing_parent_is_an_io_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let child = write(dir.path(), "child.vhd", &dynamic(1, &[], 8, Some((7, "gone.vhd"))));
+        assert_eq!(open_err(&child).kind(), DiskErrorKind::Io);
+    }
+
+    #[test]
+    fn bad_footer_checksum_is_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut img = vec![0u8; 4096];
+        img.extend_from_slice(&footer(4096, TYPE_FIXED, u64::MAX, 1));
+        img[4096 + 48] ^= 1;
+        let err = open_err(&write(dir.path(), "f.vhd", &img));
+        assert_eq!(err.kind(), DiskErrorKind::CorruptImage);
+        assert_eq!(err.offset(), Some(4096));
+    }
+
+    #[test]
+    fn short_and_foreign_files_are_not_vhd() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(
+            open_err(&write(dir.path(), "a", &[0; 100])).kind(),
+            DiskErrorKind::InvalidFormat
+        );
+        assert_eq!(
+            open_err(&write(dir.path(), "b", &[7; 4096])).kind(),
+            DiskErrorKind::InvalidFormat
+        );
+    }
+
+    #[test]
+    fn old_511_byte_footer_is_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut img = vec![9u8; 4096];
+        img.extend_from_slice(&footer(4096, TYPE_FIXED, u64::MAX, 1)[..511]);
+        let disk = Vhd::open(&write(dir.path(), "old.vhd", &img), OpenOptions::default()).unwrap();
+        assert_eq!(disk.size(), 4096);
+        let mut buf = [0u8; 16];
+        disk.read_at(&mut buf, 4080).unwrap();
+        assert_eq!(buf, [9; 16]);
+    }
+
+    #[test]
+    fn fixed_disk_larger_than_its_file_is_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut img = vec![0u8; 4096];
+        img.extend_from_slice(&footer(1 << 40, TYPE_FIXED, u64::MAX, 1));
+        assert_eq!(open_err(&write(dir.path(), "f.vhd", &img)).kind(), DiskErrorKind::CorruptImage);
+    }
+
+    #[test]
+    fn damaged_end_footer_falls_back_to_the_copy_at_offset_0() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut img = dynamic(2, &[full(0, 3)], 1, None);
+        let n = img.len();
+        img[n - 512..n - 504].copy_from_slice(b"garbage!");
+        let disk = Vhd::open(&write(dir.path(), "d.vhd", &img), OpenOptions::default()).unwrap();
+        assert_eq!(disk.info().problems.len(), 1);
+        let mut buf = [0u8; 4];
+        disk.read_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, [3; 4]);
+    }
+
+    /// Rewrites the dynamic header field at `at` (big-endian u32) and fixes the checksum.
+    fn patch_header(img: &mut [u8], at: usize, value: u32) {
+        put32(img, 512 + at, value);
+        let sum = vhd_checksum(&img[512..1536], 36);
+        put32(img, 512 + 36, sum);
+    }
+
+    #[test]
+    fn huge_bat_claim_is_checked_against_the_file_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut img = dynamic(2, &[], 1, None);
+        patch_header(&mut img, 28, 0xffff_fff0);
+        let err = open_err(&write(dir.path(), "d.vhd", &img));
+        assert_eq!(err.kind(), DiskErrorKind::CorruptImage);
+        assert_eq!(err.offset(), Some(512 + 16));
+    }
+
+    #[test]
+    fn absurd_block_size_is_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        for bs in [3000, 1 << 30, 0] {
+            let mut img = dynamic(2, &[], 1, None);
+            patch_header(&mut img, 32, bs);
+            let err = open_err(&write(dir.path(), "d.vhd", &img));
+            assert_eq!(err.kind(), DiskErrorKind::CorruptImage, "{bs}");
+            assert_eq!(err.offset(), Some(512 + 32));
+        }
+    }
+
+    #[test]
+    fn bat_entries_past_eof_or_over_the_headers_are_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        for sector in [0x00ff_ffffu32, 1, 3] {
+            let mut img = dynamic(2, &[], 1, None);
+            put32(&mut img, 1536 + 4, sector);
+            let err = open_err(&write(dir.path(), "d.vhd", &img));
+            assert_eq!(err.kind(), DiskErrorKind::CorruptImage, "{sector}");
+            assert_eq!(err.offset(), Some(1536 + 4));
+        }
+    }
+
+    #[test]
+    fn bad_dynamic_header_checksum_is_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut img = dynamic(2, &[], 1, None);
+        img[512 + 33] ^= 1;
+        let err = open_err(&write(dir.path(), "d.vhd", &img));
+        assert_eq!(err.kind(), DiskErrorKind::CorruptImage);
+        assert_eq!(err.offset(), Some(512 + 36));
+    }
+
+    #[test]
+    fn reads_past_the_end_are_out_of_bounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = Vhd::open(
+            &write(dir.path(), "d.vhd", &dynamic(2, &[], 1, None)),
+            OpenOptions::default(),
+        )
+        .unwrap();
+        let mut buf = [0u8; 2];
+        assert_eq!(
+            disk.read_at(&mut buf, 2 * BS as u64 - 1).unwrap_err().kind(),
+            DiskErrorKind::OutOfBounds
+        );
+        assert_eq!(disk.extents(u64::MAX, 2).unwrap_err().kind(), DiskErrorKind::OutOfBounds);
+    }
+}
