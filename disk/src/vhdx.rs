@@ -836,3 +836,387 @@ impl BlockBackend for Vhdx {
         pieces_to_extents(&pieces, offset, self.parent_backend())
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // Tests fail loudly on purpose.
+mod tests {
+    use super::*;
+    use crate::ExtentKind;
+
+    const M: usize = MIB as usize;
+    const BAT_AT: usize = 2 * M;
+    const META_AT: usize = M;
+    const SB_INDEX: usize = 4096; // chunk ratio for 1 MiB blocks and 512-byte sectors
+
+    fn put16(b: &mut [u8], at: usize, v: u16) {
+        b[at..at + 2].copy_from_slice(&v.to_le_bytes());
+    }
+    fn put32(b: &mut [u8], at: usize, v: u32) {
+        b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    }
+    fn put64(b: &mut [u8], at: usize, v: u64) {
+        b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+    }
+
+    fn seal(b: &mut [u8], at: usize, len: usize) {
+        put32(b, at + 4, 0);
+        let crc = crc32c(&b[at..at + len]);
+        put32(b, at + 4, crc);
+    }
+
+    /// A hand-built VHDX: 1 MiB blocks, 512-byte sectors, metadata at 1 MiB, BAT at 2 MiB,
+    /// payload from 3 MiB. `bat` lists (index, raw entry); `data` (offset, bytes) is placed as is.
+    struct Fixture {
+        size: u64,
+        bat: Vec<(usize, u64)>,
+        data: Vec<(usize, Vec<u8>)>,
+        /// (parent_linkage text, relative_path).
+        parent: Option<(String, String)>,
+        data_write_guid: Guid,
+        log_guid: Guid,
+    }
+
+    impl Fixture {
+        fn new(size_mib: u64) -> Fixture {
+            Fixture {
+                size: size_mib * MIB,
+                bat: Vec::new(),
+                data: Vec::new(),
+                parent: None,
+                data_write_guid: [1; 16],
+                log_guid: [0; 16],
+            }
+        }
+
+        fn block(mut self, index: usize, state: u64, file_mib: u64, fill: Option<u8>) -> Fixture {
+            self.bat.push((index, state | (file_mib << 20)));
+            if let Some(byte) = fill {
+                self.data.push((file_mib as usize * M, vec![byte; M]));
+            }
+            self
+        }
+
+        fn bytes(&self) -> Vec<u8> {
+            let mut img = vec![0u8; 3 * M];
+            img[0..8].copy_from_slice(b"vhdxfile");
+            for (i, at) in HEADER_AT.iter().enumerate() {
+                let at = *at as usize;
+                img[at..at + 4].copy_from_slice(b"head");
+                put64(&mut img, at + 8, i as u64 + 1);
+                img[at + 32..at + 48].copy_from_slice(&self.data_write_guid);
+                img[at + 48..at + 64].copy_from_slice(&self.log_guid);
+                put16(&mut img, at + 66, 1);
+                put32(&mut img, at + 68, M as u32);
+                put64(&mut img, at + 72, M as u64);
+                seal(&mut img, at, HEADER_SIZE);
+            }
+            for at in REGION_TABLE_AT {
+                let at = at as usize;
+                img[at..at + 4].copy_from_slice(b"regi");
+                put32(&mut img, at + 8, 2);
+                for (i, (id, off)) in
+                    [(BAT_REGION, BAT_AT), (METADATA_REGION, META_AT)].iter().enumerate()
+                {
+                    let e = at + 16 + 32 * i;
+                    img[e..e + 16].copy_from_slice(id);
+                    put64(&mut img, e + 16, *off as u64);
+                    put32(&mut img, e + 24, M as u32);
+                    put32(&mut img, e + 28, 1);
+                }
+                seal(&mut img, at, REGION_TABLE_SIZE);
+            }
+            let m = META_AT;
+            img[m..m + 8].copy_from_slice(b"metadata");
+            let items_at = 64 * 1024;
+            let mut items: Vec<(Guid, Vec<u8>)> = vec![
+                (
+                    FILE_PARAMETERS,
+                    [
+                        (M as u32).to_le_bytes(),
+                        (if self.parent.is_some() { 2u32 } else { 0 }).to_le_bytes(),
+                    ]
+                    .concat(),
+                ),
+                (VIRTUAL_DISK_SIZE, self.size.to_le_bytes().to_vec()),
+                (LOGICAL_SECTOR_SIZE, 512u32.to_le_bytes().to_vec()),
+                (PHYSICAL_SECTOR_SIZE, 4096u32.to_le_bytes().to_vec()),
+            ];
+            if let Some((linkage, rel)) = &self.parent {
+                items.push((
+                    PARENT_LOCATOR,
+                    locator(&[("parent_linkage", linkage), ("relative_path", rel)]),
+                ));
+            }
+            put16(&mut img, m + 10, items.len() as u16);
+            let mut off = items_at;
+            for (i, (id, data)) in items.iter().enumerate() {
+                let e = m + 32 + 32 * i;
+                img[e..e + 16].copy_from_slice(id);
+                put32(&mut img, e + 16, off as u32);
+                put32(&mut img, e + 20, data.len() as u32);
+                put32(&mut img, e + 24, 4);
+                img[m + off..m + off + data.len()].copy_from_slice(data);
+                off += data.len().next_multiple_of(8);
+            }
+            for &(index, entry) in &self.bat {
+                put64(&mut img, BAT_AT + 8 * index, entry);
+            }
+            for (at, bytes) in &self.data {
+                if img.len() < at + bytes.len() {
+                    img.resize(at + bytes.len(), 0);
+                }
+                img[*at..at + bytes.len()].copy_from_slice(bytes);
+            }
+            img
+        }
+    }
+
+    fn locator(pairs: &[(&str, &str)]) -> Vec<u8> {
+        let mut item = vec![0u8; 20 + 12 * pairs.len()];
+        item[0..16].copy_from_slice(&VHDX_LOCATOR_TYPE);
+        put16(&mut item, 18, pairs.len() as u16);
+        for (i, (k, v)) in pairs.iter().enumerate() {
+            let k: Vec<u8> = k.encode_utf16().flat_map(u16::to_le_bytes).collect();
+            let v: Vec<u8> = v.encode_utf16().flat_map(u16::to_le_bytes).collect();
+            let e = 20 + 12 * i;
+            let end = item.len();
+            put32(&mut item, e, end as u32);
+            put32(&mut item, e + 4, (end + k.len()) as u32);
+            put16(&mut item, e + 8, k.len() as u16);
+            put16(&mut item, e + 10, v.len() as u16);
+            item.extend(k);
+            item.extend(v);
+        }
+        item
+    }
+
+    fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p
+    }
+
+    fn open_err(path: &Path) -> DiskError {
+        Vhdx::open(path, OpenOptions::default()).unwrap_err()
+    }
+
+    const GUID_TEXT: &str = "{01010101-0101-0101-0101-010101010101}";
+
+    #[test]
+    fn crc32c_matches_the_standard_check_value() {
+        assert_eq!(crc32c(b"123456789"), 0xe306_9283);
+    }
+
+    #[test]
+    fn guid_text_parses_into_disk_order() {
+        let g = parse_guid("{2DC27766-F623-4200-9D64-115E9BFD4A08}").unwrap();
+        assert_eq!(g, BAT_REGION);
+        assert!(parse_guid("{2DC27766-F623-4200-9D64}").is_none());
+    }
+
+    #[test]
+    fn dynamic_vhdx_maps_block_states() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = Fixture::new(4)
+            .block(0, FULLY_PRESENT, 3, Some(0x11))
+            .block(1, ZERO, 0, None)
+            .block(2, UNMAPPED, 0, None);
+        let disk =
+            Vhdx::open(&write(dir.path(), "d.vhdx", &f.bytes()), OpenOptions::default()).unwrap();
+        let mut buf = vec![0u8; 4 * M];
+        disk.read_at(&mut buf, 0).unwrap();
+        assert!(buf[..M].iter().all(|&b| b == 0x11) && buf[M..].iter().all(|&b| b == 0));
+        let kinds: Vec<_> =
+            disk.extents(0, 4 * MIB).unwrap().iter().map(|e| (e.len, e.kind)).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (MIB, ExtentKind::Data),
+                (2 * MIB, ExtentKind::Zero),
+                (MIB, ExtentKind::Unallocated)
+            ]
+        );
+        assert_eq!(disk.info().subformat.as_deref(), Some("dynamic"));
+    }
+
+    #[test]
+    fn differencing_vhdx_reads_partial_blocks_through_the_sector_bitmap() {
+        let dir = tempfile::tempdir().unwrap();
+        let parent = Fixture::new(4).block(0, FULLY_PRESENT, 3, Some(0x11)).block(2, ZERO, 0, None);
+        write(dir.path(), "base.vhdx", &parent.bytes());
+        let mut child = Fixture::new(4)
+            .block(0, PARTIALLY_PRESENT, 3, Some(0x22))
+            .block(1, FULLY_PRESENT, 4, Some(0x33))
+            .block(SB_INDEX, SB_PRESENT, 5, None);
+        child.data_write_guid = [2; 16];
+        let mut bitmap = vec![0u8; M];
+        bitmap[0] = 0b110; // sectors 1 and 2 of block 0
+        child.data.push((5 * M, bitmap));
+        child.parent = Some((GUID_TEXT.into(), ".\\base.vhdx".into()));
+        let path = write(dir.path(), "child.vhdx", &child.bytes());
+        let disk = Vhdx::open(&path, OpenOptions::default()).unwrap();
+        let mut buf = vec![0u8; 4 * M];
+        disk.read_at(&mut buf, 0).unwrap();
+        let mut want = vec![0x11u8; M];
+        want[512..1536].fill(0x22);
+        want.extend(std::iter::repeat_n(0x33, M));
+        want.resize(4 * M, 0);
+        assert!(buf == want);
+        let kinds: Vec<_> =
+            disk.extents(0, 4 * MIB).unwrap().iter().map(|e| (e.len, e.kind)).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (2 * MIB, ExtentKind::Data),
+                (MIB, ExtentKind::Zero),
+                (MIB, ExtentKind::Unallocated)
+            ]
+        );
+        let info = disk.info();
+        assert_eq!(info.subformat.as_deref(), Some("differencing"));
+        assert_eq!(info.backing.as_deref(), Some(dir.path().join("base.vhdx").as_path()));
+    }
+
+    #[test]
+    fn parent_with_another_data_write_guid_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "base.vhdx", &Fixture::new(1).bytes());
+        let mut child = Fixture::new(1);
+        child.parent = Some(("{02020202-0202-0202-0202-020202020202}".into(), "base.vhdx".into()));
+        assert_eq!(
+            open_err(&write(dir.path(), "c.vhdx", &child.bytes())).kind(),
+            DiskErrorKind::CorruptImage
+        );
+    }
+
+    #[test]
+    fn parent_loop_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = Fixture::new(1);
+        child.parent = Some((GUID_TEXT.into(), "self.vhdx".into()));
+        let err = open_err(&write(dir.path(), "self.vhdx", &child.bytes()));
+        assert_eq!(err.kind(), DiskErrorKind::CorruptImage);
+        assert!(err.to_string().contains("loop"), "{err}");
+    }
+
+    #[test]
+    fn newest_valid_header_wins_and_a_bad_crc_falls_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut img = Fixture::new(1).bytes();
+        let h2 = HEADER_AT[1] as usize;
+        img[h2 + 32..h2 + 48].fill(9);
+        seal(&mut img, h2, HEADER_SIZE);
+        let p = write(dir.path(), "a.vhdx", &img);
+        assert_eq!(Vhdx::open(&p, OpenOptions::default()).unwrap().data_write_guid(), [9; 16]);
+        img[h2 + 40] ^= 1; // now header 2's CRC is wrong: header 1 is used
+        let p = write(dir.path(), "b.vhdx", &img);
+        assert_eq!(Vhdx::open(&p, OpenOptions::default()).unwrap().data_write_guid(), [1; 16]);
+        let h1 = HEADER_AT[0] as usize;
+        img[h1 + 40] ^= 1;
+        let err = open_err(&write(dir.path(), "c.vhdx", &img));
+        assert_eq!(err.kind(), DiskErrorKind::CorruptImage);
+    }
+
+    #[test]
+    fn pending_log_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut f = Fixture::new(1);
+        f.log_guid = [5; 16];
+        let err = open_err(&write(dir.path(), "l.vhdx", &f.bytes()));
+        assert_eq!(err.kind(), DiskErrorKind::UnsupportedFeature);
+        assert!(err.to_string().contains("log"), "{err}");
+    }
+
+    #[test]
+    fn unknown_required_region_is_unsupported() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut img = Fixture::new(1).bytes();
+        let t = REGION_TABLE_AT[0] as usize;
+        put32(&mut img, t + 8, 3);
+        let e = t + 16 + 64;
+        img[e..e + 16].fill(0xee);
+        img.resize(4 * M, 0); // a free megabyte for the unknown region
+        put64(&mut img, e + 16, 3 * MIB);
+        put32(&mut img, e + 24, M as u32);
+        put32(&mut img, e + 28, 1);
+        seal(&mut img, t, REGION_TABLE_SIZE);
+        let err = open_err(&write(dir.path(), "r.vhdx", &img));
+        assert_eq!(err.kind(), DiskErrorKind::UnsupportedFeature);
+        assert_eq!(err.offset(), Some(e as u64));
+    }
+
+    #[test]
+    fn region_past_eof_is_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut img = Fixture::new(1).bytes();
+        for t in REGION_TABLE_AT {
+            let t = t as usize;
+            put64(&mut img, t + 16 + 16, 1 << 40);
+            seal(&mut img, t, REGION_TABLE_SIZE);
+        }
+        let err = open_err(&write(dir.path(), "r.vhdx", &img));
+        assert_eq!(err.kind(), DiskErrorKind::CorruptImage);
+        assert_eq!(err.offset(), Some(REGION_TABLE_AT[0] + 16));
+    }
+
+    #[test]
+    fn bat_entries_past_eof_or_in_the_headers_are_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        for mib in [0, 2, 1000] {
+            let f = Fixture::new(2).block(1, FULLY_PRESENT, mib, None);
+            let err = open_err(&write(dir.path(), "b.vhdx", &f.bytes()));
+            assert_eq!(err.kind(), DiskErrorKind::CorruptImage, "{mib}");
+            assert_eq!(err.offset(), Some(BAT_AT as u64 + 8), "{mib}");
+        }
+    }
+
+    #[test]
+    fn partially_present_block_without_parent_is_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = Fixture::new(2).block(0, PARTIALLY_PRESENT, 3, Some(1));
+        assert_eq!(
+            open_err(&write(dir.path(), "p.vhdx", &f.bytes())).kind(),
+            DiskErrorKind::CorruptImage
+        );
+    }
+
+    #[test]
+    fn absurd_metadata_values_are_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let items = META_AT + 64 * 1024;
+        for (at, value) in
+            [(items, 3 * MIB), (items, 1 << 31), (items + 8, 1u64 << 60), (items + 8, 1000)]
+        {
+            let mut img = Fixture::new(1).bytes();
+            put64(&mut img, at, value);
+            if at == items {
+                put32(&mut img, at + 4, 0); // keep flags clean: only the block size changes
+                put32(&mut img, at, value as u32);
+            }
+            let err = open_err(&write(dir.path(), "m.vhdx", &img));
+            assert_eq!(err.kind(), DiskErrorKind::CorruptImage, "{at:#x} {value}");
+        }
+    }
+
+    #[test]
+    fn truncated_or_foreign_files_are_not_vhdx() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = Fixture::new(1).bytes();
+        assert_eq!(
+            open_err(&write(dir.path(), "t", &img[..300 * 1024])).kind(),
+            DiskErrorKind::InvalidFormat
+        );
+        assert_eq!(
+            open_err(&write(dir.path(), "z", &vec![0; 2 * M])).kind(),
+            DiskErrorKind::InvalidFormat
+        );
+    }
+
+    #[test]
+    fn data_cut_off_by_truncation_is_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = Fixture::new(2).block(0, FULLY_PRESENT, 3, Some(7)).bytes();
+        let err = open_err(&write(dir.path(), "t.vhdx", &img[..3 * M + 4096]));
+        assert_eq!(err.kind(), DiskErrorKind::CorruptImage);
+    }
+}
