@@ -486,7 +486,8 @@ fn parse_ovf(
             Some("4") if memory.is_none() => {
                 // Memory without units is in MiB (what every writer means).
                 let units = child_text(item, "AllocationUnits").map_or(Some(1 << 20), unit_bytes);
-                memory = Some(quantity.zip(units).and_then(|(q, u)| q.checked_mul(u)));
+                // An overflowing product is absurdly large: it gets clamped below.
+                memory = Some(quantity.zip(units).map(|(q, u)| q.saturating_mul(u)));
             }
             _ => {}
         }
@@ -521,4 +522,187 @@ fn disk_capacity(disk: roxmltree::Node<'_, '_>) -> Option<u64> {
     let capacity: u64 = attr(disk, "capacity")?.trim().parse().ok()?;
     let units = attr(disk, "capacityAllocationUnits").map_or(Some(1), unit_bytes)?;
     capacity.checked_mul(units).filter(|&c| c <= MAX_CAPACITY)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // Tests fail loudly on purpose.
+mod tests {
+    use super::*;
+
+    /// A ustar header for `name` of `size` bytes with a correct checksum.
+    fn header(name: &str, size: u64, kind: u8) -> Vec<u8> {
+        let mut h = vec![0u8; 512];
+        h[..name.len()].copy_from_slice(name.as_bytes());
+        h[100..107].copy_from_slice(b"0000644");
+        h[124..135].copy_from_slice(format!("{size:011o}").as_bytes());
+        h[156] = kind;
+        h[257..263].copy_from_slice(b"ustar\0");
+        h[263..265].copy_from_slice(b"00");
+        h[148..156].fill(b' ');
+        let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+        h[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+        h
+    }
+
+    fn member(tar: &mut Vec<u8>, name: &str, data: &[u8]) {
+        tar.extend(header(name, data.len() as u64, b'0'));
+        tar.extend_from_slice(data);
+        tar.resize(tar.len().next_multiple_of(512), 0);
+    }
+
+    fn ovf(cpus: &str, memory: &str, units: &str, capacity: &str) -> String {
+        format!(
+            r#"<?xml version="1.0"?>
+<Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/2" xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/2"
+  xmlns:rasd="http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData">
+ <References><File ovf:id="f1" ovf:href="disk.vmdk"/></References>
+ <DiskSection><Disk ovf:diskId="d1" ovf:fileRef="f1" ovf:capacity="{capacity}" ovf:capacityAllocationUnits="byte * 2^30"/></DiskSection>
+ <VirtualSystem ovf:id="sys"><VirtualHardwareSection>
+  <Item><rasd:ResourceType>3</rasd:ResourceType><rasd:VirtualQuantity>{cpus}</rasd:VirtualQuantity></Item>
+  <Item><rasd:AllocationUnits>{units}</rasd:AllocationUnits><rasd:ResourceType>4</rasd:ResourceType><rasd:VirtualQuantity>{memory}</rasd:VirtualQuantity></Item>
+ </VirtualHardwareSection></VirtualSystem>
+</Envelope>"#
+        )
+    }
+
+    fn ova(descriptor: &str) -> Vec<u8> {
+        let mut tar = Vec::new();
+        member(&mut tar, "vm.ovf", descriptor.as_bytes());
+        member(&mut tar, "disk.vmdk", &[7u8; 1000]);
+        tar.extend([0u8; 1024]);
+        tar
+    }
+
+    fn write(dir: &Path, bytes: &[u8]) -> PathBuf {
+        let p = dir.join("t.ova");
+        std::fs::write(&p, bytes).unwrap();
+        p
+    }
+
+    #[test]
+    fn descriptor_fields_come_from_the_ovf() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = ovf("4", "8", "GigaBytes", "20");
+        let ova = Ova::open(&write(dir.path(), &ova(&text))).unwrap();
+        let d = ova.descriptor();
+        let disk_at = 512 + text.len().next_multiple_of(512) as u64 + 512;
+        assert_eq!((d.name.as_str(), d.cpus, d.memory_mib), ("sys", 4, 8192));
+        assert_eq!(
+            d.disks,
+            vec![OvfDisk {
+                file_name: "disk.vmdk".into(),
+                capacity: 20 << 30,
+                member_offset: disk_at,
+                member_size: 1000
+            }]
+        );
+        assert_eq!(ova.info().subformat.as_deref(), Some("ovf2"));
+        assert!(ova.problems().is_empty(), "{:?}", ova.problems());
+    }
+
+    #[test]
+    fn absurd_cpu_and_memory_claims_are_clamped_with_a_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let ova =
+            Ova::open(&write(dir.path(), &ova(&ovf("100000", "99999999999", "byte * 2^40", "1"))))
+                .unwrap();
+        let d = ova.descriptor();
+        assert_eq!((d.cpus, d.memory_mib), (MAX_CPUS, MAX_MEMORY_MIB));
+        assert_eq!(ova.problems().len(), 2, "{:?}", ova.problems());
+    }
+
+    #[test]
+    fn absurd_disk_capacity_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = Ova::open(&write(dir.path(), &ova(&ovf("1", "1", "MB", "99999999999999"))))
+            .unwrap_err();
+        assert_eq!(err.kind(), DiskErrorKind::CorruptImage);
+    }
+
+    #[test]
+    fn member_past_eof_is_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut tar = Vec::new();
+        member(&mut tar, "vm.ovf", ovf("1", "1", "MB", "1").as_bytes());
+        let disk_at = tar.len() as u64;
+        tar.extend(header("disk.vmdk", 1 << 30, b'0'));
+        tar.extend([0u8; 512]);
+        let err = Ova::open(&write(dir.path(), &tar)).unwrap_err();
+        assert_eq!(err.kind(), DiskErrorKind::CorruptImage);
+        assert_eq!(err.offset(), Some(disk_at));
+    }
+
+    #[test]
+    fn bad_header_checksum_is_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut tar = ova(&ovf("1", "1", "MB", "1"));
+        tar[0] = b'x';
+        assert_eq!(
+            Ova::open(&write(dir.path(), &tar)).unwrap_err().kind(),
+            DiskErrorKind::InvalidFormat
+        );
+    }
+
+    #[test]
+    fn gnu_long_names_and_base256_sizes_are_read() {
+        assert_eq!(tar_number(&[0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]), Some(256));
+        assert_eq!(tar_number(b"00000001750\0"), Some(1000));
+        assert_eq!(tar_number(&[0xff; 12]), None);
+        let dir = tempfile::tempdir().unwrap();
+        let long = format!("{}.ovf", "d/".repeat(80));
+        let mut tar = Vec::new();
+        tar.extend(header("././@LongLink", long.len() as u64, b'L'));
+        tar.extend_from_slice(long.as_bytes());
+        tar.resize(tar.len().next_multiple_of(512), 0);
+        member(&mut tar, "short-name", ovf("1", "512", "byte * 2^20", "1").as_bytes());
+        member(&mut tar, "disk.vmdk", &[1; 10]);
+        let ova = Ova::open(&write(dir.path(), &tar)).unwrap();
+        assert_eq!(ova.members()[0].name, long);
+        assert_eq!(ova.descriptor().memory_mib, 512);
+    }
+
+    #[test]
+    fn missing_descriptor_is_not_an_ova() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut tar = Vec::new();
+        member(&mut tar, "disk.vmdk", &[1; 10]);
+        assert_eq!(
+            Ova::open(&write(dir.path(), &tar)).unwrap_err().kind(),
+            DiskErrorKind::InvalidFormat
+        );
+    }
+
+    #[test]
+    fn dtd_entity_bombs_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let bomb = r#"<?xml version="1.0"?><!DOCTYPE e [<!ENTITY a "aaaaaaaa"><!ENTITY b "&a;&a;&a;&a;">]><Envelope>&b;</Envelope>"#;
+        assert_eq!(
+            Ova::open(&write(dir.path(), &ova(bomb))).unwrap_err().kind(),
+            DiskErrorKind::InvalidFormat
+        );
+    }
+
+    #[test]
+    fn allocation_units_are_understood() {
+        assert_eq!(unit_bytes("byte * 2^20"), Some(1 << 20));
+        assert_eq!(unit_bytes("byte*2^30"), Some(1 << 30));
+        assert_eq!(unit_bytes("MegaBytes"), Some(1 << 20));
+        assert_eq!(unit_bytes("byte * 1024"), Some(1024));
+        assert_eq!(unit_bytes("byte * 2^99"), None);
+        assert_eq!(unit_bytes("hertz * 10^6"), None);
+    }
+
+    #[test]
+    fn manifest_with_a_wrong_digest_is_a_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut tar = Vec::new();
+        member(&mut tar, "vm.ovf", ovf("1", "1", "MB", "1").as_bytes());
+        member(&mut tar, "disk.vmdk", b"abc");
+        let mf = "SHA1(disk.vmdk)= a9993e364706816aba3e25717850c26c9cd0d89d\nSHA256(vm.ovf)= 00\n";
+        member(&mut tar, "vm.mf", mf.as_bytes());
+        let ova = Ova::open(&write(dir.path(), &tar)).unwrap();
+        // sha1("abc") matches; the descriptor's digest is wrong.
+        assert_eq!(ova.problems().len(), 1, "{:?}", ova.problems());
+        assert!(ova.problems()[0].contains("vm.ovf"));
+    }
 }
