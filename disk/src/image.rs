@@ -86,6 +86,8 @@ pub fn open_image(path: &Path, options: OpenOptions) -> Result<Box<dyn BlockBack
     let format = ImageFormat::Raw;
     match format {
         ImageFormat::Raw => Ok(Box::new(RawFile::open(path, !options.writable)?)),
+        ImageFormat::Vhd => Ok(Box::new(crate::vhd::Vhd::open(path, options)?)),
+        ImageFormat::Vhdx => Ok(Box::new(crate::vhdx::Vhdx::open(path, options)?)),
         _ => Err(DiskError::new(DiskErrorKind::UnsupportedFeature, "open").with_path(path)),
     }
 }

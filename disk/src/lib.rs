@@ -13,8 +13,11 @@ use std::path::{Path, PathBuf};
 use vm_memory::VolatileSlice;
 
 pub mod image;
+pub mod ova;
 mod raw;
 mod sys;
+pub mod vhd;
+pub mod vhdx;
 
 pub use image::{open_image, Extent, ExtentKind, ImageFormat, ImageInfo, OpenOptions};
 pub use raw::RawFile;
