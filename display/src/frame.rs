@@ -807,3 +807,287 @@ fn bands(rect: Rect) -> impl Iterator<Item = Rect> {
         Rect::new(rect.x, rect.y + y, rect.width, (rect.height - y).min(BAND_ROWS))
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::PixelFormat;
+
+    fn frame(max_w: u32, max_h: u32) -> (tempfile::TempDir, FrameWriter) {
+        let dir = tempfile::tempdir().unwrap();
+        let writer = FrameWriter::create(&dir.path().join("frame"), max_w, max_h).unwrap();
+        (dir, writer)
+    }
+
+    /// Fills `rect` with a pixel derived from its position and `salt`.
+    fn paint(writer: &mut FrameWriter, rect: Rect, salt: u8) {
+        writer.update(&[rect], |f| {
+            let stride = f.stride();
+            for y in rect.y..rect.y + rect.height {
+                for x in rect.x..rect.x + rect.width {
+                    let o = y as usize * stride + x as usize * 4;
+                    f.pixels_mut()[o..o + 4].copy_from_slice(&expected(x, y, salt));
+                }
+            }
+        });
+    }
+
+    fn expected(x: u32, y: u32, salt: u8) -> [u8; 4] {
+        [x as u8, y as u8, salt, 0xff]
+    }
+
+    fn assert_pixels(rp: &RectPixels, salt: u8) {
+        let r = rp.rect;
+        assert_eq!(rp.rgba.len(), r.area() as usize * 4);
+        for (i, px) in rp.rgba.chunks_exact(4).enumerate() {
+            let (x, y) = (r.x + i as u32 % r.width, r.y + i as u32 / r.width);
+            assert_eq!(px, expected(x, y, salt), "pixel ({x}, {y})");
+        }
+    }
+
+    fn covered(update: &FrameUpdate) -> u64 {
+        update.rects.iter().map(|r| r.rect.area()).sum()
+    }
+
+    #[test]
+    fn first_poll_is_full_then_only_dirty_rects() {
+        let (_dir, mut w) = frame(128, 96);
+        w.resize(64, 48).unwrap();
+        let mut r = FrameReader::open(w.path()).unwrap();
+        let first = r.poll().unwrap().unwrap();
+        assert!(first.full);
+        assert_eq!((first.width, first.height), (64, 48));
+        assert_eq!(covered(&first), 64 * 48);
+        assert!(first.rects.iter().all(|rp| rp.rgba.chunks_exact(4).all(|p| p == [0, 0, 0, 0xff])));
+        assert_eq!(r.poll().unwrap(), None);
+
+        paint(&mut w, Rect::new(3, 4, 5, 6), 7);
+        paint(&mut w, Rect::new(40, 30, 2, 2), 9);
+        let update = r.poll().unwrap().unwrap();
+        assert!(!update.full);
+        assert_eq!(update.rects.len(), 2);
+        for rp in &update.rects {
+            assert_pixels(rp, if rp.rect.x == 3 { 7 } else { 9 });
+        }
+        assert_eq!(r.poll().unwrap(), None);
+    }
+
+    #[test]
+    fn dirty_rects_are_clipped_to_the_visible_frame() {
+        let (_dir, mut w) = frame(128, 96);
+        w.resize(64, 48).unwrap();
+        let mut r = FrameReader::open(w.path()).unwrap();
+        r.poll().unwrap();
+        paint(&mut w, Rect::new(60, 40, 100, u32::MAX).clip(64, 48), 1);
+        w.update(&[Rect::new(u32::MAX, u32::MAX, 5, 5)], |_| ());
+        let update = r.poll().unwrap().unwrap();
+        assert_eq!(update.rects.len(), 1);
+        assert_eq!(update.rects[0].rect, Rect::new(60, 40, 4, 8));
+        assert_pixels(&update.rects[0], 1);
+    }
+
+    #[test]
+    fn reader_behind_the_ring_gets_a_full_frame() {
+        let (_dir, mut w) = frame(64, 64);
+        w.resize(64, 64).unwrap();
+        let mut r = FrameReader::open(w.path()).unwrap();
+        r.poll().unwrap();
+        for i in 0..RING_LEN as u32 + 1 {
+            paint(&mut w, Rect::new(i % 64, i / 64, 1, 1), 3);
+        }
+        let update = r.poll().unwrap().unwrap();
+        assert!(update.full);
+        assert_eq!(covered(&update), 64 * 64);
+        // Exactly RING_LEN behind is still served from the ring.
+        for i in 0..RING_LEN as u32 {
+            paint(&mut w, Rect::new(i, 10, 1, 1), 4);
+        }
+        let update = r.poll().unwrap().unwrap();
+        assert!(!update.full);
+        assert_eq!(covered(&update), RING_LEN as u64);
+    }
+
+    #[test]
+    fn too_many_rects_in_one_write_become_full_screen() {
+        let (_dir, mut w) = frame(64, 64);
+        w.resize(64, 64).unwrap();
+        let mut r = FrameReader::open(w.path()).unwrap();
+        r.poll().unwrap();
+        let rects: Vec<Rect> =
+            (0..RING_LEN as u32 + 1).map(|i| Rect::new(i % 64, 0, 1, 1)).collect();
+        w.update(&rects, |_| ());
+        let update = r.poll().unwrap().unwrap();
+        assert_eq!(covered(&update), 64 * 64);
+    }
+
+    #[test]
+    fn resize_sends_a_full_black_frame() {
+        let (_dir, mut w) = frame(128, 96);
+        w.resize(64, 48).unwrap();
+        paint(&mut w, Rect::full(64, 48), 5);
+        let mut r = FrameReader::open(w.path()).unwrap();
+        r.poll().unwrap();
+        w.resize(100, 20).unwrap();
+        let update = r.poll().unwrap().unwrap();
+        assert!(update.full);
+        assert_eq!((update.width, update.height), (100, 20));
+        assert_eq!(covered(&update), 100 * 20);
+        assert!(update
+            .rects
+            .iter()
+            .all(|rp| rp.rgba.chunks_exact(4).all(|p| p == [0, 0, 0, 0xff])));
+        assert!(matches!(w.resize(129, 1), Err(FrameError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn copy_torn_by_a_write_is_delivered_after_it() {
+        let (_dir, mut w) = frame(64, 64);
+        w.resize(64, 64).unwrap();
+        let mut r = FrameReader::open(w.path()).unwrap();
+        r.poll().unwrap();
+        paint(&mut w, Rect::new(0, 40, 8, 8), 1);
+        let rect = Rect::new(0, 0, 8, 8);
+        // Poll from inside a write: the rect is declared, its pixels half written.
+        let during = w.update(&[rect], |f| {
+            f.pixels_mut()[..16].copy_from_slice(&[9; 16]);
+            r.poll().unwrap()
+        });
+        // The finished rect from before may come through; the torn one must not.
+        if let Some(u) = &during {
+            assert!(u.rects.iter().all(|rp| rp.rect.intersect(&rect).is_empty()));
+        }
+        let after = r.poll().unwrap().unwrap();
+        let rp = after.rects.iter().find(|rp| rp.rect == rect).unwrap();
+        assert_eq!(&rp.rgba[..16], &[9; 16]);
+        assert_eq!(r.poll().unwrap(), None);
+    }
+
+    #[test]
+    fn snapshot_is_the_whole_visible_frame() {
+        let (_dir, mut w) = frame(128, 96);
+        w.resize(30, 20).unwrap();
+        paint(&mut w, Rect::full(30, 20), 6);
+        let r = FrameReader::open(w.path()).unwrap();
+        let snap = r.snapshot().unwrap();
+        assert_eq!((snap.width, snap.height), (30, 20));
+        assert_pixels(&RectPixels { rect: Rect::full(30, 20), rgba: snap.rgba }, 6);
+    }
+
+    #[test]
+    fn cursor_serial_changes_only_with_the_image() {
+        let (_dir, mut w) = frame(64, 64);
+        let r = FrameReader::open(w.path()).unwrap();
+        assert_eq!(r.cursor(), None);
+        let img = CursorImage {
+            width: 2,
+            height: 1,
+            hot_x: 5,
+            hot_y: 0,
+            format: PixelFormat::B8G8R8A8,
+            data: vec![1, 2, 3, 4, 5, 6, 7, 8],
+        };
+        w.set_cursor(Some(&img)).unwrap();
+        let c = r.cursor().unwrap();
+        assert!(c.visible);
+        assert_eq!((c.width, c.height, c.hot_x, c.hot_y), (2, 1, 1, 0));
+        assert_eq!(c.rgba, vec![3, 2, 1, 4, 7, 6, 5, 8]);
+        let seq = r.cursor_seq();
+        w.move_cursor(10, 20);
+        assert_ne!(r.cursor_seq(), seq);
+        let moved = r.cursor().unwrap();
+        assert_eq!((moved.x, moved.y, moved.serial), (10, 20, c.serial));
+        w.set_cursor(None).unwrap();
+        assert!(!r.cursor().unwrap().visible);
+        // A short image is refused and hides the cursor.
+        let bad = CursorImage { data: vec![0; 3], ..img.clone() };
+        assert!(matches!(w.set_cursor(Some(&bad)), Err(FrameError::Cursor(_))));
+        assert!(!r.cursor().unwrap().visible);
+        // A huge one is clipped.
+        let big = CursorImage { width: 100, height: 70, data: vec![0xff; 100 * 70 * 4], ..img };
+        w.set_cursor(Some(&big)).unwrap();
+        let c = r.cursor().unwrap();
+        assert_eq!((c.width, c.height), (CURSOR_MAX, CURSOR_MAX));
+        assert!(c.serial > moved.serial);
+    }
+
+    #[test]
+    fn create_replaces_a_stale_file_with_mode_0600() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("frame");
+        std::fs::write(&path, b"stale").unwrap();
+        let w = FrameWriter::create(&path, 16, 16).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert_eq!(meta.len(), file_len(16, 16));
+        FrameReader::open(w.path()).unwrap();
+        assert!(FrameWriter::create(&path, 0, 16).is_err());
+        assert!(FrameWriter::create(&path, MAX_WIDTH + 1, 16).is_err());
+    }
+
+    #[test]
+    fn bad_files_are_rejected_with_clear_errors() {
+        let (dir, w) = frame(16, 16);
+        let good = std::fs::read(w.path()).unwrap();
+        let bad = dir.path().join("bad");
+        let open = |bytes: &[u8]| {
+            std::fs::write(&bad, bytes).unwrap();
+            FrameReader::open(&bad).err()
+        };
+        let patch = |off: usize, bytes: &[u8]| {
+            let mut b = good.clone();
+            b[off..off + bytes.len()].copy_from_slice(bytes);
+            b
+        };
+        assert!(matches!(open(&good[..100]), Some(FrameError::Truncated { .. })));
+        assert!(matches!(open(&[]), Some(FrameError::Truncated { .. })));
+        assert!(matches!(open(&good[..good.len() - 1]), Some(FrameError::Truncated { .. })));
+        assert!(matches!(open(&patch(0, b"HUTCHFB0")), Some(FrameError::BadMagic)));
+        assert!(matches!(
+            open(&patch(H_VERSION, &2u32.to_ne_bytes())),
+            Some(FrameError::BadVersion(2))
+        ));
+        assert!(matches!(
+            open(&patch(H_MAX_WIDTH, &u32::MAX.to_ne_bytes())),
+            Some(FrameError::Corrupt(_))
+        ));
+        // Claims a bigger screen than the file holds.
+        let mut bigger = patch(H_MAX_WIDTH, &32u32.to_ne_bytes());
+        bigger[H_STRIDE..H_STRIDE + 4].copy_from_slice(&128u32.to_ne_bytes());
+        assert!(matches!(open(&bigger), Some(FrameError::Truncated { .. })));
+        assert!(matches!(
+            open(&patch(H_PIXELS_OFFSET, &0u32.to_ne_bytes())),
+            Some(FrameError::Corrupt(_))
+        ));
+        // A size past the maximum, written after open, fails the poll instead of reading past.
+        std::fs::write(&bad, &good).unwrap();
+        let mut r = FrameReader::open(&bad).unwrap();
+        let mut f = std::fs::OpenOptions::new().write(true).open(&bad).unwrap();
+        use std::io::{Seek, SeekFrom, Write};
+        f.seek(SeekFrom::Start(H_WIDTH as u64)).unwrap();
+        f.write_all(&1000u32.to_ne_bytes()).unwrap();
+        f.seek(SeekFrom::Start(H_SEQ as u64)).unwrap();
+        f.write_all(&2u64.to_ne_bytes()).unwrap();
+        assert!(matches!(r.poll(), Err(FrameError::Corrupt(_))));
+        assert!(r.snapshot().is_err());
+    }
+
+    #[test]
+    fn hostile_ring_entries_are_clipped() {
+        let (dir, mut w) = frame(16, 16);
+        w.resize(16, 16).unwrap();
+        let path = dir.path().join("frame");
+        let mut r = FrameReader::open(&path).unwrap();
+        r.poll().unwrap();
+        w.update(&[Rect::new(0, 0, 1, 1)], |_| ());
+        // Rewrite the entry as a rect far outside the frame.
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.seek(SeekFrom::Start((H_RING + RING_ENTRY + 8) as u64)).unwrap();
+        for v in [u32::MAX - 1, 3, u32::MAX, u32::MAX] {
+            f.write_all(&v.to_ne_bytes()).unwrap();
+        }
+        f.flush().unwrap();
+        assert_eq!(r.poll().unwrap(), None);
+    }
+}

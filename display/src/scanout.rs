@@ -133,3 +133,129 @@ impl ScanoutSink for Screen {
         self.lock().writer.move_cursor(x, y);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{FrameReader, FrameUpdate};
+    use crate::PixelFormat;
+
+    fn screen() -> (tempfile::TempDir, Screen, FrameReader) {
+        let dir = tempfile::tempdir().unwrap();
+        let writer = FrameWriter::create(&dir.path().join("frame"), 256, 256).unwrap();
+        let screen = Screen::new(writer);
+        let reader = FrameReader::open(&screen.frame_path()).unwrap();
+        (dir, screen, reader)
+    }
+
+    /// A `w`×`h` B8G8R8X8 image filled with one colour (B, G, R bytes).
+    fn solid(w: u32, h: u32, bgr: [u8; 3]) -> Vec<u8> {
+        [bgr[0], bgr[1], bgr[2], 0].repeat((w * h) as usize)
+    }
+
+    fn image(data: &[u8], w: u32, h: u32) -> Image<'_> {
+        Image { data, width: w, height: h, stride: w * 4, format: PixelFormat::B8G8R8X8 }
+    }
+
+    fn only_rect(update: Option<FrameUpdate>) -> (Rect, Vec<u8>) {
+        let update = update.expect("an update");
+        assert_eq!(update.rects.len(), 1);
+        let rp = update.rects.into_iter().next().unwrap();
+        (rp.rect, rp.rgba)
+    }
+
+    #[test]
+    fn boot_framebuffer_gives_way_to_gpu_and_comes_back() {
+        let (_dir, screen, mut reader) = screen();
+        assert_eq!(screen.live_source(), SourceId::BootFramebuffer);
+        screen.set_mode(SourceId::BootFramebuffer, Some((64, 32)));
+        assert_eq!((screen.size(), screen.epoch()), ((64, 32), 1));
+        reader.poll().unwrap();
+
+        let boot = solid(64, 32, [1, 2, 3]);
+        screen.update(SourceId::BootFramebuffer, &image(&boot, 64, 32), Rect::new(0, 0, 4, 4));
+        let (rect, rgba) = only_rect(reader.poll().unwrap());
+        assert_eq!(rect, Rect::new(0, 0, 4, 4));
+        assert_eq!(&rgba[..4], &[3, 2, 1, 0xff]);
+
+        screen.set_mode(SourceId::Gpu(0), Some((100, 50)));
+        assert_eq!(screen.live_source(), SourceId::Gpu(0));
+        assert_eq!((screen.size(), screen.epoch()), ((100, 50), 2));
+        assert!(reader.poll().unwrap().unwrap().full);
+        // The boot framebuffer is no longer shown.
+        screen.update(SourceId::BootFramebuffer, &image(&boot, 64, 32), Rect::full(64, 32));
+        assert_eq!(reader.poll().unwrap(), None);
+        let gpu = solid(100, 50, [7, 8, 9]);
+        screen.update(SourceId::Gpu(0), &image(&gpu, 100, 50), Rect::new(90, 45, 20, 20));
+        let (rect, rgba) = only_rect(reader.poll().unwrap());
+        assert_eq!(rect, Rect::new(90, 45, 10, 5));
+        assert!(rgba.chunks_exact(4).all(|p| p == [9, 8, 7, 0xff]));
+
+        // Re-setting the same mode (a page flip) clears nothing.
+        screen.set_mode(SourceId::Gpu(0), Some((100, 50)));
+        assert_eq!(screen.epoch(), 2);
+        assert_eq!(reader.poll().unwrap(), None);
+        // Other scanouts are not shown.
+        screen.set_mode(SourceId::Gpu(1), Some((10, 10)));
+        screen.update(SourceId::Gpu(1), &image(&gpu, 10, 10), Rect::full(10, 10));
+        assert_eq!((screen.live_source(), screen.epoch()), (SourceId::Gpu(0), 2));
+        assert_eq!(reader.poll().unwrap(), None);
+
+        screen.set_mode(SourceId::Gpu(0), None);
+        assert_eq!(screen.live_source(), SourceId::BootFramebuffer);
+        assert_eq!((screen.size(), screen.epoch()), ((64, 32), 3));
+        let update = reader.poll().unwrap().unwrap();
+        assert!(update.full);
+        assert_eq!((update.width, update.height), (64, 32));
+        screen.update(SourceId::Gpu(0), &image(&gpu, 100, 50), Rect::full(100, 50));
+        assert_eq!(reader.poll().unwrap(), None);
+    }
+
+    #[test]
+    fn live_resize_bumps_epoch_and_modes_are_capped() {
+        let (_dir, screen, _reader) = screen();
+        screen.set_mode(SourceId::BootFramebuffer, Some((64, 32)));
+        screen.set_mode(SourceId::BootFramebuffer, Some((1000, 20)));
+        assert_eq!((screen.size(), screen.epoch()), ((256, 20), 2));
+        screen.set_mode(SourceId::BootFramebuffer, Some((0, 20)));
+        assert_eq!((screen.size(), screen.epoch()), ((0, 0), 3));
+    }
+
+    #[test]
+    fn hostile_updates_change_nothing() {
+        let (_dir, screen, mut reader) = screen();
+        screen.set_mode(SourceId::BootFramebuffer, Some((64, 32)));
+        reader.poll().unwrap();
+        let short = vec![0u8; 100];
+        screen.update(SourceId::BootFramebuffer, &image(&short, 64, 32), Rect::full(64, 32));
+        screen.update(
+            SourceId::BootFramebuffer,
+            &image(&short, 64, 32),
+            Rect::new(u32::MAX, u32::MAX, u32::MAX, u32::MAX),
+        );
+        // The short image's update may be published, but its pixels stay black.
+        if let Some(update) = reader.poll().unwrap() {
+            for rp in update.rects {
+                assert!(rp.rgba.chunks_exact(4).all(|p| p == [0, 0, 0, 0xff]));
+            }
+        }
+    }
+
+    #[test]
+    fn cursor_goes_to_the_frame() {
+        let (_dir, screen, reader) = screen();
+        screen.set_cursor(Some(CursorImage {
+            width: 1,
+            height: 1,
+            hot_x: 0,
+            hot_y: 0,
+            format: PixelFormat::R8G8B8A8,
+            data: vec![1, 2, 3, 4],
+        }));
+        screen.move_cursor(5, 6);
+        let c = reader.cursor().unwrap();
+        assert_eq!((c.visible, c.x, c.y, c.rgba.clone()), (true, 5, 6, vec![1, 2, 3, 4]));
+        screen.set_cursor(None);
+        assert!(!reader.cursor().unwrap().visible);
+    }
+}
