@@ -17,7 +17,9 @@
 //! *that its copy is untorn* with the tile stamps: a copy is good when no tile under it was
 //! stamped after the seq read before the copy. So a reader never needs the writer to pause
 //! (a plain seqlock starves a reader copying a large area while the guest draws all the time);
-//! rects whose copy was torn are retried on the next poll.
+//! rects whose copy was torn are retried on the next poll. A reader that fell more than
+//! [`RING_LEN`] rects behind catches up from the stamps too (the tiles written since its last
+//! poll), so falling behind never costs a whole frame.
 //!
 //! The reader treats the whole file as untrusted: sizes and offsets are checked at open, and
 //! sizes and rects read later are checked again before use. The file is replaced, never
@@ -31,12 +33,11 @@ use std::ptr::NonNull;
 use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 
 use crate::pixel::{convert_rect_to_rgba, PixelError};
-use crate::rect::DirtyRegion;
 use crate::{CursorImage, Image, Rect, MAX_HEIGHT, MAX_WIDTH};
 
 pub const MAGIC: [u8; 8] = *b"HUTCHFB1";
 pub const VERSION: u32 = 1;
-/// Dirty rects kept in the header; a reader further behind gets a full frame.
+/// Dirty rects kept in the header; a reader further behind catches up from the tile stamps.
 pub const RING_LEN: usize = 64;
 /// Largest cursor image; bigger ones are clipped.
 pub const CURSOR_MAX: u32 = 64;
@@ -503,10 +504,12 @@ impl FrameWriter {
 /// What changed since the last [`FrameReader::poll`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FrameUpdate {
+    /// The writer's seq this update brings the reader up to.
+    pub seq: u64,
     pub width: u32,
     pub height: u32,
-    /// The size may have changed and the whole frame is being sent: start from scratch. Parts
-    /// the writer kept changing during the copy may follow in the next polls.
+    /// First poll or a new size: the whole frame is being sent, start from scratch. Parts the
+    /// writer kept changing during the copy may follow in the next polls.
     pub full: bool,
     pub rects: Vec<RectPixels>,
 }
@@ -554,7 +557,7 @@ pub struct FrameReader {
     last: Option<(u64, u64)>,
     last_size: (u32, u32),
     /// Rects whose copy was torn, to be delivered next time.
-    pending: DirtyRegion,
+    pending: Vec<Rect>,
 }
 
 impl FrameReader {
@@ -604,7 +607,7 @@ impl FrameReader {
             stride: max_width as usize * 4,
             last: None,
             last_size: (0, 0),
-            pending: DirtyRegion::new(),
+            pending: Vec::new(),
         })
     }
 
@@ -635,42 +638,44 @@ impl FrameReader {
         let (width, height) = self.size()?;
         let total = self.map.u64_at(H_RING_TOTAL).load(Ordering::Acquire);
         let full = self.last.is_none() || (width, height) != self.last_size;
-        let mut region = DirtyRegion::new();
-        let mut behind = full;
-        if let (false, Some((last_seq, last_total))) = (full, self.last) {
-            match self.ring_since(last_seq, last_total, total) {
-                Some(rects) => region.extend(rects.iter().map(|r| r.clip(width, height))),
-                None => behind = true,
+        let mut region = Vec::new();
+        match self.last {
+            Some((last_seq, last_total)) if !full => {
+                // Exact rects from the ring; a reader too far behind for it falls back to the
+                // tiles written since, which is never more than what changed.
+                let rects = self.ring_since(last_seq, last_total, total);
+                let rects = rects.unwrap_or_else(|| self.tiles_since(last_seq, width, height));
+                for r in rects.iter().chain(&std::mem::take(&mut self.pending)) {
+                    add_disjoint(&mut region, r.clip(width, height));
+                }
             }
-            region.extend(self.pending.take());
-        }
-        if behind {
-            region = DirtyRegion::new();
-            region.add(Rect::full(width, height));
-            self.pending.take();
+            _ => {
+                region.push(Rect::full(width, height));
+                self.pending.clear();
+            }
         }
 
         let mut rects = Vec::new();
-        for rect in region.take() {
+        for rect in region {
             for piece in bands(rect) {
                 match self.copy_rect(piece) {
                     Some(rgba) => rects.push(RectPixels { rect: piece, rgba }),
-                    None => self.pending.add(piece),
+                    None => add_disjoint(&mut self.pending, piece),
                 }
             }
         }
         // A resize we raced with (it would also have stamped every tile, but a resize that
         // completed before a copy leaves no trace there): drop everything, retry next poll.
         if self.size()? != (width, height) {
-            self.pending.take();
+            self.pending.clear();
             return Ok(None);
         }
         self.last = Some((s1, total));
         self.last_size = (width, height);
-        if rects.is_empty() && !behind {
+        if rects.is_empty() && !full {
             return Ok(None);
         }
-        Ok(Some(FrameUpdate { width, height, full: behind, rects }))
+        Ok(Some(FrameUpdate { seq: s1, width, height, full, rects }))
     }
 
     fn size(&self) -> Result<(u32, u32), FrameError> {
@@ -701,6 +706,31 @@ impl FrameReader {
         fence(Ordering::Acquire);
         let now = self.map.u64_at(H_RING_TOTAL).load(Ordering::Relaxed);
         (now.saturating_sub(from) <= RING_LEN as u64).then_some(rects)
+    }
+
+    /// Runs of tiles (inside `width`×`height`) stamped by writes after `last_seq`.
+    fn tiles_since(&self, last_seq: u64, width: u32, height: u32) -> Vec<Rect> {
+        let across = tiles_across(self.max_width) as usize;
+        let mut rects = Vec::new();
+        for ty in 0..height.div_ceil(TILE) {
+            let mut run: Option<u32> = None;
+            for tx in 0..=width.div_ceil(TILE) {
+                let dirty = tx < width.div_ceil(TILE) && {
+                    let t = TILES_OFFSET + (ty as usize * across + tx as usize) * 8;
+                    self.map.u64_at(t).load(Ordering::Relaxed) > last_seq
+                };
+                match (dirty, run) {
+                    (true, None) => run = Some(tx),
+                    (false, Some(start)) => {
+                        let r = Rect::new(start * TILE, ty * TILE, (tx - start) * TILE, TILE);
+                        rects.push(r.clip(width, height));
+                        run = None;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        rects
     }
 
     /// Copies `rect` (inside the visible size) out, or None if a write touched it meanwhile.
@@ -800,6 +830,20 @@ impl FrameReader {
     }
 }
 
+/// Adds `rect` to a set of disjoint rects, merging it with those it overlaps so no pixel is
+/// copied twice. Unlike [`crate::rect::DirtyRegion`] there is no cap: merging distant rects
+/// would copy the screen between them.
+fn add_disjoint(rects: &mut Vec<Rect>, rect: Rect) {
+    if rect.is_empty() || rects.iter().any(|r| r.contains(&rect)) {
+        return;
+    }
+    let mut rect = rect;
+    while let Some(i) = rects.iter().position(|r| !r.intersect(&rect).is_empty()) {
+        rect = rect.union(&rects.swap_remove(i));
+    }
+    rects.push(rect);
+}
+
 /// `rect` cut into bands of at most [`BAND_ROWS`] rows.
 fn bands(rect: Rect) -> impl Iterator<Item = Rect> {
     (0..rect.height.div_ceil(BAND_ROWS)).map(move |i| {
@@ -887,20 +931,27 @@ mod tests {
     }
 
     #[test]
-    fn reader_behind_the_ring_gets_a_full_frame() {
-        let (_dir, mut w) = frame(64, 64);
-        w.resize(64, 64).unwrap();
+    fn reader_behind_the_ring_catches_up_from_the_changed_tiles() {
+        let (_dir, mut w) = frame(256, 256);
+        w.resize(256, 200).unwrap();
         let mut r = FrameReader::open(w.path()).unwrap();
         r.poll().unwrap();
-        for i in 0..RING_LEN as u32 + 1 {
-            paint(&mut w, Rect::new(i % 64, i / 64, 1, 1), 3);
-        }
-        let update = r.poll().unwrap().unwrap();
-        assert!(update.full);
-        assert_eq!(covered(&update), 64 * 64);
-        // Exactly RING_LEN behind is still served from the ring.
         for i in 0..RING_LEN as u32 {
-            paint(&mut w, Rect::new(i, 10, 1, 1), 4);
+            paint(&mut w, Rect::new(i % 8, i / 8, 1, 1), 3);
+        }
+        paint(&mut w, Rect::new(250, 199, 1, 1), 3);
+        let update = r.poll().unwrap().unwrap();
+        assert!(!update.full);
+        // Only the two tiles written to, clipped to the frame, with correct pixels.
+        let tiles = [Rect::new(0, 0, 64, 64), Rect::new(192, 192, 64, 8)];
+        assert!(update.rects.iter().all(|rp| tiles.iter().any(|t| t.contains(&rp.rect))));
+        assert_eq!(covered(&update), 64 * 64 + 64 * 8);
+        let painted = &update.rects.iter().find(|rp| rp.rect.x == 0).unwrap().rgba;
+        assert_eq!(&painted[..4], &expected(0, 0, 3));
+        assert_eq!(&painted[8 * 4..8 * 4 + 4], &[0, 0, 0, 0xff]);
+        // Exactly RING_LEN behind is still served from the ring, rect by rect.
+        for i in 0..RING_LEN as u32 {
+            paint(&mut w, Rect::new(i * 2, 100, 1, 1), 4);
         }
         let update = r.poll().unwrap().unwrap();
         assert!(!update.full);
