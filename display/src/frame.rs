@@ -1141,4 +1141,65 @@ mod tests {
         f.flush().unwrap();
         assert_eq!(r.poll().unwrap(), None);
     }
+
+    #[test]
+    fn concurrent_reader_converges_to_the_writers_frame() {
+        let (_dir, mut w) = frame(256, 128);
+        w.resize(200, 100).unwrap();
+        let mut r = FrameReader::open(w.path()).unwrap();
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let mut texture = vec![0u8; 200 * 100 * 4];
+                let mut apply = |r: &mut FrameReader| {
+                    let Some(u) = r.poll().unwrap() else {
+                        return false;
+                    };
+                    for rp in u.rects {
+                        let row = rp.rect.width as usize * 4;
+                        for (i, src) in rp.rgba.chunks_exact(row).enumerate() {
+                            let o = (rp.rect.y as usize + i) * 800 + rp.rect.x as usize * 4;
+                            texture[o..o + row].copy_from_slice(src);
+                        }
+                    }
+                    true
+                };
+                while !done.load(Ordering::Acquire) {
+                    apply(&mut r);
+                }
+                while apply(&mut r) {}
+                (texture, r)
+            })
+        };
+        // Overlapping rects of varied sizes (some past the edge), some multi-rect writes.
+        let mut x: u32 = 12345;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x
+        };
+        for n in 0..3000u32 {
+            let rects: Vec<Rect> = (0..1 + next() % 3)
+                .map(|_| Rect::new(next() % 210, next() % 110, 1 + next() % 90, 1 + next() % 60))
+                .collect();
+            w.update(&rects, |f| {
+                let stride = f.stride();
+                for r in &rects {
+                    let r = r.clip(200, 100);
+                    for y in r.y..r.bottom() as u32 {
+                        let o = y as usize * stride + r.x as usize * 4;
+                        for p in f.pixels_mut()[o..o + r.width as usize * 4].chunks_exact_mut(4) {
+                            p.copy_from_slice(&n.to_le_bytes());
+                        }
+                    }
+                }
+            });
+        }
+        done.store(true, Ordering::Release);
+        let (texture, r) = reader.join().unwrap();
+        let snap = r.snapshot().unwrap();
+        assert!(texture == snap.rgba, "the reader's copy differs from the frame");
+    }
 }
