@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use vm_memory::VolatileSlice;
 
 pub mod image;
+pub mod qcow2;
 mod raw;
 mod sys;
 
