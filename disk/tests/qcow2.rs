@@ -282,7 +282,8 @@ fn random_writes_pass_qemu_check_and_compare() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    for (name, cs, size) in [("64k", 65536u32, 24 * MIB), ("512", 512, 6 * MIB + 1000), ("2m", 2 << 20, 20 * MIB)]
+    for (name, cs, size) in
+        [("64k", 65536u32, 24 * MIB), ("512", 512, 6 * MIB + 1000), ("2m", 2 << 20, 20 * MIB)]
     {
         let path = dir.path().join(format!("w-{name}.qcow2"));
         let mut want = vec![0u8; size as usize];
@@ -385,7 +386,9 @@ fn resize_grows_and_moves_the_l1_table() {
     drop(img);
     run("qemu-img", &["check", s(&path)]);
     let out = run("qemu-img", &["info", "--output=json", s(&path)]);
-    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("\"virtual-size\": {}", 5u64 << 30)));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&format!("\"virtual-size\": {}", 5u64 << 30))
+    );
 }
 
 #[test]

@@ -90,7 +90,10 @@ impl Checker<'_> {
             match self.expected.get_mut(c as usize) {
                 Some(n) => *n = n.saturating_add(1),
                 None => {
-                    self.report.error(format!("{what} cluster {:#x} is past the end of the file", c * self.cs));
+                    self.report.error(format!(
+                        "{what} cluster {:#x} is past the end of the file",
+                        c * self.cs
+                    ));
                     return;
                 }
             }
@@ -103,7 +106,7 @@ impl Checker<'_> {
             if off == 0 {
                 continue;
             }
-            if off % self.cs != 0 {
+            if !off.is_multiple_of(self.cs) {
                 self.report.error(format!("L2 table at {off:#x} is misaligned"));
                 continue;
             }
@@ -155,7 +158,7 @@ impl Checker<'_> {
             let len = 40 + u64::from(extra) + u64::from(id_len) + u64::from(name_len);
             pos += len.div_ceil(8) * 8;
             let bytes = u64::from(l1_size) * 8;
-            if bytes > header::MAX_L1_BYTES || l1_offset % self.cs != 0 {
+            if bytes > header::MAX_L1_BYTES || !l1_offset.is_multiple_of(self.cs) {
                 self.report.error(format!("snapshot L1 table at {l1_offset:#x} is invalid"));
                 continue;
             }
@@ -174,7 +177,8 @@ pub(super) fn check(file: &File, path: &Path) -> Result<CheckReport, DiskError> 
     // Everything comes from the file, not from caches: the point is what a crash would leave.
     let mut first = vec![0u8; file_len.min(1 << header::MAX_CLUSTER_BITS) as usize];
     io.read_exact(&mut first, 0)?;
-    let bits = u32::from_be_bytes(first.get(20..24).and_then(|b| b.try_into().ok()).unwrap_or([0; 4]));
+    let bits =
+        u32::from_be_bytes(first.get(20..24).and_then(|b| b.try_into().ok()).unwrap_or([0; 4]));
     first.truncate(1 << bits.clamp(header::MIN_CLUSTER_BITS, header::MAX_CLUSTER_BITS));
     let h = Header::parse(&first, file_len, path)?;
     let cs = h.cluster_size();
@@ -229,8 +233,8 @@ pub(super) fn check(file: &File, path: &Path) -> Result<CheckReport, DiskError> 
             }
         }
     }
-    for c in 0..nclusters as usize {
-        let (e, r) = (u64::from(ck.expected[c]), stored[c]);
+    for (c, (&e, &r)) in ck.expected.iter().zip(&stored).enumerate() {
+        let e = u64::from(e);
         if r < e {
             ck.report.error(format!(
                 "cluster {:#x} has refcount {r} but {e} reference(s)",

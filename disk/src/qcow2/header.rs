@@ -41,6 +41,7 @@ pub(super) mod field {
     pub const SIZE: u64 = 24;
     pub const CRYPT: u64 = 32;
     pub const L1_SIZE: u64 = 36;
+    pub const L1_OFFSET: u64 = 40;
     pub const REFCOUNT_TABLE: u64 = 48;
     pub const INCOMPAT: u64 = 72;
     pub const AUTOCLEAR: u64 = 88;
@@ -102,7 +103,9 @@ impl Header {
     /// Parses `first` (the first cluster of the file, or all of it if shorter) of a file of
     /// `file_len` bytes.
     pub fn parse(first: &[u8], file_len: u64, path: &Path) -> Result<Header, DiskError> {
-        let bad = |kind, offset: u64, e: Qcow2Error| fail(kind, "open", e).with_path(path).with_offset(offset);
+        let bad = |kind, offset: u64, e: Qcow2Error| {
+            fail(kind, "open", e).with_path(path).with_offset(offset)
+        };
         if first.len() < V2_HEADER_LEN {
             return Err(bad(DiskErrorKind::InvalidFormat, 0, Qcow2Error::Truncated));
         }
@@ -127,7 +130,11 @@ impl Header {
         }
         let crypt = be32(first, 32);
         if crypt != 0 {
-            return Err(bad(DiskErrorKind::UnsupportedFeature, field::CRYPT, Qcow2Error::Encrypted));
+            return Err(bad(
+                DiskErrorKind::UnsupportedFeature,
+                field::CRYPT,
+                Qcow2Error::Encrypted,
+            ));
         }
         let mut h = Header {
             version,
@@ -155,7 +162,7 @@ impl Header {
             h.autoclear = be64(first, 88);
             h.refcount_order = be32(first, 96);
             let len = be32(first, 100) as usize;
-            if len < V3_HEADER_LEN || len % 8 != 0 || len > first.len() {
+            if len < V3_HEADER_LEN || !len.is_multiple_of(8) || len > first.len() {
                 return Err(bad(
                     DiskErrorKind::InvalidFormat,
                     field::HEADER_LEN,
@@ -209,7 +216,9 @@ impl Header {
 
     /// Checks sizes and table positions against each other and the file.
     fn validate(&self, file_len: u64, path: &Path) -> Result<(), DiskError> {
-        let bad = |kind, offset: u64, e: Qcow2Error| fail(kind, "open", e).with_path(path).with_offset(offset);
+        let bad = |kind, offset: u64, e: Qcow2Error| {
+            fail(kind, "open", e).with_path(path).with_offset(offset)
+        };
         let cs = self.cluster_size();
         if self.size > MAX_VIRTUAL_SIZE {
             return Err(bad(
@@ -235,7 +244,7 @@ impl Header {
             ));
         }
         if self.l1_size > 0
-            && (self.l1_table_offset % cs != 0
+            && (!self.l1_table_offset.is_multiple_of(cs)
                 || self.l1_table_offset == 0
                 || !inside(self.l1_table_offset, l1_bytes, file_len))
         {
@@ -254,7 +263,7 @@ impl Header {
             ));
         }
         if rt_bytes == 0
-            || self.refcount_table_offset % cs != 0
+            || !self.refcount_table_offset.is_multiple_of(cs)
             || self.refcount_table_offset == 0
             || !inside(self.refcount_table_offset, rt_bytes, file_len)
         {
@@ -265,7 +274,7 @@ impl Header {
             ));
         }
         if self.nb_snapshots > 0
-            && (self.snapshots_offset % cs != 0 || self.snapshots_offset >= file_len)
+            && (!self.snapshots_offset.is_multiple_of(cs) || self.snapshots_offset >= file_len)
         {
             return Err(bad(
                 DiskErrorKind::CorruptImage,
@@ -340,9 +349,10 @@ fn parse_extensions(
             return Err(corrupt(field::BACKING_OFFSET as usize, Qcow2Error::BackingName));
         }
         let start = backing_off as usize;
-        match start.checked_add(backing_len as usize).filter(|&e| {
-            backing_off < first.len() as u64 && e <= first.len()
-        }) {
+        match start
+            .checked_add(backing_len as usize)
+            .filter(|&e| backing_off < first.len() as u64 && e <= first.len())
+        {
             Some(end) => {
                 let name = String::from_utf8_lossy(&first[start..end]).into_owned();
                 h.backing_file = Some(name);

@@ -57,7 +57,13 @@ fn corrupt(op: &'static str, offset: u64, e: Qcow2Error) -> DiskError {
 }
 
 impl Refcounts {
-    pub fn new(table: Vec<u64>, table_offset: u64, table_clusters: u64, order: u32, end: u64) -> Self {
+    pub fn new(
+        table: Vec<u64>,
+        table_offset: u64,
+        table_clusters: u64,
+        order: u32,
+        end: u64,
+    ) -> Self {
         Refcounts { table, table_offset, table_clusters, order, blocks: HashMap::new(), end }
     }
 }
@@ -76,7 +82,7 @@ pub(super) fn rc_get(data: &[u8], order: u32, idx: u64) -> u64 {
     }
 }
 
-fn rc_set(data: &mut [u8], order: u32, idx: u64, value: u64) -> (usize, usize) {
+pub(super) fn rc_set(data: &mut [u8], order: u32, idx: u64, value: u64) -> (usize, usize) {
     let bits = 1u64 << order;
     let bit = idx * bits;
     let byte = (bit / 8) as usize;
@@ -127,7 +133,7 @@ impl Meta {
         if off == 0 {
             return Ok(None);
         }
-        if off % self.cs() != 0 || !super::header::inside(off, self.cs(), self.file_len) {
+        if !off.is_multiple_of(self.cs()) || !super::header::inside(off, self.cs(), self.file_len) {
             return Err(corrupt("read", off, Qcow2Error::L2OutsideFile));
         }
         Ok(Some(off))
@@ -192,10 +198,11 @@ impl Meta {
             return Ok(off);
         }
         if index as usize >= self.l1.len() {
-            return Err(corrupt("write", self.l1_offset, Qcow2Error::L1TooSmall {
-                entries: self.l1.len() as u32,
-                needed: index + 1,
-            }));
+            return Err(corrupt(
+                "write",
+                self.l1_offset,
+                Qcow2Error::L1TooSmall { entries: self.l1.len() as u32, needed: index + 1 },
+            ));
         }
         let off = self.alloc(io, 1)?;
         // The zeroed table reaches the file before the L1 entry that points at it.
@@ -228,7 +235,8 @@ impl Meta {
 
     /// Writes every changed L2 table, in file order.
     pub fn write_all_l2(&mut self, io: &Io<'_>) -> Result<(), DiskError> {
-        let mut dirty: Vec<u64> = self.l2.iter().filter(|(_, t)| t.dirty).map(|(&o, _)| o).collect();
+        let mut dirty: Vec<u64> =
+            self.l2.iter().filter(|(_, t)| t.dirty).map(|(&o, _)| o).collect();
         dirty.sort_unstable();
         for off in dirty {
             self.write_l2(io, off)?;
@@ -366,10 +374,15 @@ impl Meta {
         let cs = self.cs();
         let rc = self.rc()?;
         let per_cluster = cs / 8;
-        let entries = min_entries.max(rc.table.len() as u64 * 2).div_ceil(per_cluster) * per_cluster;
+        let entries =
+            min_entries.max(rc.table.len() as u64 * 2).div_ceil(per_cluster) * per_cluster;
         let clusters = entries / per_cluster;
         if clusters * cs > super::header::MAX_REFCOUNT_TABLE_BYTES {
-            return Err(fail(DiskErrorKind::UnsupportedFeature, "write", Qcow2Error::ImageTooLarge));
+            return Err(fail(
+                DiskErrorKind::UnsupportedFeature,
+                "write",
+                Qcow2Error::ImageTooLarge,
+            ));
         }
         let old_offset = rc.table_offset;
         let old_clusters = rc.table_clusters;

@@ -186,8 +186,14 @@ enum Mapping {
     Unallocated,
     /// Reads as zeroes; maybe with a preallocated host cluster.
     Zero(Option<u64>),
-    Data { host: u64, copied: bool },
-    Compressed { offset: u64, end: u64 },
+    Data {
+        host: u64,
+        copied: bool,
+    },
+    Compressed {
+        offset: u64,
+        end: u64,
+    },
 }
 
 struct Backing {
@@ -253,8 +259,9 @@ impl Qcow2 {
         let canonical =
             path.canonicalize().map_err(|e| DiskError::io("open", e).with_path(path))?;
         if chain.contains(&canonical) {
-            return Err(fail(DiskErrorKind::CorruptImage, "open", Qcow2Error::BackingLoop)
-                .with_path(path));
+            return Err(
+                fail(DiskErrorKind::CorruptImage, "open", Qcow2Error::BackingLoop).with_path(path)
+            );
         }
         if chain.len() >= MAX_CHAIN_DEPTH {
             return Err(fail(
@@ -271,8 +278,7 @@ impl Qcow2 {
             .write(writable)
             .open(path)
             .map_err(|e| DiskError::io("open", e).with_path(path))?;
-        let file_len =
-            file.metadata().map_err(|e| DiskError::io("open", e).with_path(path))?.len();
+        let file_len = file.metadata().map_err(|e| DiskError::io("open", e).with_path(path))?.len();
         let io = Io { file: &file, path };
         // The header and its extensions live in the first cluster (at most 2 MiB).
         let mut first = vec![0u8; file_len.min(1 << header::MAX_CLUSTER_BITS) as usize];
@@ -362,8 +368,12 @@ impl Qcow2 {
             Some((p, format)) => {
                 let name = p.to_str().unwrap_or_default().to_string();
                 if !header::backing_fits(bits, &name, format.name()) {
-                    return Err(fail(DiskErrorKind::InvalidFormat, "create", Qcow2Error::BackingName)
-                        .with_path(path));
+                    return Err(fail(
+                        DiskErrorKind::InvalidFormat,
+                        "create",
+                        Qcow2Error::BackingName,
+                    )
+                    .with_path(path));
                 }
                 Some((name, format.name()))
             }
@@ -486,9 +496,8 @@ impl Qcow2 {
             };
             match (segs.last_mut(), seg) {
                 (Some((Seg::Host(h), _, l)), Seg::Host(h2)) if *h + *l == h2 => *l += n,
-                (Some((Seg::Zero, _, l)), Seg::Zero) | (Some((Seg::Backing, _, l)), Seg::Backing) => {
-                    *l += n
-                }
+                (Some((Seg::Zero, _, l)), Seg::Zero)
+                | (Some((Seg::Backing, _, l)), Seg::Backing) => *l += n,
                 _ => segs.push((seg, pos, n)),
             }
             pos += n;
@@ -760,8 +769,12 @@ impl Qcow2 {
             return Err(DiskError::io("resize", e).with_path(&self.path));
         }
         if new_size > header::MAX_VIRTUAL_SIZE {
-            return Err(fail(DiskErrorKind::OutOfBounds, "resize", Qcow2Error::VirtualSize(new_size))
-                .with_path(&self.path));
+            return Err(fail(
+                DiskErrorKind::OutOfBounds,
+                "resize",
+                Qcow2Error::VirtualSize(new_size),
+            )
+            .with_path(&self.path));
         }
         let mut meta = self.lock();
         let io = self.io();
@@ -787,8 +800,12 @@ impl Qcow2 {
         }
         let needed = header::l1_entries_for(new_size, self.header.cluster_bits);
         if needed * 8 > header::MAX_L1_BYTES {
-            return Err(fail(DiskErrorKind::UnsupportedFeature, "resize", Qcow2Error::L1TooLarge(needed * 8))
-                .with_path(&self.path));
+            return Err(fail(
+                DiskErrorKind::UnsupportedFeature,
+                "resize",
+                Qcow2Error::L1TooLarge(needed * 8),
+            )
+            .with_path(&self.path));
         }
         let old_entries = meta.l1.len() as u64;
         let capacity = (old_entries * 8).div_ceil(cs) * cs / 8;
@@ -796,7 +813,10 @@ impl Qcow2 {
             io.write(&new_size.to_be_bytes(), field::SIZE)?;
         } else if needed <= capacity && meta.l1_offset != 0 {
             // The new entries fit the L1 table's last cluster: zero them, then publish.
-            io.write(&vec![0u8; ((needed - old_entries) * 8) as usize], meta.l1_offset + old_entries * 8)?;
+            io.write(
+                &vec![0u8; ((needed - old_entries) * 8) as usize],
+                meta.l1_offset + old_entries * 8,
+            )?;
             meta.l1.resize(needed as usize, 0);
             let mut hdr = [0u8; 16];
             hdr[..8].copy_from_slice(&new_size.to_be_bytes());
@@ -810,10 +830,12 @@ impl Qcow2 {
             let raw: Vec<u8> = l1.iter().flat_map(|e| e.to_be_bytes()).collect();
             io.write(&raw, new_offset)?;
             // Size, crypt method (0), L1 size and offset in one write.
+            let at = |f: u64| (f - field::SIZE) as usize;
             let mut hdr = [0u8; 24];
             hdr[..8].copy_from_slice(&new_size.to_be_bytes());
-            hdr[12..16].copy_from_slice(&(needed as u32).to_be_bytes());
-            hdr[16..].copy_from_slice(&new_offset.to_be_bytes());
+            hdr[at(field::L1_SIZE)..at(field::L1_OFFSET)]
+                .copy_from_slice(&(needed as u32).to_be_bytes());
+            hdr[at(field::L1_OFFSET)..].copy_from_slice(&new_offset.to_be_bytes());
             io.write(&hdr, field::SIZE)?;
             let old_offset = meta.l1_offset;
             let old_clusters = (old_entries * 8).div_ceil(cs);
@@ -842,7 +864,12 @@ impl Qcow2 {
 
 /// What L2 entry `entry` maps to; Err(host offset) when it points outside the file or at a
 /// misaligned cluster.
-fn decode_entry(entry: u64, cluster_bits: u32, version: u32, file_len: u64) -> Result<Mapping, u64> {
+fn decode_entry(
+    entry: u64,
+    cluster_bits: u32,
+    version: u32,
+    file_len: u64,
+) -> Result<Mapping, u64> {
     let cs = 1u64 << cluster_bits;
     if entry & COMPRESSED != 0 {
         let x = 62 - (cluster_bits - 8);
@@ -859,7 +886,7 @@ fn decode_entry(entry: u64, cluster_bits: u32, version: u32, file_len: u64) -> R
     if host == 0 {
         return Ok(if zero { Mapping::Zero(None) } else { Mapping::Unallocated });
     }
-    if host % cs != 0 || host >= file_len {
+    if !host.is_multiple_of(cs) || host >= file_len {
         return Err(host);
     }
     if zero {
@@ -1061,7 +1088,9 @@ impl BlockBackend for Qcow2 {
 
 fn push_extent(list: &mut Vec<Extent>, e: Extent) {
     match list.last_mut() {
-        Some(last) if last.kind == e.kind && last.offset + last.len == e.offset => last.len += e.len,
+        Some(last) if last.kind == e.kind && last.offset + last.len == e.offset => {
+            last.len += e.len
+        }
         _ => list.push(e),
     }
 }
