@@ -92,6 +92,7 @@ pub fn open_image(path: &Path, options: OpenOptions) -> Result<Box<dyn BlockBack
         ImageFormat::Parallels => Ok(Box::new(crate::Parallels::open(path, options)?)),
         ImageFormat::Vhd => Ok(Box::new(crate::vhd::Vhd::open(path, options)?)),
         ImageFormat::Vhdx => Ok(Box::new(crate::vhdx::Vhdx::open(path, options)?)),
+        ImageFormat::Qcow2 => Ok(Box::new(crate::qcow2::Qcow2::open(path, options)?)),
         other => Err(unsupported(other, path)),
     }
 }
@@ -108,18 +109,15 @@ pub fn image_info(path: &Path) -> Result<ImageInfo, DiskError> {
         ImageFormat::Parallels => crate::Parallels::open(path, read_only)?.info(),
         ImageFormat::Vhd => Ok(crate::vhd::Vhd::open(path, read_only)?.info()),
         ImageFormat::Vhdx => Ok(crate::vhdx::Vhdx::open(path, read_only)?.info()),
+        ImageFormat::Qcow2 => Ok(crate::qcow2::Qcow2::open(path, read_only)?.info()),
         ImageFormat::Ova => Ok(crate::ova::Ova::open(path)?.info()),
-        other => Err(unsupported(other, path)),
     }
 }
 
-/// The error for a format detected but not (yet) readable.
+/// The error for a format that is not a disk by itself (an OVA holds disks: import it).
 fn unsupported(format: ImageFormat, path: &Path) -> DiskError {
     let op = match format {
-        ImageFormat::Qcow2 => "open a qcow2 image",
-        ImageFormat::Vhd => "open a VHD image",
-        ImageFormat::Vhdx => "open a VHDX image",
-        ImageFormat::Ova => "open an OVA appliance",
+        ImageFormat::Ova => "use an OVA appliance as a disk (import it)",
         _ => "open this image format",
     };
     DiskError::new(DiskErrorKind::UnsupportedFeature, op).with_path(path)

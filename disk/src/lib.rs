@@ -18,6 +18,7 @@ pub mod iso;
 mod mapped;
 pub mod ova;
 pub mod parallels;
+pub mod qcow2;
 mod raw;
 mod sys;
 pub mod vdi;
