@@ -578,10 +578,10 @@ impl Gpu {
             a.copy_from_slice(&entry[0..8]);
             let addr = u64::from_le_bytes(a);
             let len = u32::from_le_bytes([entry[8], entry[9], entry[10], entry[11]]);
+            // Every byte must be guest RAM, without wrapping past the top of the address space.
             let valid = len > 0
-                && addr.checked_add(u64::from(len) - 1).is_some_and(|last| {
-                    memory.check_range(GuestAddress(addr), len as usize) && last >= addr
-                });
+                && addr.checked_add(u64::from(len)).is_some()
+                && memory.check_range(GuestAddress(addr), len as usize);
             if !valid {
                 return Err(RESP_ERR_INVALID_PARAMETER);
             }
