@@ -7,10 +7,10 @@
 //!  PCI MMIO window    ─▶ PciMmioWindow ┘                         slot n: Box<dyn PciDevice>
 //! ```
 //! BAR dispatch follows the BAR registers the guest last wrote, and only while the device's
-//! command register enables memory decoding.
-//! A fixed BAR (the boot framebuffer, host memory the machine maps into the guest) lives in a
-//! range the machine reserves with [`PciRoot::reserve_mmio`]; the allocator skips it. Devices are locked on their own, so a slow BAR
+//! command register enables memory decoding. Devices are locked on their own, so a slow BAR
 //! access (a virtio notify doing disk I/O) does not hold up the rest of the bus.
+//! A fixed BAR (the boot framebuffer, host memory the machine maps into the guest) lives in a
+//! range the machine reserves with [`PciRoot::reserve_mmio`]; the allocator skips it.
 
 pub mod config;
 pub mod root;
