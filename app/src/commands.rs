@@ -70,7 +70,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("Cannot open serial output {}", path.display()))?,
         ),
     };
-    let machine = vm_process::build_machine(&config, serial_out)?;
+    let machine = vm_process::build_machine(&config, serial_out, None)?;
     let handle = machine.handle();
 
     let kind = if stdio { stdin_kind() } else { StdinKind::Other };
@@ -149,6 +149,9 @@ struct VmView {
     last_exit: Option<ExitRecord>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
+    /// What a running VM's screen shows (`virtio-gpu 1280x800`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    display: Option<String>,
 }
 
 fn view(vm: &VmDir) -> anyhow::Result<VmView> {
@@ -162,6 +165,7 @@ fn view(vm: &VmDir) -> anyhow::Result<VmView> {
         uptime_secs: None,
         last_exit: vm.read_last_exit(),
         error: None,
+        display: None,
     };
     match vm.disk_state()? {
         DiskState::Running { pid: None } => v.state = "starting".into(),
@@ -173,6 +177,7 @@ fn view(vm: &VmDir) -> anyhow::Result<VmView> {
                 Ok(st) => {
                     v.state = wire_name(&st.state);
                     v.uptime_secs = Some(st.uptime_secs);
+                    v.display = st.display;
                     // The machine's own numbers win once it reports them.
                     if st.cpus > 0 {
                         v.cpus = st.cpus;
@@ -214,6 +219,7 @@ fn list(library: &Library, json: bool) -> anyhow::Result<()> {
                 uptime_secs: None,
                 last_exit: None,
                 error: Some(format!("{e:#}")),
+                display: None,
             }),
         }
     }
@@ -246,6 +252,9 @@ fn status(library: &Library, name: &str, json: bool) -> anyhow::Result<()> {
     println!("memory:  {} MiB", v.memory_mib);
     if let Some(up) = v.uptime_secs {
         println!("uptime:  {}", format_duration(up));
+    }
+    if let Some(display) = &v.display {
+        println!("display: {display}");
     }
     if let Some(rec) = &v.last_exit {
         let reason = wire_name(&rec.reason);

@@ -309,6 +309,7 @@ mod tests {
                 cpus: 3,
                 memory_mib: 256,
                 uptime_secs: 9,
+                display: None,
             }
         }
         fn pause(&self) -> anyhow::Result<()> {
