@@ -9,6 +9,7 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 const SOCKET_NAME: &str = "control.sock";
+const FRAME_NAME: &str = "display.shm";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -68,6 +69,16 @@ pub fn socket_path_in(root: &Path, vm_dir: &Path, name: &str) -> Result<PathBuf,
 /// The control socket path of a VM, under [`runtime_root`].
 pub fn socket_path(vm_dir: &Path, name: &str) -> Result<PathBuf, RuntimeError> {
     socket_path_in(&runtime_root(), vm_dir, name)
+}
+
+/// The shared-memory frame file of the VM whose control socket is `socket` (same directory).
+pub fn frame_path_for_socket(socket: &Path) -> PathBuf {
+    socket.with_file_name(FRAME_NAME)
+}
+
+/// The shared-memory frame file of a VM, under [`runtime_root`].
+pub fn frame_path(vm_dir: &Path, name: &str) -> Result<PathBuf, RuntimeError> {
+    socket_path(vm_dir, name).map(|s| frame_path_for_socket(&s))
 }
 
 /// Creates (0700) the runtime root and the socket's own directory, refusing directories

@@ -101,6 +101,16 @@ impl ControlClient {
         self.call(Request::Poweroff).map(drop)
     }
 
+    /// Sends input events to the guest.
+    pub fn input(&mut self, events: Vec<display::InputEvent>) -> Result<()> {
+        self.call(Request::Input { events }).map(drop)
+    }
+
+    /// Tells the VM the size of the GUI's screen area.
+    pub fn display_size(&mut self, width: u32, height: u32) -> Result<()> {
+        self.call(Request::DisplaySize { width, height }).map(drop)
+    }
+
     /// Asks for the console and hands over the raw connection (no timeouts any more).
     pub fn into_console(mut self) -> Result<ConsoleStream> {
         self.call(Request::Console)?;

@@ -31,7 +31,7 @@ pub enum ProtocolError {
 }
 
 /// A client's request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
     Status,
@@ -43,6 +43,15 @@ pub enum Request {
     Poweroff,
     /// Turns the connection into a raw serial console after the reply.
     Console,
+    /// Keyboard and pointer events for the guest, in order.
+    Input {
+        events: Vec<display::InputEvent>,
+    },
+    /// The GUI's screen area changed: the guest may switch to this resolution.
+    DisplaySize {
+        width: u32,
+        height: u32,
+    },
 }
 
 impl Request {
@@ -150,9 +159,17 @@ mod tests {
             (r#"{"cmd":"shutdown"}"#, Request::Shutdown),
             (r#"{"cmd":"poweroff"}"#, Request::Poweroff),
             (r#" {"cmd": "console"} "#, Request::Console),
+            (
+                r#"{"cmd":"input","events":[{"type":"key","code":30,"down":true}]}"#,
+                Request::Input { events: vec![display::InputEvent::Key { code: 30, down: true }] },
+            ),
+            (
+                r#"{"cmd":"display_size","width":1280,"height":800}"#,
+                Request::DisplaySize { width: 1280, height: 800 },
+            ),
         ];
         for (line, want) in cases {
-            assert_eq!(Request::parse(line).unwrap(), want, "{line}");
+            assert_eq!(Request::parse(line).unwrap(), want.clone(), "{line}");
             assert_eq!(Request::parse(want.to_line().trim_end()).unwrap(), want);
         }
     }

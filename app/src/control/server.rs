@@ -191,6 +191,10 @@ fn serve_client<T: ControlTarget + ?Sized>(stream: UnixStream, target: &T) -> io
             Ok(Request::Resume) => result_reply(target.resume()),
             Ok(Request::Shutdown) => result_reply(target.shutdown()),
             Ok(Request::Poweroff) => result_reply(target.poweroff()),
+            // Display input and sizing arrive with the display devices.
+            Ok(Request::Input { .. } | Request::DisplaySize { .. }) => {
+                Response::error("This VM has no display")
+            }
             Ok(Request::Console) => {
                 // Subscribe before replying so no output after the reply is missed.
                 let output = target.console_output();
