@@ -396,7 +396,7 @@ impl GuiApp {
         egui::CentralPanel::default().show(ui, |ui| {
             ui.horizontal(|ui| {
                 ui.heading("Virtual machines");
-                if ui.button("➕ New").clicked() {
+                if ui.button("New…").clicked() {
                     self.new_vm_form();
                 }
             });
@@ -487,17 +487,17 @@ impl GuiApp {
                             }
                         };
                         let n = || vm.name.clone();
-                        button(ui, down, "▶ Start", CardAction::Start(n()));
-                        button(ui, true, "🖵 Show", CardAction::Show(n()));
-                        button(ui, running, "⏻ Shut down", CardAction::Job(Job::Shutdown(n())));
+                        button(ui, down, "Start", CardAction::Start(n()));
+                        button(ui, true, "Show", CardAction::Show(n()));
+                        button(ui, running, "Shut down", CardAction::Job(Job::Shutdown(n())));
                         button(
                             ui,
                             vm.state.is_live(),
                             "Force off",
                             CardAction::Job(Job::PowerOff(n())),
                         );
-                        button(ui, down, "⚙ Settings", CardAction::Edit(n()));
-                        button(ui, down, "🗑 Delete", CardAction::Delete(n()));
+                        button(ui, down, "Settings…", CardAction::Edit(n()));
+                        button(ui, down, "Delete…", CardAction::Delete(n()));
                     });
                 });
             });
@@ -557,7 +557,7 @@ impl GuiApp {
                 });
             });
             ui.horizontal(|ui| {
-                if ui.button("⬅ Library").clicked() {
+                if ui.button("Library").clicked() {
                     act = Some(VmAction::Back);
                 }
                 ui.separator();
@@ -732,7 +732,8 @@ impl GuiApp {
                     ui.set_max_width(520.0);
                     ui.heading(&title);
                     for (i, cause) in chain.iter().enumerate() {
-                        let text = if i == 0 { cause.clone() } else { format!("↳ {cause}") };
+                        let text =
+                            if i == 0 { cause.clone() } else { format!("Caused by: {cause}") };
                         ui.label(text);
                     }
                     if ui.button("OK").clicked() {
@@ -881,23 +882,23 @@ fn machine_actions(
     live: bool,
     act: &mut Option<VmAction>,
 ) {
-    if ui.add_enabled(down && !busy, egui::Button::new("▶ Start")).clicked() {
+    if ui.add_enabled(down && !busy, egui::Button::new("Start")).clicked() {
         *act = Some(VmAction::Start);
     }
-    if ui.add_enabled((running || paused) && !busy, egui::Button::new("⏻ Shut down")).clicked() {
+    if ui.add_enabled((running || paused) && !busy, egui::Button::new("Shut down")).clicked() {
         *act = Some(VmAction::Job(Job::Shutdown));
     }
     if ui.add_enabled(live && !busy, egui::Button::new("Force off")).clicked() {
         *act = Some(VmAction::Job(Job::PowerOff));
     }
     if paused {
-        if ui.add_enabled(!busy, egui::Button::new("⏵ Resume")).clicked() {
+        if ui.add_enabled(!busy, egui::Button::new("Resume")).clicked() {
             *act = Some(VmAction::Job(Job::Resume));
         }
-    } else if ui.add_enabled(running && !busy, egui::Button::new("⏸ Pause")).clicked() {
+    } else if ui.add_enabled(running && !busy, egui::Button::new("Pause")).clicked() {
         *act = Some(VmAction::Job(Job::Pause));
     }
-    if ui.add_enabled(running || paused, egui::Button::new("📷 Screenshot")).clicked() {
+    if ui.add_enabled(running || paused, egui::Button::new("Screenshot")).clicked() {
         *act = Some(VmAction::Job(|name| Job::Screenshot { name }));
     }
 }
