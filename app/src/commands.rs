@@ -15,6 +15,7 @@ use vmm::machine::ExitReason;
 
 use crate::cli::{Command, MachineArgs, RunArgs, SerialTarget};
 use crate::control::client::ControlClient;
+use crate::control::protocol::StatusReply;
 use crate::library::{DiskState, ExitRecord, Library, VmConfig, VmDir};
 use crate::terminal::{pump_input, stdin_kind, InputEnd, RawTerminal, StdinKind};
 use crate::{backend, console, fsutil, vm_process};
@@ -40,6 +41,7 @@ pub fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 Command::Status { name, json } => status(&library, &name, json),
                 Command::Delete { name } => delete(&library, &name),
                 Command::Screenshot { name, output } => screenshot(&library, &name, &output),
+                Command::Gui => crate::gui::run(library),
                 Command::Run(_) | Command::VmProcess { .. } => unreachable!("handled above"),
             }
         }
@@ -284,6 +286,14 @@ fn format_duration(secs: u64) -> String {
 }
 
 fn start(library: &Library, name: &str) -> anyhow::Result<()> {
+    let st = start_vm(library, name)?;
+    println!("VM '{name}' started (pid {}): {}", st.pid, wire_name(&st.state));
+    Ok(())
+}
+
+/// Starts VM `name` as a detached process and waits until it answers (also used by the GUI,
+/// from a worker thread).
+pub fn start_vm(library: &Library, name: &str) -> anyhow::Result<StatusReply> {
     let vm = library.existing(name)?;
     let config = vm.load_config()?;
     if vm.is_locked()? {
@@ -336,9 +346,7 @@ fn start(library: &Library, name: &str) -> anyhow::Result<()> {
             let reply = ControlClient::connect_with_timeout(&pidfile.socket, QUERY_TIMEOUT)
                 .and_then(|mut c| c.status());
             if let Ok(st) = reply {
-                let state = wire_name(&st.state);
-                println!("VM '{name}' started (pid {}): {state}", st.pid);
-                return Ok(());
+                return Ok(st);
             }
         }
         if Instant::now() > deadline {
@@ -354,7 +362,7 @@ fn start(library: &Library, name: &str) -> anyhow::Result<()> {
 }
 
 /// The lines this start wrote to hutch.log (after the last start marker).
-fn start_log_tail(vm: &VmDir) -> Vec<String> {
+pub fn start_log_tail(vm: &VmDir) -> Vec<String> {
     let lines = fsutil::tail_lines(&vm.log_path(), 40).unwrap_or_default();
     let from = lines.iter().rposition(|l| l.starts_with(START_MARKER)).map_or(0, |i| i + 1);
     let mine = &lines[from..];
@@ -409,7 +417,7 @@ fn console(library: &Library, name: &str) -> anyhow::Result<()> {
 fn screenshot(library: &Library, name: &str, output: &Path) -> anyhow::Result<()> {
     let vm = library.existing(name)?;
     let pidfile = running(&vm)?;
-    let frame = crate::runtime::frame_path(&pidfile.socket);
+    let frame = crate::runtime::frame_path_for_socket(&pidfile.socket);
     let reader = display::frame::FrameReader::open(&frame)
         .with_context(|| format!("VM '{name}' has no screen (display off?)"))?;
     let image = reader.snapshot().with_context(|| format!("Cannot read VM '{name}''s screen"))?;

@@ -260,7 +260,8 @@ fn run_locked<M: RunnableMachine>(
         .open(&serial_path)
         .with_context(|| format!("Cannot open {}", serial_path.display()))?;
     let hub = SerialHub::new(Some(serial_log));
-    let machine = build(&config, Box::new(hub.writer()), Some(&runtime::frame_path(&socket)))?;
+    let machine =
+        build(&config, Box::new(hub.writer()), Some(&runtime::frame_path_for_socket(&socket)))?;
     let handle = machine.handle();
     let target = Arc::new(MachineTarget {
         name: vm.name().to_string(),

@@ -532,6 +532,8 @@ impl Machine {
                 (fb.width(), fb.height())
             };
             let sink: Arc<dyn display::ScanoutSink> = screen.clone();
+            // The firmware's mode: the screen shows the boot framebuffer from the start.
+            sink.set_mode(SourceId::BootFramebuffer, Some(preferred));
             let gpu = Gpu::new(
                 sink,
                 preferred,
