@@ -296,6 +296,24 @@ mod tests {
     }
 
     #[test]
+    fn guest_writes_reach_a_shared_frame_reader_through_the_screen() {
+        use display::frame::{FrameReader, FrameWriter};
+        use display::scanout::Screen;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("display.shm");
+        let screen = Screen::new(FrameWriter::create(&path, 1920, 1080).unwrap());
+        screen.set_mode(SourceId::BootFramebuffer, Some((1024, 768)));
+        let mut fb = BootFramebuffer::new(16 << 20).unwrap();
+        fb.scan(&screen, true);
+        poke(&fb, 100, 200, 0x00ff_8040);
+        fb.scan(&screen, false);
+        let image = FrameReader::open(&path).unwrap().snapshot().unwrap();
+        assert_eq!((image.width, image.height), (1024, 768));
+        let at = (200 * 1024 + 100) * 4;
+        assert_eq!(&image.rgba[at..at + 4], &[0xff, 0x80, 0x40, 0xff]);
+    }
+
+    #[test]
     fn adjacent_dirty_tiles_merge() {
         let mut fb = BootFramebuffer::new(4 << 20).unwrap();
         let screen = RecordingScreen::default();
