@@ -231,6 +231,12 @@ run_action() {
         result "screen=${1#screen:}"
         ;;
     mode) result "mode=$(drm_mode)" ;;
+    serialwait)
+        # Waits for one line on the serial console: the host says when to go on.
+        result serialwait=waiting
+        read -r _ </dev/console
+        result serialwait=done
+        ;;
     modewatch:*) act_modewatch "${1#modewatch:}" ;;
     keys) act_keys ;;
     clicks) act_clicks ;;
