@@ -83,11 +83,12 @@ pub struct OpenOptions {
 
 /// Opens `path` as whatever format its content says, following backing chains.
 pub fn open_image(path: &Path, options: OpenOptions) -> Result<Box<dyn BlockBackend>, DiskError> {
-    let format = ImageFormat::Raw;
+    let format = if crate::qcow2::is_qcow2(path)? { ImageFormat::Qcow2 } else { ImageFormat::Raw };
     match format {
         ImageFormat::Raw => Ok(Box::new(RawFile::open(path, !options.writable)?)),
         ImageFormat::Vhd => Ok(Box::new(crate::vhd::Vhd::open(path, options)?)),
         ImageFormat::Vhdx => Ok(Box::new(crate::vhdx::Vhdx::open(path, options)?)),
+        ImageFormat::Qcow2 => Ok(Box::new(crate::qcow2::Qcow2::open(path, options)?)),
         _ => Err(DiskError::new(DiskErrorKind::UnsupportedFeature, "open").with_path(path)),
     }
 }

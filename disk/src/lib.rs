@@ -14,6 +14,7 @@ use vm_memory::VolatileSlice;
 
 pub mod image;
 pub mod ova;
+pub mod qcow2;
 mod raw;
 mod sys;
 pub mod vhd;
