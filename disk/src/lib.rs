@@ -12,16 +12,28 @@ use std::path::{Path, PathBuf};
 
 use vm_memory::VolatileSlice;
 
+pub mod detect;
 pub mod image;
+pub mod iso;
+mod mapped;
 pub mod ova;
+pub mod parallels;
 pub mod qcow2;
 mod raw;
 mod sys;
+pub mod vdi;
 pub mod vhd;
 pub mod vhdx;
+pub mod vmdk;
 
+pub use detect::{detect, detect_bytes};
+pub use image::image_info;
 pub use image::{open_image, Extent, ExtentKind, ImageFormat, ImageInfo, OpenOptions};
+pub use iso::Iso;
+pub use parallels::Parallels;
 pub use raw::RawFile;
+pub use vdi::Vdi;
+pub use vmdk::Vmdk;
 
 /// What went wrong, for callers that need to react (the message is in [`DiskError`]).
 #[non_exhaustive]

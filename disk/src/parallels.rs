@@ -1,0 +1,183 @@
+//! Parallels disk images (read-only): a 64-byte header, then the BAT, one 32-bit entry per
+//! cluster (0 = unallocated). "WithoutFreeSpace" images count BAT offsets in sectors,
+//! "WithouFreSpacExt" ones in clusters. A bundle directory (`*.hdd/` with
+//! `DiskDescriptor.xml`) is opened through the one image file its descriptor names.
+
+use std::path::{Path, PathBuf};
+
+use crate::mapped::{self, err_at, le32, le64, Block, MappedImage};
+use crate::{BlockBackend, DiskError, DiskErrorKind, Extent, ImageFormat, ImageInfo, OpenOptions};
+
+pub(crate) const MAGIC_OLD: &[u8; 16] = b"WithoutFreeSpace";
+pub(crate) const MAGIC_EXT: &[u8; 16] = b"WithouFreSpacExt";
+pub(crate) const BUNDLE_DESCRIPTOR: &str = "DiskDescriptor.xml";
+const HEADER_LEN: u64 = 64;
+const SECTOR: u64 = 512;
+/// qemu defaults to 1 MiB clusters; allow up to 64 MiB.
+const MAX_CLUSTER: u64 = 64 << 20;
+/// A descriptor larger than this is not a Parallels bundle descriptor.
+const MAX_DESCRIPTOR: u64 = 1 << 20;
+
+/// An open Parallels image.
+#[derive(Debug)]
+pub struct Parallels {
+    image: MappedImage,
+    /// The bundle directory, when opened through one.
+    bundle: Option<PathBuf>,
+    problems: Vec<String>,
+}
+
+impl Parallels {
+    /// Opens an image file, or a bundle directory holding `DiskDescriptor.xml`.
+    pub fn open(path: &Path, options: OpenOptions) -> Result<Parallels, DiskError> {
+        if options.writable {
+            return Err(mapped::read_only(path, 0));
+        }
+        if path.is_dir() {
+            let image_path = bundle_image(path)?;
+            let mut disk = Parallels::open_file(&image_path)?;
+            disk.bundle = Some(path.to_path_buf());
+            return Ok(disk);
+        }
+        Parallels::open_file(path)
+    }
+
+    fn open_file(path: &Path) -> Result<Parallels, DiskError> {
+        let (file, file_len) = mapped::open_file(path)?;
+        let corrupt = |op, at| err_at(DiskErrorKind::CorruptImage, op, path, at);
+        let mut h = [0u8; HEADER_LEN as usize];
+        if file_len < HEADER_LEN {
+            return Err(err_at(DiskErrorKind::InvalidFormat, "read the Parallels header", path, 0));
+        }
+        mapped::read_exact(&file, path, &mut h, 0, "read the Parallels header")?;
+        let extended = match &h[..16] {
+            m if m == MAGIC_OLD => false,
+            m if m == MAGIC_EXT => true,
+            _ => {
+                let e = DiskErrorKind::InvalidFormat;
+                return Err(err_at(e, "find the Parallels magic", path, 0));
+            }
+        };
+        if le32(&h, 16) != 2 {
+            let e = DiskErrorKind::UnsupportedFeature;
+            return Err(err_at(e, "open this Parallels version", path, 16));
+        }
+        let cluster = u64::from(le32(&h, 28)) * SECTOR;
+        if cluster == 0 || cluster > MAX_CLUSTER {
+            return Err(corrupt("use the Parallels cluster size", 28));
+        }
+        let bat_entries = u64::from(le32(&h, 32));
+        // Old images only have a 32-bit sector count.
+        let sectors = if extended { le64(&h, 36) } else { u64::from(le32(&h, 36)) };
+        let size = sectors.checked_mul(SECTOR).ok_or_else(|| corrupt("use the disk size", 36))?;
+        if size.div_ceil(cluster) > bat_entries {
+            return Err(corrupt("fit the disk size in the BAT", 36));
+        }
+        let used = size.div_ceil(cluster);
+        let bat_end = HEADER_LEN + used * 4;
+        if bat_end > file_len {
+            return Err(corrupt("read the Parallels BAT (past the end of the file)", 32));
+        }
+        let data_off = u64::from(le32(&h, 48)) * SECTOR;
+        let data_start = if data_off == 0 { bat_end } else { data_off.max(bat_end) };
+        let mut bat = vec![0u8; (used * 4) as usize];
+        mapped::read_exact(&file, path, &mut bat, HEADER_LEN, "read the Parallels BAT")?;
+        let unit = if extended { cluster } else { SECTOR };
+        let entries = bat.chunks_exact(4).enumerate().map(|(i, e)| {
+            let at = HEADER_LEN + i as u64 * 4;
+            match le32(e, 0) {
+                0 => (at, Block::Unallocated),
+                n => (at, Block::Data(u64::from(n) * unit)),
+            }
+        });
+        let image = MappedImage::new(file, path, file_len, size, cluster, data_start, entries)?;
+        let mut problems = Vec::new();
+        if le32(&h, 44) == 0x746f_6e59 {
+            problems.push("image was not closed cleanly (in-use flag set)".to_string());
+        }
+        Ok(Parallels { image, bundle: None, problems })
+    }
+
+    pub fn info(&self) -> Result<ImageInfo, DiskError> {
+        let mut allocated = mapped::allocated_bytes(self.image.path())?;
+        if let Some(bundle) = &self.bundle {
+            allocated += mapped::allocated_bytes(&bundle.join(BUNDLE_DESCRIPTOR)).unwrap_or(0);
+        }
+        Ok(ImageInfo {
+            path: self.bundle.clone().unwrap_or_else(|| self.image.path().to_path_buf()),
+            format: ImageFormat::Parallels,
+            subformat: Some(if self.bundle.is_some() { "bundle" } else { "image" }.to_string()),
+            virtual_size: self.image.size(),
+            allocated_bytes: allocated,
+            backing: None,
+            problems: self.problems.clone(),
+        })
+    }
+}
+
+/// The image file a bundle's `DiskDescriptor.xml` names (only single-image bundles: no
+/// snapshots).
+fn bundle_image(dir: &Path) -> Result<PathBuf, DiskError> {
+    let xml_path = dir.join(BUNDLE_DESCRIPTOR);
+    let (_, len) = mapped::open_file(&xml_path)?;
+    if len > MAX_DESCRIPTOR {
+        let e = DiskErrorKind::InvalidFormat;
+        return Err(err_at(e, "read the bundle descriptor (too large)", &xml_path, 0));
+    }
+    let xml =
+        std::fs::read(&xml_path).map_err(|e| DiskError::io("read", e).with_path(&xml_path))?;
+    let xml = String::from_utf8_lossy(&xml);
+    let mut files = Vec::new();
+    let mut rest = xml.as_ref();
+    while let Some(start) = rest.find("<File>") {
+        rest = &rest[start + "<File>".len()..];
+        let Some(end) = rest.find("</File>") else { break };
+        files.push(rest[..end].trim().to_string());
+        rest = &rest[end..];
+    }
+    match files.as_slice() {
+        [one] if !one.is_empty() => Ok(dir.join(one)),
+        [] | [_] => {
+            let e = DiskErrorKind::InvalidFormat;
+            Err(err_at(e, "find the image file in the bundle descriptor", &xml_path, 0))
+        }
+        _ => {
+            let e = DiskErrorKind::UnsupportedFeature;
+            Err(err_at(e, "open a Parallels bundle with snapshots", &xml_path, 0))
+        }
+    }
+}
+
+impl BlockBackend for Parallels {
+    fn size(&self) -> u64 {
+        self.image.size()
+    }
+
+    fn is_writable(&self) -> bool {
+        false
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DiskError> {
+        self.image.read_at(buf, offset)
+    }
+
+    fn write_at(&self, _buf: &[u8], offset: u64) -> Result<(), DiskError> {
+        Err(mapped::read_only(self.image.path(), offset))
+    }
+
+    fn flush(&self) -> Result<(), DiskError> {
+        Ok(())
+    }
+
+    fn discard(&self, offset: u64, _len: u64) -> Result<(), DiskError> {
+        Err(mapped::read_only(self.image.path(), offset))
+    }
+
+    fn write_zeroes(&self, offset: u64, _len: u64) -> Result<(), DiskError> {
+        Err(mapped::read_only(self.image.path(), offset))
+    }
+
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DiskError> {
+        self.image.extents(offset, len)
+    }
+}

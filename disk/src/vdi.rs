@@ -1,0 +1,161 @@
+//! VirtualBox VDI images (read-only): the v1.1 header, then a block map of 32-bit entries
+//! (block index in the data area, `0xffffffff` unallocated, `0xfffffffe` zero).
+//!
+//! ```text
+//!   0x000 "<<< ... VirtualBox Disk Image >>>"   0x040 signature 0xbeda107f, version 1.1
+//!   offBlocks: u32 block map (cBlocks entries)   offData: the blocks, cbBlock bytes each
+//! ```
+
+use std::path::Path;
+
+use crate::mapped::{self, err_at, le32, le64, Block, MappedImage};
+use crate::{BlockBackend, DiskError, DiskErrorKind, Extent, ImageFormat, ImageInfo, OpenOptions};
+
+pub(crate) const SIGNATURE: u32 = 0xbeda_107f;
+const HEADER_LEN: usize = 0x200;
+const TYPE_DYNAMIC: u32 = 1;
+const TYPE_FIXED: u32 = 2;
+const TYPE_UNDO: u32 = 3;
+const TYPE_DIFF: u32 = 4;
+const BLOCK_FREE: u32 = 0xffff_ffff;
+const BLOCK_ZERO: u32 = 0xffff_fffe;
+/// VirtualBox uses 1 MiB; allow powers of two up to 64 MiB.
+const MAX_BLOCK: u64 = 64 << 20;
+
+/// An open VDI image.
+#[derive(Debug)]
+pub struct Vdi {
+    image: MappedImage,
+    fixed: bool,
+    problems: Vec<String>,
+}
+
+impl Vdi {
+    pub fn open(path: &Path, options: OpenOptions) -> Result<Vdi, DiskError> {
+        if options.writable {
+            return Err(mapped::read_only(path, 0));
+        }
+        let (file, file_len) = mapped::open_file(path)?;
+        let invalid = |op, at| err_at(DiskErrorKind::InvalidFormat, op, path, at);
+        let corrupt = |op, at| err_at(DiskErrorKind::CorruptImage, op, path, at);
+        let unsupported = |op, at| err_at(DiskErrorKind::UnsupportedFeature, op, path, at);
+        let mut h = [0u8; HEADER_LEN];
+        if file_len < 0x1c8 {
+            return Err(invalid("read the VDI header (file too short)", 0));
+        }
+        let n = (file_len as usize).min(HEADER_LEN);
+        mapped::read_exact(&file, path, &mut h[..n], 0, "read the VDI header")?;
+        if le32(&h, 0x40) != SIGNATURE {
+            return Err(invalid("find the VDI signature", 0x40));
+        }
+        let version = le32(&h, 0x44);
+        if version >> 16 != 1 {
+            return Err(unsupported("open this VDI version", 0x44));
+        }
+        let image_type = le32(&h, 0x4c);
+        let fixed = match image_type {
+            TYPE_DYNAMIC => false,
+            TYPE_FIXED => true,
+            TYPE_UNDO | TYPE_DIFF => {
+                return Err(unsupported("open a differencing VDI (parent images)", 0x4c))
+            }
+            _ => return Err(invalid("read the VDI image type", 0x4c)),
+        };
+        let off_blocks = u64::from(le32(&h, 0x154));
+        let off_data = u64::from(le32(&h, 0x158));
+        let sector_size = le32(&h, 0x168);
+        let disk_size = le64(&h, 0x170);
+        let block_size = u64::from(le32(&h, 0x178));
+        let block_extra = u64::from(le32(&h, 0x17c));
+        let blocks = u64::from(le32(&h, 0x180));
+        if sector_size != 0 && sector_size != 512 {
+            return Err(unsupported("open a VDI with non-512-byte sectors", 0x168));
+        }
+        if !block_size.is_power_of_two() || !(512..=MAX_BLOCK).contains(&block_size) {
+            return Err(unsupported("use the VDI block size", 0x178));
+        }
+        if block_extra != 0 {
+            return Err(unsupported("use VDI per-block extra data", 0x17c));
+        }
+        if disk_size.div_ceil(block_size) > blocks {
+            return Err(corrupt("fit the VDI disk size in its blocks", 0x170));
+        }
+        let map_len = blocks * 4;
+        if off_blocks < 0x1c8 || off_blocks.saturating_add(map_len) > file_len {
+            return Err(corrupt("read the VDI block map (past the end of the file)", 0x154));
+        }
+        if off_data < off_blocks + map_len.min(disk_size.div_ceil(block_size) * 4) {
+            return Err(corrupt("place the VDI data area (it overlaps the block map)", 0x158));
+        }
+        // Only the entries covering the disk matter; the table fits in the file (checked).
+        let used = disk_size.div_ceil(block_size);
+        let mut table = vec![0u8; (used * 4) as usize];
+        mapped::read_exact(&file, path, &mut table, off_blocks, "read the VDI block map")?;
+        let entries = table.chunks_exact(4).enumerate().map(|(i, e)| {
+            let at = off_blocks + i as u64 * 4;
+            let block = match le32(e, 0) {
+                BLOCK_FREE => Block::Unallocated,
+                BLOCK_ZERO => Block::Zero,
+                index => Block::Data(off_data + u64::from(index) * block_size),
+            };
+            (at, block)
+        });
+        let image =
+            MappedImage::new(file, path, file_len, disk_size, block_size, off_data, entries)?;
+        let mut problems = Vec::new();
+        let claimed = le32(&h, 0x184) as usize;
+        if claimed != image.allocated_blocks() {
+            problems.push(format!(
+                "header says {claimed} blocks are allocated, the block map has {}",
+                image.allocated_blocks()
+            ));
+        }
+        Ok(Vdi { image, fixed, problems })
+    }
+
+    pub fn info(&self) -> Result<ImageInfo, DiskError> {
+        Ok(ImageInfo {
+            path: self.image.path().to_path_buf(),
+            format: ImageFormat::Vdi,
+            subformat: Some(if self.fixed { "fixed" } else { "dynamic" }.to_string()),
+            virtual_size: self.image.size(),
+            allocated_bytes: mapped::allocated_bytes(self.image.path())?,
+            backing: None,
+            problems: self.problems.clone(),
+        })
+    }
+}
+
+impl BlockBackend for Vdi {
+    fn size(&self) -> u64 {
+        self.image.size()
+    }
+
+    fn is_writable(&self) -> bool {
+        false
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DiskError> {
+        self.image.read_at(buf, offset)
+    }
+
+    fn write_at(&self, _buf: &[u8], offset: u64) -> Result<(), DiskError> {
+        Err(mapped::read_only(self.image.path(), offset))
+    }
+
+    fn flush(&self) -> Result<(), DiskError> {
+        Ok(())
+    }
+
+    fn discard(&self, offset: u64, _len: u64) -> Result<(), DiskError> {
+        Err(mapped::read_only(self.image.path(), offset))
+    }
+
+    fn write_zeroes(&self, offset: u64, _len: u64) -> Result<(), DiskError> {
+        Err(mapped::read_only(self.image.path(), offset))
+    }
+
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DiskError> {
+        self.image.extents(offset, len)
+    }
+}

@@ -1,0 +1,732 @@
+//! VMware VMDK images (read-only), after VMware's "Virtual Disk Format 1.1": a descriptor
+//! lists extents (flat files, hosted sparse files, zero stretches) that make up the disk in
+//! order; a delta disk names its parent, whose data shows through unallocated grains.
+//!
+//! ```text
+//!   descriptor ──▶ extent 0: FLAT file @ start sector
+//!              ──▶ extent 1: SPARSE file: header ─▶ grain directory ─▶ grain tables ─▶ grains
+//!              ──▶ extent 2: ZERO                       (streamOptimized: deflated grains)
+//!   parentFileNameHint ──▶ parent image (any format), read where a grain is unallocated
+//! ```
+//! Grain tables are read on demand and cached (bounded); metadata offsets are checked against
+//! the file before anything is allocated for them.
+
+mod descriptor;
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use flate2::{Decompress, FlushDecompress, Status};
+
+use crate::detect::{self, enter_chain};
+use crate::mapped::{self, err_at, le16, le32, le64, push_extent};
+use crate::{
+    check_range, BlockBackend, DiskError, DiskErrorKind, Extent, ExtentKind, ImageFormat,
+    ImageInfo, OpenOptions,
+};
+use descriptor::{Descriptor, ExtentType, NO_PARENT};
+
+pub(crate) const SPARSE_MAGIC: &[u8; 4] = b"KDMV";
+pub(crate) const DESCRIPTOR_MAGIC: &str = "# Disk DescriptorFile";
+const SECTOR: u64 = 512;
+const GD_AT_END: u64 = u64::MAX;
+const FLAG_ZERO_GRAIN: u32 = 1 << 2;
+const FLAG_COMPRESSED: u32 = 1 << 16;
+const FLAG_MARKERS: u32 = 1 << 17;
+const COMPRESS_DEFLATE: u16 = 1;
+/// Grains above 1 MiB are unheard of (VMware and qemu use 64 KiB).
+const MAX_GRAIN_SECTORS: u64 = 2048;
+const MAX_GTES: u64 = 4096;
+/// Descriptor files and embedded descriptors are small text.
+const MAX_DESCRIPTOR: u64 = 1 << 20;
+/// Grain tables kept in memory per extent (512 entries each: 2 KiB).
+const GT_CACHE: usize = 1024;
+/// Inflated grains kept per extent, for small reads walking through one grain.
+const GRAIN_CACHE: usize = 8;
+/// Size of a grain marker's header (lba, compressed size).
+const MARKER_LEN: u64 = 12;
+
+/// An open VMDK image (all its extents, and its parent if it is a delta disk).
+pub struct Vmdk {
+    path: PathBuf,
+    size: u64,
+    create_type: String,
+    extents: Vec<VmdkExtent>,
+    parent: Option<Box<dyn BlockBackend>>,
+    parent_path: Option<PathBuf>,
+    /// Every host file the image consists of (descriptor and extents).
+    files: Vec<PathBuf>,
+    problems: Vec<String>,
+}
+
+impl std::fmt::Debug for Vmdk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vmdk")
+            .field("path", &self.path)
+            .field("size", &self.size)
+            .field("create_type", &self.create_type)
+            .field("extents", &self.extents.len())
+            .field("parent", &self.parent_path)
+            .finish()
+    }
+}
+
+struct VmdkExtent {
+    /// Where the extent starts on the virtual disk (bytes).
+    start: u64,
+    len: u64,
+    data: ExtentData,
+}
+
+enum ExtentData {
+    Zero,
+    Flat { file: File, path: PathBuf, base: u64 },
+    Sparse(Box<SparseExtent>),
+}
+
+/// Where one grain of a sparse extent is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Grain {
+    Unallocated,
+    Zero,
+    /// Byte offset of the grain's data.
+    Data(u64),
+    /// Byte offset of the compressed grain (its marker, when the extent has markers).
+    Compressed(u64),
+}
+
+/// The fields of a hosted sparse extent header (or footer) that matter here.
+#[derive(Debug, Clone, Copy)]
+struct SparseHeader {
+    flags: u32,
+    capacity: u64,
+    grain_sectors: u64,
+    descriptor_offset: u64,
+    descriptor_size: u64,
+    gtes: u64,
+    gd_offset: u64,
+    overhead: u64,
+    compression: u16,
+}
+
+fn parse_header(h: &[u8]) -> SparseHeader {
+    SparseHeader {
+        flags: le32(h, 8),
+        capacity: le64(h, 12),
+        grain_sectors: le64(h, 20),
+        descriptor_offset: le64(h, 28),
+        descriptor_size: le64(h, 36),
+        gtes: u64::from(le32(h, 44)),
+        gd_offset: le64(h, 56),
+        overhead: le64(h, 64),
+        compression: le16(h, 77),
+    }
+}
+
+struct SparseExtent {
+    file: File,
+    path: PathBuf,
+    file_len: u64,
+    /// Grain size in bytes.
+    grain: u64,
+    gtes: u64,
+    /// Capacity in bytes.
+    capacity: u64,
+    /// Grain directory: sector of each grain table, 0 = none.
+    gd: Vec<u32>,
+    gd_range: (u64, u64),
+    compressed: bool,
+    markers: bool,
+    zero_grain: bool,
+    /// Uncompressed grains must start at or after this byte (the metadata ends here).
+    data_start: u64,
+    tables: Mutex<HashMap<usize, Arc<Vec<u32>>>>,
+    grains: Mutex<VecDeque<(u64, Arc<Vec<u8>>)>>,
+}
+
+impl SparseExtent {
+    /// Opens a hosted sparse extent file; returns it with its header (for the descriptor).
+    fn open(path: &Path) -> Result<(SparseExtent, SparseHeader), DiskError> {
+        let (file, file_len) = mapped::open_file(path)?;
+        let invalid = |op, at| err_at(DiskErrorKind::InvalidFormat, op, path, at);
+        let corrupt = |op, at| err_at(DiskErrorKind::CorruptImage, op, path, at);
+        let unsupported = |op, at| err_at(DiskErrorKind::UnsupportedFeature, op, path, at);
+        if file_len < SECTOR {
+            return Err(invalid("read the VMDK sparse header (file too short)", 0));
+        }
+        let mut h = [0u8; SECTOR as usize];
+        mapped::read_exact(&file, path, &mut h, 0, "read the VMDK sparse header")?;
+        if &h[..4] != SPARSE_MAGIC {
+            return Err(invalid("find the VMDK sparse magic", 0));
+        }
+        let version = le32(&h, 4);
+        if !(1..=3).contains(&version) {
+            return Err(unsupported("open this VMDK sparse version", 4));
+        }
+        let mut header = parse_header(&h);
+        let mut header_at = 0;
+        if header.gd_offset == GD_AT_END {
+            // streamOptimized written in one pass: the real header is the footer, just before
+            // the end-of-stream marker.
+            if file_len < 3 * SECTOR {
+                return Err(corrupt("read the VMDK footer (file too short)", 56));
+            }
+            header_at = file_len - 2 * SECTOR;
+            mapped::read_exact(&file, path, &mut h, header_at, "read the VMDK footer")?;
+            if &h[..4] != SPARSE_MAGIC {
+                return Err(corrupt("find the VMDK footer", header_at));
+            }
+            header = parse_header(&h);
+            if header.gd_offset == GD_AT_END {
+                return Err(corrupt("find the VMDK grain directory", header_at + 56));
+            }
+        }
+        let compressed = header.flags & FLAG_COMPRESSED != 0;
+        if compressed && header.compression != COMPRESS_DEFLATE {
+            return Err(unsupported("use this VMDK compression", header_at + 77));
+        }
+        let g = header.grain_sectors;
+        if !g.is_power_of_two() || g > MAX_GRAIN_SECTORS {
+            return Err(unsupported("use this VMDK grain size", header_at + 20));
+        }
+        if header.gtes == 0 || header.gtes > MAX_GTES {
+            return Err(corrupt("use the VMDK grain table size", header_at + 44));
+        }
+        let capacity = header
+            .capacity
+            .checked_mul(SECTOR)
+            .ok_or_else(|| corrupt("use the VMDK capacity", header_at + 12))?;
+        let grain = g * SECTOR;
+        let span = grain * header.gtes;
+        let gd_entries = capacity.div_ceil(span);
+        let gd_offset = header
+            .gd_offset
+            .checked_mul(SECTOR)
+            .ok_or_else(|| corrupt("use the VMDK grain directory offset", header_at + 56))?;
+        let gd_end = gd_offset.checked_add(gd_entries * 4);
+        if gd_offset < SECTOR || gd_end.is_none_or(|end| end > file_len) {
+            let op = "read the VMDK grain directory (outside the file)";
+            return Err(corrupt(op, header_at + 56));
+        }
+        // The directory lies inside the file (checked), so its size is bounded by the file's.
+        let mut raw = vec![0u8; (gd_entries * 4) as usize];
+        mapped::read_exact(&file, path, &mut raw, gd_offset, "read the VMDK grain directory")?;
+        let gd = raw.chunks_exact(4).map(|e| le32(e, 0)).collect();
+        let data_start = if compressed { SECTOR } else { header.overhead.saturating_mul(SECTOR) };
+        let extent = SparseExtent {
+            file,
+            path: path.to_path_buf(),
+            file_len,
+            grain,
+            gtes: header.gtes,
+            capacity,
+            gd,
+            gd_range: (gd_offset, gd_offset + gd_entries * 4),
+            compressed,
+            markers: header.flags & FLAG_MARKERS != 0,
+            zero_grain: header.flags & FLAG_ZERO_GRAIN != 0,
+            data_start,
+            tables: Mutex::new(HashMap::new()),
+            grains: Mutex::new(VecDeque::new()),
+        };
+        Ok((extent, header))
+    }
+
+    fn corrupt(&self, op: &'static str, at: u64) -> DiskError {
+        err_at(DiskErrorKind::CorruptImage, op, &self.path, at)
+    }
+
+    /// The grain table `index` of the directory, or `None` when it is not allocated.
+    fn table(&self, index: usize) -> Result<Option<Arc<Vec<u32>>>, DiskError> {
+        let Some(&sector) = self.gd.get(index) else { return Ok(None) };
+        if sector == 0 {
+            return Ok(None);
+        }
+        if let Some(t) = self.tables.lock().ok().and_then(|c| c.get(&index).cloned()) {
+            return Ok(Some(t));
+        }
+        let entry_at = self.gd_range.0 + index as u64 * 4;
+        let at = u64::from(sector) * SECTOR;
+        let len = self.gtes * 4;
+        let overlaps_gd = at < self.gd_range.1 && at + len > self.gd_range.0;
+        if at < SECTOR || at + len > self.file_len || overlaps_gd {
+            return Err(
+                self.corrupt("read a VMDK grain table (it points outside the file)", entry_at)
+            );
+        }
+        let mut raw = vec![0u8; len as usize];
+        mapped::read_exact(&self.file, &self.path, &mut raw, at, "read a VMDK grain table")?;
+        let table: Arc<Vec<u32>> = Arc::new(raw.chunks_exact(4).map(|e| le32(e, 0)).collect());
+        if let Ok(mut cache) = self.tables.lock() {
+            if cache.len() >= GT_CACHE {
+                cache.clear();
+            }
+            cache.insert(index, table.clone());
+        }
+        Ok(Some(table))
+    }
+
+    fn grain_at(&self, index: u64) -> Result<Grain, DiskError> {
+        let Some(table) = self.table((index / self.gtes) as usize)? else {
+            return Ok(Grain::Unallocated);
+        };
+        let entry = table.get((index % self.gtes) as usize).copied().unwrap_or(0);
+        let at = u64::from(entry) * SECTOR;
+        Ok(match entry {
+            0 => Grain::Unallocated,
+            1 if self.zero_grain => Grain::Zero,
+            _ if self.compressed => Grain::Compressed(at),
+            _ => Grain::Data(at),
+        })
+    }
+
+    /// Checks that the part of grain `index` inside the extent lies in the data area.
+    fn check_grain(&self, index: u64, at: u64) -> Result<(), DiskError> {
+        let needed = self.grain.min(self.capacity - index * self.grain);
+        let in_file = at.checked_add(needed).is_some_and(|end| end <= self.file_len);
+        let in_gd = at < self.gd_range.1 && at + needed > self.gd_range.0;
+        if at < self.data_start || !in_file || in_gd {
+            return Err(self.corrupt("read a VMDK grain (it points outside the data area)", at));
+        }
+        Ok(())
+    }
+
+    /// Inflates the compressed grain `index` stored at byte `at`.
+    fn inflate(&self, index: u64, at: u64) -> Result<Arc<Vec<u8>>, DiskError> {
+        if let Some(hit) = self
+            .grains
+            .lock()
+            .ok()
+            .and_then(|c| c.iter().find(|(i, _)| *i == index).map(|(_, g)| g.clone()))
+        {
+            return Ok(hit);
+        }
+        let grain_sectors = self.grain / SECTOR;
+        // Deflate never grows data by more than a few bytes per block.
+        let max_compressed = 2 * self.grain + 1024;
+        if at < SECTOR || at >= self.file_len {
+            return Err(self.corrupt("read a VMDK grain (it points outside the file)", at));
+        }
+        let (data_at, len) = if self.markers {
+            let mut m = [0u8; MARKER_LEN as usize];
+            mapped::read_exact(&self.file, &self.path, &mut m, at, "read a VMDK grain marker")?;
+            let lba = le64(&m, 0);
+            let size = u64::from(le32(&m, 8));
+            if lba != index * grain_sectors {
+                return Err(self.corrupt("match a VMDK grain marker to its grain", at));
+            }
+            let fits = at + MARKER_LEN + size <= self.file_len;
+            if size == 0 || size > max_compressed || !fits {
+                return Err(self.corrupt("read a compressed VMDK grain (bad size)", at + 8));
+            }
+            (at + MARKER_LEN, size)
+        } else {
+            (at, max_compressed.min(self.file_len - at))
+        };
+        let mut packed = vec![0u8; len as usize];
+        mapped::read_exact(&self.file, &self.path, &mut packed, data_at, "read a VMDK grain")?;
+        let mut out = vec![0u8; self.grain as usize];
+        let mut z = Decompress::new(true);
+        let status = z
+            .decompress(&packed, &mut out, FlushDecompress::Finish)
+            .map_err(|_| self.corrupt("inflate a VMDK grain", at))?;
+        let produced = z.total_out();
+        let ended = match status {
+            Status::StreamEnd => true,
+            // A full buffer: the stream must end right here, not expand past the grain.
+            _ if produced == self.grain => {
+                let mut probe = [0u8; 1];
+                let rest = &packed[z.total_in() as usize..];
+                matches!(
+                    z.decompress(rest, &mut probe, FlushDecompress::Finish),
+                    Ok(Status::StreamEnd)
+                ) && z.total_out() == produced
+            }
+            _ => false,
+        };
+        let needed = self.grain.min(self.capacity - index * self.grain);
+        if !ended || produced < needed {
+            return Err(self.corrupt("inflate a VMDK grain (wrong size)", at));
+        }
+        let grain = Arc::new(out);
+        if let Ok(mut cache) = self.grains.lock() {
+            if cache.len() >= GRAIN_CACHE {
+                cache.pop_front();
+            }
+            cache.push_back((index, grain.clone()));
+        }
+        Ok(grain)
+    }
+
+    /// Fills `buf` from `offset` within the extent; unallocated stretches go to `backing`
+    /// (with their offset within the extent).
+    fn read(
+        &self,
+        buf: &mut [u8],
+        offset: u64,
+        backing: &mut dyn FnMut(&mut [u8], u64) -> Result<(), DiskError>,
+    ) -> Result<(), DiskError> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let index = pos / self.grain;
+            let within = pos % self.grain;
+            let first = self.grain_at(index)?;
+            let mut len = (self.grain - within).min((buf.len() - done) as u64);
+            // Coalesce following grains that continue this one (in the file, or as holes).
+            let mut next = index + 1;
+            while done as u64 + len < buf.len() as u64 {
+                let follows = match (first, self.grain_at(next)?) {
+                    (Grain::Data(a), Grain::Data(b)) => b == a + (next - index) * self.grain,
+                    (Grain::Zero, Grain::Zero) | (Grain::Unallocated, Grain::Unallocated) => true,
+                    _ => false,
+                };
+                if !follows {
+                    break;
+                }
+                len = (len + self.grain).min((buf.len() - done) as u64);
+                next += 1;
+            }
+            let out = &mut buf[done..done + len as usize];
+            match first {
+                Grain::Unallocated => backing(out, pos)?,
+                Grain::Zero => out.fill(0),
+                Grain::Data(at) => {
+                    for i in index..next {
+                        self.check_grain(i, at + (i - index) * self.grain)?;
+                    }
+                    mapped::read_exact(&self.file, &self.path, out, at + within, "read")?;
+                }
+                Grain::Compressed(at) => {
+                    let grain = self.inflate(index, at)?;
+                    let w = within as usize;
+                    out.copy_from_slice(&grain[w..w + out.len()]);
+                }
+            }
+            done += len as usize;
+        }
+        Ok(())
+    }
+
+    /// Appends the extents of `len` bytes at `offset` within the extent, shifted by `base`.
+    fn map(
+        &self,
+        offset: u64,
+        len: u64,
+        base: u64,
+        out: &mut Vec<Extent>,
+    ) -> Result<(), DiskError> {
+        let end = offset + len;
+        let mut pos = offset;
+        let span = self.grain * self.gtes;
+        while pos < end {
+            let table_index = (pos / span) as usize;
+            if self.table(table_index)?.is_none() {
+                let stop = ((table_index as u64 + 1) * span).min(end);
+                push_extent(out, base + pos, stop - pos, ExtentKind::Unallocated);
+                pos = stop;
+                continue;
+            }
+            let index = pos / self.grain;
+            let stop = ((index + 1) * self.grain).min(end);
+            let kind = match self.grain_at(index)? {
+                Grain::Unallocated => ExtentKind::Unallocated,
+                Grain::Zero => ExtentKind::Zero,
+                Grain::Data(_) | Grain::Compressed(_) => ExtentKind::Data,
+            };
+            push_extent(out, base + pos, stop - pos, kind);
+            pos = stop;
+        }
+        Ok(())
+    }
+}
+
+impl Vmdk {
+    /// Opens a VMDK: a descriptor file, or a sparse extent (with its embedded descriptor).
+    pub fn open(path: &Path, options: OpenOptions) -> Result<Vmdk, DiskError> {
+        if options.writable {
+            return Err(mapped::read_only(path, 0));
+        }
+        let _chain = enter_chain(path)?;
+        let (file, file_len) = mapped::open_file(path)?;
+        let mut head = [0u8; 4];
+        let n = (file_len as usize).min(4);
+        mapped::read_exact(&file, path, &mut head[..n], 0, "read the VMDK header")?;
+        let (text, text_at) = if &head == SPARSE_MAGIC {
+            let (_, header) = SparseExtent::open(path)?;
+            let (at, sectors) = (header.descriptor_offset, header.descriptor_size);
+            if at == 0 || sectors == 0 {
+                // A bare sparse extent: it is the whole disk.
+                return Vmdk::single_sparse(path);
+            }
+            let len = sectors.saturating_mul(SECTOR).min(MAX_DESCRIPTOR);
+            let start = at.saturating_mul(SECTOR);
+            if start.checked_add(len).is_none_or(|end| end > file_len) {
+                let e = DiskErrorKind::CorruptImage;
+                return Err(err_at(e, "read the embedded VMDK descriptor", path, 28));
+            }
+            let mut text = vec![0u8; len as usize];
+            mapped::read_exact(&file, path, &mut text, start, "read the VMDK descriptor")?;
+            (text, start)
+        } else {
+            if file_len > MAX_DESCRIPTOR {
+                let e = DiskErrorKind::InvalidFormat;
+                return Err(err_at(e, "read the VMDK descriptor (too large)", path, 0));
+            }
+            let mut text = vec![0u8; file_len as usize];
+            mapped::read_exact(&file, path, &mut text, 0, "read the VMDK descriptor")?;
+            (text, 0)
+        };
+        drop(file);
+        let d =
+            descriptor::parse(&text).map_err(|e| err_at(e.kind, e.op, path, text_at + e.offset))?;
+        Vmdk::from_descriptor(path, &d, text_at)
+    }
+
+    fn single_sparse(path: &Path) -> Result<Vmdk, DiskError> {
+        let (extent, _) = SparseExtent::open(path)?;
+        let len = extent.capacity;
+        Ok(Vmdk {
+            path: path.to_path_buf(),
+            size: len,
+            create_type: "monolithicSparse".to_string(),
+            extents: vec![VmdkExtent { start: 0, len, data: ExtentData::Sparse(Box::new(extent)) }],
+            parent: None,
+            parent_path: None,
+            files: vec![path.to_path_buf()],
+            problems: Vec::new(),
+        })
+    }
+
+    fn from_descriptor(path: &Path, d: &Descriptor, text_at: u64) -> Result<Vmdk, DiskError> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let mut files = vec![path.to_path_buf()];
+        let mut extents = Vec::with_capacity(d.extents.len());
+        let mut start = 0u64;
+        for line in &d.extents {
+            let at = text_at + line.offset;
+            let corrupt = |op| err_at(DiskErrorKind::CorruptImage, op, path, at);
+            let len = line
+                .sectors
+                .checked_mul(SECTOR)
+                .filter(|len| start.checked_add(*len).is_some_and(|end| end <= i64::MAX as u64))
+                .ok_or_else(|| corrupt("add up the VMDK extent sizes (too large)"))?;
+            let file_path = line.file.as_deref().map(|f| dir.join(f));
+            if let Some(p) = &file_path {
+                if !files.contains(p) {
+                    files.push(p.clone());
+                }
+            }
+            let data = match (line.kind, file_path) {
+                (ExtentType::Zero, _) => ExtentData::Zero,
+                (ExtentType::Flat, Some(p)) => {
+                    let (file, file_len) = mapped::open_file(&p)?;
+                    let base = line.start.checked_mul(SECTOR);
+                    let fits = base.and_then(|b| b.checked_add(len)).is_some_and(|e| e <= file_len);
+                    if !fits {
+                        return Err(corrupt("fit a VMDK flat extent in its file (too short)"));
+                    }
+                    ExtentData::Flat { file, path: p, base: base.unwrap_or(0) }
+                }
+                (ExtentType::Sparse, Some(p)) => {
+                    let (extent, _) = SparseExtent::open(&p)?;
+                    if extent.capacity < len {
+                        return Err(corrupt("fit a VMDK sparse extent in its capacity"));
+                    }
+                    ExtentData::Sparse(Box::new(extent))
+                }
+                (_, None) => return Err(corrupt("find the VMDK extent's file name")),
+            };
+            if len > 0 {
+                extents.push(VmdkExtent { start, len, data });
+            }
+            start += len;
+        }
+        let mut vmdk = Vmdk {
+            path: path.to_path_buf(),
+            size: start,
+            create_type: d.create_type.clone().unwrap_or_else(|| "custom".to_string()),
+            extents,
+            parent: None,
+            parent_path: None,
+            files,
+            problems: Vec::new(),
+        };
+        let wants_parent = d.parent_cid.is_some_and(|c| c != NO_PARENT);
+        if let Some(hint) = d.parent_hint.as_deref().filter(|_| wants_parent) {
+            let parent_path = dir.join(hint);
+            let parent: Box<dyn BlockBackend> =
+                if detect::detect(&parent_path)? == ImageFormat::Vmdk {
+                    let parent = Vmdk::open(&parent_path, OpenOptions::default())?;
+                    let cid = parent_cid(&parent_path);
+                    if cid.is_some() && cid != d.parent_cid {
+                        vmdk.problems.push(format!(
+                            "parent {} has CID {:08x}, the image expects {:08x}",
+                            parent_path.display(),
+                            cid.unwrap_or(0),
+                            d.parent_cid.unwrap_or(0)
+                        ));
+                    }
+                    Box::new(parent)
+                } else {
+                    crate::open_image(&parent_path, OpenOptions::default())?
+                };
+            vmdk.parent = Some(parent);
+            vmdk.parent_path = Some(parent_path);
+        }
+        Ok(vmdk)
+    }
+
+    pub fn info(&self) -> Result<ImageInfo, DiskError> {
+        let mut allocated = 0u64;
+        for f in &self.files {
+            allocated += mapped::allocated_bytes(f)?;
+        }
+        Ok(ImageInfo {
+            path: self.path.clone(),
+            format: ImageFormat::Vmdk,
+            subformat: Some(self.create_type.clone()),
+            virtual_size: self.size,
+            allocated_bytes: allocated,
+            backing: self.parent_path.clone(),
+            problems: self.problems.clone(),
+        })
+    }
+
+    /// The index of the extent holding byte `offset`.
+    fn extent_index(&self, offset: u64) -> usize {
+        self.extents.partition_point(|e| e.start + e.len <= offset)
+    }
+
+    /// Reads from the parent, zeroes past its end (or with no parent).
+    fn read_parent(&self, buf: &mut [u8], offset: u64) -> Result<(), DiskError> {
+        let Some(parent) = &self.parent else {
+            buf.fill(0);
+            return Ok(());
+        };
+        let avail = parent.size().saturating_sub(offset).min(buf.len() as u64) as usize;
+        let (inside, past) = buf.split_at_mut(avail);
+        if !inside.is_empty() {
+            parent.read_at(inside, offset)?;
+        }
+        past.fill(0);
+        Ok(())
+    }
+
+    fn map_parent(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), DiskError> {
+        let avail = match &self.parent {
+            Some(p) => p.size().saturating_sub(offset).min(len),
+            None => 0,
+        };
+        if let (Some(parent), true) = (&self.parent, avail > 0) {
+            for e in parent.extents(offset, avail)? {
+                push_extent(out, e.offset, e.len, e.kind);
+            }
+        }
+        push_extent(out, offset + avail, len - avail, ExtentKind::Unallocated);
+        Ok(())
+    }
+}
+
+/// The CID in a VMDK's descriptor, if it has one that can be read.
+fn parent_cid(path: &Path) -> Option<u32> {
+    let (file, len) = mapped::open_file(path).ok()?;
+    let mut head = [0u8; SECTOR as usize];
+    let n = len.min(SECTOR) as usize;
+    mapped::read_exact(&file, path, &mut head[..n], 0, "read").ok()?;
+    let (at, size) = if &head[..4] == SPARSE_MAGIC {
+        let h = parse_header(&head);
+        (h.descriptor_offset * SECTOR, (h.descriptor_size * SECTOR).min(MAX_DESCRIPTOR))
+    } else {
+        (0, len.min(MAX_DESCRIPTOR))
+    };
+    let mut text = vec![0u8; size.min(len.saturating_sub(at)) as usize];
+    mapped::read_exact(&file, path, &mut text, at, "read").ok()?;
+    descriptor::parse(&text).ok()?.cid
+}
+
+impl BlockBackend for Vmdk {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn is_writable(&self) -> bool {
+        false
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DiskError> {
+        check_range(self.size, offset, buf.len() as u64, "read")
+            .map_err(|e| e.with_path(&self.path))?;
+        let mut done = 0usize;
+        let mut i = self.extent_index(offset);
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let Some(extent) = self.extents.get(i) else { break };
+            let within = pos - extent.start;
+            let len = (extent.len - within).min((buf.len() - done) as u64) as usize;
+            let out = &mut buf[done..done + len];
+            match &extent.data {
+                ExtentData::Zero => out.fill(0),
+                ExtentData::Flat { file, path, base } => {
+                    mapped::read_exact(file, path, out, base + within, "read")?;
+                }
+                ExtentData::Sparse(sparse) => {
+                    let start = extent.start;
+                    sparse.read(out, within, &mut |b, at| self.read_parent(b, start + at))?;
+                }
+            }
+            done += len;
+            i += 1;
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, _buf: &[u8], offset: u64) -> Result<(), DiskError> {
+        Err(mapped::read_only(&self.path, offset))
+    }
+
+    fn flush(&self) -> Result<(), DiskError> {
+        Ok(())
+    }
+
+    fn discard(&self, offset: u64, _len: u64) -> Result<(), DiskError> {
+        Err(mapped::read_only(&self.path, offset))
+    }
+
+    fn write_zeroes(&self, offset: u64, _len: u64) -> Result<(), DiskError> {
+        Err(mapped::read_only(&self.path, offset))
+    }
+
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DiskError> {
+        check_range(self.size, offset, len, "map").map_err(|e| e.with_path(&self.path))?;
+        let mut out = Vec::new();
+        let end = offset + len;
+        let mut pos = offset;
+        let mut i = self.extent_index(offset);
+        while pos < end {
+            let Some(extent) = self.extents.get(i) else { break };
+            let within = pos - extent.start;
+            let n = (extent.len - within).min(end - pos);
+            match &extent.data {
+                ExtentData::Zero => push_extent(&mut out, pos, n, ExtentKind::Zero),
+                ExtentData::Flat { .. } => push_extent(&mut out, pos, n, ExtentKind::Data),
+                ExtentData::Sparse(sparse) => {
+                    let mut own = Vec::new();
+                    sparse.map(within, n, extent.start, &mut own)?;
+                    for e in own {
+                        if e.kind == ExtentKind::Unallocated {
+                            self.map_parent(e.offset, e.len, &mut out)?;
+                        } else {
+                            push_extent(&mut out, e.offset, e.len, e.kind);
+                        }
+                    }
+                }
+            }
+            pos += n;
+            i += 1;
+        }
+        Ok(out)
+    }
+}
