@@ -181,3 +181,115 @@ impl BlockBackend for Parallels {
         self.image.extents(offset, len)
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // Tests fail loudly on purpose.
+mod tests {
+    use super::*;
+    use crate::ExtentKind;
+
+    fn put32(img: &mut [u8], at: usize, v: u32) {
+        img[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    }
+
+    /// Three 4 KiB clusters (8 sectors): cluster 0 stored at 4 KiB (0x11s), 1 unallocated,
+    /// 2 stored at 8 KiB (0x22s); the disk ends 512 bytes into cluster 2.
+    fn image(magic: &[u8; 16]) -> Vec<u8> {
+        let mut img = vec![0u8; 3 * 4096];
+        img[..16].copy_from_slice(magic);
+        put32(&mut img, 16, 2);
+        put32(&mut img, 28, 8);
+        put32(&mut img, 32, 3);
+        put32(&mut img, 36, 17);
+        put32(&mut img, 48, 8);
+        let unit = if magic == MAGIC_EXT { 1 } else { 8 };
+        put32(&mut img, 64, unit);
+        put32(&mut img, 72, 2 * unit);
+        img[4096..8192].fill(0x11);
+        img[8192..].fill(0x22);
+        img
+    }
+
+    fn open_bytes(bytes: &[u8]) -> Result<Parallels, DiskError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.hds");
+        std::fs::write(&path, bytes).unwrap();
+        Parallels::open(&path, OpenOptions::default())
+    }
+
+    #[test]
+    fn both_magics_read_their_clusters() {
+        for magic in [MAGIC_OLD, MAGIC_EXT] {
+            let disk = open_bytes(&image(magic)).unwrap();
+            assert_eq!(disk.size(), 17 * 512);
+            let mut data = vec![0u8; 17 * 512];
+            disk.read_at(&mut data, 0).unwrap();
+            assert!(data[..4096].iter().all(|&b| b == 0x11));
+            assert!(data[4096..8192].iter().all(|&b| b == 0));
+            assert!(data[8192..].iter().all(|&b| b == 0x22));
+            let kinds: Vec<_> =
+                disk.extents(0, disk.size()).unwrap().iter().map(|e| e.kind).collect();
+            assert_eq!(kinds, [ExtentKind::Data, ExtentKind::Unallocated, ExtentKind::Data]);
+        }
+    }
+
+    #[test]
+    fn bat_entry_into_the_header_or_past_the_end_is_corrupt() {
+        for entry in [0u32, 100] {
+            let mut img = image(MAGIC_EXT);
+            put32(&mut img, 72, entry);
+            let result = open_bytes(&img);
+            if entry == 0 {
+                assert!(result.is_ok());
+                continue;
+            }
+            let err = result.unwrap_err();
+            assert_eq!((err.kind(), err.offset()), (DiskErrorKind::CorruptImage, Some(72)));
+        }
+        let mut img = image(MAGIC_OLD);
+        put32(&mut img, 64, 0);
+        put32(&mut img, 72, 1);
+        assert_eq!(open_bytes(&img).unwrap_err().kind(), DiskErrorKind::CorruptImage);
+    }
+
+    #[test]
+    fn absurd_sizes_are_refused_before_allocating() {
+        let mut img = image(MAGIC_EXT);
+        img[36..44].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert_eq!(open_bytes(&img).unwrap_err().kind(), DiskErrorKind::CorruptImage);
+        let mut img = image(MAGIC_EXT);
+        put32(&mut img, 32, u32::MAX);
+        img[36..44].copy_from_slice(&(1u64 << 34).to_le_bytes());
+        let err = open_bytes(&img).unwrap_err();
+        assert_eq!((err.kind(), err.offset()), (DiskErrorKind::CorruptImage, Some(32)));
+        let mut img = image(MAGIC_EXT);
+        put32(&mut img, 28, 0);
+        assert_eq!(open_bytes(&img).unwrap_err().kind(), DiskErrorKind::CorruptImage);
+    }
+
+    #[test]
+    fn truncated_header_is_invalid() {
+        let err = open_bytes(&image(MAGIC_OLD)[..40]).unwrap_err();
+        assert_eq!(err.kind(), DiskErrorKind::InvalidFormat);
+    }
+
+    #[test]
+    fn bundle_directory_opens_the_image_its_descriptor_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let bundle = dir.path().join("disk.hdd");
+        std::fs::create_dir(&bundle).unwrap();
+        std::fs::write(bundle.join("disk.hdd.0.{guid}.hds"), image(MAGIC_EXT)).unwrap();
+        let xml = "<Parallels_disk_image><StorageData><Storage><Image><GUID>{g}</GUID>\
+            <File>disk.hdd.0.{guid}.hds</File></Image></Storage></StorageData></Parallels_disk_image>";
+        std::fs::write(bundle.join(BUNDLE_DESCRIPTOR), xml).unwrap();
+        assert_eq!(crate::detect::detect(&bundle).unwrap(), ImageFormat::Parallels);
+        let disk = Parallels::open(&bundle, OpenOptions::default()).unwrap();
+        assert_eq!(disk.size(), 17 * 512);
+        let info = disk.info().unwrap();
+        assert_eq!((info.path, info.subformat.as_deref()), (bundle.clone(), Some("bundle")));
+        let two = xml.replace("</Image>", "</Image><Image><File>b.hds</File></Image>");
+        std::fs::write(bundle.join(BUNDLE_DESCRIPTOR), two).unwrap();
+        let err = Parallels::open(&bundle, OpenOptions::default()).unwrap_err();
+        assert_eq!(err.kind(), DiskErrorKind::UnsupportedFeature);
+    }
+}

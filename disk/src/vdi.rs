@@ -159,3 +159,127 @@ impl BlockBackend for Vdi {
         self.image.extents(offset, len)
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // Tests fail loudly on purpose.
+mod tests {
+    use super::*;
+    use crate::ExtentKind;
+
+    fn put32(img: &mut [u8], at: usize, v: u32) {
+        img[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    }
+
+    /// Four 4 KiB blocks: block 0 stored first (0x11s), 1 unallocated, 2 zero, 3 stored
+    /// second (0x33s). Map at 0x200, data at 0x400.
+    fn vdi() -> Vec<u8> {
+        let mut img = vec![0u8; 0x400 + 2 * 4096];
+        img[..40].copy_from_slice(b"<<< Oracle VM VirtualBox Disk Image >>>\n");
+        put32(&mut img, 0x40, SIGNATURE);
+        put32(&mut img, 0x44, 0x0001_0001);
+        put32(&mut img, 0x48, 0x190);
+        put32(&mut img, 0x4c, TYPE_DYNAMIC);
+        put32(&mut img, 0x154, 0x200);
+        put32(&mut img, 0x158, 0x400);
+        put32(&mut img, 0x168, 512);
+        img[0x170..0x178].copy_from_slice(&16384u64.to_le_bytes());
+        put32(&mut img, 0x178, 4096);
+        put32(&mut img, 0x180, 4);
+        put32(&mut img, 0x184, 2);
+        for (i, e) in [0, BLOCK_FREE, BLOCK_ZERO, 1].into_iter().enumerate() {
+            put32(&mut img, 0x200 + 4 * i, e);
+        }
+        img[0x400..0x1400].fill(0x11);
+        img[0x1400..].fill(0x33);
+        img
+    }
+
+    fn open_bytes(bytes: &[u8]) -> Result<Vdi, DiskError> {
+        open_kept(bytes).1
+    }
+
+    /// Also returns the directory, for tests that stat the image after opening it.
+    fn open_kept(bytes: &[u8]) -> (tempfile::TempDir, Result<Vdi, DiskError>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.vdi");
+        std::fs::write(&path, bytes).unwrap();
+        let vdi = Vdi::open(&path, OpenOptions::default());
+        (dir, vdi)
+    }
+
+    #[test]
+    fn dynamic_vdi_reads_blocks_and_maps_holes() {
+        let (_dir, disk) = open_kept(&vdi());
+        let disk = disk.unwrap();
+        let mut data = vec![0u8; 16384];
+        disk.read_at(&mut data, 0).unwrap();
+        assert!(data[..4096].iter().all(|&b| b == 0x11));
+        assert!(data[4096..12288].iter().all(|&b| b == 0));
+        assert!(data[12288..].iter().all(|&b| b == 0x33));
+        let kinds: Vec<_> = disk.extents(0, 16384).unwrap().iter().map(|e| e.kind).collect();
+        use ExtentKind::*;
+        assert_eq!(kinds, [Data, Unallocated, Zero, Data]);
+        assert_eq!(disk.info().unwrap().subformat.as_deref(), Some("dynamic"));
+        assert!(disk.info().unwrap().problems.is_empty());
+        assert!(disk.discard(0, 512).is_err());
+    }
+
+    #[test]
+    fn differencing_vdi_is_unsupported() {
+        let mut img = vdi();
+        put32(&mut img, 0x4c, TYPE_DIFF);
+        assert_eq!(open_bytes(&img).unwrap_err().kind(), DiskErrorKind::UnsupportedFeature);
+    }
+
+    #[test]
+    fn truncated_vdi_is_invalid() {
+        assert_eq!(open_bytes(&vdi()[..0x100]).unwrap_err().kind(), DiskErrorKind::InvalidFormat);
+    }
+
+    #[test]
+    fn disk_size_beyond_the_blocks_is_corrupt() {
+        let mut img = vdi();
+        img[0x170..0x178].copy_from_slice(&u64::MAX.to_le_bytes());
+        let err = open_bytes(&img).unwrap_err();
+        assert_eq!((err.kind(), err.offset()), (DiskErrorKind::CorruptImage, Some(0x170)));
+    }
+
+    #[test]
+    fn huge_block_map_past_the_end_is_refused_before_allocating() {
+        let mut img = vdi();
+        put32(&mut img, 0x180, u32::MAX);
+        img[0x170..0x178].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        let err = open_bytes(&img).unwrap_err();
+        assert_eq!((err.kind(), err.offset()), (DiskErrorKind::CorruptImage, Some(0x154)));
+    }
+
+    #[test]
+    fn block_entry_past_the_end_is_corrupt_at_its_entry() {
+        let mut img = vdi();
+        put32(&mut img, 0x20c, 7);
+        let err = open_bytes(&img).unwrap_err();
+        assert_eq!((err.kind(), err.offset()), (DiskErrorKind::CorruptImage, Some(0x20c)));
+    }
+
+    #[test]
+    fn data_area_overlapping_the_map_is_corrupt() {
+        let mut img = vdi();
+        put32(&mut img, 0x158, 0x204);
+        assert_eq!(open_bytes(&img).unwrap_err().kind(), DiskErrorKind::CorruptImage);
+    }
+
+    #[test]
+    fn odd_block_size_is_unsupported() {
+        let mut img = vdi();
+        put32(&mut img, 0x178, 3000);
+        assert_eq!(open_bytes(&img).unwrap_err().kind(), DiskErrorKind::UnsupportedFeature);
+    }
+
+    #[test]
+    fn wrong_allocated_count_is_a_problem_not_an_error() {
+        let mut img = vdi();
+        put32(&mut img, 0x184, 3);
+        let (_dir, disk) = open_kept(&img);
+        assert_eq!(disk.unwrap().info().unwrap().problems.len(), 1);
+    }
+}

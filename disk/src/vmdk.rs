@@ -362,12 +362,10 @@ impl SparseExtent {
 
     /// Fills `buf` from `offset` within the extent; unallocated stretches go to `backing`
     /// (with their offset within the extent).
-    fn read(
-        &self,
-        buf: &mut [u8],
-        offset: u64,
-        backing: &mut dyn FnMut(&mut [u8], u64) -> Result<(), DiskError>,
-    ) -> Result<(), DiskError> {
+    fn read<F>(&self, buf: &mut [u8], offset: u64, mut backing: F) -> Result<(), DiskError>
+    where
+        F: FnMut(&mut [u8], u64) -> Result<(), DiskError>,
+    {
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
@@ -674,7 +672,7 @@ impl BlockBackend for Vmdk {
                 }
                 ExtentData::Sparse(sparse) => {
                     let start = extent.start;
-                    sparse.read(out, within, &mut |b, at| self.read_parent(b, start + at))?;
+                    sparse.read(out, within, |b, at| self.read_parent(b, start + at))?;
                 }
             }
             done += len;
@@ -728,5 +726,296 @@ impl BlockBackend for Vmdk {
             i += 1;
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // Tests fail loudly on purpose.
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    const S: usize = SECTOR as usize;
+
+    fn put32(img: &mut [u8], at: usize, v: u32) {
+        img[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    }
+
+    fn put64(img: &mut [u8], at: usize, v: u64) {
+        img[at..at + 8].copy_from_slice(&v.to_le_bytes());
+    }
+
+    /// A header: 64-sector capacity, 8-sector grains, 4 entries per grain table.
+    fn header(flags: u32, gd_sector: u64, overhead: u64) -> [u8; S] {
+        let mut h = [0u8; S];
+        h[..4].copy_from_slice(SPARSE_MAGIC);
+        put32(&mut h, 4, 1);
+        put32(&mut h, 8, flags);
+        put64(&mut h, 12, 64);
+        put64(&mut h, 20, 8);
+        put32(&mut h, 44, 4);
+        put64(&mut h, 56, gd_sector);
+        put64(&mut h, 64, overhead);
+        h[73..77].copy_from_slice(b"\n \r\n");
+        h
+    }
+
+    /// A bare sparse extent: GD at sector 1 → GTs at 2 and 3; grain 0 at sector 8 (0x11s),
+    /// grain 5 at sector 16 (0x55s), the rest unallocated.
+    fn sparse() -> Vec<u8> {
+        let mut img = vec![0u8; 24 * S];
+        img[..S].copy_from_slice(&header(1, 1, 8));
+        put32(&mut img, S, 2);
+        put32(&mut img, S + 4, 3);
+        put32(&mut img, 2 * S, 8);
+        put32(&mut img, 3 * S + 4, 16);
+        img[8 * S..16 * S].fill(0x11);
+        img[16 * S..24 * S].fill(0x55);
+        img
+    }
+
+    fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    fn open_bytes(bytes: &[u8]) -> Result<Vmdk, DiskError> {
+        let dir = tempfile::tempdir().unwrap();
+        Vmdk::open(&write(dir.path(), "x.vmdk", bytes), OpenOptions::default())
+    }
+
+    fn read_all(disk: &Vmdk) -> Result<Vec<u8>, DiskError> {
+        let mut buf = vec![0u8; disk.size() as usize];
+        disk.read_at(&mut buf, 0).map(|_| buf)
+    }
+
+    #[test]
+    fn bare_sparse_extent_reads_its_grains_and_holes() {
+        let disk = open_bytes(&sparse()).unwrap();
+        assert_eq!(disk.size(), 64 * SECTOR);
+        let data = read_all(&disk).unwrap();
+        assert!(data[..4096].iter().all(|&b| b == 0x11));
+        assert!(data[4096..5 * 4096].iter().all(|&b| b == 0));
+        assert!(data[5 * 4096..6 * 4096].iter().all(|&b| b == 0x55));
+        let map = disk.extents(0, disk.size()).unwrap();
+        let kinds: Vec<_> = map.iter().map(|e| (e.offset, e.kind)).collect();
+        assert_eq!(
+            kinds,
+            [
+                (0, ExtentKind::Data),
+                (4096, ExtentKind::Unallocated),
+                (5 * 4096, ExtentKind::Data),
+                (6 * 4096, ExtentKind::Unallocated)
+            ]
+        );
+        assert_eq!(disk.write_at(&[0], 0).unwrap_err().kind(), DiskErrorKind::UnsupportedFeature);
+    }
+
+    #[test]
+    fn truncated_header_is_invalid() {
+        let err = open_bytes(&sparse()[..100]).unwrap_err();
+        assert_eq!(err.kind(), DiskErrorKind::InvalidFormat);
+    }
+
+    #[test]
+    fn grain_directory_past_the_end_is_corrupt() {
+        let mut img = sparse();
+        put64(&mut img, 56, 1000);
+        let err = open_bytes(&img).unwrap_err();
+        assert_eq!((err.kind(), err.offset()), (DiskErrorKind::CorruptImage, Some(56)));
+    }
+
+    #[test]
+    fn absurd_capacity_is_refused_before_allocating() {
+        for capacity in [u64::MAX, 1 << 50] {
+            let mut img = sparse();
+            put64(&mut img, 12, capacity);
+            let err = open_bytes(&img).unwrap_err();
+            assert_eq!(err.kind(), DiskErrorKind::CorruptImage, "capacity {capacity}");
+        }
+    }
+
+    #[test]
+    fn grain_table_past_the_end_is_corrupt_at_its_directory_entry() {
+        let mut img = sparse();
+        put32(&mut img, S + 4, 0x00ff_ffff);
+        let disk = open_bytes(&img).unwrap();
+        let err = read_all(&disk).unwrap_err();
+        assert_eq!((err.kind(), err.offset()), (DiskErrorKind::CorruptImage, Some(S as u64 + 4)));
+        assert!(disk.extents(0, disk.size()).is_err());
+    }
+
+    #[test]
+    fn grain_table_on_top_of_the_directory_is_corrupt() {
+        let mut img = sparse();
+        put32(&mut img, S, 1);
+        let err = read_all(&open_bytes(&img).unwrap()).unwrap_err();
+        assert_eq!(err.kind(), DiskErrorKind::CorruptImage);
+    }
+
+    #[test]
+    fn grain_pointing_into_metadata_or_past_the_end_is_corrupt() {
+        for sector in [0u32, 2, 3, 23, 0x7fff_ffff] {
+            let mut img = sparse();
+            put32(&mut img, 2 * S, sector);
+            let disk = open_bytes(&img).unwrap();
+            let mut buf = [0u8; 16];
+            let err = disk.read_at(&mut buf, 0);
+            if sector == 0 {
+                assert!(err.is_ok(), "sector 0 means unallocated");
+            } else {
+                assert_eq!(err.unwrap_err().kind(), DiskErrorKind::CorruptImage, "{sector}");
+            }
+        }
+    }
+
+    #[test]
+    fn huge_grain_size_is_unsupported() {
+        let mut img = sparse();
+        put64(&mut img, 20, 1 << 30);
+        assert_eq!(open_bytes(&img).unwrap_err().kind(), DiskErrorKind::UnsupportedFeature);
+    }
+
+    /// A one-pass streamOptimized extent: header says "GD at end", grain 0 deflated at
+    /// sector 1, GTs at 3 and 4, GD at 6, footer at 8, end-of-stream marker at 9.
+    fn stream(grain_size_claim: Option<u32>) -> Vec<u8> {
+        let flags = 1 | FLAG_COMPRESSED | FLAG_MARKERS;
+        let mut h = header(flags, GD_AT_END, 1);
+        h[77..79].copy_from_slice(&COMPRESS_DEFLATE.to_le_bytes());
+        let mut img = vec![0u8; 10 * S];
+        img[..S].copy_from_slice(&h);
+        let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+        z.write_all(&[0x77u8; 4096]).unwrap();
+        let packed = z.finish().unwrap();
+        put64(&mut img, S, 0);
+        put32(&mut img, S + 8, grain_size_claim.unwrap_or(packed.len() as u32));
+        img[S + 12..S + 12 + packed.len()].copy_from_slice(&packed);
+        put32(&mut img, 3 * S, 1);
+        put32(&mut img, 6 * S, 3);
+        put32(&mut img, 6 * S + 4, 4);
+        h[56..64].copy_from_slice(&6u64.to_le_bytes());
+        img[8 * S..9 * S].copy_from_slice(&h);
+        img
+    }
+
+    #[test]
+    fn stream_optimized_with_footer_directory_inflates_grains() {
+        let disk = open_bytes(&stream(None)).unwrap();
+        let data = read_all(&disk).unwrap();
+        assert!(data[..4096].iter().all(|&b| b == 0x77));
+        assert!(data[4096..].iter().all(|&b| b == 0));
+        let mut mid = [0u8; 10];
+        disk.read_at(&mut mid, 4090).unwrap();
+        assert_eq!(mid, [0x77, 0x77, 0x77, 0x77, 0x77, 0x77, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn compressed_grain_claiming_a_huge_size_is_corrupt() {
+        let disk = open_bytes(&stream(Some(u32::MAX))).unwrap();
+        let err = read_all(&disk).unwrap_err();
+        assert_eq!(err.kind(), DiskErrorKind::CorruptImage);
+    }
+
+    #[test]
+    fn compressed_garbage_is_corrupt_not_a_panic() {
+        let mut img = stream(None);
+        img[S + 12..S + 40].fill(0xa5);
+        let err = read_all(&open_bytes(&img).unwrap()).unwrap_err();
+        assert_eq!(err.kind(), DiskErrorKind::CorruptImage);
+    }
+
+    #[test]
+    fn missing_footer_is_corrupt() {
+        let mut img = stream(None);
+        img[8 * S..9 * S].fill(0);
+        assert_eq!(open_bytes(&img).unwrap_err().kind(), DiskErrorKind::CorruptImage);
+    }
+
+    #[test]
+    fn descriptor_extents_concatenate_flat_zero_and_sparse() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "a b-flat.vmdk", &[0xabu8; 2048]);
+        write(dir.path(), "s.vmdk", &sparse());
+        let text = "# Disk DescriptorFile\r\nversion=1\r\nCID=00000001\r\nparentCID=ffffffff\r\n\
+            createType=\"custom\"\r\nRW 2 FLAT \"a b-flat.vmdk\" 1\r\nRW 4 ZERO\r\n\
+            RDONLY 16 SPARSE \"s.vmdk\"\r\n";
+        let path = write(dir.path(), "d.vmdk", text.as_bytes());
+        let disk = Vmdk::open(&path, OpenOptions::default()).unwrap();
+        assert_eq!(disk.size(), 22 * SECTOR);
+        let data = read_all(&disk).unwrap();
+        assert!(data[..1024].iter().all(|&b| b == 0xab));
+        assert!(data[1024..3072].iter().all(|&b| b == 0));
+        assert!(data[3072..3072 + 4096].iter().all(|&b| b == 0x11));
+        assert!(data[3072 + 4096..].iter().all(|&b| b == 0));
+        let map = disk.extents(0, disk.size()).unwrap();
+        assert_eq!(map[1], Extent { offset: 1024, len: 2048, kind: ExtentKind::Zero });
+        let info = disk.info().unwrap();
+        assert_eq!(info.subformat.as_deref(), Some("custom"));
+    }
+
+    #[test]
+    fn flat_extent_longer_than_its_file_is_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "f.vmdk", &[0u8; 1024]);
+        let path = write(dir.path(), "d.vmdk", b"# Disk DescriptorFile\nRW 4 FLAT \"f.vmdk\" 0\n");
+        let err = Vmdk::open(&path, OpenOptions::default()).unwrap_err();
+        assert_eq!((err.kind(), err.offset()), (DiskErrorKind::CorruptImage, Some(22)));
+    }
+
+    #[test]
+    fn sparse_extent_smaller_than_its_descriptor_line_is_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "s.vmdk", &sparse());
+        let path = write(dir.path(), "d.vmdk", b"RW 65 SPARSE \"s.vmdk\"\n");
+        let err = Vmdk::open(&path, OpenOptions::default()).unwrap_err();
+        assert_eq!(err.kind(), DiskErrorKind::CorruptImage);
+    }
+
+    #[test]
+    fn parent_loop_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let desc = |parent: &str| {
+            format!("# Disk DescriptorFile\nCID=1\nparentCID=1\nparentFileNameHint=\"{parent}\"\nRW 8 ZERO\n")
+        };
+        let a = write(dir.path(), "a.vmdk", desc("b.vmdk").as_bytes());
+        write(dir.path(), "b.vmdk", desc("a.vmdk").as_bytes());
+        let err = Vmdk::open(&a, OpenOptions::default()).unwrap_err();
+        assert_eq!(err.kind(), DiskErrorKind::CorruptImage);
+        let self_loop = write(dir.path(), "c.vmdk", desc("c.vmdk").as_bytes());
+        assert!(Vmdk::open(&self_loop, OpenOptions::default()).is_err());
+    }
+
+    #[test]
+    fn unallocated_grains_read_the_parent_and_cid_mismatch_is_a_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "base-flat.vmdk", &[0x42u8; 64 * S]);
+        write(
+            dir.path(),
+            "base.vmdk",
+            b"# Disk DescriptorFile\nCID=0000000a\nRW 64 FLAT \"base-flat.vmdk\" 0\n",
+        );
+        write(dir.path(), "s.vmdk", &sparse());
+        let text =
+            "# Disk DescriptorFile\nCID=2\nparentCID=0000000b\nparentFileNameHint=\"base.vmdk\"\n\
+            RW 64 SPARSE \"s.vmdk\"\n";
+        let child = write(dir.path(), "child.vmdk", text.as_bytes());
+        let disk = Vmdk::open(&child, OpenOptions::default()).unwrap();
+        let data = read_all(&disk).unwrap();
+        assert!(data[..4096].iter().all(|&b| b == 0x11));
+        assert!(data[4096..5 * 4096].iter().all(|&b| b == 0x42));
+        let map = disk.extents(0, disk.size()).unwrap();
+        assert!(map.iter().all(|e| e.kind == ExtentKind::Data), "{map:?}");
+        let info = disk.info().unwrap();
+        assert_eq!(info.backing, Some(dir.path().join("base.vmdk")));
+        assert_eq!(info.problems.len(), 1, "{:?}", info.problems);
+    }
+
+    #[test]
+    fn writable_open_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "x.vmdk", &sparse());
+        let err = Vmdk::open(&path, OpenOptions { writable: true }).unwrap_err();
+        assert_eq!(err.kind(), DiskErrorKind::UnsupportedFeature);
     }
 }
