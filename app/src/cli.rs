@@ -58,6 +58,11 @@ pub enum Command {
         /// Where to write the PNG.
         output: PathBuf,
     },
+    /// Inspect, convert, compact and resize disk images.
+    #[command(subcommand)]
+    Disk(crate::disk_cmd::DiskCommand),
+    /// Create a VM from a disk image (any format) or an OVA appliance.
+    Import(crate::import::ImportArgs),
     /// The background VM process (internal).
     #[command(name = "__vm-process", hide = true)]
     VmProcess { name: String },
