@@ -203,8 +203,12 @@ pub fn import(
                     if of == 0 { 0 } else { (weight as u128 * done as u128 / of as u128) as u64 };
                 progress(before + (phase * weight + part) / 2, total)
             };
-            let extracted = dir.join(format!(".disk{}.extract", i + 1));
-            let _remove = RemoveOnDrop(extracted.clone());
+            // Under its own name: a VMDK's embedded descriptor names its extent file.
+            let staging = dir.join(format!(".extract-{}", i + 1));
+            fs::create_dir(&staging)
+                .with_context(|| format!("Cannot create {}", staging.display()))?;
+            let _remove = RemoveOnDrop(staging.clone());
+            let extracted = staging.join(member_file_name(&d.file_name)?);
             extract(&source, d.member_offset, d.member_size, &extracted, &|a, b| scaled(0, a, b))
                 .with_context(|| format!("Cannot extract {} from {}", d.file_name, source.display()))?;
             let (fmt, image) = open_source_image(&extracted)
@@ -386,12 +390,20 @@ fn extract(
     Ok(())
 }
 
-/// Deletes a file when dropped.
+/// The last component of an OVA member name, refusing names that are no file name at all.
+fn member_file_name(member: &str) -> anyhow::Result<PathBuf> {
+    match Path::new(member).file_name() {
+        Some(n) if !n.is_empty() => Ok(PathBuf::from(n)),
+        _ => bail!("The OVA names a disk file '{member}' that is not a file name"),
+    }
+}
+
+/// Deletes a directory and its contents when dropped.
 struct RemoveOnDrop(PathBuf);
 
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
-        let _ = fs::remove_file(&self.0);
+        let _ = fs::remove_dir_all(&self.0);
     }
 }
 
