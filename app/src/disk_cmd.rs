@@ -322,10 +322,9 @@ fn convert_cmd(
     let dst = NewImage::create(output, format.image_format(), src.size())
         .with_context(|| format!("Cannot create {}", output.display()))?;
     let progress = Progress::new("Converting");
-    let result =
-        convert::convert(src.as_ref(), dst.backend(), &ConvertOptions::default(), &|d, t| {
-            progress.update(d, t)
-        });
+    let result = convert::convert_into(src.as_ref(), &dst, &ConvertOptions::default(), &|d, t| {
+        progress.update(d, t)
+    });
     progress.finish();
     let stats = match result {
         Ok(s) => s,
@@ -377,10 +376,9 @@ fn compact(path: &Path) -> anyhow::Result<()> {
             let dst = NewImage::create(path, ImageFormat::Qcow2, src.size())
                 .with_context(|| format!("Cannot create a new image next to {}", path.display()))?;
             let perms = fs::metadata(path)?.permissions();
-            let result =
-                convert::convert(&src, dst.backend(), &ConvertOptions::default(), &|d, t| {
-                    progress.update(d, t)
-                });
+            let result = convert::convert_into(&src, &dst, &ConvertOptions::default(), &|d, t| {
+                progress.update(d, t)
+            });
             progress.finish();
             match result {
                 Err(e) if e.kind() == DiskErrorKind::Cancelled => {

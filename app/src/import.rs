@@ -360,7 +360,7 @@ fn convert_into(
     progress: &dyn Fn(u64, u64) -> bool,
 ) -> anyhow::Result<()> {
     let image = NewImage::create(target, ImageFormat::Qcow2, src.size())?;
-    convert::convert(src, image.backend(), &ConvertOptions::default(), progress)?;
+    convert::convert_into(src, &image, &ConvertOptions::default(), progress)?;
     image.commit(false)?;
     Ok(())
 }

@@ -23,6 +23,8 @@ use crate::{sys, BlockBackend, DiskError, DiskErrorKind, ExtentKind, ImageFormat
 const MAP_WINDOW: u64 = 1 << 30;
 /// Cluster size of the qcow2 images Hutch creates (qemu-img's default).
 pub const QCOW2_CLUSTER_SIZE: u32 = 64 * 1024;
+/// Bytes copied between write-back hints in [`convert_into`].
+pub const WRITEBACK_STEP: u64 = 32 << 20;
 /// Hole-punching granularity in raw images (the usual file system block).
 const PUNCH_GRAIN: usize = 4096;
 /// Bytes read at a time when compacting a raw image.
@@ -137,6 +139,23 @@ pub fn convert(
         written: written.into_inner(),
         zero_data: zero_data.into_inner(),
         sparse,
+    })
+}
+
+/// [`convert`] into a [`NewImage`], starting write-back every [`WRITEBACK_STEP`] bytes.
+pub fn convert_into(
+    src: &dyn BlockBackend,
+    dst: &NewImage,
+    options: &ConvertOptions,
+    progress: &dyn Fn(u64, u64) -> bool,
+) -> Result<ConvertStats, DiskError> {
+    let kicked = std::cell::Cell::new(0u64);
+    convert(src, dst.backend(), options, &|done, total| {
+        if done >= kicked.get() + WRITEBACK_STEP {
+            kicked.set(done);
+            dst.start_writeback();
+        }
+        progress(done, total)
     })
 }
 
@@ -255,6 +274,8 @@ pub struct NewImage {
     target: PathBuf,
     tmp: PathBuf,
     backend: Option<Box<dyn BlockBackend>>,
+    /// The temporary file, for write-behind hints (whatever the format writes through).
+    file: File,
 }
 
 impl std::fmt::Debug for NewImage {
@@ -285,15 +306,15 @@ impl NewImage {
                 .with_path(target));
         }
         let (tmp, file) = claim_temp(target)?;
-        let mut image = NewImage { target: target.to_path_buf(), tmp, backend: None };
+        let mut image = NewImage { target: target.to_path_buf(), tmp, backend: None, file };
         let backend: Box<dyn BlockBackend> = match format {
+            // Truncates and reuses the same file (inode), which `image.file` keeps open.
             ImageFormat::Qcow2 => {
-                drop(file);
                 Box::new(Qcow2::create(&image.tmp, size, backing, QCOW2_CLUSTER_SIZE)?)
             }
             _ => {
-                file.set_len(size).map_err(|e| DiskError::io("create", e).with_path(&image.tmp))?;
-                drop(file);
+                let tmp = &image.tmp;
+                image.file.set_len(size).map_err(|e| DiskError::io("create", e).with_path(tmp))?;
                 Box::new(RawFile::open(&image.tmp, false)?)
             }
         };
@@ -305,6 +326,21 @@ impl NewImage {
     pub fn backend(&self) -> &dyn BlockBackend {
         // Always set after `create`; the Option only lets `commit` close it first.
         self.backend.as_deref().unwrap_or(&Closed)
+    }
+
+    /// Starts writing the image's dirty pages to storage without waiting for them (Linux;
+    /// elsewhere nothing), so that a long copy overlaps its reads with the device's writes
+    /// instead of leaving every write to the final flush.
+    pub fn start_writeback(&self) {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            // SAFETY: sync_file_range only reads its scalar arguments; the fd is owned by
+            // `self.file`, which outlives the call. A failure only loses the hint.
+            unsafe {
+                libc::sync_file_range(self.file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE)
+            };
+        }
     }
 
     /// Where the image is while being written.
