@@ -5,7 +5,8 @@
 #
 # cargo-fuzz needs nightly features: on a stable toolchain RUSTC_BOOTSTRAP=1 unlocks them.
 # Installs cargo-fuzz (crates.io) when it is missing. Crash inputs are kept in
-# disk/fuzz/artifacts/<target>/ for reproduction: cargo fuzz run <target> <file>.
+# disk/fuzz/artifacts/<target>/ for reproduction: cargo fuzz run <target> <file>. Inputs that
+# once crashed a target live in disk/fuzz/regressions/<target>/ and seed every run.
 set -euo pipefail
 
 SECONDS_PER_TARGET=${1:-20}
@@ -81,8 +82,8 @@ failed=()
 for t in "${TARGETS[@]}"; do
     corpus=$work/corpus-$t
     mkdir -p "$corpus"
-    for f in $(seed_for "$t"); do
-        [ -f "$f" ] && cp "$f" "$corpus/"
+    for f in $(seed_for "$t") "$here"/regressions/"$t"/*; do
+        if [ -f "$f" ]; then cp "$f" "$corpus/"; fi
     done
     echo "== $t (${SECONDS_PER_TARGET}s)"
     if ! cargo fuzz run "$t" "$corpus" -- -max_total_time="$SECONDS_PER_TARGET" \
