@@ -9,8 +9,9 @@ use crate::library::{DiskEntry, VmConfig, DEFAULT_CMDLINE};
 #[derive(Debug, Parser)]
 #[command(name = "hutch", version, about = "Run and manage small virtual machines")]
 pub struct Cli {
+    /// Without a subcommand, the GUI opens.
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -63,6 +64,8 @@ pub enum Command {
     Disk(crate::disk_cmd::DiskCommand),
     /// Create a VM from a disk image (any format) or an OVA appliance.
     Import(crate::import::ImportArgs),
+    /// Open the graphical interface (also what `hutch` alone does).
+    Gui,
     /// The background VM process (internal).
     #[command(name = "__vm-process", hide = true)]
     VmProcess { name: String },
@@ -191,7 +194,7 @@ mod tests {
     #[test]
     fn run_defaults_are_documented_values() {
         let cli = Cli::try_parse_from(["hutch", "run", "--kernel", "k"]).unwrap();
-        let Command::Run(args) = cli.command else { panic!("not run") };
+        let Some(Command::Run(args)) = cli.command else { panic!("not run") };
         assert_eq!((args.machine.cpus, args.machine.memory), (1, 512));
         assert_eq!(args.machine.cmdline, "console=tty0 console=ttyS0 reboot=k panic=-1");
         assert_eq!(args.serial, SerialTarget::Stdio);
@@ -213,10 +216,17 @@ mod tests {
             "b,readonly",
         ])
         .unwrap();
-        let Command::Create(args) = cli.command else { panic!("not create") };
+        let Some(Command::Create(args)) = cli.command else { panic!("not create") };
         let disks: Vec<_> =
             args.machine.disks.iter().map(|d| (d.path.clone(), d.readonly)).collect();
         assert_eq!(disks, vec![("a".into(), false), ("b".into(), true)]);
+    }
+
+    #[test]
+    fn no_subcommand_means_the_gui() {
+        assert!(Cli::try_parse_from(["hutch"]).unwrap().command.is_none());
+        let cli = Cli::try_parse_from(["hutch", "gui"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Gui)));
     }
 
     #[test]

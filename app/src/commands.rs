@@ -15,6 +15,7 @@ use vmm::machine::ExitReason;
 
 use crate::cli::{Command, MachineArgs, RunArgs, SerialTarget};
 use crate::control::client::ControlClient;
+use crate::control::protocol::StatusReply;
 use crate::library::{DiskState, ExitRecord, Library, VmConfig, VmDir};
 use crate::terminal::{pump_input, stdin_kind, InputEnd, RawTerminal, StdinKind};
 use crate::{backend, console, fsutil, vm_process};
@@ -42,6 +43,7 @@ pub fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 Command::Delete { name } => delete(&library, &name),
                 Command::Screenshot { name, output } => screenshot(&library, &name, &output),
                 Command::Import(args) => crate::import::run(&library, &args),
+                Command::Gui => crate::gui::run(library),
                 Command::Run(_) | Command::VmProcess { .. } | Command::Disk(_) => {
                     unreachable!("handled above")
                 }
@@ -74,7 +76,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("Cannot open serial output {}", path.display()))?,
         ),
     };
-    let machine = vm_process::build_machine(&config, serial_out)?;
+    let machine = vm_process::build_machine(&config, serial_out, None)?;
     let handle = machine.handle();
 
     let kind = if stdio { stdin_kind() } else { StdinKind::Other };
@@ -153,6 +155,9 @@ struct VmView {
     last_exit: Option<ExitRecord>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
+    /// What a running VM's screen shows (`virtio-gpu 1280x800`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    display: Option<String>,
 }
 
 fn view(vm: &VmDir) -> anyhow::Result<VmView> {
@@ -166,6 +171,7 @@ fn view(vm: &VmDir) -> anyhow::Result<VmView> {
         uptime_secs: None,
         last_exit: vm.read_last_exit(),
         error: None,
+        display: None,
     };
     match vm.disk_state()? {
         DiskState::Running { pid: None } => v.state = "starting".into(),
@@ -177,6 +183,7 @@ fn view(vm: &VmDir) -> anyhow::Result<VmView> {
                 Ok(st) => {
                     v.state = wire_name(&st.state);
                     v.uptime_secs = Some(st.uptime_secs);
+                    v.display = st.display;
                     // The machine's own numbers win once it reports them.
                     if st.cpus > 0 {
                         v.cpus = st.cpus;
@@ -218,6 +225,7 @@ fn list(library: &Library, json: bool) -> anyhow::Result<()> {
                 uptime_secs: None,
                 last_exit: None,
                 error: Some(format!("{e:#}")),
+                display: None,
             }),
         }
     }
@@ -251,6 +259,9 @@ fn status(library: &Library, name: &str, json: bool) -> anyhow::Result<()> {
     if let Some(up) = v.uptime_secs {
         println!("uptime:  {}", format_duration(up));
     }
+    if let Some(display) = &v.display {
+        println!("display: {display}");
+    }
     if let Some(rec) = &v.last_exit {
         let reason = wire_name(&rec.reason);
         println!("last exit: {reason}");
@@ -279,6 +290,14 @@ fn format_duration(secs: u64) -> String {
 }
 
 fn start(library: &Library, name: &str) -> anyhow::Result<()> {
+    let st = start_vm(library, name)?;
+    println!("VM '{name}' started (pid {}): {}", st.pid, wire_name(&st.state));
+    Ok(())
+}
+
+/// Starts VM `name` as a detached process and waits until it answers (also used by the GUI,
+/// from a worker thread).
+pub fn start_vm(library: &Library, name: &str) -> anyhow::Result<StatusReply> {
     let vm = library.existing(name)?;
     let config = vm.load_config()?;
     if vm.is_locked()? {
@@ -331,9 +350,7 @@ fn start(library: &Library, name: &str) -> anyhow::Result<()> {
             let reply = ControlClient::connect_with_timeout(&pidfile.socket, QUERY_TIMEOUT)
                 .and_then(|mut c| c.status());
             if let Ok(st) = reply {
-                let state = wire_name(&st.state);
-                println!("VM '{name}' started (pid {}): {state}", st.pid);
-                return Ok(());
+                return Ok(st);
             }
         }
         if Instant::now() > deadline {
@@ -349,7 +366,7 @@ fn start(library: &Library, name: &str) -> anyhow::Result<()> {
 }
 
 /// The lines this start wrote to hutch.log (after the last start marker).
-fn start_log_tail(vm: &VmDir) -> Vec<String> {
+pub fn start_log_tail(vm: &VmDir) -> Vec<String> {
     let lines = fsutil::tail_lines(&vm.log_path(), 40).unwrap_or_default();
     let from = lines.iter().rposition(|l| l.starts_with(START_MARKER)).map_or(0, |i| i + 1);
     let mine = &lines[from..];
@@ -404,7 +421,7 @@ fn console(library: &Library, name: &str) -> anyhow::Result<()> {
 fn screenshot(library: &Library, name: &str, output: &Path) -> anyhow::Result<()> {
     let vm = library.existing(name)?;
     let pidfile = running(&vm)?;
-    let frame = crate::runtime::frame_path(&pidfile.socket);
+    let frame = crate::runtime::frame_path_for_socket(&pidfile.socket);
     let reader = display::frame::FrameReader::open(&frame)
         .with_context(|| format!("VM '{name}' has no screen (display off?)"))?;
     let image = reader.snapshot().with_context(|| format!("Cannot read VM '{name}''s screen"))?;

@@ -18,6 +18,7 @@ pub mod control;
 pub mod disk_cmd;
 pub mod fsutil;
 pub mod import;
+pub mod gui;
 pub mod library;
 pub mod runtime;
 pub mod screenshot;
@@ -32,7 +33,8 @@ use clap::Parser;
 /// The whole program: parse, run, print the error chain as `hutch: error: a: b: c`.
 pub fn main() -> ExitCode {
     let cli = cli::Cli::parse();
-    if !matches!(cli.command, cli::Command::VmProcess { .. }) {
+    let command = cli.command.unwrap_or(cli::Command::Gui);
+    if !matches!(command, cli::Command::VmProcess { .. }) {
         // A command's output piped into `head` or `grep -q` ends it quietly, as for any Unix
         // tool, instead of a panic on EPIPE. The VM process keeps ignoring SIGPIPE: a console
         // client that goes away must not take the VM with it.
@@ -41,10 +43,10 @@ pub fn main() -> ExitCode {
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
     let default_level =
-        if matches!(cli.command, cli::Command::VmProcess { .. }) { "info" } else { "warn" };
+        if matches!(command, cli::Command::VmProcess { .. }) { "info" } else { "warn" };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level))
         .init();
-    match commands::dispatch(cli.command) {
+    match commands::dispatch(command) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("hutch: error: {e:#}");

@@ -79,9 +79,14 @@ pub fn socket_path(vm_dir: &Path, name: &str) -> Result<PathBuf, RuntimeError> {
     socket_path_in(&runtime_root(), vm_dir, name)
 }
 
-/// The shared frame file of the VM whose control socket is `socket` (same directory).
-pub fn frame_path(socket: &Path) -> PathBuf {
+/// The shared-memory frame file of the VM whose control socket is `socket` (same directory).
+pub fn frame_path_for_socket(socket: &Path) -> PathBuf {
     socket.with_file_name(FRAME_NAME)
+}
+
+/// The shared-memory frame file of a VM, under [`runtime_root`].
+pub fn frame_path(vm_dir: &Path, name: &str) -> Result<PathBuf, RuntimeError> {
+    socket_path(vm_dir, name).map(|s| frame_path_for_socket(&s))
 }
 
 /// Creates (0700) the runtime root and the socket's own directory, refusing directories
@@ -97,7 +102,7 @@ pub fn prepare_socket_dir(socket: &Path) -> Result<(), RuntimeError> {
 /// Removes the socket, the frame and their directory (best effort: the VM is going away).
 pub fn remove_socket(socket: &Path) {
     let _ = fs::remove_file(socket);
-    let _ = fs::remove_file(frame_path(socket));
+    let _ = fs::remove_file(frame_path_for_socket(socket));
     if let Some(dir) = socket.parent() {
         let _ = fs::remove_dir(dir);
     }

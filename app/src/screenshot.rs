@@ -47,7 +47,7 @@ mod tests {
         let decoder =
             png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&path).expect("open")));
         let mut reader = decoder.read_info().expect("info");
-        let mut buf = vec![0; reader.output_buffer_size()];
+        let mut buf = vec![0; reader.output_buffer_size().expect("size")];
         let info = reader.next_frame(&mut buf).expect("frame");
         assert_eq!((info.width, info.height), (4, 3));
         assert_eq!(&buf[..info.buffer_size()], &rgba[..]);

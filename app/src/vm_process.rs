@@ -18,6 +18,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
+use display::frame::FrameWriter;
+use display::scanout::Screen;
 use vmm::machine::{ExitReason, Machine, MachineHandle, RunState};
 
 use crate::backend;
@@ -27,17 +29,27 @@ use crate::library::{ExitKind, ExitRecord, Library, PidFile, VmConfig, VmDir, Vm
 use crate::runtime;
 use crate::serial_hub::{SerialHub, SerialSubscription};
 
-/// Checks the files and the host, opens the hypervisor and builds the machine.
+/// Checks the files and the host, opens the hypervisor and builds the machine. With `frame`
+/// (and the display on in `config`), the machine's screen is shared at that path.
 pub fn build_machine(
     config: &VmConfig,
     serial_out: Box<dyn Write + Send>,
+    frame: Option<&Path>,
 ) -> anyhow::Result<Machine> {
     config.check_files()?;
     backend::check_fits_host(config)?;
     let hypervisor = backend::open_hypervisor(None)?;
     let mut machine_config = config.to_machine_config();
     machine_config.kernel_cache_dir = kernel_cache_dir(|k| std::env::var_os(k));
-    Machine::new(&*hypervisor, &machine_config, serial_out)
+    let screen = match frame.filter(|_| config.display) {
+        Some(path) => {
+            let writer = FrameWriter::create(path, display::MAX_WIDTH, display::MAX_HEIGHT)
+                .with_context(|| format!("Cannot create the shared screen {}", path.display()))?;
+            Some(Arc::new(Screen::new(writer)))
+        }
+        None => None,
+    };
+    Machine::new(&*hypervisor, &machine_config, serial_out, screen)
         .context("Cannot build the virtual machine")
 }
 
@@ -73,6 +85,7 @@ pub trait MachineControl: Clone + Send + Sync + 'static {
     fn memory_mib(&self) -> u64;
     fn input(&self, events: &[display::InputEvent]) -> anyhow::Result<()>;
     fn display_size(&self, width: u32, height: u32) -> anyhow::Result<()>;
+    fn display_status(&self) -> Option<String>;
 }
 
 impl MachineControl for MachineHandle {
@@ -105,6 +118,9 @@ impl MachineControl for MachineHandle {
     }
     fn display_size(&self, width: u32, height: u32) -> anyhow::Result<()> {
         Ok(MachineHandle::set_display_size(self, width, height)?)
+    }
+    fn display_status(&self) -> Option<String> {
+        MachineHandle::display_status(self)
     }
 }
 
@@ -142,6 +158,7 @@ impl<H: MachineControl> ControlTarget for MachineTarget<H> {
             cpus: self.handle.vcpu_count(),
             memory_mib: self.handle.memory_mib(),
             uptime_secs: self.started.elapsed().as_secs(),
+            display: self.handle.display_status(),
         }
     }
     fn pause(&self) -> anyhow::Result<()> {
@@ -192,7 +209,7 @@ fn lifecycle<M: RunnableMachine>(
     vm: &VmDir,
     runtime_root: &Path,
     signals: Option<libc::sigset_t>,
-    build: impl FnOnce(&VmConfig, Box<dyn Write + Send>) -> anyhow::Result<M>,
+    build: impl FnOnce(&VmConfig, Box<dyn Write + Send>, Option<&Path>) -> anyhow::Result<M>,
 ) -> anyhow::Result<ExitReason> {
     let _lock = lock_with_retry(vm)?;
     vm.remove_last_exit()?;
@@ -224,7 +241,7 @@ fn run_locked<M: RunnableMachine>(
     vm: &VmDir,
     runtime_root: &Path,
     signals: Option<libc::sigset_t>,
-    build: impl FnOnce(&VmConfig, Box<dyn Write + Send>) -> anyhow::Result<M>,
+    build: impl FnOnce(&VmConfig, Box<dyn Write + Send>, Option<&Path>) -> anyhow::Result<M>,
 ) -> anyhow::Result<ExitReason> {
     let socket = runtime::socket_path_in(runtime_root, vm.dir(), vm.name())?;
     runtime::prepare_socket_dir(&socket)?;
@@ -243,7 +260,8 @@ fn run_locked<M: RunnableMachine>(
         .open(&serial_path)
         .with_context(|| format!("Cannot open {}", serial_path.display()))?;
     let hub = SerialHub::new(Some(serial_log));
-    let machine = build(&config, Box::new(hub.writer()))?;
+    let machine =
+        build(&config, Box::new(hub.writer()), Some(&runtime::frame_path_for_socket(&socket)))?;
     let handle = machine.handle();
     let target = Arc::new(MachineTarget {
         name: vm.name().to_string(),
@@ -391,6 +409,9 @@ mod tests {
         fn display_size(&self, _width: u32, _height: u32) -> anyhow::Result<()> {
             Ok(())
         }
+        fn display_status(&self) -> Option<String> {
+            None
+        }
     }
 
     struct FakeMachine {
@@ -416,7 +437,11 @@ mod tests {
         }
     }
 
-    fn fake_build(_: &VmConfig, serial: Box<dyn Write + Send>) -> anyhow::Result<FakeMachine> {
+    fn fake_build(
+        _: &VmConfig,
+        serial: Box<dyn Write + Send>,
+        _: Option<&Path>,
+    ) -> anyhow::Result<FakeMachine> {
         let (tx, rx) = mpsc::channel();
         Ok(FakeMachine { handle: FakeHandle { tx, paused: Arc::default() }, rx, serial })
     }
@@ -502,10 +527,11 @@ mod tests {
     #[test]
     fn a_machine_that_cannot_be_built_is_recorded_as_crashed() {
         let s = setup();
-        let err = lifecycle(&s.vm, s.runtime.path(), None, |_, _| -> anyhow::Result<FakeMachine> {
-            Err(anyhow!("no hypervisor")).context("Cannot build")
-        })
-        .unwrap_err();
+        let err =
+            lifecycle(&s.vm, s.runtime.path(), None, |_, _, _| -> anyhow::Result<FakeMachine> {
+                Err(anyhow!("no hypervisor")).context("Cannot build")
+            })
+            .unwrap_err();
         assert_eq!(format!("{err:#}"), "Cannot build: no hypervisor");
         assert_eq!(
             s.vm.disk_state().unwrap(),

@@ -325,6 +325,7 @@ mod running {
                 cpus: 1,
                 memory_mib: 512,
                 uptime_secs: 5,
+                display: None,
             }
         }
         fn pause(&self) -> anyhow::Result<()> {

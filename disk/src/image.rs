@@ -114,13 +114,10 @@ pub fn image_info(path: &Path) -> Result<ImageInfo, DiskError> {
     }
 }
 
-/// The error for a format detected but not (yet) readable.
+/// The error for a format that is not a disk by itself (an OVA holds disks: import it).
 fn unsupported(format: ImageFormat, path: &Path) -> DiskError {
     let op = match format {
-        ImageFormat::Qcow2 => "open a qcow2 image",
-        ImageFormat::Vhd => "open a VHD image",
-        ImageFormat::Vhdx => "open a VHDX image",
-        ImageFormat::Ova => "open an OVA appliance",
+        ImageFormat::Ova => "use an OVA appliance as a disk (import it)",
         _ => "open this image format",
     };
     DiskError::new(DiskErrorKind::UnsupportedFeature, op).with_path(path)

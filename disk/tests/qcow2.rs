@@ -518,9 +518,14 @@ fn sequential_write_throughput() {
     for i in 0..1024u64 {
         img.write_at(&buf, i * MIB).unwrap();
     }
+    let written = start.elapsed().as_secs_f64();
     img.flush().unwrap();
     let secs = start.elapsed().as_secs_f64();
-    println!("sequential 1 GiB write: {:.0} MiB/s", 1024.0 / secs);
+    println!(
+        "sequential 1 GiB write: {:.0} MiB/s to the page cache, {:.0} MiB/s with the final fsync",
+        1024.0 / written,
+        1024.0 / secs
+    );
     let start = std::time::Instant::now();
     for i in 0..1024u64 {
         img.read_at(&mut buf, i * MIB).unwrap();

@@ -26,8 +26,13 @@ use crate::hypervisor::{
 use crate::memory::{self, GuestMemory};
 use crate::pci::{PciConfigIo, PciConfigMmio, PciMmioWindow, PciRoot};
 use crate::virtio::block::Block;
+use crate::virtio::gpu::boot_fb::BootFramebuffer;
+use crate::virtio::gpu::{Gpu, GpuHandle};
+use crate::virtio::input::{Input, InputHandle};
 use crate::virtio::rng::Rng;
 use crate::virtio::VirtioPciDevice;
+use display::scanout::Screen;
+use display::{InputEvent, SourceId};
 
 /// One disk attached as virtio-blk.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -222,6 +227,7 @@ pub struct MachineHandle {
     acpi_pm: Arc<Mutex<AcpiPm>>,
     vcpu_count: u32,
     memory_mib: u64,
+    display: Option<Arc<DisplayDevices>>,
     // Guest RAM stays mapped while anything can still reach the VM (the devices above hold
     // it through their interrupt sinks), so the backend's memory slots never dangle. Last
     // field: dropped after the VM references.
@@ -323,14 +329,45 @@ impl MachineHandle {
         lock(&self.serial).queue_input(bytes);
     }
 
-    /// Keyboard and pointer events for the guest's input devices.
-    pub fn send_input(&self, _events: &[display::InputEvent]) -> Result<(), MachineError> {
-        Err(MachineError::NoDisplay)
+    /// Keyboard and pointer events for the guest's input devices. Keys go to the virtio
+    /// keyboard once its driver runs, to the PS/2 keyboard (i8042) before that.
+    pub fn send_input(&self, events: &[InputEvent]) -> Result<(), MachineError> {
+        let display = self.display.as_ref().ok_or(MachineError::NoDisplay)?;
+        for event in events {
+            match *event {
+                InputEvent::Key { code, down } if !display.keyboard.is_ready() => {
+                    if let Some(bytes) = display::keymap::set1_scancode(code, down) {
+                        lock(&display.i8042).queue_scancodes(bytes.as_slice());
+                    }
+                }
+                InputEvent::Key { .. } => display.keyboard.send(std::slice::from_ref(event)),
+                InputEvent::PointerRel { .. } => display.mouse.send(std::slice::from_ref(event)),
+                InputEvent::PointerAbs { .. }
+                | InputEvent::Button { .. }
+                | InputEvent::Wheel { .. } => display.tablet.send(std::slice::from_ref(event)),
+            }
+        }
+        Ok(())
     }
 
-    /// Asks the guest to switch its display to `width`×`height`.
-    pub fn set_display_size(&self, _width: u32, _height: u32) -> Result<(), MachineError> {
-        Err(MachineError::NoDisplay)
+    /// Asks the guest to switch its display to `width`×`height` (virtio-gpu display change).
+    pub fn set_display_size(&self, width: u32, height: u32) -> Result<(), MachineError> {
+        let display = self.display.as_ref().ok_or(MachineError::NoDisplay)?;
+        display.gpu.set_display_size(width, height);
+        Ok(())
+    }
+
+    /// What the screen shows: `boot-framebuffer 1024x768`, `virtio-gpu 1280x800`; None
+    /// without a display.
+    pub fn display_status(&self) -> Option<String> {
+        let screen = &self.display.as_ref()?.screen;
+        let source = match screen.live_source() {
+            SourceId::BootFramebuffer => "boot-framebuffer".to_string(),
+            SourceId::Gpu(0) => "virtio-gpu".to_string(),
+            SourceId::Gpu(n) => format!("virtio-gpu:{n}"),
+        };
+        let (width, height) = screen.size();
+        Some(format!("{source} {width}x{height}"))
     }
 
     pub fn vcpu_count(&self) -> u32 {
@@ -341,6 +378,22 @@ impl MachineHandle {
         self.memory_mib
     }
 }
+
+/// The screen and input devices of a machine with a display.
+struct DisplayDevices {
+    screen: Arc<Screen>,
+    gpu: GpuHandle,
+    keyboard: InputHandle,
+    tablet: InputHandle,
+    mouse: InputHandle,
+    i8042: Arc<Mutex<I8042>>,
+    // Mapped into the VM: dropped last, with the handle that owns the guest RAM too.
+    framebuffer: Arc<Mutex<BootFramebuffer>>,
+}
+
+/// How often the boot framebuffer is compared with what the screen shows. Guests write it
+/// without telling anyone; 30 Hz keeps a console fluid for a fraction of a CPU.
+const FRAMEBUFFER_SCAN_INTERVAL: Duration = Duration::from_millis(33);
 
 /// Port I/O and MMIO dispatch shared by all vCPUs.
 struct IoBuses {
@@ -412,10 +465,13 @@ fn validate(config: &MachineConfig) -> Result<(), MachineError> {
 
 impl Machine {
     /// Builds the whole machine; nothing runs yet. Serial output (COM1) goes to `serial_out`.
+    /// With a `screen`, the machine gets a display (boot framebuffer, virtio-gpu) and input
+    /// devices (virtio keyboard, tablet and mouse) that draw into it.
     pub fn new(
         hypervisor: &dyn Hypervisor,
         config: &MachineConfig,
         serial_out: Box<dyn Write + Send>,
+        screen: Option<Arc<Screen>>,
     ) -> Result<Machine, MachineError> {
         validate(config)?;
         let memory = memory::create_guest_memory(config.memory_mib)?;
@@ -423,6 +479,14 @@ impl Machine {
             .create_vm(&VmSetup { vcpu_count: config.cpus, ioapic_addr: layout::IOAPIC_START })?;
         memory::map_into_vm(&memory, vm.as_ref())?;
         let irq: Arc<dyn InterruptSink> = vm.clone();
+
+        let framebuffer = match &screen {
+            Some(_) => Some(map_framebuffer(
+                vm.as_ref(),
+                vm_memory::GuestMemory::num_regions(&memory) as u32,
+            )?),
+            None => None,
+        };
 
         let rsdp = acpi::create_acpi_tables(&memory, config.cpus)?;
         let entry = boot::load_kernel(
@@ -434,7 +498,7 @@ impl Machine {
                 ram_mib: config.memory_mib,
                 acpi_rsdp: rsdp,
                 kernel_cache: config.kernel_cache_dir.as_deref(),
-                framebuffer: None,
+                framebuffer: framebuffer.as_ref().map(|fb| boot_framebuffer_info(&lock(fb))),
             },
         )?;
         let boot_cpu = boot::setup_boot_cpu(&memory, &entry)?;
@@ -453,9 +517,45 @@ impl Machine {
             let lifecycle = lifecycle.clone();
             Box::new(move || lifecycle.request_exit(Ok(ExitReason::Reset)))
         };
-        let i8042 = Arc::new(Mutex::new(I8042::new(on_reset)));
+        let i8042 = Arc::new(Mutex::new(
+            I8042::new(on_reset).with_keyboard_irq(IrqEdge::new(irq.clone(), layout::KEYBOARD_IRQ)),
+        ));
 
         let mut pci = PciRoot::new();
+        let mut display = None;
+        if let (Some(screen), Some(framebuffer)) = (screen, framebuffer) {
+            // Before any other device: the allocator must never hand this range out.
+            pci.reserve_mmio(layout::FRAMEBUFFER_START, layout::FRAMEBUFFER_SIZE)
+                .map_err(|e| MachineError::Device(format!("boot framebuffer: {e}")))?;
+            let preferred = {
+                let fb = lock(&framebuffer);
+                (fb.width(), fb.height())
+            };
+            let sink: Arc<dyn display::ScanoutSink> = screen.clone();
+            // The firmware's mode: the screen shows the boot framebuffer from the start.
+            sink.set_mode(SourceId::BootFramebuffer, Some(preferred));
+            let gpu = Gpu::new(
+                sink,
+                preferred,
+                Some((layout::FRAMEBUFFER_START, layout::FRAMEBUFFER_SIZE)),
+            );
+            let gpu_handle = gpu.handle();
+            add_virtio(&mut pci, Box::new(gpu), &memory, &irq, None)?;
+            let mut input = |device: Input| -> Result<InputHandle, MachineError> {
+                let handle = device.handle();
+                add_virtio(&mut pci, Box::new(device), &memory, &irq, None)?;
+                Ok(handle)
+            };
+            display = Some(Arc::new(DisplayDevices {
+                keyboard: input(Input::keyboard())?,
+                tablet: input(Input::tablet())?,
+                mouse: input(Input::mouse())?,
+                screen,
+                gpu: gpu_handle,
+                i8042: i8042.clone(),
+                framebuffer,
+            }));
+        }
         for (index, disk) in config.disks.iter().enumerate() {
             let backend = disk::RawFile::open(&disk.path, disk.readonly)
                 .map_err(|source| MachineError::Disk { path: disk.path.clone(), source })?;
@@ -509,6 +609,7 @@ impl Machine {
             acpi_pm,
             vcpu_count: config.cpus,
             memory_mib: config.memory_mib,
+            display,
             _memory: memory,
         };
         Ok(Machine { vm, io: Arc::new(IoBuses { pio, mmio }), boot_cpu, handle })
@@ -543,6 +644,14 @@ impl Machine {
             }
         }
         drop(ready_tx);
+        let scanner = self.handle.display.clone().and_then(|display| {
+            let lifecycle = lifecycle.clone();
+            thread::Builder::new()
+                .name("fb-scan".into())
+                .spawn(move || scan_framebuffer(&display, &lifecycle))
+                .map_err(|e| log::warn!("no boot framebuffer scanner: {e}"))
+                .ok()
+        });
         // Every vCPU reports once, created or failed, before the machine counts as running.
         for result in ready_rx.iter().take(threads.len()) {
             if let Err(e) = result {
@@ -564,9 +673,65 @@ impl Machine {
                 log::error!("a vCPU thread panicked");
             }
         }
+        if let Some(t) = scanner {
+            if t.join().is_err() {
+                log::error!("the framebuffer scanner panicked");
+            }
+        }
         let mut control = lock(&lifecycle.control);
         control.state = RunState::Stopped;
         control.outcome.take().unwrap_or(Ok(ExitReason::ForcedOff))
+    }
+}
+
+/// Maps a fresh boot framebuffer at `layout::FRAMEBUFFER_START` as memory slot `slot`.
+fn map_framebuffer(vm: &dyn Vm, slot: u32) -> Result<Arc<Mutex<BootFramebuffer>>, MachineError> {
+    let fb = BootFramebuffer::new(layout::FRAMEBUFFER_SIZE as usize)
+        .map_err(|e| MachineError::Device(format!("boot framebuffer: {e}")))?;
+    let mapping = crate::hypervisor::GuestRamMapping {
+        slot,
+        guest_addr: layout::FRAMEBUFFER_START,
+        size: fb.len() as u64,
+        host_addr: fb.host_addr(),
+        readonly: false,
+    };
+    // SAFETY: the mapping is owned by `fb`, which the machine handle keeps (next to guest
+    // RAM) for as long as anything can reach the VM.
+    unsafe { vm.map_memory(mapping) }?;
+    Ok(Arc::new(Mutex::new(fb)))
+}
+
+fn boot_framebuffer_info(fb: &BootFramebuffer) -> boot::BootFramebufferInfo {
+    // The mode is ours (1024×768, stride 4096) and the region 16 MiB: all fit their fields.
+    boot::BootFramebufferInfo {
+        base: layout::FRAMEBUFFER_START as u32,
+        size: fb.len() as u32,
+        width: fb.width() as u16,
+        height: fb.height() as u16,
+        stride: fb.stride() as u16,
+    }
+}
+
+/// Copies what the guest drew on the boot framebuffer to the screen while it is the live
+/// source, until the machine ends.
+fn scan_framebuffer(display: &DisplayDevices, lifecycle: &Lifecycle) {
+    let mut last_epoch = None;
+    loop {
+        {
+            let control = lock(&lifecycle.control);
+            if control.outcome.is_some() {
+                return;
+            }
+            let _ = lifecycle.changed.wait_timeout(control, FRAMEBUFFER_SCAN_INTERVAL);
+        }
+        if display.screen.live_source() != SourceId::BootFramebuffer {
+            continue;
+        }
+        // A switch back to the boot framebuffer (or a resize) cleared the screen.
+        let epoch = display.screen.epoch();
+        let force = last_epoch != Some(epoch);
+        last_epoch = Some(epoch);
+        lock(&display.framebuffer).scan(&*display.screen, force);
     }
 }
 

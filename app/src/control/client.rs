@@ -101,12 +101,12 @@ impl ControlClient {
         self.call(Request::Poweroff).map(drop)
     }
 
-    /// Sends keyboard and pointer events to the guest.
-    pub fn input(&mut self, events: &[display::InputEvent]) -> Result<()> {
-        self.call(Request::Input { events: events.to_vec() }).map(drop)
+    /// Sends input events to the guest.
+    pub fn input(&mut self, events: Vec<display::InputEvent>) -> Result<()> {
+        self.call(Request::Input { events }).map(drop)
     }
 
-    /// Asks the guest for a display mode.
+    /// Tells the VM the size of the GUI's screen area.
     pub fn display_size(&mut self, width: u32, height: u32) -> Result<()> {
         self.call(Request::DisplaySize { width, height }).map(drop)
     }

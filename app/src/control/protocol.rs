@@ -76,6 +76,9 @@ pub struct StatusReply {
     pub cpus: u32,
     pub memory_mib: u64,
     pub uptime_secs: u64,
+    /// What the screen shows (`virtio-gpu 1280x800`); absent without a display.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display: Option<String>,
 }
 
 /// The literal `true` or `false` in the `ok` field, so an untagged [`Response`] can tell
@@ -211,6 +214,7 @@ mod tests {
             cpus: 2,
             memory_mib: 512,
             uptime_secs: 3,
+            display: None,
         };
         let line = Response::status(status.clone()).to_line();
         assert_eq!(

@@ -309,6 +309,7 @@ mod tests {
                 cpus: 3,
                 memory_mib: 256,
                 uptime_secs: 9,
+                display: None,
             }
         }
         fn pause(&self) -> anyhow::Result<()> {
@@ -392,10 +393,10 @@ mod tests {
     fn input_and_display_size_reach_the_target_and_floods_are_refused() {
         let (_d, server, target) = serve();
         let mut c = ControlClient::connect(server.path()).unwrap();
-        c.input(&[display::InputEvent::Key { code: 30, down: true }]).unwrap();
+        c.input(vec![display::InputEvent::Key { code: 30, down: true }]).unwrap();
         c.display_size(1280, 800).unwrap();
         let flood = vec![display::InputEvent::PointerRel { dx: 1, dy: 1 }; MAX_INPUT_EVENTS + 1];
-        match c.input(&flood).unwrap_err() {
+        match c.input(flood).unwrap_err() {
             ControlClientError::Refused(msg) => assert!(msg.contains("Too many"), "{msg}"),
             other => panic!("unexpected {other:?}"),
         }

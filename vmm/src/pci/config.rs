@@ -27,6 +27,9 @@ const CONFIG_SPACE_SIZE: usize = 0x100;
 pub const CLASS_BRIDGE_HOST: u32 = 0x06_00_00;
 pub const CLASS_STORAGE_SCSI: u32 = 0x01_00_00;
 pub const CLASS_NETWORK_ETHERNET: u32 = 0x02_00_00;
+pub const CLASS_DISPLAY_VGA: u32 = 0x03_00_00;
+pub const CLASS_DISPLAY_OTHER: u32 = 0x03_80_00;
+pub const CLASS_INPUT_OTHER: u32 = 0x09_80_00;
 pub const CLASS_OTHER: u32 = 0xff_00_00;
 
 /// The identity fields of a type-0 header.
@@ -96,6 +99,12 @@ impl PciConfiguration {
         if index + regs > NUM_BARS || (index..index + regs).any(in_use) {
             return Err(PciError::InvalidBarIndex(bar.index));
         }
+        if let Some(address) = bar.fixed_address {
+            let fits_32 = address.checked_add(bar.size).is_some_and(|end| end <= 1 << 32);
+            if bar.kind != PciBarKind::Memory32 || address & (bar.size - 1) != 0 || !fits_32 {
+                return Err(PciError::FixedBarNotReserved { index: bar.index, address });
+            }
+        }
         let mask = !(bar.size - 1);
         let mut low = 0u32;
         if bar.kind == PciBarKind::Memory64 {
@@ -104,7 +113,7 @@ impl PciConfiguration {
         if bar.prefetchable {
             low |= 0b1000;
         }
-        self.registers[BAR0_REG + index] = low;
+        self.registers[BAR0_REG + index] = low | bar.fixed_address.unwrap_or(0) as u32;
         self.writable[BAR0_REG + index] = (mask as u32) & !0xf;
         if bar.kind == PciBarKind::Memory64 {
             self.registers[BAR0_REG + index + 1] = 0;
@@ -194,7 +203,22 @@ impl PciConfiguration {
             ((1u32 << (data.len() * 8)) - 1) << (offset * 8)
         };
         mask &= width_mask;
-        self.registers[reg] = (current & !mask) | (value & mask);
+        let mut new = (current & !mask) | (value & mask);
+        if let Some(address) = self.fixed_bar_address(reg) {
+            // Only the sizing probe (all address bits set) is taken; any other value puts the
+            // platform's address back.
+            let address_bits = self.writable[reg];
+            if new & address_bits != address_bits {
+                new = (new & !address_bits) | address as u32;
+            }
+        }
+        self.registers[reg] = new;
+    }
+
+    /// The fixed address of the BAR held in register `reg`, if it is a fixed BAR.
+    fn fixed_bar_address(&self, reg: usize) -> Option<u64> {
+        let index = reg.checked_sub(BAR0_REG)?;
+        self.bars.iter().find(|b| b.index as usize == index).and_then(|b| b.fixed_address)
     }
 
     /// Stores `value` in register `reg` regardless of the writable mask (device-side updates).
@@ -247,6 +271,7 @@ mod tests {
             size: 0x4000,
             kind: PciBarKind::Memory64,
             prefetchable: false,
+            fixed_address: None,
         })
         .unwrap();
         c.write_reg(4, 0, &u32::MAX.to_le_bytes());
@@ -261,7 +286,13 @@ mod tests {
     #[test]
     fn overlapping_or_bad_bars_are_refused() {
         let mut c = PciConfiguration::new(header());
-        let bar = |index, size, kind| PciBar { index, size, kind, prefetchable: false };
+        let bar = |index, size, kind| PciBar {
+            index,
+            size,
+            kind,
+            prefetchable: false,
+            fixed_address: None,
+        };
         c.add_bar(bar(0, 0x1000, PciBarKind::Memory64)).unwrap();
         assert!(c.add_bar(bar(1, 0x1000, PciBarKind::Memory32)).is_err());
         assert!(c.add_bar(bar(2, 0x1001, PciBarKind::Memory32)).is_err());
@@ -280,6 +311,40 @@ mod tests {
         assert_ne!(c.read_reg(1) & STATUS_CAPABILITIES_LIST, 0);
         assert_eq!(c.read_reg(0x40 / 4) & 0xffff, 0x4809);
         assert_eq!(c.read_reg(0x48 / 4) & 0xffff, 0x0011);
+    }
+
+    fn fixed_bar() -> PciBar {
+        PciBar {
+            index: 0,
+            size: 16 << 20,
+            kind: PciBarKind::Memory32,
+            prefetchable: true,
+            fixed_address: Some(0xc000_0000),
+        }
+    }
+
+    #[test]
+    fn fixed_bar_sizes_like_any_bar_but_keeps_its_address() {
+        let mut c = PciConfiguration::new(header());
+        c.add_bar(fixed_bar()).unwrap();
+        assert_eq!(c.read_reg(4), 0xc000_0008);
+        c.write_reg(4, 0, &u32::MAX.to_le_bytes());
+        assert_eq!(c.read_reg(4), 0xff00_0008, "size mask while sizing");
+        c.write_reg(4, 0, &0xc000_0008u32.to_le_bytes());
+        assert_eq!(c.bar_address(0), Some(0xc000_0000));
+        c.write_reg(4, 0, &0xd000_0000u32.to_le_bytes());
+        assert_eq!(c.bar_address(0), Some(0xc000_0000), "the guest cannot move it");
+        c.write_reg(4, 2, &0x1234u16.to_le_bytes());
+        assert_eq!(c.read_reg(4), 0xc000_0008);
+    }
+
+    #[test]
+    fn fixed_bar_must_be_32_bit_and_aligned() {
+        let mut c = PciConfiguration::new(header());
+        let misaligned = PciBar { fixed_address: Some(0xc010_0000), ..fixed_bar() };
+        assert!(c.add_bar(misaligned).is_err());
+        let wide = PciBar { kind: PciBarKind::Memory64, ..fixed_bar() };
+        assert!(c.add_bar(wide).is_err());
     }
 
     #[test]

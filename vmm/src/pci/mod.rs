@@ -9,6 +9,8 @@
 //! BAR dispatch follows the BAR registers the guest last wrote, and only while the device's
 //! command register enables memory decoding. Devices are locked on their own, so a slow BAR
 //! access (a virtio notify doing disk I/O) does not hold up the rest of the bus.
+//! A fixed BAR (the boot framebuffer, host memory the machine maps into the guest) lives in a
+//! range the machine reserves with [`PciRoot::reserve_mmio`]; the allocator skips it.
 
 pub mod config;
 pub mod root;
@@ -32,6 +34,10 @@ pub struct PciBar {
     pub size: u64,
     pub kind: PciBarKind,
     pub prefetchable: bool,
+    /// A BAR the platform placed (32-bit only): it decodes this address whatever the guest
+    /// writes, reads back its size mask while being sized, and must lie inside a range
+    /// reserved with [`PciRoot::reserve_mmio`].
+    pub fixed_address: Option<u64>,
 }
 
 /// One PCI function on bus 0 (function 0 of its slot).
@@ -60,4 +66,10 @@ pub enum PciError {
     MmioWindowFull { size: u64 },
     #[error("No room left for capabilities in configuration space")]
     CapabilitySpaceFull,
+    #[error(
+        "Fixed BAR {index} at {address:#x} is not 32-bit, aligned and inside a reserved range"
+    )]
+    FixedBarNotReserved { index: u8, address: u64 },
+    #[error("MMIO reservation {start:#x}+{size:#x} is outside the window, overlaps or was already allocated")]
+    InvalidReservation { start: u64, size: u64 },
 }

@@ -84,9 +84,13 @@ impl Slot {
         for bar in &self.bars {
             let reg = BAR0_REG + bar.index as usize;
             let low = u64::from(device.read_config_register(reg) & !0xf);
-            let start = match bar.kind {
-                PciBarKind::Memory32 => low,
-                PciBarKind::Memory64 => u64::from(device.read_config_register(reg + 1)) << 32 | low,
+            let start = match (bar.fixed_address, bar.kind) {
+                // Decodes where the platform put it, even while the guest sizes it.
+                (Some(fixed), _) => fixed,
+                (None, PciBarKind::Memory32) => low,
+                (None, PciBarKind::Memory64) => {
+                    u64::from(device.read_config_register(reg + 1)) << 32 | low
+                }
             };
             // An unassigned BAR (0) or one wrapping the address space decodes nothing.
             if start != 0 && start.checked_add(bar.size).is_some() {
@@ -101,6 +105,10 @@ pub struct PciRoot {
     slots: Vec<Option<Slot>>,
     /// Next free address in the MMIO window (a bump allocator, like firmware's).
     next_mmio: u64,
+    /// Ranges [start, end) the allocator skips: fixed BARs live there.
+    reserved: Vec<(u64, u64)>,
+    /// Fixed BARs placed so far, [start, end).
+    fixed: Vec<(u64, u64)>,
 }
 
 impl Default for PciRoot {
@@ -117,7 +125,12 @@ impl PciRoot {
             bars: Vec::new(),
             decoded: Vec::new(),
         });
-        PciRoot { slots, next_mmio: layout::PCI_MMIO_START }
+        PciRoot {
+            slots,
+            next_mmio: layout::PCI_MMIO_START,
+            reserved: Vec::new(),
+            fixed: Vec::new(),
+        }
     }
 
     /// Puts `device` in the next free slot and programs its BARs inside the MMIO window, with
@@ -129,15 +142,23 @@ impl PciRoot {
         let window_end = layout::PCI_MMIO_START + layout::PCI_MMIO_SIZE;
         let mut next = self.next_mmio;
         let mut assigned = Vec::new();
+        let mut fixed = Vec::new();
         for bar in &bars {
             if !bar.size.is_power_of_two() {
                 return Err(PciError::InvalidBarSize { index: bar.index, size: bar.size });
             }
-            // Natural alignment, as the PCI spec requires of BAR addresses.
-            let start = next
-                .checked_add(bar.size - 1)
-                .map(|n| n & !(bar.size - 1))
-                .filter(|start| start.checked_add(bar.size).is_some_and(|end| end <= window_end))
+            if let Some(address) = bar.fixed_address {
+                let range = (address, address.saturating_add(bar.size));
+                let reserved = self.reserved.iter().any(|r| r.0 <= range.0 && range.1 <= r.1);
+                let taken = self.fixed.iter().chain(&fixed).any(|f| overlaps(*f, range));
+                if !reserved || taken {
+                    return Err(PciError::FixedBarNotReserved { index: bar.index, address });
+                }
+                fixed.push(range);
+                continue;
+            }
+            let start = self
+                .allocate(next, bar.size, window_end)
                 .ok_or(PciError::MmioWindowFull { size: bar.size })?;
             assigned.push((*bar, start));
             next = start + bar.size;
@@ -153,10 +174,43 @@ impl PciRoot {
             | (COMMAND_MEMORY_SPACE | COMMAND_BUS_MASTER) as u16;
         device.write_config_register(COMMAND_REG, 0, &command.to_le_bytes());
         self.next_mmio = next;
+        self.fixed.extend(fixed);
         let mut entry = Slot { device: Arc::new(Mutex::new(device)), bars, decoded: Vec::new() };
         entry.refresh();
         self.slots[slot] = Some(entry);
         Ok(slot as u8)
+    }
+
+    /// Reserves [`start`, `start + size`) of the MMIO window for fixed BARs (a framebuffer the
+    /// machine maps as host memory): the allocator never hands it out. Call it before adding
+    /// devices; a range below what was already allocated is refused.
+    pub fn reserve_mmio(&mut self, start: u64, size: u64) -> Result<(), PciError> {
+        let window_end = layout::PCI_MMIO_START + layout::PCI_MMIO_SIZE;
+        let invalid = PciError::InvalidReservation { start, size };
+        let end = start.checked_add(size).ok_or(PciError::InvalidReservation { start, size })?;
+        if size == 0 || start < self.next_mmio || end > window_end {
+            return Err(invalid);
+        }
+        if self.reserved.iter().any(|r| overlaps(*r, (start, end))) {
+            return Err(invalid);
+        }
+        self.reserved.push((start, end));
+        Ok(())
+    }
+
+    /// The first naturally aligned `size` bytes at or after `from` that end by `limit` and
+    /// miss every reserved range.
+    fn allocate(&self, from: u64, size: u64, limit: u64) -> Option<u64> {
+        let mut next = from;
+        loop {
+            // Natural alignment, as the PCI spec requires of BAR addresses.
+            let start = next.checked_add(size - 1)? & !(size - 1);
+            let end = start.checked_add(size).filter(|&end| end <= limit)?;
+            match self.reserved.iter().find(|r| overlaps(**r, (start, end))) {
+                Some(r) => next = r.1,
+                None => return Some(start),
+            }
+        }
     }
 
     /// Reads configuration dword `reg` of 00:`device`.`function`; absent ones read all-ones.
@@ -192,6 +246,11 @@ impl PciRoot {
                 .map(|d| (slot.device.clone(), d.bar, addr - d.start))
         })
     }
+}
+
+/// Whether half-open ranges `a` and `b` share an address.
+fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
+    a.0 < b.1 && b.0 < a.1
 }
 
 /// Reads through the root's MMIO dispatch; false when no BAR decodes `addr`. The root is
@@ -393,6 +452,7 @@ mod tests {
                     size: bar_size,
                     kind: PciBarKind::Memory64,
                     prefetchable: false,
+                    fixed_address: None,
                 })
                 .unwrap();
             let writes = Arc::new(Mutex::new(Vec::new()));
@@ -533,6 +593,102 @@ mod tests {
         }
         let err = root.lock().unwrap().add_device(Box::new(TestDevice::new(0x1000).0));
         assert!(matches!(err, Err(PciError::NoFreeSlot)));
+    }
+
+    /// A device with a fixed 16 MiB BAR 0 at `addr` and a 64-bit BAR 2.
+    struct FixedDevice(PciConfiguration);
+
+    impl FixedDevice {
+        fn new(addr: u64) -> Self {
+            let mut c = PciConfiguration::new(PciHeader {
+                vendor_id: 0x1af4,
+                device_id: 0x1050,
+                revision: 1,
+                class_code: 0x03_00_00,
+                subsystem_vendor_id: 0,
+                subsystem_id: 0,
+            });
+            c.add_bar(PciBar {
+                index: 0,
+                size: 16 << 20,
+                kind: PciBarKind::Memory32,
+                prefetchable: true,
+                fixed_address: Some(addr),
+            })
+            .unwrap();
+            c.add_bar(PciBar {
+                index: 2,
+                size: 0x4000,
+                kind: PciBarKind::Memory64,
+                prefetchable: false,
+                fixed_address: None,
+            })
+            .unwrap();
+            FixedDevice(c)
+        }
+    }
+
+    impl PciDevice for FixedDevice {
+        fn read_config_register(&mut self, reg: usize) -> u32 {
+            self.0.read_reg(reg)
+        }
+        fn write_config_register(&mut self, reg: usize, offset: u64, data: &[u8]) {
+            self.0.write_reg(reg, offset, data);
+        }
+        fn bars(&self) -> Vec<PciBar> {
+            self.0.bars().to_vec()
+        }
+        fn bar_read(&mut self, bar: u8, _offset: u64, data: &mut [u8]) {
+            data.fill(bar);
+        }
+        fn bar_write(&mut self, _bar: u8, _offset: u64, _data: &[u8]) {}
+    }
+
+    const FB: u64 = layout::PCI_MMIO_START;
+
+    #[test]
+    fn reserved_range_is_never_allocated_and_holds_the_fixed_bar() {
+        let root = Arc::new(Mutex::new(PciRoot::new()));
+        root.lock().unwrap().reserve_mmio(FB, 16 << 20).unwrap();
+        root.lock().unwrap().add_device(Box::new(FixedDevice::new(FB))).unwrap();
+        root.lock().unwrap().add_device(Box::new(TestDevice::new(0x1000).0)).unwrap();
+        let mut io = PciConfigIo::new(root.clone());
+        assert_eq!(cfc_read(&mut io, 1, 4), FB as u32 | 0x8);
+        assert_eq!(cfc_read(&mut io, 1, 6), (FB as u32 + (16 << 20)) | 0x4, "BAR 2 after it");
+        assert_eq!(cfc_read(&mut io, 2, 4), (FB as u32 + (16 << 20) + 0x4000) | 0x4);
+        // Sizing and restoring through the config ports; the BAR stays where it was.
+        cf8(&mut io, 1, 4);
+        io.write(4, &u32::MAX.to_le_bytes());
+        assert_eq!(cfc_read(&mut io, 1, 4), 0xff00_0008);
+        io.write(4, &0xd000_0000u32.to_le_bytes());
+        assert_eq!(cfc_read(&mut io, 1, 4), FB as u32 | 0x8);
+        let mut window = PciMmioWindow::new(root);
+        let mut d = [0u8; 2];
+        window.read(0x10, &mut d);
+        assert_eq!(d, [0, 0], "BAR 0 of the fixed device decodes at the window start");
+    }
+
+    #[test]
+    fn fixed_bar_outside_a_reservation_is_refused() {
+        let root = Arc::new(Mutex::new(PciRoot::new()));
+        let err = root.lock().unwrap().add_device(Box::new(FixedDevice::new(FB)));
+        assert!(matches!(err, Err(PciError::FixedBarNotReserved { .. })));
+        root.lock().unwrap().reserve_mmio(FB, 16 << 20).unwrap();
+        root.lock().unwrap().add_device(Box::new(FixedDevice::new(FB))).unwrap();
+        let twice = root.lock().unwrap().add_device(Box::new(FixedDevice::new(FB)));
+        assert!(matches!(twice, Err(PciError::FixedBarNotReserved { .. })), "already taken");
+    }
+
+    #[test]
+    fn bad_reservations_are_refused() {
+        let mut root = PciRoot::new();
+        assert!(root.reserve_mmio(0x1000, 0x1000).is_err(), "outside the window");
+        assert!(root.reserve_mmio(FB, 0).is_err());
+        assert!(root.reserve_mmio(u64::MAX - 10, 100).is_err());
+        root.reserve_mmio(FB + (16 << 20), 16 << 20).unwrap();
+        assert!(root.reserve_mmio(FB + (20 << 20), 1 << 20).is_err(), "overlap");
+        root.add_device(Box::new(TestDevice::new(0x1000).0)).unwrap();
+        assert!(root.reserve_mmio(FB, 0x1000).is_err(), "already allocated");
     }
 
     #[test]

@@ -12,6 +12,8 @@
 //! completes without a vCPU exit to the VMM; MMIO notifies still work alongside.
 
 pub mod block;
+pub mod gpu;
+pub mod input;
 pub mod pci_transport;
 pub mod queue;
 pub mod rng;
@@ -28,6 +30,8 @@ pub use pci_transport::VirtioPciDevice;
 pub const TYPE_NET: u32 = 1;
 pub const TYPE_BLOCK: u32 = 2;
 pub const TYPE_RNG: u32 = 4;
+pub const TYPE_GPU: u32 = 16;
+pub const TYPE_INPUT: u32 = 18;
 
 /// Feature bits every device handles the same way.
 pub const VIRTIO_F_RING_INDIRECT_DESC: u64 = 1 << 28;
@@ -86,6 +90,17 @@ pub trait VirtioDevice: Send {
     fn process_queue(&mut self, queue_index: usize) -> Result<bool, VirtioError>;
     /// Drops the queues and returns to the pre-activation state.
     fn reset(&mut self);
+    /// The PCI class code (base class, subclass, interface) this device wants, or None for
+    /// the transport's choice by device type.
+    fn pci_class_code(&self) -> Option<u32> {
+        None
+    }
+    /// A memory BAR at a fixed guest-physical address, backed by host memory the machine maps
+    /// there (a boot framebuffer), as (address, size). The transport exposes it as a 32-bit
+    /// prefetchable BAR 0 whose accesses never reach the device.
+    fn fixed_memory_bar(&self) -> Option<(u64, u64)> {
+        None
+    }
 }
 
 /// Copies the device-config bytes `config[offset..]` into `data` (zeroes past the end).

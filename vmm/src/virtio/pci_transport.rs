@@ -10,6 +10,12 @@
 //! (entry or function mask) is recorded in the PBA and sent when unmasked; an interrupt with
 //! MSI-X disabled or with no vector assigned only sets the ISR bit.
 //! The VIRTIO_PCI_CAP_PCI_CFG access window is not offered (Linux does not use it).
+//!
+//! A device with a [fixed memory BAR](VirtioDevice::fixed_memory_bar) (virtio-gpu's boot
+//! framebuffer) gets it as BAR 0, 32-bit prefetchable at the machine's address, and the
+//! register BAR above moves to BAR 2, the layout of QEMU's virtio-vga: older Linux kernels
+//! only look at BAR 0 when evicting the firmware framebuffer. Accesses that reach the fixed
+//! BAR (none should: the machine maps memory there) read 0 and are ignored.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,12 +27,14 @@ use vm_memory::GuestAddress;
 
 use super::{
     VirtioDevice, VirtioInterrupt, STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
-    TYPE_BLOCK, TYPE_NET, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
+    TYPE_BLOCK, TYPE_GPU, TYPE_INPUT, TYPE_NET, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
 };
 use crate::devices::bus::lock;
 use crate::hypervisor::{GuestNotifier, InterruptSink, NotifierRegistry};
 use crate::memory::GuestMemory;
-use crate::pci::config::{CLASS_NETWORK_ETHERNET, CLASS_OTHER, CLASS_STORAGE_SCSI};
+use crate::pci::config::{
+    CLASS_DISPLAY_OTHER, CLASS_INPUT_OTHER, CLASS_NETWORK_ETHERNET, CLASS_OTHER, CLASS_STORAGE_SCSI,
+};
 use crate::pci::{PciBar, PciBarKind, PciConfiguration, PciDevice, PciError, PciHeader};
 
 pub const VIRTIO_PCI_VENDOR_ID: u16 = 0x1af4;
@@ -41,7 +49,7 @@ const COMMON_CFG_OFFSET: u64 = 0x0000;
 const COMMON_CFG_SIZE: u64 = 0x38;
 const ISR_CFG_OFFSET: u64 = 0x0800;
 const ISR_CFG_SIZE: u64 = 4;
-const DEVICE_CFG_OFFSET: u64 = 0x1000;
+pub(crate) const DEVICE_CFG_OFFSET: u64 = 0x1000;
 const DEVICE_CFG_SIZE: u64 = 0x1000;
 const NOTIFY_OFFSET: u64 = 0x2000;
 const NOTIFY_SIZE: u64 = 0x1000;
@@ -310,6 +318,8 @@ pub struct VirtioPciDevice {
     queue_select: u16,
     queues: Vec<QueueConfig>,
     active: bool,
+    /// The BAR holding the virtio registers (0, or 2 when BAR 0 is a fixed framebuffer).
+    regs_bar: u8,
 }
 
 impl VirtioPciDevice {
@@ -329,11 +339,13 @@ impl VirtioPciDevice {
             }
         }
         let device_type = device.device_type();
-        let class_code = match device_type {
+        let class_code = device.pci_class_code().unwrap_or(match device_type {
             TYPE_BLOCK => CLASS_STORAGE_SCSI,
             TYPE_NET => CLASS_NETWORK_ETHERNET,
+            TYPE_GPU => CLASS_DISPLAY_OTHER,
+            TYPE_INPUT => CLASS_INPUT_OTHER,
             _ => CLASS_OTHER,
-        };
+        });
         let mut config = PciConfiguration::new(PciHeader {
             vendor_id: VIRTIO_PCI_VENDOR_ID,
             device_id: VIRTIO_PCI_DEVICE_ID_BASE + device_type as u16,
@@ -342,15 +354,29 @@ impl VirtioPciDevice {
             subsystem_vendor_id: VIRTIO_PCI_VENDOR_ID,
             subsystem_id: VIRTIO_PCI_SUBSYSTEM_ID,
         });
+        let regs_bar = match device.fixed_memory_bar() {
+            Some((address, size)) => {
+                config.add_bar(PciBar {
+                    index: 0,
+                    size,
+                    kind: PciBarKind::Memory32,
+                    prefetchable: true,
+                    fixed_address: Some(address),
+                })?;
+                2
+            }
+            None => 0,
+        };
         config.add_bar(PciBar {
-            index: 0,
+            index: regs_bar,
             size: BAR0_SIZE,
             kind: PciBarKind::Memory64,
             prefetchable: false,
+            fixed_address: None,
         })?;
         let virtio_cap = |cfg_type: u8, offset: u64, length: u64, extra: Option<u32>| {
             let cap_len: u8 = if extra.is_some() { 20 } else { 16 };
-            let mut body = vec![cap_len, cfg_type, 0, 0, 0, 0];
+            let mut body = vec![cap_len, cfg_type, regs_bar, 0, 0, 0];
             body.extend_from_slice(&(offset as u32).to_le_bytes());
             body.extend_from_slice(&(length as u32).to_le_bytes());
             if let Some(x) = extra {
@@ -377,8 +403,9 @@ impl VirtioPciDevice {
         let vectors = num_queues + 1;
         let mut msix = Vec::new();
         msix.extend_from_slice(&((vectors - 1) as u16).to_le_bytes());
-        msix.extend_from_slice(&(MSIX_TABLE_OFFSET as u32).to_le_bytes()); // BIR 0
-        msix.extend_from_slice(&(MSIX_PBA_OFFSET as u32).to_le_bytes()); // BIR 0
+        // Offsets are 8-aligned; the low three bits name the BAR (BIR).
+        msix.extend_from_slice(&(MSIX_TABLE_OFFSET as u32 | u32::from(regs_bar)).to_le_bytes());
+        msix.extend_from_slice(&(MSIX_PBA_OFFSET as u32 | u32::from(regs_bar)).to_le_bytes());
         let msix_offset = config.add_capability(CAP_ID_MSIX, &msix)?;
         let msix_control_reg = msix_offset / 4;
         config.set_writable_bits(
@@ -416,6 +443,7 @@ impl VirtioPciDevice {
             queue_select: 0,
             queues: max_sizes.into_iter().map(QueueConfig::new).collect(),
             active: false,
+            regs_bar,
         })
     }
 
@@ -441,7 +469,10 @@ impl VirtioPciDevice {
         if !self.active || self.notifiers.is_none() || !self.config.memory_space_enabled() {
             return None;
         }
-        self.config.bar_address(0).filter(|&a| a != 0).and_then(|a| a.checked_add(NOTIFY_OFFSET))
+        self.config
+            .bar_address(self.regs_bar)
+            .filter(|&a| a != 0)
+            .and_then(|a| a.checked_add(NOTIFY_OFFSET))
     }
 
     /// Brings the I/O threads in line with the device state and BAR address.
@@ -815,7 +846,7 @@ impl PciDevice for VirtioPciDevice {
 
     fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]) {
         data.fill(0);
-        if bar != 0 || data.len() > 8 {
+        if bar != self.regs_bar || data.len() > 8 {
             return;
         }
         match offset {
@@ -842,7 +873,7 @@ impl PciDevice for VirtioPciDevice {
     }
 
     fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]) {
-        if bar != 0 || data.len() > 8 {
+        if bar != self.regs_bar || data.len() > 8 {
             return;
         }
         match offset {
@@ -982,21 +1013,25 @@ pub(crate) mod testing {
             TestDriver { dev, mem, sink, tq: TestQueue::new(256, 0x10_0000) }
         }
 
-        /// Places BAR0 at `addr` and turns on memory decoding (what firmware or Linux does).
+        /// Places the register BAR at `addr` and turns on memory decoding (what firmware or
+        /// Linux does).
         pub fn place_bar0(&mut self, addr: u64) {
-            self.dev.write_config_register(4, 0, &(addr as u32 | 0b100).to_le_bytes());
-            self.dev.write_config_register(5, 0, &((addr >> 32) as u32).to_le_bytes());
+            let reg = 4 + usize::from(self.dev.regs_bar);
+            self.dev.write_config_register(reg, 0, &(addr as u32 | 0b100).to_le_bytes());
+            self.dev.write_config_register(reg + 1, 0, &((addr >> 32) as u32).to_le_bytes());
             self.dev.write_config_register(1, 0, &2u16.to_le_bytes());
         }
 
         pub fn read(&mut self, offset: u64, len: usize) -> u64 {
             let mut d = [0u8; 8];
-            self.dev.bar_read(0, offset, &mut d[..len]);
+            let bar = self.dev.regs_bar;
+            self.dev.bar_read(bar, offset, &mut d[..len]);
             u64::from_le_bytes(d)
         }
 
         pub fn write(&mut self, offset: u64, len: usize, value: u64) {
-            self.dev.bar_write(0, offset, &value.to_le_bytes()[..len]);
+            let bar = self.dev.regs_bar;
+            self.dev.bar_write(bar, offset, &value.to_le_bytes()[..len]);
         }
 
         pub fn status(&mut self) -> u8 {
@@ -1057,6 +1092,32 @@ pub(crate) mod testing {
             self.write(0x1c, 2, 1);
         }
 
+        /// Programs queue `index` at `tq`'s rings (its size) on vector 1 and enables it.
+        pub fn setup_queue_at(&mut self, index: u16, tq: &TestQueue) {
+            self.write(0x16, 2, u64::from(index));
+            assert!(self.read(0x18, 2) >= u64::from(tq.size));
+            self.write(0x18, 2, u64::from(tq.size));
+            self.write(0x1a, 2, 1);
+            for (off, addr) in [(0x20, tq.desc), (0x28, tq.avail), (0x30, tq.used)] {
+                self.write(off, 4, addr & 0xffff_ffff);
+                self.write(off + 4, 4, addr >> 32);
+            }
+            self.write(0x1c, 2, 1);
+        }
+
+        /// Bring-up of a multi-queue device: queue 0 at `self.tq`, queue n at `extra[n - 1]`.
+        pub fn bring_up_queues(&mut self, extra: &[&TestQueue]) {
+            assert_ne!(self.negotiate(u64::MAX) & STATUS_FEATURES_OK, 0);
+            self.setup_msix();
+            let tq0 = TestQueue::new(self.tq.size, self.tq.desc);
+            self.setup_queue_at(0, &tq0);
+            for (i, tq) in extra.iter().enumerate() {
+                self.setup_queue_at(i as u16 + 1, tq);
+            }
+            self.write(0x14, 1, 0xf);
+            assert_eq!(self.status(), 0xf);
+        }
+
         /// The whole bring-up with every offered feature; panics unless DRIVER_OK sticks.
         pub fn bring_up(&mut self) {
             assert_ne!(self.negotiate(u64::MAX) & STATUS_FEATURES_OK, 0);
@@ -1067,6 +1128,7 @@ pub(crate) mod testing {
         }
 
         pub fn notify(&mut self, queue: u64) {
+            self.write(0x16, 2, queue);
             let off = self.read(0x1e, 2) * u64::from(NOTIFY_OFF_MULTIPLIER);
             self.write(NOTIFY_OFFSET + off, 2, queue);
         }

@@ -4,7 +4,8 @@
 //! 0x0000_0000  RAM (real-mode area: GDT, page tables, zero page, command line)
 //! 0x000E_0000  ACPI tables (RSDP first, where Linux also scans for it)
 //! 0x0010_0000  RAM: kernel, then free RAM, initrd at the top of low RAM
-//! 0xC000_0000  PCI 32-bit MMIO window (BARs)           ┐
+//! 0xC000_0000  boot framebuffer (virtio-gpu's fixed BAR) ┐
+//! 0xC100_0000  PCI 32-bit MMIO window (other BARs)      │
 //! 0xE000_0000  PCI ECAM (bus 0 only)                   │ the "PCI hole": never RAM
 //! 0xFEC0_0000  IOAPIC                                  │
 //! 0xFEE0_0000  LAPIC                                   ┘
@@ -20,6 +21,10 @@ pub const HIGH_RAM_START: u64 = 0x1_0000_0000;
 /// Window from which PCI BARs are assigned.
 pub const PCI_MMIO_START: u64 = 0xC000_0000;
 pub const PCI_MMIO_SIZE: u64 = 0x2000_0000;
+/// The boot framebuffer: host memory mapped at the start of the PCI window, the fixed BAR of
+/// the (VGA-class) virtio-gpu function. 16 MiB holds 1920×1200 at 32 bpp with room to spare.
+pub const FRAMEBUFFER_START: u64 = PCI_MMIO_START;
+pub const FRAMEBUFFER_SIZE: u64 = 16 << 20;
 /// Enhanced configuration access (ECAM) for bus 0: 32 devices × 8 functions × 4 KiB.
 pub const PCI_ECAM_START: u64 = 0xE000_0000;
 pub const PCI_ECAM_SIZE: u64 = 0x10_0000;

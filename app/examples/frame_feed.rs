@@ -1,0 +1,141 @@
+//! Test tool for the GUI's VM view on hosts that cannot boot a guest: plays the VM side of
+//! the shared-memory frame for library VM NAME (at the path the GUI reads), drawing colour
+//! bars and a moving square with dirty-rect updates.
+//!
+//! With `--fake-vm` it also plays a running VM process: holds the VM lock, writes `pid.json`
+//! and answers the control socket (`status` says running; `input` and `display_size` are
+//! accepted and printed on stdout, one JSON line each), so capture and input can be tested.
+//!
+//! `HUTCH_HOME=... cargo run --example frame_feed -- [--fake-vm] NAME [SECONDS] [WIDTH HEIGHT]`
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use display::frame::{FrameMut, FrameWriter};
+use display::Rect;
+use hutch::control::protocol::{Request, Response, StatusReply};
+use hutch::library::{Library, PidFile};
+use hutch::runtime;
+
+const SQUARE: u32 = 64;
+
+fn fill(frame: &mut FrameMut<'_>, r: Rect, rgb: [u8; 3]) {
+    let stride = frame.stride();
+    let px = frame.pixels_mut();
+    for y in r.y..r.y + r.height {
+        for x in r.x..r.x + r.width {
+            let i = y as usize * stride + x as usize * 4;
+            px[i..i + 4].copy_from_slice(&[rgb[0], rgb[1], rgb[2], 0xff]);
+        }
+    }
+}
+
+const BARS: [[u8; 3]; 8] = [
+    [255, 255, 255],
+    [255, 255, 0],
+    [0, 255, 255],
+    [0, 255, 0],
+    [255, 0, 255],
+    [255, 0, 0],
+    [0, 0, 255],
+    [40, 40, 40],
+];
+
+fn main() -> anyhow::Result<()> {
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let fake_vm = args.first().is_some_and(|a| a == "--fake-vm");
+    if fake_vm {
+        args.remove(0);
+    }
+    let name = args.first().context("usage: frame_feed NAME [SECONDS] [WIDTH HEIGHT]")?;
+    let secs: u64 = args.get(1).map_or(Ok(30), |s| s.parse()).context("SECONDS")?;
+    let width: u32 = args.get(2).map_or(Ok(800), |s| s.parse()).context("WIDTH")?;
+    let height: u32 = args.get(3).map_or(Ok(600), |s| s.parse()).context("HEIGHT")?;
+    let library = Library::from_env()?;
+    let vm = library.existing(name)?;
+    let path = runtime::frame_path(vm.dir(), name)?;
+    runtime::prepare_socket_dir(&path)?;
+    let mut writer = FrameWriter::create(&path, display::MAX_WIDTH, display::MAX_HEIGHT)?;
+    writer.resize(width, height)?;
+    let band = width / BARS.len() as u32;
+    writer.update(&[Rect::full(width, height)], |f| {
+        for (i, rgb) in BARS.iter().enumerate() {
+            fill(f, Rect::new(i as u32 * band, 0, band, height * 2 / 3), *rgb);
+        }
+        fill(f, Rect::new(0, height * 2 / 3, width, height - height * 2 / 3), [20, 30, 60]);
+    });
+    println!("{}", path.display());
+    let _lock = if fake_vm {
+        let lock = vm.try_lock()?.context("the VM is running")?;
+        let socket = runtime::socket_path(vm.dir(), name)?;
+        let _ = std::fs::remove_file(&socket);
+        let listener = UnixListener::bind(&socket)?;
+        vm.write_pid_file(&PidFile {
+            pid: std::process::id(),
+            socket,
+            started_at: hutch::library::unix_now(),
+        })?;
+        let config = vm.load_config()?;
+        let status = StatusReply {
+            name: name.clone(),
+            state: vmm::machine::RunState::Running,
+            pid: std::process::id(),
+            cpus: config.cpus,
+            memory_mib: config.memory_mib,
+            uptime_secs: 0,
+            display: Some("virtio-gpu 800x600".into()),
+        };
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let status = status.clone();
+                std::thread::spawn(move || serve(stream, &status));
+            }
+        });
+        Some(lock)
+    } else {
+        None
+    };
+    let start = Instant::now();
+    let (mut x, y) = (0u32, height * 2 / 3 + (height / 3 - SQUARE) / 2);
+    while start.elapsed() < Duration::from_secs(secs) {
+        let next = (x + 8) % (width - SQUARE);
+        let (old, new) = (Rect::new(x, y, SQUARE, SQUARE), Rect::new(next, y, SQUARE, SQUARE));
+        writer.update(&[old, new], |f| {
+            fill(f, old, [20, 30, 60]);
+            fill(f, new, [255, 160, 0]);
+        });
+        x = next;
+        std::thread::sleep(Duration::from_millis(40));
+    }
+    if fake_vm {
+        vm.write_last_exit(&hutch::library::ExitRecord::new(
+            hutch::library::ExitKind::PowerOff,
+            None,
+        ))?;
+        vm.remove_pid_file();
+    }
+    Ok(())
+}
+
+/// One control connection of the fake VM.
+fn serve(stream: UnixStream, status: &StatusReply) {
+    let Ok(mut out) = stream.try_clone() else { return };
+    for line in BufReader::new(stream).lines() {
+        let Ok(line) = line else { return };
+        let reply = match Request::parse(&line) {
+            Ok(Request::Status) => Response::status(status.clone()),
+            Ok(Request::Input { .. } | Request::DisplaySize { .. }) => {
+                println!("{}", line.trim());
+                let _ = std::io::stdout().flush();
+                Response::done()
+            }
+            Ok(_) => Response::error("Not in the fake VM"),
+            Err(e) => Response::error(e.to_string()),
+        };
+        if out.write_all(reply.to_line().as_bytes()).is_err() {
+            return;
+        }
+    }
+}

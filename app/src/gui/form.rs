@@ -1,0 +1,227 @@
+//! The create / edit-settings form: text fields, and their validation into a [`VmConfig`]
+//! with one message per bad field.
+
+use std::path::PathBuf;
+
+use crate::cli::parse_disk;
+use crate::library::{self, VmConfig, DEFAULT_CMDLINE, MAX_CPUS, MAX_MEMORY_MIB};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Field {
+    Name,
+    Kernel,
+    Initrd,
+    Disks,
+    Cpus,
+    Memory,
+    Cmdline,
+}
+
+/// The form's text, as typed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmForm {
+    pub name: String,
+    pub kernel: String,
+    pub initrd: String,
+    /// One disk per line: `PATH` or `PATH,readonly`.
+    pub disks: String,
+    pub cpus: String,
+    pub memory_mib: String,
+    pub cmdline: String,
+}
+
+impl Default for VmForm {
+    fn default() -> VmForm {
+        VmForm {
+            name: String::new(),
+            kernel: String::new(),
+            initrd: String::new(),
+            disks: String::new(),
+            cpus: "1".into(),
+            memory_mib: "512".into(),
+            cmdline: DEFAULT_CMDLINE.into(),
+        }
+    }
+}
+
+/// Problems, one per field, in form order.
+pub type FormErrors = Vec<(Field, String)>;
+
+impl VmForm {
+    /// The form of an existing VM's settings.
+    pub fn from_config(name: &str, c: &VmConfig) -> VmForm {
+        let disks = c
+            .disks
+            .iter()
+            .map(|d| {
+                let p = d.path.display();
+                if d.readonly {
+                    format!("{p},readonly")
+                } else {
+                    p.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        VmForm {
+            name: name.into(),
+            kernel: c.kernel.display().to_string(),
+            initrd: c.initrd.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+            disks,
+            cpus: c.cpus.to_string(),
+            memory_mib: c.memory_mib.to_string(),
+            cmdline: c.cmdline.clone(),
+        }
+    }
+
+    /// Checks every field; `existing` are the library's names (a new name must be free;
+    /// when editing, `existing` should not hold the VM's own name). Files must exist and
+    /// open as the VM will open them; relative paths are taken from the current directory.
+    pub fn validate(&self, existing: &[String]) -> Result<VmConfig, FormErrors> {
+        let mut errors = FormErrors::new();
+        let name = self.name.trim();
+        if let Err(e) = library::validate_name(name) {
+            errors.push((Field::Name, e.to_string()));
+        } else if existing.iter().any(|n| n == name) {
+            errors.push((Field::Name, format!("A VM named '{name}' already exists")));
+        }
+        let kernel = self.kernel.trim();
+        if kernel.is_empty() {
+            errors.push((Field::Kernel, "A kernel is required".into()));
+        }
+        let initrd = self.initrd.trim();
+        let mut disks = Vec::new();
+        for line in self.disks.lines().map(str::trim).filter(|l| !l.is_empty()) {
+            match parse_disk(line) {
+                Ok(d) => disks.push(d),
+                Err(e) => errors.push((Field::Disks, format!("{line}: {e}"))),
+            }
+        }
+        let cpus = match self.cpus.trim().parse::<u32>() {
+            Ok(n) if (1..=MAX_CPUS).contains(&n) => n,
+            _ => {
+                errors.push((Field::Cpus, format!("CPUs must be a number from 1 to {MAX_CPUS}")));
+                0
+            }
+        };
+        let memory = match self.memory_mib.trim().parse::<u64>() {
+            Ok(n) if (1..=MAX_MEMORY_MIB).contains(&n) => n,
+            _ => {
+                errors.push((
+                    Field::Memory,
+                    format!("Memory must be a number of MiB from 1 to {MAX_MEMORY_MIB}"),
+                ));
+                0
+            }
+        };
+        if self.cmdline.contains('\0') {
+            errors.push((Field::Cmdline, "The command line contains a NUL byte".into()));
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let mut config = VmConfig::new(
+            PathBuf::from(kernel),
+            (!initrd.is_empty()).then(|| PathBuf::from(initrd)),
+            self.cmdline.trim().to_string(),
+            disks,
+            cpus,
+            memory,
+        );
+        if let Err(e) = config.make_paths_absolute() {
+            return Err(vec![(Field::Kernel, e.to_string())]);
+        }
+        // The file checks name the file; put the message on its field.
+        if let Err(e) = config.check_files() {
+            let field = match &e {
+                library::LibraryError::File { what: "initrd", .. } => Field::Initrd,
+                library::LibraryError::File { what: "disk", .. } => Field::Disks,
+                _ => Field::Kernel,
+            };
+            return Err(vec![(field, format!("{:#}", anyhow::Error::from(e)))]);
+        }
+        Ok(config)
+    }
+}
+
+/// The message for `field`, if it has one.
+pub fn error_for(errors: &FormErrors, field: Field) -> Option<&str> {
+    errors.iter().find(|(f, _)| *f == field).map(|(_, m)| m.as_str())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // A failed unwrap is a failed test.
+mod tests {
+    use super::*;
+
+    fn form_with_files(dir: &std::path::Path) -> VmForm {
+        let kernel = dir.join("vmlinuz");
+        std::fs::write(&kernel, b"k").unwrap();
+        let disk = dir.join("root.img");
+        std::fs::write(&disk, b"d").unwrap();
+        VmForm {
+            name: "web".into(),
+            kernel: kernel.display().to_string(),
+            disks: format!("{}\n\n{},readonly\n", disk.display(), disk.display()),
+            cpus: "2".into(),
+            memory_mib: "1024".into(),
+            ..VmForm::default()
+        }
+    }
+
+    #[test]
+    fn a_complete_form_becomes_a_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = form_with_files(dir.path()).validate(&["other".into()]).unwrap();
+        assert_eq!((c.cpus, c.memory_mib), (2, 1024));
+        assert_eq!(c.disks.len(), 2);
+        assert!(c.disks[1].readonly && !c.disks[0].readonly);
+        assert!(c.initrd.is_none());
+        assert_eq!(c.cmdline, DEFAULT_CMDLINE);
+    }
+
+    #[test]
+    fn every_bad_field_gets_its_own_message() {
+        let form = VmForm {
+            name: ".hidden".into(),
+            kernel: " ".into(),
+            disks: "a.img,ro".into(),
+            cpus: "0".into(),
+            memory_mib: "lots".into(),
+            cmdline: "a\0b".into(),
+            ..VmForm::default()
+        };
+        let errors = form.validate(&[]).unwrap_err();
+        for field in
+            [Field::Name, Field::Kernel, Field::Disks, Field::Cpus, Field::Memory, Field::Cmdline]
+        {
+            assert!(error_for(&errors, field).is_some(), "{field:?}: {errors:?}");
+        }
+        assert!(error_for(&errors, Field::Disks).unwrap().contains("ro"));
+    }
+
+    #[test]
+    fn a_taken_name_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let errors = form_with_files(dir.path()).validate(&["web".into()]).unwrap_err();
+        assert!(error_for(&errors, Field::Name).unwrap().contains("already exists"));
+    }
+
+    #[test]
+    fn a_missing_file_is_reported_on_its_field_with_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut form = form_with_files(dir.path());
+        form.initrd = "/nonexistent/initrd.img".into();
+        let errors = form.validate(&[]).unwrap_err();
+        let msg = error_for(&errors, Field::Initrd).unwrap();
+        assert!(msg.contains("/nonexistent/initrd.img"), "{msg}");
+    }
+
+    #[test]
+    fn settings_round_trip_through_the_form() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = form_with_files(dir.path()).validate(&[]).unwrap();
+        let again = VmForm::from_config("web", &c).validate(&[]).unwrap();
+        assert_eq!(again, c);
+    }
+}

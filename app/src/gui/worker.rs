@@ -1,0 +1,333 @@
+//! Everything that may block runs here, never on the UI thread: the library poller (states
+//! every second, thumbnails of running VMs) and one thread per job (start, stop, delete...).
+//! Results come back as [`Event`]s on a channel, each followed by a repaint request.
+
+use std::collections::HashMap;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::time::Duration;
+
+use anyhow::Context as _;
+
+use super::model::{derive_state, Probe, VmState, VmSummary};
+use super::screen::Thumbnailer;
+use crate::control::client::ControlClient;
+use crate::library::{DiskState, Library, VmConfig};
+use crate::{commands, runtime};
+
+/// How often the poller looks at the library when nothing pokes it.
+pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// How long the poller waits for a VM process's status answer.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Something the UI asked for.
+#[derive(Debug, Clone)]
+pub enum Job {
+    Start(String),
+    /// ACPI power button.
+    Shutdown(String),
+    PowerOff(String),
+    Pause(String),
+    Resume(String),
+    Delete(String),
+    Create {
+        name: String,
+        config: VmConfig,
+    },
+    SaveSettings {
+        name: String,
+        config: VmConfig,
+    },
+    Screenshot {
+        name: String,
+    },
+}
+
+impl Job {
+    /// What failed, for the error dialog's title.
+    pub fn failure_title(&self) -> String {
+        match self {
+            Job::Start(n) => format!("Cannot start VM '{n}'"),
+            Job::Shutdown(n) => format!("Cannot shut down VM '{n}'"),
+            Job::PowerOff(n) => format!("Cannot power off VM '{n}'"),
+            Job::Pause(n) => format!("Cannot pause VM '{n}'"),
+            Job::Resume(n) => format!("Cannot resume VM '{n}'"),
+            Job::Delete(n) => format!("Cannot delete VM '{n}'"),
+            Job::Create { name, .. } => format!("Cannot create VM '{name}'"),
+            Job::SaveSettings { name, .. } => format!("Cannot save the settings of VM '{name}'"),
+            Job::Screenshot { name } => format!("Cannot take a screenshot of VM '{name}'"),
+        }
+    }
+
+    pub fn vm_name(&self) -> &str {
+        match self {
+            Job::Start(n)
+            | Job::Shutdown(n)
+            | Job::PowerOff(n)
+            | Job::Pause(n)
+            | Job::Resume(n)
+            | Job::Delete(n) => n,
+            Job::Create { name, .. }
+            | Job::SaveSettings { name, .. }
+            | Job::Screenshot { name } => name,
+        }
+    }
+}
+
+/// What the workers report.
+#[derive(Debug)]
+pub enum Event {
+    Library(Vec<VmSummary>),
+    Thumbnail {
+        name: String,
+        image: egui::ColorImage,
+    },
+    /// A job ended; the error is the whole cause chain, outermost first.
+    JobDone {
+        job: Job,
+        result: Result<String, Vec<String>>,
+    },
+}
+
+/// Sends events to the UI and wakes it.
+#[derive(Clone)]
+pub struct EventSender {
+    tx: Sender<Event>,
+    ctx: egui::Context,
+}
+
+impl EventSender {
+    pub fn new(ctx: egui::Context) -> (EventSender, Receiver<Event>) {
+        let (tx, rx) = mpsc::channel();
+        (EventSender { tx, ctx }, rx)
+    }
+
+    /// False once the UI is gone.
+    pub fn send(&self, event: Event) -> bool {
+        let ok = self.tx.send(event).is_ok();
+        self.ctx.request_repaint();
+        ok
+    }
+}
+
+/// Starts the poller; poke the returned sender for an immediate refresh, drop it to stop.
+pub fn spawn_poller(library: Library, events: EventSender) -> std::io::Result<Sender<()>> {
+    let (poke, poked) = mpsc::channel::<()>();
+    std::thread::Builder::new().name("gui-poller".into()).spawn(move || {
+        let mut thumbs: HashMap<String, Thumbnailer> = HashMap::new();
+        loop {
+            let vms = scan(&library);
+            let live: Vec<&VmSummary> = vms.iter().filter(|v| v.state.is_live()).collect();
+            thumbs.retain(|name, _| live.iter().any(|v| &v.name == name));
+            let mut images = Vec::new();
+            for vm in live {
+                let Ok(dir) = library.vm(&vm.name) else { continue };
+                let Ok(path) = runtime::frame_path(dir.dir(), &vm.name) else { continue };
+                let t = thumbs.entry(vm.name.clone()).or_insert_with(|| Thumbnailer::new(path));
+                if let Some(image) = t.refresh() {
+                    images.push(Event::Thumbnail { name: vm.name.clone(), image });
+                }
+            }
+            if !events.send(Event::Library(vms)) {
+                return;
+            }
+            for image in images {
+                events.send(image);
+            }
+            match poked.recv_timeout(POLL_INTERVAL) {
+                Ok(()) | Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        }
+    })?;
+    Ok(poke)
+}
+
+/// The library's VMs and their states, one broken VM never hiding the others.
+pub fn scan(library: &Library) -> Vec<VmSummary> {
+    let names = library.names().unwrap_or_default();
+    names.into_iter().map(|name| summarize(library, name)).collect()
+}
+
+fn summarize(library: &Library, name: String) -> VmSummary {
+    let invalid = |name: String, e: anyhow::Error| VmSummary {
+        name,
+        state: VmState::Invalid { error: format!("{e:#}") },
+        cpus: 0,
+        memory_mib: 0,
+        pid: None,
+        log_tail: Vec::new(),
+    };
+    let vm = match library.existing(&name) {
+        Ok(vm) => vm,
+        Err(e) => return invalid(name, e.into()),
+    };
+    let config = match vm.load_config() {
+        Ok(c) => c,
+        Err(e) => return invalid(name, e.into()),
+    };
+    let disk = match vm.disk_state() {
+        Ok(d) => d,
+        Err(e) => return invalid(name, e.into()),
+    };
+    let mut pid = None;
+    let probe = match &disk {
+        DiskState::Running { pid: Some(p) } => {
+            pid = Some(p.pid);
+            match ControlClient::connect_with_timeout(&p.socket, PROBE_TIMEOUT)
+                .and_then(|mut c| c.status())
+            {
+                Ok(st) => Probe::Answered(st.state),
+                Err(e) => Probe::Failed {
+                    socket_exists: p.socket.exists(),
+                    error: format!("{:#}", anyhow::Error::from(e)),
+                },
+            }
+        }
+        _ => Probe::NotAsked,
+    };
+    let state = derive_state(&disk, &probe);
+    let log_tail = if matches!(state, VmState::Crashed { .. }) {
+        commands::start_log_tail(&vm)
+    } else {
+        Vec::new()
+    };
+    VmSummary { name, state, cpus: config.cpus, memory_mib: config.memory_mib, pid, log_tail }
+}
+
+/// Runs `job` on its own thread; its result comes back as [`Event::JobDone`].
+pub fn spawn_job(library: Library, job: Job, events: EventSender, poke: Sender<()>) {
+    let spawned = std::thread::Builder::new().name("gui-job".into()).spawn({
+        let job = job.clone();
+        let events = events.clone();
+        move || {
+            let result = run_job(&library, &job)
+                .map_err(|e| e.chain().map(|c| c.to_string()).collect::<Vec<_>>());
+            events.send(Event::JobDone { job, result });
+            let _ = poke.send(());
+        }
+    });
+    if let Err(e) = spawned {
+        events.send(Event::JobDone {
+            job,
+            result: Err(vec!["Cannot start a worker thread".into(), e.to_string()]),
+        });
+    }
+}
+
+/// Does the job; Ok carries a short message for the status line.
+fn run_job(library: &Library, job: &Job) -> anyhow::Result<String> {
+    let control = |name: &str| -> anyhow::Result<ControlClient> {
+        let vm = library.existing(name)?;
+        let pid = match vm.disk_state()? {
+            DiskState::Running { pid: Some(p) } => p,
+            DiskState::Running { pid: None } => anyhow::bail!("VM '{name}' is still starting"),
+            _ => anyhow::bail!("VM '{name}' is not running"),
+        };
+        ControlClient::connect(&pid.socket).with_context(|| format!("Cannot reach VM '{name}'"))
+    };
+    Ok(match job {
+        Job::Start(name) => {
+            let st = commands::start_vm(library, name)?;
+            format!("VM '{name}' started (pid {})", st.pid)
+        }
+        Job::Shutdown(name) => {
+            control(name)?.shutdown()?;
+            format!("Pressed the power button of VM '{name}'")
+        }
+        Job::PowerOff(name) => {
+            control(name)?.poweroff()?;
+            format!("VM '{name}' powered off")
+        }
+        Job::Pause(name) => {
+            control(name)?.pause()?;
+            format!("VM '{name}' paused")
+        }
+        Job::Resume(name) => {
+            control(name)?.resume()?;
+            format!("VM '{name}' resumed")
+        }
+        Job::Delete(name) => {
+            library.delete(name)?;
+            format!("VM '{name}' deleted")
+        }
+        Job::Create { name, config } => {
+            library.create(name, config)?;
+            format!("VM '{name}' created")
+        }
+        Job::SaveSettings { name, config } => {
+            let vm = library.existing(name)?;
+            // Holding the lock keeps the VM from starting while its settings change.
+            let _lock = vm
+                .try_lock()?
+                .ok_or_else(|| anyhow::anyhow!("VM '{name}' is running; stop it first"))?;
+            vm.write_config(config)?;
+            format!("Settings of VM '{name}' saved")
+        }
+        Job::Screenshot { name } => {
+            let vm = library.existing(name)?;
+            let frame = runtime::frame_path(vm.dir(), name)?;
+            let path = vm.dir().join(format!("screenshot-{}.png", crate::library::unix_now()));
+            super::screen::save_screenshot(&frame, &path)?;
+            format!("Screenshot saved to {}", path.display())
+        }
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // A failed unwrap is a failed test.
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    fn config() -> VmConfig {
+        VmConfig::new(PathBuf::from("/k"), None, "c".into(), Vec::new(), 2, 256)
+    }
+
+    #[test]
+    fn scan_shows_every_vm_and_marks_broken_ones_invalid() {
+        let home = tempfile::tempdir().unwrap();
+        let lib = Library::at(home.path().to_path_buf());
+        lib.create("good", &config()).unwrap();
+        let bad = lib.create("bad", &config()).unwrap();
+        std::fs::write(bad.config_path(), "cpus = \"many\"").unwrap();
+        let vms = scan(&lib);
+        assert_eq!(vms.len(), 2);
+        assert_eq!(vms[0].name, "bad");
+        assert_eq!(vms[0].state.label(), "invalid");
+        assert_eq!(
+            (vms[1].state.clone(), vms[1].cpus, vms[1].memory_mib),
+            (VmState::Stopped, 2, 256)
+        );
+    }
+
+    #[test]
+    fn a_crashed_vm_carries_its_log_tail() {
+        let home = tempfile::tempdir().unwrap();
+        let lib = Library::at(home.path().to_path_buf());
+        let vm = lib.create("vm", &config()).unwrap();
+        std::fs::write(vm.log_path(), "==== hutch start at 1 ====\nvCPU 0 failed: boom\n").unwrap();
+        vm.write_last_exit(&crate::library::ExitRecord::new(
+            crate::library::ExitKind::Failed,
+            Some("boom".into()),
+        ))
+        .unwrap();
+        let s = &scan(&lib)[0];
+        assert_eq!(s.state, VmState::Crashed { error: Some("boom".into()) });
+        assert_eq!(s.log_tail, vec!["vCPU 0 failed: boom".to_string()]);
+    }
+
+    #[test]
+    fn settings_of_a_running_vm_are_not_saved() {
+        let home = tempfile::tempdir().unwrap();
+        let lib = Library::at(home.path().to_path_buf());
+        let vm = lib.create("vm", &config()).unwrap();
+        let _running = vm.try_lock().unwrap().unwrap();
+        let mut changed = config();
+        changed.cpus = 4;
+        let job = Job::SaveSettings { name: "vm".into(), config: changed };
+        let err = format!("{:#}", run_job(&lib, &job).unwrap_err());
+        assert!(err.contains("running"), "{err}");
+        assert_eq!(vm.load_config().unwrap().cpus, 2);
+    }
+}

@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# GUI smoke test under Xvfb (no window manager, Mesa software GL): a temp library with one VM,
+# `hutch gui`, screenshots of the library view, the create dialog (with a validation message)
+# and a VM view fed by the frame_feed example (no guest can boot here). Checks that the
+# window exists and the screenshots are not blank; the PNGs stay in $OUT for a human to look at.
+#
+#   tests/gui/smoke.sh [OUT_DIR]     (HUTCH=path/to/hutch to test a given binary)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${1:-$(mktemp -d /tmp/hutch-gui-smoke.XXXXXX)}
+mkdir -p "$OUT"
+TARGET=${CARGO_TARGET_DIR:-target}
+cargo build -q -p hutch --example frame_feed
+HUTCH=${HUTCH:-$TARGET/debug/hutch}
+FEED=$TARGET/debug/examples/frame_feed
+
+for tool in Xvfb xdotool import; do
+    command -v $tool >/dev/null || { echo "smoke: $tool is missing (apt-get install xvfb xdotool imagemagick)" >&2; exit 1; }
+done
+
+WORK=$(mktemp -d /tmp/hutch-gui-work.XXXXXX)
+export HUTCH_HOME=$WORK/home XDG_RUNTIME_DIR=$WORK/run HUTCH_DEMO_DIR=$WORK/no-demo
+mkdir -p "$XDG_RUNTIME_DIR" && chmod 700 "$XDG_RUNTIME_DIR"
+echo kernel >"$WORK/vmlinuz"
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+DISPLAY_NUM=:99
+Xvfb $DISPLAY_NUM -screen 0 1280x800x24 -nolisten tcp >"$OUT/xvfb.log" 2>&1 &
+PIDS+=($!)
+export DISPLAY=$DISPLAY_NUM
+for _ in $(seq 50); do xdotool getmouselocation >/dev/null 2>&1 && break; sleep 0.1; done
+
+"$HUTCH" create web --kernel "$WORK/vmlinuz" --cpus 2 --memory 1024 >/dev/null
+"$HUTCH" create screen --kernel "$WORK/vmlinuz" --cpus 1 --memory 256 >/dev/null
+
+fail() { echo "smoke: FAIL: $*" >&2; exit 1; }
+
+# A screenshot must show more than a handful of colours (a blank or black window has ~1).
+check_png() {
+    local png=$1 min=$2 colours
+    colours=$(convert "$png" -format %k info:)
+    echo "smoke: $(basename "$png"): $colours colours"
+    [ "$colours" -ge "$min" ] || fail "$png looks blank ($colours colours)"
+}
+
+start_gui() {
+    "$HUTCH" gui >"$OUT/gui-$1.log" 2>&1 &
+    GUI=$!
+    PIDS+=($GUI)
+    WID=$(timeout 30 xdotool search --sync --name '^Hutch$' | head -1) || fail "no Hutch window"
+    sleep 2
+    kill -0 $GUI 2>/dev/null || fail "hutch gui exited: $(cat "$OUT/gui-$1.log")"
+}
+
+# 1. Library view.
+start_gui library
+eval "$(xdotool getwindowgeometry --shell "$WID")"
+echo "smoke: window $WID at $X,$Y size ${WIDTH}x$HEIGHT"
+[ "$WIDTH" -ge 320 ] && [ "$HEIGHT" -ge 240 ] || fail "window too small"
+import -window root "$OUT/library.png"
+check_png "$OUT/library.png" 20
+
+# 2. The create dialog: Machine → New… then Create with the form empty (validation messages).
+xdotool mousemove --sync $((X + 30)) $((Y + 12)) click 1
+sleep 0.5
+xdotool mousemove --sync $((X + 40)) $((Y + 38)) click 1
+sleep 1
+# The dialog is centred: its Create button sits left of the centre, near its bottom.
+xdotool mousemove --sync $((X + WIDTH / 2 - 233)) $((Y + HEIGHT / 2 + 108)) click 1
+sleep 1
+import -window root "$OUT/create-dialog.png"
+check_png "$OUT/create-dialog.png" 20
+[ -f "$HUTCH_HOME/gui-state.json" ] || fail "gui-state.json was not written"
+kill $GUI; wait $GUI 2>/dev/null || true
+
+# 3. VM view of "screen", fed by frame_feed playing a running VM, reopened from the saved state.
+"$FEED" --fake-vm screen 40 >"$OUT/feed.log" 2>&1 &
+PIDS+=($!)
+sleep 1
+printf '{"window_width":1000,"window_height":700,"open_vm":"screen","one_to_one":false}\n' \
+    >"$HUTCH_HOME/gui-state.json"
+start_gui vm
+import -window root "$OUT/vm-view-1.png"
+sleep 1
+import -window root "$OUT/vm-view-2.png"
+check_png "$OUT/vm-view-1.png" 8
+# The moving square: two screenshots a second apart differ.
+diff_px=$(compare -metric AE "$OUT/vm-view-1.png" "$OUT/vm-view-2.png" null: 2>&1 || true)
+echo "smoke: the VM view changed in ${diff_px} pixels"
+[ "${diff_px%%.*}" -gt 100 ] 2>/dev/null || fail "the guest screen does not update"
+
+# 4. Capture: click the screen, type with Shift held, release with Right Ctrl. (xdotool
+# presses Control_L along with any Control_R it types, so the guest sees Left Ctrl go down
+# and then come up with the release.)
+eval "$(xdotool getwindowgeometry --shell "$WID")"
+xdotool windowfocus --sync "$WID"
+xdotool mousemove --sync $((X + WIDTH / 2)) $((Y + HEIGHT / 2)) click 1
+sleep 0.5
+xdotool mousemove --sync $((X + WIDTH / 2 + 10)) $((Y + HEIGHT / 2 + 10))
+xdotool keydown Shift_L key a
+sleep 0.5
+import -window root "$OUT/vm-captured.png"
+xdotool key Control_R
+sleep 0.5
+xdotool keyup Shift_L key b
+sleep 1
+# 5. Back to the library: the running VM has a thumbnail of its screen.
+xdotool mousemove --sync $((X + 35)) $((Y + 35)) click 1
+sleep 2.5
+import -window root "$OUT/library-running.png"
+check_png "$OUT/library-running.png" 20
+kill $GUI; wait $GUI 2>/dev/null || true
+has() { grep -q -- "$1" "$OUT/feed.log" || fail "the guest never got $2 (feed.log: $(tr '\n' ' ' <"$OUT/feed.log"))"; }
+has '"code":42,"down":true' "Shift down"
+has '"code":30,"down":true' "A down"
+has '"code":30,"down":false' "A up"
+has '"code":42,"down":false' "Shift up from the release key"
+has '"type":"pointer_abs"' "pointer positions"
+has '"cmd":"display_size"' "a display size"
+if grep -q '"code":48' "$OUT/feed.log"; then fail "B reached the guest after the release"; fi
+if grep -q '"code":97' "$OUT/feed.log"; then fail "Right Ctrl reached the guest"; fi
+echo "smoke: OK ($OUT)"

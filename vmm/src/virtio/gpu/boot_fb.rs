@@ -1,0 +1,320 @@
+//! The boot framebuffer: host memory the machine maps into the guest (inside the GPU's
+//! BAR 0) and describes at boot as a linear framebuffer, scanned for changes into a
+//! shadow copy and sent to the [`ScanoutSink`] as [`SourceId::BootFramebuffer`].
+//!
+//! The guest writes the framebuffer while [`BootFramebuffer::scan`] reads it: every read goes
+//! through a `VolatileSlice` (volatile copies), and a torn pixel is simply seen as changed
+//! again on the next scan.
+
+use display::{Image, PixelFormat, Rect, ScanoutSink, SourceId};
+use vm_memory::VolatileSlice;
+
+use super::VirtioGpuError;
+
+pub const DEFAULT_WIDTH: u32 = 1024;
+pub const DEFAULT_HEIGHT: u32 = 768;
+const BYTES_PER_PIXEL: u32 = 4;
+/// Tile size of the change detection, in pixels.
+const TILE_WIDTH: u32 = 64;
+const TILE_HEIGHT: u32 = 16;
+/// Beyond this many rectangles one bounding rectangle is sent instead.
+const MAX_RECTS: usize = 32;
+
+/// An anonymous host mapping holding the guest-visible framebuffer, and its mode.
+pub struct BootFramebuffer {
+    ptr: *mut u8,
+    size: usize,
+    width: u32,
+    height: u32,
+    stride: u32,
+    /// What the sink was last sent, `stride * height` bytes.
+    shadow: Vec<u8>,
+    row: Vec<u8>,
+    /// Dirty flags of the last scan, one per tile.
+    dirty: Vec<bool>,
+}
+
+// SAFETY: the mapping is owned by this value alone (the guest's view of it is memory, not a
+// Rust reference); the raw pointer is only used through volatile accesses.
+unsafe impl Send for BootFramebuffer {}
+
+impl BootFramebuffer {
+    /// Maps `size` bytes (rounded up to a page) of zeroed memory, in the default mode
+    /// 1024×768, 32 bpp XRGB8888 (bytes B, G, R, X).
+    pub fn new(size: usize) -> Result<BootFramebuffer, VirtioGpuError> {
+        let len = size.max(1).next_multiple_of(4096);
+        // SAFETY: an anonymous private mapping at an address the kernel chooses touches no
+        // existing memory; the result is checked before use.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(VirtioGpuError::Mmap { size, source: std::io::Error::last_os_error() });
+        }
+        let mut fb = BootFramebuffer {
+            ptr: ptr.cast(),
+            size: len,
+            width: 0,
+            height: 0,
+            stride: 0,
+            shadow: Vec::new(),
+            row: Vec::new(),
+            dirty: Vec::new(),
+        };
+        fb.set_mode(DEFAULT_WIDTH, DEFAULT_HEIGHT, DEFAULT_WIDTH * BYTES_PER_PIXEL)?;
+        Ok(fb)
+    }
+
+    /// Changes the mode (what the boot parameters will describe); the next scan is full.
+    pub fn set_mode(&mut self, width: u32, height: u32, stride: u32) -> Result<(), VirtioGpuError> {
+        let bad = || VirtioGpuError::BadMode { width, height, stride, size: self.size };
+        let row = width.checked_mul(BYTES_PER_PIXEL).ok_or_else(bad)?;
+        let total = u64::from(stride) * u64::from(height);
+        if width == 0 || height == 0 || stride < row || total > self.size as u64 {
+            return Err(bad());
+        }
+        self.width = width;
+        self.height = height;
+        self.stride = stride;
+        self.shadow = vec![0; total as usize];
+        self.row = vec![0; stride as usize];
+        self.dirty = vec![false; (self.tiles_x() * self.tiles_y()) as usize];
+        Ok(())
+    }
+
+    /// Start of the mapping, for the machine to map into the guest at the BAR address. Valid
+    /// as long as this value lives: the VM's memory slot must be removed before dropping it.
+    pub fn host_addr(&self) -> *mut u8 {
+        self.ptr
+    }
+
+    /// Length of the mapping in bytes (a multiple of the page size).
+    pub fn len(&self) -> usize {
+        self.size
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.size == 0
+    }
+
+    pub fn width(&self) -> u32 {
+        self.width
+    }
+
+    pub fn height(&self) -> u32 {
+        self.height
+    }
+
+    /// Bytes per row.
+    pub fn stride(&self) -> u32 {
+        self.stride
+    }
+
+    /// The pixel format: Linux's XRGB8888 (bytes B, G, R, X in memory).
+    pub fn format(&self) -> PixelFormat {
+        PixelFormat::B8G8R8X8
+    }
+
+    fn tiles_x(&self) -> u32 {
+        self.width.div_ceil(TILE_WIDTH)
+    }
+
+    fn tiles_y(&self) -> u32 {
+        self.height.div_ceil(TILE_HEIGHT)
+    }
+
+    fn memory(&self) -> VolatileSlice<'_> {
+        // SAFETY: `ptr` is a live mapping of `size` bytes owned by `self`, which the borrow
+        // keeps alive; other writers (the guest) are why accesses must be volatile.
+        unsafe { VolatileSlice::new(self.ptr, self.size) }
+    }
+
+    /// Sends what changed since the last scan (everything when `force_full`) to `sink`.
+    pub fn scan(&mut self, sink: &dyn ScanoutSink, force_full: bool) {
+        let rects = if force_full {
+            let len = self.shadow.len();
+            let mut shadow = std::mem::take(&mut self.shadow);
+            if let Ok(src) = self.memory().subslice(0, len) {
+                src.copy_to(&mut shadow[..]);
+            }
+            self.shadow = shadow;
+            vec![Rect::new(0, 0, self.width, self.height)]
+        } else {
+            self.find_changes();
+            self.dirty_rects()
+        };
+        let image = Image {
+            data: &self.shadow,
+            width: self.width,
+            height: self.height,
+            stride: self.stride,
+            format: self.format(),
+        };
+        for r in rects {
+            sink.update(SourceId::BootFramebuffer, &image, r);
+        }
+    }
+
+    /// Compares the framebuffer with the shadow row by row, copying changed tile segments
+    /// into the shadow and marking their tiles dirty.
+    fn find_changes(&mut self) {
+        self.dirty.fill(false);
+        let stride = self.stride as usize;
+        let tiles_x = self.tiles_x() as usize;
+        let seg = (TILE_WIDTH * BYTES_PER_PIXEL) as usize;
+        let row_len = (self.width * BYTES_PER_PIXEL) as usize;
+        let mut row = std::mem::take(&mut self.row);
+        for y in 0..self.height as usize {
+            let Ok(src) = self.memory().subslice(y * stride, row_len) else {
+                break;
+            };
+            src.copy_to(&mut row[..row_len]);
+            let shadow_row = &mut self.shadow[y * stride..y * stride + row_len];
+            let tile_row = y / TILE_HEIGHT as usize;
+            for tx in 0..tiles_x {
+                let a = tx * seg;
+                let b = (a + seg).min(row_len);
+                if row[a..b] != shadow_row[a..b] {
+                    shadow_row[a..b].copy_from_slice(&row[a..b]);
+                    self.dirty[tile_row * tiles_x + tx] = true;
+                }
+            }
+        }
+        self.row = row;
+    }
+
+    /// Dirty tiles merged into rectangles: runs along each tile row, then runs with the same
+    /// horizontal span stacked across tile rows.
+    fn dirty_rects(&self) -> Vec<Rect> {
+        let tiles_x = self.tiles_x() as usize;
+        // (x0, x1, y0, y1) in tiles, half-open.
+        let mut open: Vec<(usize, usize, usize, usize)> = Vec::new();
+        let mut done = Vec::new();
+        for ty in 0..self.tiles_y() as usize {
+            let mut runs = Vec::new();
+            let mut tx = 0;
+            while tx < tiles_x {
+                if self.dirty[ty * tiles_x + tx] {
+                    let start = tx;
+                    while tx < tiles_x && self.dirty[ty * tiles_x + tx] {
+                        tx += 1;
+                    }
+                    runs.push((start, tx));
+                } else {
+                    tx += 1;
+                }
+            }
+            let mut next_open = Vec::new();
+            for (x0, x1) in runs {
+                match open.iter().position(|o| o.0 == x0 && o.1 == x1 && o.3 == ty) {
+                    Some(i) => {
+                        let mut o = open.swap_remove(i);
+                        o.3 = ty + 1;
+                        next_open.push(o);
+                    }
+                    None => next_open.push((x0, x1, ty, ty + 1)),
+                }
+            }
+            done.append(&mut open);
+            open = next_open;
+        }
+        done.append(&mut open);
+        let to_rect = |(x0, x1, y0, y1): (usize, usize, usize, usize)| {
+            let x = x0 as u32 * TILE_WIDTH;
+            let y = y0 as u32 * TILE_HEIGHT;
+            let right = (x1 as u32 * TILE_WIDTH).min(self.width);
+            let bottom = (y1 as u32 * TILE_HEIGHT).min(self.height);
+            Rect::new(x, y, right - x, bottom - y)
+        };
+        if done.len() > MAX_RECTS {
+            let x0 = done.iter().map(|d| d.0).min().unwrap_or(0);
+            let x1 = done.iter().map(|d| d.1).max().unwrap_or(0);
+            let y0 = done.iter().map(|d| d.2).min().unwrap_or(0);
+            let y1 = done.iter().map(|d| d.3).max().unwrap_or(0);
+            return vec![to_rect((x0, x1, y0, y1))];
+        }
+        done.into_iter().map(to_rect).collect()
+    }
+}
+
+impl Drop for BootFramebuffer {
+    fn drop(&mut self) {
+        // SAFETY: `ptr`/`size` are exactly the mapping made in `new`, unmapped once here.
+        unsafe {
+            libc::munmap(self.ptr.cast(), self.size);
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // Tests fail loudly on purpose.
+mod tests {
+    use super::*;
+    use crate::virtio::gpu::device::testing::RecordingScreen;
+
+    fn poke(fb: &BootFramebuffer, x: u32, y: u32, pixel: u32) {
+        let at = (y * fb.stride() + x * 4) as usize;
+        fb.memory().subslice(at, 4).unwrap().copy_from(&pixel.to_le_bytes());
+    }
+
+    #[test]
+    fn unchanged_framebuffer_sends_nothing_and_full_scan_sends_everything() {
+        let mut fb = BootFramebuffer::new(4 << 20).unwrap();
+        let screen = RecordingScreen::default();
+        fb.scan(&screen, false);
+        assert!(screen.updates().is_empty());
+        fb.scan(&screen, true);
+        assert_eq!(screen.updates(), vec![(SourceId::BootFramebuffer, Rect::new(0, 0, 1024, 768))]);
+    }
+
+    #[test]
+    fn changed_pixels_are_sent_as_their_tiles_with_the_new_pixels() {
+        let mut fb = BootFramebuffer::new(4 << 20).unwrap();
+        let screen = RecordingScreen::default();
+        poke(&fb, 70, 20, 0x00ff_0000);
+        poke(&fb, 1000, 760, 0x0000_ff00);
+        fb.scan(&screen, false);
+        let mut got = screen.updates();
+        got.sort_by_key(|u| (u.1.y, u.1.x));
+        assert_eq!(
+            got,
+            vec![
+                (SourceId::BootFramebuffer, Rect::new(64, 16, 64, 16)),
+                (SourceId::BootFramebuffer, Rect::new(960, 752, 64, 16)),
+            ]
+        );
+        assert_eq!(screen.pixel(70, 20), Some(0x00ff_0000));
+        fb.scan(&screen, false);
+        assert_eq!(screen.updates().len(), 2, "nothing new on a second scan");
+    }
+
+    #[test]
+    fn adjacent_dirty_tiles_merge() {
+        let mut fb = BootFramebuffer::new(4 << 20).unwrap();
+        let screen = RecordingScreen::default();
+        for y in 0..40 {
+            for x in 0..200 {
+                poke(&fb, x, y, 0xffff_ffff);
+            }
+        }
+        fb.scan(&screen, false);
+        assert_eq!(screen.updates(), vec![(SourceId::BootFramebuffer, Rect::new(0, 0, 256, 48))]);
+    }
+
+    #[test]
+    fn mode_larger_than_the_mapping_is_refused() {
+        let mut fb = BootFramebuffer::new(4 << 20).unwrap();
+        assert!(fb.set_mode(2048, 1024, 8192).is_err());
+        assert!(BootFramebuffer::new(1 << 20).is_err(), "the default mode must fit");
+        assert!(fb.set_mode(100, 100, 399).is_err());
+        fb.set_mode(320, 200, 1280).unwrap();
+        assert_eq!((fb.width(), fb.height(), fb.stride()), (320, 200, 1280));
+    }
+}
