@@ -59,6 +59,11 @@ pub enum Command {
         /// Where to write the PNG.
         output: PathBuf,
     },
+    /// Inspect, convert, compact and resize disk images.
+    #[command(subcommand)]
+    Disk(crate::disk_cmd::DiskCommand),
+    /// Create a VM from a disk image (any format) or an OVA appliance.
+    Import(crate::import::ImportArgs),
     /// Open the graphical interface (also what `hutch` alone does).
     Gui,
     /// The background VM process (internal).

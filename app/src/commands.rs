@@ -30,6 +30,7 @@ pub fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Run(args) => run(args),
         Command::VmProcess { name } => vm_process::main(&Library::from_env()?, &name),
+        Command::Disk(cmd) => crate::disk_cmd::run(cmd),
         other => {
             let library = Library::from_env()?;
             match other {
@@ -41,8 +42,11 @@ pub fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 Command::Status { name, json } => status(&library, &name, json),
                 Command::Delete { name } => delete(&library, &name),
                 Command::Screenshot { name, output } => screenshot(&library, &name, &output),
+                Command::Import(args) => crate::import::run(&library, &args),
                 Command::Gui => crate::gui::run(library),
-                Command::Run(_) | Command::VmProcess { .. } => unreachable!("handled above"),
+                Command::Run(_) | Command::VmProcess { .. } | Command::Disk(_) => {
+                    unreachable!("handled above")
+                }
             }
         }
     }

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use vm_memory::VolatileSlice;
 
+pub mod convert;
 pub mod detect;
 pub mod image;
 pub mod iso;
@@ -49,6 +50,8 @@ pub enum DiskErrorKind {
     CorruptImage,
     /// An access reaches past the end of the disk.
     OutOfBounds,
+    /// The caller cancelled a long operation (a conversion).
+    Cancelled,
 }
 
 impl fmt::Display for DiskErrorKind {
@@ -59,6 +62,7 @@ impl fmt::Display for DiskErrorKind {
             DiskErrorKind::UnsupportedFeature => "Unsupported image feature",
             DiskErrorKind::CorruptImage => "Corrupt image",
             DiskErrorKind::OutOfBounds => "Access out of bounds",
+            DiskErrorKind::Cancelled => "Cancelled",
         })
     }
 }

@@ -1,0 +1,479 @@
+//! `hutch import`: makes a library VM around an existing disk image or an OVA appliance.
+//! The CLI and the GUI both call [`import`].
+//!
+//! ```text
+//!   disk image ──convert──▶ vms/NAME/disk.qcow2            (default)
+//!              └─overlay──▶ vms/NAME/disk.qcow2 ─backing─▶ original   (--in-place, foreign)
+//!              └─────────── original used as is               (--in-place, raw or qcow2)
+//!   OVA ──tar member──▶ vms/NAME/.diskN.extract ──convert──▶ vms/NAME/diskN.qcow2
+//! ```
+//! The VM directory is claimed first (so two imports never share a name) and `vm.toml` is
+//! written last: until then `hutch list` does not show the VM. Any failure or cancel removes
+//! the directory and everything in it.
+
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use disk::convert::{self, ConvertOptions, NewImage};
+use disk::ova::Ova;
+use disk::{BlockBackend, DiskErrorKind, ImageFormat, OpenOptions};
+
+use crate::library::{self, DiskEntry, Library, VmConfig, DEFAULT_CMDLINE};
+
+/// CPUs and memory when neither the command line nor an OVF says.
+const DEFAULT_CPUS: u32 = 1;
+const DEFAULT_MEMORY_MIB: u64 = 1024;
+/// Bytes copied at a time when extracting an OVA member.
+const EXTRACT_CHUNK: usize = 4 << 20;
+
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// A disk image (qcow2, raw, VMDK, VDI, VHD, VHDX, Parallels) or an OVA appliance.
+    pub file: PathBuf,
+    /// VM name (default: the OVF's name or the file name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Use the disk where it is instead of converting a copy into the VM's directory
+    /// (foreign formats get a qcow2 overlay that writes go to).
+    #[arg(long)]
+    pub in_place: bool,
+    /// Guest kernel (default: the demo guest's, if built).
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk (default: the demo guest's, with the default kernel).
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "CMDLINE")]
+    pub cmdline: Option<String>,
+    /// vCPUs (default: the OVF's, else 1).
+    #[arg(long, value_name = "N")]
+    pub cpus: Option<u32>,
+    /// Guest RAM in MiB (default: the OVF's, else 1024).
+    #[arg(long, value_name = "MIB")]
+    pub memory: Option<u64>,
+}
+
+/// What to import and how.
+#[derive(Debug, Clone, Default)]
+pub struct ImportOptions {
+    /// Exactly this name (an existing VM of that name is an error); `None` derives one from
+    /// the OVF or the file name, adding "-2", "-3"... if taken.
+    pub name: Option<String>,
+    pub in_place: bool,
+    /// `None`: the demo guest's kernel and initrd (see [`default_guest`]).
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: Option<String>,
+    pub cpus: Option<u32>,
+    pub memory_mib: Option<u64>,
+}
+
+impl From<&ImportArgs> for ImportOptions {
+    fn from(a: &ImportArgs) -> ImportOptions {
+        ImportOptions {
+            name: a.name.clone(),
+            in_place: a.in_place,
+            kernel: a.kernel.clone(),
+            initrd: a.initrd.clone(),
+            cmdline: a.cmdline.clone(),
+            cpus: a.cpus,
+            memory_mib: a.memory,
+        }
+    }
+}
+
+/// How one disk of the new VM came to be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiskOrigin {
+    /// Converted from a source of this format into the VM's directory.
+    Converted(ImageFormat),
+    /// The source image itself.
+    InPlace(ImageFormat),
+    /// A qcow2 overlay over the source image.
+    Overlay(ImageFormat),
+}
+
+/// The VM [`import`] created.
+#[derive(Debug, Clone)]
+pub struct ImportOutcome {
+    pub name: String,
+    pub dir: PathBuf,
+    pub config: VmConfig,
+    pub disks: Vec<(PathBuf, DiskOrigin)>,
+    /// Things worth telling the user (clamped OVF numbers, manifest mismatches...).
+    pub warnings: Vec<String>,
+}
+
+/// Creates a VM in `library` from the disk image or OVA at `source`. `progress(done, total)`
+/// follows the data copied; returning `false` cancels. On any error or cancel nothing is
+/// left behind (the error of a cancel contains a `DiskError` of kind `Cancelled`).
+pub fn import(
+    library: &Library,
+    source: &Path,
+    options: &ImportOptions,
+    progress: &dyn Fn(u64, u64) -> bool,
+) -> anyhow::Result<ImportOutcome> {
+    let source =
+        std::path::absolute(source).with_context(|| format!("Cannot use {}", source.display()))?;
+    let format =
+        disk::detect(&source).with_context(|| format!("Cannot read {}", source.display()))?;
+    if format == ImageFormat::Iso {
+        bail!(
+            "{} is an ISO image (installation media); Hutch boots kernels directly and cannot \
+             install from it yet",
+            source.display()
+        );
+    }
+    let mut warnings = Vec::new();
+    let ova = if format == ImageFormat::Ova {
+        if options.in_place {
+            bail!("--in-place does not work for an OVA: its disks are inside the archive");
+        }
+        let ova =
+            Ova::open(&source).with_context(|| format!("Cannot read {}", source.display()))?;
+        if ova.descriptor().disks.is_empty() {
+            bail!("{} declares no disks", source.display());
+        }
+        warnings.extend(ova.problems().iter().cloned());
+        Some(ova)
+    } else {
+        None
+    };
+    let (ovf_name, ovf_cpus, ovf_memory) = match &ova {
+        Some(o) => {
+            let d = o.descriptor();
+            (Some(d.name.clone()), Some(d.cpus), Some(d.memory_mib))
+        }
+        None => (None, None, None),
+    };
+
+    // Everything that can be checked is checked before copying gigabytes.
+    let (kernel, initrd) = match &options.kernel {
+        Some(k) => (k.clone(), options.initrd.clone()),
+        None => match default_guest() {
+            Some((k, i)) => (k, options.initrd.clone().or(i)),
+            None => bail!(
+                "No kernel to boot: Hutch boots Linux kernels directly, so pass --kernel \
+                 (and usually --initrd); the demo guest's (build/guest/vmlinuz, made by \
+                 tests/guest/build.sh) was not found"
+            ),
+        },
+    };
+    let mut cpus = options.cpus.or(ovf_cpus).unwrap_or(DEFAULT_CPUS);
+    let mut memory_mib = options.memory_mib.or(ovf_memory).unwrap_or(DEFAULT_MEMORY_MIB);
+    if options.cpus.is_none() && cpus > library::MAX_CPUS {
+        warnings.push(format!("the OVF asks for {cpus} CPUs; using {}", library::MAX_CPUS));
+        cpus = library::MAX_CPUS;
+    }
+    if options.memory_mib.is_none() && memory_mib > library::MAX_MEMORY_MIB {
+        warnings
+            .push(format!("the OVF asks for {memory_mib} MiB; using {}", library::MAX_MEMORY_MIB));
+        memory_mib = library::MAX_MEMORY_MIB;
+    }
+    let cmdline = options.cmdline.clone().unwrap_or_else(|| DEFAULT_CMDLINE.to_string());
+    let mut config = VmConfig::new(kernel, initrd, cmdline, Vec::new(), cpus, memory_mib);
+    config.validate()?;
+    config.make_paths_absolute()?;
+    config.check_files()?;
+
+    let base = match (&options.name, &ovf_name) {
+        (Some(n), _) => n.clone(),
+        (None, Some(n)) if !n.trim().is_empty() => sanitize_name(n),
+        _ => sanitize_name(&source.file_stem().unwrap_or_default().to_string_lossy()),
+    };
+    let claim = claim_vm_dir(library, &base, options.name.is_some())?;
+    let dir = claim.path.clone();
+    let name = claim.name.clone();
+
+    let mut disks = Vec::new();
+    if let Some(ova) = &ova {
+        let descriptor = ova.descriptor();
+        let total: u64 = descriptor.disks.iter().map(|d| d.member_size.max(1)).sum();
+        let mut before = 0u64;
+        for (i, d) in descriptor.disks.iter().enumerate() {
+            let weight = d.member_size.max(1);
+            // This disk's share of the bar: half extraction, half conversion.
+            let scaled = |phase: u64, done: u64, of: u64| {
+                let part =
+                    if of == 0 { 0 } else { (weight as u128 * done as u128 / of as u128) as u64 };
+                progress(before + (phase * weight + part) / 2, total)
+            };
+            // Under its own name: a VMDK's embedded descriptor names its extent file.
+            let staging = dir.join(format!(".extract-{}", i + 1));
+            fs::create_dir(&staging)
+                .with_context(|| format!("Cannot create {}", staging.display()))?;
+            let _remove = RemoveOnDrop(staging.clone());
+            let extracted = staging.join(member_file_name(&d.file_name)?);
+            extract(&source, d.member_offset, d.member_size, &extracted, &|a, b| scaled(0, a, b))
+                .with_context(|| format!("Cannot extract {} from {}", d.file_name, source.display()))?;
+            let (fmt, image) = open_source_image(&extracted)
+                .with_context(|| format!("Cannot open {} from the OVA", d.file_name))?;
+            let target = dir.join(disk_file_name(i));
+            convert_into(image.as_ref(), &target, &|a, b| scaled(1, a, b))
+                .with_context(|| format!("Cannot convert {}", d.file_name))?;
+            disks.push((target, DiskOrigin::Converted(fmt)));
+            before += weight;
+        }
+    } else {
+        let target = dir.join(disk_file_name(0));
+        if options.in_place && matches!(format, ImageFormat::Raw | ImageFormat::Qcow2) {
+            // Open it once as the VM will: for writing.
+            disk::open_image(&source, OpenOptions { writable: true }).with_context(|| {
+                format!("Cannot use {} in place (it must be writable)", source.display())
+            })?;
+            disks.push((source.clone(), DiskOrigin::InPlace(format)));
+        } else if options.in_place {
+            let (fmt, image) = open_source_image(&source)?;
+            let overlay = NewImage::create_with_backing(
+                &target,
+                ImageFormat::Qcow2,
+                image.size(),
+                Some((&source, fmt)),
+            )
+            .with_context(|| format!("Cannot create an overlay over {}", source.display()))?;
+            overlay.commit(false)?;
+            disks.push((target, DiskOrigin::Overlay(fmt)));
+        } else {
+            let (fmt, image) = open_source_image(&source)?;
+            convert_into(image.as_ref(), &target, progress)
+                .with_context(|| format!("Cannot convert {}", source.display()))?;
+            disks.push((target, DiskOrigin::Converted(fmt)));
+        }
+    }
+
+    config.disks =
+        disks.iter().map(|(p, _)| DiskEntry { path: p.clone(), readonly: false }).collect();
+    let vm = library.vm(&name)?;
+    vm.write_config(&config)?;
+    claim.keep();
+    Ok(ImportOutcome { name, dir, config, disks, warnings })
+}
+
+/// The demo guest's kernel and initramfs: `$HUTCH_GUEST_DIR` if set (and only there), else
+/// `build/guest/` in the current directory, next to the executable's ancestors, or in the
+/// source tree this binary was built from.
+pub fn default_guest() -> Option<(PathBuf, Option<PathBuf>)> {
+    let pick = |dir: &Path| {
+        let kernel = dir.join("vmlinuz");
+        let initrd = dir.join("initramfs.cpio.gz");
+        kernel.is_file().then(|| (kernel, initrd.is_file().then_some(initrd)))
+    };
+    if let Some(dir) = std::env::var_os("HUTCH_GUEST_DIR").filter(|v| !v.is_empty()) {
+        return pick(Path::new(&dir));
+    }
+    let mut candidates = vec![PathBuf::from("build/guest")];
+    if let Ok(exe) = std::env::current_exe() {
+        candidates.extend(exe.ancestors().skip(1).map(|a| a.join("build/guest")));
+    }
+    candidates.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("../build/guest"));
+    candidates.iter().find_map(|d| pick(d))
+}
+
+/// A VM name from free text: invalid characters become '-', at most 64 characters.
+pub fn sanitize_name(text: &str) -> String {
+    let mut s: String = text
+        .trim()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '-' })
+        .collect();
+    while s.starts_with('.') || s.starts_with('-') {
+        s.remove(0);
+    }
+    s.truncate(library::MAX_NAME_LEN - 4);
+    let s = s.trim_end_matches('-').to_string();
+    if s.is_empty() {
+        "imported".to_string()
+    } else {
+        s
+    }
+}
+
+fn disk_file_name(index: usize) -> String {
+    if index == 0 {
+        "disk.qcow2".to_string()
+    } else {
+        format!("disk{}.qcow2", index + 1)
+    }
+}
+
+/// A claimed VM directory, removed with its contents unless [`Claim::keep`] is called.
+struct Claim {
+    name: String,
+    path: PathBuf,
+    kept: bool,
+}
+
+impl Claim {
+    fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if !self.kept {
+            let _ = fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// Creates the VM directory for `base` (or, unless `exact`, the first free of `base-2`,
+/// `base-3`...). `create_dir` is the atomic claim.
+fn claim_vm_dir(library: &Library, base: &str, exact: bool) -> anyhow::Result<Claim> {
+    library::validate_name(base)?;
+    for n in 1..=100 {
+        let name = if n == 1 { base.to_string() } else { format!("{base}-{n}") };
+        let vm = library.vm(&name)?;
+        if let Some(parent) = vm.dir().parent() {
+            fs::create_dir_all(parent)
+                .with_context(|| format!("Cannot create {}", parent.display()))?;
+        }
+        match fs::create_dir(vm.dir()) {
+            Ok(()) => return Ok(Claim { name, path: vm.dir().to_path_buf(), kept: false }),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                if exact {
+                    bail!("A VM named '{name}' already exists; choose another --name");
+                }
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("Cannot create {}", vm.dir().display()))
+            }
+        }
+    }
+    bail!("VMs named '{base}' through '{base}-100' already exist; choose a --name")
+}
+
+/// Opens a disk image for reading; an OVA inside an OVA or an ISO is refused.
+fn open_source_image(path: &Path) -> anyhow::Result<(ImageFormat, Box<dyn BlockBackend>)> {
+    crate::disk_cmd::open_source(path)
+}
+
+/// Converts `src` into a new qcow2 image at `target`.
+fn convert_into(
+    src: &dyn BlockBackend,
+    target: &Path,
+    progress: &dyn Fn(u64, u64) -> bool,
+) -> anyhow::Result<()> {
+    let image = NewImage::create(target, ImageFormat::Qcow2, src.size())?;
+    convert::convert_into(src, &image, &ConvertOptions::default(), progress)?;
+    image.commit(false)?;
+    Ok(())
+}
+
+/// Copies `len` bytes at `offset` of `ova` to a new file `dest`, cancellable.
+fn extract(
+    ova: &Path,
+    offset: u64,
+    len: u64,
+    dest: &Path,
+    progress: &dyn Fn(u64, u64) -> bool,
+) -> anyhow::Result<()> {
+    let input = File::open(ova)?;
+    let output = fs::OpenOptions::new().write(true).create_new(true).open(dest)?;
+    let mut buf = vec![0u8; EXTRACT_CHUNK.min(len.max(1) as usize)];
+    let mut done = 0u64;
+    while done < len {
+        if !progress(done, len) {
+            return Err(disk::DiskError::new(DiskErrorKind::Cancelled, "extract").into());
+        }
+        let n = (len - done).min(buf.len() as u64) as usize;
+        input.read_exact_at(&mut buf[..n], offset + done)?;
+        output.write_all_at(&buf[..n], done)?;
+        done += n as u64;
+    }
+    progress(len, len);
+    Ok(())
+}
+
+/// The last component of an OVA member name, refusing names that are no file name at all.
+fn member_file_name(member: &str) -> anyhow::Result<PathBuf> {
+    match Path::new(member).file_name() {
+        Some(n) if !n.is_empty() => Ok(PathBuf::from(n)),
+        _ => bail!("The OVA names a disk file '{member}' that is not a file name"),
+    }
+}
+
+/// Deletes a directory and its contents when dropped.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `hutch import`.
+pub fn run(library: &Library, args: &ImportArgs) -> anyhow::Result<()> {
+    crate::disk_cmd::catch_interrupt();
+    let progress = crate::disk_cmd::Progress::new("Importing");
+    let result =
+        import(library, &args.file, &ImportOptions::from(args), &|d, t| progress.update(d, t));
+    progress.finish();
+    let outcome = match result {
+        Ok(o) => o,
+        Err(e) if crate::disk_cmd::is_cancelled(&e) => bail!("Cancelled; no VM was created"),
+        Err(e) => return Err(e),
+    };
+    for w in &outcome.warnings {
+        eprintln!("hutch: warning: {w}");
+    }
+    println!(
+        "Imported VM '{}' ({} CPU{}, {} MiB)",
+        outcome.name,
+        outcome.config.cpus,
+        if outcome.config.cpus == 1 { "" } else { "s" },
+        outcome.config.memory_mib
+    );
+    for (path, origin) in &outcome.disks {
+        let how = match origin {
+            DiskOrigin::Converted(f) => format!("converted from {}", f.name()),
+            DiskOrigin::InPlace(f) => format!("{} image used in place", f.name()),
+            DiskOrigin::Overlay(f) => format!("qcow2 overlay over the {} image", f.name()),
+        };
+        println!("  disk {} ({how})", path.display());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // A failed unwrap is a failed test.
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_from_free_text_are_valid_vm_names() {
+        for (text, want) in [
+            ("Ubuntu 22.04 Server", "Ubuntu-22.04-Server"),
+            ("  .hidden", "hidden"),
+            ("ÄÖÜ", "imported"),
+            ("vm", "vm"),
+        ] {
+            let got = sanitize_name(text);
+            assert_eq!(got, want);
+            library::validate_name(&got).unwrap();
+        }
+        let long = sanitize_name(&"x".repeat(200));
+        // Room left for a "-NN" suffix.
+        assert!(library::validate_name(&format!("{long}-99")).is_ok());
+    }
+
+    #[test]
+    fn taken_names_get_a_suffix_unless_exact() {
+        let home = tempfile::tempdir().unwrap();
+        let lib = Library::at(home.path().to_path_buf());
+        let a = claim_vm_dir(&lib, "vm", false).unwrap();
+        let b = claim_vm_dir(&lib, "vm", false).unwrap();
+        assert_eq!((a.name.as_str(), b.name.as_str()), ("vm", "vm-2"));
+        let err = claim_vm_dir(&lib, "vm", true).err().unwrap();
+        assert!(err.to_string().contains("'vm' already exists"), "{err}");
+        a.keep();
+        drop(b);
+        assert!(!home.path().join("vms/vm-2").exists());
+        assert!(home.path().join("vms/vm").exists());
+    }
+}
