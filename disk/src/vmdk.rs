@@ -511,7 +511,13 @@ impl Vmdk {
                 .checked_mul(SECTOR)
                 .filter(|len| start.checked_add(*len).is_some_and(|end| end <= i64::MAX as u64))
                 .ok_or_else(|| corrupt("add up the VMDK extent sizes (too large)"))?;
-            let file_path = line.file.as_deref().map(|f| dir.join(f));
+            // An embedded descriptor (in a sparse file) describes that file itself, whatever
+            // the name it was written with: the image may have been renamed since.
+            let file_path = if text_at > 0 && line.kind == ExtentType::Sparse {
+                Some(path.to_path_buf())
+            } else {
+                line.file.as_deref().map(|f| dir.join(f))
+            };
             if let Some(p) = &file_path {
                 if !files.contains(p) {
                     files.push(p.clone());

@@ -391,3 +391,25 @@ fn iso_and_ova_are_detected_by_content() {
     let err = open_image(&ova, OpenOptions::default()).err().unwrap();
     assert_eq!(err.kind(), disk::DiskErrorKind::UnsupportedFeature);
 }
+
+#[test]
+fn renamed_sparse_vmdks_read_their_own_data() {
+    if !have_qemu_img() {
+        return;
+    }
+    for subformat in ["monolithicSparse", "streamOptimized"] {
+        let dir = tempfile::tempdir().unwrap();
+        let (raw, _) = small_layout(dir.path());
+        let written = dir.path().join("written.vmdk");
+        let opt = format!("subformat={subformat}");
+        let args = ["convert", "-f", "raw", "-O", "vmdk", "-o", &opt];
+        let mut full = args.to_vec();
+        full.extend_from_slice(&[raw.to_str().unwrap(), written.to_str().unwrap()]);
+        qemu_img(&full);
+        // The embedded descriptor still names "written.vmdk": it must not matter.
+        let renamed = dir.path().join("renamed.vmdk");
+        std::fs::rename(&written, &renamed).unwrap();
+        let disk = open_image(&renamed, OpenOptions::default()).unwrap();
+        assert_same_bytes(disk.as_ref(), &raw);
+    }
+}

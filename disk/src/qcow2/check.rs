@@ -85,7 +85,12 @@ impl Checker<'_> {
             return;
         }
         let first = offset / self.cs;
-        let last = (offset + len - 1) / self.cs;
+        // A hostile table can point anywhere: an end past u64 is past the end of the file.
+        let Some(end) = offset.checked_add(len - 1) else {
+            self.report.error(format!("{what} at {offset:#x} runs past the end of the file"));
+            return;
+        };
+        let last = end / self.cs;
         for c in first..=last {
             match self.expected.get_mut(c as usize) {
                 Some(n) => *n = n.saturating_add(1),
