@@ -27,6 +27,12 @@ if [ "${CI:-}" = true ] && grep -q "SKIP" build/cargo-test.log; then
     exit 1
 fi
 
+step "disk image parsers: fuzzing (each target briefly)"
+FUZZ_TARGET_DIR="$REPO/target/fuzz" bash disk/fuzz/run.sh "${FUZZ_SECONDS:-10}"
+
+step "GUI under Xvfb (library, create dialog, VM view, capture and release)"
+bash tests/gui/smoke.sh "$REPO/build/gui-smoke"
+
 step "guest fixtures"
 bash tests/guest/build.sh
 

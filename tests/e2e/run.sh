@@ -10,7 +10,7 @@
 #   HUTCH             the binary (default ${CARGO_TARGET_DIR:-$REPO/target}/release/hutch)
 #   E2E_TARGET        hutch (default) or qemu: run the cases that don't need hutch's CLI against
 #                     qemu-system-x86_64 -enable-kvm, to check the fixtures and the harness
-#   E2E_CASE_TIMEOUT  seconds per case (default 300); E2E_VM_TIMEOUT per boot (default 150)
+#   E2E_CASE_TIMEOUT  seconds per case (default 600); E2E_VM_TIMEOUT per boot (default 150)
 #   E2E_FORCE=1       run even where /dev/kvm is not hardware-assisted (outside the lab)
 #   E2E_KEEP=1        keep the work directory
 #   E2E_LOGS          a directory to copy failed cases' work (logs) into, e.g. the lab's --out
@@ -19,7 +19,7 @@ set -euo pipefail
 
 HUTCH=${HUTCH:-${CARGO_TARGET_DIR:-$REPO/target}/release/hutch}
 TARGET=${E2E_TARGET:-hutch}
-CASE_TIMEOUT=${E2E_CASE_TIMEOUT:-300}
+CASE_TIMEOUT=${E2E_CASE_TIMEOUT:-600}
 VM_TIMEOUT=${E2E_VM_TIMEOUT:-150}
 GUEST=$BUILD/guest
 KERNEL=$GUEST/vmlinuz
@@ -32,7 +32,8 @@ CASES=(boots_to_readiness_line guest_sees_cpus_and_memory disk_hash_matches_host
     bzimage_boots_from_kernel_cache control_socket_speaks_json_lines
     console_types_into_the_guest serial_to_a_file guest_reads_virtio_rng
     screen_shows_console_on_boot_framebuffer_then_virtio_gpu
-    gui_shows_the_guest_and_drives_its_keyboard_pointer_and_mode)
+    gui_shows_the_guest_and_drives_its_keyboard_pointer_and_mode
+    imported_vmdk_and_vhdx_read_right_in_the_guest)
 
 # --- helpers -------------------------------------------------------------------------------
 
@@ -459,6 +460,39 @@ PY
     kill $gui 2>/dev/null || true
     "$HUTCH" stop g --force >>"$WORK/log" 2>&1 || true
     kill $xvfb 2>/dev/null || true
+}
+
+# Disks from other products: a VMDK imported (converted to qcow2) and a VHDX used in place
+# (through a qcow2 overlay) read in the guest exactly as the raw original; the guest's write
+# lands in the overlay, not in the VHDX.
+imported_vmdk_and_vhdx_read_right_in_the_guest() {
+    need_hutch
+    require_tools qemu-img
+    export HUTCH_HOME=$WORK/home
+    local raw=$WORK/disk.raw want name serial got
+    random_disk "$raw" 24M
+    want=$(sha256sum "$raw" | cut -d' ' -f1)
+    qemu-img convert -f raw -O vmdk -o subformat=monolithicSparse "$raw" "$WORK/disk.vmdk"
+    qemu-img convert -f raw -O vhdx -o subformat=dynamic "$raw" "$WORK/disk.vhdx"
+    local vhdx_before
+    vhdx_before=$(sha256sum "$WORK/disk.vhdx" | cut -d' ' -f1)
+    for name in vmdk vhdx; do
+        local extra=()
+        [ "$name" = vhdx ] && extra=(--in-place)
+        "$HUTCH" import "$WORK/disk.$name" --name "$name" --kernel "$KERNEL" --initrd "$INITRD" \
+            --memory 256 --cmdline "$(actions "hash:/dev/vda,write:/dev/vda:written-$name")" \
+            ${extra[@]+"${extra[@]}"} >>"$WORK/log" 2>&1 || fail "hutch import $name: exit $? (log: $WORK/log)"
+        "$HUTCH" start "$name" >>"$WORK/log" 2>&1 || fail "hutch start $name: exit $?"
+        serial=$HUTCH_HOME/vms/$name/serial.log
+        wait_for_line "$serial" 'HUTCH-RESULT done' "$VM_TIMEOUT"
+        got=$(result "$serial" hash)
+        [ "$got" = "$want" ] || fail "$name: the guest read $got, the raw original is $want"
+        [ "$(result "$serial" write)" = ok ] || fail "$name: the guest could not write its disk"
+    done
+    [ "$(sha256sum "$WORK/disk.vhdx" | cut -d' ' -f1)" = "$vhdx_before" ] ||
+        fail "the VHDX used in place was written to"
+    "$HUTCH" disk info "$HUTCH_HOME/vms/vhdx/"*.qcow2 >>"$WORK/log" 2>&1 ||
+        fail "hutch disk info on the overlay failed"
 }
 
 # The same check against QEMU: system_powerdown on its monitor (a socket on tmpfs).

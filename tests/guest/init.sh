@@ -121,13 +121,19 @@ act_clicks() {
         grep -q "Tablet" "$d/device/name" 2>/dev/null && dev=/dev/input/${d##*/}
     done
     [ -n "$dev" ] || { result "error=no-tablet"; return; }
+    # One event per read (od alone would buffer its output until 4 KiB of events), from one
+    # open file, so nothing queued between reads is lost.
+    exec 3<"$dev"
     result clicks=ready
     # struct input_event on x86_64: 16 bytes of time, then type, code (u16) and value (s32).
-    od -An -v -w24 -tu2 "$dev" | while read -r _ _ _ _ _ _ _ _ type code lo hi; do
-        case $type:$code in
-        3:0) x=$((lo + hi * 65536)) ;;
-        3:1) y=$((lo + hi * 65536)) ;;
-        1:272) [ "$lo" = 1 ] && echo "HUTCH-RESULT click=$x,$y" ;;
+    while :; do
+        # shellcheck disable=SC2046 # the words are wanted
+        set -- $(dd bs=24 count=1 <&3 2>/dev/null | od -An -v -tu2)
+        [ $# -ge 12 ] || break
+        case $9:${10} in
+        3:0) x=$((${11} + ${12} * 65536)) ;;
+        3:1) y=$((${11} + ${12} * 65536)) ;;
+        1:272) [ "${11}" = 1 ] && echo "HUTCH-RESULT click=$x,$y" ;;
         esac
     done
 }

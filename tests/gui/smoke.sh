@@ -10,9 +10,9 @@ cd "$(dirname "$0")/../.."
 OUT=${1:-$(mktemp -d /tmp/hutch-gui-smoke.XXXXXX)}
 mkdir -p "$OUT"
 TARGET=${CARGO_TARGET_DIR:-target}
-cargo build -q -p hutch --example frame_feed
-HUTCH=${HUTCH:-$TARGET/debug/hutch}
-FEED=$TARGET/debug/examples/frame_feed
+cargo build -q --release -p hutch --example frame_feed
+HUTCH=${HUTCH:-$TARGET/release/hutch}
+FEED=$TARGET/release/examples/frame_feed
 
 for tool in Xvfb xdotool import; do
     command -v $tool >/dev/null || { echo "smoke: $tool is missing (apt-get install xvfb xdotool imagemagick)" >&2; exit 1; }

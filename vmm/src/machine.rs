@@ -557,10 +557,13 @@ impl Machine {
             }));
         }
         for (index, disk) in config.disks.iter().enumerate() {
-            let backend = disk::RawFile::open(&disk.path, disk.readonly)
+            // Any format (detected by content); foreign formats open read-only, so a VM
+            // writes them through a qcow2 overlay (`hutch import --in-place`).
+            let options = disk::OpenOptions { writable: !disk.readonly };
+            let backend = disk::open_image(&disk.path, options)
                 .map_err(|source| MachineError::Disk { path: disk.path.clone(), source })?;
-            let block = Block::new(Box::new(backend), disk.readonly, format!("hutch-disk{index}"))
-                .map_err(|e| {
+            let block =
+                Block::new(backend, disk.readonly, format!("hutch-disk{index}")).map_err(|e| {
                     MachineError::Device(format!("virtio-blk {}: {e}", disk.path.display()))
                 })?;
             add_virtio(&mut pci, Box::new(block), &memory, &irq, io_thread_notifiers(&vm))?;

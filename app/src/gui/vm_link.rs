@@ -8,10 +8,12 @@ use std::time::Duration;
 use display::InputEvent;
 
 use crate::control::client::ControlClient;
+use crate::control::protocol::MAX_INPUT_EVENTS;
 use crate::library::VmDir;
 
-/// How long a request may take before the connection is dropped (and later reopened).
-const LINK_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a request may take before the connection is dropped and reopened (a VM under
+/// load, e.g. nested, can be slow to answer; keys must not be lost for that).
+const LINK_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug)]
 enum LinkMsg {
@@ -46,11 +48,21 @@ impl VmLink {
     }
 }
 
-/// Merges everything queued behind `first`: one input batch, the latest size.
+/// Merges everything queued behind `first`: one input batch, the latest size. Pointer
+/// positions that a later position supersedes (nothing else in between) are dropped.
 fn batch(first: LinkMsg, rx: &Receiver<LinkMsg>) -> (Vec<InputEvent>, Option<(u32, u32)>) {
     let (mut events, mut size) = (Vec::new(), None);
     let mut add = |m| match m {
-        LinkMsg::Input(e) => events.extend(e),
+        LinkMsg::Input(e) => {
+            for event in e {
+                if let (Some(InputEvent::PointerAbs { .. }), InputEvent::PointerAbs { .. }) =
+                    (events.last(), event)
+                {
+                    events.pop();
+                }
+                events.push(event);
+            }
+        }
         LinkMsg::DisplaySize(w, h) => size = Some((w, h)),
     };
     add(first);
@@ -60,37 +72,52 @@ fn batch(first: LinkMsg, rx: &Receiver<LinkMsg>) -> (Vec<InputEvent>, Option<(u3
     (events, size)
 }
 
+/// Sends `events` (in requests the server accepts) and the size; one reconnect and retry
+/// when the connection fails, so a slow moment of the VM does not eat keystrokes.
+fn send(
+    vm: &VmDir,
+    client: &mut Option<ControlClient>,
+    events: &[InputEvent],
+    size: Option<(u32, u32)>,
+) -> Result<(), crate::control::client::ControlClientError> {
+    let mut last = Ok(());
+    for _attempt in 0..2 {
+        if client.is_none() {
+            *client = vm
+                .read_pid_file()
+                .and_then(|p| ControlClient::connect_with_timeout(&p.socket, LINK_TIMEOUT).ok());
+        }
+        let Some(c) = client.as_mut() else { return Ok(()) };
+        last = events
+            .chunks(MAX_INPUT_EVENTS)
+            .try_for_each(|chunk| c.input(chunk.to_vec()))
+            .and_then(|()| size.map_or(Ok(()), |(w, h)| c.display_size(w, h)));
+        match &last {
+            Err(crate::control::client::ControlClientError::Refused(_)) | Ok(()) => return last,
+            Err(e) => {
+                log::debug!("VM '{}' link: {e}; reconnecting", vm.name());
+                *client = None;
+            }
+        }
+    }
+    last
+}
+
 fn pump(vm: &VmDir, rx: &Receiver<LinkMsg>) {
     let mut client: Option<ControlClient> = None;
     let mut warned = false;
     while let Ok(first) = rx.recv() {
         let (events, size) = batch(first, rx);
-        if client.is_none() {
-            client = vm
-                .read_pid_file()
-                .and_then(|p| ControlClient::connect_with_timeout(&p.socket, LINK_TIMEOUT).ok());
-        }
-        let Some(c) = client.as_mut() else { continue };
-        let mut result = Ok(());
-        if !events.is_empty() {
-            result = c.input(events);
-        }
-        if let (Ok(()), Some((w, h))) = (&result, size) {
-            result = c.display_size(w, h);
-        }
-        match result {
+        match send(vm, &mut client, &events, size) {
             Ok(()) => {}
-            // The VM said no (no display device yet): keep the connection, say it once.
+            // The VM said no (no display device): keep the connection, say it once.
             Err(crate::control::client::ControlClientError::Refused(why)) => {
                 if !warned {
-                    log::info!("VM '{}' refused display input: {why}", vm.name());
+                    log::warn!("VM '{}' refused display input: {why}", vm.name());
                     warned = true;
                 }
             }
-            Err(e) => {
-                log::debug!("VM '{}' link: {e}", vm.name());
-                client = None;
-            }
+            Err(e) => log::warn!("VM '{}' lost {} input events: {e}", vm.name(), events.len()),
         }
     }
 }
@@ -110,5 +137,16 @@ mod tests {
         assert_eq!(events, vec![key(1), key(2)]);
         assert_eq!(size, Some((1024, 768)));
         assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn superseded_pointer_positions_are_dropped_but_keys_and_clicks_stay() {
+        let (tx, rx) = mpsc::channel();
+        let at = |x| InputEvent::PointerAbs { x, y: 0 };
+        let click = InputEvent::Button { button: display::PointerButton::Left, down: true };
+        tx.send(LinkMsg::Input(vec![at(2), at(3), click, at(4)])).ok();
+        tx.send(LinkMsg::Input(vec![at(5)])).ok();
+        let (events, _) = batch(LinkMsg::Input(vec![at(1)]), &rx);
+        assert_eq!(events, vec![at(3), click, at(5)]);
     }
 }
