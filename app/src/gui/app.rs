@@ -351,7 +351,8 @@ impl GuiApp {
                 },
                 Event::Import(e) => {
                     if let Some(sheet) = &mut self.import {
-                        sheet.on_event(e);
+                        let taken: Vec<String> = self.vms.iter().map(|v| v.name.clone()).collect();
+                        sheet.on_event(e, &taken);
                     }
                 }
                 Event::JobDone { job, result } => {
@@ -387,10 +388,11 @@ impl GuiApp {
                 self.message = "An import is running; drop more files when it is done".into();
             } else {
                 let sheet = self.import.get_or_insert_with(ImportSheet::default);
-                for path in dropped {
-                    let probe = import_sheet::probe(&path);
-                    sheet.add(path, probe, &taken);
-                }
+                let new: Vec<_> = dropped
+                    .into_iter()
+                    .filter(|p| sheet.add(p.clone(), import_sheet::Probe::Probing, &taken))
+                    .collect();
+                import_sheet::spawn_probe(new, self.events.clone());
             }
         }
         if hovering > 0 {

@@ -36,6 +36,8 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(50);
 /// What a dropped file turned out to be.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Probe {
+    /// Being read on a worker thread (an OVA's manifest check reads the whole file).
+    Probing,
     Image(ImageSummary),
     /// Not importable; the message says why.
     Refused(String),
@@ -51,19 +53,22 @@ pub struct ImageSummary {
     pub ovf_name: Option<String>,
 }
 
-/// Looks at a dropped file (headers only).
+/// Looks at a dropped file: the headers, or all of an OVA (its manifest digests). Blocks.
 pub fn probe(path: &Path) -> Probe {
     let file = path.file_name().unwrap_or(path.as_os_str()).to_string_lossy().into_owned();
-    let info = match disk::image_info(path) {
-        Ok(i) => i,
+    let read = || -> Result<(disk::ImageInfo, Option<String>), disk::DiskError> {
+        if disk::detect(path)? == ImageFormat::Ova {
+            let ova = disk::ova::Ova::open(path)?;
+            return Ok((ova.info(), Some(ova.descriptor().name.clone())));
+        }
+        Ok((disk::image_info(path)?, None))
+    };
+    let (info, ovf_name) = match read() {
+        Ok(r) => r,
         Err(e) => {
             let chain = anyhow::Error::from(e);
             return Probe::Refused(format!("Cannot read {file}: {chain:#}"));
         }
-    };
-    let ovf_name = match info.format {
-        ImageFormat::Ova => disk::ova::Ova::open(path).ok().map(|o| o.descriptor().name.clone()),
-        _ => None,
     };
     classify(
         &file,
@@ -129,7 +134,7 @@ impl Entry {
     pub fn image(&self) -> Option<&ImageSummary> {
         match &self.probe {
             Probe::Image(i) => Some(i),
-            Probe::Refused(_) => None,
+            Probe::Probing | Probe::Refused(_) => None,
         }
     }
 
@@ -159,6 +164,10 @@ pub struct ImportItem {
 /// What the worker reports.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ImportEvent {
+    Probed {
+        path: PathBuf,
+        probe: Probe,
+    },
     Progress {
         index: usize,
         done: u64,
@@ -192,22 +201,37 @@ impl ImportSheet {
         self.cancel.is_some()
     }
 
-    /// Adds a dropped file (once per path); `taken` are the library's VM names.
-    pub fn add(&mut self, path: PathBuf, probe: Probe, taken: &[String]) {
+    /// Adds a dropped file (once per path: false if it is already here); `taken` are the
+    /// library's VM names.
+    pub fn add(&mut self, path: PathBuf, probe: Probe, taken: &[String]) -> bool {
         if self.entries.iter().any(|e| e.path == path) {
+            return false;
+        }
+        let name = self.derive_name(&path, &probe, taken);
+        self.entries.push(Entry { path, probe, name, in_place: false, state: EntryState::Ready });
+        true
+    }
+
+    /// What the worker found out about a file added as [`Probe::Probing`].
+    pub fn probed(&mut self, path: &Path, probe: Probe, taken: &[String]) {
+        let Some(i) = self.entries.iter().position(|e| e.path == path) else { return };
+        if self.entries[i].probe != Probe::Probing {
             return;
         }
-        let name = match &probe {
-            Probe::Image(i) => {
-                let base = match &i.ovf_name {
-                    Some(n) if !n.trim().is_empty() => sanitize_name(n),
-                    _ => sanitize_name(&path.file_stem().unwrap_or_default().to_string_lossy()),
-                };
-                self.free_name(&base, taken)
-            }
-            Probe::Refused(_) => String::new(),
+        let name = self.derive_name(path, &probe, taken);
+        let e = &mut self.entries[i];
+        e.probe = probe;
+        e.name = name;
+    }
+
+    /// The OVF's name or the file name, made unique.
+    fn derive_name(&self, path: &Path, probe: &Probe, taken: &[String]) -> String {
+        let Probe::Image(i) = probe else { return String::new() };
+        let base = match &i.ovf_name {
+            Some(n) if !n.trim().is_empty() => sanitize_name(n),
+            _ => sanitize_name(&path.file_stem().unwrap_or_default().to_string_lossy()),
         };
-        self.entries.push(Entry { path, probe, name, in_place: false, state: EntryState::Ready });
+        self.free_name(&base, taken)
     }
 
     /// `base`, or `base-2`, `base-3`... whichever neither the library nor this sheet uses.
@@ -244,6 +268,7 @@ impl ImportSheet {
     /// True when Import would start something.
     pub fn can_import(&self, taken: &[String]) -> bool {
         !self.is_running()
+            && self.entries.iter().all(|e| e.probe != Probe::Probing)
             && self.entries.iter().any(Entry::pending)
             && (0..self.entries.len()).all(|i| self.name_error(i, taken).is_none())
     }
@@ -278,8 +303,9 @@ impl ImportSheet {
         }
     }
 
-    pub fn on_event(&mut self, event: ImportEvent) {
+    pub fn on_event(&mut self, event: ImportEvent, taken: &[String]) {
         match event {
+            ImportEvent::Probed { path, probe } => self.probed(&path, probe, taken),
             ImportEvent::Progress { index, done, total } => {
                 if let Some(e) = self.entries.get_mut(index) {
                     if matches!(e.state, EntryState::Queued | EntryState::Importing { .. }) {
@@ -309,6 +335,20 @@ impl ImportSheet {
                 }
             }
         }
+    }
+}
+
+/// Probes `paths` on a worker thread, reporting [`ImportEvent::Probed`] for each.
+pub fn spawn_probe(paths: Vec<PathBuf>, events: EventSender) {
+    let send = events.clone();
+    let spawned = std::thread::Builder::new().name("gui-probe".into()).spawn(move || {
+        for path in paths {
+            let probe = probe(&path);
+            send.send(Event::Import(ImportEvent::Probed { path, probe }));
+        }
+    });
+    if let Err(e) = spawned {
+        log::error!("Cannot start the probe thread: {e}");
     }
 }
 
@@ -440,6 +480,13 @@ fn entry_ui(ui: &mut egui::Ui, i: usize, e: &mut Entry, running: bool, name_erro
     ui.label(RichText::new(&file).strong());
     ui.label(RichText::new(e.path.display().to_string()).small().weak());
     let image = match &e.probe {
+        Probe::Probing => {
+            ui.horizontal(|ui| {
+                ui.spinner();
+                ui.label("Reading…");
+            });
+            return;
+        }
         Probe::Refused(why) => {
             ui.label(RichText::new(why).color(Color32::from_rgb(240, 170, 60)));
             return;
@@ -639,22 +686,20 @@ mod tests {
         assert!(items[1].options.in_place && !items[0].options.in_place);
         assert_eq!(s.entries[2].state, EntryState::Queued);
 
-        s.on_event(ImportEvent::Progress { index: 0, done: 5, total: 10 });
+        s.on_event(ImportEvent::Progress { index: 0, done: 5, total: 10 }, &[]);
         assert_eq!(s.entries[0].state, EntryState::Importing { done: 5, total: 10 });
         let ok = ImportResult::Imported { name: "a".into(), warnings: vec![] };
-        s.on_event(ImportEvent::Done { index: 0, result: ok });
+        s.on_event(ImportEvent::Done { index: 0, result: ok }, &[]);
         // A late progress report does not undo "done".
-        s.on_event(ImportEvent::Progress { index: 0, done: 10, total: 10 });
+        s.on_event(ImportEvent::Progress { index: 0, done: 10, total: 10 }, &[]);
         assert!(matches!(s.entries[0].state, EntryState::Done { .. }));
-        s.on_event(ImportEvent::Done {
-            index: 1,
-            result: ImportResult::Failed(vec!["boom".into()]),
-        });
+        let failed = ImportResult::Failed(vec!["boom".into()]);
+        s.on_event(ImportEvent::Done { index: 1, result: failed }, &[]);
 
         s.cancel();
         assert!(cancel.load(Ordering::Relaxed));
-        s.on_event(ImportEvent::Done { index: 2, result: ImportResult::Cancelled });
-        s.on_event(ImportEvent::Finished);
+        s.on_event(ImportEvent::Done { index: 2, result: ImportResult::Cancelled }, &[]);
+        s.on_event(ImportEvent::Finished, &[]);
         assert!(!s.is_running());
         assert_eq!(s.entries[1].state, EntryState::Failed(vec!["boom".into()]));
         assert_eq!(s.entries[2].state, EntryState::Cancelled);
@@ -757,11 +802,44 @@ mod tests {
     }
 
     #[test]
+    fn files_being_read_hold_import_and_get_their_name_when_read() {
+        let taken = vec!["a".to_string()];
+        let mut s = ImportSheet::default();
+        assert!(s.add("/x/a.vmdk".into(), Probe::Probing, &taken));
+        assert!(s.add("/y/a.vmdk".into(), Probe::Probing, &taken));
+        assert!(!s.add("/x/a.vmdk".into(), Probe::Probing, &taken));
+        assert_eq!(s.entries[0].name, "");
+        s.on_event(ImportEvent::Probed { path: "/y/a.vmdk".into(), probe: vmdk(1 << 20) }, &taken);
+        assert_eq!(s.entries[1].name, "a-2");
+        assert!(!s.can_import(&taken), "one file is still being read");
+        s.on_event(ImportEvent::Probed { path: "/x/a.vmdk".into(), probe: vmdk(1 << 20) }, &taken);
+        assert_eq!(s.entries[0].name, "a-3");
+        assert!(s.can_import(&taken));
+        // A second answer for the same file changes nothing.
+        s.probed(Path::new("/x/a.vmdk"), Probe::Refused("x".into()), &taken);
+        assert!(s.entries[0].image().is_some());
+    }
+
+    #[test]
+    fn a_text_file_on_disk_is_refused_as_not_a_disk_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let notes = dir.path().join("notes.txt");
+        std::fs::write(&notes, "hello\n").unwrap();
+        match probe(&notes) {
+            Probe::Refused(why) => assert!(why.starts_with("Not a disk image: notes.txt"), "{why}"),
+            p => panic!("{p:?}"),
+        }
+        assert!(
+            matches!(probe(&dir.path().join("gone")), Probe::Refused(w) if w.starts_with("Cannot read gone"))
+        );
+    }
+
+    #[test]
     fn finishing_early_leaves_nothing_queued() {
         let mut s = ImportSheet::default();
         s.add("/a.vmdk".into(), vmdk(1 << 20), &[]);
         s.start(&[]).unwrap();
-        s.on_event(ImportEvent::Finished);
+        s.on_event(ImportEvent::Finished, &[]);
         assert_eq!(s.entries[0].state, EntryState::Cancelled);
     }
 }
