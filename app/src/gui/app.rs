@@ -15,6 +15,7 @@ use winit::event::{ElementState, WindowEvent};
 use super::capacity::{self, HostCapacity};
 use super::demo;
 use super::form::{error_for, Field, FormErrors, VmForm};
+use super::import_sheet::{self, ImportSheet, SheetAction};
 use super::input::{self, HostCommand, KeyRoute, KeyRouter, FULLSCREEN, RELEASE_KEY_NAME};
 use super::model::{VmState, VmSummary};
 use super::persist::GuiState;
@@ -73,6 +74,8 @@ pub struct GuiApp {
     thumbnails: HashMap<String, TextureHandle>,
     view: View,
     dialog: Option<Dialog>,
+    /// Files dropped on the window, being imported.
+    import: Option<ImportSheet>,
     /// VMs with a job in flight (their buttons are disabled).
     busy: HashSet<String>,
     message: String,
@@ -101,6 +104,7 @@ impl GuiApp {
             thumbnails: HashMap::new(),
             view: View::Library,
             dialog: None,
+            import: None,
             busy: HashSet::new(),
             message: String::new(),
             state,
@@ -322,6 +326,7 @@ impl GuiApp {
             View::Library => self.library_ui(ui),
             View::Vm(_) => self.vm_ui(ui),
         }
+        self.import_ui(&ctx);
         self.dialog_ui(&ctx);
     }
 
@@ -344,6 +349,12 @@ impl GuiApp {
                         self.thumbnails.insert(name, t);
                     }
                 },
+                Event::Import(e) => {
+                    if let Some(sheet) = &mut self.import {
+                        let taken: Vec<String> = self.vms.iter().map(|v| v.name.clone()).collect();
+                        sheet.on_event(e, &taken);
+                    }
+                }
                 Event::JobDone { job, result } => {
                     self.busy.remove(job.vm_name());
                     match result {
@@ -359,6 +370,55 @@ impl GuiApp {
                             self.dialog = Some(Dialog::Error { title: job.failure_title(), chain })
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// Dropped files open (or join) the import sheet; hovering ones show a hint.
+    fn import_ui(&mut self, ctx: &egui::Context) {
+        let (hovering, dropped) = ctx.input(|i| {
+            let paths: Vec<_> =
+                i.raw.dropped_files.iter().map(|f| f.path().to_path_buf()).collect();
+            (i.raw.hovered_files.len(), paths)
+        });
+        let taken: Vec<String> = self.vms.iter().map(|v| v.name.clone()).collect();
+        if !dropped.is_empty() {
+            if self.import.as_ref().is_some_and(ImportSheet::is_running) {
+                self.message = "An import is running; drop more files when it is done".into();
+            } else {
+                let sheet = self.import.get_or_insert_with(ImportSheet::default);
+                let new: Vec<_> = dropped
+                    .into_iter()
+                    .filter(|p| sheet.add(p.clone(), import_sheet::Probe::Probing, &taken))
+                    .collect();
+                import_sheet::spawn_probe(new, self.events.clone());
+            }
+        }
+        if hovering > 0 {
+            import_sheet::drop_hint(ctx, hovering);
+        }
+        if self.dialog.is_some() {
+            return;
+        }
+        let Some(sheet) = self.import.as_mut() else { return };
+        match import_sheet::sheet_ui(ctx, sheet, &taken) {
+            SheetAction::None => {}
+            SheetAction::Import => {
+                if let Some((items, cancel)) = sheet.start(&taken) {
+                    import_sheet::spawn_import(
+                        self.library.clone(),
+                        items,
+                        cancel,
+                        self.events.clone(),
+                        self.poke.clone(),
+                    );
+                }
+            }
+            SheetAction::Cancel => sheet.cancel(),
+            SheetAction::Close => {
+                if !sheet.is_running() {
+                    self.import = None;
                 }
             }
         }

@@ -8,7 +8,7 @@
 //!  screen watcher: display.shm seq ─▶ dirty rects ─▶ mailbox ─▶ texture (set_partial)
 //! ```
 //! - [`model`]: VM states for the GUI; [`capacity`]: host RAM/CPUs vs the VMs; [`form`]:
-//!   the create/edit form; [`demo`]: the first-run demo VM; [`persist`]: `gui-state.json`;
+//!   the create/edit form; [`import_sheet`]: importing dropped disk images; [`demo`]: the first-run demo VM; [`persist`]: `gui-state.json`;
 //! - [`input`]: key routing and host shortcuts; [`screen`]: the guest screen; [`vm_link`]:
 //!   input and size to the VM; [`procstat`]: CPU use; [`worker`]: everything that blocks.
 
@@ -16,6 +16,7 @@ pub mod app;
 pub mod capacity;
 pub mod demo;
 pub mod form;
+pub mod import_sheet;
 pub mod input;
 pub mod model;
 pub mod persist;

@@ -86,6 +86,8 @@ pub enum Event {
         job: Job,
         result: Result<String, Vec<String>>,
     },
+    /// From the import sheet's worker.
+    Import(super::import_sheet::ImportEvent),
 }
 
 /// Sends events to the UI and wakes it.
