@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Runs Hutch on a fresh Debian/Ubuntu machine (as root, for apt-get): installs the system
-# packages, builds Hutch and the demo guest, creates the "demo" VM in the library and boots it
-# with its serial console attached (a busybox shell; `poweroff -f` or Ctrl+] ends it).
-# With hardware virtualization Hutch runs directly on /dev/kvm; without it (vmx/svm absent, as
-# on our CI hosts), inside the nested KVM lab (tests/lab/).
+# packages, builds Hutch and the demo guest, creates the "demo" VM in the library, and
+# - on a desktop (DISPLAY set) with hardware virtualization: opens the Hutch window on it
+#   (click Start; click the screen to type into the guest, Right Ctrl releases);
+# - otherwise: boots it with its serial console attached (a busybox shell; `poweroff -f` or
+#   Ctrl+] ends it). Without hardware virtualization (vmx/svm absent, as on our CI hosts) the
+#   VM runs inside the nested KVM lab (tests/lab/), where no window can be shown.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -38,6 +40,16 @@ echo "Attached to the demo VM's console: try 'uname -a', 'cat /proc/cpuinfo'; 'p
 "$HUTCH" status demo || true
 INSIDE
 
+if $direct && [ -n "${DISPLAY:-}" ]; then
+    "$HUTCH" status demo >/dev/null 2>&1 || "$HUTCH" create demo --kernel "$G/vmlinuz" \
+        --initrd "$G/initramfs.cpio.gz" --cpus 2 --memory 512 \
+        --cmdline "console=tty0 console=ttyS0 hutch.actions=cpus,mem,shell"
+    # Not a first run any more: the GUI would otherwise add its own copy of the demo VM.
+    [ -f "$HUTCH_HOME/gui-state.json" ] ||
+        echo '{"window_width":1100,"window_height":800,"open_vm":null,"one_to_one":false}' \
+            >"$HUTCH_HOME/gui-state.json"
+    exec "$HUTCH" gui
+fi
 if $direct; then
     exec bash "$script"
 fi

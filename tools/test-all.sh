@@ -30,8 +30,9 @@ fi
 step "disk image parsers: fuzzing (each target briefly)"
 FUZZ_TARGET_DIR="$REPO/target/fuzz" bash disk/fuzz/run.sh "${FUZZ_SECONDS:-10}"
 
-step "GUI under Xvfb (library, create dialog, VM view, capture and release)"
+step "GUI under Xvfb (library, create dialog, VM view, capture and release; drag and drop import)"
 bash tests/gui/smoke.sh "$REPO/build/gui-smoke"
+bash tests/gui/dnd.sh "$REPO/build/gui-dnd"
 
 step "guest fixtures"
 bash tests/guest/build.sh
