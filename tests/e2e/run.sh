@@ -374,6 +374,8 @@ gui_shows_the_guest_and_drives_its_keyboard_pointer_and_mode() {
     need_hutch
     require_tools Xvfb xdotool import convert tesseract
     local serial=$WORK/home/vms/g/serial.log
+    # Key routing (PS/2 or virtio) in the VM's log, for when this fails.
+    export RUST_LOG=vmm::machine=debug,info
     start_library_vm g "load:gpu,bg:keys,serialwait,load:input,bg:clicks,modewatch:900" \
         'HUTCH-RESULT serialwait=waiting' screen_actions
     Xvfb :77 -screen 0 1280x800x24 -nolisten tcp >"$WORK/xvfb.log" 2>&1 &
@@ -390,17 +392,22 @@ gui_shows_the_guest_and_drives_its_keyboard_pointer_and_mode() {
     "$HUTCH" gui >"$WORK/gui.log" 2>&1 &
     local gui=$! wid
     # On failure, keep what the window showed.
-    trap 'import -window root "$WORK/gui-at-exit.png" 2>/dev/null; keep_screens "$WORK/gui-at-exit.png"' EXIT
+    trap 'import -window root "$WORK/gui-at-exit.png" 2>/dev/null; keep_screens "$WORK/gui-at-exit.png"
+        kill $gui $xvfb 2>/dev/null; "$HUTCH" stop g --force >/dev/null 2>&1; true' EXIT
     wid=$(timeout 120 xdotool search --sync --name '^Hutch' | head -n 1) || fail "no Hutch window"
     kill -0 $gui 2>/dev/null || fail "hutch gui exited: $(tail -c 400 "$WORK/gui.log")"
     # Software GL under emulation is slow: wait until the window shows the guest's console.
     wait_for_screen_text "$WORK/gui-start.png" HUTCH-GUEST-READY 90
-    xdotool windowfocus --sync "$wid"
+    xdotool windowfocus "$wid"; sleep 1
     eval "$(xdotool getwindowgeometry --shell "$wid")"
     local cx=$((X + WIDTH / 2)) cy=$((Y + HEIGHT / 2))
     # Capture (the first click only captures), then type: the PS/2 keyboard carries it.
-    xdotool mousemove --sync $cx $cy click 1
-    sleep 1
+    # (No --sync anywhere: it waits forever when the pointer is already there or no window
+    # manager answers.)
+    xdotool mousemove $cx $cy
+    sleep 0.5
+    xdotool click 1
+    sleep 2
     xdotool type --delay 80 'hello ps2'
     xdotool key Return
     wait_for_line "$serial" 'HUTCH-KEYS hello ps2' 60
@@ -415,8 +422,15 @@ gui_shows_the_guest_and_drives_its_keyboard_pointer_and_mode() {
     # Clicks on the tablet: the centre of the window lies in the middle of the guest screen,
     # and moving right and down by the same number of window pixels moves the guest pointer
     # in the ratio of the guest's aspect (the image is scaled with its aspect kept).
-    xdotool mousemove --sync $cx $cy click 1
-    xdotool mousemove --sync $((cx + 120)) $((cy + 90)) click 1
+    xdotool mousemove $((cx - 7)) $((cy - 7))
+    sleep 0.5
+    xdotool mousemove $cx $cy
+    sleep 0.5
+    xdotool click 1
+    sleep 1
+    xdotool mousemove $((cx + 120)) $((cy + 90))
+    sleep 0.5
+    xdotool click 1
     wait_for_line "$serial" 'HUTCH-RESULT click=' 30
     sleep 3
     local clicks
@@ -438,7 +452,7 @@ PY
     # Resizing the window asks the guest for a new mode.
     local before
     before=$(result "$serial" mode)
-    xdotool windowsize --sync "$wid" 1240 780
+    xdotool windowsize "$wid" 1240 780
     i=0
     until [ -n "$(result "$serial" mode)" ] && [ "$(result "$serial" mode)" != "$before" ]; do
         i=$((i + 1))
@@ -457,9 +471,6 @@ PY
     ! has "$serial" 'HUTCH-KEYS released' || fail "keys reached the guest after Right Ctrl"
     import -window root "$WORK/gui-final.png"
     keep_screens "$WORK/gui-final.png"
-    kill $gui 2>/dev/null || true
-    "$HUTCH" stop g --force >>"$WORK/log" 2>&1 || true
-    kill $xvfb 2>/dev/null || true
 }
 
 # Disks from other products: a VMDK imported (converted to qcow2) and a VHDX used in place

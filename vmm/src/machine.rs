@@ -336,11 +336,15 @@ impl MachineHandle {
         for event in events {
             match *event {
                 InputEvent::Key { code, down } if !display.keyboard.is_ready() => {
+                    log::debug!("key {code} {} → PS/2", if down { "down" } else { "up" });
                     if let Some(bytes) = display::keymap::set1_scancode(code, down) {
                         lock(&display.i8042).queue_scancodes(bytes.as_slice());
                     }
                 }
-                InputEvent::Key { .. } => display.keyboard.send(std::slice::from_ref(event)),
+                InputEvent::Key { code, down } => {
+                    log::debug!("key {code} {} → virtio", if down { "down" } else { "up" });
+                    display.keyboard.send(std::slice::from_ref(event))
+                }
                 InputEvent::PointerRel { .. } => display.mouse.send(std::slice::from_ref(event)),
                 InputEvent::PointerAbs { .. }
                 | InputEvent::Button { .. }
