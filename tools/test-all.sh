@@ -28,7 +28,7 @@ if [ "${CI:-}" = true ] && grep -q "SKIP" build/cargo-test.log; then
 fi
 
 step "disk image parsers: fuzzing (each target briefly)"
-FUZZ_TARGET_DIR="$REPO/target/fuzz" bash disk/fuzz/run.sh "${FUZZ_SECONDS:-10}"
+FUZZ_TARGET_DIR="${CARGO_TARGET_DIR:-$REPO/target}/fuzz" bash disk/fuzz/run.sh "${FUZZ_SECONDS:-10}"
 
 step "GUI under Xvfb (library, create dialog, VM view, capture and release; drag and drop import)"
 bash tests/gui/smoke.sh "$REPO/build/gui-smoke"
@@ -38,7 +38,7 @@ step "guest fixtures"
 bash tests/guest/build.sh
 
 step "host /dev/kvm: a real kernel fails with a clear error"
-HUTCH="$REPO/target/release/hutch" bash tests/e2e/host-kvm.sh
+HUTCH="${CARGO_TARGET_DIR:-$REPO/target}/release/hutch" bash tests/e2e/host-kvm.sh
 
 step "end-to-end tests in the nested KVM lab"
 mkdir -p build/e2e
