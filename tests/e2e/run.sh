@@ -397,7 +397,7 @@ gui_shows_the_guest_and_drives_its_keyboard_pointer_and_mode() {
     wid=$(timeout 120 xdotool search --sync --name '^Hutch' | head -n 1) || fail "no Hutch window"
     kill -0 $gui 2>/dev/null || fail "hutch gui exited: $(tail -c 400 "$WORK/gui.log")"
     # Software GL under emulation is slow: wait until the window shows the guest's console.
-    wait_for_screen_text "$WORK/gui-start.png" HUTCH-GUEST-READY 90
+    wait_for_screen_text "$WORK/gui-start.png" HUTCH-GUEST-READY 240
     xdotool windowfocus "$wid"; sleep 1
     eval "$(xdotool getwindowgeometry --shell "$wid")"
     local cx=$((X + WIDTH / 2)) cy=$((Y + HEIGHT / 2))
