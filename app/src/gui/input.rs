@@ -1,11 +1,14 @@
-//! Keyboard routing for the VM view. Every winit key event comes here first: host shortcuts
+//! Keyboard and pointer routing for the VM view. Every winit key event comes here first: host shortcuts
 //! are consumed first; while the guest holds the keyboard, keys go to it as evdev codes and
 //! egui never sees them; otherwise they go to egui. Every key the guest was told is down is
-//! released when the capture ends (hotkey, focus loss, leaving the view).
+//! released when the capture ends (hotkey, focus loss, leaving the view). The pointer is
+//! either a tablet (absolute positions over the image) or, for guests without a tablet
+//! driver, a grabbed mouse that sends raw relative motion ([`PointerRouter`]).
 
 use std::collections::HashSet;
 
 use display::keymap::{evdev_from_physical, HeldKeys};
+use display::pointer::RelativeMotion;
 use display::InputEvent;
 use egui::{Key, KeyboardShortcut, Modifiers};
 use winit::keyboard::{KeyCode, ModifiersState, PhysicalKey};
@@ -150,6 +153,100 @@ impl KeyRouter {
     }
 }
 
+/// How the guest's pointer follows the host's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PointerMode {
+    /// A tablet: the guest pointer is where the host pointer is over the image.
+    #[default]
+    Absolute,
+    /// A mouse: while captured the host pointer is grabbed and hidden, and its raw motion
+    /// moves the guest's pointer.
+    Relative,
+}
+
+impl PointerMode {
+    pub fn label(self) -> &'static str {
+        match self {
+            PointerMode::Absolute => "Pointer: absolute (tablet)",
+            PointerMode::Relative => "Pointer: relative (grabbed)",
+        }
+    }
+}
+
+/// Where a host pointer motion goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MotionRoute {
+    /// Not the guest's: egui gets it.
+    Egui,
+    /// To the guest; egui must not see it.
+    Guest(Vec<InputEvent>),
+    /// The guest's, but nothing to send (e.g. cursor positions while grabbed).
+    Drop,
+}
+
+/// The pointer half of a VM view's capture: which motion goes to the guest, and how.
+#[derive(Debug, Default)]
+pub struct PointerRouter {
+    mode: PointerMode,
+    motion: RelativeMotion,
+}
+
+impl PointerRouter {
+    pub fn new(mode: PointerMode) -> PointerRouter {
+        PointerRouter { mode, motion: RelativeMotion::new() }
+    }
+
+    pub fn mode(&self) -> PointerMode {
+        self.mode
+    }
+
+    pub fn set_mode(&mut self, mode: PointerMode) {
+        self.mode = mode;
+        self.motion.reset();
+    }
+
+    /// Whether the host pointer must be grabbed (confined, hidden).
+    pub fn grabs(&self, captured: bool) -> bool {
+        captured && self.mode == PointerMode::Relative
+    }
+
+    /// The host cursor moved; `abs` is the tablet position under it (None off the image).
+    pub fn cursor_moved(&mut self, captured: bool, abs: Option<(u16, u16)>) -> MotionRoute {
+        match (captured, self.mode, abs) {
+            (false, _, _) | (true, PointerMode::Absolute, None) => MotionRoute::Egui,
+            (true, PointerMode::Absolute, Some((x, y))) => {
+                MotionRoute::Guest(vec![InputEvent::PointerAbs { x, y }])
+            }
+            // Grabbed: positions are meaningless (confined, or recentred); raw motion counts.
+            (true, PointerMode::Relative, _) => MotionRoute::Drop,
+        }
+    }
+
+    /// Raw device motion (unaccelerated counts); only a grabbed pointer sends it.
+    pub fn raw_motion(&mut self, captured: bool, dx: f64, dy: f64) -> Vec<InputEvent> {
+        if !self.grabs(captured) {
+            return Vec::new();
+        }
+        self.motion
+            .push(dx, dy)
+            .map(|(dx, dy)| InputEvent::PointerRel { dx, dy })
+            .into_iter()
+            .collect()
+    }
+
+    /// Whether buttons and the wheel go to the guest: over the image, or anywhere while
+    /// grabbed (the host pointer is hidden then, its position means nothing).
+    pub fn takes_buttons(&self, captured: bool, over_image: bool) -> bool {
+        captured && (over_image || self.mode == PointerMode::Relative)
+    }
+
+    /// The capture ended: leftover fractions of motion are not carried into the next one.
+    pub fn release(&mut self) {
+        self.motion.reset();
+    }
+}
+
 /// The guest's name for a winit mouse button.
 pub fn pointer_button(button: winit::event::MouseButton) -> Option<display::PointerButton> {
     use display::PointerButton as P;
@@ -281,6 +378,46 @@ mod tests {
         for pair in HOST_SHORTCUTS.windows(2) {
             assert!(count(pair[0].shortcut.modifiers) >= count(pair[1].shortcut.modifiers));
         }
+    }
+
+    #[test]
+    fn absolute_mode_sends_positions_over_the_image_only_while_captured() {
+        let mut p = PointerRouter::new(PointerMode::Absolute);
+        assert_eq!(p.cursor_moved(false, Some((1, 2))), MotionRoute::Egui);
+        assert_eq!(
+            p.cursor_moved(true, Some((1, 2))),
+            MotionRoute::Guest(vec![InputEvent::PointerAbs { x: 1, y: 2 }])
+        );
+        assert_eq!(p.cursor_moved(true, None), MotionRoute::Egui, "off the image");
+        assert!(p.raw_motion(true, 5.0, 5.0).is_empty(), "no relative motion for a tablet");
+        assert!(!p.grabs(true));
+        assert!(!p.takes_buttons(true, false));
+        assert!(p.takes_buttons(true, true));
+    }
+
+    #[test]
+    fn relative_mode_sends_only_relative_motion_while_captured() {
+        let mut p = PointerRouter::new(PointerMode::Relative);
+        assert_eq!(p.cursor_moved(true, Some((1, 2))), MotionRoute::Drop, "no PointerAbs");
+        assert_eq!(p.cursor_moved(true, None), MotionRoute::Drop);
+        assert_eq!(p.raw_motion(true, 2.5, -1.0), vec![InputEvent::PointerRel { dx: 2, dy: -1 }]);
+        // The half count left over is kept for the next motion.
+        assert_eq!(p.raw_motion(true, 0.5, 0.0), vec![InputEvent::PointerRel { dx: 1, dy: 0 }]);
+        assert!(p.grabs(true));
+        assert!(p.takes_buttons(true, false), "buttons go to the guest wherever the pointer is");
+        // Not captured: nothing is the guest's.
+        assert!(!p.grabs(false));
+        assert!(p.raw_motion(false, 10.0, 10.0).is_empty());
+        assert_eq!(p.cursor_moved(false, Some((1, 2))), MotionRoute::Egui);
+        assert!(!p.takes_buttons(false, true));
+    }
+
+    #[test]
+    fn releasing_drops_leftover_relative_motion() {
+        let mut p = PointerRouter::new(PointerMode::Relative);
+        assert!(p.raw_motion(true, 0.75, 0.0).is_empty());
+        p.release();
+        assert!(p.raw_motion(true, 0.5, 0.0).is_empty());
     }
 
     #[test]
