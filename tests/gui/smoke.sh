@@ -157,6 +157,11 @@ if grep -q '"type":"pointer_abs"' "$OUT/feed-relative.log"; then
     fail "tablet positions reached the guest in relative mode"
 fi
 [ "$px_x" -gt "$right" ] || fail "the pointer stayed grabbed after the release"
+# The guest moved as far as the host pointer did (8 × -15), not twice that (winit doubles raw
+# motion while X11 confines the pointer).
+sum_dx=$(grep -o '"type":"pointer_rel","dx":-\?[0-9]*' "$OUT/feed-relative.log" | sed 's/.*://' | paste -sd+ | bc)
+echo "smoke: relative motion sent: dx total $sum_dx"
+[ "$sum_dx" -ge -130 ] && [ "$sum_dx" -le -110 ] || fail "relative motion adds up to dx $sum_dx, not -120"
 has() { grep -q -- "$1" "$OUT/feed.log" || fail "the guest never got $2 (feed.log: $(tr '\n' ' ' <"$OUT/feed.log"))"; }
 has '"code":42,"down":true' "Shift down"
 has '"code":30,"down":true' "A down"

@@ -241,6 +241,14 @@ impl GuiApp {
         }
     }
 
+    /// Where the window keeps the grabbed pointer (physical pixels), when it recentres it;
+    /// None when raw motion is used.
+    pub fn set_pointer_centre(&mut self, centre: Option<(f64, f64)>) {
+        if let View::Vm(v) = &mut self.view {
+            v.mouse.set_centre(centre);
+        }
+    }
+
     /// Raw mouse motion (winit's `DeviceEvent::MouseMotion`), for the grabbed pointer.
     pub fn on_raw_motion(&mut self, dx: f64, dy: f64) {
         if let View::Vm(v) = &mut self.view {
@@ -298,7 +306,7 @@ impl GuiApp {
                 );
                 v.pointer = Some(p);
                 let abs = v.image.and_then(|vp| vp.window_to_abs(p.x, p.y));
-                match v.mouse.cursor_moved(v.keys.is_captured(), abs) {
+                match v.mouse.cursor_moved(v.keys.is_captured(), (position.x, position.y), abs) {
                     MotionRoute::Egui => false,
                     MotionRoute::Guest(events) => {
                         v.link.input(events);

@@ -190,11 +190,15 @@ pub enum MotionRoute {
 pub struct PointerRouter {
     mode: PointerMode,
     motion: RelativeMotion,
+    /// Where the window keeps a grabbed pointer (physical pixels) when it can only confine
+    /// it (X11, where winit also doubles raw motion while confined): motion is then measured
+    /// from here and the window warps the pointer back. None: raw device motion counts.
+    centre: Option<(f64, f64)>,
 }
 
 impl PointerRouter {
     pub fn new(mode: PointerMode) -> PointerRouter {
-        PointerRouter { mode, motion: RelativeMotion::new() }
+        PointerRouter { mode, motion: RelativeMotion::new(), centre: None }
     }
 
     pub fn mode(&self) -> PointerMode {
@@ -206,33 +210,54 @@ impl PointerRouter {
         self.motion.reset();
     }
 
+    /// Measure grabbed motion from `centre` (physical pixels) instead of raw motion.
+    pub fn set_centre(&mut self, centre: Option<(f64, f64)>) {
+        self.centre = centre;
+    }
+
     /// Whether the host pointer must be grabbed (confined, hidden).
     pub fn grabs(&self, captured: bool) -> bool {
         captured && self.mode == PointerMode::Relative
     }
 
-    /// The host cursor moved; `abs` is the tablet position under it (None off the image).
-    pub fn cursor_moved(&mut self, captured: bool, abs: Option<(u16, u16)>) -> MotionRoute {
+    /// The host cursor moved to `pos` (physical pixels); `abs` is the tablet position under
+    /// it (None off the image).
+    pub fn cursor_moved(
+        &mut self,
+        captured: bool,
+        pos: (f64, f64),
+        abs: Option<(u16, u16)>,
+    ) -> MotionRoute {
         match (captured, self.mode, abs) {
             (false, _, _) | (true, PointerMode::Absolute, None) => MotionRoute::Egui,
             (true, PointerMode::Absolute, Some((x, y))) => {
                 MotionRoute::Guest(vec![InputEvent::PointerAbs { x, y }])
             }
-            // Grabbed: positions are meaningless (confined, or recentred); raw motion counts.
-            (true, PointerMode::Relative, _) => MotionRoute::Drop,
+            // Grabbed: the distance from the centre is the motion (the warp back to it is
+            // none); with no centre, positions mean nothing and raw motion counts.
+            (true, PointerMode::Relative, _) => match self.centre {
+                Some((cx, cy)) => self.relative(pos.0 - cx, pos.1 - cy),
+                None => MotionRoute::Drop,
+            },
         }
     }
 
     /// Raw device motion (unaccelerated counts); only a grabbed pointer sends it.
     pub fn raw_motion(&mut self, captured: bool, dx: f64, dy: f64) -> Vec<InputEvent> {
-        if !self.grabs(captured) {
+        if !self.grabs(captured) || self.centre.is_some() {
             return Vec::new();
         }
-        self.motion
-            .push(dx, dy)
-            .map(|(dx, dy)| InputEvent::PointerRel { dx, dy })
-            .into_iter()
-            .collect()
+        match self.relative(dx, dy) {
+            MotionRoute::Guest(events) => events,
+            _ => Vec::new(),
+        }
+    }
+
+    fn relative(&mut self, dx: f64, dy: f64) -> MotionRoute {
+        match self.motion.push(dx, dy) {
+            Some((dx, dy)) => MotionRoute::Guest(vec![InputEvent::PointerRel { dx, dy }]),
+            None => MotionRoute::Drop,
+        }
     }
 
     /// Whether buttons and the wheel go to the guest: over the image, or anywhere while
@@ -380,15 +405,17 @@ mod tests {
         }
     }
 
+    const AT: (f64, f64) = (300.0, 200.0);
+
     #[test]
     fn absolute_mode_sends_positions_over_the_image_only_while_captured() {
         let mut p = PointerRouter::new(PointerMode::Absolute);
-        assert_eq!(p.cursor_moved(false, Some((1, 2))), MotionRoute::Egui);
+        assert_eq!(p.cursor_moved(false, AT, Some((1, 2))), MotionRoute::Egui);
         assert_eq!(
-            p.cursor_moved(true, Some((1, 2))),
+            p.cursor_moved(true, AT, Some((1, 2))),
             MotionRoute::Guest(vec![InputEvent::PointerAbs { x: 1, y: 2 }])
         );
-        assert_eq!(p.cursor_moved(true, None), MotionRoute::Egui, "off the image");
+        assert_eq!(p.cursor_moved(true, AT, None), MotionRoute::Egui, "off the image");
         assert!(p.raw_motion(true, 5.0, 5.0).is_empty(), "no relative motion for a tablet");
         assert!(!p.grabs(true));
         assert!(!p.takes_buttons(true, false));
@@ -398,8 +425,8 @@ mod tests {
     #[test]
     fn relative_mode_sends_only_relative_motion_while_captured() {
         let mut p = PointerRouter::new(PointerMode::Relative);
-        assert_eq!(p.cursor_moved(true, Some((1, 2))), MotionRoute::Drop, "no PointerAbs");
-        assert_eq!(p.cursor_moved(true, None), MotionRoute::Drop);
+        assert_eq!(p.cursor_moved(true, AT, Some((1, 2))), MotionRoute::Drop, "no PointerAbs");
+        assert_eq!(p.cursor_moved(true, AT, None), MotionRoute::Drop);
         assert_eq!(p.raw_motion(true, 2.5, -1.0), vec![InputEvent::PointerRel { dx: 2, dy: -1 }]);
         // The half count left over is kept for the next motion.
         assert_eq!(p.raw_motion(true, 0.5, 0.0), vec![InputEvent::PointerRel { dx: 1, dy: 0 }]);
@@ -408,8 +435,22 @@ mod tests {
         // Not captured: nothing is the guest's.
         assert!(!p.grabs(false));
         assert!(p.raw_motion(false, 10.0, 10.0).is_empty());
-        assert_eq!(p.cursor_moved(false, Some((1, 2))), MotionRoute::Egui);
+        assert_eq!(p.cursor_moved(false, AT, Some((1, 2))), MotionRoute::Egui);
         assert!(!p.takes_buttons(false, true));
+    }
+
+    #[test]
+    fn a_recentred_pointer_sends_its_distance_from_the_centre_and_ignores_raw_motion() {
+        let mut p = PointerRouter::new(PointerMode::Relative);
+        p.set_centre(Some((500.0, 300.0)));
+        assert!(p.raw_motion(true, 5.0, 5.0).is_empty(), "raw motion is doubled when confined");
+        assert_eq!(
+            p.cursor_moved(true, (485.0, 310.0), Some((1, 2))),
+            MotionRoute::Guest(vec![InputEvent::PointerRel { dx: -15, dy: 10 }])
+        );
+        // The warp back to the centre is no motion.
+        assert_eq!(p.cursor_moved(true, (500.0, 300.0), None), MotionRoute::Drop);
+        assert_eq!(p.cursor_moved(false, (485.0, 310.0), None), MotionRoute::Egui);
     }
 
     #[test]

@@ -39,8 +39,10 @@ struct Running {
     gl: Gl,
     egui: egui_glow::EguiGlow,
     app: GuiApp,
-    /// The host pointer is confined to the window (relative pointer, captured).
+    /// The host pointer is grabbed (relative pointer, captured).
     grabbed: bool,
+    /// Where a confined (not locked) pointer is warped back to after each move.
+    centre: Option<winit::dpi::PhysicalPosition<f64>>,
 }
 
 struct Handler {
@@ -147,7 +149,7 @@ impl Handler {
         let app = GuiApp::new(self.library.clone(), egui.egui_ctx.clone(), self.saved.take());
         // Raw motion only matters while we have the focus (and the grab).
         event_loop.listen_device_events(DeviceEvents::WhenFocused);
-        self.running = Some(Running { gl, egui, app, grabbed: false });
+        self.running = Some(Running { gl, egui, app, grabbed: false, centre: None });
         Ok(())
     }
 
@@ -182,18 +184,36 @@ impl Running {
         }
         self.grabbed = want;
         let window = &self.gl.window;
+        self.centre = None;
         if want {
-            // Locked keeps the pointer still (Wayland, macOS); X11 only confines it.
-            let grabbed = window
-                .set_cursor_grab(CursorGrabMode::Locked)
-                .or_else(|_| window.set_cursor_grab(CursorGrabMode::Confined));
-            if let Err(e) = grabbed {
-                log::warn!("Cannot grab the pointer: {e}");
+            // Locked keeps the pointer still and raw motion moves the guest (Wayland, macOS).
+            // X11 can only confine it, and winit doubles raw motion then (winit #3773): there
+            // we keep the pointer at the centre and its distance from it is the motion.
+            if window.set_cursor_grab(CursorGrabMode::Locked).is_err() {
+                if let Err(e) = window.set_cursor_grab(CursorGrabMode::Confined) {
+                    log::warn!("Cannot grab the pointer: {e}");
+                }
+                self.centre = Some(self.recentre());
             }
         } else if let Err(e) = window.set_cursor_grab(CursorGrabMode::None) {
             log::warn!("Cannot release the pointer: {e}");
         }
-        window.request_redraw();
+        let centre = self.centre.map(|c| (c.x, c.y));
+        self.app.set_pointer_centre(centre);
+        self.gl.window.request_redraw();
+    }
+
+    /// Warps the pointer to the window's centre; the centre.
+    fn recentre(&self) -> winit::dpi::PhysicalPosition<f64> {
+        let size = self.gl.window.inner_size();
+        let centre = winit::dpi::PhysicalPosition::new(
+            f64::from(size.width / 2),
+            f64::from(size.height / 2),
+        );
+        if let Err(e) = self.gl.window.set_cursor_position(centre) {
+            log::debug!("Cannot move the pointer: {e}");
+        }
+        centre
     }
 }
 
@@ -236,6 +256,17 @@ impl ApplicationHandler<UserEvent> for Handler {
         let ppp = r.egui.egui_ctx.pixels_per_point();
         let guest_took_it = r.app.on_window_event(&event, ppp);
         r.sync_grab();
+        match (&event, r.centre) {
+            (WindowEvent::CursorMoved { position, .. }, Some(centre)) if *position != centre => {
+                r.recentre();
+            }
+            (WindowEvent::Resized(_), Some(_)) => {
+                let centre = r.recentre();
+                r.centre = Some(centre);
+                r.app.set_pointer_centre(Some((centre.x, centre.y)));
+            }
+            _ => {}
+        }
         if guest_took_it {
             return;
         }
