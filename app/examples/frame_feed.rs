@@ -1,6 +1,7 @@
 //! Test tool for the GUI's VM view on hosts that cannot boot a guest: plays the VM side of
 //! the shared-memory frame for library VM NAME (at the path the GUI reads), drawing colour
-//! bars and a moving square with dirty-rect updates.
+//! bars and a moving square with dirty-rect updates, and a cursor (a pink arrow, as a guest's
+//! virtio-gpu cursor) that follows the pointer input it gets.
 //!
 //! With `--fake-vm` it also plays a running VM process: holds the VM lock, writes `pid.json`
 //! and answers the control socket (`status` says running; `input` and `display_size` are
@@ -10,16 +11,66 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use display::frame::{FrameMut, FrameWriter};
-use display::Rect;
+use display::{CursorImage, InputEvent, PixelFormat, Rect};
 use hutch::control::protocol::{Request, Response, StatusReply};
 use hutch::library::{Library, PidFile};
 use hutch::runtime;
 
 const SQUARE: u32 = 64;
+/// The cursor's colour: in no bar, so a screenshot can find it.
+const CURSOR_RGB: [u8; 3] = [255, 20, 147];
+const CURSOR_SIZE: u32 = 24;
+
+/// An arrow: the lower-left triangle of a square, transparent elsewhere, hot spot top-left.
+fn arrow() -> CursorImage {
+    let mut data = Vec::with_capacity((CURSOR_SIZE * CURSOR_SIZE * 4) as usize);
+    for y in 0..CURSOR_SIZE {
+        for x in 0..CURSOR_SIZE {
+            let [r, g, b] = CURSOR_RGB;
+            data.extend_from_slice(&if x <= y { [b, g, r, 0xff] } else { [0; 4] });
+        }
+    }
+    CursorImage {
+        width: CURSOR_SIZE,
+        height: CURSOR_SIZE,
+        hot_x: 0,
+        hot_y: 0,
+        format: PixelFormat::B8G8R8A8,
+        data,
+    }
+}
+
+/// Where the guest pointer is, moved by the input the fake VM gets (a tablet position or
+/// relative motion), in guest pixels.
+#[derive(Debug, Clone, Copy)]
+struct Pointer {
+    x: i64,
+    y: i64,
+    width: i64,
+    height: i64,
+}
+
+impl Pointer {
+    fn apply(&mut self, event: &InputEvent) {
+        let (max_x, max_y) = (self.width - 1, self.height - 1);
+        match *event {
+            InputEvent::PointerAbs { x, y } => {
+                self.x = i64::from(x) * max_x / i64::from(display::pointer::ABS_MAX);
+                self.y = i64::from(y) * max_y / i64::from(display::pointer::ABS_MAX);
+            }
+            InputEvent::PointerRel { dx, dy } => {
+                self.x = (self.x + i64::from(dx)).clamp(0, max_x);
+                self.y = (self.y + i64::from(dy)).clamp(0, max_y);
+            }
+            _ => {}
+        }
+    }
+}
 
 fn fill(frame: &mut FrameMut<'_>, r: Rect, rgb: [u8; 3]) {
     let stride = frame.stride();
@@ -66,6 +117,13 @@ fn main() -> anyhow::Result<()> {
         }
         fill(f, Rect::new(0, height * 2 / 3, width, height - height * 2 / 3), [20, 30, 60]);
     });
+    writer.set_cursor(Some(&arrow()))?;
+    let pointer = Arc::new(Mutex::new(Pointer {
+        x: i64::from(width / 2),
+        y: i64::from(height / 3),
+        width: i64::from(width),
+        height: i64::from(height),
+    }));
     println!("{}", path.display());
     let _lock = if fake_vm {
         let lock = vm.try_lock()?.context("the VM is running")?;
@@ -87,10 +145,11 @@ fn main() -> anyhow::Result<()> {
             uptime_secs: 0,
             display: Some("virtio-gpu 800x600".into()),
         };
+        let pointer = pointer.clone();
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                let status = status.clone();
-                std::thread::spawn(move || serve(stream, &status));
+                let (status, pointer) = (status.clone(), pointer.clone());
+                std::thread::spawn(move || serve(stream, &status, &pointer));
             }
         });
         Some(lock)
@@ -99,7 +158,13 @@ fn main() -> anyhow::Result<()> {
     };
     let start = Instant::now();
     let (mut x, y) = (0u32, height * 2 / 3 + (height / 3 - SQUARE) / 2);
+    let mut shown = None;
     while start.elapsed() < Duration::from_secs(secs) {
+        let at = pointer.lock().map(|p| (p.x as u32, p.y as u32)).unwrap_or_default();
+        if shown != Some(at) {
+            writer.move_cursor(at.0, at.1);
+            shown = Some(at);
+        }
         let next = (x + 8) % (width - SQUARE);
         let (old, new) = (Rect::new(x, y, SQUARE, SQUARE), Rect::new(next, y, SQUARE, SQUARE));
         writer.update(&[old, new], |f| {
@@ -120,13 +185,16 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// One control connection of the fake VM.
-fn serve(stream: UnixStream, status: &StatusReply) {
+fn serve(stream: UnixStream, status: &StatusReply, pointer: &Mutex<Pointer>) {
     let Ok(mut out) = stream.try_clone() else { return };
     for line in BufReader::new(stream).lines() {
         let Ok(line) = line else { return };
         let reply = match Request::parse(&line) {
             Ok(Request::Status) => Response::status(status.clone()),
-            Ok(Request::Input { .. } | Request::DisplaySize { .. }) => {
+            Ok(r @ (Request::Input { .. } | Request::DisplaySize { .. })) => {
+                if let (Request::Input { events }, Ok(mut p)) = (&r, pointer.lock()) {
+                    events.iter().for_each(|e| p.apply(e));
+                }
                 println!("{}", line.trim());
                 let _ = std::io::stdout().flush();
                 Response::done()

@@ -2,7 +2,9 @@
 # GUI smoke test under Xvfb (no window manager, Mesa software GL): a temp library with one VM,
 # `hutch gui`, screenshots of the library view, the create dialog (with a validation message)
 # and a VM view fed by the frame_feed example (no guest can boot here). Checks that the
-# window exists and the screenshots are not blank; the PNGs stay in $OUT for a human to look at.
+# window exists and the screenshots are not blank, that the guest's cursor is drawn, and that
+# the relative (grabbed) pointer mode sends relative motion; the PNGs stay in $OUT for a human
+# to look at.
 #
 #   tests/gui/smoke.sh [OUT_DIR]     (HUTCH=path/to/hutch to test a given binary)
 set -euo pipefail
@@ -39,6 +41,12 @@ for _ in $(seq 50); do xdotool getmouselocation >/dev/null 2>&1 && break; sleep 
 "$HUTCH" create screen --kernel "$WORK/vmlinuz" --cpus 1 --memory 256 >/dev/null
 
 fail() { echo "smoke: FAIL: $*" >&2; exit 1; }
+
+# Pixels of the fake guest's cursor colour (frame_feed's CURSOR_RGB) in a screenshot.
+cursor_pixels() {
+    convert "$1" -fuzz 4% -fill black +opaque 'rgb(255,20,147)' -fill white -opaque 'rgb(255,20,147)' \
+        -format '%[fx:int(mean*w*h+0.5)]' info:
+}
 
 # A screenshot must show more than a handful of colours (a blank or black window has ~1).
 check_png() {
@@ -79,7 +87,7 @@ check_png "$OUT/create-dialog.png" 20
 kill $GUI; wait $GUI 2>/dev/null || true
 
 # 3. VM view of "screen", fed by frame_feed playing a running VM, reopened from the saved state.
-"$FEED" --fake-vm screen 40 >"$OUT/feed.log" 2>&1 &
+"$FEED" --fake-vm screen 60 >"$OUT/feed.log" 2>&1 &
 PIDS+=($!)
 sleep 1
 printf '{"window_width":1000,"window_height":700,"open_vm":"screen","one_to_one":false}\n' \
@@ -93,6 +101,10 @@ check_png "$OUT/vm-view-1.png" 8
 diff_px=$(compare -metric AE "$OUT/vm-view-1.png" "$OUT/vm-view-2.png" null: 2>&1 || true)
 echo "smoke: the VM view changed in ${diff_px} pixels"
 [ "${diff_px%%.*}" -gt 100 ] 2>/dev/null || fail "the guest screen does not update"
+# The guest's cursor (a 24×24 pink arrow, ~300 pixels) is drawn over its screen.
+px=$(cursor_pixels "$OUT/vm-view-1.png")
+echo "smoke: the guest cursor covers $px pixels"
+[ "$px" -ge 150 ] || fail "the guest's cursor is not drawn ($px pixels of its colour)"
 
 # 4. Capture: click the screen, type with Shift held, release with Right Ctrl. (xdotool
 # presses Control_L along with any Control_R it types, so the guest sees Left Ctrl go down
@@ -115,6 +127,41 @@ sleep 2.5
 import -window root "$OUT/library-running.png"
 check_png "$OUT/library-running.png" 20
 kill $GUI; wait $GUI 2>/dev/null || true
+
+# 6. Relative (grabbed) pointer, as saved in the GUI state: a capture click grabs the pointer,
+# motion reaches the guest as relative counts only, Right Ctrl frees the pointer.
+printf '{"window_width":1000,"window_height":700,"open_vm":"screen","pointer_mode":"relative"}\n' \
+    >"$HUTCH_HOME/gui-state.json"
+before=$(wc -l <"$OUT/feed.log")
+start_gui relative
+eval "$(xdotool getwindowgeometry --shell "$WID")"
+xdotool windowfocus --sync "$WID"
+xdotool mousemove --sync $((X + WIDTH / 2)) $((Y + HEIGHT / 2)) click 1
+sleep 0.5
+for _ in $(seq 8); do xdotool mousemove_relative -- -15 -10; sleep 0.05; done
+sleep 0.5
+import -window root "$OUT/vm-relative.png"
+xdotool key Control_R
+sleep 0.5
+# Freed: the pointer can leave the window again (a confined one stops at its edge).
+right=$((X + WIDTH))
+xdotool mousemove $((right + 100)) $((Y + HEIGHT / 2))
+sleep 0.3
+px_x=$(xdotool getmouselocation --shell | sed -n 's/^X=//p')
+echo "smoke: pointer after the release at x=$px_x (window's right edge $right)"
+kill $GUI; wait $GUI 2>/dev/null || true
+tail -n +$((before + 1)) "$OUT/feed.log" >"$OUT/feed-relative.log"
+grep -q '"type":"pointer_rel"' "$OUT/feed-relative.log" ||
+    fail "no relative motion reached the guest (feed: $(tr '\n' ' ' <"$OUT/feed-relative.log"))"
+if grep -q '"type":"pointer_abs"' "$OUT/feed-relative.log"; then
+    fail "tablet positions reached the guest in relative mode"
+fi
+[ "$px_x" -gt "$right" ] || fail "the pointer stayed grabbed after the release"
+# The guest moved as far as the host pointer did (8 × -15), not twice that (winit doubles raw
+# motion while X11 confines the pointer).
+sum_dx=$(grep -o '"type":"pointer_rel","dx":-\?[0-9]*' "$OUT/feed-relative.log" | sed 's/.*://' | paste -sd+ | bc)
+echo "smoke: relative motion sent: dx total $sum_dx"
+[ "$sum_dx" -ge -130 ] && [ "$sum_dx" -le -110 ] || fail "relative motion adds up to dx $sum_dx, not -120"
 has() { grep -q -- "$1" "$OUT/feed.log" || fail "the guest never got $2 (feed.log: $(tr '\n' ' ' <"$OUT/feed.log"))"; }
 has '"code":42,"down":true' "Shift down"
 has '"code":30,"down":true' "A down"

@@ -16,11 +16,14 @@ use super::capacity::{self, HostCapacity};
 use super::demo;
 use super::form::{error_for, Field, FormErrors, VmForm};
 use super::import_sheet::{self, ImportSheet, SheetAction};
-use super::input::{self, HostCommand, KeyRoute, KeyRouter, FULLSCREEN, RELEASE_KEY_NAME};
+use super::input::{
+    self, HostCommand, KeyRoute, KeyRouter, MotionRoute, PointerMode, PointerRouter, FULLSCREEN,
+    RELEASE_KEY_NAME,
+};
 use super::model::{VmState, VmSummary};
 use super::persist::GuiState;
 use super::procstat::CpuMeter;
-use super::screen::GuestScreen;
+use super::screen::{cursor_rect, GuestScreen};
 use super::vm_link::VmLink;
 use super::worker::{self, Event, EventSender, Job};
 use crate::library::Library;
@@ -44,6 +47,7 @@ struct VmView {
     screen: GuestScreen,
     link: VmLink,
     keys: KeyRouter,
+    mouse: PointerRouter,
     one_to_one: bool,
     /// Where the guest image is drawn, for pointer mapping.
     image: Option<Viewport>,
@@ -138,6 +142,7 @@ impl GuiApp {
         };
         if let View::Vm(v) = &self.view {
             self.state.one_to_one = v.one_to_one;
+            self.state.pointer_mode = v.mouse.mode();
         }
         if let Err(e) = self.state.save(self.library.root()) {
             log::warn!("Cannot save the GUI state: {e}");
@@ -203,6 +208,7 @@ impl GuiApp {
             screen: GuestScreen::open(frame, self.ctx.clone()),
             link: VmLink::new(vm),
             keys: KeyRouter::new(),
+            mouse: PointerRouter::new(self.state.pointer_mode),
             one_to_one: self.state.one_to_one,
             image: None,
             area: None,
@@ -217,14 +223,39 @@ impl GuiApp {
 
     fn close_vm(&mut self) {
         if let View::Vm(v) = &mut self.view {
-            let ups = v.keys.release();
-            v.link.input(ups);
+            v.release();
             self.state.one_to_one = v.one_to_one;
+            self.state.pointer_mode = v.mouse.mode();
         }
         self.view = View::Library;
     }
 
     // ---- window events, before egui -------------------------------------------------------
+
+    /// Whether the window must grab (confine and hide) the host pointer: a relative pointer
+    /// while the guest has the input.
+    pub fn wants_grab(&self) -> bool {
+        match &self.view {
+            View::Vm(v) => v.mouse.grabs(v.keys.is_captured()),
+            View::Library => false,
+        }
+    }
+
+    /// Where the window keeps the grabbed pointer (physical pixels), when it recentres it;
+    /// None when raw motion is used.
+    pub fn set_pointer_centre(&mut self, centre: Option<(f64, f64)>) {
+        if let View::Vm(v) = &mut self.view {
+            v.mouse.set_centre(centre);
+        }
+    }
+
+    /// Raw mouse motion (winit's `DeviceEvent::MouseMotion`), for the grabbed pointer.
+    pub fn on_raw_motion(&mut self, dx: f64, dy: f64) {
+        if let View::Vm(v) = &mut self.view {
+            let events = v.mouse.raw_motion(v.keys.is_captured(), dx, dy);
+            v.link.input(events);
+        }
+    }
 
     /// Routes a window event; true when it was the guest's and egui must not see it.
     pub fn on_window_event(&mut self, event: &WindowEvent, pixels_per_point: f32) -> bool {
@@ -245,6 +276,7 @@ impl GuiApp {
                     }
                     KeyRoute::Released(ups) => {
                         v.link.input(ups);
+                        v.mouse.release();
                         self.ctx.request_repaint();
                         true
                     }
@@ -258,8 +290,8 @@ impl GuiApp {
             }
             WindowEvent::Focused(false) => {
                 if v.keys.is_captured() {
-                    let ups = v.keys.release();
-                    v.link.input(ups);
+                    v.release();
+                    self.ctx.request_repaint();
                 }
                 false
             }
@@ -273,31 +305,28 @@ impl GuiApp {
                     position.y as f32 / pixels_per_point,
                 );
                 v.pointer = Some(p);
-                if v.keys.is_captured() {
-                    if let Some(abs) = guest_abs(v, p) {
-                        v.link.input(vec![abs]);
-                        return true;
-                    }
-                }
-                false
-            }
-            WindowEvent::MouseInput { state, button, .. } if v.keys.is_captured() => {
-                let over_image = v.pointer.is_some_and(|p| guest_abs(v, p).is_some());
-                match (over_image, input::pointer_button(*button)) {
-                    (true, Some(b)) => {
-                        v.link.input(vec![InputEvent::Button {
-                            button: b,
-                            down: *state == ElementState::Pressed,
-                        }]);
+                let abs = v.image.and_then(|vp| vp.window_to_abs(p.x, p.y));
+                match v.mouse.cursor_moved(v.keys.is_captured(), (position.x, position.y), abs) {
+                    MotionRoute::Egui => false,
+                    MotionRoute::Guest(events) => {
+                        v.link.input(events);
+                        // The guest's cursor is drawn by us: follow it.
+                        self.ctx.request_repaint();
                         true
                     }
-                    (true, None) => true,
-                    (false, _) => false,
+                    MotionRoute::Drop => true,
                 }
             }
-            WindowEvent::MouseWheel { delta, .. }
-                if v.keys.is_captured() && v.pointer.is_some_and(|p| guest_abs(v, p).is_some()) =>
-            {
+            WindowEvent::MouseInput { state, button, .. } if v.takes_buttons() => {
+                if let Some(b) = input::pointer_button(*button) {
+                    v.link.input(vec![InputEvent::Button {
+                        button: b,
+                        down: *state == ElementState::Pressed,
+                    }]);
+                }
+                true
+            }
+            WindowEvent::MouseWheel { delta, .. } if v.takes_buttons() => {
                 let (dx, dy) = input::wheel_clicks(*delta);
                 if (dx, dy) != (0, 0) {
                     v.link.input(vec![InputEvent::Wheel { dx, dy }]);
@@ -614,6 +643,14 @@ impl GuiApp {
                     if ui.button("Scale to fit / 1:1").clicked() {
                         act = Some(VmAction::ToggleScale);
                     }
+                    ui.separator();
+                    if let View::Vm(v) = &self.view {
+                        for mode in [PointerMode::Absolute, PointerMode::Relative] {
+                            if ui.radio(v.mouse.mode() == mode, mode.label()).clicked() {
+                                act = Some(VmAction::Pointer(mode));
+                            }
+                        }
+                    }
                 });
             });
             ui.horizontal(|ui| {
@@ -662,7 +699,10 @@ impl GuiApp {
                     ui.label(format!("CPU {p:.0}%"));
                 }
                 ui.separator();
-                if v.keys.is_captured() {
+                if v.mouse.grabs(v.keys.is_captured()) {
+                    let text = format!("Pointer grabbed: {RELEASE_KEY_NAME} releases");
+                    ui.label(RichText::new(text).strong());
+                } else if v.keys.is_captured() {
                     ui.label(RichText::new(format!("{RELEASE_KEY_NAME} releases")).strong());
                 } else {
                     ui.label("Click the screen to capture keyboard and pointer");
@@ -703,13 +743,30 @@ impl GuiApp {
                     };
                     let (x, y, w, h) = viewport.rect();
                     let rect = egui::Rect::from_min_size(egui::pos2(x, y), egui::vec2(w, h));
-                    ui.painter().image(
-                        t.id(),
-                        rect,
-                        egui::Rect::from_min_max(egui::pos2(0.0, 0.0), egui::pos2(1.0, 1.0)),
-                        Color32::WHITE,
-                    );
+                    let uv = egui::Rect::from_min_max(egui::pos2(0.0, 0.0), egui::pos2(1.0, 1.0));
+                    ui.painter().image(t.id(), rect, uv, Color32::WHITE);
                     v.image = Some(viewport);
+                    let cursor = v.screen.cursor();
+                    if let Some(c) = &cursor {
+                        if let Some((cx, cy, cw, ch)) = cursor_rect(&viewport, &c.place) {
+                            let at =
+                                egui::Rect::from_min_size(egui::pos2(cx, cy), egui::vec2(cw, ch));
+                            // Clipped to the image: the guest's cursor never leaves its screen.
+                            let clip = rect.intersect(avail);
+                            ui.painter().with_clip_rect(clip).image(
+                                c.texture.id(),
+                                at,
+                                uv,
+                                Color32::WHITE,
+                            );
+                        }
+                    }
+                    // Captured, the guest's cursor is the pointer: the host's would be a second
+                    // one (a guest without a cursor plane keeps the host's).
+                    let over = v.pointer.is_some_and(|p| rect.contains(p));
+                    if v.keys.is_captured() && (v.mouse.grabs(true) || (over && cursor.is_some())) {
+                        ui.ctx().set_cursor_icon(egui::CursorIcon::None);
+                    }
                 }
                 None => {
                     v.image = None;
@@ -767,8 +824,7 @@ impl GuiApp {
             }
         }
         if !running && v.keys.is_captured() {
-            let ups = v.keys.release();
-            v.link.input(ups);
+            v.release();
         }
 
         match act {
@@ -776,6 +832,12 @@ impl GuiApp {
             Some(VmAction::Back) => self.close_vm(),
             Some(VmAction::Fullscreen) => self.pending_host = Some(HostCommand::ToggleFullscreen),
             Some(VmAction::ToggleScale) => v.one_to_one = !v.one_to_one,
+            Some(VmAction::Pointer(mode)) => {
+                // A switch mid-capture must not leave the pointer grabbed or stray.
+                v.release();
+                v.mouse.set_mode(mode);
+                self.state.pointer_mode = mode;
+            }
             Some(VmAction::Start) => self.start(&name),
             Some(VmAction::Job(make)) => self.run(make(name)),
         }
@@ -929,6 +991,7 @@ enum VmAction {
     Back,
     Fullscreen,
     ToggleScale,
+    Pointer(PointerMode),
     Start,
     Job(fn(String) -> Job),
 }
@@ -963,10 +1026,21 @@ fn machine_actions(
     }
 }
 
-/// The guest pointer event for a position (points) over the drawn image.
-fn guest_abs(v: &VmView, p: egui::Pos2) -> Option<InputEvent> {
-    let (x, y) = v.image?.window_to_abs(p.x, p.y)?;
-    Some(InputEvent::PointerAbs { x, y })
+impl VmView {
+    /// Ends the capture: key-ups for held keys, no leftover motion.
+    fn release(&mut self) {
+        let ups = self.keys.release();
+        self.link.input(ups);
+        self.mouse.release();
+    }
+
+    /// Whether a button or wheel event now is the guest's.
+    fn takes_buttons(&self) -> bool {
+        let over_image = self
+            .pointer
+            .is_some_and(|p| self.image.and_then(|vp| vp.window_to_abs(p.x, p.y)).is_some());
+        self.mouse.takes_buttons(self.keys.is_captured(), over_image)
+    }
 }
 
 /// `size` scaled into `avail`, aspect kept, centred.

@@ -1,11 +1,14 @@
-//! Keyboard routing for the VM view. Every winit key event comes here first: host shortcuts
+//! Keyboard and pointer routing for the VM view. Every winit key event comes here first: host shortcuts
 //! are consumed first; while the guest holds the keyboard, keys go to it as evdev codes and
 //! egui never sees them; otherwise they go to egui. Every key the guest was told is down is
-//! released when the capture ends (hotkey, focus loss, leaving the view).
+//! released when the capture ends (hotkey, focus loss, leaving the view). The pointer is
+//! either a tablet (absolute positions over the image) or, for guests without a tablet
+//! driver, a grabbed mouse that sends raw relative motion ([`PointerRouter`]).
 
 use std::collections::HashSet;
 
 use display::keymap::{evdev_from_physical, HeldKeys};
+use display::pointer::RelativeMotion;
 use display::InputEvent;
 use egui::{Key, KeyboardShortcut, Modifiers};
 use winit::keyboard::{KeyCode, ModifiersState, PhysicalKey};
@@ -150,6 +153,125 @@ impl KeyRouter {
     }
 }
 
+/// How the guest's pointer follows the host's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PointerMode {
+    /// A tablet: the guest pointer is where the host pointer is over the image.
+    #[default]
+    Absolute,
+    /// A mouse: while captured the host pointer is grabbed and hidden, and its raw motion
+    /// moves the guest's pointer.
+    Relative,
+}
+
+impl PointerMode {
+    pub fn label(self) -> &'static str {
+        match self {
+            PointerMode::Absolute => "Pointer: absolute (tablet)",
+            PointerMode::Relative => "Pointer: relative (grabbed)",
+        }
+    }
+}
+
+/// Where a host pointer motion goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MotionRoute {
+    /// Not the guest's: egui gets it.
+    Egui,
+    /// To the guest; egui must not see it.
+    Guest(Vec<InputEvent>),
+    /// The guest's, but nothing to send (e.g. cursor positions while grabbed).
+    Drop,
+}
+
+/// The pointer half of a VM view's capture: which motion goes to the guest, and how.
+#[derive(Debug, Default)]
+pub struct PointerRouter {
+    mode: PointerMode,
+    motion: RelativeMotion,
+    /// Where the window keeps a grabbed pointer (physical pixels) when it can only confine
+    /// it (X11, where winit also doubles raw motion while confined): motion is then measured
+    /// from here and the window warps the pointer back. None: raw device motion counts.
+    centre: Option<(f64, f64)>,
+}
+
+impl PointerRouter {
+    pub fn new(mode: PointerMode) -> PointerRouter {
+        PointerRouter { mode, motion: RelativeMotion::new(), centre: None }
+    }
+
+    pub fn mode(&self) -> PointerMode {
+        self.mode
+    }
+
+    pub fn set_mode(&mut self, mode: PointerMode) {
+        self.mode = mode;
+        self.motion.reset();
+    }
+
+    /// Measure grabbed motion from `centre` (physical pixels) instead of raw motion.
+    pub fn set_centre(&mut self, centre: Option<(f64, f64)>) {
+        self.centre = centre;
+    }
+
+    /// Whether the host pointer must be grabbed (confined, hidden).
+    pub fn grabs(&self, captured: bool) -> bool {
+        captured && self.mode == PointerMode::Relative
+    }
+
+    /// The host cursor moved to `pos` (physical pixels); `abs` is the tablet position under
+    /// it (None off the image).
+    pub fn cursor_moved(
+        &mut self,
+        captured: bool,
+        pos: (f64, f64),
+        abs: Option<(u16, u16)>,
+    ) -> MotionRoute {
+        match (captured, self.mode, abs) {
+            (false, _, _) | (true, PointerMode::Absolute, None) => MotionRoute::Egui,
+            (true, PointerMode::Absolute, Some((x, y))) => {
+                MotionRoute::Guest(vec![InputEvent::PointerAbs { x, y }])
+            }
+            // Grabbed: the distance from the centre is the motion (the warp back to it is
+            // none); with no centre, positions mean nothing and raw motion counts.
+            (true, PointerMode::Relative, _) => match self.centre {
+                Some((cx, cy)) => self.relative(pos.0 - cx, pos.1 - cy),
+                None => MotionRoute::Drop,
+            },
+        }
+    }
+
+    /// Raw device motion (unaccelerated counts); only a grabbed pointer sends it.
+    pub fn raw_motion(&mut self, captured: bool, dx: f64, dy: f64) -> Vec<InputEvent> {
+        if !self.grabs(captured) || self.centre.is_some() {
+            return Vec::new();
+        }
+        match self.relative(dx, dy) {
+            MotionRoute::Guest(events) => events,
+            _ => Vec::new(),
+        }
+    }
+
+    fn relative(&mut self, dx: f64, dy: f64) -> MotionRoute {
+        match self.motion.push(dx, dy) {
+            Some((dx, dy)) => MotionRoute::Guest(vec![InputEvent::PointerRel { dx, dy }]),
+            None => MotionRoute::Drop,
+        }
+    }
+
+    /// Whether buttons and the wheel go to the guest: over the image, or anywhere while
+    /// grabbed (the host pointer is hidden then, its position means nothing).
+    pub fn takes_buttons(&self, captured: bool, over_image: bool) -> bool {
+        captured && (over_image || self.mode == PointerMode::Relative)
+    }
+
+    /// The capture ended: leftover fractions of motion are not carried into the next one.
+    pub fn release(&mut self) {
+        self.motion.reset();
+    }
+}
+
 /// The guest's name for a winit mouse button.
 pub fn pointer_button(button: winit::event::MouseButton) -> Option<display::PointerButton> {
     use display::PointerButton as P;
@@ -281,6 +403,62 @@ mod tests {
         for pair in HOST_SHORTCUTS.windows(2) {
             assert!(count(pair[0].shortcut.modifiers) >= count(pair[1].shortcut.modifiers));
         }
+    }
+
+    const AT: (f64, f64) = (300.0, 200.0);
+
+    #[test]
+    fn absolute_mode_sends_positions_over_the_image_only_while_captured() {
+        let mut p = PointerRouter::new(PointerMode::Absolute);
+        assert_eq!(p.cursor_moved(false, AT, Some((1, 2))), MotionRoute::Egui);
+        assert_eq!(
+            p.cursor_moved(true, AT, Some((1, 2))),
+            MotionRoute::Guest(vec![InputEvent::PointerAbs { x: 1, y: 2 }])
+        );
+        assert_eq!(p.cursor_moved(true, AT, None), MotionRoute::Egui, "off the image");
+        assert!(p.raw_motion(true, 5.0, 5.0).is_empty(), "no relative motion for a tablet");
+        assert!(!p.grabs(true));
+        assert!(!p.takes_buttons(true, false));
+        assert!(p.takes_buttons(true, true));
+    }
+
+    #[test]
+    fn relative_mode_sends_only_relative_motion_while_captured() {
+        let mut p = PointerRouter::new(PointerMode::Relative);
+        assert_eq!(p.cursor_moved(true, AT, Some((1, 2))), MotionRoute::Drop, "no PointerAbs");
+        assert_eq!(p.cursor_moved(true, AT, None), MotionRoute::Drop);
+        assert_eq!(p.raw_motion(true, 2.5, -1.0), vec![InputEvent::PointerRel { dx: 2, dy: -1 }]);
+        // The half count left over is kept for the next motion.
+        assert_eq!(p.raw_motion(true, 0.5, 0.0), vec![InputEvent::PointerRel { dx: 1, dy: 0 }]);
+        assert!(p.grabs(true));
+        assert!(p.takes_buttons(true, false), "buttons go to the guest wherever the pointer is");
+        // Not captured: nothing is the guest's.
+        assert!(!p.grabs(false));
+        assert!(p.raw_motion(false, 10.0, 10.0).is_empty());
+        assert_eq!(p.cursor_moved(false, AT, Some((1, 2))), MotionRoute::Egui);
+        assert!(!p.takes_buttons(false, true));
+    }
+
+    #[test]
+    fn a_recentred_pointer_sends_its_distance_from_the_centre_and_ignores_raw_motion() {
+        let mut p = PointerRouter::new(PointerMode::Relative);
+        p.set_centre(Some((500.0, 300.0)));
+        assert!(p.raw_motion(true, 5.0, 5.0).is_empty(), "raw motion is doubled when confined");
+        assert_eq!(
+            p.cursor_moved(true, (485.0, 310.0), Some((1, 2))),
+            MotionRoute::Guest(vec![InputEvent::PointerRel { dx: -15, dy: 10 }])
+        );
+        // The warp back to the centre is no motion.
+        assert_eq!(p.cursor_moved(true, (500.0, 300.0), None), MotionRoute::Drop);
+        assert_eq!(p.cursor_moved(false, (485.0, 310.0), None), MotionRoute::Egui);
+    }
+
+    #[test]
+    fn releasing_drops_leftover_relative_motion() {
+        let mut p = PointerRouter::new(PointerMode::Relative);
+        assert!(p.raw_motion(true, 0.75, 0.0).is_empty());
+        p.release();
+        assert!(p.raw_motion(true, 0.5, 0.0).is_empty());
     }
 
     #[test]

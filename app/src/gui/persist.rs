@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::input::PointerMode;
 use crate::fsutil::write_atomic;
 
 pub const FILE_NAME: &str = "gui-state.json";
@@ -19,11 +20,19 @@ pub struct GuiState {
     pub open_vm: Option<String>,
     /// Show the guest screen 1:1 instead of scaled to fit.
     pub one_to_one: bool,
+    /// Tablet or grabbed mouse.
+    pub pointer_mode: PointerMode,
 }
 
 impl Default for GuiState {
     fn default() -> GuiState {
-        GuiState { window_width: 1024.0, window_height: 720.0, open_vm: None, one_to_one: false }
+        GuiState {
+            window_width: 1024.0,
+            window_height: 720.0,
+            open_vm: None,
+            one_to_one: false,
+            pointer_mode: PointerMode::Absolute,
+        }
     }
 }
 
@@ -62,6 +71,7 @@ mod tests {
             window_height: 600.0,
             open_vm: Some("web".into()),
             one_to_one: true,
+            pointer_mode: PointerMode::Relative,
         };
         state.save(&root).unwrap();
         assert_eq!(GuiState::load(&root), Some(state));
@@ -74,5 +84,7 @@ mod tests {
         assert_eq!(GuiState::load(tmp.path()), Some(GuiState::default()));
         std::fs::write(path(tmp.path()), br#"{"one_to_one":true}"#).unwrap();
         assert!(GuiState::load(tmp.path()).unwrap().one_to_one);
+        std::fs::write(path(tmp.path()), br#"{"pointer_mode":"relative"}"#).unwrap();
+        assert_eq!(GuiState::load(tmp.path()).unwrap().pointer_mode, PointerMode::Relative);
     }
 }

@@ -2,7 +2,9 @@
 //! (`display::frame`), converts changed rectangles to egui images off the UI thread and
 //! leaves them in a mailbox; the UI thread uploads only those rectangles
 //! (`TextureHandle::set_partial`). An idle screen costs a sequence-number read every few
-//! milliseconds and no repaint.
+//! milliseconds and no repaint. The guest's cursor (virtio-gpu's cursor plane) travels the
+//! same way and is drawn over the image ([`cursor_rect`]); its texture is uploaded only when
+//! the image changes (its serial), not when it moves.
 //!
 //! ```text
 //!  display.shm ─▶ watcher thread: seq() changed? ─▶ poll() ─▶ Mailbox ─▶ UI: set_partial
@@ -15,7 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use display::frame::{FrameReader, FrameUpdate};
+use display::frame::{CursorState, FrameReader, FrameUpdate};
+use display::pointer::Viewport;
 use egui::{Color32, ColorImage, TextureHandle, TextureOptions};
 
 /// How often the watcher looks at the frame's sequence number.
@@ -60,6 +63,40 @@ struct Pending {
     rects: Vec<([usize; 2], ColorImage)>,
     /// Why there is no screen (no frame file yet, a bad one).
     status: Option<String>,
+    /// The cursor changed (moved, new image, hidden); Some(None): there is none.
+    cursor: Option<Option<CursorState>>,
+}
+
+/// Where the guest's cursor is and what it looks like, in guest pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CursorPlace {
+    /// Hot spot position on the guest screen.
+    pub x: u32,
+    pub y: u32,
+    pub hot_x: u32,
+    pub hot_y: u32,
+    pub width: u32,
+    pub height: u32,
+}
+
+/// The guest's cursor, ready to draw.
+pub struct GuestCursor {
+    pub place: CursorPlace,
+    pub texture: TextureHandle,
+}
+
+/// Where to draw the cursor image (x, y, w, h in window points): scaled like the guest image,
+/// its hot spot over the guest pixel (`x`, `y`). The caller clips it to the image.
+pub fn cursor_rect(viewport: &Viewport, c: &CursorPlace) -> Option<(f32, f32, f32, f32)> {
+    let (gw, gh) = viewport.guest_size();
+    let (vx, vy, vw, vh) = viewport.rect();
+    if gw == 0 || gh == 0 || c.width == 0 || c.height == 0 {
+        return None;
+    }
+    let (sx, sy) = (vw / gw as f32, vh / gh as f32);
+    let left = (c.x as f32 - c.hot_x as f32) * sx;
+    let top = (c.y as f32 - c.hot_y as f32) * sy;
+    Some((vx + left, vy + top, c.width as f32 * sx, c.height as f32 * sy))
 }
 
 /// Where the UI shows the screen from.
@@ -69,6 +106,9 @@ pub struct GuestScreen {
     thread: Option<JoinHandle<()>>,
     texture: Option<TextureHandle>,
     status: String,
+    /// The guest's visible cursor, if any; its texture is kept while the guest hides it.
+    cursor: Option<CursorPlace>,
+    cursor_texture: Option<(u64, TextureHandle)>,
 }
 
 impl GuestScreen {
@@ -90,6 +130,8 @@ impl GuestScreen {
             thread,
             texture: None,
             status: "Waiting for the screen".into(),
+            cursor: None,
+            cursor_texture: None,
         }
     }
 
@@ -101,6 +143,9 @@ impl GuestScreen {
         };
         if let Some(status) = pending.status {
             self.status = status;
+        }
+        if let Some(cursor) = pending.cursor {
+            self.set_cursor(ctx, cursor);
         }
         let options = TextureOptions::LINEAR;
         if let Some(full) = pending.full {
@@ -124,6 +169,48 @@ impl GuestScreen {
     /// Why nothing is shown yet.
     pub fn status(&self) -> &str {
         &self.status
+    }
+
+    /// The guest's cursor, while it shows one.
+    pub fn cursor(&self) -> Option<GuestCursor> {
+        let place = self.cursor?;
+        let (_, texture) = self.cursor_texture.as_ref()?;
+        Some(GuestCursor { place, texture: texture.clone() })
+    }
+
+    fn set_cursor(&mut self, ctx: &egui::Context, cursor: Option<CursorState>) {
+        let Some(c) = cursor.filter(|c| c.visible && c.width > 0 && c.height > 0) else {
+            self.cursor = None;
+            return;
+        };
+        let size = [c.width as usize, c.height as usize];
+        if c.rgba.len() != size[0] * size[1] * 4 {
+            self.cursor = None;
+            return;
+        }
+        if self.cursor_texture.as_ref().is_none_or(|(serial, _)| *serial != c.serial) {
+            // Cursors are small: a whole upload, and only when the image changes.
+            let image = ColorImage::from_rgba_unmultiplied(size, &c.rgba);
+            let options = TextureOptions::LINEAR;
+            match &mut self.cursor_texture {
+                Some((serial, t)) => {
+                    t.set(image, options);
+                    *serial = c.serial;
+                }
+                None => {
+                    let t = ctx.load_texture("guest-cursor", image, options);
+                    self.cursor_texture = Some((c.serial, t));
+                }
+            }
+        }
+        self.cursor = Some(CursorPlace {
+            x: c.x,
+            y: c.y,
+            hot_x: c.hot_x,
+            hot_y: c.hot_y,
+            width: c.width,
+            height: c.height,
+        });
     }
 }
 
@@ -154,8 +241,15 @@ fn watch(path: &Path, mailbox: &Mutex<Pending>, stop: &AtomicBool, ctx: &egui::C
                 continue;
             }
         };
-        let mut seen = None;
+        let (mut seen, mut seen_cursor) = (None, None);
         while !stop.load(Ordering::Relaxed) {
+            let cursor_seq = reader.cursor_seq();
+            if seen_cursor != Some(cursor_seq) {
+                seen_cursor = Some(cursor_seq);
+                let cursor = reader.cursor();
+                post(mailbox, |m| m.cursor = Some(cursor));
+                ctx.request_repaint();
+            }
             let seq = reader.seq();
             if seen == Some(seq) {
                 std::thread::sleep(WATCH_INTERVAL);
@@ -359,6 +453,37 @@ mod tests {
         assert!(full.is_none());
         assert_eq!(rects.len(), 1);
         assert_eq!(rects[0].0, [1, 0]);
+    }
+
+    const ARROW: CursorPlace =
+        CursorPlace { x: 100, y: 50, hot_x: 4, hot_y: 2, width: 32, height: 32 };
+
+    #[test]
+    fn the_cursor_scales_with_a_fitted_image_around_its_hot_spot() {
+        // 800×600 guest fitted into 1600×1300 points: scale 2, bars of 50 above and below.
+        let vp = Viewport::fit((0.0, 0.0, 1600.0, 1300.0), (800, 600));
+        let (x, y, w, h) = cursor_rect(&vp, &ARROW).unwrap();
+        assert_eq!((x, y, w, h), ((100.0 - 4.0) * 2.0, 50.0 + (50.0 - 2.0) * 2.0, 64.0, 64.0));
+        // The hot spot lands where the pointer mapping puts guest pixel (100, 50).
+        assert_eq!(vp.window_to_guest(x + 4.0 * 2.0, y + 2.0 * 2.0), Some((100, 50)));
+    }
+
+    #[test]
+    fn the_cursor_is_one_guest_pixel_per_physical_pixel_at_one_to_one() {
+        let vp = Viewport::one_to_one((10.0, 20.0), (800, 600), 2.0);
+        let (x, y, w, h) = cursor_rect(&vp, &ARROW).unwrap();
+        assert_eq!((x, y, w, h), (10.0 + 48.0, 20.0 + 24.0, 16.0, 16.0));
+        // A hot spot at the screen's corner puts the image partly off the screen.
+        let corner = CursorPlace { x: 0, y: 0, ..ARROW };
+        assert_eq!(cursor_rect(&vp, &corner).unwrap().0, 10.0 - 2.0);
+    }
+
+    #[test]
+    fn no_cursor_rect_for_empty_images_or_screens() {
+        let vp = Viewport::fit((0.0, 0.0, 100.0, 100.0), (0, 0));
+        assert_eq!(cursor_rect(&vp, &ARROW), None);
+        let vp = Viewport::fit((0.0, 0.0, 100.0, 100.0), (10, 10));
+        assert_eq!(cursor_rect(&vp, &CursorPlace { width: 0, ..ARROW }), None);
     }
 
     #[test]

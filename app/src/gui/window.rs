@@ -1,6 +1,7 @@
 //! The window: our own winit event loop around egui (egui-winit + egui_glow on a glutin
 //! OpenGL context), so that every `WindowEvent` reaches [`GuiApp::on_window_event`] with its
-//! physical key before egui sees it. The only module with OpenGL and `unsafe`.
+//! physical key before egui sees it, and raw mouse motion (`DeviceEvent::MouseMotion`) reaches
+//! it for the grabbed pointer. The only module with OpenGL and `unsafe`.
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -12,10 +13,10 @@ use glutin::display::{GetGlDisplay as _, GlDisplay as _};
 use glutin::prelude::GlSurface as _;
 use glutin::surface::{Surface, SurfaceAttributesBuilder, SwapInterval, WindowSurface};
 use winit::application::ApplicationHandler;
-use winit::event::{StartCause, WindowEvent};
-use winit::event_loop::{ActiveEventLoop, ControlFlow, EventLoop, EventLoopProxy};
+use winit::event::{DeviceEvent, DeviceId, StartCause, WindowEvent};
+use winit::event_loop::{ActiveEventLoop, ControlFlow, DeviceEvents, EventLoop, EventLoopProxy};
 use winit::raw_window_handle::HasWindowHandle as _;
-use winit::window::{Window, WindowId};
+use winit::window::{CursorGrabMode, Window, WindowId};
 
 use super::app::GuiApp;
 use super::persist::GuiState;
@@ -38,6 +39,10 @@ struct Running {
     gl: Gl,
     egui: egui_glow::EguiGlow,
     app: GuiApp,
+    /// The host pointer is grabbed (relative pointer, captured).
+    grabbed: bool,
+    /// Where a confined (not locked) pointer is warped back to after each move.
+    centre: Option<winit::dpi::PhysicalPosition<f64>>,
 }
 
 struct Handler {
@@ -142,7 +147,9 @@ impl Handler {
             }
         });
         let app = GuiApp::new(self.library.clone(), egui.egui_ctx.clone(), self.saved.take());
-        self.running = Some(Running { gl, egui, app });
+        // Raw motion only matters while we have the focus (and the grab).
+        event_loop.listen_device_events(DeviceEvents::WhenFocused);
+        self.running = Some(Running { gl, egui, app, grabbed: false, centre: None });
         Ok(())
     }
 
@@ -150,6 +157,8 @@ impl Handler {
         let Some(r) = self.running.as_mut() else { return };
         let app = &mut r.app;
         r.egui.run(&r.gl.window, |ui| app.ui(ui));
+        // A click on the screen captures (and may grab) in the frame.
+        r.sync_grab();
         // SAFETY: plain GL calls on the current context.
         unsafe {
             use glow::HasContext as _;
@@ -162,6 +171,49 @@ impl Handler {
         }
         r.gl.window.set_visible(true);
         let _ = event_loop;
+    }
+}
+
+impl Running {
+    /// Grabs or frees the host pointer as the app wants (its visibility is egui's cursor
+    /// icon, set every frame, so the two never fight).
+    fn sync_grab(&mut self) {
+        let want = self.app.wants_grab();
+        if want == self.grabbed {
+            return;
+        }
+        self.grabbed = want;
+        let window = &self.gl.window;
+        self.centre = None;
+        if want {
+            // Locked keeps the pointer still and raw motion moves the guest (Wayland, macOS).
+            // X11 can only confine it, and winit doubles raw motion then (winit #3773): there
+            // we keep the pointer at the centre and its distance from it is the motion.
+            if window.set_cursor_grab(CursorGrabMode::Locked).is_err() {
+                if let Err(e) = window.set_cursor_grab(CursorGrabMode::Confined) {
+                    log::warn!("Cannot grab the pointer: {e}");
+                }
+                self.centre = Some(self.recentre());
+            }
+        } else if let Err(e) = window.set_cursor_grab(CursorGrabMode::None) {
+            log::warn!("Cannot release the pointer: {e}");
+        }
+        let centre = self.centre.map(|c| (c.x, c.y));
+        self.app.set_pointer_centre(centre);
+        self.gl.window.request_redraw();
+    }
+
+    /// Warps the pointer to the window's centre; the centre.
+    fn recentre(&self) -> winit::dpi::PhysicalPosition<f64> {
+        let size = self.gl.window.inner_size();
+        let centre = winit::dpi::PhysicalPosition::new(
+            f64::from(size.width / 2),
+            f64::from(size.height / 2),
+        );
+        if let Err(e) = self.gl.window.set_cursor_position(centre) {
+            log::debug!("Cannot move the pointer: {e}");
+        }
+        centre
     }
 }
 
@@ -203,12 +255,31 @@ impl ApplicationHandler<UserEvent> for Handler {
         }
         let ppp = r.egui.egui_ctx.pixels_per_point();
         let guest_took_it = r.app.on_window_event(&event, ppp);
+        r.sync_grab();
+        match (&event, r.centre) {
+            (WindowEvent::CursorMoved { position, .. }, Some(centre)) if *position != centre => {
+                r.recentre();
+            }
+            (WindowEvent::Resized(_), Some(_)) => {
+                let centre = r.recentre();
+                r.centre = Some(centre);
+                r.app.set_pointer_centre(Some((centre.x, centre.y)));
+            }
+            _ => {}
+        }
         if guest_took_it {
             return;
         }
         let response = r.egui.on_window_event(&r.gl.window, &event);
         if response.repaint {
             r.gl.window.request_redraw();
+        }
+    }
+
+    fn device_event(&mut self, _event_loop: &ActiveEventLoop, _id: DeviceId, event: DeviceEvent) {
+        let Some(r) = self.running.as_mut() else { return };
+        if let DeviceEvent::MouseMotion { delta: (dx, dy) } = event {
+            r.app.on_raw_motion(dx, dy);
         }
     }
 
