@@ -213,19 +213,166 @@ impl MappedImage {
     pub(crate) fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DiskError> {
         check_range(self.size, offset, len, "map").map_err(|e| e.with_path(&self.path))?;
         let mut out = Vec::new();
+        let mut holes = FileHoles::new(&self.file);
         let end = offset + len;
         let mut pos = offset;
         while pos < end {
             let index = pos / self.block_size;
             let stop = ((index + 1) * self.block_size).min(end);
-            let kind = match self.block(index) {
-                Block::Data(_) => ExtentKind::Data,
-                Block::Zero => ExtentKind::Zero,
-                Block::Unallocated => ExtentKind::Unallocated,
-            };
-            push_extent(&mut out, pos, stop - pos, kind);
+            match self.block(index) {
+                Block::Data(at) => {
+                    holes.push(&mut out, pos, at + pos % self.block_size, stop - pos);
+                }
+                Block::Zero => push_extent(&mut out, pos, stop - pos, ExtentKind::Zero),
+                Block::Unallocated => {
+                    push_extent(&mut out, pos, stop - pos, ExtentKind::Unallocated)
+                }
+            }
             pos = stop;
         }
         Ok(out)
+    }
+}
+
+/// Holes shorter than this (or their unaligned edges, on the disk) stay data: splitting a
+/// data run for a few KiB costs the converter more than it saves.
+const HOLE_GRAIN: u64 = 64 * 1024;
+
+/// Which byte ranges of a host file are holes (SEEK_DATA/SEEK_HOLE), remembering the last
+/// answer so that walking an image's blocks in order costs a few `lseek`s per data run.
+/// Meant to live for one `extents` call: the file may change between calls.
+pub(crate) struct FileHoles<'a> {
+    file: &'a File,
+    /// `(start, end, is_data)`: the last run found.
+    run: Option<(u64, u64, bool)>,
+}
+
+impl<'a> FileHoles<'a> {
+    pub(crate) fn new(file: &'a File) -> Self {
+        FileHoles { file, run: None }
+    }
+
+    /// Whether file offset `at` holds data, and where that stays true (exclusive).
+    fn probe(&mut self, at: u64) -> (bool, u64) {
+        if let Some((s, e, data)) = self.run {
+            if s <= at && at < e {
+                return (data, e);
+            }
+        }
+        let run = seek_run(self.file, at);
+        self.run = Some((at, run.1, run.0));
+        run
+    }
+
+    /// Pushes the `len` bytes at disk offset `disk`, stored at file offset `at`, as Data
+    /// extents, except for holes in the file, which read as zeroes and are pushed as Zero.
+    pub(crate) fn push(&mut self, out: &mut Vec<Extent>, disk: u64, at: u64, len: u64) {
+        let mut done = 0;
+        while done < len {
+            let (data, end) = self.probe(at + done);
+            let n = (end - (at + done)).min(len - done);
+            let (d0, d1) = (disk + done, disk + done + n);
+            // Only whole aligned grains of a hole become Zero.
+            let (z0, z1) = (d0.next_multiple_of(HOLE_GRAIN), d1 / HOLE_GRAIN * HOLE_GRAIN);
+            if data || z1 <= z0 {
+                push_extent(out, d0, n, ExtentKind::Data);
+            } else {
+                push_extent(out, d0, z0 - d0, ExtentKind::Data);
+                push_extent(out, z0, z1 - z0, ExtentKind::Zero);
+                push_extent(out, z1, d1 - z1, ExtentKind::Data);
+            }
+            done += n;
+        }
+    }
+}
+
+/// Whether file offset `at` holds data, and the end of that data or hole run. Hosts or file
+/// systems without SEEK_DATA say "data to the end".
+fn seek_run(file: &File, at: u64) -> (bool, u64) {
+    #[cfg(any(target_os = "linux", target_os = "macos"))]
+    {
+        use std::os::fd::AsRawFd;
+        let seek = |whence, at: u64| -> Option<u64> {
+            let at = libc::off_t::try_from(at).ok()?;
+            // SAFETY: lseek only reads its scalar arguments; the fd is owned by `file`,
+            // which outlives the call. It moves the file position, which nothing here uses
+            // (all image I/O is positioned).
+            let r = unsafe { libc::lseek(file.as_raw_fd(), at, whence) };
+            u64::try_from(r).ok()
+        };
+        match seek(libc::SEEK_DATA, at) {
+            Some(d) if d == at => {
+                let end = seek(libc::SEEK_HOLE, at).filter(|&h| h > at).unwrap_or(u64::MAX);
+                return (true, end);
+            }
+            Some(d) if d > at => return (false, d),
+            Some(_) => {}
+            None => {
+                // ENXIO: only holes from `at` to the end of the file.
+                if io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
+                    return (false, u64::MAX);
+                }
+            }
+        }
+    }
+    let _ = (file, at);
+    (true, u64::MAX)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // Tests fail loudly on purpose.
+mod tests {
+    use super::*;
+
+    const K: u64 = 1024;
+
+    /// A 1 MiB file: 64 KiB of data at 0 and at 960 KiB, a hole between. None when the
+    /// host file system does not report holes.
+    fn holey() -> Option<(tempfile::TempDir, File)> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let file = File::options().create_new(true).read(true).write(true).open(&path).unwrap();
+        file.set_len(1024 * K).unwrap();
+        file.write_all_at(&[1; 64 * 1024], 0).unwrap();
+        file.write_all_at(&[2; 64 * 1024], 960 * K).unwrap();
+        if seek_run(&file, 64 * K).0 {
+            eprintln!("SKIP: this file system does not report holes");
+            return None;
+        }
+        Some((dir, file))
+    }
+
+    #[test]
+    fn holes_in_the_host_file_map_as_zero() {
+        let Some((_dir, file)) = holey() else { return };
+        let mut out = Vec::new();
+        // Disk offset 1 MiB, file offset 0.
+        FileHoles::new(&file).push(&mut out, 1024 * K, 0, 1024 * K);
+        let e = |o: u64, l: u64, kind| Extent { offset: (1024 + o) * K, len: l * K, kind };
+        assert_eq!(
+            out,
+            vec![
+                e(0, 64, ExtentKind::Data),
+                e(64, 896, ExtentKind::Zero),
+                e(960, 64, ExtentKind::Data)
+            ]
+        );
+    }
+
+    #[test]
+    fn unaligned_hole_edges_stay_data() {
+        let Some((_dir, file)) = holey() else { return };
+        let mut out = Vec::new();
+        // Disk offset 4 KiB past a grain: the hole's first and last partial grains are data.
+        FileHoles::new(&file).push(&mut out, 4 * K, 0, 1024 * K);
+        let e = |o: u64, l: u64, kind| Extent { offset: o * K, len: l * K, kind };
+        assert_eq!(
+            out,
+            vec![
+                e(4, 124, ExtentKind::Data),
+                e(128, 832, ExtentKind::Zero),
+                e(960, 68, ExtentKind::Data)
+            ]
+        );
     }
 }

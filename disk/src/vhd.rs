@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crate::image::{Extent, ExtentKind, ImageFormat, ImageInfo, OpenOptions};
+use crate::mapped::FileHoles;
 use crate::{check_range, BlockBackend, DiskError, DiskErrorKind};
 
 const SECTOR: u64 = 512;
@@ -155,15 +156,17 @@ fn push_extent(extents: &mut Vec<Extent>, offset: u64, len: u64, kind: ExtentKin
 /// Turns `pieces` (covering the range at `offset`) into merged extents, asking the parent
 /// about the pieces it provides.
 pub(crate) fn pieces_to_extents(
+    file: &File,
     pieces: &[Piece],
     offset: u64,
     parent: Option<&dyn BlockBackend>,
 ) -> Result<Vec<Extent>, DiskError> {
     let mut extents = Vec::new();
+    let mut holes = FileHoles::new(file);
     let mut pos = offset;
     for piece in pieces {
         match (piece.source, parent) {
-            (Source::File(_), _) => push_extent(&mut extents, pos, piece.len, ExtentKind::Data),
+            (Source::File(at), _) => holes.push(&mut extents, pos, at, piece.len),
             (Source::Zero, _) => push_extent(&mut extents, pos, piece.len, ExtentKind::Zero),
             (Source::Parent, None) => {
                 push_extent(&mut extents, pos, piece.len, ExtentKind::Unallocated)
@@ -809,7 +812,7 @@ impl BlockBackend for Vhd {
     fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DiskError> {
         check_range(self.size, offset, len, "map").map_err(|e| e.with_path(&self.path))?;
         let pieces = self.map(offset, len)?;
-        pieces_to_extents(&pieces, offset, self.parent_backend())
+        pieces_to_extents(&self.file, &pieces, offset, self.parent_backend())
     }
 }
 

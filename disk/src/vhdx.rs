@@ -833,7 +833,7 @@ impl BlockBackend for Vhdx {
     fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DiskError> {
         check_range(self.size, offset, len, "map").map_err(|e| e.with_path(&self.path))?;
         let pieces = self.map(offset, len)?;
-        pieces_to_extents(&pieces, offset, self.parent_backend())
+        pieces_to_extents(&self.file, &pieces, offset, self.parent_backend())
     }
 }
 

@@ -419,6 +419,7 @@ impl SparseExtent {
         let end = offset + len;
         let mut pos = offset;
         let span = self.grain * self.gtes;
+        let mut holes = mapped::FileHoles::new(&self.file);
         while pos < end {
             let table_index = (pos / span) as usize;
             if self.table(table_index)?.is_none() {
@@ -429,12 +430,14 @@ impl SparseExtent {
             }
             let index = pos / self.grain;
             let stop = ((index + 1) * self.grain).min(end);
-            let kind = match self.grain_at(index)? {
-                Grain::Unallocated => ExtentKind::Unallocated,
-                Grain::Zero => ExtentKind::Zero,
-                Grain::Data(_) | Grain::Compressed(_) => ExtentKind::Data,
-            };
-            push_extent(out, base + pos, stop - pos, kind);
+            match self.grain_at(index)? {
+                Grain::Unallocated => {
+                    push_extent(out, base + pos, stop - pos, ExtentKind::Unallocated)
+                }
+                Grain::Zero => push_extent(out, base + pos, stop - pos, ExtentKind::Zero),
+                Grain::Data(at) => holes.push(out, base + pos, at + pos % self.grain, stop - pos),
+                Grain::Compressed(_) => push_extent(out, base + pos, stop - pos, ExtentKind::Data),
+            }
             pos = stop;
         }
         Ok(())
