@@ -392,8 +392,11 @@ gui_shows_the_guest_and_drives_its_keyboard_pointer_and_mode() {
     "$HUTCH" gui >"$WORK/gui.log" 2>&1 &
     local gui=$! wid
     # On failure, keep what the window showed.
-    trap 'import -window root "$WORK/gui-at-exit.png" 2>/dev/null; keep_screens "$WORK/gui-at-exit.png"
-        kill $gui $xvfb 2>/dev/null; "$HUTCH" stop g --force >/dev/null 2>&1; true' EXIT
+    # Every step may fail (errexit applies inside the trap too): none may change the verdict.
+    trap 'import -window root "$WORK/gui-at-exit.png" 2>/dev/null || true
+        keep_screens "$WORK/gui-at-exit.png" || true
+        kill $gui $xvfb 2>/dev/null || true
+        "$HUTCH" stop g --force >/dev/null 2>&1 || true' EXIT
     wid=$(timeout 120 xdotool search --sync --name '^Hutch' | head -n 1) || fail "no Hutch window"
     kill -0 $gui 2>/dev/null || fail "hutch gui exited: $(tail -c 400 "$WORK/gui.log")"
     # Software GL under emulation is slow: wait until the window shows the guest's console.
