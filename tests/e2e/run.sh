@@ -379,7 +379,8 @@ gui_shows_the_guest_and_drives_its_keyboard_pointer_and_mode() {
     start_library_vm g "load:gpu,bg:keys,serialwait,load:input,bg:clicks,modewatch:900" \
         'HUTCH-RESULT serialwait=waiting' screen_actions
     Xvfb :77 -screen 0 1280x800x24 -nolisten tcp >"$WORK/xvfb.log" 2>&1 &
-    local xvfb=$!
+    # Globals: the exit trap runs after this function's locals are gone (set -u).
+    XVFB_PID=$!
     export DISPLAY=:77
     local i=0
     until xdotool getmouselocation >/dev/null 2>&1; do
@@ -390,15 +391,16 @@ gui_shows_the_guest_and_drives_its_keyboard_pointer_and_mode() {
     printf '{"window_width":1000,"window_height":700,"open_vm":"g","one_to_one":false}\n' \
         >"$HUTCH_HOME/gui-state.json"
     "$HUTCH" gui >"$WORK/gui.log" 2>&1 &
-    local gui=$! wid
+    GUI_PID=$!
+    local wid
     # On failure, keep what the window showed.
     # Every step may fail (errexit applies inside the trap too): none may change the verdict.
     trap 'import -window root "$WORK/gui-at-exit.png" 2>/dev/null || true
         keep_screens "$WORK/gui-at-exit.png" || true
-        kill $gui $xvfb 2>/dev/null || true
+        kill ${GUI_PID:-} ${XVFB_PID:-} 2>/dev/null || true
         "$HUTCH" stop g --force >/dev/null 2>&1 || true' EXIT
     wid=$(timeout 120 xdotool search --sync --name '^Hutch' | head -n 1) || fail "no Hutch window"
-    kill -0 $gui 2>/dev/null || fail "hutch gui exited: $(tail -c 400 "$WORK/gui.log")"
+    kill -0 $GUI_PID 2>/dev/null || fail "hutch gui exited: $(tail -c 400 "$WORK/gui.log")"
     # Software GL under emulation is slow: wait until the window shows the guest's console.
     wait_for_screen_text "$WORK/gui-start.png" HUTCH-GUEST-READY 240
     xdotool windowfocus "$wid"; sleep 1
