@@ -2,6 +2,9 @@
 //! No guest ever boots here: the machine is exercised in the nested-KVM lab.
 #![allow(clippy::unwrap_used)] // A failed unwrap is a failed test.
 
+mod common;
+
+use common::{assert_error, assert_ok, stderr, stdout};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
@@ -49,29 +52,6 @@ impl Sandbox {
 
     fn create(&self, name: &str) -> Output {
         self.hutch(&["create", name, "--kernel", self.kernel().to_str().unwrap()])
-    }
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-#[track_caller]
-fn assert_ok(o: &Output) {
-    assert!(o.status.success(), "failed: {}\n{}", stdout(o), stderr(o));
-}
-
-#[track_caller]
-fn assert_error(o: &Output, needles: &[&str]) {
-    assert!(!o.status.success(), "unexpectedly succeeded: {}", stdout(o));
-    let err = stderr(o);
-    assert!(err.starts_with("hutch: error: "), "{err}");
-    for n in needles {
-        assert!(err.contains(n), "{n:?} not in {err}");
     }
 }
 

@@ -2,6 +2,9 @@
 //! with qemu-img (compare, check). Without qemu-img they print SKIP (and fail in CI).
 #![allow(clippy::unwrap_used)] // A failed unwrap is a failed test.
 
+mod common;
+
+use common::{assert_error, assert_ok, stderr, stdout};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
@@ -99,29 +102,6 @@ const FORMATS: &[(&str, &str)] = &[
     ("vpc", "vhd"),
     ("vhdx", "vhdx"),
 ];
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-#[track_caller]
-fn assert_ok(o: &Output) {
-    assert!(o.status.success(), "failed: {}\n{}", stdout(o), stderr(o));
-}
-
-#[track_caller]
-fn assert_error(o: &Output, needles: &[&str]) {
-    assert!(!o.status.success(), "unexpectedly succeeded: {}", stdout(o));
-    let err = stderr(o);
-    assert!(err.starts_with("hutch: error: "), "{err}");
-    for n in needles {
-        assert!(err.contains(n), "{n:?} not in {err}");
-    }
-}
 
 fn json(o: &Output) -> serde_json::Value {
     assert_ok(o);
