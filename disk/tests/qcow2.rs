@@ -3,6 +3,9 @@
 
 #![allow(clippy::unwrap_used)] // Tests fail loudly on purpose.
 
+mod common;
+
+use common::{have_qemu, run};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -12,27 +15,6 @@ use disk::qcow2::Qcow2;
 use disk::{open_image, BlockBackend, ExtentKind, ImageFormat, OpenOptions};
 
 const MIB: u64 = 1 << 20;
-
-/// Whether qemu-img is here; in CI its absence fails the test.
-fn have_qemu() -> bool {
-    let ok = Command::new("qemu-img").arg("--version").output().is_ok_and(|o| o.status.success());
-    if !ok {
-        println!("SKIP: qemu-img not found");
-        assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "qemu-img is required in CI");
-    }
-    ok
-}
-
-fn run(cmd: &str, args: &[&str]) -> std::process::Output {
-    let out = Command::new(cmd).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()

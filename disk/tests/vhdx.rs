@@ -4,28 +4,15 @@
 
 #![allow(clippy::unwrap_used)] // Tests fail loudly on purpose.
 
+mod common;
+
+use common::{check_extents, have_qemu, read_all, run};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use disk::vhdx::Vhdx;
 use disk::{BlockBackend, ExtentKind, OpenOptions};
 
 const SECTOR: usize = 512;
-
-/// Whether qemu-img runs here; prints SKIP when not, and fails in CI.
-fn have_qemu() -> bool {
-    if Command::new("qemu-img").arg("--version").output().is_ok_and(|o| o.status.success()) {
-        return true;
-    }
-    println!("SKIP: qemu-img not found");
-    assert!(std::env::var("CI").as_deref() != Ok("true"), "qemu-img is required in CI");
-    false
-}
-
-fn run(cmd: &str, args: &[&str]) {
-    let out = Command::new(cmd).args(args).output().unwrap();
-    assert!(out.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
 
 /// Distinct bytes per sector, with whole-block holes and a hole inside a block.
 fn pattern(size: usize) -> Vec<u8> {
@@ -44,29 +31,6 @@ fn qemu_raw(image: &Path, dir: &Path) -> Vec<u8> {
         &["convert", "-f", "vhdx", "-O", "raw", image.to_str().unwrap(), out.to_str().unwrap()],
     );
     std::fs::read(out).unwrap()
-}
-
-fn read_all(disk: &dyn BlockBackend) -> Vec<u8> {
-    let mut buf = vec![0u8; disk.size() as usize];
-    for (i, chunk) in buf.chunks_mut(300_007).enumerate() {
-        disk.read_at(chunk, i as u64 * 300_007).unwrap();
-    }
-    buf
-}
-
-fn check_extents(disk: &dyn BlockBackend, contents: &[u8]) -> Vec<disk::Extent> {
-    let extents = disk.extents(0, disk.size()).unwrap();
-    let mut pos = 0;
-    for e in &extents {
-        assert_eq!(e.offset, pos);
-        if e.kind != ExtentKind::Data {
-            let r = e.offset as usize..(e.offset + e.len) as usize;
-            assert!(contents[r].iter().all(|&b| b == 0), "{e:?} is not zero");
-        }
-        pos += e.len;
-    }
-    assert_eq!(pos, disk.size());
-    extents
 }
 
 fn convert(opts: &str) -> (tempfile::TempDir, PathBuf, Vec<u8>) {
