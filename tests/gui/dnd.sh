@@ -15,13 +15,14 @@ cd "$(dirname "$0")/../.."
 OUT=${1:-$(mktemp -d /tmp/hutch-gui-dnd.XXXXXX)}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-TARGET=${CARGO_TARGET_DIR:-target}
+TARGET=$(realpath -m "${CARGO_TARGET_DIR:-target}")
 if [ -z "${HUTCH:-}" ]; then
     cargo build -q --release -p hutch
     HUTCH=$TARGET/release/hutch
 fi
 if [ -z "${XDND_DROP:-}" ]; then
-    cargo build -q --release --manifest-path tools/xdnd-drop/Cargo.toml
+    # An excluded crate has its own default target dir: name ours so the binary is where we look.
+    cargo build -q --release --manifest-path tools/xdnd-drop/Cargo.toml --target-dir "$TARGET"
     XDND_DROP=$TARGET/release/xdnd-drop
 fi
 HUTCH=$(realpath "$HUTCH")
