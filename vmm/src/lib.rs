@@ -18,6 +18,7 @@ pub mod hypervisor;
 pub mod machine;
 pub mod memory;
 pub mod pci;
+pub mod state;
 pub mod virtio;
 
 /// Formats an error with its whole `source()` chain on one line ("a: b: c").
