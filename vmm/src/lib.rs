@@ -18,6 +18,7 @@ pub mod hypervisor;
 pub mod machine;
 pub mod memory;
 pub mod pci;
+pub mod snapshot;
 pub mod state;
 pub mod virtio;
 
