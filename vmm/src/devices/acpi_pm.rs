@@ -119,7 +119,7 @@ impl AcpiPm {
         self.control = state.control & !(SLP_EN | SCI_EN);
         self.clock_start = start;
         // Force the line to be driven: a fresh device's notion of it may not match.
-        self.sci_level = !(self.status & self.enable != 0);
+        self.sci_level = self.status & self.enable == 0;
         self.update_sci();
         Ok(())
     }

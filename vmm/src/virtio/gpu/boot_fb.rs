@@ -364,7 +364,7 @@ mod tests {
 
     #[test]
     fn restored_contents_are_sent_in_full_and_a_wrong_length_is_refused() {
-        let mut fb = BootFramebuffer::new(1024 * 768 * 4).unwrap();
+        let fb = BootFramebuffer::new(1024 * 768 * 4).unwrap();
         poke(&fb, 10, 20, 0x00ff_8040);
         let saved = fb.contents().to_vec();
         let mut fresh = BootFramebuffer::new(1024 * 768 * 4).unwrap();
