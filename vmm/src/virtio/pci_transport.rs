@@ -1133,10 +1133,9 @@ impl PciDevice for VirtioPciDevice {
         lock(&self.device).quiesce();
     }
 
+    /// Also right after a restore: a notify the saved machine's I/O thread had not served
+    /// yet is served by this pass.
     fn resume(&mut self) {
-        if !self.quiesced {
-            return;
-        }
         self.quiesced = false;
         lock(&self.device).resume();
         self.update_workers();
