@@ -13,11 +13,14 @@
 //! register may be accessed with any width at any offset (Linux's ACPICA reads bytes too).
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
 
 use crate::arch::x86_64::layout;
 use crate::devices::bus::BusDevice;
 use crate::hypervisor::InterruptSink;
+use crate::state::StateError;
 
 /// PM1 status / enable: the power button.
 pub const PWRBTN: u16 = 1 << 8;
@@ -35,6 +38,16 @@ const ENABLE_OFFSET: usize = 2;
 const CONTROL_OFFSET: usize = 4;
 const TIMER_OFFSET: usize = (layout::ACPI_PM_TMR_PORT - layout::ACPI_PM_PORT) as usize;
 const BLOCK_LEN: usize = layout::ACPI_PM_LEN as usize;
+
+/// Saved state of the PM1a registers and the PM timer. `timer_ticks` is the full (not yet
+/// masked) tick count at save time; the restored timer counts on from it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AcpiPmState {
+    pub status: u16,
+    pub enable: u16,
+    pub control: u16,
+    pub timer_ticks: u64,
+}
 
 /// The PM1a event/control registers and the PM timer.
 pub struct AcpiPm {
@@ -68,9 +81,47 @@ impl AcpiPm {
         self.update_sci();
     }
 
+    fn ticks(&self) -> u128 {
+        self.clock_start.elapsed().as_nanos() * PM_TIMER_HZ / 1_000_000_000
+    }
+
     fn timer(&self) -> u32 {
-        let ticks = self.clock_start.elapsed().as_nanos() * PM_TIMER_HZ / 1_000_000_000;
-        (ticks as u32) & PM_TIMER_MASK
+        (self.ticks() as u32) & PM_TIMER_MASK
+    }
+
+    pub fn save_state(&self) -> AcpiPmState {
+        AcpiPmState {
+            status: self.status,
+            enable: self.enable,
+            control: self.control,
+            // Only the low 24 bits are visible; keep the count within the timer's wrap.
+            timer_ticks: (self.ticks() & u128::from(PM_TIMER_MASK)) as u64,
+        }
+    }
+
+    /// Puts the registers back and makes the timer continue from the saved count; the SCI
+    /// line is set to what status and enable say.
+    pub fn restore_state(&mut self, state: &AcpiPmState) -> Result<(), StateError> {
+        if state.timer_ticks > u64::from(PM_TIMER_MASK) {
+            return Err(StateError::invalid("ACPI PM", "timer count wider than 24 bits"));
+        }
+        let nanos = u128::from(state.timer_ticks) * 1_000_000_000 / PM_TIMER_HZ;
+        let elapsed = Duration::from_nanos(nanos as u64);
+        // At most 4.7 s back; only a just-booted host could fail this.
+        let Some(start) = Instant::now().checked_sub(elapsed) else {
+            return Err(StateError::invalid(
+                "ACPI PM",
+                "the host clock cannot represent the timer",
+            ));
+        };
+        self.status = state.status;
+        self.enable = state.enable;
+        self.control = state.control & !(SLP_EN | SCI_EN);
+        self.clock_start = start;
+        // Force the line to be driven: a fresh device's notion of it may not match.
+        self.sci_level = self.status & self.enable == 0;
+        self.update_sci();
+        Ok(())
     }
 
     /// The whole register block as the guest sees it right now.
@@ -327,5 +378,38 @@ mod tests {
         pm.write(u64::MAX, &[0xff; 4]);
         assert!(irq.take().is_empty());
         assert_eq!(poweroffs.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn registers_and_timer_continue_after_a_restore() {
+        let (mut pm, _, _) = device();
+        pm.write(2, &PWRBTN.to_le_bytes());
+        pm.write(4, &(3u16 << SLP_TYP_SHIFT).to_le_bytes());
+        std::thread::sleep(Duration::from_millis(5));
+        let saved = pm.save_state();
+        let t_saved = saved.timer_ticks as u32;
+        let bytes = crate::state::encode("acpi", &saved).unwrap();
+        let (mut fresh, irq, _) = device();
+        fresh.restore_state(&crate::state::decode("acpi", &bytes).unwrap()).unwrap();
+        assert_eq!(irq.take(), [(SCI, false)], "the line is driven to the saved level");
+        let again = fresh.save_state();
+        assert_eq!((again.status, again.enable, again.control), (0, PWRBTN, 3 << SLP_TYP_SHIFT));
+        let t = read_timer(&mut fresh);
+        assert!(
+            t.wrapping_sub(t_saved) & PM_TIMER_MASK < 3_579_545,
+            "timer jumped: {t} vs {t_saved}"
+        );
+        assert!(t >= t_saved || t_saved - t > 0x00f0_0000, "timer went backwards");
+        fresh.press_power_button();
+        assert_eq!(irq.take(), [(SCI, true)]);
+    }
+
+    #[test]
+    fn timer_wider_than_24_bits_is_refused() {
+        let (mut pm, _, _) = device();
+        pm.write(2, &PWRBTN.to_le_bytes());
+        let bad = AcpiPmState { status: 0, enable: 0, control: 0, timer_ticks: 1 << 30 };
+        assert!(matches!(pm.restore_state(&bad), Err(StateError::Invalid { .. })));
+        assert_eq!(pm.save_state().enable, PWRBTN);
     }
 }

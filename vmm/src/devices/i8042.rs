@@ -16,10 +16,12 @@
 use std::collections::VecDeque;
 
 use log::warn;
+use serde::{Deserialize, Serialize};
 use vm_superio::Trigger;
 
 use crate::devices::bus::BusDevice;
 use crate::devices::serial::IrqEdge;
+use crate::state::StateError;
 
 /// Offsets within the device's range starting at port 0x60.
 const DATA_OFFSET: u64 = 0;
@@ -189,6 +191,34 @@ enum Origin {
     Keyboard,
 }
 
+/// Most keyboard replies a saved state may carry.
+const MAX_SAVED_RESPONSES: usize = 1 << 16;
+
+/// Saved state of the PS/2 keyboard behind the controller.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeyboardState {
+    pub responses: Vec<u8>,
+    pub scancodes: Vec<u8>,
+    pub pending: Option<u8>,
+    pub scanning: bool,
+    pub scancode_set: u8,
+    pub leds: u8,
+    pub last_sent: u8,
+}
+
+/// Saved state of the i8042 and its keyboard. `output` is the latched byte and whether the
+/// keyboard (rather than the controller) produced it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct I8042State {
+    pub ctr: u8,
+    pub output: Option<(u8, bool)>,
+    pub last_read: u8,
+    pub controller: Vec<u8>,
+    pub keyboard: KeyboardState,
+    pub pending_command: Option<u8>,
+    pub last_was_command: bool,
+}
+
 pub struct I8042 {
     ctr: u8,
     /// The output register: the byte port 0x60 reads next.
@@ -217,6 +247,62 @@ impl I8042 {
             on_reset,
             irq: None,
         }
+    }
+
+    pub fn save_state(&self) -> I8042State {
+        let k = &self.keyboard;
+        I8042State {
+            ctr: self.ctr,
+            output: self.output.map(|(b, o)| (b, o == Origin::Keyboard)),
+            last_read: self.last_read,
+            controller: self.controller.iter().copied().collect(),
+            keyboard: KeyboardState {
+                responses: k.responses.iter().copied().collect(),
+                scancodes: k.scancodes.iter().copied().collect(),
+                pending: k.pending,
+                scanning: k.scanning,
+                scancode_set: k.scancode_set,
+                leds: k.leds,
+                last_sent: k.last_sent,
+            },
+            pending_command: self.pending_command,
+            last_was_command: self.last_was_command,
+        }
+    }
+
+    /// Puts the controller back as saved. No interrupt is raised: a latched byte already had
+    /// its IRQ 1 edge before the snapshot.
+    pub fn restore_state(&mut self, state: &I8042State) -> Result<(), StateError> {
+        let k = &state.keyboard;
+        let invalid = |reason: &str| Err(StateError::invalid("i8042", reason));
+        if state.controller.len() > OUTPUT_CAPACITY {
+            return invalid("too many controller replies");
+        }
+        // Replies are a few bytes, but a guest can pile up 0xD2 writes it never reads.
+        if k.responses.len() > MAX_SAVED_RESPONSES || k.scancodes.len() > SCANCODE_CAPACITY {
+            return invalid("too many queued keyboard bytes");
+        }
+        if !(1..=3).contains(&k.scancode_set) {
+            return invalid("scancode set out of range");
+        }
+        self.ctr = state.ctr;
+        self.output = state
+            .output
+            .map(|(b, kbd)| (b, if kbd { Origin::Keyboard } else { Origin::Controller }));
+        self.last_read = state.last_read;
+        self.controller = state.controller.iter().copied().collect();
+        self.keyboard = Keyboard {
+            responses: k.responses.iter().copied().collect(),
+            scancodes: k.scancodes.iter().copied().collect(),
+            pending: k.pending,
+            scanning: k.scanning,
+            scancode_set: k.scancode_set,
+            leds: k.leds & 0x07,
+            last_sent: k.last_sent,
+        };
+        self.pending_command = state.pending_command;
+        self.last_was_command = state.last_was_command;
+        Ok(())
     }
 
     /// Raises `irq` (IRQ 1) when a byte is latched and the command byte enables it.
@@ -574,5 +660,43 @@ mod tests {
         dev.write(COMMAND_OFFSET, &[CMD_AUX_SEND]);
         dev.write(DATA_OFFSET, &[0xff]);
         assert!(drain(&mut dev).is_empty());
+    }
+
+    #[test]
+    fn saved_controller_and_keyboard_survive_a_restore() {
+        let (mut dev, _) = with_irq();
+        dev.write(DATA_OFFSET, &[KBD_SET_LEDS]);
+        dev.write(DATA_OFFSET, &[0x02]);
+        dev.queue_scancodes(&[0x1e, 0x9e, 0x30]);
+        dev.write(COMMAND_OFFSET, &[CMD_WRITE_CTR]);
+        let saved = dev.save_state();
+        let bytes = crate::state::encode("i8042", &saved).unwrap();
+        let decoded: I8042State = crate::state::decode("i8042", &bytes).unwrap();
+        let (mut fresh, _) = with_irq();
+        fresh.restore_state(&decoded).unwrap();
+        assert_eq!(fresh.save_state(), saved);
+        // The pending WRITE_CTR takes its argument; then the queued bytes come out in order.
+        fresh.write(DATA_OFFSET, &[CTR_XLATE | CTR_SYSTEM_FLAG | CTR_KBD_INT]);
+        let mut got = Vec::new();
+        for _ in 0..5 {
+            let mut b = [0u8];
+            fresh.read(DATA_OFFSET, &mut b);
+            got.push(b[0]);
+        }
+        assert_eq!(got, vec![KBD_ACK, KBD_ACK, 0x1e, 0x9e, 0x30]);
+    }
+
+    #[test]
+    fn hostile_i8042_state_is_refused_and_the_device_is_unchanged() {
+        let (mut dev, _) = with_irq();
+        dev.queue_scancodes(&[0x1e]);
+        let before = dev.save_state();
+        let mut bad = before.clone();
+        bad.keyboard.scancodes = vec![0; SCANCODE_CAPACITY + 1];
+        assert!(matches!(dev.restore_state(&bad), Err(StateError::Invalid { .. })));
+        let mut bad = before.clone();
+        bad.keyboard.scancode_set = 7;
+        assert!(matches!(dev.restore_state(&bad), Err(StateError::Invalid { .. })));
+        assert_eq!(dev.save_state(), before);
     }
 }

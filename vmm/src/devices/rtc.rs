@@ -5,7 +5,10 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use serde::{Deserialize, Serialize};
+
 use crate::devices::bus::BusDevice;
+use crate::state::StateError;
 
 const REG_SECONDS: u8 = 0x00;
 const REG_MINUTES: u8 = 0x02;
@@ -31,6 +34,19 @@ pub struct Rtc {
     /// Seconds added to the host clock, set when the guest writes the time.
     offset_secs: i64,
 }
+
+/// Saved state of the RTC: the selected register, the CMOS bytes and the guest's offset
+/// from the host clock (the time itself is read live from the host after a restore).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RtcState {
+    pub index: u8,
+    /// 128 bytes.
+    pub nvram: Vec<u8>,
+    pub offset_secs: i64,
+}
+
+/// Largest guest clock offset accepted from saved state (about 10000 years).
+const MAX_OFFSET_SECS: i64 = 10_000 * 366 * 86_400;
 
 impl Default for Rtc {
     fn default() -> Self {
@@ -109,6 +125,28 @@ impl Rtc {
         nvram[REG_B as usize] = REG_B_24H;
         nvram[REG_D as usize] = REG_D_VRT;
         Self { index: 0, nvram, offset_secs: 0 }
+    }
+
+    pub fn save_state(&self) -> RtcState {
+        RtcState { index: self.index, nvram: self.nvram.to_vec(), offset_secs: self.offset_secs }
+    }
+
+    pub fn restore_state(&mut self, state: &RtcState) -> Result<(), StateError> {
+        let nvram: [u8; 128] = state
+            .nvram
+            .as_slice()
+            .try_into()
+            .map_err(|_| StateError::invalid("rtc", "CMOS is not 128 bytes"))?;
+        if state.index > 0x7f {
+            return Err(StateError::invalid("rtc", "register index out of range"));
+        }
+        if !(-MAX_OFFSET_SECS..=MAX_OFFSET_SECS).contains(&state.offset_secs) {
+            return Err(StateError::invalid("rtc", "clock offset out of range"));
+        }
+        self.index = state.index;
+        self.nvram = nvram;
+        self.offset_secs = state.offset_secs;
+        Ok(())
     }
 
     fn now(&self) -> DateTime {
@@ -229,5 +267,32 @@ mod tests {
         rtc.write(0, &[REG_YEAR]);
         rtc.write(1, &[0x31]);
         assert_eq!(read(&mut rtc, REG_YEAR), 0x31);
+    }
+
+    #[test]
+    fn guest_set_clock_and_cmos_survive_a_restore() {
+        let mut rtc = Rtc::new();
+        rtc.write(0, &[REG_YEAR]);
+        rtc.write(1, &[0x31]);
+        rtc.write(0, &[0x40]);
+        rtc.write(1, &[0xab]);
+        let saved = rtc.save_state();
+        let bytes = crate::state::encode("rtc", &saved).unwrap();
+        let mut fresh = Rtc::new();
+        fresh.restore_state(&crate::state::decode("rtc", &bytes).unwrap()).unwrap();
+        assert_eq!(fresh.save_state(), saved);
+        assert_eq!(read(&mut fresh, REG_YEAR), 0x31);
+        assert_eq!(read(&mut fresh, 0x40), 0xab);
+    }
+
+    #[test]
+    fn hostile_rtc_state_is_refused_and_the_clock_is_unchanged() {
+        let mut rtc = Rtc::new();
+        let before = rtc.save_state();
+        let bad = RtcState { nvram: vec![0; 12], ..before.clone() };
+        assert!(matches!(rtc.restore_state(&bad), Err(StateError::Invalid { .. })));
+        let bad = RtcState { offset_secs: i64::MAX, ..before.clone() };
+        assert!(matches!(rtc.restore_state(&bad), Err(StateError::Invalid { .. })));
+        assert_eq!(rtc.save_state(), before);
     }
 }

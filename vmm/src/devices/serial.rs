@@ -5,15 +5,18 @@
 
 use std::collections::VecDeque;
 use std::io::Write;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use vm_superio::serial::NoEvents;
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 
-use crate::devices::bus::BusDevice;
+use crate::devices::bus::{lock, BusDevice};
 use crate::hypervisor::InterruptSink;
+use crate::state::StateError;
 
 /// Raises an edge on one ISA interrupt line.
+#[derive(Clone)]
 pub struct IrqEdge {
     sink: Arc<dyn InterruptSink>,
     gsi: u32,
@@ -37,14 +40,107 @@ impl Trigger for IrqEdge {
 /// Upper bound on typed-ahead input we keep for a guest that is not reading its console.
 const MAX_PENDING_INPUT: usize = 1 << 20;
 
+/// The host side of the output, shared so a restore can rebuild the UART around it.
+#[derive(Clone)]
+struct Output(Arc<Mutex<Box<dyn Write + Send>>>);
+
+impl Write for Output {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        lock(&self.0).write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        lock(&self.0).flush()
+    }
+}
+
+/// Bytes vm-superio's receive FIFO holds.
+const UART_FIFO_SIZE: usize = 64;
+
+/// The 16550A registers and receive FIFO (vm-superio's `SerialState`, which is not serde).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UartState {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
+/// Saved state of COM1: the UART and the typed-ahead input not yet in its FIFO.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SerialDeviceState {
+    pub uart: UartState,
+    pub pending: Vec<u8>,
+}
+
 pub struct SerialDevice {
-    uart: Serial<IrqEdge, NoEvents, Box<dyn Write + Send>>,
+    uart: Serial<IrqEdge, NoEvents, Output>,
+    irq: IrqEdge,
+    output: Output,
     pending: VecDeque<u8>,
 }
 
 impl SerialDevice {
     pub fn new(irq: IrqEdge, output: Box<dyn Write + Send>) -> Self {
-        Self { uart: Serial::new(irq, output), pending: VecDeque::new() }
+        let output = Output(Arc::new(Mutex::new(output)));
+        Self {
+            uart: Serial::new(irq.clone(), output.clone()),
+            irq,
+            output,
+            pending: VecDeque::new(),
+        }
+    }
+
+    pub fn save_state(&self) -> SerialDeviceState {
+        let s = self.uart.state();
+        SerialDeviceState {
+            uart: UartState {
+                baud_divisor_low: s.baud_divisor_low,
+                baud_divisor_high: s.baud_divisor_high,
+                interrupt_enable: s.interrupt_enable,
+                interrupt_identification: s.interrupt_identification,
+                line_control: s.line_control,
+                line_status: s.line_status,
+                modem_control: s.modem_control,
+                modem_status: s.modem_status,
+                scratch: s.scratch,
+                in_buffer: s.in_buffer,
+            },
+            pending: self.pending.iter().copied().collect(),
+        }
+    }
+
+    /// Puts the UART back as saved; an interrupt the saved registers show pending is raised.
+    pub fn restore_state(&mut self, state: &SerialDeviceState) -> Result<(), StateError> {
+        let u = &state.uart;
+        if u.in_buffer.len() > UART_FIFO_SIZE {
+            return Err(StateError::invalid("serial", "receive FIFO longer than 64 bytes"));
+        }
+        if state.pending.len() > MAX_PENDING_INPUT {
+            return Err(StateError::invalid("serial", "too much pending input"));
+        }
+        let saved = SerialState {
+            baud_divisor_low: u.baud_divisor_low,
+            baud_divisor_high: u.baud_divisor_high,
+            interrupt_enable: u.interrupt_enable,
+            interrupt_identification: u.interrupt_identification,
+            line_control: u.line_control,
+            line_status: u.line_status,
+            modem_control: u.modem_control,
+            modem_status: u.modem_status,
+            scratch: u.scratch,
+            in_buffer: u.in_buffer.clone(),
+        };
+        let uart = Serial::from_state(&saved, self.irq.clone(), NoEvents, self.output.clone())
+            .map_err(|e| StateError::invalid("serial", format!("raising its interrupt: {e:?}")))?;
+        self.uart = uart;
+        self.pending = state.pending.iter().copied().collect();
+        Ok(())
     }
 
     /// Queues bytes for the guest to read; drops the oldest beyond a generous limit.
@@ -90,7 +186,6 @@ impl BusDevice for SerialDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
 
     #[derive(Default)]
     struct Lines(Mutex<Vec<(u32, bool)>>);
@@ -145,5 +240,53 @@ mod tests {
         }
         assert_eq!(got, input);
         assert!(lines.0.lock().unwrap().contains(&(4, true)));
+    }
+
+    #[test]
+    fn saved_registers_fifo_and_pending_input_survive_a_restore() {
+        let lines = Arc::new(Lines::default());
+        let mut dev = SerialDevice::new(IrqEdge::new(lines.clone(), 4), Box::new(Out::default()));
+        dev.write(3, &[0x80]); // DLAB on
+        dev.write(0, &[0x0c]); // divisor 12: 9600 baud
+        dev.write(3, &[0x03]); // 8N1, DLAB off
+        dev.write(7, &[0x5a]); // scratch
+        dev.write(1, &[0x01]);
+        dev.queue_input(&(0..100u8).collect::<Vec<_>>());
+        let saved = dev.save_state();
+        let bytes = crate::state::encode("serial", &saved).unwrap();
+        let decoded: SerialDeviceState = crate::state::decode("serial", &bytes).unwrap();
+
+        let out = Out::default();
+        let fresh_lines = Arc::new(Lines::default());
+        let mut fresh =
+            SerialDevice::new(IrqEdge::new(fresh_lines.clone(), 4), Box::new(out.clone()));
+        fresh.restore_state(&decoded).unwrap();
+        assert_eq!(fresh.save_state(), saved);
+        assert!(fresh_lines.0.lock().unwrap().contains(&(4, true)), "pending RX interrupt");
+        let mut b = [0u8];
+        fresh.read(7, &mut b);
+        assert_eq!(b[0], 0x5a);
+        let mut got = Vec::new();
+        for _ in 0..100 {
+            fresh.read(0, &mut b);
+            got.push(b[0]);
+        }
+        assert_eq!(got, (0..100u8).collect::<Vec<_>>());
+        fresh.write(0, b"x");
+        assert_eq!(&*out.0.lock().unwrap(), b"x", "output still reaches the host");
+    }
+
+    #[test]
+    fn oversized_fifo_is_refused_and_the_device_is_unchanged() {
+        let mut dev = SerialDevice::new(
+            IrqEdge::new(Arc::new(Lines::default()), 4),
+            Box::new(Out::default()),
+        );
+        dev.write(7, &[0x11]);
+        let before = dev.save_state();
+        let mut bad = before.clone();
+        bad.uart.in_buffer = vec![0; 65];
+        assert!(matches!(dev.restore_state(&bad), Err(StateError::Invalid { .. })));
+        assert_eq!(dev.save_state(), before);
     }
 }

@@ -228,6 +228,33 @@ impl PciConfiguration {
         }
     }
 
+    /// Every register, for saved state.
+    pub fn registers(&self) -> Vec<u32> {
+        self.registers.to_vec()
+    }
+
+    /// Puts saved registers back. They must belong to this function: bits the guest cannot
+    /// write must match, and a fixed BAR holds its address or the sizing probe.
+    pub fn restore_registers(&mut self, saved: &[u32]) -> Result<(), String> {
+        let saved: [u32; NUM_CONFIG_REGISTERS] = saved
+            .try_into()
+            .map_err(|_| format!("{} configuration registers, not 64", saved.len()))?;
+        for (reg, (&value, &current)) in saved.iter().zip(&self.registers).enumerate() {
+            if (value ^ current) & !self.writable[reg] != 0 {
+                return Err(format!("read-only bits of configuration register {reg} differ"));
+            }
+            if let Some(address) = self.fixed_bar_address(reg) {
+                let address_bits = self.writable[reg];
+                let held = value & address_bits;
+                if held != address as u32 & address_bits && held != address_bits {
+                    return Err(format!("fixed BAR register {reg} holds another address"));
+                }
+            }
+        }
+        self.registers = saved;
+        Ok(())
+    }
+
     pub fn command(&self) -> u32 {
         self.registers[COMMAND_REG] & 0xffff
     }
@@ -355,5 +382,28 @@ mod tests {
         c.write_reg(INTERRUPT_REG, 0, &[0x0b]);
         c.write_reg(INTERRUPT_REG, 1, &[0x0c]);
         assert_eq!(c.read_reg(INTERRUPT_REG), 0x0b);
+    }
+
+    #[test]
+    fn saved_registers_restore_and_foreign_ones_are_refused() {
+        let mut c = PciConfiguration::new(header());
+        c.add_bar(fixed_bar()).unwrap();
+        c.write_reg(COMMAND_REG, 0, &[0x06]);
+        c.write_reg(INTERRUPT_REG, 0, &[0x0b]);
+        let saved = c.registers();
+        let mut fresh = PciConfiguration::new(header());
+        fresh.add_bar(fixed_bar()).unwrap();
+        fresh.restore_registers(&saved).unwrap();
+        assert_eq!(fresh.registers(), saved);
+        assert!(fresh.memory_space_enabled());
+
+        let mut foreign = saved.clone();
+        foreign[0] = 0x1234_5678;
+        assert!(fresh.restore_registers(&foreign).is_err());
+        let mut moved = saved.clone();
+        moved[BAR0_REG] = 0xd000_0008;
+        assert!(fresh.restore_registers(&moved).is_err());
+        assert!(fresh.restore_registers(&saved[..10]).is_err());
+        assert_eq!(fresh.registers(), saved, "a refused restore changes nothing");
     }
 }

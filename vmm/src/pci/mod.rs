@@ -16,7 +16,9 @@ pub mod config;
 pub mod root;
 
 pub use config::{PciConfiguration, PciHeader};
-pub use root::{PciConfigIo, PciConfigMmio, PciMmioWindow, PciRoot};
+pub use root::{PciConfigIo, PciConfigMmio, PciMmioWindow, PciRoot, PciRootState};
+
+use crate::state::StateError;
 
 /// The kind of a memory BAR (I/O BARs are not supported).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +54,21 @@ pub trait PciDevice: Send {
     fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]);
     /// A write at `offset` inside BAR `bar`.
     fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]);
+    /// The device's saved state (configuration space included), encoded with
+    /// [`crate::state::encode`]. A device that cannot be saved fails, naming itself.
+    fn save_state(&self) -> Result<Vec<u8>, StateError> {
+        Err(StateError::not_snapshottable("PCI device", "it has no saved state"))
+    }
+    /// Puts saved state back into a device built the same way; a refused state leaves the
+    /// device as it was.
+    fn restore_state(&mut self, _state: &[u8]) -> Result<(), StateError> {
+        Err(StateError::not_snapshottable("PCI device", "it has no saved state"))
+    }
+    /// Stops the device's own threads; afterwards it touches no guest memory until
+    /// [`PciDevice::resume`].
+    fn quiesce(&mut self) {}
+    /// Undoes [`PciDevice::quiesce`] and serves whatever the guest queued meanwhile.
+    fn resume(&mut self) {}
 }
 
 #[derive(Debug, thiserror::Error)]

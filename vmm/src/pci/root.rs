@@ -3,6 +3,8 @@
 
 use std::sync::{Arc, Mutex};
 
+use serde::{Deserialize, Serialize};
+
 use super::config::{
     PciConfiguration, PciHeader, BAR0_REG, CLASS_BRIDGE_HOST, COMMAND_BUS_MASTER,
     COMMAND_MEMORY_SPACE, COMMAND_REG,
@@ -10,6 +12,7 @@ use super::config::{
 use super::{PciBar, PciBarKind, PciDevice, PciError};
 use crate::arch::x86_64::layout;
 use crate::devices::bus::{lock, BusDevice};
+use crate::state::{self, StateError};
 
 /// Slots on bus 0.
 const NUM_SLOTS: usize = 32;
@@ -54,6 +57,27 @@ impl PciDevice for HostBridge {
         data.fill(0xff);
     }
     fn bar_write(&mut self, _bar: u8, _offset: u64, _data: &[u8]) {}
+    fn save_state(&self) -> Result<Vec<u8>, StateError> {
+        state::encode("PCI host bridge", &self.config.registers())
+    }
+    fn restore_state(&mut self, saved: &[u8]) -> Result<(), StateError> {
+        let registers: Vec<u32> = state::decode("PCI host bridge", saved)?;
+        self.config
+            .restore_registers(&registers)
+            .map_err(|reason| StateError::invalid("PCI host bridge", reason))
+    }
+}
+
+/// Saved state of bus 0: each slot's device state (configuration space included), by slot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PciRootState {
+    pub slots: Vec<Option<Vec<u8>>>,
+}
+
+/// Saved state of the configuration port adapter: the latched CONFIG_ADDRESS.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PciConfigIoState {
+    pub address: u32,
 }
 
 /// A BAR as currently decoded: guest-physical range → (BAR, offset).
@@ -237,6 +261,51 @@ impl PciRoot {
         self.slots.get_mut(device as usize)?.as_mut()
     }
 
+    /// Every slot's state. Call it with the vCPUs paused and I/O quiesced
+    /// ([`PciRoot::quiesce_io`]), so no queue moves while it is saved.
+    pub fn save_state(&self) -> Result<PciRootState, StateError> {
+        let slots = self
+            .slots
+            .iter()
+            .map(|slot| slot.as_ref().map(|s| lock(&s.device).save_state()).transpose())
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(PciRootState { slots })
+    }
+
+    /// Restores every slot of a root built the same way (same devices in the same slots)
+    /// and brings the BAR decoding in line with the restored registers. Each device refuses
+    /// bad state without changing; a failure part-way leaves earlier slots restored, so a
+    /// machine whose restore failed must be discarded.
+    pub fn restore_state(&mut self, saved: &PciRootState) -> Result<(), StateError> {
+        let same_layout = saved.slots.len() == self.slots.len()
+            && saved.slots.iter().zip(&self.slots).all(|(a, b)| a.is_some() == b.is_some());
+        if !same_layout {
+            return Err(StateError::invalid("PCI bus", "slots differ from this machine's"));
+        }
+        for (slot, bytes) in self.slots.iter_mut().zip(&saved.slots) {
+            if let (Some(slot), Some(bytes)) = (slot, bytes) {
+                lock(&slot.device).restore_state(bytes)?;
+                slot.refresh();
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops every device's I/O threads and waits for them: an in-flight request finishes
+    /// first, and afterwards no device touches guest memory until [`PciRoot::resume_io`].
+    pub fn quiesce_io(&mut self) {
+        for slot in self.slots.iter().flatten() {
+            lock(&slot.device).quiesce();
+        }
+    }
+
+    /// Restarts the I/O threads and serves what the guest queued while they were stopped.
+    pub fn resume_io(&mut self) {
+        for slot in self.slots.iter().flatten() {
+            lock(&slot.device).resume();
+        }
+    }
+
     /// The device, BAR and offset that decode guest-physical `addr`, if any.
     pub fn mmio_target(&self, addr: u64) -> Option<(SharedDevice, u8, u64)> {
         self.slots.iter().flatten().find_map(|slot| {
@@ -306,6 +375,14 @@ impl PciConfigIo {
 
     pub fn new(root: Arc<Mutex<PciRoot>>) -> Self {
         PciConfigIo { root, address: 0 }
+    }
+
+    pub fn save_state(&self) -> PciConfigIoState {
+        PciConfigIoState { address: self.address }
+    }
+
+    pub fn restore_state(&mut self, state: &PciConfigIoState) {
+        self.address = state.address & CONFIG_ADDRESS_MASK;
     }
 
     /// (device, function, register) selected by CONFIG_ADDRESS, if enabled and on bus 0.
@@ -475,6 +552,13 @@ mod tests {
         }
         fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]) {
             self.writes.lock().unwrap().push((bar, offset, data.to_vec()));
+        }
+        fn save_state(&self) -> Result<Vec<u8>, StateError> {
+            state::encode("test", &self.config.registers())
+        }
+        fn restore_state(&mut self, saved: &[u8]) -> Result<(), StateError> {
+            let regs: Vec<u32> = state::decode("test", saved)?;
+            self.config.restore_registers(&regs).map_err(|r| StateError::invalid("test", r))
         }
     }
 
@@ -697,5 +781,50 @@ mod tests {
         let huge = TestDevice::new(layout::PCI_MMIO_SIZE * 2).0;
         let err = root.lock().unwrap().add_device(Box::new(huge));
         assert!(matches!(err, Err(PciError::MmioWindowFull { .. })));
+    }
+
+    #[test]
+    fn restore_moves_bar_dispatch_and_config_address_to_the_saved_state() {
+        let (root, _) = setup();
+        let mut io = PciConfigIo::new(root.clone());
+        cf8(&mut io, 1, 4);
+        io.write(4, &0xc080_0000u32.to_le_bytes());
+        cf8(&mut io, 1, 15);
+        io.write(4, &[0x0b]);
+        let saved = root.lock().unwrap().save_state().unwrap();
+        let io_saved = io.save_state();
+        let bytes = state::encode("pci", &saved).unwrap();
+        let decoded: PciRootState = state::decode("pci", &bytes).unwrap();
+
+        let (fresh, writes) = setup();
+        fresh.lock().unwrap().restore_state(&decoded).unwrap();
+        assert_eq!(fresh.lock().unwrap().save_state().unwrap(), saved);
+        let mut window = PciMmioWindow::new(fresh.clone());
+        let mut d = [0u8; 4];
+        window.read(0x10, &mut d);
+        assert_eq!(d, [0xff; 4], "the fresh root's original BAR address must not decode");
+        window.write(0x80_0020, &[7]);
+        assert_eq!(writes.lock().unwrap().as_slice(), &[(0, 0x20, vec![7])]);
+        let mut fresh_io = PciConfigIo::new(fresh);
+        fresh_io.restore_state(&io_saved);
+        let mut v = [0u8; 4];
+        fresh_io.read(4, &mut v);
+        assert_eq!(v[0], 0x0b, "CONFIG_ADDRESS still selects 01.0 register 15");
+    }
+
+    #[test]
+    fn restore_into_a_differently_populated_bus_is_refused() {
+        let (root, _) = setup();
+        let saved = root.lock().unwrap().save_state().unwrap();
+        let empty = PciRoot::new();
+        let mut empty = empty;
+        assert!(matches!(empty.restore_state(&saved), Err(StateError::Invalid { .. })));
+        let mut foreign = saved.clone();
+        foreign.slots[1] = Some(state::encode("x", &vec![0u32; 64]).unwrap());
+        let (other, _) = setup();
+        assert!(matches!(
+            other.lock().unwrap().restore_state(&foreign),
+            Err(StateError::Invalid { .. })
+        ));
     }
 }

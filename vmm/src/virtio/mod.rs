@@ -20,9 +20,10 @@ pub mod rng;
 
 use std::sync::Arc;
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueState};
 
 use crate::memory::GuestMemory;
+use crate::state::StateError;
 
 pub use pci_transport::VirtioPciDevice;
 
@@ -66,6 +67,26 @@ pub trait VirtioInterrupt: Send + Sync {
     fn signal_config_change(&self);
 }
 
+/// A short name for a device type, for errors.
+pub fn device_name(device_type: u32) -> String {
+    match device_type {
+        TYPE_NET => "virtio-net".to_string(),
+        TYPE_BLOCK => "virtio-blk".to_string(),
+        TYPE_RNG => "virtio-rng".to_string(),
+        TYPE_GPU => "virtio-gpu".to_string(),
+        TYPE_INPUT => "virtio-input".to_string(),
+        other => format!("virtio device type {other}"),
+    }
+}
+
+/// What an active device is handed back on restore: its memory, interrupt and queues
+/// rebuilt from saved state (positions included).
+pub struct RestoredQueues {
+    pub memory: GuestMemory,
+    pub interrupt: Arc<dyn VirtioInterrupt>,
+    pub queues: Vec<Queue>,
+}
+
 /// One virtio device, independent of its transport.
 pub trait VirtioDevice: Send {
     /// The virtio device type ([`TYPE_BLOCK`], ...).
@@ -101,6 +122,34 @@ pub trait VirtioDevice: Send {
     fn fixed_memory_bar(&self) -> Option<(u64, u64)> {
         None
     }
+    /// The device's own state (not its queues), encoded with [`crate::state::encode`].
+    fn save_state(&self) -> Result<Vec<u8>, StateError> {
+        Err(StateError::not_snapshottable(
+            device_name(self.device_type()),
+            "it does not support snapshots",
+        ))
+    }
+    /// The state of the queues an active device holds, in queue order (None when inactive).
+    fn queue_states(&self) -> Option<Vec<QueueState>> {
+        None
+    }
+    /// Puts saved state back into a device built the same way, active again with `active`'s
+    /// queues when it was active, without the side effects of a reset or an activation.
+    /// A refused state leaves the device as it was.
+    fn restore_state(
+        &mut self,
+        _state: &[u8],
+        _active: Option<RestoredQueues>,
+    ) -> Result<(), StateError> {
+        Err(StateError::not_snapshottable(
+            device_name(self.device_type()),
+            "it does not support snapshots",
+        ))
+    }
+    /// Stop touching guest memory from host threads (input arriving from the host) until
+    /// [`VirtioDevice::resume`]; the transport stops its own I/O threads.
+    fn quiesce(&mut self) {}
+    fn resume(&mut self) {}
 }
 
 /// Copies the device-config bytes `config[offset..]` into `data` (zeroes past the end).

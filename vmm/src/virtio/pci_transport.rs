@@ -22,12 +22,15 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 
 use log::{error, warn};
+use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 
+use super::queue::SavedQueue;
 use super::{
-    VirtioDevice, VirtioInterrupt, STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
-    TYPE_BLOCK, TYPE_GPU, TYPE_INPUT, TYPE_NET, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
+    device_name, RestoredQueues, VirtioDevice, VirtioInterrupt, STATUS_DEVICE_NEEDS_RESET,
+    STATUS_DRIVER_OK, STATUS_FEATURES_OK, TYPE_BLOCK, TYPE_GPU, TYPE_INPUT, TYPE_NET,
+    VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
 };
 use crate::devices::bus::lock;
 use crate::hypervisor::{GuestNotifier, InterruptSink, NotifierRegistry};
@@ -36,6 +39,7 @@ use crate::pci::config::{
     CLASS_DISPLAY_OTHER, CLASS_INPUT_OTHER, CLASS_NETWORK_ETHERNET, CLASS_OTHER, CLASS_STORAGE_SCSI,
 };
 use crate::pci::{PciBar, PciBarKind, PciConfiguration, PciDevice, PciError, PciHeader};
+use crate::state::{self, StateError};
 
 pub const VIRTIO_PCI_VENDOR_ID: u16 = 0x1af4;
 /// Modern device ids are 0x1040 + the virtio device type.
@@ -297,6 +301,50 @@ impl QueueConfig {
     }
 }
 
+/// What the driver programmed for one queue, saved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueRegisters {
+    pub size: u16,
+    pub enabled: bool,
+    pub desc: u64,
+    pub driver: u64,
+    pub device: u64,
+}
+
+/// The MSI-X table, PBA and vectors, and the ISR, saved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MsixSaved {
+    /// Per vector: address low, address high, data, vector control.
+    pub entries: Vec<[u32; 4]>,
+    pub pending: Vec<bool>,
+    pub enabled: bool,
+    pub function_mask: bool,
+    pub config_vector: u16,
+    pub queue_vectors: Vec<u16>,
+    pub isr: u8,
+}
+
+/// Saved state of a virtio-pci function: configuration space, transport registers, the
+/// live queues (when active) and the device's own bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioPciState {
+    pub device_type: u32,
+    pub config: Vec<u32>,
+    pub status: u8,
+    /// DEVICE_NEEDS_RESET raised by an I/O thread.
+    pub failed: bool,
+    pub active: bool,
+    pub device_feature_select: u32,
+    pub driver_feature_select: u32,
+    pub driver_features: u64,
+    pub queue_select: u16,
+    pub queues: Vec<QueueRegisters>,
+    /// The device's queues (positions included) while active; empty otherwise.
+    pub live_queues: Vec<SavedQueue>,
+    pub msix: MsixSaved,
+    pub device: Vec<u8>,
+}
+
 /// A virtio device on PCI.
 pub struct VirtioPciDevice {
     config: PciConfiguration,
@@ -318,6 +366,8 @@ pub struct VirtioPciDevice {
     queue_select: u16,
     queues: Vec<QueueConfig>,
     active: bool,
+    /// I/O threads stopped for a snapshot; notifies wait for [`PciDevice::resume`].
+    quiesced: bool,
     /// The BAR holding the virtio registers (0, or 2 when BAR 0 is a fixed framebuffer).
     regs_bar: u8,
 }
@@ -443,6 +493,7 @@ impl VirtioPciDevice {
             queue_select: 0,
             queues: max_sizes.into_iter().map(QueueConfig::new).collect(),
             active: false,
+            quiesced: false,
             regs_bar,
         })
     }
@@ -477,7 +528,7 @@ impl VirtioPciDevice {
 
     /// Brings the I/O threads in line with the device state and BAR address.
     fn update_workers(&mut self) {
-        let want = self.notify_base();
+        let want = if self.quiesced { None } else { self.notify_base() };
         if self.workers.first().map(|w| w.base) == want {
             return;
         }
@@ -743,7 +794,8 @@ impl VirtioPciDevice {
         {
             return;
         }
-        if self.failed.load(Ordering::Acquire) {
+        if self.failed.load(Ordering::Acquire) || self.quiesced {
+            // While quiesced the notify is served by the pass resume makes.
             return;
         }
         let result = lock(&self.device).process_queue(queue_index);
@@ -812,6 +864,181 @@ impl VirtioPciDevice {
                 }
             }
         }
+    }
+
+    fn name(&self) -> String {
+        device_name(lock(&self.device).device_type())
+    }
+
+    fn save(&self) -> Result<VirtioPciState, StateError> {
+        let device = lock(&self.device);
+        let name = device_name(device.device_type());
+        let live_queues = if self.active {
+            let states = device.queue_states().ok_or_else(|| {
+                StateError::not_snapshottable(&name, "its queues cannot be saved")
+            })?;
+            if states.len() != self.queues.len() {
+                return Err(StateError::not_snapshottable(&name, "it reports the wrong queues"));
+            }
+            states.into_iter().map(SavedQueue::from).collect()
+        } else {
+            Vec::new()
+        };
+        let device_bytes = device.save_state()?;
+        let device_type = device.device_type();
+        drop(device);
+        let st = lock(&self.interrupt.state);
+        Ok(VirtioPciState {
+            device_type,
+            config: self.config.registers(),
+            status: self.status,
+            failed: self.failed.load(Ordering::Acquire),
+            active: self.active,
+            device_feature_select: self.device_feature_select,
+            driver_feature_select: self.driver_feature_select,
+            driver_features: self.driver_features,
+            queue_select: self.queue_select,
+            queues: self
+                .queues
+                .iter()
+                .map(|q| QueueRegisters {
+                    size: q.size,
+                    enabled: q.enabled,
+                    desc: q.desc,
+                    driver: q.driver,
+                    device: q.device,
+                })
+                .collect(),
+            live_queues,
+            msix: MsixSaved {
+                entries: st
+                    .entries
+                    .iter()
+                    .map(|e| [e.addr_lo, e.addr_hi, e.data, e.control])
+                    .collect(),
+                pending: st.pending.clone(),
+                enabled: st.enabled,
+                function_mask: st.function_mask,
+                config_vector: st.config_vector,
+                queue_vectors: st.queue_vectors.clone(),
+                isr: st.isr,
+            },
+            device: device_bytes,
+        })
+    }
+
+    /// Checks saved transport state against this function; returns the configured queues
+    /// and, when active, the live queues rebuilt.
+    fn check(
+        &self,
+        saved: &VirtioPciState,
+    ) -> Result<(Vec<QueueConfig>, Option<Vec<Queue>>), String> {
+        let entries = lock(&self.interrupt.state).entries.len();
+        if saved.queues.len() != self.queues.len() {
+            return Err(format!("{} queues, not {}", saved.queues.len(), self.queues.len()));
+        }
+        let m = &saved.msix;
+        if m.entries.len() != entries
+            || m.pending.len() != entries
+            || m.queue_vectors.len() != self.queues.len()
+        {
+            return Err("MSI-X table of another size".to_string());
+        }
+        let valid_vector = |v: u16| v == VIRTIO_MSI_NO_VECTOR || usize::from(v) < entries;
+        if !valid_vector(m.config_vector) || !m.queue_vectors.iter().all(|&v| valid_vector(v)) {
+            return Err("MSI-X vector out of range".to_string());
+        }
+        let mut configs = Vec::with_capacity(self.queues.len());
+        for (i, (r, current)) in saved.queues.iter().zip(&self.queues).enumerate() {
+            let qc = QueueConfig {
+                max_size: current.max_size,
+                size: r.size,
+                enabled: r.enabled,
+                desc: r.desc,
+                driver: r.driver,
+                device: r.device,
+            };
+            if qc.enabled {
+                qc.build(&self.memory, false).map_err(|e| format!("queue {i}: {e}"))?;
+            }
+            configs.push(qc);
+        }
+        if !saved.active {
+            if !saved.live_queues.is_empty() {
+                return Err("queues saved for an inactive device".to_string());
+            }
+            return Ok((configs, None));
+        }
+        if saved.status & STATUS_DRIVER_OK == 0 || saved.live_queues.len() != configs.len() {
+            return Err("active without DRIVER_OK or with the wrong queues".to_string());
+        }
+        let mut queues = Vec::with_capacity(configs.len());
+        for (i, (live, qc)) in saved.live_queues.iter().zip(&configs).enumerate() {
+            let matches = live.max_size == qc.max_size
+                && live.ready == qc.enabled
+                && (!qc.enabled
+                    || (live.size == qc.size
+                        && live.desc_table == qc.desc
+                        && live.avail_ring == qc.driver
+                        && live.used_ring == qc.device));
+            if !matches {
+                return Err(format!("queue {i} differs from its registers"));
+            }
+            queues.push(live.to_queue(&self.memory).map_err(|e| format!("queue {i}: {e}"))?);
+        }
+        Ok((configs, Some(queues)))
+    }
+
+    fn restore(&mut self, bytes: &[u8]) -> Result<(), StateError> {
+        let name = self.name();
+        let saved: VirtioPciState = state::decode(&name, bytes)?;
+        if saved.device_type != lock(&self.device).device_type() {
+            return Err(StateError::invalid(&name, "saved from another kind of device"));
+        }
+        let (configs, queues) = self.check(&saved).map_err(|r| StateError::invalid(&name, r))?;
+        // Checked before anything changes; applied only once the device took its state.
+        let mut config = self.config.clone();
+        config.restore_registers(&saved.config).map_err(|r| StateError::invalid(&name, r))?;
+        self.stop_workers();
+        let interrupt: Arc<dyn VirtioInterrupt> = self.interrupt.clone();
+        let restored =
+            queues.map(|queues| RestoredQueues { memory: self.memory.clone(), interrupt, queues });
+        let result = lock(&self.device).restore_state(&saved.device, restored);
+        if let Err(e) = result {
+            self.update_workers();
+            return Err(e);
+        }
+        self.config = config;
+        {
+            let m = &saved.msix;
+            let mut st = lock(&self.interrupt.state);
+            st.entries = m
+                .entries
+                .iter()
+                .map(|e| MsixEntry {
+                    addr_lo: e[0],
+                    addr_hi: e[1],
+                    data: e[2],
+                    control: e[3] & MSIX_ENTRY_MASKED,
+                })
+                .collect();
+            st.pending = m.pending.clone();
+            st.enabled = m.enabled;
+            st.function_mask = m.function_mask;
+            st.config_vector = m.config_vector;
+            st.queue_vectors = m.queue_vectors.clone();
+            st.isr = m.isr;
+        }
+        self.status = saved.status;
+        self.failed.store(saved.failed, Ordering::Release);
+        self.active = saved.active;
+        self.device_feature_select = saved.device_feature_select;
+        self.driver_feature_select = saved.driver_feature_select;
+        self.driver_features = saved.driver_features;
+        self.queue_select = saved.queue_select;
+        self.queues = configs;
+        self.update_workers();
+        Ok(())
     }
 
     /// Picks up MSI-X enable / function-mask changes from the capability.
@@ -888,6 +1115,35 @@ impl PciDevice for VirtioPciDevice {
                 self.msix_table_write(o - MSIX_TABLE_OFFSET, data)
             }
             _ => {}
+        }
+    }
+
+    fn save_state(&self) -> Result<Vec<u8>, StateError> {
+        let saved = self.save()?;
+        state::encode(&device_name(saved.device_type), &saved)
+    }
+
+    fn restore_state(&mut self, saved: &[u8]) -> Result<(), StateError> {
+        self.restore(saved)
+    }
+
+    fn quiesce(&mut self) {
+        self.quiesced = true;
+        self.update_workers();
+        lock(&self.device).quiesce();
+    }
+
+    /// Also right after a restore: a notify the saved machine's I/O thread had not served
+    /// yet is served by this pass.
+    fn resume(&mut self) {
+        self.quiesced = false;
+        lock(&self.device).resume();
+        self.update_workers();
+        // A notify may have come while the threads were stopped: serve every queue once.
+        for index in 0..self.queues.len() {
+            if self.queues[index].enabled {
+                self.notify(index);
+            }
         }
     }
 }
@@ -1140,6 +1396,7 @@ pub(crate) mod testing {
 mod tests {
     use super::testing::*;
     use super::*;
+    use crate::state::StateError;
     use crate::virtio::rng::Rng;
     use crate::virtio::{STATUS_ACKNOWLEDGE, STATUS_DRIVER};
 
@@ -1348,5 +1605,118 @@ mod tests {
         d.dev.interrupt.signal_config_change();
         assert_eq!(d.read(ISR_CFG_OFFSET, 1), u64::from(ISR_CONFIG));
         assert_eq!(d.read(ISR_CFG_OFFSET, 1), 0);
+    }
+
+    fn fresh_rng(d: &TestDriver) -> VirtioPciDevice {
+        VirtioPciDevice::new(Box::new(Rng::new().unwrap()), d.mem.clone(), d.sink.clone()).unwrap()
+    }
+
+    fn serve_one(d: &mut TestDriver, head: u16) {
+        d.tq.set_desc(&d.mem, head, 0x20_0000, 64, crate::virtio::queue::testing::DESC_F_WRITE, 0);
+        d.tq.push(&d.mem, head);
+        d.notify(0);
+    }
+
+    #[test]
+    fn transport_registers_msix_and_queue_positions_survive_a_restore() {
+        let mut d = driver();
+        d.bring_up();
+        serve_one(&mut d, 0);
+        serve_one(&mut d, 1);
+        let entry1 = MSIX_TABLE_OFFSET + MSIX_ENTRY_SIZE;
+        serve_one(&mut d, 2);
+        d.write(entry1 + 12, 4, 1); // mask the queue vector: the next interrupt is pending
+        d.dev.interrupt.signal_used_queue(0);
+        let saved = d.dev.save_state().unwrap();
+        let decoded: VirtioPciState = state::decode("t", &saved).unwrap();
+        assert_eq!(decoded.live_queues[0].next_used, 3);
+        assert!(decoded.msix.pending[1]);
+
+        let mut fresh = fresh_rng(&d);
+        fresh.restore_state(&saved).unwrap();
+        assert_eq!(fresh.save_state().unwrap(), saved);
+        d.dev = fresh;
+        d.sink.msis.lock().unwrap().clear();
+        assert_eq!(d.status(), 0xf);
+        assert_eq!(d.read(MSIX_PBA_OFFSET, 8), 0b10);
+        d.write(entry1 + 12, 4, 0);
+        assert_eq!(d.msis(), vec![(MSI_ADDR, QUEUE_MSI_DATA)], "pending vector sent on unmask");
+        serve_one(&mut d, 3);
+        assert_eq!(d.tq.used_idx(&d.mem), 4);
+        assert_eq!(d.tq.used_elem(&d.mem, 3).0, 3);
+    }
+
+    #[test]
+    fn hostile_transport_state_is_refused_and_the_device_is_unchanged() {
+        let mut d = driver();
+        d.bring_up();
+        serve_one(&mut d, 0);
+        let good: VirtioPciState = state::decode("t", &d.dev.save_state().unwrap()).unwrap();
+        let mut fresh = fresh_rng(&d);
+        let before = fresh.save_state().unwrap();
+        let mut cases = Vec::new();
+        let mut s = good.clone();
+        s.queues[0].size = 100;
+        s.live_queues[0].size = 100;
+        cases.push(s);
+        let mut s = good.clone();
+        s.queues[0].desc = 0xffff_0000_0000;
+        s.live_queues[0].desc_table = 0xffff_0000_0000;
+        cases.push(s);
+        let mut s = good.clone();
+        s.live_queues[0].next_avail = 300;
+        cases.push(s);
+        let mut s = good.clone();
+        s.msix.queue_vectors[0] = 9;
+        cases.push(s);
+        let mut s = good.clone();
+        s.msix.entries.push([0; 4]);
+        cases.push(s);
+        let mut s = good.clone();
+        s.device_type = crate::virtio::TYPE_BLOCK;
+        cases.push(s);
+        let mut s = good.clone();
+        s.config[0] = 0x1234_5678;
+        cases.push(s);
+        for (i, case) in cases.into_iter().enumerate() {
+            let bytes = state::encode("t", &case).unwrap();
+            let r = fresh.restore_state(&bytes);
+            assert!(matches!(r, Err(StateError::Invalid { .. })), "case {i}: {r:?}");
+            assert_eq!(fresh.save_state().unwrap(), before, "case {i} changed the device");
+        }
+        assert!(matches!(fresh.restore_state(&[1, 2, 3]), Err(StateError::Codec { .. })));
+    }
+
+    #[test]
+    fn restore_registers_the_notifier_at_the_saved_bar_address() {
+        let (mut d, _) = threaded_driver();
+        d.bring_up();
+        let saved = d.dev.save_state().unwrap();
+        let registry = Arc::new(TestRegistry::default());
+        let fresh = fresh_rng(&d).with_notifiers(registry.clone());
+        d.dev = fresh;
+        d.dev.restore_state(&saved).unwrap();
+        let live: Vec<u64> = registry.live().iter().map(|(a, _)| *a).collect();
+        assert_eq!(live, vec![BAR0_ADDR + NOTIFY_OFFSET]);
+        d.tq.set_desc(&d.mem, 0, 0x20_0000, 64, crate::virtio::queue::testing::DESC_F_WRITE, 0);
+        d.tq.push(&d.mem, 0);
+        registry.live()[0].1.fire();
+        assert!(wait_used(&d, 1), "the restored I/O thread serves the queue");
+    }
+
+    #[test]
+    fn requests_notified_while_quiesced_complete_after_resume() {
+        let (mut d, registry) = threaded_driver();
+        d.bring_up();
+        d.dev.quiesce();
+        assert!(registry.live().is_empty(), "quiesce stops and unregisters the I/O threads");
+        d.tq.set_desc(&d.mem, 0, 0x20_0000, 64, crate::virtio::queue::testing::DESC_F_WRITE, 0);
+        d.tq.push(&d.mem, 0);
+        d.notify(0); // an MMIO notify while quiesced is not served either
+        thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(d.tq.used_idx(&d.mem), 0, "nothing touched guest memory while quiesced");
+        d.dev.resume();
+        assert!(wait_used(&d, 1), "the request completes after resume");
+        assert_eq!(registry.live().len(), 1, "the I/O thread is back");
     }
 }

@@ -29,6 +29,62 @@ impl From<virtio_queue::Error> for VirtioQueueError {
     }
 }
 
+/// A queue's saved state (virtio-queue's `QueueState`, which is not serde).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedQueue {
+    pub max_size: u16,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx_enabled: bool,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+}
+
+impl From<virtio_queue::QueueState> for SavedQueue {
+    fn from(q: virtio_queue::QueueState) -> SavedQueue {
+        SavedQueue {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+impl SavedQueue {
+    /// The queue again, checked like guest input: sizes, alignment, rings inside `memory`
+    /// (when ready), and no more buffers in flight than the queue holds.
+    pub fn to_queue(&self, memory: &GuestMemory) -> Result<Queue, String> {
+        let state = virtio_queue::QueueState {
+            max_size: self.max_size,
+            next_avail: self.next_avail,
+            next_used: self.next_used,
+            event_idx_enabled: self.event_idx_enabled,
+            size: self.size,
+            ready: self.ready,
+            desc_table: self.desc_table,
+            avail_ring: self.avail_ring,
+            used_ring: self.used_ring,
+        };
+        let queue = Queue::try_from(state).map_err(|e| format!("queue state: {e}"))?;
+        if self.ready && !queue.is_valid(memory) {
+            return Err("rings are outside guest memory".to_string());
+        }
+        if self.next_avail.wrapping_sub(self.next_used) > self.size {
+            return Err("more buffers in flight than the queue holds".to_string());
+        }
+        Ok(queue)
+    }
+}
+
 /// Pops every available chain, hands it to `handle` (which returns the number of bytes it
 /// wrote into the chain), and returns it to the used ring. Keeps going while the driver adds
 /// more, re-arming notifications (or `avail_event` with EVENT_IDX) before it stops. Returns

@@ -7,16 +7,18 @@ use std::cell::Cell;
 use std::sync::Arc;
 
 use log::{error, warn};
-use virtio_queue::{DescriptorChain, Queue};
+use serde::{Deserialize, Serialize};
+use virtio_queue::{DescriptorChain, Queue, QueueState};
 use vm_memory::VolatileSlice;
 
 use super::*;
 use crate::memory::GuestMemory;
+use crate::state::{self, StateError};
 use crate::virtio::queue::{
     copy_from_slices, copy_to_slices, drain_queue, map_chain, single_queue, split_slices, total_len,
 };
 use crate::virtio::{
-    read_config_bytes, VirtioDevice, VirtioError, VirtioInterrupt, TYPE_BLOCK,
+    read_config_bytes, RestoredQueues, VirtioDevice, VirtioError, VirtioInterrupt, TYPE_BLOCK,
     VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1,
 };
 
@@ -73,6 +75,16 @@ impl Stats {
 
 /// Every how many reads the counters are logged.
 const STATS_EVERY: u64 = 256;
+
+/// Saved state of a block device: what the guest was told about the disk (checked against
+/// the disk of the restored machine) and whether it runs. The queue is the transport's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BlockState {
+    pub capacity_sectors: u64,
+    pub read_only: bool,
+    pub id: Vec<u8>,
+    pub active: bool,
+}
 
 /// A virtio block device over one disk backend.
 pub struct Block {
@@ -363,6 +375,48 @@ impl VirtioDevice for Block {
         self.stats.log();
         self.active = None;
     }
+
+    fn save_state(&self) -> Result<Vec<u8>, StateError> {
+        state::encode(
+            "virtio-blk",
+            &BlockState {
+                capacity_sectors: self.capacity_sectors,
+                read_only: self.read_only,
+                id: self.id.to_vec(),
+                active: self.active.is_some(),
+            },
+        )
+    }
+
+    fn queue_states(&self) -> Option<Vec<QueueState>> {
+        self.active.as_ref().map(|a| vec![a.queue.state()])
+    }
+
+    fn restore_state(
+        &mut self,
+        saved: &[u8],
+        active: Option<RestoredQueues>,
+    ) -> Result<(), StateError> {
+        let saved: BlockState = state::decode("virtio-blk", saved)?;
+        if saved.capacity_sectors != self.capacity_sectors
+            || saved.read_only != self.read_only
+            || saved.id != self.id
+        {
+            return Err(StateError::invalid("virtio-blk", "the disk differs from the saved one"));
+        }
+        if saved.active != active.is_some() {
+            return Err(StateError::invalid("virtio-blk", "activity differs from the transport's"));
+        }
+        self.active = match active {
+            Some(a) => {
+                let queue = single_queue(a.queues)
+                    .map_err(|e| StateError::invalid("virtio-blk", e.to_string()))?;
+                Some(Active { memory: a.memory, queue, _interrupt: a.interrupt })
+            }
+            None => None,
+        };
+        Ok(())
+    }
 }
 
 impl Drop for Block {
@@ -379,6 +433,7 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
+    use crate::pci::PciDevice;
     use crate::virtio::pci_transport::testing::{TestDriver, MSI_ADDR, QUEUE_MSI_DATA};
     use crate::virtio::queue::testing::{DESC_F_NEXT, DESC_F_WRITE};
 
@@ -637,5 +692,45 @@ mod tests {
         assert_eq!(s.d.read(0x1000, 8), DISK_SECTORS);
         assert_eq!(s.d.read(0x1000 + 0x0c, 4), u64::from(SEG_MAX));
         assert_eq!(s.d.read(0x1000 + 0x14, 4), 512);
+    }
+
+    #[test]
+    fn restored_block_device_serves_the_next_request_on_the_saved_queue() {
+        let mut s = setup(false);
+        s.submit(VIRTIO_BLK_T_IN, 2, Some((DATA, 512, DESC_F_WRITE)));
+        s.submit(VIRTIO_BLK_T_FLUSH, 0, None);
+        let saved = s.d.dev.save_state().unwrap();
+
+        let raw = disk::RawFile::open(s.file.path(), false).unwrap();
+        let block = Block::new(Box::new(raw), false, "hutch-test-disk".into()).unwrap();
+        let mut fresh =
+            crate::virtio::VirtioPciDevice::new(Box::new(block), s.d.mem.clone(), s.d.sink.clone())
+                .unwrap();
+        fresh.restore_state(&saved).unwrap();
+        assert_eq!(fresh.save_state().unwrap(), saved);
+        s.d.dev = fresh;
+        assert_eq!(s.d.status(), 0xf);
+        let (status, _) = s.submit(VIRTIO_BLK_T_IN, 5, Some((DATA, 512, DESC_F_WRITE)));
+        assert_eq!(status, VIRTIO_BLK_S_OK);
+        assert_eq!(s.d.tq.used_idx(&s.d.mem), 3, "the used index continues from the saved one");
+        let mut got = vec![0u8; 512];
+        s.d.mem.read_slice(&mut got, GuestAddress(DATA)).unwrap();
+        assert_eq!(got, s.file_bytes()[5 * 512..6 * 512]);
+    }
+
+    #[test]
+    fn block_state_of_another_disk_is_refused() {
+        let s = setup(false);
+        let saved = s.d.dev.save_state().unwrap();
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(&[0u8; 4096]).unwrap();
+        let raw = disk::RawFile::open(file.path(), false).unwrap();
+        let block = Block::new(Box::new(raw), false, "hutch-test-disk".into()).unwrap();
+        let mut fresh =
+            crate::virtio::VirtioPciDevice::new(Box::new(block), s.d.mem.clone(), s.d.sink.clone())
+                .unwrap();
+        let before = fresh.save_state().unwrap();
+        assert!(matches!(fresh.restore_state(&saved), Err(StateError::Invalid { .. })));
+        assert_eq!(fresh.save_state().unwrap(), before);
     }
 }

@@ -10,6 +10,7 @@ use display::{Image, PixelFormat, Rect, ScanoutSink, SourceId};
 use vm_memory::VolatileSlice;
 
 use super::VirtioGpuError;
+use crate::state::StateError;
 
 pub const DEFAULT_WIDTH: u32 = 1024;
 pub const DEFAULT_HEIGHT: u32 = 768;
@@ -32,6 +33,8 @@ pub struct BootFramebuffer {
     row: Vec<u8>,
     /// Dirty flags of the last scan, one per tile.
     dirty: Vec<bool>,
+    /// The next scan sends everything (after a restore replaced the contents).
+    rescan: bool,
 }
 
 // SAFETY: the mapping is owned by this value alone (the guest's view of it is memory, not a
@@ -67,6 +70,7 @@ impl BootFramebuffer {
             shadow: Vec::new(),
             row: Vec::new(),
             dirty: Vec::new(),
+            rescan: false,
         };
         fb.set_mode(DEFAULT_WIDTH, DEFAULT_HEIGHT, DEFAULT_WIDTH * BYTES_PER_PIXEL)?;
         Ok(fb)
@@ -136,8 +140,30 @@ impl BootFramebuffer {
         unsafe { VolatileSlice::new(self.ptr, self.size) }
     }
 
+    /// The whole mapping, for a snapshot. Read it only while the guest is paused: vCPUs
+    /// write it without any lock.
+    pub fn contents(&self) -> &[u8] {
+        // SAFETY: `ptr` is a live mapping of `size` bytes owned by `self` for the borrow's
+        // life; the caller keeps the guest (the only other writer) paused while reading.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.size) }
+    }
+
+    /// Puts saved contents back (the same length as the mapping); the next scan is full.
+    pub fn restore_contents(&mut self, bytes: &[u8]) -> Result<(), StateError> {
+        if bytes.len() != self.size {
+            return Err(StateError::invalid(
+                "boot framebuffer",
+                format!("{} bytes saved, the mapping has {}", bytes.len(), self.size),
+            ));
+        }
+        self.memory().copy_from(bytes);
+        self.rescan = true;
+        Ok(())
+    }
+
     /// Sends what changed since the last scan (everything when `force_full`) to `sink`.
     pub fn scan(&mut self, sink: &dyn ScanoutSink, force_full: bool) {
+        let force_full = force_full || std::mem::take(&mut self.rescan);
         let rects = if force_full {
             let len = self.shadow.len();
             let mut shadow = std::mem::take(&mut self.shadow);
@@ -334,5 +360,23 @@ mod tests {
         assert!(fb.set_mode(100, 100, 399).is_err());
         fb.set_mode(320, 200, 1280).unwrap();
         assert_eq!((fb.width(), fb.height(), fb.stride()), (320, 200, 1280));
+    }
+
+    #[test]
+    fn restored_contents_are_sent_in_full_and_a_wrong_length_is_refused() {
+        let fb = BootFramebuffer::new(1024 * 768 * 4).unwrap();
+        poke(&fb, 10, 20, 0x00ff_8040);
+        let saved = fb.contents().to_vec();
+        let mut fresh = BootFramebuffer::new(1024 * 768 * 4).unwrap();
+        let screen = RecordingScreen::default();
+        fresh.scan(&screen, false);
+        assert!(screen.updates().is_empty());
+        assert!(matches!(fresh.restore_contents(&saved[1..]), Err(StateError::Invalid { .. })));
+        assert!(fresh.contents().iter().all(|&b| b == 0), "a refused restore changes nothing");
+        fresh.restore_contents(&saved).unwrap();
+        assert_eq!(fresh.contents(), &saved[..]);
+        fresh.scan(&screen, false);
+        assert_eq!(screen.updates(), vec![(SourceId::BootFramebuffer, Rect::new(0, 0, 1024, 768))]);
+        assert_eq!(screen.pixel(10, 20), Some(0x00ff_8040));
     }
 }

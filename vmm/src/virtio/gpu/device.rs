@@ -11,16 +11,18 @@ use std::sync::{Arc, Mutex};
 
 use display::{CursorImage, Image, PixelFormat, Rect, ScanoutSink, SourceId};
 use log::{debug, warn};
-use virtio_queue::{DescriptorChain, Queue};
+use serde::{Deserialize, Serialize};
+use virtio_queue::{DescriptorChain, Queue, QueueState};
 use vm_memory::{Bytes, GuestAddress, GuestMemory as _};
 
 use super::edid::edid;
 use crate::devices::bus::lock;
 use crate::memory::GuestMemory;
 use crate::pci::config::CLASS_DISPLAY_VGA;
+use crate::state::{self, StateError};
 use crate::virtio::queue::{copy_from_slices, copy_to_slices, drain_queue, map_chain};
 use crate::virtio::{
-    VirtioDevice, VirtioError, VirtioInterrupt, TYPE_GPU, VIRTIO_F_RING_EVENT_IDX,
+    RestoredQueues, VirtioDevice, VirtioError, VirtioInterrupt, TYPE_GPU, VIRTIO_F_RING_EVENT_IDX,
     VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1,
 };
 
@@ -87,6 +89,60 @@ fn pixel_format(code: u32) -> Option<PixelFormat> {
         134 => PixelFormat::R8G8B8X8,
         _ => return None,
     })
+}
+
+/// The virtio-gpu code of a pixel format (the inverse of [`pixel_format`]).
+fn format_code(format: PixelFormat) -> u32 {
+    match format {
+        PixelFormat::B8G8R8A8 => 1,
+        PixelFormat::B8G8R8X8 => 2,
+        PixelFormat::A8R8G8B8 => 3,
+        PixelFormat::X8R8G8B8 => 4,
+        PixelFormat::R8G8B8A8 => 67,
+        PixelFormat::X8B8G8R8 => 68,
+        PixelFormat::A8B8G8R8 => 121,
+        PixelFormat::R8G8B8X8 => 134,
+    }
+}
+
+/// A saved 2D resource: its id, virtio format code, size, backing (guest address, length)
+/// and the host copy of its pixels.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GpuResourceState {
+    pub id: u32,
+    pub format: u32,
+    pub width: u32,
+    pub height: u32,
+    pub backing: Vec<(u64, u32)>,
+    pub data: Vec<u8>,
+}
+
+/// The cursor image shown, as saved (`format` is a virtio format code).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GpuCursorState {
+    pub width: u32,
+    pub height: u32,
+    pub hot_x: u32,
+    pub hot_y: u32,
+    pub format: u32,
+    pub data: Vec<u8>,
+    pub x: u32,
+    pub y: u32,
+}
+
+/// Saved state of the GPU: resources, scanout 0, cursor, the offered mode and pending
+/// display event, and whether it runs. The sink (the screen) is host-side, not state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GpuState {
+    pub resources: Vec<GpuResourceState>,
+    pub scanout_resource: u32,
+    /// x, y, width, height.
+    pub scanout_rect: [u32; 4],
+    pub cursor: Option<GpuCursorState>,
+    pub cursor_hot: (u32, u32),
+    pub preferred: (u32, u32),
+    pub events_read: u32,
+    pub active: bool,
 }
 
 fn clamp_display(width: u32, height: u32) -> (u32, u32) {
@@ -273,6 +329,8 @@ pub struct Gpu {
     /// Hot spot of the current cursor image, added to MOVE_CURSOR positions.
     cursor_hot: (u32, u32),
     cursor_visible: bool,
+    /// The image and position last given to the sink, kept for snapshots.
+    cursor: Option<(CursorImage, (u32, u32))>,
 }
 
 impl Gpu {
@@ -298,6 +356,7 @@ impl Gpu {
             sink_mode: None,
             cursor_hot: (0, 0),
             cursor_visible: false,
+            cursor: None,
         }
     }
 
@@ -615,6 +674,7 @@ impl Gpu {
         }
         if id == 0 {
             self.cursor_visible = false;
+            self.cursor = None;
             self.sink.set_cursor(None);
             return Ok(());
         }
@@ -632,8 +692,9 @@ impl Gpu {
         };
         self.cursor_hot = (cursor.hot_x, cursor.hot_y);
         self.cursor_visible = true;
-        self.sink.set_cursor(Some(cursor));
         let (x, y) = self.cursor_position(req);
+        self.cursor = Some((cursor.clone(), (x, y)));
+        self.sink.set_cursor(Some(cursor));
         self.sink.move_cursor(x, y);
         Ok(())
     }
@@ -643,6 +704,9 @@ impl Gpu {
             return Err(RESP_ERR_INVALID_SCANOUT_ID);
         }
         let (x, y) = self.cursor_position(req);
+        if let Some((_, pos)) = self.cursor.as_mut() {
+            *pos = (x, y);
+        }
         self.sink.move_cursor(x, y);
         Ok(())
     }
@@ -654,10 +718,178 @@ impl Gpu {
         self.scanout = Scanout::default();
         self.cursor_hot = (0, 0);
         self.set_sink_mode(None);
+        self.cursor = None;
         if self.cursor_visible {
             self.cursor_visible = false;
             self.sink.set_cursor(None);
         }
+    }
+
+    fn save(&self) -> GpuState {
+        let shared = lock(&self.shared);
+        let s = self.scanout;
+        GpuState {
+            resources: self
+                .resources
+                .iter()
+                .map(|(&id, r)| GpuResourceState {
+                    id,
+                    format: format_code(r.format),
+                    width: r.width,
+                    height: r.height,
+                    backing: r.backing.iter().map(|e| (e.addr, e.len)).collect(),
+                    data: r.data.clone(),
+                })
+                .collect(),
+            scanout_resource: s.resource_id,
+            scanout_rect: [s.rect.x, s.rect.y, s.rect.width, s.rect.height],
+            cursor: self.cursor.as_ref().map(|(c, (x, y))| GpuCursorState {
+                width: c.width,
+                height: c.height,
+                hot_x: c.hot_x,
+                hot_y: c.hot_y,
+                format: format_code(c.format),
+                data: c.data.clone(),
+                x: *x,
+                y: *y,
+            }),
+            cursor_hot: self.cursor_hot,
+            preferred: shared.preferred,
+            events_read: shared.events_read,
+            active: self.active.is_some(),
+        }
+    }
+
+    /// Rebuilds the resources from saved state, checked like the commands that made them.
+    fn check_resources(
+        saved: &GpuState,
+        memory: Option<&GuestMemory>,
+    ) -> Result<(BTreeMap<u32, Resource>, u64), String> {
+        let mut resources = BTreeMap::new();
+        let mut total = 0u64;
+        for r in &saved.resources {
+            let format = pixel_format(r.format).ok_or("unknown pixel format")?;
+            if r.id == 0 || resources.contains_key(&r.id) {
+                return Err(format!("resource id {} invalid or repeated", r.id));
+            }
+            if r.width == 0
+                || r.height == 0
+                || r.width > MAX_RESOURCE_WIDTH
+                || r.height > MAX_RESOURCE_HEIGHT
+            {
+                return Err(format!("resource {} has an absurd size", r.id));
+            }
+            let bytes = u64::from(r.width) * u64::from(r.height) * u64::from(BYTES_PER_PIXEL);
+            total += bytes;
+            if total > MAX_RESOURCE_BYTES || r.data.len() as u64 != bytes {
+                return Err(format!("resource {} pixels do not fit its size", r.id));
+            }
+            if r.backing.len() > MAX_BACKING_ENTRIES as usize {
+                return Err(format!("resource {} has too many backing entries", r.id));
+            }
+            let mut backing = Vec::with_capacity(r.backing.len());
+            let mut start = 0u64;
+            for &(addr, len) in &r.backing {
+                let in_memory =
+                    memory.is_none_or(|m| m.check_range(GuestAddress(addr), len as usize));
+                if len == 0 || addr.checked_add(u64::from(len)).is_none() || !in_memory {
+                    return Err(format!("resource {} backing is outside guest memory", r.id));
+                }
+                backing.push(BackingEntry { addr, len, start });
+                start += u64::from(len);
+            }
+            resources.insert(
+                r.id,
+                Resource {
+                    width: r.width,
+                    height: r.height,
+                    format,
+                    data: r.data.clone(),
+                    backing,
+                    backing_len: start,
+                },
+            );
+        }
+        Ok((resources, total))
+    }
+
+    fn restore(&mut self, saved: GpuState, active: Option<RestoredQueues>) -> Result<(), String> {
+        if saved.active != active.is_some() {
+            return Err("activity differs from the transport's".to_string());
+        }
+        let (resources, total) = Self::check_resources(&saved, active.as_ref().map(|a| &a.memory))?;
+        let [x, y, w, h] = saved.scanout_rect;
+        let rect = Rect::new(x, y, w, h);
+        if saved.scanout_resource != 0
+            && !resources.get(&saved.scanout_resource).is_some_and(|r| r.contains(&rect))
+        {
+            return Err("scanout shows a missing resource or lies outside it".to_string());
+        }
+        let cursor = match &saved.cursor {
+            Some(c) => {
+                let format = pixel_format(c.format).ok_or("unknown cursor format")?;
+                let fits = (1..=MAX_CURSOR_SIZE).contains(&c.width)
+                    && (1..=MAX_CURSOR_SIZE).contains(&c.height)
+                    && c.hot_x < c.width
+                    && c.hot_y < c.height
+                    && c.data.len() as u64 == u64::from(c.width * c.height * BYTES_PER_PIXEL);
+                if !fits {
+                    return Err("cursor image of an absurd size".to_string());
+                }
+                let image = CursorImage {
+                    width: c.width,
+                    height: c.height,
+                    hot_x: c.hot_x,
+                    hot_y: c.hot_y,
+                    format,
+                    data: c.data.clone(),
+                };
+                Some((image, (c.x, c.y)))
+            }
+            None => None,
+        };
+        if let Some(a) = &active {
+            if a.queues.len() != QUEUE_SIZES.len() {
+                return Err(format!("{} queues, not 2", a.queues.len()));
+            }
+        }
+        // Everything checked: apply, then show what was shown.
+        {
+            let mut shared = lock(&self.shared);
+            shared.preferred = clamp_display(saved.preferred.0, saved.preferred.1);
+            shared.events_read = saved.events_read;
+            shared.interrupt = active.as_ref().map(|a| a.interrupt.clone());
+        }
+        self.active = active.map(|a| Active { memory: a.memory, queues: a.queues });
+        self.resources = resources;
+        self.resource_bytes = total;
+        self.cursor_hot = saved.cursor_hot;
+        if saved.scanout_resource == 0 {
+            self.scanout = Scanout::default();
+            self.set_sink_mode(None);
+        } else {
+            self.scanout = Scanout { resource_id: saved.scanout_resource, rect };
+            // The sink of a fresh machine starts without a mode: set it even if it matches.
+            self.sink_mode = Some((rect.width, rect.height));
+            self.sink.set_mode(SourceId::Gpu(0), self.sink_mode);
+            self.show(Rect::new(0, 0, rect.width, rect.height));
+        }
+        match cursor {
+            Some((image, (x, y))) => {
+                self.cursor_visible = true;
+                self.cursor = Some((image.clone(), (x, y)));
+                self.sink.set_cursor(Some(image));
+                self.sink.move_cursor(x, y);
+            }
+            None => {
+                self.cursor = None;
+                if self.cursor_visible {
+                    self.cursor_visible = false;
+                    self.sink.set_cursor(None);
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -736,6 +968,23 @@ impl VirtioDevice for Gpu {
 
     fn fixed_memory_bar(&self) -> Option<(u64, u64)> {
         self.framebuffer_bar
+    }
+
+    fn save_state(&self) -> Result<Vec<u8>, StateError> {
+        state::encode("virtio-gpu", &self.save())
+    }
+
+    fn queue_states(&self) -> Option<Vec<QueueState>> {
+        self.active.as_ref().map(|a| a.queues.iter().map(|q| q.state()).collect())
+    }
+
+    fn restore_state(
+        &mut self,
+        saved: &[u8],
+        active: Option<RestoredQueues>,
+    ) -> Result<(), StateError> {
+        let saved: GpuState = state::decode("virtio-gpu", saved)?;
+        self.restore(saved, active).map_err(|reason| StateError::invalid("virtio-gpu", reason))
     }
 }
 
@@ -1219,5 +1468,72 @@ mod tests {
         d.bring_up_queues(&[&TestQueue::new(16, 0x18_0000)]);
         let r = d.read(0x12, 2);
         assert_eq!(r, 2, "registers work through BAR 2");
+    }
+
+    fn fresh_gpu(h: &Harness) -> (crate::virtio::VirtioPciDevice, Arc<RecordingScreen>) {
+        let screen = Arc::new(RecordingScreen::default());
+        let gpu = Gpu::new(screen.clone(), (1024, 768), None);
+        let dev =
+            crate::virtio::VirtioPciDevice::new(Box::new(gpu), h.d.mem.clone(), h.d.sink.clone())
+                .unwrap();
+        (dev, screen)
+    }
+
+    #[test]
+    fn restored_gpu_shows_the_saved_scanout_and_cursor_and_keeps_working() {
+        use crate::pci::PciDevice;
+        let mut h = harness();
+        shown_resource(&mut h, [0, 0, 64, 32]);
+        let cursor = req(CMD_UPDATE_CURSOR, &[0, 10, 20, 0, 1, 3, 4, 0]);
+        h.send_on(1, &cursor, &[], 64);
+        h.handle.set_display_size(1280, 800);
+        let saved = h.d.dev.save_state().unwrap();
+
+        let (mut fresh, screen) = fresh_gpu(&h);
+        fresh.restore_state(&saved).unwrap();
+        assert_eq!(fresh.save_state().unwrap(), saved);
+        assert_eq!(screen.pixel(5, 3), Some(3 << 16 | 5), "the screen shows the saved image");
+        assert!(screen.cursors.lock().unwrap().last().unwrap().is_some(), "cursor shown");
+        assert_eq!(screen.moves.lock().unwrap().last(), Some(&(13, 24)));
+        h.d.dev = fresh;
+        h.screen = screen;
+        assert_eq!(h.config(0), EVENT_DISPLAY, "the display event is still pending");
+        // The backing survived: a new transfer and flush reach the new screen.
+        h.d.mem.write_obj(0xabcdu32, GuestAddress(BACKING_A)).unwrap();
+        assert_eq!(h.send(&transfer_req([0, 0, 64, 32], 0, 1)), RESP_OK_NODATA);
+        assert_eq!(h.send(&req(CMD_RESOURCE_FLUSH, &[0, 0, 64, 32, 1, 0])), RESP_OK_NODATA);
+        assert_eq!(h.screen.pixel(0, 0), Some(0xabcd));
+    }
+
+    #[test]
+    fn hostile_gpu_state_is_refused_and_the_device_is_unchanged() {
+        use crate::pci::PciDevice;
+        use crate::virtio::pci_transport::VirtioPciState;
+        let mut h = harness();
+        shown_resource(&mut h, [0, 0, 64, 32]);
+        let transport: VirtioPciState = state::decode("t", &h.d.dev.save_state().unwrap()).unwrap();
+        let good: GpuState = state::decode("g", &transport.device).unwrap();
+        let mut cases = Vec::new();
+        let mut s = good.clone();
+        s.resources[0].width = u32::MAX;
+        cases.push(s);
+        let mut s = good.clone();
+        s.resources[0].data.pop();
+        cases.push(s);
+        let mut s = good.clone();
+        s.resources[0].backing[0].0 = 0xffff_0000_0000;
+        cases.push(s);
+        let mut s = good.clone();
+        s.scanout_rect = [0, 0, 65, 32];
+        cases.push(s);
+        let (mut fresh, _) = fresh_gpu(&h);
+        let before = fresh.save_state().unwrap();
+        for (i, case) in cases.into_iter().enumerate() {
+            let t =
+                VirtioPciState { device: state::encode("g", &case).unwrap(), ..transport.clone() };
+            let r = fresh.restore_state(&state::encode("t", &t).unwrap());
+            assert!(matches!(r, Err(StateError::Invalid { .. })), "case {i}: {r:?}");
+            assert_eq!(fresh.save_state().unwrap(), before, "case {i} changed the device");
+        }
     }
 }

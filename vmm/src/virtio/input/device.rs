@@ -6,12 +6,16 @@ use std::sync::{Arc, Mutex};
 
 use display::{InputEvent, PointerButton};
 use log::warn;
-use virtio_queue::{Queue, QueueT};
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState, QueueT};
 
 use crate::devices::bus::lock;
 use crate::memory::GuestMemory;
+use crate::state::{self, StateError};
 use crate::virtio::queue::{copy_to_slices, drain_queue, map_chain};
-use crate::virtio::{VirtioDevice, VirtioError, VirtioInterrupt, TYPE_INPUT, VIRTIO_F_VERSION_1};
+use crate::virtio::{
+    RestoredQueues, VirtioDevice, VirtioError, VirtioInterrupt, TYPE_INPUT, VIRTIO_F_VERSION_1,
+};
 
 const QUEUE_SIZES: [u16; 2] = [64, 64];
 const EVENT_QUEUE: usize = 0;
@@ -209,13 +213,15 @@ struct Shared {
     active: Option<Active>,
     backlog: VecDeque<[u8; EVENT_SIZE]>,
     warned_overflow: bool,
+    /// Quiesced for a snapshot: events wait in the backlog.
+    paused: bool,
 }
 
 impl Shared {
     /// Moves backlog events into available eventq buffers, one event per buffer. Returns
     /// whether the driver wants an interrupt.
     fn deliver(&mut self) -> bool {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.active.as_mut().filter(|_| !self.paused) else {
             return false;
         };
         let memory = &active.memory;
@@ -297,6 +303,25 @@ impl InputHandle {
     /// Whether the guest driver has the device running.
     pub fn is_ready(&self) -> bool {
         lock(&self.shared).active.is_some()
+    }
+}
+
+/// Saved state of a virtio-input device: its kind (checked), the configuration selector,
+/// the events the driver has not taken yet, and whether it runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InputState {
+    pub kind: u8,
+    pub select: u8,
+    pub subsel: u8,
+    pub backlog: Vec<[u8; EVENT_SIZE]>,
+    pub active: bool,
+}
+
+fn kind_code(kind: Kind) -> u8 {
+    match kind {
+        Kind::Keyboard => 0,
+        Kind::Tablet => 1,
+        Kind::Mouse => 2,
     }
 }
 
@@ -409,6 +434,78 @@ impl VirtioDevice for Input {
         s.backlog.clear();
         self.select = 0;
         self.subsel = 0;
+    }
+
+    fn save_state(&self) -> Result<Vec<u8>, StateError> {
+        let s = lock(&self.shared);
+        state::encode(
+            "virtio-input",
+            &InputState {
+                kind: kind_code(self.kind),
+                select: self.select,
+                subsel: self.subsel,
+                backlog: s.backlog.iter().copied().collect(),
+                active: s.active.is_some(),
+            },
+        )
+    }
+
+    fn queue_states(&self) -> Option<Vec<QueueState>> {
+        let s = lock(&self.shared);
+        s.active.as_ref().map(|a| vec![a.eventq.state(), a.statusq.state()])
+    }
+
+    fn restore_state(
+        &mut self,
+        saved: &[u8],
+        active: Option<RestoredQueues>,
+    ) -> Result<(), StateError> {
+        let saved: InputState = state::decode("virtio-input", saved)?;
+        let invalid = |reason: &str| Err(StateError::invalid("virtio-input", reason));
+        if saved.kind != kind_code(self.kind) {
+            return invalid("saved from another kind of input device");
+        }
+        if saved.backlog.len() > MAX_BACKLOG {
+            return invalid("event backlog too long");
+        }
+        if saved.active != active.is_some() {
+            return invalid("activity differs from the transport's");
+        }
+        let active = match active {
+            Some(a) => {
+                let got = a.queues.len();
+                let mut queues = a.queues.into_iter();
+                let (Some(eventq), Some(statusq), None) =
+                    (queues.next(), queues.next(), queues.next())
+                else {
+                    return invalid(&format!("{got} queues, not 2"));
+                };
+                Some(Active { memory: a.memory, eventq, statusq, interrupt: a.interrupt })
+            }
+            None => None,
+        };
+        let mut s = lock(&self.shared);
+        s.active = active;
+        s.backlog = saved.backlog.into_iter().collect();
+        self.select = saved.select;
+        self.subsel = saved.subsel;
+        Ok(())
+    }
+
+    fn quiesce(&mut self) {
+        lock(&self.shared).paused = true;
+    }
+
+    fn resume(&mut self) {
+        let interrupt = {
+            let mut s = lock(&self.shared);
+            s.paused = false;
+            let notify = s.deliver();
+            s.active.as_ref().filter(|_| notify).map(|a| a.interrupt.clone())
+        };
+        if let Some(i) = interrupt {
+            i.signal_used_queue(EVENT_QUEUE as u16);
+        }
     }
 }
 
@@ -619,5 +716,55 @@ mod tests {
         assert_eq!(d.tq.used_elem(&d.mem, 0), (0, 0));
         add_buffers(&mut d, 1, 1);
         assert_eq!(used_events(&d, 1, 2), vec![(EV_KEY, 2, 1)]);
+    }
+
+    #[test]
+    fn restored_input_delivers_its_backlog_and_keeps_its_selector() {
+        let (mut d, handle, _) = driver(Input::keyboard());
+        add_buffers(&mut d, 0, 1);
+        handle.send(&[InputEvent::Key { code: 2, down: true }]);
+        handle.send(&[InputEvent::Key { code: 3, down: true }]);
+        d.write(DEVICE_CFG_OFFSET, 1, u64::from(CFG_ID_NAME));
+        use crate::pci::PciDevice;
+        let saved = d.dev.save_state().unwrap();
+
+        let fresh_input = Input::keyboard();
+        let fresh_handle = fresh_input.handle();
+        let mut fresh = crate::virtio::VirtioPciDevice::new(
+            Box::new(fresh_input),
+            d.mem.clone(),
+            d.sink.clone(),
+        )
+        .unwrap();
+        fresh.restore_state(&saved).unwrap();
+        assert_eq!(fresh.save_state().unwrap(), saved);
+        d.dev = fresh;
+        assert!(fresh_handle.is_ready());
+        assert_eq!(d.read(DEVICE_CFG_OFFSET, 1), u64::from(CFG_ID_NAME));
+        add_buffers(&mut d, 1, 3);
+        assert_eq!(
+            used_events(&d, 0, 4),
+            vec![(EV_KEY, 2, 1), (EV_SYN, 0, 0), (EV_KEY, 3, 1), (EV_SYN, 0, 0)]
+        );
+
+        let mouse = Input::mouse();
+        let mut other =
+            crate::virtio::VirtioPciDevice::new(Box::new(mouse), d.mem.clone(), d.sink.clone())
+                .unwrap();
+        let before = other.save_state().unwrap();
+        assert!(matches!(other.restore_state(&saved), Err(StateError::Invalid { .. })));
+        assert_eq!(other.save_state().unwrap(), before);
+    }
+
+    #[test]
+    fn events_sent_while_quiesced_wait_for_resume() {
+        let (mut d, handle, _) = driver(Input::keyboard());
+        add_buffers(&mut d, 0, 2);
+        use crate::pci::PciDevice;
+        d.dev.quiesce();
+        handle.send(&[InputEvent::Key { code: 2, down: true }]);
+        assert_eq!(d.tq.used_idx(&d.mem), 0, "no guest memory written while quiesced");
+        d.dev.resume();
+        assert_eq!(d.tq.used_idx(&d.mem), 2);
     }
 }

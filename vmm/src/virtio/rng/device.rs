@@ -5,14 +5,16 @@ use std::fs::File;
 use std::sync::Arc;
 
 use log::{error, warn};
-use virtio_queue::{DescriptorChain, Queue};
+use serde::{Deserialize, Serialize};
+use virtio_queue::{DescriptorChain, Queue, QueueState};
 use vm_memory::ReadVolatile;
 
 use super::VirtioRngError;
 use crate::memory::GuestMemory;
+use crate::state::{self, StateError};
 use crate::virtio::queue::{drain_queue, map_chain, single_queue};
 use crate::virtio::{
-    VirtioDevice, VirtioError, VirtioInterrupt, TYPE_RNG, VIRTIO_F_RING_EVENT_IDX,
+    RestoredQueues, VirtioDevice, VirtioError, VirtioInterrupt, TYPE_RNG, VIRTIO_F_RING_EVENT_IDX,
     VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1,
 };
 
@@ -25,6 +27,12 @@ struct Active {
     memory: GuestMemory,
     queue: Queue,
     _interrupt: Arc<dyn VirtioInterrupt>,
+}
+
+/// Saved state of the entropy device: only whether it runs (its queue is the transport's).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RngState {
+    pub active: bool,
 }
 
 /// A virtio entropy device.
@@ -134,6 +142,34 @@ impl VirtioDevice for Rng {
 
     fn reset(&mut self) {
         self.active = None;
+    }
+
+    fn save_state(&self) -> Result<Vec<u8>, StateError> {
+        state::encode("virtio-rng", &RngState { active: self.active.is_some() })
+    }
+
+    fn queue_states(&self) -> Option<Vec<QueueState>> {
+        self.active.as_ref().map(|a| vec![a.queue.state()])
+    }
+
+    fn restore_state(
+        &mut self,
+        saved: &[u8],
+        active: Option<RestoredQueues>,
+    ) -> Result<(), StateError> {
+        let saved: RngState = state::decode("virtio-rng", saved)?;
+        if saved.active != active.is_some() {
+            return Err(StateError::invalid("virtio-rng", "activity differs from the transport's"));
+        }
+        self.active = match active {
+            Some(a) => {
+                let queue = single_queue(a.queues)
+                    .map_err(|e| StateError::invalid("virtio-rng", e.to_string()))?;
+                Some(Active { memory: a.memory, queue, _interrupt: a.interrupt })
+            }
+            None => None,
+        };
+        Ok(())
     }
 }
 
