@@ -7,9 +7,10 @@
 mod common;
 
 use common::{have_qemu, read_all, run};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::Instant;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use disk::qcow2::Qcow2;
 use disk::{
@@ -156,6 +157,38 @@ fn pulling_the_middle_layer_keeps_the_top_content() {
         let e = pull_backing_layer(&top).unwrap_err();
         assert_eq!(e.kind(), DiskErrorKind::UnsupportedFeature, "{e}");
     }
+}
+
+#[test]
+fn a_v2_child_gets_real_zeroes_for_the_layer_zero_clusters() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.raw");
+    let mid = dir.path().join("mid.qcow2");
+    let top = dir.path().join("top.qcow2");
+    base_raw(&base);
+    create(&mid, Some(("base.raw", "raw")), 64 * KIB);
+    write_mid(&mid);
+    let size = SIZE.to_string();
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "-o", "compat=0.10", "-b", "mid.qcow2", "-F", "qcow2"]
+            .iter()
+            .copied()
+            .chain([s(&top), &size])
+            .collect::<Vec<_>>(),
+    );
+    write_top(&top, 0xc8);
+    let want = contents(&top);
+    let before = dir.path().join("before.raw");
+    to_raw(&top, &before);
+    pull_backing_layer(&top).unwrap();
+    assert!(info(&top).contains("\"compat\": \"0.10\""));
+    std::fs::remove_file(&mid).unwrap();
+    assert_same(&contents(&top), &want, "v2 child");
+    qemu_agrees(&top, &before);
 }
 
 #[test]
@@ -332,6 +365,113 @@ fn non_qcow2_children_and_backings_are_refused_untouched() {
     // The backing lookup refuses non-qcow2 files too.
     assert_eq!(qcow2_backing(&raw).unwrap_err().kind(), DiskErrorKind::InvalidFormat);
     assert_eq!(qcow2_backing(&over_vhdx).unwrap(), Some(vhdx));
+}
+
+#[test]
+fn a_layer_shorter_than_its_child_keeps_reading_zeroes_past_its_end() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.raw");
+    let mid = dir.path().join("mid.qcow2");
+    let top = dir.path().join("top.qcow2");
+    base_raw(&base);
+    // Mid ends 1.5 KiB into a cluster; past it top read zeroes, base would show data.
+    let mid_size = (4 * MIB + 1536).to_string();
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw"]
+            .iter()
+            .copied()
+            .chain([s(&mid), &mid_size])
+            .collect::<Vec<_>>(),
+    );
+    qemu_io(&mid, &["write -P 0xb5 64k 64k", "write -P 0xb6 4M 1536"]);
+    create(&top, Some(("mid.qcow2", "qcow2")), 64 * KIB);
+    qemu_io(&top, &["write -P 0xc6 6M 64k"]);
+    let want = contents(&top);
+    assert!(want[5 * MIB as usize..6 * MIB as usize].iter().all(|&b| b == 0));
+    let before = dir.path().join("before.raw");
+    to_raw(&top, &before);
+    pull_backing_layer(&top).unwrap();
+    std::fs::remove_file(&mid).unwrap();
+    assert_same(&contents(&top), &want, "short layer");
+    qemu_agrees(&top, &before);
+}
+
+const CHILD_ENV: &str = "HUTCH_PULL_CRASH_CHILD";
+
+/// The crash test's child: pulls the layer under the image named by the environment, then
+/// reports it. Does nothing as a normal test.
+#[test]
+fn crash_child() {
+    let Ok(path) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    pull_backing_layer(Path::new(&path)).unwrap();
+    println!("pulled");
+}
+
+#[test]
+fn a_pull_killed_at_any_moment_leaves_the_child_reading_the_same() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.raw");
+    let mid = dir.path().join("mid.qcow2");
+    let top = dir.path().join("top.qcow2");
+    base_raw(&base);
+    create(&mid, Some(("base.raw", "raw")), 64 * KIB);
+    write_mid(&mid);
+    // Enough data in mid that the copy takes a while.
+    qemu_io(&mid, &["write -P 0xb7 3200k 1600k", "write -z 6400k 256k"]);
+    create(&top, Some(("mid.qcow2", "qcow2")), 4 * KIB);
+    write_top(&top, 0xc7);
+    let want = contents(&top);
+    let work = dir.path().join("work.qcow2");
+    let spawn = || {
+        std::fs::copy(&top, &work).unwrap();
+        Command::new(std::env::current_exe().unwrap())
+            .args(["crash_child", "--exact", "--nocapture", "--test-threads=1"])
+            .env(CHILD_ENV, &work)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // How long a whole run takes (start-up included), to spread the kills over it.
+    let start = Instant::now();
+    assert!(spawn().wait().unwrap().success());
+    let whole = start.elapsed().as_micros() as u64;
+    let mut finished = 0;
+    for delay_us in (1..=12).map(|i| whole * i / 13) {
+        let mut child = spawn();
+        std::thread::sleep(Duration::from_micros(delay_us));
+        child.kill().unwrap(); // SIGKILL, or nothing if it already finished
+        let stdout = child.stdout.take().unwrap();
+        if BufReader::new(stdout).lines().any(|l| l.unwrap().contains("pulled")) {
+            finished += 1;
+        }
+        child.wait().unwrap();
+        let what = format!("killed after {delay_us} us");
+        let grown =
+            std::fs::metadata(&work).unwrap().len() > std::fs::metadata(&top).unwrap().len();
+        let switched = qcow2_backing(&work).unwrap() == Some(base.clone());
+        println!("{what}: copy started {grown}, header switched {switched}");
+        assert_same(&contents(&work), &want, &what);
+        let out = Command::new("qemu-img").args(["check", s(&work)]).output().unwrap();
+        // 0: clean; 3: leaked clusters only.
+        assert!(matches!(out.status.code(), Some(0 | 3)), "{what}: {out:?}");
+        // Pulling again finishes the job (or finds the backing no longer qcow2).
+        match pull_backing_layer(&work) {
+            Ok(_) => {}
+            Err(e) => assert_eq!(e.kind(), DiskErrorKind::UnsupportedFeature, "{what}: {e}"),
+        }
+        assert!(info(&work).contains("\"backing-filename\": \"base.raw\""), "{what}");
+        assert_same(&contents(&work), &want, &what);
+    }
+    println!("whole run {whole} us; {finished} of 12 pulls finished before the kill");
 }
 
 /// Pulls a 1 GiB layer holding 256 MiB of data in 1 MiB pieces; prints the time.

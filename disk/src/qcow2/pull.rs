@@ -276,3 +276,53 @@ fn copy_run(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // Tests fail loudly on purpose.
+
+    use super::header::{build_first_cluster, with_backing, Header};
+    use std::path::Path;
+
+    fn parse(first: &[u8]) -> Header {
+        Header::parse(first, 1 << 20, Path::new("t.qcow2")).unwrap()
+    }
+
+    #[test]
+    fn header_switch_rewrites_name_and_format_of_any_length() {
+        let first = build_first_cluster(12, 4096, Some(("mid.qcow2", "qcow2")));
+        let h = parse(&first);
+        let long = "a-much-longer-name-for-the-grandparent-layer.img";
+        let mut new = first.clone();
+        let part = with_backing(&first, &h, Some((long, Some("raw")))).unwrap();
+        new[..part.len()].copy_from_slice(&part);
+        let h2 = parse(&new);
+        assert_eq!(h2.backing_file.as_deref(), Some(long));
+        assert_eq!(h2.backing_format.as_deref(), Some("raw"));
+
+        // Back to a short name without format: the old tail is cleared.
+        let part = with_backing(&new, &h2, Some(("b", None))).unwrap();
+        assert!(part.len() >= 112 + 16 + 8 + long.len());
+        new[..part.len()].copy_from_slice(&part);
+        let h3 = parse(&new);
+        assert_eq!(h3.backing_file.as_deref(), Some("b"));
+        assert_eq!(h3.backing_format, None);
+        assert!(!new.windows(long.len()).any(|w| w == long.as_bytes()));
+
+        let part = with_backing(&new, &h3, None).unwrap();
+        new[..part.len()].copy_from_slice(&part);
+        let h4 = parse(&new);
+        assert_eq!((h4.backing_file, h4.backing_format), (None, None));
+    }
+
+    #[test]
+    fn header_switch_refuses_a_name_past_the_cluster() {
+        let first = build_first_cluster(9, 512, Some(("mid.qcow2", "qcow2")));
+        let h = parse(&first);
+        let fits = "n".repeat(512 - 112 - 16 - 8);
+        assert!(with_backing(&first, &h, Some((&fits, Some("qcow2")))).is_some());
+        let long = "n".repeat(fits.len() + 1);
+        assert!(with_backing(&first, &h, Some((&long, Some("qcow2")))).is_none());
+        assert!(with_backing(&first, &h, Some(("", None))).is_none());
+    }
+}
