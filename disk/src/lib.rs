@@ -32,6 +32,7 @@ pub use image::image_info;
 pub use image::{open_image, Extent, ExtentKind, ImageFormat, ImageInfo, OpenOptions};
 pub use iso::Iso;
 pub use parallels::Parallels;
+pub use qcow2::{pull_backing_layer, qcow2_backing, PullReport};
 pub use raw::RawFile;
 pub use vdi::Vdi;
 pub use vmdk::Vmdk;

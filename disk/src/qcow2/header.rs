@@ -402,3 +402,69 @@ pub(super) fn backing_fits(cluster_bits: u32, name: &str, format: &str) -> bool 
     let need = CREATE_HEADER_LEN + 8 + format.len().div_ceil(8) * 8 + 8 + name.len();
     !name.is_empty() && name.len() as u32 <= MAX_BACKING_NAME && need <= 1 << cluster_bits
 }
+
+/// The start of header cluster `first` (header `h`, already parsed from it) with the backing
+/// file switched to `backing` (name, format; None: no backing file). Other extensions are
+/// kept. The result covers at least the old header, extensions and name (the tail zeroed), so
+/// one write replaces them; None when the new name does not fit the cluster.
+pub(super) fn with_backing(
+    first: &[u8],
+    h: &Header,
+    backing: Option<(&str, Option<&str>)>,
+) -> Option<Vec<u8>> {
+    let header_len = if h.version >= 3 { be32(first, 100) as usize } else { V2_HEADER_LEN };
+    let backing_off = be64(first, 8) as usize;
+    let backing_len = be32(first, 16) as usize;
+    let limit =
+        if backing_off > 0 && backing_off < first.len() { backing_off } else { first.len() };
+    let mut kept = Vec::new();
+    let mut pos = header_len;
+    let mut old_end = header_len;
+    while pos + 8 <= limit {
+        let kind = be32(first, pos);
+        let len = be32(first, pos + 4) as usize;
+        old_end = pos + 8;
+        if kind == EXT_END {
+            break;
+        }
+        // Header::parse checked the data lies inside the cluster; padding may not.
+        let end = (pos + 8 + len.div_ceil(8) * 8).min(limit);
+        if kind != EXT_BACKING_FORMAT {
+            kept.extend_from_slice(&first[pos..end]);
+            kept.resize(kept.len().div_ceil(8) * 8, 0);
+        }
+        old_end = end;
+        pos = end;
+    }
+    if backing_off > 0 {
+        old_end = old_end.max(backing_off.saturating_add(backing_len));
+    }
+    let mut out = first.get(..header_len)?.to_vec();
+    let put32 = |b: &mut Vec<u8>, v: u32| b.extend_from_slice(&v.to_be_bytes());
+    if let Some((_, Some(format))) = backing {
+        put32(&mut out, EXT_BACKING_FORMAT);
+        put32(&mut out, format.len() as u32);
+        out.extend_from_slice(format.as_bytes());
+        out.resize(out.len().div_ceil(8) * 8, 0);
+    }
+    out.extend_from_slice(&kept);
+    out.extend_from_slice(&[0u8; 8]);
+    let (offset, len) = match backing {
+        Some((name, _)) => {
+            if name.is_empty() || name.len() > MAX_BACKING_NAME as usize {
+                return None;
+            }
+            let at = out.len();
+            out.extend_from_slice(name.as_bytes());
+            (at as u64, name.len() as u32)
+        }
+        None => (0, 0),
+    };
+    if out.len() > first.len() {
+        return None;
+    }
+    out[8..16].copy_from_slice(&offset.to_be_bytes());
+    out[16..20].copy_from_slice(&len.to_be_bytes());
+    out.resize(out.len().max(old_end.min(first.len())), 0);
+    Some(out)
+}

@@ -19,6 +19,7 @@
 mod check;
 mod header;
 mod meta;
+mod pull;
 #[cfg(test)]
 mod tests;
 
@@ -32,6 +33,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 pub use check::CheckReport;
 use header::{field, Compression, Header};
 use meta::{Meta, Refcounts};
+pub use pull::{pull_backing_layer, qcow2_backing, PullReport};
 
 use crate::{
     check_range, open_image, sys, BlockBackend, DiskError, DiskErrorKind, Extent, ExtentKind,
@@ -111,6 +113,12 @@ pub enum Qcow2Error {
     ShrinkAllocated,
     #[error("Cluster size {0} is not a power of two in 512..=2M")]
     ClusterSize(u32),
+    #[error("Image has no backing file")]
+    NoBacking,
+    #[error("Backing image {0} is not qcow2")]
+    BackingNotQcow2(PathBuf),
+    #[error("New backing file name does not fit the header cluster")]
+    BackingNameTooLong,
 }
 
 /// A [`DiskError`] of `kind` with a qcow2 reason.
@@ -237,6 +245,23 @@ pub fn is_qcow2(path: &Path) -> Result<bool, DiskError> {
     }
 }
 
+/// Reads and parses the header of the qcow2 image in `file`; also returns the header
+/// cluster's bytes and the file's length.
+fn read_header(file: &File, path: &Path) -> Result<(Header, Vec<u8>, u64), DiskError> {
+    let file_len = file.metadata().map_err(|e| DiskError::io("open", e).with_path(path))?.len();
+    let io = Io { file, path };
+    // The header and its extensions live in the first cluster (at most 2 MiB).
+    let mut first = vec![0u8; file_len.min(1 << header::MAX_CLUSTER_BITS) as usize];
+    io.read_exact(&mut first, 0)?;
+    if first.len() >= 24 {
+        let bits = u32::from_be_bytes([first[20], first[21], first[22], first[23]]);
+        let bits = bits.clamp(header::MIN_CLUSTER_BITS, header::MAX_CLUSTER_BITS);
+        first.truncate(1 << bits);
+    }
+    let header = Header::parse(&first, file_len, path)?;
+    Ok((header, first, file_len))
+}
+
 fn with_path(e: DiskError, path: &Path) -> DiskError {
     if e.path().is_none() {
         e.with_path(path)
@@ -278,17 +303,8 @@ impl Qcow2 {
             .write(writable)
             .open(path)
             .map_err(|e| DiskError::io("open", e).with_path(path))?;
-        let file_len = file.metadata().map_err(|e| DiskError::io("open", e).with_path(path))?.len();
+        let (header, _, file_len) = read_header(&file, path)?;
         let io = Io { file: &file, path };
-        // The header and its extensions live in the first cluster (at most 2 MiB).
-        let mut first = vec![0u8; file_len.min(1 << header::MAX_CLUSTER_BITS) as usize];
-        io.read_exact(&mut first, 0)?;
-        if first.len() >= 24 {
-            let bits = u32::from_be_bytes([first[20], first[21], first[22], first[23]]);
-            let bits = bits.clamp(header::MIN_CLUSTER_BITS, header::MAX_CLUSTER_BITS);
-            first.truncate(1 << bits);
-        }
-        let header = Header::parse(&first, file_len, path)?;
         let refuse = |kind, e| Err(fail(kind, "open for writing", e).with_path(path));
         if writable {
             if header.incompatible & header::INCOMPAT_CORRUPT != 0 {
