@@ -143,6 +143,7 @@ fn main() -> anyhow::Result<()> {
             cpus: config.cpus,
             memory_mib: config.memory_mib,
             uptime_secs: 0,
+            instance: 1,
             display: Some("virtio-gpu 800x600".into()),
         };
         let pointer = pointer.clone();

@@ -59,6 +59,9 @@ pub enum Command {
         /// Where to write the PNG.
         output: PathBuf,
     },
+    /// Take, list, restore and delete snapshots of a VM (running VMs are saved live).
+    #[command(subcommand)]
+    Snapshot(crate::snapshot_cmd::SnapshotCommand),
     /// Inspect, convert, compact and resize disk images.
     #[command(subcommand)]
     Disk(crate::disk_cmd::DiskCommand),
@@ -68,7 +71,12 @@ pub enum Command {
     Gui,
     /// The background VM process (internal).
     #[command(name = "__vm-process", hide = true)]
-    VmProcess { name: String },
+    VmProcess {
+        name: String,
+        /// Start from this snapshot (an id) instead of booting.
+        #[arg(long, value_name = "ID")]
+        restore: Option<String>,
+    },
 }
 
 /// What to boot and with how much (shared by `run` and `create`).

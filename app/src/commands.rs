@@ -29,7 +29,9 @@ const START_MARKER: &str = "==== hutch start";
 pub fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Run(args) => run(args),
-        Command::VmProcess { name } => vm_process::main(&Library::from_env()?, &name),
+        Command::VmProcess { name, restore } => {
+            vm_process::main(&Library::from_env()?, &name, restore.as_deref())
+        }
         Command::Disk(cmd) => crate::disk_cmd::run(cmd),
         other => {
             let library = Library::from_env()?;
@@ -43,6 +45,7 @@ pub fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 Command::Delete { name } => delete(&library, &name),
                 Command::Screenshot { name, output } => screenshot(&library, &name, &output),
                 Command::Import(args) => crate::import::run(&library, &args),
+                Command::Snapshot(cmd) => crate::snapshot_cmd::run(&library, cmd).map(drop),
                 Command::Gui => crate::gui::run(library),
                 Command::Run(_) | Command::VmProcess { .. } | Command::Disk(_) => {
                     unreachable!("handled above")
@@ -76,7 +79,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("Cannot open serial output {}", path.display()))?,
         ),
     };
-    let machine = vm_process::build_machine(&config, serial_out, None)?;
+    let machine = vm_process::build_machine(&config, serial_out, None, None)?;
     let handle = machine.handle();
 
     let kind = if stdio { stdin_kind() } else { StdinKind::Other };
@@ -298,6 +301,15 @@ fn start(library: &Library, name: &str) -> anyhow::Result<()> {
 /// Starts VM `name` as a detached process and waits until it answers (also used by the GUI,
 /// from a worker thread).
 pub fn start_vm(library: &Library, name: &str) -> anyhow::Result<StatusReply> {
+    spawn_vm(library, name, None)
+}
+
+/// Starts the VM process, booting or (with `restore`, a snapshot id) restoring.
+pub fn spawn_vm(
+    library: &Library,
+    name: &str,
+    restore: Option<&str>,
+) -> anyhow::Result<StatusReply> {
     let vm = library.existing(name)?;
     let config = vm.load_config()?;
     if vm.is_locked()? {
@@ -317,8 +329,11 @@ pub fn start_vm(library: &Library, name: &str) -> anyhow::Result<StatusReply> {
     writeln!(log, "{START_MARKER} at {} ====", crate::library::unix_now())?;
     let exe = std::env::current_exe().context("Cannot find the hutch executable")?;
     let mut cmd = Process::new(exe);
-    cmd.arg("__vm-process")
-        .arg(name)
+    cmd.arg("__vm-process").arg(name);
+    if let Some(id) = restore {
+        cmd.arg("--restore").arg(id);
+    }
+    cmd
         // The child must find the same library whatever its environment resolves to.
         .env("HUTCH_HOME", library.root())
         .stdin(Stdio::null())
@@ -380,7 +395,7 @@ pub fn start_log_tail(vm: &VmDir) -> Vec<String> {
 }
 
 /// The pid file of a running VM, or a clear error.
-fn running(vm: &VmDir) -> anyhow::Result<crate::library::PidFile> {
+pub fn running(vm: &VmDir) -> anyhow::Result<crate::library::PidFile> {
     match vm.disk_state()? {
         DiskState::Running { pid: Some(p) } => Ok(p),
         DiskState::Running { pid: None } => bail!("VM '{}' is still starting", vm.name()),

@@ -13,8 +13,8 @@
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
@@ -28,6 +28,8 @@ use crate::control::server::{ControlServer, ControlTarget};
 use crate::library::{ExitKind, ExitRecord, Library, PidFile, VmConfig, VmDir, VmLock};
 use crate::runtime;
 use crate::serial_hub::{SerialHub, SerialSubscription};
+use crate::snapshots::{self, SnapshotInfo, SnapshotList};
+use vmm::snapshot::SnapshotFile;
 
 /// Checks the files and the host, opens the hypervisor and builds the machine. With `frame`
 /// (and the display on in `config`), the machine's screen is shared at that path.
@@ -35,8 +37,11 @@ pub fn build_machine(
     config: &VmConfig,
     serial_out: Box<dyn Write + Send>,
     frame: Option<&Path>,
+    snapshot: Option<&SnapshotFile>,
 ) -> anyhow::Result<Machine> {
-    config.check_files()?;
+    if snapshot.is_none() {
+        config.check_files()?;
+    }
     backend::check_fits_host(config)?;
     let hypervisor = backend::open_hypervisor(None)?;
     let mut machine_config = config.to_machine_config();
@@ -49,8 +54,12 @@ pub fn build_machine(
         }
         None => None,
     };
-    Machine::new(&*hypervisor, &machine_config, serial_out, screen)
-        .context("Cannot build the virtual machine")
+    match snapshot {
+        Some(file) => Machine::restore(&*hypervisor, &machine_config, file, serial_out, screen)
+            .with_context(|| format!("Cannot restore the snapshot {}", file.path().display())),
+        None => Machine::new(&*hypervisor, &machine_config, serial_out, screen)
+            .context("Cannot build the virtual machine"),
+    }
 }
 
 /// The decompressed-kernel cache directory: `$HUTCH_CACHE_DIR`, else
@@ -86,6 +95,15 @@ pub trait MachineControl: Clone + Send + Sync + 'static {
     fn input(&self, events: &[display::InputEvent]) -> anyhow::Result<()>;
     fn display_size(&self, width: u32, height: u32) -> anyhow::Result<()>;
     fn display_status(&self) -> Option<String>;
+    /// Saves the machine as a snapshot of `vm` (fakes cannot).
+    fn snapshot_take(
+        &self,
+        _vm: &VmDir,
+        _name: Option<&str>,
+        _screen: Option<&Path>,
+    ) -> anyhow::Result<SnapshotInfo> {
+        Err(anyhow!("This machine cannot be saved"))
+    }
 }
 
 impl MachineControl for MachineHandle {
@@ -122,6 +140,14 @@ impl MachineControl for MachineHandle {
     fn display_status(&self) -> Option<String> {
         MachineHandle::display_status(self)
     }
+    fn snapshot_take(
+        &self,
+        vm: &VmDir,
+        name: Option<&str>,
+        screen: Option<&Path>,
+    ) -> anyhow::Result<SnapshotInfo> {
+        snapshots::take(vm, self, name, screen)
+    }
 }
 
 /// A built machine the VM process can run: [`Machine`] in production.
@@ -147,6 +173,22 @@ struct MachineTarget<H> {
     handle: H,
     hub: SerialHub,
     started: Instant,
+    instance: u64,
+    vm: VmDir,
+    screen: Option<PathBuf>,
+    /// One snapshot operation at a time (they all rewrite the index).
+    snapshot_lock: Mutex<()>,
+}
+
+/// The snapshot the VM process restarts into once its machine has stopped.
+static RESTORE_REQUEST: Mutex<Option<String>> = Mutex::new(None);
+
+fn instance_id() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or_default()
+        ^ u64::from(std::process::id())
 }
 
 impl<H: MachineControl> ControlTarget for MachineTarget<H> {
@@ -158,6 +200,7 @@ impl<H: MachineControl> ControlTarget for MachineTarget<H> {
             cpus: self.handle.vcpu_count(),
             memory_mib: self.handle.memory_mib(),
             uptime_secs: self.started.elapsed().as_secs(),
+            instance: self.instance,
             display: self.handle.display_status(),
         }
     }
@@ -186,13 +229,37 @@ impl<H: MachineControl> ControlTarget for MachineTarget<H> {
     fn display_size(&self, width: u32, height: u32) -> anyhow::Result<()> {
         self.handle.display_size(width, height).context("Cannot resize the guest display")
     }
+    fn snapshot_take(&self, name: Option<&str>) -> anyhow::Result<SnapshotInfo> {
+        let _one = self.snapshot_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.handle.snapshot_take(&self.vm, name, self.screen.as_deref())
+    }
+    fn snapshot_list(&self) -> anyhow::Result<SnapshotList> {
+        snapshots::list(&self.vm)
+    }
+    fn snapshot_restore(&self, snapshot: &str) -> anyhow::Result<()> {
+        let _one = self.snapshot_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let id = snapshots::check_restore(&self.vm, snapshot)
+            .with_context(|| format!("Cannot restore snapshot '{snapshot}'"))?;
+        *RESTORE_REQUEST.lock().unwrap_or_else(|p| p.into_inner()) = Some(id);
+        self.handle.poweroff();
+        Ok(())
+    }
+    fn snapshot_delete(&self, snapshot: &str) -> anyhow::Result<()> {
+        let _one = self.snapshot_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let config = self.vm.load_config()?;
+        snapshots::delete(&self.vm, snapshot, Some(&config))?;
+        Ok(())
+    }
 }
 
 /// Entry point of `hutch __vm-process NAME`. Returns when the VM has ended.
-pub fn main(library: &Library, name: &str) -> anyhow::Result<()> {
+pub fn main(library: &Library, name: &str, restore: Option<&str>) -> anyhow::Result<()> {
     let vm = library.existing(name)?;
     let signals = block_termination_signals();
-    let reason = lifecycle(&vm, &runtime::runtime_root(), signals, build_machine)?;
+    let reason = lifecycle(&vm, &runtime::runtime_root(), signals, restore, build_machine)?;
+    if let Some(id) = RESTORE_REQUEST.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        return restart_into(library, name, &id);
+    }
     match reason {
         ExitReason::PowerOff => log::info!("The guest powered off"),
         ExitReason::Reset => {
@@ -203,17 +270,50 @@ pub fn main(library: &Library, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Replaces this process with a fresh VM process that restores snapshot `id` (same pid, so
+/// the library still sees one VM process; serial.log is appended to).
+fn restart_into(library: &Library, name: &str, id: &str) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt;
+    log::info!("restarting into snapshot {id}");
+    let exe = std::env::current_exe().context("Cannot find the hutch executable")?;
+    let err = std::process::Command::new(exe)
+        .arg("__vm-process")
+        .arg(name)
+        .arg("--restore")
+        .arg(id)
+        .env("HUTCH_HOME", library.root())
+        .exec();
+    Err(anyhow::Error::new(err).context("Cannot restart the VM process into the snapshot"))
+}
+
+/// How a VM process builds its machine: config, serial output, shared screen, snapshot.
+type BuildFn<'a, M> = dyn FnOnce(
+        &VmConfig,
+        Box<dyn Write + Send>,
+        Option<&Path>,
+        Option<&SnapshotFile>,
+    ) -> anyhow::Result<M>
+    + 'a;
+
 /// Everything the VM process does between taking the lock and recording the exit; `build`
-/// makes the machine (the real one, or a fake in tests).
+/// makes the machine (the real one, or a fake in tests). With `restore` (a snapshot id)
+/// the disks and config are first put at the snapshot and the machine is restored.
 fn lifecycle<M: RunnableMachine>(
     vm: &VmDir,
     runtime_root: &Path,
     signals: Option<libc::sigset_t>,
-    build: impl FnOnce(&VmConfig, Box<dyn Write + Send>, Option<&Path>) -> anyhow::Result<M>,
+    restore: Option<&str>,
+    build: impl FnOnce(
+        &VmConfig,
+        Box<dyn Write + Send>,
+        Option<&Path>,
+        Option<&SnapshotFile>,
+    ) -> anyhow::Result<M>,
 ) -> anyhow::Result<ExitReason> {
     let _lock = lock_with_retry(vm)?;
     vm.remove_last_exit()?;
-    let result = run_locked(vm, runtime_root, signals, build);
+    let build: Box<BuildFn<'_, M>> = Box::new(build);
+    let result = run_locked(vm, runtime_root, signals, restore, build);
     let record = match &result {
         Ok(ExitReason::PowerOff) => ExitRecord::new(ExitKind::PowerOff, None),
         Ok(ExitReason::Reset) => ExitRecord::new(ExitKind::Reset, None),
@@ -241,7 +341,8 @@ fn run_locked<M: RunnableMachine>(
     vm: &VmDir,
     runtime_root: &Path,
     signals: Option<libc::sigset_t>,
-    build: impl FnOnce(&VmConfig, Box<dyn Write + Send>, Option<&Path>) -> anyhow::Result<M>,
+    restore: Option<&str>,
+    build: Box<BuildFn<'_, M>>,
 ) -> anyhow::Result<ExitReason> {
     let socket = runtime::socket_path_in(runtime_root, vm.dir(), vm.name())?;
     runtime::prepare_socket_dir(&socket)?;
@@ -250,6 +351,18 @@ fn run_locked<M: RunnableMachine>(
         socket: socket.clone(),
         started_at: crate::library::unix_now(),
     })?;
+    // Layers of deleted snapshots that waited for the VM to stop.
+    let merged = vm
+        .load_config()
+        .map_err(anyhow::Error::from)
+        .and_then(|c| snapshots::merge_pending(vm, &c, false));
+    if let Err(e) = merged {
+        log::warn!("Cannot merge the layers of deleted snapshots yet: {e:#}");
+    }
+    let snapshot = match restore {
+        Some(id) => Some(snapshots::apply_restore(vm, id)?),
+        None => None,
+    };
     let config = vm.load_config()?;
 
     let serial_path = vm.serial_log_path();
@@ -260,14 +373,18 @@ fn run_locked<M: RunnableMachine>(
         .open(&serial_path)
         .with_context(|| format!("Cannot open {}", serial_path.display()))?;
     let hub = SerialHub::new(Some(serial_log));
-    let machine =
-        build(&config, Box::new(hub.writer()), Some(&runtime::frame_path_for_socket(&socket)))?;
+    let frame = runtime::frame_path_for_socket(&socket);
+    let machine = build(&config, Box::new(hub.writer()), Some(&frame), snapshot.as_ref())?;
     let handle = machine.handle();
     let target = Arc::new(MachineTarget {
         name: vm.name().to_string(),
         handle: handle.clone(),
         hub: hub.clone(),
         started: Instant::now(),
+        instance: instance_id(),
+        vm: vm.clone(),
+        screen: config.display.then_some(frame),
+        snapshot_lock: Mutex::new(()),
     });
     let server = ControlServer::bind(&socket, target)?;
     if let Some(set) = signals {
@@ -441,6 +558,7 @@ mod tests {
         _: &VmConfig,
         serial: Box<dyn Write + Send>,
         _: Option<&Path>,
+        _: Option<&SnapshotFile>,
     ) -> anyhow::Result<FakeMachine> {
         let (tx, rx) = mpsc::channel();
         Ok(FakeMachine { handle: FakeHandle { tx, paused: Arc::default() }, rx, serial })
@@ -479,7 +597,7 @@ mod tests {
     fn a_run_serves_control_and_console_then_records_a_clean_exit() {
         let s = setup();
         let (vm, root) = (s.vm.clone(), s.runtime.path().to_path_buf());
-        let run = std::thread::spawn(move || lifecycle(&vm, &root, None, fake_build));
+        let run = std::thread::spawn(move || lifecycle(&vm, &root, None, None, fake_build));
         let socket = wait_for_socket(&s.vm);
         assert!(socket.starts_with(s.runtime.path()));
         assert!(matches!(s.vm.disk_state().unwrap(), DiskState::Running { pid: Some(_) }));
@@ -517,7 +635,7 @@ mod tests {
     fn poweroff_is_recorded_as_forced_off() {
         let s = setup();
         let (vm, root) = (s.vm.clone(), s.runtime.path().to_path_buf());
-        let run = std::thread::spawn(move || lifecycle(&vm, &root, None, fake_build));
+        let run = std::thread::spawn(move || lifecycle(&vm, &root, None, None, fake_build));
         let socket = wait_for_socket(&s.vm);
         ControlClient::connect(&socket).unwrap().poweroff().unwrap();
         assert_eq!(run.join().unwrap().unwrap(), ExitReason::ForcedOff);
@@ -527,11 +645,16 @@ mod tests {
     #[test]
     fn a_machine_that_cannot_be_built_is_recorded_as_crashed() {
         let s = setup();
-        let err =
-            lifecycle(&s.vm, s.runtime.path(), None, |_, _, _| -> anyhow::Result<FakeMachine> {
+        let err = lifecycle(
+            &s.vm,
+            s.runtime.path(),
+            None,
+            None,
+            |_, _, _, _| -> anyhow::Result<FakeMachine> {
                 Err(anyhow!("no hypervisor")).context("Cannot build")
-            })
-            .unwrap_err();
+            },
+        )
+        .unwrap_err();
         assert_eq!(format!("{err:#}"), "Cannot build: no hypervisor");
         assert_eq!(
             s.vm.disk_state().unwrap(),
@@ -544,10 +667,10 @@ mod tests {
     fn a_second_vm_process_for_a_running_vm_is_refused_without_touching_its_records() {
         let s = setup();
         let (vm, root) = (s.vm.clone(), s.runtime.path().to_path_buf());
-        let run = std::thread::spawn(move || lifecycle(&vm, &root, None, fake_build));
+        let run = std::thread::spawn(move || lifecycle(&vm, &root, None, None, fake_build));
         let socket = wait_for_socket(&s.vm);
         let pid_before = s.vm.read_pid_file();
-        let err = lifecycle(&s.vm, s.runtime.path(), None, fake_build).unwrap_err();
+        let err = lifecycle(&s.vm, s.runtime.path(), None, None, fake_build).unwrap_err();
         assert!(err.to_string().contains("already running"), "{err}");
         assert_eq!(s.vm.read_pid_file(), pid_before);
         assert!(s.vm.read_last_exit().is_none());

@@ -305,6 +305,7 @@ mod running {
                 cpus: 1,
                 memory_mib: 512,
                 uptime_secs: 5,
+                instance: 1,
                 display: None,
             }
         }

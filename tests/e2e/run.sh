@@ -33,7 +33,8 @@ CASES=(boots_to_readiness_line guest_sees_cpus_and_memory disk_hash_matches_host
     console_types_into_the_guest serial_to_a_file guest_reads_virtio_rng
     screen_shows_console_on_boot_framebuffer_then_virtio_gpu
     gui_shows_the_guest_and_drives_its_keyboard_pointer_and_mode
-    imported_vmdk_and_vhdx_read_right_in_the_guest)
+    imported_vmdk_and_vhdx_read_right_in_the_guest
+    snapshots_bring_back_memory_disk_and_console)
 
 # --- helpers -------------------------------------------------------------------------------
 
@@ -511,6 +512,133 @@ imported_vmdk_and_vhdx_read_right_in_the_guest() {
 }
 
 # The same check against QEMU: system_powerdown on its monitor (a socket on tmpfs).
+# --- snapshots -------------------------------------------------------------------------------
+
+# vm_socket NAME: the running VM's control socket.
+vm_socket() {
+    python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["socket"])' \
+        "$HUTCH_HOME/vms/$1/pid.json"
+}
+
+# guest_ask NAME SHELL-EXPR: runs `echo HUTCH-ANSWER-n <SHELL-EXPR>` in the guest's command
+# loop (typed on its serial console) and prints the answer once it is in serial.log.
+ASK_N=0
+guest_ask() {
+    local name=$1 expr=$2 sock serial=$HUTCH_HOME/vms/$1/serial.log i=0
+    ASK_N=$((ASK_N + 1))
+    local tag="HUTCH-ANSWER-$ASK_N-$$"
+    sock=$(vm_socket "$name") || fail "VM $name has no socket"
+    printf '{"cmd":"console"}\necho %s %s\n' "$tag" "$expr" |
+        timeout 10 socat -t 1 - "UNIX-CONNECT:$sock" >/dev/null 2>&1 || true
+    while ! grep -q "^$tag " "$serial" 2>/dev/null; do
+        i=$((i + 1))
+        [ "$i" -le 150 ] || fail "the guest did not answer '$expr' within 30 s"
+        sleep 0.2
+    done
+    grep -a "^$tag " "$serial" | tail -1 | cut -d' ' -f2- | tr -d '\r'
+}
+
+# set_tokens NAME X: tmpfs file and the first disk sector hold token X (written through).
+set_tokens() {
+    local answer
+    answer=$(guest_ask "$1" "\$(echo MEM-$2 >/tmp/token; echo DISK-$2 | dd of=/dev/vda bs=512 count=1 conv=fsync,sync 2>/dev/null && echo written)")
+    [ "$answer" = written ] || fail "the guest could not write token $2: $answer"
+}
+
+# expect_tokens NAME X: memory and disk (read past the page cache) are at token X.
+expect_tokens() {
+    local mem disk
+    mem=$(guest_ask "$1" '$(cat /tmp/token)')
+    disk=$(guest_ask "$1" '$(dd if=/dev/vda bs=4096 count=1 iflag=direct 2>/dev/null | head -n1 | tr -d "\0")')
+    [ "$mem" = "MEM-$2" ] || fail "$3: the guest's memory holds '$mem', not MEM-$2"
+    [ "$disk" = "DISK-$2" ] || fail "$3: the guest's disk holds '$disk', not DISK-$2"
+}
+
+snapshot_id() {
+    "$HUTCH" snapshot list "$1" --json |
+        python3 -c 'import json,sys; print([s["id"] for s in json.load(sys.stdin)["snapshots"] if s["name"]==sys.argv[1]][0])' "$2"
+}
+
+# Take three snapshots of a running guest with different tokens in tmpfs and on its virtio disk;
+# restore the first: memory and disk are back, the console goes on in the same serial.log, disk
+# I/O and the screen work, time moves on. Delete the middle one and restore the others; restore
+# after the VM process is gone; a corrupted snapshot is refused and changes nothing.
+snapshots_bring_back_memory_disk_and_console() {
+    need_hutch
+    local log=$WORK/log name=snap
+    export HUTCH_HOME=$WORK/home
+    qemu-img create -q -f qcow2 "$WORK/disk.qcow2" 64M || fail "qemu-img create"
+    "$HUTCH" create "$name" --kernel "$KERNEL" --initrd "$INITRD" --memory 256 \
+        --disk "$WORK/disk.qcow2" --cmdline "$(actions cmdloop)" >>"$log" 2>&1 ||
+        fail "hutch create: exit $? (log: $log)"
+    "$HUTCH" start "$name" >>"$log" 2>&1 || fail "hutch start: exit $? (log: $log)"
+    local serial=$HUTCH_HOME/vms/$name/serial.log
+    wait_for_line "$serial" 'HUTCH-RESULT cmdloop=ready' "$VM_TIMEOUT"
+
+    set_tokens $name A
+    local up_a
+    up_a=$(guest_ask $name '$(cut -d" " -f1 /proc/uptime)')
+    "$HUTCH" snapshot take $name first >>"$log" 2>&1 || fail "snapshot take first: exit $? (log: $log)"
+    set_tokens $name B
+    "$HUTCH" snapshot take $name second >>"$log" 2>&1 || fail "snapshot take second (log: $log)"
+    set_tokens $name C
+    "$HUTCH" snapshot take $name third >>"$log" 2>&1 || fail "snapshot take third (log: $log)"
+    set_tokens $name D
+    "$HUTCH" snapshot list $name >"$WORK/list.txt" 2>&1 || fail "snapshot list: $(cat "$WORK/list.txt")"
+    [ "$(grep -c 'first\|second\|third' "$WORK/list.txt")" = 3 ] || fail "list: $(cat "$WORK/list.txt")"
+    grep -q 'third.*you are here' "$WORK/list.txt" || fail "list has no current mark: $(cat "$WORK/list.txt")"
+    [ -s "$HUTCH_HOME/vms/$name/snapshots/$(snapshot_id $name first).png" ] || fail "no thumbnail"
+
+    local pid_before lines_before
+    pid_before=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["pid"])' "$HUTCH_HOME/vms/$name/pid.json")
+    lines_before=$(wc -l <"$serial")
+    "$HUTCH" snapshot restore $name first >>"$log" 2>&1 || fail "restore first: exit $? (log: $log)"
+    expect_tokens $name A "after restoring 'first'"
+    [ "$(wc -l <"$serial")" -gt "$lines_before" ] || fail "serial.log did not go on"
+    head -n "$lines_before" "$serial" | grep -q 'HUTCH-RESULT cmdloop=ready' || fail "serial.log was rewritten"
+    local pid_after
+    pid_after=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["pid"])' "$HUTCH_HOME/vms/$name/pid.json")
+    [ "$pid_after" = "$pid_before" ] || fail "the VM process changed pid ($pid_before → $pid_after)"
+    # Time goes on from the snapshot's moment, forwards.
+    local up_b up_c
+    up_b=$(guest_ask $name '$(cut -d" " -f1 /proc/uptime)')
+    sleep 2
+    up_c=$(guest_ask $name '$(cut -d" " -f1 /proc/uptime)')
+    python3 -c 'import sys; a,b,c=map(float,sys.argv[1:]); sys.exit(0 if a <= b < c and c - b >= 1 else 1)' \
+        "$up_a" "$up_b" "$up_c" || fail "guest uptime not sane: snapshot $up_a, after restore $up_b, 2 s later $up_c"
+    # Disk I/O still works after the restore, and the screen shows something.
+    set_tokens $name E
+    expect_tokens $name E "after writing again"
+    "$HUTCH" screenshot $name "$WORK/restored.png" >>"$log" 2>&1 || fail "screenshot after restore (log: $log)"
+    [ "$(bright_pixels "$WORK/restored.png")" -gt 100 ] || fail "the restored screen is dark"
+
+    # Delete the middle snapshot: the others keep their memory and disks.
+    "$HUTCH" snapshot delete $name second >>"$log" 2>&1 || fail "delete second: exit $? (log: $log)"
+    ! "$HUTCH" snapshot list $name | grep -q second || fail "second is still listed"
+    "$HUTCH" snapshot restore $name third >>"$log" 2>&1 || fail "restore third (log: $log)"
+    expect_tokens $name C "after deleting 'second' and restoring 'third'"
+    "$HUTCH" snapshot restore $name first >>"$log" 2>&1 || fail "restore first again (log: $log)"
+    expect_tokens $name A "after restoring 'first' again"
+
+    # Restore after the VM process is gone.
+    "$HUTCH" stop $name --force >>"$log" 2>&1 || fail "stop --force (log: $log)"
+    "$HUTCH" snapshot restore $name third >>"$log" 2>&1 || fail "restore of a stopped VM (log: $log)"
+    expect_tokens $name C "after restoring 'third' into a stopped VM"
+
+    # A corrupted snapshot: a clear error, and the running VM, its config and disks untouched.
+    local file config_sum
+    file=$HUTCH_HOME/vms/$name/snapshots/$(snapshot_id $name first).hsnap
+    config_sum=$(sha256sum <"$HUTCH_HOME/vms/$name/vm.toml")
+    printf 'X' | dd of="$file" bs=1 seek=5000 conv=notrunc 2>/dev/null
+    local out rc=0
+    out=$("$HUTCH" snapshot restore $name first 2>&1) || rc=$?
+    [ "$rc" != 0 ] || fail "a corrupted snapshot was restored"
+    contains "$out" 'corrupt' || fail "unclear error for a corrupted snapshot: $out"
+    [ "$(sha256sum <"$HUTCH_HOME/vms/$name/vm.toml")" = "$config_sum" ] || fail "vm.toml changed"
+    expect_tokens $name C "after the refused restore"
+    "$HUTCH" stop $name --force >>"$log" 2>&1 || true
+}
+
 stop_qemu_via_monitor() {
     require_tools socat
     local sock=${XDG_RUNTIME_DIR:-/tmp}/e2e-mon-$$.sock serial=$WORK/serial.log

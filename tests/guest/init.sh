@@ -145,6 +145,15 @@ act_echo() {
     done </dev/console
 }
 
+# Runs each line typed on the serial console as a shell command (the host drives the guest
+# step by step, e.g. across snapshots); output goes to serial.
+act_cmdloop() {
+    result cmdloop=ready
+    while IFS= read -r line; do
+        eval "$line"
+    done </dev/console
+}
+
 run_action() {
     case $1 in
     cpus)
@@ -251,6 +260,12 @@ run_action() {
         run_action "${1#bg:}" &
         ;;
     echo) act_echo ;;
+    cmdloop) act_cmdloop ;;
+    fill:*)
+        # Touches MIB of guest RAM with non-zero data (in the initramfs, which lives in RAM).
+        yes 0123456789abcdef | head -c "${1#fill:}M" >/fill
+        result "fill=$(($(wc -c </fill) >> 20))"
+        ;;
     shell)
         setsid cttyhack sh
         ;;

@@ -5,7 +5,7 @@
 //! guest powers off, resets, is forced off, or fails.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
@@ -21,10 +21,12 @@ use crate::devices::rtc::Rtc;
 use crate::devices::serial::{IrqEdge, SerialDevice};
 use crate::hypervisor::{
     ExitHandler, Hypervisor, HypervisorError, InterruptSink, NotifierRegistry, Vcpu, VcpuExit,
-    VcpuKicker, Vm, VmNotifiers, VmSetup, X86Regs, X86Sregs,
+    VcpuKicker, VcpuState, Vm, VmNotifiers, VmSetup, VmState, X86Regs, X86Sregs,
 };
 use crate::memory::{self, GuestMemory};
 use crate::pci::{PciConfigIo, PciConfigMmio, PciMmioWindow, PciRoot};
+use crate::snapshot::{SnapshotError, SnapshotFile};
+use crate::state::StateError;
 use crate::virtio::block::Block;
 use crate::virtio::gpu::boot_fb::BootFramebuffer;
 use crate::virtio::gpu::{Gpu, GpuHandle};
@@ -130,6 +132,20 @@ pub enum MachineError {
     PauseTimeout,
     #[error("This machine has no display")]
     NoDisplay,
+    #[error("Cannot save or restore the machine state")]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error("vCPU {vcpu} state cannot be saved or restored")]
+    VcpuState {
+        vcpu: u32,
+        #[source]
+        source: HypervisorError,
+    },
+    #[error("Snapshot does not fit this machine: {0}")]
+    SnapshotMismatch(String),
+    #[error("Cannot switch the disks to their new layers: {0}")]
+    DiskSwitch(String),
 }
 
 /// Most vCPUs a machine may have: the MADT's xAPIC ids are 8 bits and the IOAPIC takes one.
@@ -145,6 +161,26 @@ struct Control {
     pause_requested: bool,
     paused_vcpus: u32,
     live_vcpus: u32,
+    /// Work every paused vCPU does on its own thread (a vCPU is bound to it): saving state.
+    job: Option<Arc<VcpuJob>>,
+}
+
+/// Saves each paused vCPU's state on its own thread.
+struct VcpuJob {
+    states: Mutex<Vec<Option<Result<VcpuState, HypervisorError>>>>,
+}
+
+impl VcpuJob {
+    fn run(&self, id: u32, vcpu: &dyn Vcpu) {
+        let state = vcpu.save_state();
+        if let Some(slot) = lock(&self.states).get_mut(id as usize) {
+            *slot = Some(state);
+        }
+    }
+
+    fn done(&self) -> bool {
+        lock(&self.states).iter().all(Option::is_some)
+    }
 }
 
 struct Lifecycle {
@@ -163,6 +199,7 @@ impl Lifecycle {
                 pause_requested: false,
                 paused_vcpus: 0,
                 live_vcpus: 0,
+                job: None,
             }),
             changed: Condvar::new(),
             kickers: Mutex::new(Vec::new()),
@@ -192,11 +229,23 @@ impl Lifecycle {
         }
     }
 
-    /// Blocks while the machine is paused; false once the machine is ending.
-    fn wait_runnable(&self) -> bool {
+    /// Blocks while the machine is paused, doing any job asked of paused vCPUs; false once
+    /// the machine is ending.
+    fn wait_runnable(&self, id: u32, vcpu: &dyn Vcpu) -> bool {
         let mut control = lock(&self.control);
         let mut counted_paused = false;
+        let mut last_job: Option<*const VcpuJob> = None;
         loop {
+            if let Some(job) = control.job.clone().filter(|_| counted_paused) {
+                if last_job != Some(Arc::as_ptr(&job)) {
+                    last_job = Some(Arc::as_ptr(&job));
+                    drop(control);
+                    job.run(id, vcpu);
+                    self.changed.notify_all();
+                    control = lock(&self.control);
+                    continue;
+                }
+            }
             if control.outcome.is_some() {
                 if counted_paused {
                     control.paused_vcpus -= 1;
@@ -228,10 +277,112 @@ pub struct MachineHandle {
     vcpu_count: u32,
     memory_mib: u64,
     display: Option<Arc<DisplayDevices>>,
+    devices: Arc<SavedDevices>,
+    vm: Arc<dyn Vm>,
+    /// Held while a snapshot is taken: host-side input waits instead of changing devices.
+    snapshot_gate: Arc<Mutex<()>>,
     // Guest RAM stays mapped while anything can still reach the VM (the devices above hold
     // it through their interrupt sinks), so the backend's memory slots never dangle. Last
     // field: dropped after the VM references.
-    _memory: GuestMemory,
+    memory: GuestMemory,
+}
+
+/// The devices whose state a snapshot holds, besides the display's.
+struct SavedDevices {
+    i8042: Arc<Mutex<I8042>>,
+    rtc: Arc<Mutex<Rtc>>,
+    pci: Arc<Mutex<PciRoot>>,
+    pci_config_io: Arc<Mutex<PciConfigIo>>,
+    disks: Vec<SwitchableDisk>,
+}
+
+/// A disk whose image can be swapped while the machine is paused (a snapshot freezes the
+/// current layer and continues on a new overlay).
+#[derive(Clone)]
+struct SwitchableDisk(Arc<std::sync::RwLock<Box<dyn disk::BlockBackend>>>);
+
+impl SwitchableDisk {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Box<dyn disk::BlockBackend>> {
+        self.0.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn replace(&self, new: Box<dyn disk::BlockBackend>) -> Box<dyn disk::BlockBackend> {
+        let mut guard = self.0.write().unwrap_or_else(|p| p.into_inner());
+        std::mem::replace(&mut *guard, new)
+    }
+}
+
+impl disk::BlockBackend for SwitchableDisk {
+    fn size(&self) -> u64 {
+        self.read().size()
+    }
+    fn is_writable(&self) -> bool {
+        self.read().is_writable()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), disk::DiskError> {
+        self.read().read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), disk::DiskError> {
+        self.read().write_at(buf, offset)
+    }
+    fn flush(&self) -> Result<(), disk::DiskError> {
+        self.read().flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<(), disk::DiskError> {
+        self.read().discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), disk::DiskError> {
+        self.read().write_zeroes(offset, len)
+    }
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<disk::Extent>, disk::DiskError> {
+        self.read().extents(offset, len)
+    }
+    fn read_vectored_at(
+        &self,
+        bufs: &[vm_memory::VolatileSlice<'_>],
+        offset: u64,
+    ) -> Result<(), disk::DiskError> {
+        self.read().read_vectored_at(bufs, offset)
+    }
+    fn write_vectored_at(
+        &self,
+        bufs: &[vm_memory::VolatileSlice<'_>],
+        offset: u64,
+    ) -> Result<(), disk::DiskError> {
+        self.read().write_vectored_at(bufs, offset)
+    }
+}
+
+/// Everything a snapshot holds besides guest RAM (encoded with `state::encode`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MachineState {
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub display: bool,
+    pub disks: usize,
+    pub vcpus: Vec<VcpuState>,
+    pub vm: VmState,
+    pub serial: crate::devices::serial::SerialDeviceState,
+    pub i8042: crate::devices::i8042::I8042State,
+    pub rtc: crate::devices::rtc::RtcState,
+    pub acpi_pm: crate::devices::acpi_pm::AcpiPmState,
+    pub pci: crate::pci::PciRootState,
+    pub pci_config_io: crate::pci::root::PciConfigIoState,
+    /// The boot framebuffer's memory, when the machine has a display.
+    pub framebuffer: Option<Vec<u8>>,
+}
+
+/// How long the parts of a snapshot took, for the log and the benchmark.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SnapshotTimes {
+    /// From the pause request until every vCPU stopped.
+    pub pause: Duration,
+    /// vCPU, VM and device state.
+    pub state: Duration,
+    /// Writing guest RAM and fsyncing the file.
+    pub memory: Duration,
+    /// The guest was stopped this long in all.
+    pub stopped: Duration,
 }
 
 impl MachineHandle {
@@ -326,6 +477,7 @@ impl MachineHandle {
 
     /// Bytes typed on the guest's serial console (COM1).
     pub fn serial_input(&self, bytes: &[u8]) {
+        let _gate = lock(&self.snapshot_gate);
         lock(&self.serial).queue_input(bytes);
     }
 
@@ -333,6 +485,7 @@ impl MachineHandle {
     /// keyboard once its driver runs, to the PS/2 keyboard (i8042) before that.
     pub fn send_input(&self, events: &[InputEvent]) -> Result<(), MachineError> {
         let display = self.display.as_ref().ok_or(MachineError::NoDisplay)?;
+        let _gate = lock(&self.snapshot_gate);
         for event in events {
             match *event {
                 InputEvent::Key { code, down } if !display.keyboard.is_ready() => {
@@ -357,6 +510,7 @@ impl MachineHandle {
     /// Asks the guest to switch its display to `width`×`height` (virtio-gpu display change).
     pub fn set_display_size(&self, width: u32, height: u32) -> Result<(), MachineError> {
         let display = self.display.as_ref().ok_or(MachineError::NoDisplay)?;
+        let _gate = lock(&self.snapshot_gate);
         display.gpu.set_display_size(width, height);
         Ok(())
     }
@@ -376,6 +530,135 @@ impl MachineHandle {
 
     pub fn vcpu_count(&self) -> u32 {
         self.vcpu_count
+    }
+
+    /// Saves the running machine to `path` (see [`crate::snapshot`]) and lets it run on.
+    ///
+    /// The guest stops at a safe point, the devices' I/O threads are joined, and the disks are
+    /// flushed; then vCPU, VM and device state and guest RAM are written. While the guest is
+    /// still stopped, `open_new_disks` (given the flushed, now frozen images) opens the layers
+    /// the machine continues on — one per disk, in order; `commit` records the snapshot
+    /// wherever the caller keeps it. If either fails, the machine keeps its old disks, the
+    /// file is removed, and the guest runs on as if nothing happened. A machine paused by
+    /// its user stays paused.
+    pub fn save_snapshot(
+        &self,
+        path: &Path,
+        open_new_disks: &mut dyn FnMut() -> Result<Vec<Box<dyn disk::BlockBackend>>, String>,
+        commit: &mut dyn FnMut() -> Result<(), String>,
+    ) -> Result<SnapshotTimes, MachineError> {
+        let _gate = lock(&self.snapshot_gate);
+        let begin = Instant::now();
+        let was_paused = self.state() == RunState::Paused;
+        self.pause()?;
+        let paused = Instant::now();
+        let mut times = SnapshotTimes { pause: paused - begin, ..Default::default() };
+        lock(&self.devices.pci).quiesce_io();
+        let result = self.save_paused(path, open_new_disks, commit, &mut times);
+        lock(&self.devices.pci).resume_io();
+        if !was_paused {
+            self.resume()?;
+        }
+        times.stopped = paused.elapsed();
+        result.map(|()| times)
+    }
+
+    fn save_paused(
+        &self,
+        path: &Path,
+        open_new_disks: &mut dyn FnMut() -> Result<Vec<Box<dyn disk::BlockBackend>>, String>,
+        commit: &mut dyn FnMut() -> Result<(), String>,
+        times: &mut SnapshotTimes,
+    ) -> Result<(), MachineError> {
+        let started = Instant::now();
+        let state = self.collect_state()?;
+        for disk in &self.devices.disks {
+            disk::BlockBackend::flush(disk)
+                .map_err(|e| MachineError::DiskSwitch(format!("flush: {e}")))?;
+        }
+        let bytes = crate::state::encode("machine", &state)?;
+        times.state = started.elapsed();
+        let started = Instant::now();
+        crate::snapshot::write(path, &bytes, &self.memory)?;
+        times.memory = started.elapsed();
+        let undo = |e: MachineError| {
+            let _ = std::fs::remove_file(path);
+            e
+        };
+        let new_disks = open_new_disks().map_err(MachineError::DiskSwitch).map_err(undo)?;
+        if new_disks.len() != self.devices.disks.len() {
+            return Err(undo(MachineError::DiskSwitch(format!(
+                "{} new layers for {} disks",
+                new_disks.len(),
+                self.devices.disks.len()
+            ))));
+        }
+        for (new, disk) in new_disks.iter().zip(&self.devices.disks) {
+            if new.size() != disk::BlockBackend::size(disk) {
+                return Err(undo(MachineError::DiskSwitch(format!(
+                    "a new layer of {} bytes for a disk of {}",
+                    new.size(),
+                    disk::BlockBackend::size(disk)
+                ))));
+            }
+        }
+        let old: Vec<_> =
+            new_disks.into_iter().zip(&self.devices.disks).map(|(n, d)| d.replace(n)).collect();
+        if let Err(e) = commit() {
+            for (old, disk) in old.into_iter().zip(&self.devices.disks) {
+                disk.replace(old);
+            }
+            return Err(undo(MachineError::DiskSwitch(e)));
+        }
+        Ok(())
+    }
+
+    /// Every part of the machine's state but RAM. The machine must be paused and quiesced.
+    fn collect_state(&self) -> Result<MachineState, MachineError> {
+        let job =
+            Arc::new(VcpuJob { states: Mutex::new((0..self.vcpu_count).map(|_| None).collect()) });
+        {
+            let mut control = lock(&self.lifecycle.control);
+            control.job = Some(job.clone());
+            self.lifecycle.changed.notify_all();
+            let deadline = Instant::now() + PAUSE_TIMEOUT;
+            while !job.done() {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() || control.outcome.is_some() {
+                    control.job = None;
+                    return Err(MachineError::PauseTimeout);
+                }
+                control = self
+                    .lifecycle
+                    .changed
+                    .wait_timeout(control, left)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+            control.job = None;
+        }
+        let mut vcpus = Vec::with_capacity(self.vcpu_count as usize);
+        for (vcpu, state) in lock(&job.states).drain(..).enumerate() {
+            let state = state.ok_or(MachineError::PauseTimeout)?;
+            vcpus.push(
+                state.map_err(|source| MachineError::VcpuState { vcpu: vcpu as u32, source })?,
+            );
+        }
+        Ok(MachineState {
+            cpus: self.vcpu_count,
+            memory_mib: self.memory_mib,
+            display: self.display.is_some(),
+            disks: self.devices.disks.len(),
+            vcpus,
+            vm: self.vm.save_state()?,
+            serial: lock(&self.serial).save_state(),
+            i8042: lock(&self.devices.i8042).save_state(),
+            rtc: lock(&self.devices.rtc).save_state(),
+            acpi_pm: lock(&self.acpi_pm).save_state(),
+            pci: lock(&self.devices.pci).save_state()?,
+            pci_config_io: lock(&self.devices.pci_config_io).save_state(),
+            framebuffer: self.display.as_ref().map(|d| lock(&d.framebuffer).contents().to_vec()),
+        })
     }
 
     pub fn memory_mib(&self) -> u64 {
@@ -434,8 +717,22 @@ impl ExitHandler for &IoBuses {
 pub struct Machine {
     vm: Arc<dyn Vm>,
     io: Arc<IoBuses>,
-    boot_cpu: (X86Regs, X86Sregs),
+    start: Start,
     handle: MachineHandle,
+}
+
+/// How the vCPUs begin: at the kernel's entry point, or where a snapshot left them.
+enum Start {
+    Boot(Box<(X86Regs, X86Sregs)>),
+    Restore(Vec<VcpuState>),
+}
+
+/// What one vCPU thread loads before it first runs.
+enum VcpuStart {
+    Boot(Box<(X86Regs, X86Sregs)>),
+    Restore(Box<VcpuState>),
+    /// A secondary vCPU of a booting machine: it waits for the boot CPU's INIT/SIPI.
+    Reset,
 }
 
 fn host_memory_mib() -> Option<u64> {
@@ -477,8 +774,82 @@ impl Machine {
         serial_out: Box<dyn Write + Send>,
         screen: Option<Arc<Screen>>,
     ) -> Result<Machine, MachineError> {
+        Self::build(hypervisor, config, serial_out, screen, None)
+    }
+
+    /// Builds the machine a snapshot holds: the same devices as [`Machine::new`] for
+    /// `config` (its CPUs, memory, disks and display must be the snapshot's), guest RAM mapped
+    /// copy-on-write from the file, and every vCPU and device where the snapshot left it.
+    /// The kernel in `config` is not loaded. `run` continues the guest.
+    pub fn restore(
+        hypervisor: &dyn Hypervisor,
+        config: &MachineConfig,
+        snapshot: &SnapshotFile,
+        serial_out: Box<dyn Write + Send>,
+        screen: Option<Arc<Screen>>,
+    ) -> Result<Machine, MachineError> {
+        Self::build(hypervisor, config, serial_out, screen, Some(snapshot))
+    }
+
+    /// Checks that `snapshot` can be restored into a machine built from `config` (with or
+    /// without a display), without building anything.
+    pub fn check_snapshot(
+        snapshot: &SnapshotFile,
+        config: &MachineConfig,
+        display: bool,
+    ) -> Result<(), MachineError> {
+        Self::snapshot_state(snapshot, config, display).map(drop)
+    }
+
+    /// The saved machine's state, checked against `config` and the display before anything
+    /// is built.
+    fn snapshot_state(
+        snapshot: &SnapshotFile,
+        config: &MachineConfig,
+        display: bool,
+    ) -> Result<MachineState, MachineError> {
+        let state: MachineState = crate::state::decode("machine", snapshot.state())?;
+        let mismatch = |what: &str, saved: String, now: String| {
+            Err(MachineError::SnapshotMismatch(format!(
+                "the snapshot was taken with {saved} {what}, this machine has {now}"
+            )))
+        };
+        if state.cpus != config.cpus || state.vcpus.len() != config.cpus as usize {
+            return mismatch("vCPUs", state.vcpus.len().to_string(), config.cpus.to_string());
+        }
+        if state.memory_mib != config.memory_mib {
+            return mismatch(
+                "MiB of memory",
+                state.memory_mib.to_string(),
+                config.memory_mib.to_string(),
+            );
+        }
+        if state.disks != config.disks.len() {
+            return mismatch("disks", state.disks.to_string(), config.disks.len().to_string());
+        }
+        if state.display != display || state.framebuffer.is_some() != display {
+            let word = |d: bool| if d { "a display" } else { "no display" }.to_string();
+            return mismatch("", word(state.display), word(display));
+        }
+        Ok(state)
+    }
+
+    fn build(
+        hypervisor: &dyn Hypervisor,
+        config: &MachineConfig,
+        serial_out: Box<dyn Write + Send>,
+        screen: Option<Arc<Screen>>,
+        snapshot: Option<&SnapshotFile>,
+    ) -> Result<Machine, MachineError> {
         validate(config)?;
-        let memory = memory::create_guest_memory(config.memory_mib)?;
+        let saved = match snapshot {
+            Some(s) => Some((s, Self::snapshot_state(s, config, screen.is_some())?)),
+            None => None,
+        };
+        let memory = match &saved {
+            Some((file, _)) => file.map_memory(&layout::ram_regions(config.memory_mib << 20))?,
+            None => memory::create_guest_memory(config.memory_mib)?,
+        };
         let vm = hypervisor
             .create_vm(&VmSetup { vcpu_count: config.cpus, ioapic_addr: layout::IOAPIC_START })?;
         memory::map_into_vm(&memory, vm.as_ref())?;
@@ -492,20 +863,28 @@ impl Machine {
             None => None,
         };
 
-        let rsdp = acpi::create_acpi_tables(&memory, config.cpus)?;
-        let entry = boot::load_kernel(
-            &memory,
-            &boot::KernelBoot {
-                kernel: &config.kernel,
-                initrd: config.initrd.as_deref(),
-                cmdline: &config.cmdline,
-                ram_mib: config.memory_mib,
-                acpi_rsdp: rsdp,
-                kernel_cache: config.kernel_cache_dir.as_deref(),
-                framebuffer: framebuffer.as_ref().map(|fb| boot_framebuffer_info(&lock(fb))),
-            },
-        )?;
-        let boot_cpu = boot::setup_boot_cpu(&memory, &entry)?;
+        // A restored guest's RAM already holds its tables and kernel.
+        let boot_cpu = match saved {
+            Some(_) => None,
+            None => {
+                let rsdp = acpi::create_acpi_tables(&memory, config.cpus)?;
+                let entry = boot::load_kernel(
+                    &memory,
+                    &boot::KernelBoot {
+                        kernel: &config.kernel,
+                        initrd: config.initrd.as_deref(),
+                        cmdline: &config.cmdline,
+                        ram_mib: config.memory_mib,
+                        acpi_rsdp: rsdp,
+                        kernel_cache: config.kernel_cache_dir.as_deref(),
+                        framebuffer: framebuffer
+                            .as_ref()
+                            .map(|fb| boot_framebuffer_info(&lock(fb))),
+                    },
+                )?;
+                Some(boot::setup_boot_cpu(&memory, &entry)?)
+            }
+        };
 
         let lifecycle = Arc::new(Lifecycle::new());
         let serial = Arc::new(Mutex::new(SerialDevice::new(
@@ -524,6 +903,7 @@ impl Machine {
         let i8042 = Arc::new(Mutex::new(
             I8042::new(on_reset).with_keyboard_irq(IrqEdge::new(irq.clone(), layout::KEYBOARD_IRQ)),
         ));
+        let rtc = Arc::new(Mutex::new(Rtc::new()));
 
         let mut pci = PciRoot::new();
         let mut display = None;
@@ -560,16 +940,20 @@ impl Machine {
                 framebuffer,
             }));
         }
+        let mut disks = Vec::with_capacity(config.disks.len());
         for (index, disk) in config.disks.iter().enumerate() {
             // Any format (detected by content); foreign formats open read-only, so a VM
             // writes them through a qcow2 overlay (`hutch import --in-place`).
             let options = disk::OpenOptions { writable: !disk.readonly };
             let backend = disk::open_image(&disk.path, options)
                 .map_err(|source| MachineError::Disk { path: disk.path.clone(), source })?;
+            let switchable = SwitchableDisk(Arc::new(std::sync::RwLock::new(backend)));
+            disks.push(switchable.clone());
             let block =
-                Block::new(backend, disk.readonly, format!("hutch-disk{index}")).map_err(|e| {
-                    MachineError::Device(format!("virtio-blk {}: {e}", disk.path.display()))
-                })?;
+                Block::new(Box::new(switchable), disk.readonly, format!("hutch-disk{index}"))
+                    .map_err(|e| {
+                        MachineError::Device(format!("virtio-blk {}: {e}", disk.path.display()))
+                    })?;
             add_virtio(&mut pci, Box::new(block), &memory, &irq, io_thread_notifiers(&vm))?;
         }
         let rng = Rng::new().map_err(|e| MachineError::Device(format!("virtio-rng: {e}")))?;
@@ -580,21 +964,17 @@ impl Machine {
         let mut mmio = Bus::new();
         let bus_error = |e: crate::devices::bus::BusError| MachineError::Device(e.to_string());
         pio.insert(serial.clone(), u64::from(layout::COM1_PORT), 8).map_err(bus_error)?;
-        pio.insert(i8042, u64::from(layout::I8042_DATA_PORT), 5).map_err(bus_error)?;
-        pio.insert(Arc::new(Mutex::new(Rtc::new())), u64::from(layout::RTC_PORT), 2)
-            .map_err(bus_error)?;
+        pio.insert(i8042.clone(), u64::from(layout::I8042_DATA_PORT), 5).map_err(bus_error)?;
+        pio.insert(rtc.clone(), u64::from(layout::RTC_PORT), 2).map_err(bus_error)?;
         pio.insert(
             acpi_pm.clone(),
             u64::from(layout::ACPI_PM_PORT),
             u64::from(layout::ACPI_PM_LEN),
         )
         .map_err(bus_error)?;
-        pio.insert(
-            Arc::new(Mutex::new(PciConfigIo::new(pci.clone()))),
-            u64::from(layout::PCI_CONFIG_ADDRESS_PORT),
-            8,
-        )
-        .map_err(bus_error)?;
+        let pci_config_io = Arc::new(Mutex::new(PciConfigIo::new(pci.clone())));
+        pio.insert(pci_config_io.clone(), u64::from(layout::PCI_CONFIG_ADDRESS_PORT), 8)
+            .map_err(bus_error)?;
         // Port 0x80 (POST codes) is Linux's I/O delay: swallow it quietly.
         pio.insert(Arc::new(Mutex::new(Sink)), 0x80, 1).map_err(bus_error)?;
         mmio.insert(
@@ -604,12 +984,25 @@ impl Machine {
         )
         .map_err(bus_error)?;
         mmio.insert(
-            Arc::new(Mutex::new(PciMmioWindow::new(pci))),
+            Arc::new(Mutex::new(PciMmioWindow::new(pci.clone()))),
             layout::PCI_MMIO_START,
             layout::PCI_MMIO_SIZE,
         )
         .map_err(bus_error)?;
 
+        let devices = Arc::new(SavedDevices { i8042, rtc, pci, pci_config_io, disks });
+        let start = match (boot_cpu, saved) {
+            (Some(cpu), _) => Start::Boot(Box::new(cpu)),
+            (None, Some((_, state))) => {
+                restore_devices(&state, &devices, &serial, &acpi_pm, display.as_deref())?;
+                vm.restore_state(&state.vm)?;
+                // No queue is served until the vCPUs (and their LAPICs) are back: `run`
+                // restarts the I/O.
+                lock(&devices.pci).quiesce_io();
+                Start::Restore(state.vcpus)
+            }
+            (None, None) => unreachable!("a machine either boots or restores"),
+        };
         let handle = MachineHandle {
             lifecycle,
             serial,
@@ -617,9 +1010,12 @@ impl Machine {
             vcpu_count: config.cpus,
             memory_mib: config.memory_mib,
             display,
-            _memory: memory,
+            devices,
+            vm: vm.clone(),
+            snapshot_gate: Arc::new(Mutex::new(())),
+            memory,
         };
-        Ok(Machine { vm, io: Arc::new(IoBuses { pio, mmio }), boot_cpu, handle })
+        Ok(Machine { vm, io: Arc::new(IoBuses { pio, mmio }), start, handle })
     }
 
     pub fn handle(&self) -> MachineHandle {
@@ -631,12 +1027,21 @@ impl Machine {
         let lifecycle = self.handle.lifecycle.clone();
         let (ready_tx, ready_rx) = mpsc::channel();
         let mut threads = Vec::new();
+        let restoring = matches!(self.start, Start::Restore(_));
+        let mut starts: Vec<VcpuStart> = match self.start {
+            Start::Boot(cpu) => (0..self.handle.vcpu_count)
+                .map(|id| if id == 0 { VcpuStart::Boot(cpu.clone()) } else { VcpuStart::Reset })
+                .collect(),
+            Start::Restore(states) => {
+                states.into_iter().map(|s| VcpuStart::Restore(Box::new(s))).collect()
+            }
+        };
         for id in 0..self.handle.vcpu_count {
             let vm = self.vm.clone();
             let io = self.io.clone();
             let lifecycle = lifecycle.clone();
             let ready = ready_tx.clone();
-            let boot = (id == 0).then_some(self.boot_cpu);
+            let boot = std::mem::replace(&mut starts[id as usize], VcpuStart::Reset);
             lock(&lifecycle.control).live_vcpus += 1;
             let spawned = thread::Builder::new()
                 .name(format!("vcpu{id}"))
@@ -664,6 +1069,9 @@ impl Machine {
             if let Err(e) = result {
                 lifecycle.request_exit(Err(e));
             }
+        }
+        if restoring {
+            lock(&self.handle.devices.pci).resume_io();
         }
         {
             let mut control = lock(&lifecycle.control);
@@ -782,7 +1190,7 @@ fn vcpu_thread(
     vm: Arc<dyn Vm>,
     io: Arc<IoBuses>,
     lifecycle: Arc<Lifecycle>,
-    boot: Option<(X86Regs, X86Sregs)>,
+    boot: VcpuStart,
     ready: mpsc::Sender<Result<(), MachineError>>,
 ) {
     let _guard = VcpuThreadGuard { lifecycle: &lifecycle, id };
@@ -799,7 +1207,7 @@ fn vcpu_thread(
         }
     };
     let mut handler: &IoBuses = &io;
-    while lifecycle.wait_runnable() {
+    while lifecycle.wait_runnable(id, vcpu.as_ref()) {
         match vcpu.run(&mut handler) {
             Ok(VcpuExit::Io | VcpuExit::Interrupted) => {}
             // Only seen without an in-kernel irqchip, where nothing could wake the vCPU.
@@ -833,16 +1241,39 @@ impl Drop for VcpuThreadGuard<'_> {
     }
 }
 
-fn prepare_vcpu(
-    id: u32,
-    vm: &dyn Vm,
-    boot: Option<(X86Regs, X86Sregs)>,
-) -> Result<Box<dyn Vcpu>, MachineError> {
+fn prepare_vcpu(id: u32, vm: &dyn Vm, start: VcpuStart) -> Result<Box<dyn Vcpu>, MachineError> {
     let wrap = |source| MachineError::Vcpu { vcpu: id, source };
     let mut vcpu = vm.create_vcpu(id).map_err(wrap)?;
-    if let Some((regs, sregs)) = boot {
-        vcpu.set_sregs(&sregs).map_err(wrap)?;
-        vcpu.set_regs(&regs).map_err(wrap)?;
+    match start {
+        VcpuStart::Boot(cpu) => {
+            let (regs, sregs) = *cpu;
+            vcpu.set_sregs(&sregs).map_err(wrap)?;
+            vcpu.set_regs(&regs).map_err(wrap)?;
+        }
+        VcpuStart::Restore(state) => vcpu
+            .restore_state(&state)
+            .map_err(|source| MachineError::VcpuState { vcpu: id, source })?,
+        VcpuStart::Reset => {}
     }
     Ok(vcpu)
+}
+
+/// Puts every device back where the snapshot left it (before any vCPU runs).
+fn restore_devices(
+    state: &MachineState,
+    devices: &SavedDevices,
+    serial: &Mutex<SerialDevice>,
+    acpi_pm: &Mutex<AcpiPm>,
+    display: Option<&DisplayDevices>,
+) -> Result<(), MachineError> {
+    lock(serial).restore_state(&state.serial)?;
+    lock(&devices.i8042).restore_state(&state.i8042)?;
+    lock(&devices.rtc).restore_state(&state.rtc)?;
+    lock(acpi_pm).restore_state(&state.acpi_pm)?;
+    if let (Some(display), Some(bytes)) = (display, &state.framebuffer) {
+        lock(&display.framebuffer).restore_contents(bytes)?;
+    }
+    lock(&devices.pci).restore_state(&state.pci)?;
+    lock(&devices.pci_config_io).restore_state(&state.pci_config_io);
+    Ok(())
 }

@@ -140,11 +140,11 @@ impl SnapshotHeader {
             )));
         }
         let state_end = header.state_offset + header.state_len;
-        if header.ram_offset % RAM_ALIGN != 0 || header.ram_offset < state_end {
+        if !header.ram_offset.is_multiple_of(RAM_ALIGN) || header.ram_offset < state_end {
             return Err(corrupt(format!("guest memory at offset {}", header.ram_offset)));
         }
         for &(addr, size) in &header.regions {
-            if size == 0 || size % PAGE as u64 != 0 || addr % PAGE as u64 != 0 {
+            if size == 0 || !size.is_multiple_of(PAGE as u64) || !addr.is_multiple_of(PAGE as u64) {
                 return Err(corrupt(format!("RAM region of {size} bytes at {addr:#x}")));
             }
         }

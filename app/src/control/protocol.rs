@@ -55,6 +55,22 @@ pub enum Request {
         width: u32,
         height: u32,
     },
+    /// Saves the running machine as a snapshot (named `name`, or by its time).
+    SnapshotTake {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+    },
+    /// The VM's snapshot tree.
+    SnapshotList,
+    /// Replaces the running machine with the one a snapshot holds (by name or id); the VM
+    /// process restarts itself into it (the control socket goes away for a moment).
+    SnapshotRestore {
+        snapshot: String,
+    },
+    /// Deletes a snapshot (by name or id), keeping every other snapshot's data.
+    SnapshotDelete {
+        snapshot: String,
+    },
 }
 
 impl Request {
@@ -76,6 +92,9 @@ pub struct StatusReply {
     pub cpus: u32,
     pub memory_mib: u64,
     pub uptime_secs: u64,
+    /// Unique per VM process start (a restore starts a new one, with the same pid).
+    #[serde(default)]
+    pub instance: u64,
     /// What the screen shows (`virtio-gpu 1280x800`); absent without a display.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub display: Option<String>,
@@ -114,6 +133,17 @@ pub enum Response {
         ok: Flag<true>,
         #[serde(flatten)]
         status: StatusReply,
+    },
+    /// The snapshot just taken.
+    Snapshot {
+        ok: Flag<true>,
+        snapshot: crate::snapshots::SnapshotInfo,
+    },
+    /// A VM's snapshots.
+    Snapshots {
+        ok: Flag<true>,
+        #[serde(flatten)]
+        list: crate::snapshots::SnapshotList,
     },
     /// Success with nothing to say; matches any `{"ok":true}` so it must stay last.
     Done {
@@ -214,13 +244,14 @@ mod tests {
             cpus: 2,
             memory_mib: 512,
             uptime_secs: 3,
+            instance: 5,
             display: None,
         };
         let line = Response::status(status.clone()).to_line();
         assert_eq!(
             line,
             "{\"ok\":true,\"name\":\"web\",\"state\":\"running\",\"pid\":7,\"cpus\":2,\
-             \"memory_mib\":512,\"uptime_secs\":3}\n"
+             \"memory_mib\":512,\"uptime_secs\":3,\"instance\":5}\n"
         );
         assert_eq!(Response::parse(&line).unwrap(), Response::status(status));
     }

@@ -10,8 +10,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::protocol::{Request, Response, StatusReply, MAX_INPUT_EVENTS, MAX_LINE};
+use super::protocol::{Flag, Request, Response, StatusReply, MAX_INPUT_EVENTS, MAX_LINE};
 use crate::serial_hub::{Received, SerialSubscription};
+use crate::snapshots::{SnapshotInfo, SnapshotList};
 
 /// What the control server controls. The VM process implements it for the machine.
 pub trait ControlTarget: Send + Sync + 'static {
@@ -30,6 +31,20 @@ pub trait ControlTarget: Send + Sync + 'static {
     fn input(&self, events: &[display::InputEvent]) -> anyhow::Result<()>;
     /// Asks the guest to switch its display to `width`×`height`.
     fn display_size(&self, width: u32, height: u32) -> anyhow::Result<()>;
+    /// Saves the running machine as a snapshot.
+    fn snapshot_take(&self, _name: Option<&str>) -> anyhow::Result<SnapshotInfo> {
+        Err(anyhow::anyhow!("This VM cannot take snapshots"))
+    }
+    fn snapshot_list(&self) -> anyhow::Result<SnapshotList> {
+        Err(anyhow::anyhow!("This VM has no snapshots"))
+    }
+    /// Checks the snapshot, then replaces the running machine with it (after the reply).
+    fn snapshot_restore(&self, _snapshot: &str) -> anyhow::Result<()> {
+        Err(anyhow::anyhow!("This VM cannot restore snapshots"))
+    }
+    fn snapshot_delete(&self, _snapshot: &str) -> anyhow::Result<()> {
+        Err(anyhow::anyhow!("This VM cannot delete snapshots"))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -202,6 +217,20 @@ fn serve_client<T: ControlTarget + ?Sized>(stream: UnixStream, target: &T) -> io
             Ok(Request::DisplaySize { width, height }) => {
                 result_reply(target.display_size(width, height))
             }
+            Ok(Request::SnapshotTake { name }) => match target.snapshot_take(name.as_deref()) {
+                Ok(snapshot) => Response::Snapshot { ok: Flag, snapshot },
+                Err(e) => Response::error(format!("{e:#}")),
+            },
+            Ok(Request::SnapshotList) => match target.snapshot_list() {
+                Ok(list) => Response::Snapshots { ok: Flag, list },
+                Err(e) => Response::error(format!("{e:#}")),
+            },
+            Ok(Request::SnapshotRestore { snapshot }) => {
+                result_reply(target.snapshot_restore(&snapshot))
+            }
+            Ok(Request::SnapshotDelete { snapshot }) => {
+                result_reply(target.snapshot_delete(&snapshot))
+            }
             Ok(Request::Console) => {
                 // Subscribe before replying so no output after the reply is missed.
                 let output = target.console_output();
@@ -309,6 +338,7 @@ mod tests {
                 cpus: 3,
                 memory_mib: 256,
                 uptime_secs: 9,
+                instance: 0,
                 display: None,
             }
         }
