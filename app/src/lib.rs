@@ -23,6 +23,8 @@ pub mod library;
 pub mod runtime;
 pub mod screenshot;
 pub mod serial_hub;
+pub mod snapshot_cmd;
+pub mod snapshots;
 pub mod terminal;
 pub mod vm_process;
 
