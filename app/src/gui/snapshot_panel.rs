@@ -252,10 +252,10 @@ pub fn panel_ui(
     ui.horizontal(|ui| {
         ui.heading("Snapshots");
         ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
-            if ui.small_button("✕").on_hover_text("Close").clicked() {
+            if ui.small_button("Close").clicked() {
                 action = Some(PanelAction::Close);
             }
-            if ui.small_button("⟳").on_hover_text("Refresh").clicked() {
+            if ui.small_button("Refresh").clicked() {
                 action = Some(PanelAction::Refresh);
             }
         });
@@ -321,7 +321,7 @@ pub fn panel_ui(
                         ui.label(RichText::new(&s.name).strong());
                         if row.current {
                             ui.label(
-                                RichText::new("◀ You are here")
+                                RichText::new("You are here")
                                     .color(Color32::from_rgb(80, 200, 120)),
                             );
                         }

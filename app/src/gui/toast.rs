@@ -122,7 +122,7 @@ impl Toasts {
                                         );
                                     }
                                 });
-                                if toast.kind == ToastKind::Error && ui.small_button("✕").clicked()
+                                if toast.kind == ToastKind::Error && ui.small_button("×").clicked()
                                 {
                                     close = Some(i);
                                 }
