@@ -3,7 +3,8 @@
 # `hutch gui`, screenshots of the library view, the create dialog (with a validation message)
 # and a VM view fed by the frame_feed example (no guest can boot here). Checks that the
 # window exists and the screenshots are not blank, that the guest's cursor is drawn, and that
-# the relative (grabbed) pointer mode sends relative motion; the PNGs stay in $OUT for a human
+# the relative (grabbed) pointer mode sends relative motion, and that the snapshot menu, panel,
+# shortcuts (not sent to the guest) and error toast work; the PNGs stay in $OUT for a human
 # to look at.
 #
 #   tests/gui/smoke.sh [OUT_DIR]     (HUTCH=path/to/hutch to test a given binary)
@@ -106,6 +107,27 @@ px=$(cursor_pixels "$OUT/vm-view-1.png")
 echo "smoke: the guest cursor covers $px pixels"
 [ "$px" -ge 150 ] || fail "the guest's cursor is not drawn ($px pixels of its colour)"
 
+# 3b. Snapshots (the fake VM speaks no snapshot protocol): the Snapshots menu, its panel
+# (an error or "No snapshots"), and Ctrl+Alt+S uncaptured ends in an error toast that stays.
+eval "$(xdotool getwindowgeometry --shell "$WID")"
+xdotool windowfocus --sync "$WID"
+xdotool mousemove --sync $((X + 145)) $((Y + 12)) click 1
+sleep 0.5
+import -window root "$OUT/vm-snapshots-menu.png"
+xdotool mousemove --sync $((X + 170)) $((Y + 96)) click 1
+sleep 1.5
+import -window root "$OUT/vm-snapshots-panel.png"
+check_png "$OUT/vm-snapshots-panel.png" 8
+xdotool mousemove --sync $((X + 300)) $((Y + 300))
+xdotool key ctrl+alt+s
+sleep 4
+import -window root "$OUT/vm-snapshot-toast.png"
+# The error toast's fill (toast.rs) covers a good area and outlives a note's 3 s.
+toast_px=$(convert "$OUT/vm-snapshot-toast.png" -fuzz 2% -fill black +opaque 'rgb(90,30,30)' \
+    -fill white -opaque 'rgb(90,30,30)' -format '%[fx:int(mean*w*h+0.5)]' info:)
+echo "smoke: the error toast covers $toast_px pixels"
+[ "$toast_px" -ge 1000 ] || fail "no error toast after Ctrl+Alt+S"
+
 # 4. Capture: click the screen, type with Shift held, release with Right Ctrl. (xdotool
 # presses Control_L along with any Control_R it types, so the guest sees Left Ctrl go down
 # and then come up with the release.)
@@ -117,6 +139,12 @@ xdotool mousemove --sync $((X + WIDTH / 2 + 10)) $((Y + HEIGHT / 2 + 10))
 xdotool keydown Shift_L key a
 sleep 0.5
 import -window root "$OUT/vm-captured.png"
+xdotool keyup Shift_L
+# A snapshot shortcut while captured is Hutch's: S never reaches the guest, Ctrl and Alt
+# are released in it.
+xdotool key ctrl+alt+s
+sleep 0.5
+xdotool keydown Shift_L
 xdotool key Control_R
 sleep 0.5
 xdotool keyup Shift_L key b
@@ -170,5 +198,8 @@ has '"code":42,"down":false' "Shift up from the release key"
 has '"type":"pointer_abs"' "pointer positions"
 has '"cmd":"display_size"' "a display size"
 if grep -q '"code":48' "$OUT/feed.log"; then fail "B reached the guest after the release"; fi
+if grep -q '"code":31' "$OUT/feed.log"; then fail "the S of Ctrl+Alt+S reached the guest"; fi
+has '"code":56,"down":true' "Alt down (before Ctrl+Alt+S)"
+has '"code":56,"down":false' "Alt up (Ctrl+Alt+S)"
 if grep -q '"code":97' "$OUT/feed.log"; then fail "Right Ctrl reached the guest"; fi
 echo "smoke: OK ($OUT)"

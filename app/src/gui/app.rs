@@ -18,14 +18,16 @@ use super::form::{error_for, Field, FormErrors, VmForm};
 use super::import_sheet::{self, ImportSheet, SheetAction};
 use super::input::{
     self, HostCommand, KeyRoute, KeyRouter, MotionRoute, PointerMode, PointerRouter, FULLSCREEN,
-    RELEASE_KEY_NAME,
+    RELEASE_KEY_NAME, RESTORE_LATEST, TAKE_SNAPSHOT,
 };
 use super::model::{VmState, VmSummary};
 use super::persist::GuiState;
 use super::procstat::CpuMeter;
 use super::screen::{cursor_rect, GuestScreen};
+use super::snapshot_panel::{self, PanelAction, SnapshotPanel, SnapshotRef, ThumbCache};
+use super::toast::Toasts;
 use super::vm_link::VmLink;
-use super::worker::{self, Event, EventSender, Job};
+use super::worker::{self, Event, EventSender, Job, SnapshotDone, SnapshotJob};
 use crate::library::Library;
 use crate::runtime;
 
@@ -39,6 +41,8 @@ enum Dialog {
     ConfirmDelete { name: String },
     Overcommit { name: String, memory_mib: u64, running_mib: u64 },
     Form { editing: Option<String>, form: VmForm, errors: FormErrors },
+    ConfirmRestore { vm: String, snapshot: SnapshotRef },
+    ConfirmDeleteSnapshot { vm: String, snapshot: SnapshotRef },
 }
 
 /// The open VM's screen and capture state.
@@ -87,6 +91,12 @@ pub struct GuiApp {
     /// A host shortcut fired while the guest had the keyboard; applied in the next frame.
     pending_host: Option<HostCommand>,
     pixels_per_point: f32,
+    toasts: Toasts,
+    /// The snapshots panel, when open (in the VM view and the library view alike).
+    snapshots: Option<SnapshotPanel>,
+    snapshot_thumbs: ThumbCache,
+    /// Snapshot operations in flight (not lists), one per VM at most.
+    snapshot_busy: HashMap<String, SnapshotJob>,
 }
 
 impl GuiApp {
@@ -114,6 +124,10 @@ impl GuiApp {
             state,
             pending_host: None,
             pixels_per_point: 1.0,
+            toasts: Toasts::default(),
+            snapshots: None,
+            snapshot_thumbs: ThumbCache::default(),
+            snapshot_busy: HashMap::new(),
         };
         if first_run {
             app.first_run();
@@ -173,6 +187,123 @@ impl GuiApp {
             return;
         };
         worker::spawn_job(self.library.clone(), job, self.events.clone(), poke);
+    }
+
+    /// Starts a snapshot job; a second take/restore/delete of a VM while one runs is ignored.
+    fn snapshot(&mut self, job: SnapshotJob) {
+        let vm = job.vm().to_string();
+        let mut barrier = None;
+        if !matches!(job, SnapshotJob::List { .. }) {
+            if self.snapshot_busy.contains_key(&vm) {
+                return;
+            }
+            self.snapshot_busy.insert(vm.clone(), job.clone());
+            // The key-ups just sent to the guest go before the snapshot.
+            if let (SnapshotJob::Take { .. }, View::Vm(v)) = (&job, &self.view) {
+                if v.name == vm {
+                    barrier = Some(v.link.barrier());
+                }
+            }
+        }
+        let poke = self.poke.clone();
+        worker::spawn_snapshot(self.library.clone(), job, barrier, self.events.clone(), poke);
+        self.ctx.request_repaint();
+    }
+
+    /// Opens the snapshots panel on `vm` (and reads its list).
+    fn open_snapshots(&mut self, vm: &str) {
+        self.snapshots = Some(SnapshotPanel::new(vm.to_string()));
+        self.refresh_snapshots(vm);
+    }
+
+    /// Rereads the list of `vm` if the panel shows it.
+    fn refresh_snapshots(&mut self, vm: &str) {
+        if self.snapshots.as_ref().is_some_and(|p| p.vm == vm) {
+            let known = self.snapshot_thumbs.known();
+            self.snapshot(SnapshotJob::List { vm: vm.to_string(), known });
+        }
+    }
+
+    fn on_snapshot_done(&mut self, job: SnapshotJob, result: Result<SnapshotDone, Vec<String>>) {
+        let vm = job.vm().to_string();
+        let listing = matches!(job, SnapshotJob::List { .. });
+        if !listing {
+            self.snapshot_busy.remove(&vm);
+        }
+        let now = Instant::now();
+        match result {
+            Ok(SnapshotDone::Listed { list, thumbnails }) => {
+                for (path, image) in thumbnails {
+                    self.snapshot_thumbs.insert(&self.ctx, path, image);
+                }
+                if let Some(p) = self.snapshots.as_mut().filter(|p| p.vm == vm) {
+                    p.list = Some(Ok(list));
+                }
+            }
+            Ok(done) => {
+                if let SnapshotDone::Restored { .. } = &done {
+                    if let View::Vm(v) = &mut self.view {
+                        if v.name == vm {
+                            v.restored();
+                        }
+                    }
+                }
+                if let Some(text) = done.message() {
+                    self.toasts.note(text, now);
+                }
+                self.refresh_snapshots(&vm);
+            }
+            Err(chain) => {
+                if listing {
+                    if let Some(p) = self.snapshots.as_mut().filter(|p| p.vm == vm) {
+                        p.list = Some(Err(chain.join(": ")));
+                    }
+                } else {
+                    self.toasts.error(job.failure_title(), chain, now);
+                    self.refresh_snapshots(&vm);
+                }
+            }
+        }
+    }
+
+    fn on_panel_action(&mut self, action: PanelAction) {
+        let Some(vm) = self.snapshots.as_ref().map(|p| p.vm.clone()) else { return };
+        match action {
+            PanelAction::Take => self.snapshot(SnapshotJob::Take { vm }),
+            PanelAction::Restore(snapshot) => {
+                self.dialog = Some(Dialog::ConfirmRestore { vm, snapshot });
+            }
+            PanelAction::Delete(snapshot) => {
+                self.dialog = Some(Dialog::ConfirmDeleteSnapshot { vm, snapshot });
+            }
+            PanelAction::Refresh => self.refresh_snapshots(&vm),
+            PanelAction::Close => self.snapshots = None,
+        }
+    }
+
+    /// The snapshots side panel, if open; call before the central panel.
+    fn snapshots_side_panel(&mut self, ui: &mut Ui) {
+        let Some(panel) = &self.snapshots else { return };
+        let state = self.vm(&panel.vm).map(|s| s.state.clone());
+        let live = matches!(state, Some(VmState::Running | VmState::Paused));
+        let busy = self.snapshot_busy.contains_key(&panel.vm);
+        let now = crate::library::unix_now();
+        let mut action = None;
+        egui::Panel::right("snapshots").resizable(true).default_size(320.0).show(ui, |ui| {
+            action = snapshot_panel::panel_ui(ui, panel, &self.snapshot_thumbs, live, busy, now);
+        });
+        if let Some(a) = action {
+            self.on_panel_action(a);
+        }
+    }
+
+    /// What the in-flight indicator says: the open VM's operation first.
+    fn snapshot_progress(&self) -> Option<&'static str> {
+        let open = match &self.view {
+            View::Vm(v) => self.snapshot_busy.get(&v.name),
+            View::Library => None,
+        };
+        open.or_else(|| self.snapshot_busy.values().next()).and_then(SnapshotJob::progress_text)
     }
 
     fn vm(&self, name: &str) -> Option<&VmSummary> {
@@ -280,7 +411,8 @@ impl GuiApp {
                         self.ctx.request_repaint();
                         true
                     }
-                    KeyRoute::Host(cmd) => {
+                    KeyRoute::Host(cmd, ups) => {
+                        v.link.input(ups);
                         self.pending_host = Some(cmd);
                         self.ctx.request_repaint();
                         true
@@ -342,14 +474,24 @@ impl GuiApp {
     pub fn ui(&mut self, ui: &mut Ui) {
         self.drain_events();
         let ctx = ui.ctx().clone();
-        // Host shortcuts first, most specific first (only FULLSCREEN so far).
-        let mut toggle_fullscreen = self.pending_host.take() == Some(HostCommand::ToggleFullscreen);
-        if self.dialog.is_none() && ctx.input_mut(|i| i.consume_shortcut(&FULLSCREEN)) {
-            toggle_fullscreen = true;
+        // Host shortcuts first, most specific first.
+        let mut command = self.pending_host.take();
+        if command.is_none() && self.dialog.is_none() {
+            let in_vm = matches!(self.view, View::Vm(_));
+            command = ctx.input_mut(|i| {
+                if in_vm && i.consume_shortcut(&TAKE_SNAPSHOT) {
+                    Some(HostCommand::TakeSnapshot)
+                } else if in_vm && i.consume_shortcut(&RESTORE_LATEST) {
+                    Some(HostCommand::RestoreLatestSnapshot)
+                } else if i.consume_shortcut(&FULLSCREEN) {
+                    Some(HostCommand::ToggleFullscreen)
+                } else {
+                    None
+                }
+            });
         }
-        if toggle_fullscreen {
-            let full = ctx.input(|i| i.viewport().fullscreen.unwrap_or(false));
-            ctx.send_viewport_cmd(egui::ViewportCommand::Fullscreen(!full));
+        if let Some(c) = command {
+            self.host_command(&ctx, c);
         }
         match &self.view {
             View::Library => self.library_ui(ui),
@@ -357,6 +499,26 @@ impl GuiApp {
         }
         self.import_ui(&ctx);
         self.dialog_ui(&ctx);
+        let progress = self.snapshot_progress();
+        self.toasts.ui(&ctx, progress, 28.0);
+    }
+
+    fn host_command(&mut self, ctx: &egui::Context, command: HostCommand) {
+        let open = match &self.view {
+            View::Vm(v) => Some(v.name.clone()),
+            View::Library => None,
+        };
+        match (command, open) {
+            (HostCommand::ToggleFullscreen, _) => {
+                let full = ctx.input(|i| i.viewport().fullscreen.unwrap_or(false));
+                ctx.send_viewport_cmd(egui::ViewportCommand::Fullscreen(!full));
+            }
+            (HostCommand::TakeSnapshot, Some(vm)) => self.snapshot(SnapshotJob::Take { vm }),
+            (HostCommand::RestoreLatestSnapshot, Some(vm)) => {
+                self.snapshot(SnapshotJob::Restore { vm, snapshot: None });
+            }
+            (_, None) => {}
+        }
     }
 
     fn drain_events(&mut self) {
@@ -384,6 +546,7 @@ impl GuiApp {
                         sheet.on_event(e, &taken);
                     }
                 }
+                Event::Snapshot { job, result } => self.on_snapshot_done(job, result),
                 Event::JobDone { job, result } => {
                     self.busy.remove(job.vm_name());
                     match result {
@@ -391,6 +554,9 @@ impl GuiApp {
                             if let Job::Delete(name) = &job {
                                 if matches!(&self.view, View::Vm(v) if &v.name == name) {
                                     self.close_vm();
+                                }
+                                if self.snapshots.as_ref().is_some_and(|p| &p.vm == name) {
+                                    self.snapshots = None;
                                 }
                             }
                             self.message = message;
@@ -482,6 +648,7 @@ impl GuiApp {
             });
         });
         self.capacity_bar(ui);
+        self.snapshots_side_panel(ui);
         egui::CentralPanel::default().show(ui, |ui| {
             ui.horizontal(|ui| {
                 ui.heading("Virtual machines");
@@ -585,6 +752,7 @@ impl GuiApp {
                             "Force off",
                             CardAction::Job(Job::PowerOff(n())),
                         );
+                        button(ui, true, "Snapshots…", CardAction::Snapshots(n()));
                         button(ui, down, "Settings…", CardAction::Edit(n()));
                         button(ui, down, "Delete…", CardAction::Delete(n()));
                     });
@@ -598,6 +766,7 @@ impl GuiApp {
         match action {
             CardAction::Start(name) => self.start(&name),
             CardAction::Show(name) => self.open_vm(&name),
+            CardAction::Snapshots(name) => self.open_snapshots(&name),
             CardAction::Job(job) => self.run(job),
             CardAction::Delete(name) => self.dialog = Some(Dialog::ConfirmDelete { name }),
             CardAction::Edit(name) => {
@@ -624,6 +793,8 @@ impl GuiApp {
         let down = state.as_ref().is_none_or(VmState::is_down);
         let paused = state == Some(VmState::Paused);
         let running = state == Some(VmState::Running);
+        let snapshot_busy = self.snapshot_busy.contains_key(&name);
+        let restoring = matches!(self.snapshot_busy.get(&name), Some(SnapshotJob::Restore { .. }));
         let mut act: Option<VmAction> = None;
 
         egui::Panel::top("vm-menu").show(ui, |ui| {
@@ -652,6 +823,23 @@ impl GuiApp {
                         }
                     }
                 });
+                ui.menu_button("Snapshots", |ui| {
+                    let can = (running || paused) && !snapshot_busy;
+                    let take = egui::Button::new("Take Snapshot")
+                        .shortcut_text(ui.ctx().format_shortcut(&TAKE_SNAPSHOT));
+                    if ui.add_enabled(can, take).clicked() {
+                        act = Some(VmAction::Host(HostCommand::TakeSnapshot));
+                    }
+                    let restore = egui::Button::new("Restore Latest")
+                        .shortcut_text(ui.ctx().format_shortcut(&RESTORE_LATEST));
+                    if ui.add_enabled(!snapshot_busy, restore).clicked() {
+                        act = Some(VmAction::Host(HostCommand::RestoreLatestSnapshot));
+                    }
+                    ui.separator();
+                    if ui.button("Snapshots…").clicked() {
+                        act = Some(VmAction::Snapshots);
+                    }
+                });
             });
             ui.horizontal(|ui| {
                 if ui.button("Library").clicked() {
@@ -669,6 +857,7 @@ impl GuiApp {
             });
         });
 
+        self.snapshots_side_panel(ui);
         let View::Vm(v) = &mut self.view else { return };
         // CPU use, once a second.
         if let Some(pid) = summary.as_ref().and_then(|s| s.pid) {
@@ -689,7 +878,12 @@ impl GuiApp {
 
         egui::Panel::bottom("vm-status").show(ui, |ui| {
             ui.horizontal(|ui| {
-                let label = state.as_ref().map_or("unknown", VmState::label);
+                // Mid-restore the process restarts: not stopped, not crashed.
+                let label = if restoring {
+                    "restoring"
+                } else {
+                    state.as_ref().map_or("unknown", VmState::label)
+                };
                 ui.label(
                     RichText::new(format!("{name}: {label}"))
                         .color(state.as_ref().map_or(Color32::GRAY, state_color)),
@@ -840,6 +1034,14 @@ impl GuiApp {
             }
             Some(VmAction::Start) => self.start(&name),
             Some(VmAction::Job(make)) => self.run(make(name)),
+            Some(VmAction::Host(command)) => self.pending_host = Some(command),
+            Some(VmAction::Snapshots) => {
+                if self.snapshots.as_ref().is_some_and(|p| p.vm == name) {
+                    self.snapshots = None;
+                } else {
+                    self.open_snapshots(&name);
+                }
+            }
         }
     }
 
@@ -847,6 +1049,7 @@ impl GuiApp {
         let Some(dialog) = self.dialog.take() else { return };
         let mut keep = true;
         let mut then: Option<Job> = None;
+        let mut then_snapshot: Option<SnapshotJob> = None;
         let id = egui::Id::unique("hutch-dialog");
         let dialog = match dialog {
             Dialog::Error { title, chain } => {
@@ -900,6 +1103,48 @@ impl GuiApp {
                     });
                 });
                 Dialog::Overcommit { name, memory_mib, running_mib }
+            }
+            Dialog::ConfirmRestore { vm, snapshot } => {
+                egui::Modal::new(id).show(ctx, |ui| {
+                    ui.set_max_width(480.0);
+                    ui.heading(format!("Restore '{}'?", snapshot.name));
+                    ui.label(
+                        "The current state of the VM is lost unless you take a snapshot first.",
+                    );
+                    ui.horizontal(|ui| {
+                        if ui.button("Restore").clicked() {
+                            keep = false;
+                            then_snapshot = Some(SnapshotJob::Restore {
+                                vm: vm.clone(),
+                                snapshot: Some(snapshot.clone()),
+                            });
+                        }
+                        if ui.button("Cancel").clicked() {
+                            keep = false;
+                        }
+                    });
+                });
+                Dialog::ConfirmRestore { vm, snapshot }
+            }
+            Dialog::ConfirmDeleteSnapshot { vm, snapshot } => {
+                egui::Modal::new(id).show(ctx, |ui| {
+                    ui.set_max_width(480.0);
+                    ui.heading(format!("Delete snapshot '{}'?", snapshot.name));
+                    ui.label("The other snapshots keep their data.");
+                    ui.horizontal(|ui| {
+                        if ui.button("Delete").clicked() {
+                            keep = false;
+                            then_snapshot = Some(SnapshotJob::Delete {
+                                vm: vm.clone(),
+                                snapshot: snapshot.clone(),
+                            });
+                        }
+                        if ui.button("Cancel").clicked() {
+                            keep = false;
+                        }
+                    });
+                });
+                Dialog::ConfirmDeleteSnapshot { vm, snapshot }
             }
             Dialog::Form { editing, mut form, mut errors } => {
                 egui::Modal::new(id).show(ctx, |ui| {
@@ -976,12 +1221,16 @@ impl GuiApp {
         if let Some(job) = then {
             self.run(job);
         }
+        if let Some(job) = then_snapshot {
+            self.snapshot(job);
+        }
     }
 }
 
 enum CardAction {
     Start(String),
     Show(String),
+    Snapshots(String),
     Job(Job),
     Edit(String),
     Delete(String),
@@ -994,6 +1243,10 @@ enum VmAction {
     Pointer(PointerMode),
     Start,
     Job(fn(String) -> Job),
+    /// What a host shortcut does (menu items with one).
+    Host(HostCommand),
+    /// Open or close the snapshots panel.
+    Snapshots,
 }
 
 fn machine_actions(
@@ -1034,6 +1287,14 @@ impl VmView {
         self.mouse.release();
     }
 
+    /// The VM process restarted into a snapshot: the guest's screen size is the snapshot's,
+    /// so ask it again to follow the window (the screen and the link reconnect by
+    /// themselves).
+    fn restored(&mut self) {
+        self.sent_size = None;
+        self.area_changed = Some(Instant::now());
+    }
+
     /// Whether a button or wheel event now is the guest's.
     fn takes_buttons(&self) -> bool {
         let over_image = self
@@ -1044,7 +1305,7 @@ impl VmView {
 }
 
 /// `size` scaled into `avail`, aspect kept, centred.
-fn fit_rect(avail: egui::Rect, size: [usize; 2]) -> egui::Rect {
+pub(super) fn fit_rect(avail: egui::Rect, size: [usize; 2]) -> egui::Rect {
     let (w, h) = (size[0].max(1) as f32, size[1].max(1) as f32);
     let scale = (avail.width() / w).min(avail.height() / h);
     egui::Rect::from_center_size(avail.center(), egui::vec2(w * scale, h * scale))

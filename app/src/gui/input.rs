@@ -19,10 +19,15 @@ pub const FULLSCREEN: KeyboardShortcut = KeyboardShortcut::new(Modifiers::NONE, 
 pub const RELEASE_KEY: KeyCode = KeyCode::ControlRight;
 pub const RELEASE_KEY_NAME: &str = "Right Ctrl";
 
+/// Whether the host is a Mac (its shortcuts use Cmd where others use Ctrl+Alt).
+pub const MAC: bool = cfg!(target_os = "macos");
+
 /// What a host shortcut does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HostCommand {
     ToggleFullscreen,
+    TakeSnapshot,
+    RestoreLatestSnapshot,
 }
 
 /// A host shortcut: egui's form (menus, uncaptured use) and the physical key that triggers
@@ -34,12 +39,56 @@ pub struct HostShortcut {
     pub command: HostCommand,
 }
 
-/// Most specific (most modifiers) first, so Ctrl+Alt+X is matched before Alt+X.
-pub const HOST_SHORTCUTS: &[HostShortcut] = &[HostShortcut {
-    shortcut: FULLSCREEN,
-    key: KeyCode::F11,
-    command: HostCommand::ToggleFullscreen,
-}];
+/// The snapshot shortcuts' modifiers: Ctrl+Alt (Cmd+Shift on a Mac, where Ctrl+Alt is rare
+/// and Cmd never reaches a guest anyway).
+const fn snapshot_modifiers(mac: bool) -> Modifiers {
+    if mac {
+        Modifiers::MAC_CMD.plus(Modifiers::SHIFT)
+    } else {
+        Modifiers::CTRL.plus(Modifiers::ALT)
+    }
+}
+
+const fn shortcuts_for(mac: bool) -> [HostShortcut; 3] {
+    let m = snapshot_modifiers(mac);
+    [
+        HostShortcut {
+            shortcut: KeyboardShortcut::new(m, Key::S),
+            key: KeyCode::KeyS,
+            command: HostCommand::TakeSnapshot,
+        },
+        HostShortcut {
+            shortcut: KeyboardShortcut::new(m, Key::R),
+            key: KeyCode::KeyR,
+            command: HostCommand::RestoreLatestSnapshot,
+        },
+        HostShortcut {
+            shortcut: FULLSCREEN,
+            key: KeyCode::F11,
+            command: HostCommand::ToggleFullscreen,
+        },
+    ]
+}
+
+const PC_SHORTCUTS: [HostShortcut; 3] = shortcuts_for(false);
+const MAC_SHORTCUTS: [HostShortcut; 3] = shortcuts_for(true);
+
+/// The host shortcuts of a Mac or another host, most specific (most modifiers) first, so
+/// Ctrl+Alt+X is matched before Alt+X.
+pub fn host_shortcuts(mac: bool) -> &'static [HostShortcut] {
+    if mac {
+        &MAC_SHORTCUTS
+    } else {
+        &PC_SHORTCUTS
+    }
+}
+
+/// This host's shortcuts.
+pub const HOST_SHORTCUTS: &[HostShortcut] = if MAC { &MAC_SHORTCUTS } else { &PC_SHORTCUTS };
+/// Takes a snapshot of the open VM.
+pub const TAKE_SNAPSHOT: KeyboardShortcut = HOST_SHORTCUTS[0].shortcut;
+/// Restores the open VM's latest snapshot.
+pub const RESTORE_LATEST: KeyboardShortcut = HOST_SHORTCUTS[1].shortcut;
 
 /// Where a key event goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,26 +97,44 @@ pub enum KeyRoute {
     Egui,
     /// To the guest; egui must not see it.
     Guest(Vec<InputEvent>),
-    /// A host shortcut fired while captured.
-    Host(HostCommand),
+    /// A host shortcut fired while captured; the key-ups release every key the guest was
+    /// told is down (the shortcut's own modifiers included), so that it never sees them stuck,
+    /// not even in a snapshot taken now.
+    Host(HostCommand, Vec<InputEvent>),
     /// The release key: the capture ended; these key-ups go to the guest.
     Released(Vec<InputEvent>),
     /// Nothing to do (an unmapped key, a repeat, the release of a consumed key).
     Drop,
 }
 
-fn modifiers_of(state: ModifiersState) -> Modifiers {
+/// The modifiers that matter for host shortcuts, as (alt, shift, ctrl, cmd). Elsewhere than
+/// on a Mac egui's `command` is Ctrl and the Super key is the guest's.
+fn modifier_set(m: Modifiers, mac: bool) -> (bool, bool, bool, bool) {
+    if mac {
+        (m.alt, m.shift, m.ctrl, m.mac_cmd || m.command)
+    } else {
+        (m.alt, m.shift, m.ctrl || m.command, false)
+    }
+}
+
+fn modifiers_of(state: ModifiersState, mac: bool) -> Modifiers {
+    let cmd = mac && state.super_key();
     Modifiers {
         alt: state.alt_key(),
         ctrl: state.control_key(),
         shift: state.shift_key(),
-        mac_cmd: false,
-        command: state.control_key(),
+        mac_cmd: cmd,
+        command: if mac { cmd } else { state.control_key() },
     }
 }
 
-fn same_modifiers(a: Modifiers, b: Modifiers) -> bool {
-    (a.alt, a.ctrl || a.command, a.shift) == (b.alt, b.ctrl || b.command, b.shift)
+/// The host command that a press of `code` with `state` held fires, if any.
+pub fn host_command(code: KeyCode, state: ModifiersState, mac: bool) -> Option<HostCommand> {
+    let held = modifier_set(modifiers_of(state, mac), mac);
+    host_shortcuts(mac)
+        .iter()
+        .find(|s| s.key == code && modifier_set(s.shortcut.modifiers, mac) == held)
+        .map(|s| s.command)
 }
 
 /// The keyboard capture state of one VM view.
@@ -77,6 +144,8 @@ pub struct KeyRouter {
     modifiers: ModifiersState,
     /// Keys whose press was consumed by the host: their release is not the guest's.
     consumed: HashSet<KeyCode>,
+    /// Match the Mac's shortcuts.
+    mac: bool,
 }
 
 impl Default for KeyRouter {
@@ -87,11 +156,17 @@ impl Default for KeyRouter {
 
 impl KeyRouter {
     pub fn new() -> KeyRouter {
+        KeyRouter::for_host(MAC)
+    }
+
+    /// A router with a Mac's (`mac`) or another host's shortcuts.
+    pub fn for_host(mac: bool) -> KeyRouter {
         KeyRouter {
             captured: false,
             held: HeldKeys::default(),
             modifiers: ModifiersState::empty(),
             consumed: HashSet::new(),
+            mac,
         }
     }
 
@@ -129,13 +204,20 @@ impl KeyRouter {
             return KeyRoute::Drop;
         }
         if pressed {
-            let mods = modifiers_of(self.modifiers);
-            if let Some(hit) = HOST_SHORTCUTS
-                .iter()
-                .find(|s| s.key == code && same_modifiers(s.shortcut.modifiers, mods))
-            {
+            if let Some(command) = host_command(code, self.modifiers, self.mac) {
                 self.consumed.insert(code);
-                return if repeat { KeyRoute::Drop } else { KeyRoute::Host(hit.command) };
+                if repeat {
+                    return KeyRoute::Drop;
+                }
+                // The modifiers still held physically: their releases find nothing held and
+                // are dropped; the capture goes on.
+                let ups = self
+                    .held
+                    .release_all()
+                    .into_iter()
+                    .map(|code| InputEvent::Key { code, down: false })
+                    .collect();
+                return KeyRoute::Host(command, ups);
             }
         }
         // The guest repeats held keys itself.
@@ -388,7 +470,7 @@ mod tests {
         r.capture();
         assert_eq!(
             r.key(code(KeyCode::F11), true, false),
-            KeyRoute::Host(HostCommand::ToggleFullscreen)
+            KeyRoute::Host(HostCommand::ToggleFullscreen, Vec::new())
         );
         assert_eq!(r.key(code(KeyCode::F11), false, false), KeyRoute::Drop);
         // With other modifiers held it is the guest's key.
@@ -400,9 +482,89 @@ mod tests {
     fn host_shortcuts_are_most_specific_first() {
         let count =
             |m: Modifiers| [m.alt, m.ctrl || m.command, m.shift].iter().filter(|b| **b).count();
-        for pair in HOST_SHORTCUTS.windows(2) {
-            assert!(count(pair[0].shortcut.modifiers) >= count(pair[1].shortcut.modifiers));
+        for mac in [false, true] {
+            for pair in host_shortcuts(mac).windows(2) {
+                assert!(count(pair[0].shortcut.modifiers) >= count(pair[1].shortcut.modifiers));
+            }
         }
+    }
+
+    const KEY_LEFTCTRL: u16 = 29;
+    const KEY_LEFTALT: u16 = 56;
+
+    #[test]
+    fn snapshot_shortcuts_are_ctrl_alt_elsewhere_and_cmd_shift_on_a_mac() {
+        let ctrl_alt = ModifiersState::CONTROL | ModifiersState::ALT;
+        let cmd_shift = ModifiersState::SUPER | ModifiersState::SHIFT;
+        let pc = |code, m| host_command(code, m, false);
+        let mac = |code, m| host_command(code, m, true);
+        assert_eq!(pc(KeyCode::KeyS, ctrl_alt), Some(HostCommand::TakeSnapshot));
+        assert_eq!(pc(KeyCode::KeyR, ctrl_alt), Some(HostCommand::RestoreLatestSnapshot));
+        assert_eq!(mac(KeyCode::KeyS, cmd_shift), Some(HostCommand::TakeSnapshot));
+        assert_eq!(mac(KeyCode::KeyR, cmd_shift), Some(HostCommand::RestoreLatestSnapshot));
+        // Each platform's combo is an ordinary key on the other.
+        assert_eq!(pc(KeyCode::KeyS, cmd_shift), None);
+        assert_eq!(mac(KeyCode::KeyS, ctrl_alt), None);
+        // Partial or extra modifiers are the guest's (Ctrl+S saves in the guest's editor).
+        assert_eq!(pc(KeyCode::KeyS, ModifiersState::CONTROL), None);
+        assert_eq!(pc(KeyCode::KeyS, ctrl_alt | ModifiersState::SHIFT), None);
+        assert_eq!(mac(KeyCode::KeyS, ModifiersState::SUPER), None);
+        assert_eq!(pc(KeyCode::F11, ModifiersState::empty()), Some(HostCommand::ToggleFullscreen));
+        assert_eq!(mac(KeyCode::F11, ModifiersState::empty()), Some(HostCommand::ToggleFullscreen));
+    }
+
+    #[test]
+    fn the_menu_shows_the_platforms_snapshot_shortcut() {
+        let pc = host_shortcuts(false)[0].shortcut;
+        assert_eq!(pc.format(&egui::ModifierNames::NAMES, false), "Ctrl+Alt+S");
+        let mac = host_shortcuts(true)[1].shortcut;
+        assert_eq!(mac.format(&egui::ModifierNames::SYMBOLS, true), "⇧⌘R");
+    }
+
+    #[test]
+    fn a_captured_snapshot_shortcut_is_not_sent_and_releases_the_guests_modifiers() {
+        let mut r = KeyRouter::for_host(false);
+        r.capture();
+        // Ctrl and Alt reach the guest before anyone knows a shortcut is coming.
+        let down = |code| KeyRoute::Guest(vec![InputEvent::Key { code, down: true }]);
+        assert_eq!(r.key(code(KeyCode::ControlLeft), true, false), down(KEY_LEFTCTRL));
+        r.set_modifiers(ModifiersState::CONTROL);
+        assert_eq!(r.key(code(KeyCode::AltLeft), true, false), down(KEY_LEFTALT));
+        r.set_modifiers(ModifiersState::CONTROL | ModifiersState::ALT);
+        let KeyRoute::Host(cmd, mut ups) = r.key(code(KeyCode::KeyS), true, false) else {
+            panic!("not a host shortcut")
+        };
+        assert_eq!(cmd, HostCommand::TakeSnapshot);
+        ups.sort_by_key(|e| match e {
+            InputEvent::Key { code, .. } => *code,
+            _ => 0,
+        });
+        assert_eq!(
+            ups,
+            vec![
+                InputEvent::Key { code: KEY_LEFTCTRL, down: false },
+                InputEvent::Key { code: KEY_LEFTALT, down: false }
+            ]
+        );
+        // Auto-repeat and the releases of S, Ctrl and Alt are nobody's business now.
+        assert_eq!(r.key(code(KeyCode::KeyS), true, true), KeyRoute::Drop);
+        assert_eq!(r.key(code(KeyCode::KeyS), false, false), KeyRoute::Drop);
+        assert_eq!(r.key(code(KeyCode::AltLeft), false, false), KeyRoute::Drop);
+        r.set_modifiers(ModifiersState::CONTROL);
+        assert_eq!(r.key(code(KeyCode::ControlLeft), false, false), KeyRoute::Drop);
+        r.set_modifiers(ModifiersState::empty());
+        assert!(r.is_captured(), "the capture goes on");
+        assert!(r.release().is_empty(), "nothing is left held");
+        // Ctrl+Alt+S is a guest key on a Mac host.
+        let mut mac = KeyRouter::for_host(true);
+        mac.capture();
+        mac.set_modifiers(ModifiersState::CONTROL | ModifiersState::ALT);
+        assert!(matches!(mac.key(code(KeyCode::KeyS), true, false), KeyRoute::Guest(_)));
+        mac.set_modifiers(ModifiersState::SUPER | ModifiersState::SHIFT);
+        assert!(matches!(
+            mac.key(code(KeyCode::KeyR), true, false),
+            KeyRoute::Host(HostCommand::RestoreLatestSnapshot, _)
+        ));
     }
 
     const AT: (f64, f64) = (300.0, 200.0);

@@ -10,7 +10,8 @@
 //! - [`model`]: VM states for the GUI; [`capacity`]: host RAM/CPUs vs the VMs; [`form`]:
 //!   the create/edit form; [`import_sheet`]: importing dropped disk images; [`demo`]: the first-run demo VM; [`persist`]: `gui-state.json`;
 //! - [`input`]: key routing and host shortcuts; [`screen`]: the guest screen; [`vm_link`]:
-//!   input and size to the VM; [`procstat`]: CPU use; [`worker`]: everything that blocks.
+//!   input and size to the VM; [`procstat`]: CPU use; [`worker`]: everything that blocks;
+//! - [`snapshot_panel`]: a VM's snapshot tree and its buttons; [`toast`]: transient notes.
 
 pub mod app;
 pub mod capacity;
@@ -22,6 +23,8 @@ pub mod model;
 pub mod persist;
 pub mod procstat;
 pub mod screen;
+pub mod snapshot_panel;
+pub mod toast;
 pub mod vm_link;
 pub mod window;
 pub mod worker;

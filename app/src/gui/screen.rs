@@ -25,6 +25,9 @@ use egui::{Color32, ColorImage, TextureHandle, TextureOptions};
 const WATCH_INTERVAL: Duration = Duration::from_millis(4);
 /// How often it retries opening a frame file that is not there (yet).
 const OPEN_RETRY: Duration = Duration::from_millis(500);
+/// How often it checks that the frame file is still the one it reads: a VM process that
+/// restarts (a snapshot restore) puts a new file in its place.
+const REPLACED_CHECK: Duration = Duration::from_millis(250);
 /// More pending rectangles than this and the UI gets one whole frame instead.
 const MAX_PENDING_RECTS: usize = 64;
 /// Largest thumbnail side in the library view.
@@ -229,8 +232,22 @@ fn post(mailbox: &Mutex<Pending>, f: impl FnOnce(&mut Pending)) {
     }
 }
 
+/// The identity (device, inode) of the file at `path`, if there is one.
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// Whether the file at `path` is a new one, not `opened`: a missing file is not (the old
+/// screen stays until a new one comes).
+fn replaced(path: &Path, opened: Option<(u64, u64)>) -> bool {
+    file_id(path).is_some_and(|id| Some(id) != opened)
+}
+
 fn watch(path: &Path, mailbox: &Mutex<Pending>, stop: &AtomicBool, ctx: &egui::Context) {
     while !stop.load(Ordering::Relaxed) {
+        // Looked at before opening: a file replaced in between is then seen as replaced.
+        let opened = file_id(path);
         let mut reader = match FrameReader::open(path) {
             Ok(r) => r,
             Err(e) => {
@@ -242,7 +259,15 @@ fn watch(path: &Path, mailbox: &Mutex<Pending>, stop: &AtomicBool, ctx: &egui::C
             }
         };
         let (mut seen, mut seen_cursor) = (None, None);
+        let mut checked = std::time::Instant::now();
         while !stop.load(Ordering::Relaxed) {
+            if checked.elapsed() >= REPLACED_CHECK {
+                checked = std::time::Instant::now();
+                if replaced(path, opened) {
+                    log::debug!("{} was replaced; reopening it", path.display());
+                    break;
+                }
+            }
             let cursor_seq = reader.cursor_seq();
             if seen_cursor != Some(cursor_seq) {
                 seen_cursor = Some(cursor_seq);
@@ -334,17 +359,24 @@ fn convert(update: FrameUpdate) -> (Option<ColorImage>, Rects) {
 pub struct Thumbnailer {
     path: PathBuf,
     reader: Option<FrameReader>,
+    /// The identity of the file `reader` reads.
+    opened: Option<(u64, u64)>,
     seen: Option<u64>,
 }
 
 impl Thumbnailer {
     pub fn new(path: PathBuf) -> Thumbnailer {
-        Thumbnailer { path, reader: None, seen: None }
+        Thumbnailer { path, reader: None, opened: None, seen: None }
     }
 
     /// A new thumbnail when the screen changed since the last call.
     pub fn refresh(&mut self) -> Option<ColorImage> {
+        if self.reader.is_some() && replaced(&self.path, self.opened) {
+            self.reader = None;
+            self.seen = None;
+        }
         if self.reader.is_none() {
+            self.opened = file_id(&self.path);
             self.reader = FrameReader::open(&self.path).ok();
         }
         let reader = self.reader.as_mut()?;
@@ -484,6 +516,23 @@ mod tests {
         assert_eq!(cursor_rect(&vp, &ARROW), None);
         let vp = Viewport::fit((0.0, 0.0, 100.0, 100.0), (10, 10));
         assert_eq!(cursor_rect(&vp, &CursorPlace { width: 0, ..ARROW }), None);
+    }
+
+    #[test]
+    fn a_frame_file_put_in_place_of_the_old_one_is_seen_as_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("display.shm");
+        std::fs::write(&path, b"old").unwrap();
+        let opened = file_id(&path);
+        assert!(!replaced(&path, opened));
+        // As FrameWriter::create does: a new file renamed over the old one.
+        let tmp = dir.path().join("display.shm.tmp");
+        std::fs::write(&tmp, b"new").unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        assert!(replaced(&path, opened));
+        // Gone (the process is restarting) is not replaced: the old screen stays meanwhile.
+        std::fs::remove_file(&path).unwrap();
+        assert!(!replaced(&path, opened));
     }
 
     #[test]

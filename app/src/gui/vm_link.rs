@@ -19,6 +19,8 @@ const LINK_TIMEOUT: Duration = Duration::from_secs(5);
 enum LinkMsg {
     Input(Vec<InputEvent>),
     DisplaySize(u32, u32),
+    /// Answered once everything queued before it was sent.
+    Barrier(Sender<()>),
 }
 
 /// Sends input and screen-size changes to one VM. Dropping it ends its thread.
@@ -46,12 +48,31 @@ impl VmLink {
     pub fn display_size(&self, width: u32, height: u32) {
         let _ = self.tx.send(LinkMsg::DisplaySize(width, height));
     }
+
+    /// Answers once the input queued so far was sent (or given up on): a snapshot waits for
+    /// it so that the key-ups just sent are in the snapshot. A dead link answers at once
+    /// (the receiver sees a disconnect).
+    pub fn barrier(&self) -> Receiver<()> {
+        let (tx, rx) = mpsc::channel();
+        let _ = self.tx.send(LinkMsg::Barrier(tx));
+        rx
+    }
 }
 
-/// Merges everything queued behind `first`: one input batch, the latest size. Pointer
-/// positions that a later position supersedes (nothing else in between) are dropped.
-fn batch(first: LinkMsg, rx: &Receiver<LinkMsg>) -> (Vec<InputEvent>, Option<(u32, u32)>) {
-    let (mut events, mut size) = (Vec::new(), None);
+/// One merged round of messages.
+#[derive(Debug, Default)]
+struct Batch {
+    events: Vec<InputEvent>,
+    size: Option<(u32, u32)>,
+    barriers: Vec<Sender<()>>,
+}
+
+/// Merges everything queued behind `first`: one input batch, the latest size, the barriers
+/// to answer after them. Pointer positions that a later position supersedes (nothing else
+/// in between) are dropped.
+fn batch(first: LinkMsg, rx: &Receiver<LinkMsg>) -> Batch {
+    let mut b = Batch::default();
+    let Batch { events, size, barriers } = &mut b;
     let mut add = |m| match m {
         LinkMsg::Input(e) => {
             for event in e {
@@ -63,13 +84,14 @@ fn batch(first: LinkMsg, rx: &Receiver<LinkMsg>) -> (Vec<InputEvent>, Option<(u3
                 events.push(event);
             }
         }
-        LinkMsg::DisplaySize(w, h) => size = Some((w, h)),
+        LinkMsg::DisplaySize(w, h) => *size = Some((w, h)),
+        LinkMsg::Barrier(tx) => barriers.push(tx),
     };
     add(first);
     while let Ok(m) = rx.try_recv() {
         add(m);
     }
-    (events, size)
+    b
 }
 
 /// Sends `events` (in requests the server accepts) and the size; one reconnect and retry
@@ -107,8 +129,16 @@ fn pump(vm: &VmDir, rx: &Receiver<LinkMsg>) {
     let mut client: Option<ControlClient> = None;
     let mut warned = false;
     while let Ok(first) = rx.recv() {
-        let (events, size) = batch(first, rx);
-        match send(vm, &mut client, &events, size) {
+        let Batch { events, size, barriers } = batch(first, rx);
+        let sent = if events.is_empty() && size.is_none() {
+            Ok(())
+        } else {
+            send(vm, &mut client, &events, size)
+        };
+        for b in barriers {
+            let _ = b.send(());
+        }
+        match sent {
             Ok(()) => {}
             // The VM said no (no display device): keep the connection, say it once.
             Err(crate::control::client::ControlClientError::Refused(why)) => {
@@ -133,9 +163,9 @@ mod tests {
         tx.send(LinkMsg::DisplaySize(800, 600)).ok();
         tx.send(LinkMsg::Input(vec![key(2)])).ok();
         tx.send(LinkMsg::DisplaySize(1024, 768)).ok();
-        let (events, size) = batch(LinkMsg::Input(vec![key(1)]), &rx);
-        assert_eq!(events, vec![key(1), key(2)]);
-        assert_eq!(size, Some((1024, 768)));
+        let b = batch(LinkMsg::Input(vec![key(1)]), &rx);
+        assert_eq!(b.events, vec![key(1), key(2)]);
+        assert_eq!(b.size, Some((1024, 768)));
         assert!(rx.try_recv().is_err());
     }
 
@@ -146,7 +176,19 @@ mod tests {
         let click = InputEvent::Button { button: display::PointerButton::Left, down: true };
         tx.send(LinkMsg::Input(vec![at(2), at(3), click, at(4)])).ok();
         tx.send(LinkMsg::Input(vec![at(5)])).ok();
-        let (events, _) = batch(LinkMsg::Input(vec![at(1)]), &rx);
-        assert_eq!(events, vec![at(3), click, at(5)]);
+        let b = batch(LinkMsg::Input(vec![at(1)]), &rx);
+        assert_eq!(b.events, vec![at(3), click, at(5)]);
+    }
+
+    #[test]
+    fn a_barrier_is_answered_after_the_input_queued_before_it() {
+        let (tx, rx) = mpsc::channel();
+        let (btx, brx) = mpsc::channel();
+        let up = InputEvent::Key { code: 29, down: false };
+        tx.send(LinkMsg::Barrier(btx)).ok();
+        let b = batch(LinkMsg::Input(vec![up]), &rx);
+        assert_eq!(b.events, vec![up]);
+        assert_eq!(b.barriers.len(), 1);
+        assert!(brx.try_recv().is_err(), "not before the batch is sent");
     }
 }

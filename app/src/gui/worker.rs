@@ -2,17 +2,23 @@
 //! every second, thumbnails of running VMs) and one thread per job (start, stop, delete...).
 //! Results come back as [`Event`]s on a channel, each followed by a repaint request.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 
 use super::model::{derive_state, Probe, VmState, VmSummary};
 use super::screen::Thumbnailer;
+use super::snapshot_panel::{self, SnapshotRef};
 use crate::control::client::ControlClient;
 use crate::library::{DiskState, Library, VmConfig};
-use crate::{commands, runtime};
+use crate::snapshots::{SnapshotInfo, SnapshotList};
+use crate::{commands, runtime, snapshot_cmd};
+
+/// How long a snapshot waits for the input sent before it to reach the guest.
+const BARRIER_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How often the poller looks at the library when nothing pokes it.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -88,6 +94,109 @@ pub enum Event {
     },
     /// From the import sheet's worker.
     Import(super::import_sheet::ImportEvent),
+    /// A snapshot job ended; the error is the whole cause chain, outermost first.
+    Snapshot {
+        job: SnapshotJob,
+        result: Result<SnapshotDone, Vec<String>>,
+    },
+}
+
+/// A snapshot operation the UI asked for (one VM at a time; they block on its process).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SnapshotJob {
+    /// Read the list; decode the thumbnails not in `known` (paths the UI already has).
+    List {
+        vm: String,
+        known: HashSet<PathBuf>,
+    },
+    Take {
+        vm: String,
+    },
+    /// Restore `snapshot`, or the newest one when None.
+    Restore {
+        vm: String,
+        snapshot: Option<SnapshotRef>,
+    },
+    Delete {
+        vm: String,
+        snapshot: SnapshotRef,
+    },
+}
+
+impl SnapshotJob {
+    pub fn vm(&self) -> &str {
+        match self {
+            SnapshotJob::List { vm, .. }
+            | SnapshotJob::Take { vm }
+            | SnapshotJob::Restore { vm, .. }
+            | SnapshotJob::Delete { vm, .. } => vm,
+        }
+    }
+
+    /// What failed, for the error toast.
+    pub fn failure_title(&self) -> String {
+        match self {
+            SnapshotJob::List { vm, .. } => format!("Cannot list the snapshots of VM '{vm}'"),
+            SnapshotJob::Take { vm } => format!("Cannot take a snapshot of VM '{vm}'"),
+            SnapshotJob::Restore { vm, snapshot: Some(s) } => {
+                format!("Cannot restore snapshot '{}' of VM '{vm}'", s.name)
+            }
+            SnapshotJob::Restore { vm, snapshot: None } => {
+                format!("Cannot restore the latest snapshot of VM '{vm}'")
+            }
+            SnapshotJob::Delete { vm, snapshot } => {
+                format!("Cannot delete snapshot '{}' of VM '{vm}'", snapshot.name)
+            }
+        }
+    }
+
+    /// What the in-flight indicator says (None: nothing worth showing).
+    pub fn progress_text(&self) -> Option<&'static str> {
+        match self {
+            SnapshotJob::List { .. } => None,
+            SnapshotJob::Take { .. } => Some("Saving snapshot…"),
+            SnapshotJob::Restore { .. } => Some("Restoring…"),
+            SnapshotJob::Delete { .. } => Some("Deleting snapshot…"),
+        }
+    }
+}
+
+/// What a snapshot job did.
+#[derive(Debug)]
+pub enum SnapshotDone {
+    /// The list and the newly decoded thumbnails (None: the file did not decode).
+    Listed {
+        list: SnapshotList,
+        thumbnails: Vec<(PathBuf, Option<egui::ColorImage>)>,
+    },
+    Taken {
+        info: SnapshotInfo,
+        took: Duration,
+    },
+    Restored {
+        name: String,
+        took: Duration,
+    },
+    Deleted {
+        info: SnapshotInfo,
+    },
+}
+
+impl SnapshotDone {
+    /// The toast for it (None for a list).
+    pub fn message(&self) -> Option<String> {
+        let ms = |d: &Duration| d.as_millis();
+        match self {
+            SnapshotDone::Listed { .. } => None,
+            SnapshotDone::Taken { info, took } => {
+                Some(format!("Snapshot '{}' taken in {} ms", info.name, ms(took)))
+            }
+            SnapshotDone::Restored { name, took } => {
+                Some(format!("Snapshot '{name}' restored in {} ms", ms(took)))
+            }
+            SnapshotDone::Deleted { info } => Some(format!("Snapshot '{}' deleted", info.name)),
+        }
+    }
 }
 
 /// Sends events to the UI and wakes it.
@@ -271,6 +380,85 @@ fn run_job(library: &Library, job: &Job) -> anyhow::Result<String> {
             let path = vm.dir().join(format!("screenshot-{}.png", crate::library::unix_now()));
             super::screen::save_screenshot(&frame, &path)?;
             format!("Screenshot saved to {}", path.display())
+        }
+    })
+}
+
+/// Runs a snapshot job on its own thread; its result comes back as [`Event::Snapshot`]. A
+/// `barrier` (from the VM link) is waited for first, so that the key-ups sent just before
+/// a snapshot are in it.
+pub fn spawn_snapshot(
+    library: Library,
+    job: SnapshotJob,
+    barrier: Option<Receiver<()>>,
+    events: EventSender,
+    poke: Option<Sender<()>>,
+) {
+    let spawned = std::thread::Builder::new().name("gui-snapshot".into()).spawn({
+        let job = job.clone();
+        let events = events.clone();
+        move || {
+            if let Some(b) = barrier {
+                let _ = b.recv_timeout(BARRIER_TIMEOUT);
+            }
+            let result = run_snapshot(&library, &job)
+                .map_err(|e| e.chain().map(|c| c.to_string()).collect::<Vec<_>>());
+            events.send(Event::Snapshot { job, result });
+            if let Some(poke) = poke {
+                let _ = poke.send(());
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        events.send(Event::Snapshot {
+            job,
+            result: Err(vec!["Cannot start a worker thread".into(), e.to_string()]),
+        });
+    }
+}
+
+fn run_snapshot(library: &Library, job: &SnapshotJob) -> anyhow::Result<SnapshotDone> {
+    let started = Instant::now();
+    Ok(match job {
+        SnapshotJob::List { vm, known } => {
+            let list = snapshot_cmd::list(library, vm)?;
+            let thumbnails = list
+                .snapshots
+                .iter()
+                .filter_map(|s| s.thumbnail.clone())
+                .filter(|p| !known.contains(p))
+                .collect::<HashSet<_>>()
+                .into_iter()
+                .map(|p| {
+                    let image = snapshot_panel::decode_thumbnail(&p)
+                        .map_err(|e| log::debug!("{}", vmm::error_chain(&e)))
+                        .ok();
+                    (p, image)
+                })
+                .collect();
+            SnapshotDone::Listed { list, thumbnails }
+        }
+        SnapshotJob::Take { vm } => {
+            let info = snapshot_cmd::take(library, vm, None)?;
+            SnapshotDone::Taken { info, took: started.elapsed() }
+        }
+        SnapshotJob::Restore { vm, snapshot } => {
+            let target = match snapshot {
+                Some(s) => s.clone(),
+                None => {
+                    let list = snapshot_cmd::list(library, vm)?;
+                    let newest = snapshot_panel::latest(&list)
+                        .ok_or_else(|| anyhow::anyhow!("VM '{vm}' has no snapshots"))?;
+                    SnapshotRef::of(newest)
+                }
+            };
+            let started = Instant::now();
+            snapshot_cmd::restore(library, vm, &target.id)?;
+            SnapshotDone::Restored { name: target.name, took: started.elapsed() }
+        }
+        SnapshotJob::Delete { vm, snapshot } => {
+            let info = snapshot_cmd::delete(library, vm, &snapshot.id)?;
+            SnapshotDone::Deleted { info }
         }
     })
 }
