@@ -98,10 +98,23 @@ qemu_cmd() {
         -serial chardev:s0 -qmp "unix:$WORK/qmp.sock,server=on,wait=off")
 }
 
+# qmp JSON: sends one command after the handshake; prints its reply (events are skipped).
 qmp() {
-    printf '{"execute":"qmp_capabilities"}\n%s\n' "$1" |
-        timeout "$VM_TIMEOUT" socat -t "$VM_TIMEOUT" - "UNIX-CONNECT:$WORK/qmp.sock" |
-        grep -v '"QMP"' | sed -n 2p
+    timeout "$VM_TIMEOUT" python3 - "$WORK/qmp.sock" "$1" <<'PY'
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+f = s.makefile("rw")
+def reply():
+    while True:
+        msg = json.loads(f.readline())
+        if "return" in msg or "error" in msg:
+            return msg
+f.readline()  # greeting
+f.write('{"execute":"qmp_capabilities"}\n'); f.flush(); reply()
+f.write(sys.argv[2] + "\n"); f.flush()
+print(json.dumps(reply()))
+PY
 }
 
 qemu_send() {
@@ -161,11 +174,13 @@ median() {
 declare -a hs hr qs qr
 for rep in $(seq "$REPS"); do
     log "rep $rep: qemu"
-    set -- $(qemu_rep "$rep")
+    r=$(qemu_rep "$rep") || die "qemu repetition $rep failed"
+    set -- $r
     qs+=("$1"); qr+=("$2"); qsize=$3
     log "  qemu savevm ${1} ms, loadvm to answer ${2} ms, qcow2 ${3} KiB"
     log "rep $rep: hutch"
-    set -- $(hutch_rep "$rep")
+    r=$(hutch_rep "$rep") || die "hutch repetition $rep failed"
+    set -- $r
     hs+=("$1"); hr+=("$2"); hsize=$3
     log "  hutch take ${1} ms, restore to answer ${2} ms, snapshot ${3} KiB"
 done

@@ -624,6 +624,14 @@ snapshots_bring_back_memory_disk_and_console() {
     [ "$(grep -c 'first\|second\|third' "$WORK/list.txt")" = 3 ] || fail "list: $(cat "$WORK/list.txt")"
     grep -q 'third.*you are here' "$WORK/list.txt" || fail "list has no current mark: $(cat "$WORK/list.txt")"
     [ -s "$HUTCH_HOME/vms/$name/snapshots/$(snapshot_id $name first).png" ] || fail "no thumbnail"
+    # A paused VM stays paused through snapshots, and takes more than one.
+    local sock
+    sock=$(vm_socket $name)
+    printf '{"cmd":"pause"}\n' | timeout 10 socat -t 2 - "UNIX-CONNECT:$sock" >/dev/null 2>&1
+    "$HUTCH" snapshot take $name paused-1 >>"$log" 2>&1 || fail "snapshot of a paused VM (log: $log)"
+    "$HUTCH" snapshot take $name paused-2 >>"$log" 2>&1 || fail "second snapshot while paused (log: $log)"
+    contains "$("$HUTCH" status $name)" paused || fail "the VM is not paused after the snapshots"
+    printf '{"cmd":"resume"}\n' | timeout 10 socat -t 2 - "UNIX-CONNECT:$sock" >/dev/null 2>&1
 
     local pid_before lines_before
     pid_before=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["pid"])' "$HUTCH_HOME/vms/$name/pid.json")

@@ -163,6 +163,8 @@ struct Control {
     live_vcpus: u32,
     /// Work every paused vCPU does on its own thread (a vCPU is bound to it): saving state.
     job: Option<Arc<VcpuJob>>,
+    /// Counts jobs, so a vCPU that stays paused across two jobs does both.
+    job_generation: u64,
 }
 
 /// Saves each paused vCPU's state on its own thread.
@@ -200,6 +202,7 @@ impl Lifecycle {
                 paused_vcpus: 0,
                 live_vcpus: 0,
                 job: None,
+                job_generation: 0,
             }),
             changed: Condvar::new(),
             kickers: Mutex::new(Vec::new()),
@@ -234,11 +237,11 @@ impl Lifecycle {
     fn wait_runnable(&self, id: u32, vcpu: &dyn Vcpu) -> bool {
         let mut control = lock(&self.control);
         let mut counted_paused = false;
-        let mut last_job: Option<*const VcpuJob> = None;
+        let mut last_job = None;
         loop {
             if let Some(job) = control.job.clone().filter(|_| counted_paused) {
-                if last_job != Some(Arc::as_ptr(&job)) {
-                    last_job = Some(Arc::as_ptr(&job));
+                if last_job != Some(control.job_generation) {
+                    last_job = Some(control.job_generation);
                     drop(control);
                     job.run(id, vcpu);
                     self.changed.notify_all();
@@ -620,6 +623,7 @@ impl MachineHandle {
         {
             let mut control = lock(&self.lifecycle.control);
             control.job = Some(job.clone());
+            control.job_generation += 1;
             self.lifecycle.changed.notify_all();
             let deadline = Instant::now() + PAUSE_TIMEOUT;
             while !job.done() {
