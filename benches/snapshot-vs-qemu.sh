@@ -107,7 +107,10 @@ s.connect(sys.argv[1])
 f = s.makefile("rw")
 def reply():
     while True:
-        msg = json.loads(f.readline())
+        line = f.readline()
+        if not line:  # the VMM went away (quit)
+            return {}
+        msg = json.loads(line)
         if "return" in msg or "error" in msg:
             return msg
 f.readline()  # greeting
@@ -156,7 +159,7 @@ qemu_rep() {
     ask_until_answer qemu_send "$log2" "HUTCH-BACK-$rep"
     t1=$(now_ms)
     local restore=$((t1 - t0)) size
-    size=$(qemu-img info --output=json "$WORK/q-disk.qcow2" | python3 -c 'import json,sys; print(json.load(sys.stdin)["actual-size"] // 1024)')
+    size=$(qemu-img info -U --output=json "$WORK/q-disk.qcow2" | python3 -c 'import json,sys; print(json.load(sys.stdin)["actual-size"] // 1024)')
     qmp '{"execute":"quit"}' >/dev/null || true
     qemu_wait_gone "$pid"
     echo "$save $restore $size"

@@ -263,7 +263,7 @@ run_action() {
     cmdloop) act_cmdloop ;;
     fill:*)
         # Touches MIB of guest RAM with non-zero data (in the initramfs, which lives in RAM).
-        yes 0123456789abcdef | head -c "${1#fill:}M" >/fill
+        yes 0123456789abcdef | head -c "$((${1#fill:} * 1048576))" >/fill
         result "fill=$(($(wc -c </fill) >> 20))"
         ;;
     shell)
