@@ -4,7 +4,8 @@
 # ratios mean something there.
 #
 # The same guest for both: 1 vCPU, BENCH_MEM MiB (default 1024), the test kernel + initramfs,
-# which first fills BENCH_FILL MiB (default 800) of its RAM with non-zero data, then runs its
+# which first fills BENCH_FILL MiB (default 450: its initramfs tmpfs holds at most half the RAM)
+# of its RAM with non-zero data, then runs its
 # command loop on the serial console. One 64 MiB qcow2 disk (QEMU's savevm needs one).
 # Per VMM, BENCH_REPS repetitions (default 3, medians):
 #   save    — Hutch: `hutch snapshot take` (CLI wall time: pause, state, RAM, fsync, resume);
@@ -22,7 +23,7 @@ set -euo pipefail
 HUTCH=${HUTCH:-${CARGO_TARGET_DIR:-$REPO/target}/release/hutch}
 REPS=${BENCH_REPS:-3}
 MEM=${BENCH_MEM:-1024}
-FILL=${BENCH_FILL:-800}
+FILL=${BENCH_FILL:-450}
 VM_TIMEOUT=${BENCH_VM_TIMEOUT:-300}
 KERNEL=$BUILD/guest/vmlinuz
 INITRD=$BUILD/guest/initramfs.cpio.gz

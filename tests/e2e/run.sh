@@ -507,6 +507,11 @@ PY
         sleep 0.2
     done
     sleep 3
+    # The restart gave the keyboard back (the status bar says so): capture it again.
+    xdotool mousemove $cx $cy
+    sleep 0.5
+    xdotool click 1
+    sleep 1
     xdotool type --delay 80 'after restore'
     xdotool key Return
     wait_for_line "$serial" 'HUTCH-KEYS after restore' 90
