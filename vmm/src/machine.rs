@@ -372,6 +372,7 @@ pub struct MachineState {
     pub pci: crate::pci::PciRootState,
     pub pci_config_io: crate::pci::root::PciConfigIoState,
     /// The boot framebuffer's memory, when the machine has a display.
+    #[serde(with = "serde_bytes")]
     pub framebuffer: Option<Vec<u8>>,
 }
 

@@ -71,7 +71,8 @@ impl PciDevice for HostBridge {
 /// Saved state of bus 0: each slot's device state (configuration space included), by slot.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PciRootState {
-    pub slots: Vec<Option<Vec<u8>>>,
+    /// Each device's own encoded state (bytes, not a sequence: large states decode fast).
+    pub slots: Vec<Option<serde_bytes::ByteBuf>>,
 }
 
 /// Saved state of the configuration port adapter: the latched CONFIG_ADDRESS.
@@ -267,7 +268,11 @@ impl PciRoot {
         let slots = self
             .slots
             .iter()
-            .map(|slot| slot.as_ref().map(|s| lock(&s.device).save_state()).transpose())
+            .map(|slot| {
+                slot.as_ref()
+                    .map(|s| lock(&s.device).save_state().map(serde_bytes::ByteBuf::from))
+                    .transpose()
+            })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(PciRootState { slots })
     }
@@ -820,7 +825,7 @@ mod tests {
         let mut empty = empty;
         assert!(matches!(empty.restore_state(&saved), Err(StateError::Invalid { .. })));
         let mut foreign = saved.clone();
-        foreign.slots[1] = Some(state::encode("x", &vec![0u32; 64]).unwrap());
+        foreign.slots[1] = Some(state::encode("x", &vec![0u32; 64]).unwrap().into());
         let (other, _) = setup();
         assert!(matches!(
             other.lock().unwrap().restore_state(&foreign),

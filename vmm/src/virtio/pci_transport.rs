@@ -342,6 +342,7 @@ pub struct VirtioPciState {
     /// The device's queues (positions included) while active; empty otherwise.
     pub live_queues: Vec<SavedQueue>,
     pub msix: MsixSaved,
+    #[serde(with = "serde_bytes")]
     pub device: Vec<u8>,
 }
 

@@ -114,6 +114,7 @@ pub struct GpuResourceState {
     pub width: u32,
     pub height: u32,
     pub backing: Vec<(u64, u32)>,
+    #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
 }
 
@@ -125,6 +126,7 @@ pub struct GpuCursorState {
     pub hot_x: u32,
     pub hot_y: u32,
     pub format: u32,
+    #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
     pub x: u32,
     pub y: u32,
