@@ -10,7 +10,7 @@
 #   HUTCH             the binary (default ${CARGO_TARGET_DIR:-$REPO/target}/release/hutch)
 #   E2E_TARGET        hutch (default) or qemu: run the cases that don't need hutch's CLI against
 #                     qemu-system-x86_64 -enable-kvm, to check the fixtures and the harness
-#   E2E_CASE_TIMEOUT  seconds per case (default 600); E2E_VM_TIMEOUT per boot (default 150)
+#   E2E_CASE_TIMEOUT  seconds per case (default 600; the GUI case gets 1.5×); E2E_VM_TIMEOUT per boot (default 150)
 #   E2E_FORCE=1       run even where /dev/kvm is not hardware-assisted (outside the lab)
 #   E2E_KEEP=1        keep the work directory
 #   E2E_LOGS          a directory to copy failed cases' work (logs) into, e.g. the lab's --out
@@ -490,6 +490,8 @@ PY
     # The toast lasts 3 s, less than OCR takes here: kept for a human to look at, not judged.
     import -window root "$WORK/gui-snapshot-toast.png"
     keep_screens "$WORK/gui-snapshot-toast.png"
+    # The GUI hears back a moment after the snapshot is listed.
+    sleep 5
     xdotool mousemove $cx $cy
     sleep 0.5
     xdotool click 1
@@ -792,6 +794,14 @@ kvm_can_boot() {
     [ -c /dev/kvm ] && { [ -d /sys/module/kvm_amd ] || [ -d /sys/module/kvm_intel ]; }
 }
 
+# The GUI case drives a software-rendered window under emulation through many steps.
+case_timeout() {
+    case $1 in
+    gui_*) echo $((CASE_TIMEOUT * 3 / 2)) ;;
+    *) echo "$CASE_TIMEOUT" ;;
+    esac
+}
+
 run_one() {
     WORK=$1
     "$2"
@@ -825,7 +835,7 @@ main() {
         mkdir -p "$dir"
         t0=$(now_ms)
         rc=0
-        timeout -k 5 "$CASE_TIMEOUT" bash "$0" --case "$dir" "$name" || rc=$?
+        timeout -k 5 "$(case_timeout "$name")" bash "$0" --case "$dir" "$name" || rc=$?
         reason=$(cat "$dir/.reason" 2>/dev/null || true)
         case $rc in
         0) echo "PASS $name ($(( ($(now_ms) - t0) / 1000 )) s)"; passed=$((passed + 1)) ;;

@@ -11,9 +11,11 @@ use crate::control::client::ControlClient;
 use crate::control::protocol::MAX_INPUT_EVENTS;
 use crate::library::VmDir;
 
-/// How long a request may take before the connection is dropped and reopened (a VM under
-/// load, e.g. nested, can be slow to answer; keys must not be lost for that).
-const LINK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a request may take before the connection is dropped and reopened. A VM answers
+/// input only after a snapshot in progress (seconds with a large RAM) and may be slow under
+/// load (nested); keys must not be lost for that. A VM process that is gone closes the socket,
+/// which fails at once.
+const LINK_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug)]
 enum LinkMsg {
