@@ -153,8 +153,7 @@ pub fn restore(library: &Library, name: &str, key: &str) -> anyhow::Result<Strin
 pub fn delete(library: &Library, name: &str, key: &str) -> anyhow::Result<SnapshotInfo> {
     let vm = library.existing(name)?;
     if let Some(mut client) = connect(&vm)? {
-        let list = snapshots::list(&vm)?;
-        let info = find_info(&list, key)?;
+        let info = snapshots::find(&vm, key)?;
         client.call(Request::SnapshotDelete { snapshot: info.id.clone() }).map_err(refused)?;
         return Ok(info);
     }
@@ -162,18 +161,6 @@ pub fn delete(library: &Library, name: &str, key: &str) -> anyhow::Result<Snapsh
         .try_lock()?
         .ok_or_else(|| anyhow!("VM '{name}' is busy (starting or being changed); try again"))?;
     snapshots::delete(&vm, key, None)
-}
-
-fn find_info(list: &SnapshotList, key: &str) -> anyhow::Result<SnapshotInfo> {
-    if let Some(s) = list.snapshots.iter().find(|s| s.id == key) {
-        return Ok(s.clone());
-    }
-    let named: Vec<_> = list.snapshots.iter().filter(|s| s.name == key).collect();
-    match named.as_slice() {
-        [one] => Ok((*one).clone()),
-        [] => bail!("No snapshot '{key}'"),
-        _ => bail!("Several snapshots are named '{key}'; use the id"),
-    }
 }
 
 /// Prints the tree: children indented under their parent, the current state marked.

@@ -150,6 +150,17 @@ impl Index {
         }
     }
 
+    /// Every layer file something still needs: snapshots' frozen layers, the VM's active
+    /// layers (`config`), and layers waiting to be merged.
+    fn layers_in_use(&self, config: &VmConfig) -> Vec<PathBuf> {
+        self.snapshots
+            .iter()
+            .flat_map(|e| e.disks.iter().map(|d| d.path.clone()))
+            .chain(config.disks.iter().map(|d| d.path.clone()))
+            .chain(self.pending_merges.iter().cloned())
+            .collect()
+    }
+
     /// The most recently taken snapshot.
     fn latest(&self) -> Option<&Entry> {
         self.snapshots.iter().max_by_key(|e| (e.created, e.id.clone()))
@@ -163,6 +174,11 @@ pub fn list(vm: &VmDir) -> anyhow::Result<SnapshotList> {
         snapshots: index.snapshots.iter().map(|e| e.info(vm)).collect(),
         current: index.current.clone(),
     })
+}
+
+/// Snapshot `key` (an id, or a name only one snapshot has).
+pub fn find(vm: &VmDir, key: &str) -> anyhow::Result<SnapshotInfo> {
+    Ok(load_index(vm)?.find(key)?.info(vm))
 }
 
 /// The id of the latest snapshot, for "restore the latest".
@@ -369,13 +385,7 @@ pub fn apply_restore(vm: &VmDir, id: &str) -> anyhow::Result<SnapshotFile> {
 fn drop_unused_layers(vm: &VmDir, index: &Index, config: &VmConfig) -> anyhow::Result<()> {
     let dir = layers_dir(vm);
     let Ok(read) = std::fs::read_dir(&dir) else { return Ok(()) };
-    let used: Vec<PathBuf> = index
-        .snapshots
-        .iter()
-        .flat_map(|e| e.disks.iter().map(|d| d.path.clone()))
-        .chain(config.disks.iter().map(|d| d.path.clone()))
-        .chain(index.pending_merges.iter().cloned())
-        .collect();
+    let used = index.layers_in_use(config);
     let mut candidates = Vec::new();
     for item in read.flatten() {
         let path = item.path();
@@ -439,13 +449,7 @@ pub fn merge_pending(vm: &VmDir, config: &VmConfig, running: bool) -> anyhow::Re
     if index.pending_merges.is_empty() {
         return Ok(());
     }
-    let mut all_layers: Vec<PathBuf> = index
-        .snapshots
-        .iter()
-        .flat_map(|e| e.disks.iter().map(|d| d.path.clone()))
-        .chain(config.disks.iter().map(|d| d.path.clone()))
-        .chain(index.pending_merges.iter().cloned())
-        .collect();
+    let mut all_layers = index.layers_in_use(config);
     all_layers.sort();
     all_layers.dedup();
     let active: Vec<&PathBuf> = config.disks.iter().map(|d| &d.path).collect();
