@@ -58,11 +58,15 @@ ask_until_answer() {
     done
 }
 
+# The running VM process's control socket, from its pid.json. Read once per restore, not per
+# send: a Python start per attempt costs seconds under the lab's emulation, which QEMU's side
+# (a plain socat) does not pay.
+hutch_socket() {
+    sed -n 's/.*"socket" *: *"\([^"]*\)".*/\1/p' "$HUTCH_HOME/vms/bench/pid.json"
+}
+
 hutch_send() {
-    local sock
-    sock=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["socket"])' \
-        "$HUTCH_HOME/vms/bench/pid.json" 2>/dev/null) || return 1
-    printf '{"cmd":"console"}\n%s\n' "$1" | timeout 5 socat -t 0.5 - "UNIX-CONNECT:$sock" >/dev/null 2>&1
+    printf '{"cmd":"console"}\n%s\n' "$1" | timeout 5 socat -t 0.5 - "UNIX-CONNECT:$HSOCK" >/dev/null 2>&1
 }
 
 hutch_rep() {
@@ -82,6 +86,8 @@ hutch_rep() {
     t0=$(now_ms)
     "$HUTCH" snapshot restore bench "s$rep" >"$WORK/h-restore.log" 2>&1 ||
         die "restore: $(cat "$WORK/h-restore.log")"
+    HSOCK=$(hutch_socket)
+    [ -n "$HSOCK" ] || die "no control socket in pid.json after the restore"
     ask_until_answer hutch_send "$serial" "HUTCH-BACK-$rep"
     t1=$(now_ms)
     local restore=$((t1 - t0)) size

@@ -76,3 +76,10 @@ fn notifier_catches_guest_write() {
         conformance::notifier_catches_guest_write(&hv);
     }
 }
+
+#[test]
+fn dirty_log_names_the_written_page() {
+    if let Some(hv) = hypervisor() {
+        conformance::dirty_log_names_the_written_page(&hv);
+    }
+}

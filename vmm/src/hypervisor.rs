@@ -90,6 +90,8 @@ pub struct GuestRamMapping {
     pub size: u64,
     pub host_addr: *mut u8,
     pub readonly: bool,
+    /// Record which pages the guest writes, for [`Vm::take_dirty_pages`].
+    pub track_dirty: bool,
 }
 
 /// Everything a backend needs to know to create a VM.
@@ -159,6 +161,14 @@ pub trait Vm: InterruptSink {
     /// writes in the hypervisor keep this default: the VMM then handles them as MMIO exits.
     fn register_notifier(&self, _addr: u64, _len: u32) -> Result<Box<dyn GuestNotifier>> {
         Err(HypervisorError::Unsupported("guest notifiers"))
+    }
+
+    /// The pages of slot `slot` (`size` bytes, mapped with `track_dirty`) the guest wrote
+    /// since the previous call, one bit per 4 KiB page (page `i` is bit `i % 64` of word
+    /// `i / 64`); the next round starts empty. Backends without dirty logging keep this
+    /// default, and the caller compares the whole region instead.
+    fn take_dirty_pages(&self, _slot: u32, _size: u64) -> Result<Vec<u64>> {
+        Err(HypervisorError::Unsupported("dirty page tracking"))
     }
 
     /// Saves VM-wide backend state (interrupt controllers, timers, clock).

@@ -60,6 +60,7 @@ pub fn map_into_vm(memory: &GuestMemory, vm: &dyn Vm) -> Result<(), MemoryError>
             size: region.len(),
             host_addr: region.as_ptr(),
             readonly: false,
+            track_dirty: false,
         };
         // SAFETY: the mapping is a live mmap owned by `memory`. Callers keep a clone of
         // `memory` for as long as the VM can run (the machine's handle drops it only after

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use kvm_bindings::{
     kvm_cpuid_entry2, kvm_irqchip, kvm_msi, kvm_pit_config, kvm_userspace_memory_region,
     KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES,
-    KVM_MEM_READONLY, KVM_PIT_SPEAKER_DUMMY,
+    KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vmm::hypervisor::{
@@ -178,7 +178,8 @@ impl Vm for KvmVm {
     unsafe fn map_memory(&self, mapping: GuestRamMapping) -> Result<()> {
         let region = kvm_userspace_memory_region {
             slot: mapping.slot,
-            flags: if mapping.readonly { KVM_MEM_READONLY } else { 0 },
+            flags: if mapping.readonly { KVM_MEM_READONLY } else { 0 }
+                | if mapping.track_dirty { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
             guest_phys_addr: mapping.guest_addr,
             memory_size: mapping.size,
             userspace_addr: mapping.host_addr as u64,
@@ -203,6 +204,13 @@ impl Vm for KvmVm {
 
     fn register_notifier(&self, addr: u64, len: u32) -> Result<Box<dyn GuestNotifier>> {
         Ok(Box::new(notifier::KvmNotifier::new(self.fd.clone(), addr, len)?))
+    }
+
+    fn take_dirty_pages(&self, slot: u32, size: u64) -> Result<Vec<u64>> {
+        let size = usize::try_from(size).map_err(|_| {
+            HypervisorError::InvalidState(format!("memory slot {slot} of {size} bytes"))
+        })?;
+        self.fd.get_dirty_log(slot, size).map_err(os("KVM_GET_DIRTY_LOG"))
     }
 
     fn save_state(&self) -> Result<VmState> {

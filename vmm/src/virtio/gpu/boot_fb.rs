@@ -163,7 +163,27 @@ impl BootFramebuffer {
 
     /// Sends what changed since the last scan (everything when `force_full`) to `sink`.
     pub fn scan(&mut self, sink: &dyn ScanoutSink, force_full: bool) {
+        self.scan_written(sink, force_full, None);
+    }
+
+    /// Like [`BootFramebuffer::scan`], comparing only the rows on pages marked in `written`
+    /// (the hypervisor's dirty log of this mapping: bit `i % 64` of word `i / 64` for 4 KiB
+    /// page `i`); None compares every row.
+    pub fn scan_written(
+        &mut self,
+        sink: &dyn ScanoutSink,
+        force_full: bool,
+        written: Option<&[u64]>,
+    ) {
         let force_full = force_full || std::mem::take(&mut self.rescan);
+        let covered = self.stride as usize * self.height as usize;
+        if !force_full
+            && written.is_some_and(|pages| {
+                pages.len() * 64 * 4096 >= covered && pages.iter().all(|&word| word == 0)
+            })
+        {
+            return;
+        }
         let rects = if force_full {
             let len = self.shadow.len();
             let mut shadow = std::mem::take(&mut self.shadow);
@@ -173,7 +193,7 @@ impl BootFramebuffer {
             self.shadow = shadow;
             vec![Rect::new(0, 0, self.width, self.height)]
         } else {
-            self.find_changes();
+            self.find_changes(written);
             self.dirty_rects()
         };
         let image = Image {
@@ -188,9 +208,10 @@ impl BootFramebuffer {
         }
     }
 
-    /// Compares the framebuffer with the shadow row by row, copying changed tile segments
-    /// into the shadow and marking their tiles dirty.
-    fn find_changes(&mut self) {
+    /// Compares the framebuffer with the shadow row by row (only rows on `written` pages,
+    /// when given), copying changed tile segments into the shadow and marking their tiles
+    /// dirty.
+    fn find_changes(&mut self, written: Option<&[u64]>) {
         self.dirty.fill(false);
         let stride = self.stride as usize;
         let tiles_x = self.tiles_x() as usize;
@@ -198,6 +219,11 @@ impl BootFramebuffer {
         let row_len = (self.width * BYTES_PER_PIXEL) as usize;
         let mut row = std::mem::take(&mut self.row);
         for y in 0..self.height as usize {
+            if let Some(pages) = written {
+                if !any_page_written(pages, y * stride, row_len) {
+                    continue;
+                }
+            }
             let Ok(src) = self.memory().subslice(y * stride, row_len) else {
                 break;
             };
@@ -279,6 +305,15 @@ impl Drop for BootFramebuffer {
     }
 }
 
+/// Whether a page of `start .. start + len` is marked in the dirty-page bitmap `pages`; a
+/// page past the bitmap's end counts as written (a short log must not hide a change).
+fn any_page_written(pages: &[u64], start: usize, len: usize) -> bool {
+    const PAGE: usize = 4096;
+    let first = start / PAGE;
+    let last = (start + len.max(1) - 1) / PAGE;
+    (first..=last).any(|page| pages.get(page / 64).is_none_or(|word| word >> (page % 64) & 1 == 1))
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // Tests fail loudly on purpose.
 mod tests {
@@ -337,6 +372,25 @@ mod tests {
         assert_eq!((image.width, image.height), (1024, 768));
         let at = (200 * 1024 + 100) * 4;
         assert_eq!(&image.rgba[at..at + 4], &[0xff, 0x80, 0x40, 0xff]);
+    }
+
+    #[test]
+    fn a_scan_with_a_dirty_log_compares_only_the_rows_on_written_pages() {
+        let mut fb = BootFramebuffer::new(4 << 20).unwrap();
+        let screen = RecordingScreen::default();
+        // Stride 4096: row y is page y. Rows 20 and 100 change; the log names page 20 only.
+        poke(&fb, 70, 20, 0x00ff_0000);
+        poke(&fb, 70, 100, 0x0000_ff00);
+        let mut log = vec![0u64; 1024 / 64];
+        log[0] = 1 << 20;
+        fb.scan_written(&screen, false, Some(&log));
+        assert_eq!(screen.updates(), vec![(SourceId::BootFramebuffer, Rect::new(64, 16, 64, 16))]);
+        fb.scan_written(&screen, false, Some(&[0; 16]));
+        assert_eq!(screen.updates().len(), 1, "an empty log means nothing to compare");
+        // A log too short to cover a row counts that row as written.
+        fb.scan_written(&screen, false, Some(&[0]));
+        assert_eq!(screen.updates().len(), 2);
+        assert_eq!(screen.pixel(70, 100), Some(0x0000_ff00));
     }
 
     #[test]
