@@ -662,7 +662,10 @@ impl MachineHandle {
             acpi_pm: lock(&self.acpi_pm).save_state(),
             pci: lock(&self.devices.pci).save_state()?,
             pci_config_io: lock(&self.devices.pci_config_io).save_state(),
-            framebuffer: self.display.as_ref().map(|d| lock(&d.framebuffer).contents().to_vec()),
+            framebuffer: self
+                .display
+                .as_ref()
+                .map(|d| lock(&d.framebuffer).used_contents().to_vec()),
         })
     }
 

@@ -148,15 +148,37 @@ impl BootFramebuffer {
         unsafe { std::slice::from_raw_parts(self.ptr, self.size) }
     }
 
-    /// Puts saved contents back (the same length as the mapping); the next scan is full.
+    /// The mapping up to its last page that is not all zero: what a snapshot keeps (a 16 MiB
+    /// region of which a console uses 3 MiB, or nothing).
+    pub fn used_contents(&self) -> &[u8] {
+        let all = self.contents();
+        let pages = all.chunks(4096).rposition(|page| page.iter().any(|&b| b != 0));
+        &all[..pages.map_or(0, |last| ((last + 1) * 4096).min(all.len()))]
+    }
+
+    /// Puts saved contents back (at most the mapping's length; the rest reads as zero); the
+    /// next scan is full.
     pub fn restore_contents(&mut self, bytes: &[u8]) -> Result<(), StateError> {
-        if bytes.len() != self.size {
+        if bytes.len() > self.size {
             return Err(StateError::invalid(
                 "boot framebuffer",
                 format!("{} bytes saved, the mapping has {}", bytes.len(), self.size),
             ));
         }
-        self.memory().copy_from(bytes);
+        let memory = self.memory();
+        // In range: `bytes.len() <= self.size` was checked above.
+        if let Ok(used) = memory.subslice(0, bytes.len()) {
+            used.copy_from(bytes);
+        }
+        const ZEROES: [u8; 4096] = [0; 4096];
+        let mut at = bytes.len();
+        while at < self.size {
+            let n = (self.size - at).min(ZEROES.len());
+            if let Ok(piece) = memory.subslice(at, n) {
+                piece.copy_from(&ZEROES[..n]);
+            }
+            at += n;
+        }
         self.rescan = true;
         Ok(())
     }
@@ -417,20 +439,26 @@ mod tests {
     }
 
     #[test]
-    fn restored_contents_are_sent_in_full_and_a_wrong_length_is_refused() {
+    fn restored_contents_are_sent_in_full_and_a_too_long_save_is_refused() {
         let fb = BootFramebuffer::new(1024 * 768 * 4).unwrap();
         poke(&fb, 10, 20, 0x00ff_8040);
-        let saved = fb.contents().to_vec();
+        let saved = fb.used_contents().to_vec();
+        assert_eq!(saved.len(), 21 * 4096, "saved up to the last written page (row 20)");
         let mut fresh = BootFramebuffer::new(1024 * 768 * 4).unwrap();
+        poke(&fresh, 500, 700, 0x0000_00ff);
         let screen = RecordingScreen::default();
-        fresh.scan(&screen, false);
-        assert!(screen.updates().is_empty());
-        assert!(matches!(fresh.restore_contents(&saved[1..]), Err(StateError::Invalid { .. })));
-        assert!(fresh.contents().iter().all(|&b| b == 0), "a refused restore changes nothing");
+        let mut too_long = saved.clone();
+        too_long.resize(fresh.len() + 1, 0);
+        assert!(matches!(fresh.restore_contents(&too_long), Err(StateError::Invalid { .. })));
+        assert_eq!(fresh.used_contents().len(), 701 * 4096, "a refused restore changes nothing");
         fresh.restore_contents(&saved).unwrap();
-        assert_eq!(fresh.contents(), &saved[..]);
+        assert_eq!(&fresh.contents()[..saved.len()], &saved[..]);
+        assert!(fresh.contents()[saved.len()..].iter().all(|&b| b == 0), "the rest is cleared");
         fresh.scan(&screen, false);
         assert_eq!(screen.updates(), vec![(SourceId::BootFramebuffer, Rect::new(0, 0, 1024, 768))]);
         assert_eq!(screen.pixel(10, 20), Some(0x00ff_8040));
+        assert_eq!(screen.pixel(500, 700), Some(0));
+        let blank = BootFramebuffer::new(1024 * 768 * 4).unwrap();
+        assert!(blank.used_contents().is_empty(), "an unused framebuffer saves nothing");
     }
 }
