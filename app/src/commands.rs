@@ -376,7 +376,8 @@ pub fn spawn_vm(
                 log_path.display()
             );
         }
-        std::thread::sleep(Duration::from_millis(50));
+        // Short: a restored VM answers within a few hundred milliseconds of its start.
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
