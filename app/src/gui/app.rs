@@ -998,6 +998,8 @@ impl GuiApp {
                 .is_some_and(|p| v.image.is_some_and(|vp| vp.window_to_guest(p.x, p.y).is_some()));
             if response.clicked() && over_image && !v.keys.is_captured() && running {
                 v.keys.capture();
+                // Keys the window had queued before this frame were routed uncaptured.
+                log::info!("VM '{}': keyboard and pointer captured", v.name);
             }
         });
 
