@@ -12,9 +12,6 @@
 # their writes, whatever cache mode they use). Median of BENCH_REPS runs (default 3). Page
 # cache dropped before every run when /proc/sys/vm/drop_caches is writable (root), else noted.
 # qemu-img runs with its defaults, as a user would type it.
-# The device's own ceiling is measured too: `cp` of the raw original (only its data: cp skips
-# holes) + sync, the least any converter must read and write. "best possible" is that copy's
-# MB/s over qemu-img's: no converter can beat qemu-img by more on this machine's storage.
 #
 # Environment: HUTCH (default ${CARGO_TARGET_DIR:-target}/release/hutch), BENCH_REPS,
 #   BENCH_DIR (where the temporary directory goes; default $TMPDIR or /tmp),
@@ -90,28 +87,10 @@ run() {
 
 median() { sort -g | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
 
-# ceiling SRC -> seconds: the median time to copy SRC.raw's data (holes skipped) and sync it.
-ceiling() {
-    local times=() t0 t1
-    for _ in $(seq "$REPS"); do
-        rm -f copy.raw
-        drop_caches
-        t0=$(now)
-        cp --sparse=always "$1.raw" copy.raw
-        sync
-        t1=$(now)
-        times+=("$(echo "$t0 $t1" | awk '{ printf "%.4f\n", $2 - $1 }')")
-    done
-    rm -f copy.raw
-    printf '%s\n' "${times[@]}" | median
-}
-
-printf '%-8s %-5s %-6s %12s %12s %8s %14s\n' input from to "hutch MB/s" "qemu MB/s" ratio "best possible"
+printf '%-8s %-5s %-6s %12s %12s %8s\n' input from to "hutch MB/s" "qemu MB/s" ratio
 ratios=()
-bests=()
 for src in sparse full; do
     vsize=$(stat -c %s "$src.raw")
-    c=$(ceiling "$src")
     for in_fmt in vmdk vdi vhdx; do
         for out_fmt in qcow2 raw; do
             h_times=() q_times=()
@@ -128,17 +107,14 @@ for src in sparse full; do
             done
             h=$(printf '%s\n' "${h_times[@]}" | median)
             q=$(printf '%s\n' "${q_times[@]}" | median)
-            read -r hm qm ratio best < <(awk -v v="$vsize" -v h="$h" -v q="$q" -v c="$c" \
-                'BEGIN { hm = v / 1e6 / h; qm = v / 1e6 / q; printf "%.0f %.0f %.2f %.2f\n", hm, qm, hm / qm, q / c }')
+            read -r hm qm ratio < <(awk -v v="$vsize" -v h="$h" -v q="$q" \
+                'BEGIN { hm = v / 1e6 / h; qm = v / 1e6 / q; printf "%.0f %.0f %.2f\n", hm, qm, hm / qm }')
             ratios+=("$ratio")
-            bests+=("$best")
-            printf '%-8s %-5s %-6s %12s %12s %8s %14s\n' "$src" "$in_fmt" "$out_fmt" "$hm" "$qm" "$ratio" "$best"
+            printf '%-8s %-5s %-6s %12s %12s %8s\n' "$src" "$in_fmt" "$out_fmt" "$hm" "$qm" "$ratio"
             rm -f "out-h.$out_fmt" "out-q.$out_fmt"
         done
     done
 done
 geo=$(printf '%s\n' "${ratios[@]}" | awk '{ s += log($1) } END { printf "%.2f", exp(s / NR) }')
-geo_best=$(printf '%s\n' "${bests[@]}" | awk '{ s += log($1) } END { printf "%.2f", exp(s / NR) }')
 echo "geometric mean ratio (hutch/qemu-img): $geo (target >= 1.5)"
-echo "best possible on this storage (cp of the data + sync, over qemu-img): $geo_best"
 echo "note: $CACHE_NOTE; median of $REPS runs; MB/s of virtual size; qemu-img $(qemu-img --version | head -1 | awk '{print $3}')${QEMU_ARGS:+ with $QEMU_ARGS}"
