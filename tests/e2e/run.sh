@@ -551,21 +551,15 @@ vm_socket() {
 # loop (typed on its serial console) and prints the answer once it is in serial.log.
 ASK_N=0
 guest_ask() {
-    guest_try "$1" "$2" 30 || fail "the guest did not answer '$2' within 30 s"
-}
-
-# guest_try NAME SHELL-EXPR SECS: like guest_ask, but returns 1 when no answer came within
-# SECS (the VM may be between processes). The answer must not be empty.
-guest_try() {
-    local name=$1 expr=$2 secs=$3 sock serial=$HUTCH_HOME/vms/$1/serial.log i=0
+    local name=$1 expr=$2 sock serial=$HUTCH_HOME/vms/$1/serial.log i=0
     ASK_N=$((ASK_N + 1))
     local tag="HUTCH-ANSWER-$ASK_N-$$"
-    sock=$(vm_socket "$name" 2>/dev/null) || { sleep 1; return 1; }
+    sock=$(vm_socket "$name") || fail "VM $name has no socket"
     printf '{"cmd":"console"}\necho %s %s\n' "$tag" "$expr" |
         timeout 10 socat -t 1 - "UNIX-CONNECT:$sock" >/dev/null 2>&1 || true
     while ! grep -q "^$tag " "$serial" 2>/dev/null; do
         i=$((i + 1))
-        [ "$i" -le $((secs * 5)) ] || return 1
+        [ "$i" -le 150 ] || fail "the guest did not answer '$expr' within 30 s"
         sleep 0.2
     done
     grep -a "^$tag " "$serial" | tail -1 | cut -d' ' -f2- | tr -d '\r'
