@@ -30,9 +30,10 @@ fi
 step "disk image parsers: fuzzing (each target briefly)"
 FUZZ_TARGET_DIR="${CARGO_TARGET_DIR:-$REPO/target}/fuzz" bash disk/fuzz/run.sh "${FUZZ_SECONDS:-10}"
 
-step "GUI under Xvfb (library, create dialog, VM view, capture and release; drag and drop import)"
+step "GUI under Xvfb (library, create dialog, VM view, capture and release; drag and drop import; snapshot keys on a running guest)"
 bash tests/gui/smoke.sh "$REPO/build/gui-smoke"
 bash tests/gui/dnd.sh "$REPO/build/gui-dnd"
+bash tests/gui/snapshot-keys.sh "$REPO/build/gui-snapshot-keys"
 
 step "guest fixtures"
 bash tests/guest/build.sh

@@ -730,7 +730,7 @@ truncated_bzimage_is_a_clear_error() {
 triple_fault_is_a_clear_error() {
     # A guest that crashes the CPU (triple fault) ends the VM with an error naming it.
     need_hutch
-    python3 "$REPO/tests/e2e/crashing-kernel.py" "$WORK/crash.elf"
+    python3 "$REPO/tests/e2e/pvh-kernel.py" crash "$WORK/crash.elf"
     expect_clear_error "$WORK/crash.elf" "triple-faulted"
 }
 

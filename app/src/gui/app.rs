@@ -249,6 +249,8 @@ impl GuiApp {
                     }
                 }
                 if let Some(text) = done.message() {
+                    // The log line is for whoever reads hutch's output later (and for tests).
+                    log::info!("VM '{vm}': {text}");
                     self.toasts.note(text, now);
                 }
                 self.refresh_snapshots(&vm);
@@ -259,6 +261,7 @@ impl GuiApp {
                         p.list = Some(Err(chain.join(": ")));
                     }
                 } else {
+                    log::warn!("{}: {}", job.failure_title(), chain.join(": "));
                     self.toasts.error(job.failure_title(), chain, now);
                     self.refresh_snapshots(&vm);
                 }
@@ -788,6 +791,9 @@ impl GuiApp {
         let name = v.name.clone();
         let summary = self.vm(&name).cloned();
         let state = summary.as_ref().map(|s| s.state.clone());
+        // No display device: nothing to show or resize (not even the last frame of an earlier
+        // run); its console is serial.
+        let headless = summary.as_ref().is_some_and(|s| !s.display);
         let busy = self.busy.contains(&name);
         let live = state.as_ref().is_some_and(VmState::is_live);
         let down = state.as_ref().is_none_or(VmState::is_down);
@@ -898,11 +904,13 @@ impl GuiApp {
                     ui.label(RichText::new(text).strong());
                 } else if v.keys.is_captured() {
                     ui.label(RichText::new(format!("{RELEASE_KEY_NAME} releases")).strong());
+                } else if headless {
+                    ui.label("No display");
                 } else {
                     ui.label("Click the screen to capture keyboard and pointer");
+                    ui.separator();
+                    ui.label(v.screen.status());
                 }
-                ui.separator();
-                ui.label(v.screen.status());
                 if !self.message.is_empty() {
                     ui.separator();
                     ui.label(&self.message);
@@ -922,7 +930,7 @@ impl GuiApp {
             }
             let response = ui.allocate_rect(avail, egui::Sense::click());
             let ctx = ui.ctx().clone();
-            let texture = v.screen.update(&ctx).cloned();
+            let texture = if headless { None } else { v.screen.update(&ctx).cloned() };
             match &texture {
                 Some(t) => {
                     let size = t.size();
@@ -964,7 +972,9 @@ impl GuiApp {
                 }
                 None => {
                     v.image = None;
-                    let text = if live {
+                    let text = if live && headless {
+                        format!("VM '{name}' has no display; its console: hutch console {name}")
+                    } else if live {
                         v.screen.status().to_string()
                     } else if let Some(VmState::Crashed { error }) = &state {
                         format!("Crashed: {}", error.as_deref().unwrap_or("the VM process died"))
@@ -1004,7 +1014,7 @@ impl GuiApp {
         });
 
         // The guest is asked to follow the window only once it has stopped changing.
-        if running {
+        if running && !headless {
             if let (Some(changed), Some((w, h))) = (v.area_changed, v.area) {
                 let left = RESIZE_DEBOUNCE.saturating_sub(changed.elapsed());
                 if left.is_zero() {

@@ -90,7 +90,15 @@ mod tests {
     use crate::gui::model::VmState;
 
     fn vm(memory_mib: u64, cpus: u32, state: VmState) -> VmSummary {
-        VmSummary { name: "x".into(), state, cpus, memory_mib, pid: None, log_tail: Vec::new() }
+        VmSummary {
+            name: "x".into(),
+            state,
+            cpus,
+            memory_mib,
+            pid: None,
+            log_tail: Vec::new(),
+            display: true,
+        }
     }
 
     #[test]

@@ -115,6 +115,9 @@ pub struct VmSummary {
     pub pid: Option<u32>,
     /// The last lines of `hutch.log` for crashed VMs (why it died).
     pub log_tail: Vec<String>,
+    /// Whether the VM has a display device: as the running VM process says, else as its
+    /// vm.toml says.
+    pub display: bool,
 }
 
 #[cfg(test)]

@@ -267,6 +267,7 @@ fn summarize(library: &Library, name: String) -> VmSummary {
         memory_mib: 0,
         pid: None,
         log_tail: Vec::new(),
+        display: true,
     };
     let vm = match library.existing(&name) {
         Ok(vm) => vm,
@@ -281,13 +282,17 @@ fn summarize(library: &Library, name: String) -> VmSummary {
         Err(e) => return invalid(name, e.into()),
     };
     let mut pid = None;
+    let mut display = config.display;
     let probe = match &disk {
         DiskState::Running { pid: Some(p) } => {
             pid = Some(p.pid);
             match ControlClient::connect_with_timeout(&p.socket, PROBE_TIMEOUT)
                 .and_then(|mut c| c.status())
             {
-                Ok(st) => Probe::Answered(st.state),
+                Ok(st) => {
+                    display = st.display.is_some();
+                    Probe::Answered(st.state)
+                }
                 Err(e) => Probe::Failed {
                     socket_exists: p.socket.exists(),
                     error: format!("{:#}", anyhow::Error::from(e)),
@@ -302,7 +307,15 @@ fn summarize(library: &Library, name: String) -> VmSummary {
     } else {
         Vec::new()
     };
-    VmSummary { name, state, cpus: config.cpus, memory_mib: config.memory_mib, pid, log_tail }
+    VmSummary {
+        name,
+        state,
+        cpus: config.cpus,
+        memory_mib: config.memory_mib,
+        pid,
+        log_tail,
+        display,
+    }
 }
 
 /// Runs `job` on its own thread; its result comes back as [`Event::JobDone`].
