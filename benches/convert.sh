@@ -13,6 +13,10 @@
 # cache dropped before every run when /proc/sys/vm/drop_caches is writable (root), else noted.
 # qemu-img runs with its defaults, as a user would type it.
 #
+# Where the storage is slow (a virtual disk writing a few hundred MB/s), "convert + sync" is
+# its write speed for both tools; BENCH_DIR=/dev/shm takes the storage out and measures the
+# converters themselves (the case of a fast SSD). Needs ~8 GiB free there.
+#
 # Environment: HUTCH (default ${CARGO_TARGET_DIR:-target}/release/hutch), BENCH_REPS,
 #   BENCH_DIR (where the temporary directory goes; default $TMPDIR or /tmp),
 #   BENCH_QEMU_ARGS (extra qemu-img convert options, e.g. "-W -m 16").
@@ -38,10 +42,14 @@ drop_caches() {
         echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
     fi
 }
-if [ -w /proc/sys/vm/drop_caches ] && echo 3 >/proc/sys/vm/drop_caches 2>/dev/null; then
-    CACHE_NOTE="page cache dropped before every run"
+FS=$(stat -f -c %T "$WORK")
+if [ "$FS" = tmpfs ]; then
+    # Nothing to drop or sync: what is measured is the converters themselves.
+    CACHE_NOTE="files in memory (tmpfs): no storage in the way"
+elif [ -w /proc/sys/vm/drop_caches ] && echo 3 >/proc/sys/vm/drop_caches 2>/dev/null; then
+    CACHE_NOTE="files on $FS, page cache dropped before every run"
 else
-    CACHE_NOTE="page cache NOT dropped (not root): inputs are read from memory"
+    CACHE_NOTE="files on $FS, page cache NOT dropped (not root): inputs are read from memory"
 fi
 
 echo "Making inputs in $WORK ..."
