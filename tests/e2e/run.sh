@@ -491,8 +491,8 @@ PY
     keep_screens "$WORK/gui-final.png"
 
     # Snapshots from the keyboard: Ctrl+Alt+S in the window takes one of the running VM.
-    # (Ctrl+Alt+R is not judged here: under software GL in the lab the window lags the X
-    # events by minutes; a restore through it did not finish within the case's time.)
+    # (Ctrl+Alt+R is judged on the host, tests/gui/snapshot-keys.sh, not here: under software
+    # GL in the lab the window can lag the X events by minutes on a loaded machine.)
     xdotool key ctrl+alt+s
     i=0
     until [ "$("$HUTCH" snapshot list g --json 2>/dev/null | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["snapshots"]))' 2>/dev/null)" = 1 ]; do
