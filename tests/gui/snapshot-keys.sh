@@ -60,10 +60,17 @@ snapshots_at_least() {
 }
 wait_for 30 "the guest does not count" count_at_least 3
 
-Xvfb :97 -screen 0 1280x800x24 -nolisten tcp >"$OUT/xvfb.log" 2>&1 &
+# A free display, chosen by the server itself, which names it once it is ready (a busy CI
+# host once took over 5 s to bring up a fixed-number server).
+exec 3>"$WORK/display"
+Xvfb -displayfd 3 -screen 0 1280x800x24 -nolisten tcp >"$OUT/xvfb.log" 2>&1 &
 PIDS+=($!)
-export DISPLAY=:97
-for _ in $(seq 50); do xdotool getmouselocation >/dev/null 2>&1 && break; sleep 0.1; done
+exec 3>&-
+display_named() { [ -s "$WORK/display" ]; }
+wait_for 60 "Xvfb did not start (see $OUT/xvfb.log)" display_named
+export DISPLAY=:$(head -1 "$WORK/display")
+x_answers() { xdotool getmouselocation >/dev/null 2>&1; }
+wait_for 30 "the X server on $DISPLAY does not answer" x_answers
 printf '{"window_width":1000,"window_height":700,"open_vm":"counter","one_to_one":false}\n' \
     >"$HUTCH_HOME/gui-state.json"
 RUST_LOG=info "$HUTCH" gui >"$OUT/gui.log" 2>&1 &
