@@ -18,18 +18,19 @@ fn dir() -> &'static Path {
     DIR.get_or_init(|| {
         let shm = Path::new("/dev/shm");
         let base = if shm.is_dir() { shm.to_path_buf() } else { std::env::temp_dir() };
-        let dir = base.join(format!("hutch-disk-fuzz-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("cannot create the fuzz input directory");
-        dir
+        base.join(format!("hutch-disk-fuzz-{}", std::process::id()))
     })
 }
 
-/// Writes `data` to `<dir>/<name>` and runs `f` on that path.
+/// Writes `data` to `<dir>/<name>` and runs `f` on that path. The directory goes with the
+/// file: a fuzzer process exits without running destructors, and would leave it behind.
 pub fn with_file(data: &[u8], name: &str, f: impl FnOnce(&Path)) {
     let path = dir().join(name);
+    std::fs::create_dir_all(dir()).expect("cannot create the fuzz input directory");
     std::fs::write(&path, data).expect("cannot write the fuzz input");
     f(&path);
     let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_dir(dir());
 }
 
 /// Reads a few ranges and maps extents, as a converter and a guest would.
