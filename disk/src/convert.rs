@@ -3,12 +3,14 @@
 //! complete, and hole punching in raw images.
 //!
 //! ```text
-//!   src.extents() ──▶ data chunks (2 MiB) ──▶ N readers ──▶ zero grains dropped ──▶ dst.write_at
+//!   src.extents() ──▶ data chunks (2 MiB) ──▶ N readers ──▶ zero grains dropped ──▶ 1 writer
 //!        │ zero / unallocated: never read, never written (a fresh destination reads zeroes)
 //!        └──▶ progress(done, total) on the calling thread; `false` cancels
 //! ```
-//! Workers write straight to the destination, in parallel (backends are `Sync`: raw writes
-//! are independent `pwrite`s, qcow2 serializes on its metadata lock).
+//! Reads run in parallel; one thread does every write, in the order chunks arrive through a
+//! bounded queue. Writes to one file are serialized by the kernel's inode lock (and qcow2's
+//! metadata lock) however many threads issue them, and four writers to a raw file on ext4
+//! spent 3 s of CPU spinning on that lock for a 2 s copy of 1 GiB.
 
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
@@ -84,42 +86,66 @@ pub fn convert(
 
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
-    let written = AtomicU64::new(0);
-    let zero_data = AtomicU64::new(0);
     let failure: Mutex<Option<DiskError>> = Mutex::new(None);
+    let fail = |e: DiskError| {
+        failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+        stop.store(true, Ordering::Relaxed);
+    };
+    // Buffers handed back by the writer, for the readers to fill again.
+    let spare: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+    let written = AtomicU64::new(0);
     let mut cancelled = false;
-    let threads = options.threads.clamp(1, 64).min(chunks.len().max(1));
+    let readers = options.threads.clamp(1, 64).min(chunks.len().max(1));
     std::thread::scope(|scope| {
-        let (tx, rx) = mpsc::channel::<u64>();
-        for _ in 0..threads {
+        let (tx, rx) = mpsc::sync_channel::<ReadChunk>(readers * 2);
+        for _ in 0..readers {
             let tx = tx.clone();
-            let (next, stop, written, zero_data, failure) =
-                (&next, &stop, &written, &zero_data, &failure);
-            let chunks = &chunks;
+            let (next, stop, spare, fail, chunks) = (&next, &stop, &spare, &fail, &chunks);
             scope.spawn(move || {
-                let mut buf = vec![0u8; chunk_size];
                 while !stop.load(Ordering::Relaxed) {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(&(offset, len)) = chunks.get(i) else { break };
+                    let mut buf = spare
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .pop()
+                        .unwrap_or_else(|| vec![0u8; chunk_size]);
                     let data = &mut buf[..len as usize];
-                    match copy_chunk(src, dst, data, offset, grain as u64) {
-                        Ok(w) => {
-                            written.fetch_add(w, Ordering::Relaxed);
-                            zero_data.fetch_add(len - w, Ordering::Relaxed);
-                            let _ = tx.send(len);
-                        }
-                        Err(e) => {
-                            failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
-                            stop.store(true, Ordering::Relaxed);
-                        }
+                    if let Err(e) = src.read_at(data, offset) {
+                        fail(e);
+                        break;
+                    }
+                    let runs = nonzero_runs(data, offset, grain as u64);
+                    if tx.send(ReadChunk { buf, offset, len, runs }).is_err() {
+                        break;
                     }
                 }
             });
         }
         drop(tx);
+        // One writer: the kernel serializes writes to one file on its inode lock anyway
+        // (qcow2 also on its metadata lock), and parallel writers only spin on it, taking
+        // CPU from the readers. It ends when every reader has dropped its sender.
+        let (done_tx, done_rx) = mpsc::channel::<u64>();
+        let (stop, spare, fail, written) = (&stop, &spare, &fail, &written);
+        scope.spawn(move || {
+            for chunk in rx {
+                if !stop.load(Ordering::Relaxed) {
+                    match write_runs(dst, &chunk) {
+                        Ok(n) => {
+                            written.fetch_add(n, Ordering::Relaxed);
+                            let _ = done_tx.send(chunk.len);
+                        }
+                        Err(e) => fail(e),
+                    }
+                }
+                spare.lock().unwrap_or_else(|p| p.into_inner()).push(chunk.buf);
+            }
+        });
+        // Progress runs here, off the writer, so that a slow callback (a write-back hint,
+        // a GUI update) never holds up the copy. Ends when the writer drops its sender.
         let mut done = 0;
-        // Ends when every worker has finished and dropped its sender.
-        for n in rx {
+        for n in done_rx {
             done += n;
             if !cancelled && !progress(done, total) {
                 cancelled = true;
@@ -134,12 +160,8 @@ pub fn convert(
         return Err(cancelled_error());
     }
     dst.flush()?;
-    Ok(ConvertStats {
-        read: total,
-        written: written.into_inner(),
-        zero_data: zero_data.into_inner(),
-        sparse,
-    })
+    let written = written.into_inner();
+    Ok(ConvertStats { read: total, written, zero_data: total - written, sparse })
 }
 
 /// [`convert`] into a [`NewImage`], starting write-back every [`WRITEBACK_STEP`] bytes.
@@ -215,39 +237,42 @@ fn split(ranges: &[(u64, u64)], chunk: u64) -> Vec<(u64, u64)> {
     out
 }
 
-/// Reads `buf.len()` bytes at `offset` from `src` and writes its non-zero grains to `dst`;
-/// returns the bytes written.
-fn copy_chunk(
-    src: &dyn BlockBackend,
-    dst: &dyn BlockBackend,
-    buf: &mut [u8],
+/// One chunk of the source as read, on its way to the writer.
+struct ReadChunk {
+    buf: Vec<u8>,
+    /// Where the chunk starts on the disk.
     offset: u64,
-    grain: u64,
-) -> Result<u64, DiskError> {
-    src.read_at(buf, offset)?;
-    let end = offset + buf.len() as u64;
-    let mut written = 0;
-    // The pending run of non-zero grains, as (start, end) disk offsets.
-    let mut run: Option<(u64, u64)> = None;
+    /// How much of `buf` holds it.
+    len: u64,
+    /// Its runs of non-zero grains, as `(start, end)` disk offsets.
+    runs: Vec<(u64, u64)>,
+}
+
+/// The runs of non-zero `grain`-aligned grains in `data`, which starts at disk `offset`, as
+/// `(start, end)` disk offsets.
+fn nonzero_runs(data: &[u8], offset: u64, grain: u64) -> Vec<(u64, u64)> {
+    let end = offset + data.len() as u64;
+    let mut runs: Vec<(u64, u64)> = Vec::new();
     let mut pos = offset;
     while pos < end {
         let next = ((pos / grain + 1) * grain).min(end);
-        let piece = &buf[(pos - offset) as usize..(next - offset) as usize];
-        if is_zero(piece) {
-            if let Some((a, b)) = run.take() {
-                dst.write_at(&buf[(a - offset) as usize..(b - offset) as usize], a)?;
-                written += b - a;
-            }
-        } else {
-            match &mut run {
-                Some((_, b)) => *b = next,
-                None => run = Some((pos, next)),
+        if !is_zero(&data[(pos - offset) as usize..(next - offset) as usize]) {
+            match runs.last_mut() {
+                Some((_, b)) if *b == pos => *b = next,
+                _ => runs.push((pos, next)),
             }
         }
         pos = next;
     }
-    if let Some((a, b)) = run {
-        dst.write_at(&buf[(a - offset) as usize..(b - offset) as usize], a)?;
+    runs
+}
+
+/// Writes a chunk's non-zero runs to `dst`; returns the bytes written.
+fn write_runs(dst: &dyn BlockBackend, chunk: &ReadChunk) -> Result<u64, DiskError> {
+    let mut written = 0;
+    for &(a, b) in &chunk.runs {
+        let at = (a - chunk.offset) as usize;
+        dst.write_at(&chunk.buf[at..at + (b - a) as usize], a)?;
         written += b - a;
     }
     Ok(written)
@@ -795,6 +820,40 @@ mod tests {
         let dst = MemDisk::blank(4 * MIB);
         let err = convert(&Failing, &dst, &small(), &|_, _| true).unwrap_err();
         assert_eq!(err.kind(), DiskErrorKind::CorruptImage);
+    }
+
+    #[test]
+    fn a_write_error_reaches_the_caller_and_stops_the_readers() {
+        struct Full;
+        impl BlockBackend for Full {
+            fn size(&self) -> u64 {
+                8 * MIB as u64
+            }
+            fn is_writable(&self) -> bool {
+                true
+            }
+            fn read_at(&self, _: &mut [u8], _: u64) -> Result<(), DiskError> {
+                unreachable!()
+            }
+            fn write_at(&self, _: &[u8], offset: u64) -> Result<(), DiskError> {
+                let e = std::io::Error::from_raw_os_error(libc::ENOSPC);
+                Err(DiskError::io("write", e).with_offset(offset))
+            }
+            fn flush(&self) -> Result<(), DiskError> {
+                Ok(())
+            }
+            fn discard(&self, _: u64, _: u64) -> Result<(), DiskError> {
+                Ok(())
+            }
+            fn write_zeroes(&self, _: u64, _: u64) -> Result<(), DiskError> {
+                Ok(())
+            }
+        }
+        let src = MemDisk::new(pattern(8 * MIB, 6), vec![ext(0, 8 * MIB, ExtentKind::Data)]);
+        let err = convert(&src, &Full, &small(), &|_, _| true).unwrap_err();
+        assert_eq!(err.kind(), DiskErrorKind::Io);
+        // The readers stopped once the queue filled, instead of reading everything.
+        assert!(src.reads.lock().unwrap().len() < 32);
     }
 
     #[test]
