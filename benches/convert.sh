@@ -11,7 +11,9 @@
 # MB/s = virtual size / wall time of "convert + sync" (the sync makes both tools pay for
 # their writes, whatever cache mode they use). Median of BENCH_REPS runs (default 3). Page
 # cache dropped before every run when /proc/sys/vm/drop_caches is writable (root), else noted.
-# qemu-img runs with its defaults, as a user would type it.
+# qemu-img runs with its defaults, as a user would type it. "CPU s" is the converter's user +
+# system time (median), the sync excluded: what the conversion costs a laptop's battery, and a
+# figure the storage's speed does not blur.
 #
 # Where the storage is slow (a virtual disk writing a few hundred MB/s), "convert + sync" is
 # its write speed for both tools; BENCH_DIR=/dev/shm takes the storage out and measures the
@@ -76,26 +78,28 @@ done
 
 now() { date +%s.%N; }
 
-# run TOOL IN_FMT IN OUT_FMT OUT -> seconds on stdout
+# run TOOL IN_FMT IN OUT_FMT OUT -> "WALL CPU" seconds on stdout
 run() {
-    local tool=$1 in_fmt=$2 in=$3 out_fmt=$4 out=$5 t0 t1
+    local tool=$1 in_fmt=$2 in=$3 out_fmt=$4 out=$5 t0 t1 cpu TIMEFORMAT='%3U %3S'
     rm -f "$out"
     drop_caches
     t0=$(now)
     if [ "$tool" = hutch ]; then
-        "$HUTCH" disk convert --format "$out_fmt" "$in" "$out" >/dev/null
+        cpu=$({ time "$HUTCH" disk convert --format "$out_fmt" "$in" "$out" >/dev/null 2>err.txt; } 2>&1) ||
+            { cat err.txt >&2; return 1; }
     else
         # shellcheck disable=SC2086
-        qemu-img convert $QEMU_ARGS -f "$in_fmt" -O "$out_fmt" "$in" "$out"
+        cpu=$({ time qemu-img convert $QEMU_ARGS -f "$in_fmt" -O "$out_fmt" "$in" "$out" 2>err.txt; } 2>&1) ||
+            { cat err.txt >&2; return 1; }
     fi
     sync
     t1=$(now)
-    echo "$t0 $t1" | awk '{ printf "%.4f\n", $2 - $1 }'
+    echo "$t0 $t1 $cpu" | awk '{ printf "%.4f %.3f\n", $2 - $1, $3 + $4 }'
 }
 
 median() { sort -g | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
 
-printf '%-8s %-5s %-6s %12s %12s %8s\n' input from to "hutch MB/s" "qemu MB/s" ratio
+printf '%-8s %-5s %-6s %12s %12s %8s %12s %12s\n' input from to "hutch MB/s" "qemu MB/s" ratio "hutch CPU s" "qemu CPU s"
 ratios=()
 for src in sparse full; do
     vsize=$(stat -c %s "$src.raw")
@@ -113,16 +117,21 @@ for src in sparse full; do
                     exit 1
                 fi
             done
-            h=$(printf '%s\n' "${h_times[@]}" | median)
-            q=$(printf '%s\n' "${q_times[@]}" | median)
+            h=$(printf '%s\n' "${h_times[@]}" | cut -d' ' -f1 | median)
+            q=$(printf '%s\n' "${q_times[@]}" | cut -d' ' -f1 | median)
+            hc=$(printf '%s\n' "${h_times[@]}" | cut -d' ' -f2 | median)
+            qc=$(printf '%s\n' "${q_times[@]}" | cut -d' ' -f2 | median)
             read -r hm qm ratio < <(awk -v v="$vsize" -v h="$h" -v q="$q" \
                 'BEGIN { hm = v / 1e6 / h; qm = v / 1e6 / q; printf "%.0f %.0f %.2f\n", hm, qm, hm / qm }')
             ratios+=("$ratio")
-            printf '%-8s %-5s %-6s %12s %12s %8s\n' "$src" "$in_fmt" "$out_fmt" "$hm" "$qm" "$ratio"
+            h_cpu=$(awk -v a="${h_cpu:-0}" -v b="$hc" 'BEGIN { print a + b }')
+            q_cpu=$(awk -v a="${q_cpu:-0}" -v b="$qc" 'BEGIN { print a + b }')
+            printf '%-8s %-5s %-6s %12s %12s %8s %12s %12s\n' "$src" "$in_fmt" "$out_fmt" "$hm" "$qm" "$ratio" "$hc" "$qc"
             rm -f "out-h.$out_fmt" "out-q.$out_fmt"
         done
     done
 done
 geo=$(printf '%s\n' "${ratios[@]}" | awk '{ s += log($1) } END { printf "%.2f", exp(s / NR) }')
 echo "geometric mean ratio (hutch/qemu-img): $geo (target >= 1.5)"
+echo "CPU time over all cases: hutch $h_cpu s, qemu-img $q_cpu s"
 echo "note: $CACHE_NOTE; median of $REPS runs; MB/s of virtual size; qemu-img $(qemu-img --version | head -1 | awk '{print $3}')${QEMU_ARGS:+ with $QEMU_ARGS}"
