@@ -13,7 +13,9 @@
 # cache dropped before every run when /proc/sys/vm/drop_caches is writable (root), else noted.
 # qemu-img runs with its defaults, as a user would type it. "CPU s" is the converter's user +
 # system time (median), the sync excluded: what the conversion costs a laptop's battery, and a
-# figure the storage's speed does not blur.
+# figure the storage's speed does not blur. On a disk, Hutch's figure includes starting the
+# write-back of its output (it hints every 32 MiB and fsyncs before the rename, so that its
+# progress bar means written), work that qemu-img's figure leaves to the final sync.
 #
 # Where the storage is slow (a virtual disk writing a few hundred MB/s), "convert + sync" is
 # its write speed for both tools; BENCH_DIR=/dev/shm takes the storage out and measures the
