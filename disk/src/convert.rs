@@ -791,66 +791,45 @@ mod tests {
         assert_eq!(err.kind(), DiskErrorKind::CorruptImage);
     }
 
+    /// A disk whose reads fail as corrupt and whose writes fail as full.
+    struct Broken;
+
+    impl BlockBackend for Broken {
+        fn size(&self) -> u64 {
+            8 * MIB as u64
+        }
+        fn is_writable(&self) -> bool {
+            true
+        }
+        fn read_at(&self, _: &mut [u8], offset: u64) -> Result<(), DiskError> {
+            Err(DiskError::new(DiskErrorKind::CorruptImage, "read").with_offset(offset))
+        }
+        fn write_at(&self, _: &[u8], offset: u64) -> Result<(), DiskError> {
+            let e = std::io::Error::from_raw_os_error(libc::ENOSPC);
+            Err(DiskError::io("write", e).with_offset(offset))
+        }
+        fn flush(&self) -> Result<(), DiskError> {
+            Ok(())
+        }
+        fn discard(&self, _: u64, _: u64) -> Result<(), DiskError> {
+            Ok(())
+        }
+        fn write_zeroes(&self, _: u64, _: u64) -> Result<(), DiskError> {
+            Ok(())
+        }
+    }
+
     #[test]
     fn read_errors_reach_the_caller() {
-        struct Failing;
-        impl BlockBackend for Failing {
-            fn size(&self) -> u64 {
-                4 * MIB as u64
-            }
-            fn is_writable(&self) -> bool {
-                false
-            }
-            fn read_at(&self, _: &mut [u8], offset: u64) -> Result<(), DiskError> {
-                Err(DiskError::new(DiskErrorKind::CorruptImage, "read").with_offset(offset))
-            }
-            fn write_at(&self, _: &[u8], _: u64) -> Result<(), DiskError> {
-                unreachable!()
-            }
-            fn flush(&self) -> Result<(), DiskError> {
-                Ok(())
-            }
-            fn discard(&self, _: u64, _: u64) -> Result<(), DiskError> {
-                Ok(())
-            }
-            fn write_zeroes(&self, _: u64, _: u64) -> Result<(), DiskError> {
-                Ok(())
-            }
-        }
-        let dst = MemDisk::blank(4 * MIB);
-        let err = convert(&Failing, &dst, &small(), &|_, _| true).unwrap_err();
+        let dst = MemDisk::blank(8 * MIB);
+        let err = convert(&Broken, &dst, &small(), &|_, _| true).unwrap_err();
         assert_eq!(err.kind(), DiskErrorKind::CorruptImage);
     }
 
     #[test]
     fn a_write_error_reaches_the_caller_and_stops_the_readers() {
-        struct Full;
-        impl BlockBackend for Full {
-            fn size(&self) -> u64 {
-                8 * MIB as u64
-            }
-            fn is_writable(&self) -> bool {
-                true
-            }
-            fn read_at(&self, _: &mut [u8], _: u64) -> Result<(), DiskError> {
-                unreachable!()
-            }
-            fn write_at(&self, _: &[u8], offset: u64) -> Result<(), DiskError> {
-                let e = std::io::Error::from_raw_os_error(libc::ENOSPC);
-                Err(DiskError::io("write", e).with_offset(offset))
-            }
-            fn flush(&self) -> Result<(), DiskError> {
-                Ok(())
-            }
-            fn discard(&self, _: u64, _: u64) -> Result<(), DiskError> {
-                Ok(())
-            }
-            fn write_zeroes(&self, _: u64, _: u64) -> Result<(), DiskError> {
-                Ok(())
-            }
-        }
         let src = MemDisk::new(pattern(8 * MIB, 6), vec![ext(0, 8 * MIB, ExtentKind::Data)]);
-        let err = convert(&src, &Full, &small(), &|_, _| true).unwrap_err();
+        let err = convert(&src, &Broken, &small(), &|_, _| true).unwrap_err();
         assert_eq!(err.kind(), DiskErrorKind::Io);
         // The readers stopped once the queue filled, instead of reading everything.
         assert!(src.reads.lock().unwrap().len() < 32);
