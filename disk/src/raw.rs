@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 
 use vm_memory::VolatileSlice;
 
-use crate::{check_range, sys, BlockBackend, DiskError};
+use crate::mapped::FileHoles;
+use crate::{check_range, sys, BlockBackend, DiskError, Extent};
 
 /// Most iovecs one preadv/pwritev takes (IOV_MAX on Linux and macOS).
 const MAX_IOVECS: usize = 1024;
@@ -215,6 +216,16 @@ impl BlockBackend for RawFile {
         self.vectored("read", bufs, offset, false)
     }
 
+    /// The file's holes are Zero: a sparse raw image (`truncate -s 16G`) converts without
+    /// reading gigabytes of zeroes. Block devices and file systems without SEEK_DATA are all
+    /// data.
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DiskError> {
+        self.check("map", offset, len)?;
+        let mut out = Vec::new();
+        FileHoles::new(&self.file).push(&mut out, offset, offset, len);
+        Ok(out)
+    }
+
     fn write_vectored_at(&self, bufs: &[VolatileSlice<'_>], offset: u64) -> Result<(), DiskError> {
         self.vectored("write", bufs, offset, true)
     }
@@ -271,6 +282,36 @@ mod tests {
         assert!(!disk.is_writable());
         assert!(disk.write_at(&[1], 0).is_err());
         assert!(disk.discard(0, 512).is_err());
+    }
+
+    #[test]
+    fn holes_map_as_zero_and_a_sparse_image_converts_without_reading_them() {
+        use crate::convert::{convert, ConvertOptions};
+        use crate::ExtentKind::{Data, Zero};
+        const GIB: u64 = 1 << 30;
+        let f = tempfile::NamedTempFile::new().unwrap();
+        f.as_file().set_len(16 * GIB).unwrap();
+        f.as_file().write_all_at(&[7u8; 65536], GIB).unwrap();
+        let disk = RawFile::open(f.path(), true).unwrap();
+        let map: Vec<_> =
+            disk.extents(0, 2 * GIB).unwrap().iter().map(|e| (e.offset, e.len, e.kind)).collect();
+        if map.len() == 1 {
+            eprintln!("SKIP: this file system does not report holes");
+            return;
+        }
+        assert_eq!(map, [(0, GIB, Zero), (GIB, 65536, Data), (GIB + 65536, GIB - 65536, Zero)]);
+        // A window inside the data, and past the end.
+        assert_eq!(disk.extents(GIB + 4096, 4096).unwrap()[0].kind, Data);
+        assert!(disk.extents(16 * GIB - 1, 2).is_err());
+
+        let out = tempfile::NamedTempFile::new().unwrap();
+        out.as_file().set_len(16 * GIB).unwrap();
+        let dst = RawFile::open(out.path(), false).unwrap();
+        let stats = convert(&disk, &dst, &ConvertOptions::default(), &|_, _| true).unwrap();
+        assert_eq!((stats.read, stats.written, stats.sparse), (65536, 65536, 16 * GIB - 65536));
+        let mut back = vec![0u8; 65536];
+        dst.read_at(&mut back, GIB).unwrap();
+        assert!(back.iter().all(|&b| b == 7));
     }
 
     #[test]
