@@ -602,3 +602,22 @@ fn sequential_write_throughput() {
     }
     println!("sequential 1 GiB read: {:.0} MiB/s", 1024.0 / start.elapsed().as_secs_f64());
 }
+
+/// `disk info`'s size on disk is what the file occupies, as `qemu-img info` says: a qcow2
+/// with preallocated metadata is 16 GiB long but holds a few MiB.
+#[test]
+fn preallocated_image_reports_its_blocks_not_its_length() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pre.qcow2");
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "-o", "preallocation=metadata", s(&path), "16G"],
+    );
+    let info = Qcow2::open(&path, OpenOptions::default()).unwrap().info();
+    let len = std::fs::metadata(&path).unwrap().len();
+    assert!(len > 16 << 30, "qemu-img made a {len}-byte file");
+    assert!(info.allocated_bytes < 64 * MIB, "{} bytes on disk", info.allocated_bytes);
+}
