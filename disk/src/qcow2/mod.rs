@@ -446,11 +446,7 @@ impl Qcow2 {
     /// [`Qcow2::check`] finds the rest.
     pub fn info(&self) -> ImageInfo {
         // Blocks, not length: a preallocated image's clusters may be holes in its file.
-        let allocated_bytes = self
-            .file
-            .metadata()
-            .map(|m| std::os::unix::fs::MetadataExt::blocks(&m).saturating_mul(512))
-            .unwrap_or(0);
+        let allocated_bytes = crate::mapped::allocated_bytes(&self.path).unwrap_or(0);
         let mut problems = Vec::new();
         if self.header.incompatible & header::INCOMPAT_DIRTY != 0 {
             problems.push("dirty: refcounts may be stale (lazy refcounts)".to_string());
