@@ -927,7 +927,7 @@ mod tests {
         let reclaimed = match punch_zero_blocks(&path, &|_, _| true) {
             Ok(r) => r,
             Err(e) if e.kind() == DiskErrorKind::UnsupportedFeature => {
-                eprintln!("SKIP: this file system cannot punch holes");
+                crate::skip_without("cannot punch holes");
                 return;
             }
             Err(e) => panic!("{e}"),

@@ -188,3 +188,11 @@ pub(crate) fn check_range(
         _ => Err(DiskError::new(DiskErrorKind::OutOfBounds, op).with_offset(offset)),
     }
 }
+
+/// For tests that need a file system feature (holes): says SKIP where it is missing, and fails
+/// in CI, whose /tmp (ext4) has it, so that a change of CI machine cannot hide the test.
+#[cfg(test)]
+pub(crate) fn skip_without(feature: &str) {
+    eprintln!("SKIP: this file system {feature}");
+    assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "CI's file system {feature}: required");
+}

@@ -336,7 +336,7 @@ mod tests {
         file.write_all_at(&[1; 64 * 1024], 0).unwrap();
         file.write_all_at(&[2; 64 * 1024], 960 * K).unwrap();
         if seek_run(&file, 64 * K).0 {
-            eprintln!("SKIP: this file system does not report holes");
+            crate::skip_without("does not report holes");
             return None;
         }
         Some((dir, file))

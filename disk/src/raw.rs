@@ -296,7 +296,7 @@ mod tests {
         let map: Vec<_> =
             disk.extents(0, 2 * GIB).unwrap().iter().map(|e| (e.offset, e.len, e.kind)).collect();
         if map.len() == 1 {
-            eprintln!("SKIP: this file system does not report holes");
+            crate::skip_without("does not report holes");
             return;
         }
         assert_eq!(map, [(0, GIB, Zero), (GIB, 65536, Data), (GIB + 65536, GIB - 65536, Zero)]);
