@@ -102,7 +102,7 @@ run() {
 median() { sort -g | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
 
 printf '%-8s %-5s %-6s %12s %12s %8s %12s %12s\n' input from to "hutch MB/s" "qemu MB/s" ratio "hutch CPU s" "qemu CPU s"
-ratios=()
+ratios=() h_cpu=0 q_cpu=0
 for src in sparse full; do
     vsize=$(stat -c %s "$src.raw")
     for in_fmt in vmdk vdi vhdx; do
@@ -126,8 +126,8 @@ for src in sparse full; do
             read -r hm qm ratio < <(awk -v v="$vsize" -v h="$h" -v q="$q" \
                 'BEGIN { hm = v / 1e6 / h; qm = v / 1e6 / q; printf "%.0f %.0f %.2f\n", hm, qm, hm / qm }')
             ratios+=("$ratio")
-            h_cpu=$(awk -v a="${h_cpu:-0}" -v b="$hc" 'BEGIN { print a + b }')
-            q_cpu=$(awk -v a="${q_cpu:-0}" -v b="$qc" 'BEGIN { print a + b }')
+            h_cpu=$(awk -v a="$h_cpu" -v b="$hc" 'BEGIN { print a + b }')
+            q_cpu=$(awk -v a="$q_cpu" -v b="$qc" 'BEGIN { print a + b }')
             printf '%-8s %-5s %-6s %12s %12s %8s %12s %12s\n' "$src" "$in_fmt" "$out_fmt" "$hm" "$qm" "$ratio" "$hc" "$qc"
             rm -f "out-h.$out_fmt" "out-q.$out_fmt"
         done

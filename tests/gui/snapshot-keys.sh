@@ -119,6 +119,8 @@ grep -q '^display = false$' "$HUTCH_HOME/vms/counter/vm.toml" || fail "vm.toml h
 "$HUTCH" start counter >/dev/null
 xdotool key ctrl+alt+s
 wait_for 60 "no snapshot of the VM without a display" snapshots_at_least 2
+taken_twice() { [ "$(grep -c "Snapshot '.*' taken" "$OUT/gui.log")" -ge 2 ]; }
+wait_for 30 "the GUI did not report the second snapshot" taken_twice
 import -window root "$OUT/4-no-display.png"
 convert "$OUT/4-no-display.png" -crop 1000x700+0+0 -resize 200% -negate "$OUT/4-no-display-ocr.png"
 tesseract "$OUT/4-no-display-ocr.png" - 2>/dev/null >"$OUT/4-no-display.txt" || true
