@@ -270,9 +270,9 @@ pub fn take(
             .iter()
             .map(|d| {
                 disk::open_image(&d.path, disk::OpenOptions { writable: !d.readonly })
-                    .map_err(|e| format!("{}: {e}", d.path.display()))
+                    .map_err(|e| format!("{}: {e}", d.path.display()).into())
             })
-            .collect::<Result<Vec<_>, String>>()
+            .collect::<Result<Vec<_>, vmm::machine::HostError>>()
     };
     let mut commit = || {
         let mut index = index.clone();
@@ -281,7 +281,7 @@ pub fn take(
         save_index(vm, &index).map_err(|e| format!("{e:#}"))?;
         let mut config = config.clone();
         config.disks = layers.clone();
-        vm.write_config(&config).map_err(|e| format!("{e:#}"))
+        vm.write_config(&config).map_err(|e| format!("{e:#}").into())
     };
     let result = machine.save_snapshot(&state_path(vm, &id), &mut open_new, &mut commit);
     let times = match result {

@@ -7,9 +7,9 @@
 //!                     └─create_vcpu──▶ KvmVcpu (vCPU fd, kvm_run) ──kicker──▶ KvmKicker
 //! ```
 //!
-//! All KVM code lives in `sys::linux`; on other systems the crate compiles empty.
+//! All KVM code lives in `sys::linux` (x86_64 so far); elsewhere the crate compiles empty.
 
 mod sys;
 
-#[cfg(target_os = "linux")]
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 pub use sys::linux::{KvmHypervisor, KvmKicker};

@@ -13,8 +13,8 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::arch::x86_64::layout;
 use crate::hypervisor::{
-    ExitHandler, Hypervisor, HypervisorError, Vcpu, VcpuExit, VcpuKicker, VcpuState, Vm, VmSetup,
-    VmState, X86Regs, X86Segment,
+    ArchVcpu, ExitHandler, Hypervisor, HypervisorError, Vcpu, VcpuExit, VcpuKicker, VcpuState, Vm,
+    VmSetup, VmState, X86Regs, X86Segment,
 };
 use crate::memory::{create_guest_memory, map_into_vm, GuestMemory};
 
@@ -45,12 +45,12 @@ fn tiny_guest(hv: &dyn Hypervisor, code: &[u8]) -> TinyGuest {
     TinyGuest { vm, _memory: memory }
 }
 
-fn create_vcpu(vm: &dyn Vm) -> Box<dyn Vcpu> {
+fn create_vcpu(vm: &dyn Vm) -> Box<dyn ArchVcpu> {
     vm.create_vcpu(0).unwrap_or_else(|e| panic!("create_vcpu(0) failed: {e}"))
 }
 
 /// Real mode, CS base 0, RIP at the test code, interrupts off.
-fn enter_real_mode(vcpu: &mut dyn Vcpu, regs: X86Regs) {
+fn enter_real_mode(vcpu: &mut dyn ArchVcpu, regs: X86Regs) {
     let mut sregs = vcpu.sregs().expect("get sregs");
     sregs.cs.base = 0;
     sregs.cs.selector = 0;
@@ -59,7 +59,7 @@ fn enter_real_mode(vcpu: &mut dyn Vcpu, regs: X86Regs) {
 }
 
 /// Flat 32-bit protected mode straight from the segment caches (no GDT is ever loaded).
-fn enter_flat_protected_mode(vcpu: &mut dyn Vcpu) {
+fn enter_flat_protected_mode(vcpu: &mut dyn ArchVcpu) {
     let mut sregs = vcpu.sregs().expect("get sregs");
     let flat = |selector: u16, type_: u8| X86Segment {
         base: 0,
@@ -258,7 +258,7 @@ const TRIPLE_FAULT_CODE: [u8; 22] = [
     0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // IDTR: limit 0, base 0
 ];
 
-/// (f) A guest that triple-faults ends its run with `TripleFault`: a crash, not a reset.
+/// (f) A guest that triple-faults ends its run with `Crash`: a crash, not a reset.
 pub fn triple_fault_is_reported(hv: &dyn Hypervisor) {
     assert_eq!(CODE_ADDR, 0x1000, "TRIPLE_FAULT_CODE addresses its IDTR absolutely");
     let guest = tiny_guest(hv, &TRIPLE_FAULT_CODE);
@@ -270,7 +270,7 @@ pub fn triple_fault_is_reported(hv: &dyn Hypervisor) {
             Ok(VcpuExit::Io | VcpuExit::Interrupted) => continue,
             other => {
                 assert!(
-                    matches!(other, Ok(VcpuExit::TripleFault)),
+                    matches!(other, Ok(VcpuExit::Crash)),
                     "exit of a triple-faulting guest: {other:?}"
                 );
                 return;
@@ -359,7 +359,11 @@ pub fn save_restore_round_trip(hv: &dyn Hypervisor) {
     let vcpu_state: VcpuState = vcpu.save_state().expect("save vCPU state");
     let vm_state: VmState = guest.vm.save_state().expect("save VM state");
     assert_eq!(vcpu_state.backend, vm_state.backend, "one backend name for both states");
-    assert_eq!(vcpu_state.regs.rip, CODE_ADDR + 4, "saved between instructions, after the OUT");
+    assert_eq!(
+        vcpu_state.regs.regs.rip,
+        CODE_ADDR + 4,
+        "saved between instructions, after the OUT"
+    );
     let vcpu_loaded = json_round_trip(&vcpu_state);
     let vm_loaded = json_round_trip(&vm_state);
     assert_eq!(vcpu_loaded, vcpu_state, "vCPU state survives JSON");
@@ -371,8 +375,8 @@ pub fn save_restore_round_trip(hv: &dyn Hypervisor) {
     restored_vcpu.restore_state(&vcpu_loaded).expect("restore vCPU state");
 
     let vcpu_again = restored_vcpu.save_state().expect("save restored vCPU");
-    assert_eq!(vcpu_again.regs, vcpu_state.regs, "regs after restore");
-    assert_eq!(vcpu_again.sregs, vcpu_state.sregs, "sregs after restore");
+    assert_eq!(vcpu_again.regs.regs, vcpu_state.regs.regs, "regs after restore");
+    assert_eq!(vcpu_again.regs.sregs, vcpu_state.regs.sregs, "sregs after restore");
     assert_eq!(
         vcpu_again.blobs.keys().collect::<Vec<_>>(),
         vcpu_state.blobs.keys().collect::<Vec<_>>(),

@@ -12,6 +12,8 @@
 //! Devices see guest memory, their queues and an [`hypervisor::InterruptSink`]; never a backend.
 
 pub mod arch;
+pub mod board;
+#[cfg(target_arch = "x86_64")]
 pub mod conformance;
 pub mod devices;
 pub mod hypervisor;
@@ -20,6 +22,7 @@ pub mod memory;
 pub mod pci;
 pub mod snapshot;
 pub mod state;
+pub mod sys;
 pub mod virtio;
 
 /// Formats an error with its whole `source()` chain on one line ("a: b: c").

@@ -2,7 +2,6 @@
 
 use vm_memory::{GuestAddress, GuestMemory as _, GuestMemoryRegion};
 
-use crate::arch::x86_64::layout;
 use crate::hypervisor::{GuestRamMapping, HypervisorError, Vm};
 
 /// The guest's RAM as every device sees it.
@@ -22,15 +21,23 @@ pub enum MemoryError {
     Map(#[source] HypervisorError),
 }
 
-/// Allocates `mib` MiB of anonymous guest RAM laid out around the PCI hole.
+/// Allocates `mib` MiB of anonymous guest RAM laid out around the PCI hole of the x86 PC.
+#[cfg(target_arch = "x86_64")]
 pub fn create_guest_memory(mib: u64) -> Result<GuestMemory, MemoryError> {
+    use crate::arch::x86_64::layout;
     if mib == 0 || mib > layout::MAX_GUEST_RAM_MIB {
         return Err(MemoryError::InvalidSize { mib, max: layout::MAX_GUEST_RAM_MIB });
     }
-    let ranges: Vec<(GuestAddress, usize)> = layout::ram_regions(mib << 20)
-        .into_iter()
-        .map(|(start, size)| (GuestAddress(start), size as usize))
-        .collect();
+    create_guest_memory_in(mib, &layout::ram_regions(mib << 20))
+}
+
+/// Allocates `mib` MiB of anonymous guest RAM as the given (address, size) regions.
+pub fn create_guest_memory_in(
+    mib: u64,
+    regions: &[(u64, u64)],
+) -> Result<GuestMemory, MemoryError> {
+    let ranges: Vec<(GuestAddress, usize)> =
+        regions.iter().copied().map(|(start, size)| (GuestAddress(start), size as usize)).collect();
     let memory = GuestMemory::from_ranges(&ranges)
         .map_err(|source| MemoryError::Allocate { mib, source })?;
     for region in memory.iter() {
@@ -40,15 +47,9 @@ pub fn create_guest_memory(mib: u64) -> Result<GuestMemory, MemoryError> {
 }
 
 /// Asks for transparent huge pages on guest RAM (as QEMU does): far fewer page faults while
-/// the guest first touches its memory, and 2 MiB nested page-table entries. Only advice: on a
-/// host without THP the call fails and nothing changes.
+/// the guest first touches its memory, and 2 MiB nested page-table entries.
 fn advise_huge_pages(addr: *mut u8, len: u64) {
-    // SAFETY: madvise only changes paging advice for a range we own (a live mapping of guest
-    // RAM); it reads or writes no memory.
-    let rc = unsafe { libc::madvise(addr.cast(), len as usize, libc::MADV_HUGEPAGE) };
-    if rc != 0 {
-        log::debug!("madvise(MADV_HUGEPAGE) on guest RAM: {}", std::io::Error::last_os_error());
-    }
+    crate::sys::advise_huge_pages(addr, len);
 }
 
 /// Maps every region of `memory` into `vm`, one slot per region.
@@ -71,6 +72,7 @@ pub fn map_into_vm(memory: &GuestMemory, vm: &dyn Vm) -> Result<(), MemoryError>
 }
 
 #[cfg(test)]
+#[cfg(target_arch = "x86_64")]
 mod tests {
     use super::*;
 
@@ -108,7 +110,7 @@ mod tests {
     fn zero_or_absurd_sizes_are_refused() {
         assert!(matches!(create_guest_memory(0), Err(MemoryError::InvalidSize { .. })));
         assert!(matches!(
-            create_guest_memory(layout::MAX_GUEST_RAM_MIB + 1),
+            create_guest_memory(crate::arch::x86_64::layout::MAX_GUEST_RAM_MIB + 1),
             Err(MemoryError::InvalidSize { .. })
         ));
     }

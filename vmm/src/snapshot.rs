@@ -1,7 +1,8 @@
 //! The snapshot file: one running machine's state and guest RAM.
 //!
 //! ```text
-//!  0        header page: magic "HUTCHSNP", version, state and RAM offsets, checksums
+//!  0        header page: magic "HUTCHSNP", version, state and RAM offsets, RAM regions,
+//!           the board and architecture (format 2), checksums
 //!  4 KiB    machine state (bincode: vCPUs, VM, devices), CRC-32 in the header
 //!  2 MiB×k  guest RAM, region after region, page for page; zero pages are holes
 //! ```
@@ -23,8 +24,11 @@ use vm_memory::{FileOffset, GuestAddress, GuestMemory as _, GuestMemoryRegion};
 use crate::memory::GuestMemory;
 
 pub const MAGIC: [u8; 8] = *b"HUTCHSNP";
-/// The format this build writes and the newest it reads.
-pub const VERSION: u32 = 1;
+/// The format this build writes and the newest it reads. Format 1 (no board in the header,
+/// one positional machine state of the PC) is still read.
+pub const VERSION: u32 = 2;
+/// Longest board or architecture name in a header.
+const MAX_NAME: usize = 32;
 const HEADER_SIZE: u64 = 4096;
 /// RAM starts on a 2 MiB boundary (huge-page friendly mappings of the file).
 const RAM_ALIGN: u64 = 2 << 20;
@@ -73,6 +77,9 @@ pub struct SnapshotHeader {
     ram_offset: u64,
     /// (guest address, size) per RAM region, in file order.
     pub regions: Vec<(u64, u64)>,
+    /// The board and architecture the machine was (format 1: always the x86_64 PC).
+    pub board: String,
+    pub arch: String,
 }
 
 impl SnapshotHeader {
@@ -93,6 +100,12 @@ impl SnapshotHeader {
             out.extend_from_slice(&addr.to_le_bytes());
             out.extend_from_slice(&size.to_le_bytes());
         }
+        if self.version >= 2 {
+            for name in [&self.board, &self.arch] {
+                out.push(name.len() as u8);
+                out.extend_from_slice(name.as_bytes());
+            }
+        }
         let crc = crc32fast::hash(&out);
         out.extend_from_slice(&crc.to_le_bytes());
         out.resize(HEADER_SIZE as usize, 0);
@@ -104,8 +117,17 @@ impl SnapshotHeader {
         if page.len() < 48 || page[..8] != MAGIC {
             return Err(SnapshotError::NotASnapshot { path: path.to_owned() });
         }
-        let u32_at = |o: usize| u32::from_le_bytes(page[o..o + 4].try_into().unwrap_or_default());
-        let u64_at = |o: usize| u64::from_le_bytes(page[o..o + 8].try_into().unwrap_or_default());
+        // A short page reads as zeros past its end: the checksum then fails, never a panic.
+        let u32_at = |o: usize| {
+            u32::from_le_bytes(
+                page.get(o..o + 4).and_then(|b| b.try_into().ok()).unwrap_or_default(),
+            )
+        };
+        let u64_at = |o: usize| {
+            u64::from_le_bytes(
+                page.get(o..o + 8).and_then(|b| b.try_into().ok()).unwrap_or_default(),
+            )
+        };
         let version = u32_at(8);
         if version > VERSION {
             return Err(SnapshotError::NewerVersion {
@@ -121,10 +143,27 @@ impl SnapshotHeader {
         if count == 0 || count > MAX_REGIONS {
             return Err(corrupt(format!("{count} RAM regions")));
         }
-        let crc_at = 44 + count * 16;
+        let mut crc_at = 44 + count * 16;
+        let mut names = Vec::new();
+        if version >= 2 {
+            for _ in 0..2 {
+                let len = usize::from(page.get(crc_at).copied().unwrap_or_default());
+                let name = page
+                    .get(crc_at + 1..crc_at + 1 + len)
+                    .filter(|_| len <= MAX_NAME)
+                    .and_then(|b| std::str::from_utf8(b).ok())
+                    .ok_or_else(|| corrupt("a board or architecture name".into()))?;
+                names.push(name.to_string());
+                crc_at += 1 + len;
+            }
+        } else {
+            names = vec!["pc".to_string(), "x86_64".to_string()];
+        }
         if crc32fast::hash(&page[..crc_at]) != u32_at(crc_at) {
             return Err(SnapshotError::Checksum { path: path.to_owned(), what: "header" });
         }
+        let arch = names.pop().unwrap_or_default();
+        let board = names.pop().unwrap_or_default();
         let header = SnapshotHeader {
             version,
             state_offset: u64_at(16),
@@ -132,6 +171,8 @@ impl SnapshotHeader {
             ram_offset: u64_at(32),
             state_crc: u32_at(40),
             regions: (0..count).map(|i| (u64_at(44 + i * 16), u64_at(52 + i * 16))).collect(),
+            board,
+            arch,
         };
         if header.state_offset < HEADER_SIZE || header.state_len > MAX_STATE_BYTES {
             return Err(corrupt(format!(
@@ -169,11 +210,18 @@ fn io_err<'a>(
     move |source| SnapshotError::Io { op, path: path.to_owned(), source }
 }
 
-/// Writes a snapshot of `state` (the encoded machine state) and `memory` to `path`, through a
-/// temporary file that is fsynced and renamed. The guest must not run meanwhile.
-pub fn write(path: &Path, state: &[u8], memory: &GuestMemory) -> Result<(), SnapshotError> {
+/// Writes a snapshot of `state` (the encoded machine state) and `memory` of a `board` machine
+/// on `arch` to `path`, through a temporary file that is fsynced and renamed. The guest must
+/// not run meanwhile.
+pub fn write(
+    path: &Path,
+    state: &[u8],
+    memory: &GuestMemory,
+    board: &str,
+    arch: &str,
+) -> Result<(), SnapshotError> {
     let tmp = temp_path(path);
-    let result = write_to(&tmp, state, memory).and_then(|()| {
+    let result = write_to(&tmp, state, memory, board, arch).and_then(|()| {
         std::fs::rename(&tmp, path).map_err(io_err("rename", path))?;
         sync_dir(path)
     });
@@ -194,7 +242,19 @@ fn sync_dir(path: &Path) -> Result<(), SnapshotError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("sync the directory of", path))
 }
 
-fn write_to(path: &Path, state: &[u8], memory: &GuestMemory) -> Result<(), SnapshotError> {
+fn write_to(
+    path: &Path,
+    state: &[u8],
+    memory: &GuestMemory,
+    board: &str,
+    arch: &str,
+) -> Result<(), SnapshotError> {
+    if board.len() > MAX_NAME || arch.len() > MAX_NAME {
+        return Err(SnapshotError::Corrupt {
+            path: path.to_owned(),
+            reason: format!("board {board} or architecture {arch} is too long a name"),
+        });
+    }
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -209,6 +269,8 @@ fn write_to(path: &Path, state: &[u8], memory: &GuestMemory) -> Result<(), Snaps
         state_crc: crc32fast::hash(state),
         ram_offset,
         regions: memory.iter().map(|r| (r.start_addr().0, r.len())).collect(),
+        board: board.to_string(),
+        arch: arch.to_string(),
     };
     file.write_all(&header.encode()).map_err(io_err("write", path))?;
     file.write_all(state).map_err(io_err("write", path))?;
@@ -327,10 +389,11 @@ impl SnapshotFile {
         let mut mapped = Vec::with_capacity(regions.len());
         for &(addr, size) in regions {
             let file = self.file.try_clone().map_err(io_err("map", &self.path))?;
+            let (prot, flags) = crate::sys::private_file_mapping();
             let region = MmapRegionBuilder::new_with_bitmap(size as usize, ())
                 .with_file_offset(FileOffset::new(file, offset))
-                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+                .with_mmap_prot(prot)
+                .with_mmap_flags(flags)
                 .build()
                 .map_err(|source| SnapshotError::Map { path: self.path.clone(), source })?;
             let region =
@@ -362,6 +425,7 @@ fn read_up_to(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize
 }
 
 #[cfg(test)]
+#[cfg(target_arch = "x86_64")]
 mod tests {
     use vm_memory::{Bytes, GuestMemory as _};
 
@@ -383,7 +447,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.hsnap");
         let memory = memory_with_pattern(8);
-        write(&path, b"machine state", &memory).unwrap();
+        write(&path, b"machine state", &memory, "pc", "x86_64").unwrap();
         // Only the two written ranges take space: zero pages are holes.
         let blocks = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&path).unwrap());
         assert!(blocks * 512 < 1 << 20, "{} bytes allocated", blocks * 512);
@@ -409,7 +473,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.hsnap");
         let memory = memory_with_pattern(4);
-        write(&path, b"state", &memory).unwrap();
+        write(&path, b"state", &memory, "pc", "x86_64").unwrap();
         let good = std::fs::read(&path).unwrap();
         let check = |bytes: &[u8]| {
             let p = dir.path().join("bad.hsnap");
@@ -453,7 +517,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("missing-dir").join("s.hsnap");
         let memory = memory_with_pattern(4);
-        assert!(write(&path, b"state", &memory).is_err());
+        assert!(write(&path, b"state", &memory, "pc", "x86_64").is_err());
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 }

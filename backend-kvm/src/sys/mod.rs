@@ -1,4 +1,4 @@
-//! Platform code. Only Linux has KVM.
+//! Platform code. Only Linux has KVM, and only its x86_64 side is written so far.
 
-#[cfg(target_os = "linux")]
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 pub mod linux;

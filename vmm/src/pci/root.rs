@@ -296,6 +296,32 @@ impl PciRoot {
         Ok(())
     }
 
+    /// The device numbers on bus 0 that hold a device, in order (the host bridge is 0).
+    pub fn populated_slots(&self) -> Vec<u8> {
+        self.slots.iter().enumerate().filter(|(_, s)| s.is_some()).map(|(i, _)| i as u8).collect()
+    }
+
+    /// The saved state of the device in slot `slot` (see [`PciRoot::save_state`]).
+    pub fn save_slot(&self, slot: u8) -> Result<Vec<u8>, StateError> {
+        match self.slots.get(slot as usize).and_then(Option::as_ref) {
+            Some(s) => lock(&s.device).save_state(),
+            None => Err(StateError::invalid("PCI bus", format!("no device in slot {slot}"))),
+        }
+    }
+
+    /// Restores the device in slot `slot` and brings its BAR decoding in line with the
+    /// restored registers; a refused state leaves the device as it was.
+    pub fn restore_slot(&mut self, slot: u8, bytes: &[u8]) -> Result<(), StateError> {
+        match self.slots.get_mut(slot as usize).and_then(Option::as_mut) {
+            Some(s) => {
+                lock(&s.device).restore_state(bytes)?;
+                s.refresh();
+                Ok(())
+            }
+            None => Err(StateError::invalid("PCI bus", format!("no device in slot {slot}"))),
+        }
+    }
+
     /// Stops every device's I/O threads and waits for them: an in-flight request finishes
     /// first, and afterwards no device touches guest memory until [`PciRoot::resume_io`].
     pub fn quiesce_io(&mut self) {

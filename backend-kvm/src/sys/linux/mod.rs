@@ -17,8 +17,8 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vmm::hypervisor::{
-    GuestNotifier, GuestRamMapping, Hypervisor, HypervisorError, InterruptSink, Result, Vcpu, Vm,
-    VmSetup, VmState,
+    ArchVcpu, GuestNotifier, GuestRamMapping, Hypervisor, HypervisorError, InterruptSink, Result,
+    Vm, VmSetup, VmState,
 };
 
 pub use kick::KvmKicker;
@@ -188,7 +188,7 @@ impl Vm for KvmVm {
         unsafe { self.fd.set_user_memory_region(region) }.map_err(os("KVM_SET_USER_MEMORY_REGION"))
     }
 
-    fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>> {
+    fn create_vcpu(&self, id: u32) -> Result<Box<dyn ArchVcpu>> {
         if id >= self.vcpu_count {
             return Err(HypervisorError::Os {
                 op: "KVM_CREATE_VCPU",

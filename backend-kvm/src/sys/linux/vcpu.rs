@@ -10,7 +10,8 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{VcpuExit as KvmExit, VcpuFd};
 use vmm::hypervisor::{
-    ExitHandler, HypervisorError, Result, Vcpu, VcpuExit, VcpuKicker, VcpuState, X86Regs, X86Sregs,
+    ExitHandler, HypervisorError, Result, Vcpu, VcpuExit, VcpuKicker, VcpuState, VcpuX86_64,
+    X86Regs, X86Sregs, X86VcpuRegs,
 };
 use zerocopy::IntoBytes;
 
@@ -368,7 +369,7 @@ impl Vcpu for KvmVcpu {
             }
             Ok(KvmExit::Hlt) => RunOutcome::Exit(VcpuExit::Halt),
             // A triple fault: a PC resets.
-            Ok(KvmExit::Shutdown) => RunOutcome::Exit(VcpuExit::TripleFault),
+            Ok(KvmExit::Shutdown) => RunOutcome::Exit(VcpuExit::Crash),
             Ok(KvmExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _)) => {
                 RunOutcome::Exit(VcpuExit::Shutdown)
             }
@@ -406,22 +407,6 @@ impl Vcpu for KvmVcpu {
         self.kicker.clone()
     }
 
-    fn regs(&self) -> Result<X86Regs> {
-        self.fd.get_regs().map(|r| regs_from_kvm(&r)).map_err(os("KVM_GET_REGS"))
-    }
-
-    fn set_regs(&mut self, regs: &X86Regs) -> Result<()> {
-        self.fd.set_regs(&regs_to_kvm(regs)).map_err(os("KVM_SET_REGS"))
-    }
-
-    fn sregs(&self) -> Result<X86Sregs> {
-        self.fd.get_sregs().map(|s| sregs_from_kvm(&s)).map_err(os("KVM_GET_SREGS"))
-    }
-
-    fn set_sregs(&mut self, sregs: &X86Sregs) -> Result<()> {
-        self.fd.set_sregs(&sregs_to_kvm(sregs)).map_err(os("KVM_SET_SREGS"))
-    }
-
     fn save_state(&self) -> Result<VcpuState> {
         self.complete_pending_io()?;
         let mut blobs = BTreeMap::new();
@@ -445,8 +430,7 @@ impl Vcpu for KvmVcpu {
         blobs.insert(KEY_MP_STATE.to_string(), encode(&mp_state));
         Ok(VcpuState {
             backend: BACKEND.to_string(),
-            regs: self.regs()?,
-            sregs: self.sregs()?,
+            regs: X86VcpuRegs { regs: self.regs()?, sregs: self.sregs()? },
             blobs,
         })
     }
@@ -473,8 +457,8 @@ impl Vcpu for KvmVcpu {
         // The order KVM needs: sregs (APIC base) before the LAPIC, MSRs after the LAPIC (TSC
         // deadline), pending events last.
         self.fd.set_mp_state(mp_state).map_err(os("KVM_SET_MP_STATE"))?;
-        self.set_regs(&state.regs)?;
-        self.set_sregs(&state.sregs)?;
+        self.set_regs(&state.regs.regs)?;
+        self.set_sregs(&state.regs.sregs)?;
         self.fd.set_fpu(&fpu).map_err(os("KVM_SET_FPU"))?;
         if let Some(bytes) = xsave {
             self.set_xsave_bytes(bytes)?;
@@ -489,6 +473,24 @@ impl Vcpu for KvmVcpu {
             log::warn!("KVM refused {} of {} saved MSRs", msrs.len() - written, msrs.len());
         }
         self.fd.set_vcpu_events(&events).map_err(os("KVM_SET_VCPU_EVENTS"))
+    }
+}
+
+impl VcpuX86_64 for KvmVcpu {
+    fn regs(&self) -> Result<X86Regs> {
+        self.fd.get_regs().map(|r| regs_from_kvm(&r)).map_err(os("KVM_GET_REGS"))
+    }
+
+    fn set_regs(&mut self, regs: &X86Regs) -> Result<()> {
+        self.fd.set_regs(&regs_to_kvm(regs)).map_err(os("KVM_SET_REGS"))
+    }
+
+    fn sregs(&self) -> Result<X86Sregs> {
+        self.fd.get_sregs().map(|s| sregs_from_kvm(&s)).map_err(os("KVM_GET_SREGS"))
+    }
+
+    fn set_sregs(&mut self, sregs: &X86Sregs) -> Result<()> {
+        self.fd.set_sregs(&sregs_to_kvm(sregs)).map_err(os("KVM_SET_SREGS"))
     }
 }
 

@@ -10,11 +10,28 @@
 //! No platform type appears here: guest RAM is owned by `vmm` and only mapped by a backend,
 //! exits are finished by the backend through [`ExitHandler`], and backend state crosses the
 //! trait as plain serde data ([`VcpuState`], [`VmState`]) so snapshots can store it.
+//! Registers are per architecture: `x86_64.rs` / `aarch64.rs` hold an extension trait of
+//! [`Vcpu`] each, compiled only for their target; [`ArchVcpu`] names this target's.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+
+#[cfg(target_arch = "aarch64")]
+mod aarch64;
+#[cfg(target_arch = "x86_64")]
+mod x86_64;
+
+#[cfg(target_arch = "aarch64")]
+pub use aarch64::{
+    Aarch64CoreRegs, Aarch64CoreRegs as ArchRegs, VcpuAarch64, VcpuAarch64 as ArchVcpu,
+};
+#[cfg(target_arch = "x86_64")]
+pub use x86_64::{
+    VcpuX86_64, VcpuX86_64 as ArchVcpu, X86DescriptorTable, X86Regs, X86Segment, X86Sregs,
+    X86VcpuRegs, X86VcpuRegs as ArchRegs,
+};
 
 /// Errors from a hypervisor backend.
 #[derive(Debug, thiserror::Error)]
@@ -69,8 +86,9 @@ pub enum VcpuExit {
     Halt,
     /// The guest asked for a reset (a hypervisor-level reset event, PSCI reset).
     Reset,
-    /// The guest triple-faulted: an exception it could not handle, a crash rather than a reboot.
-    TripleFault,
+    /// The guest crashed: a fault it could not handle (x86: a triple fault), not a reboot.
+    /// [`ArchVcpu::crash_detail`] says where.
+    Crash,
     /// The guest powered off through a hypervisor-level event (PSCI off, KVM system event).
     Shutdown,
     /// [`VcpuKicker::kick`] interrupted the run.
@@ -154,8 +172,8 @@ pub trait Vm: InterruptSink {
     unsafe fn map_memory(&self, mapping: GuestRamMapping) -> Result<()>;
 
     /// Creates vCPU `id`. Call it on the thread that will run the vCPU; the result never
-    /// leaves that thread.
-    fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>>;
+    /// leaves that thread. It comes with its architecture's extension ([`ArchVcpu`]).
+    fn create_vcpu(&self, id: u32) -> Result<Box<dyn ArchVcpu>>;
 
     /// See [`NotifierRegistry::register_notifier`]. Backends without a way to catch guest
     /// writes in the hypervisor keep this default: the VMM then handles them as MMIO exits.
@@ -176,99 +194,27 @@ pub trait Vm: InterruptSink {
     fn restore_state(&self, state: &VmState) -> Result<()>;
 }
 
-/// One virtual CPU, bound to the thread that created it.
+/// One virtual CPU, bound to the thread that created it. Architecture-neutral: registers are
+/// reached through the per-architecture extension ([`ArchVcpu`], crosvm's pattern).
 pub trait Vcpu {
     fn id(&self) -> u32;
     /// Runs the guest until an exit that the VMM must see.
     fn run(&mut self, handler: &mut dyn ExitHandler) -> Result<VcpuExit>;
     fn kicker(&self) -> Arc<dyn VcpuKicker>;
 
-    fn regs(&self) -> Result<X86Regs>;
-    fn set_regs(&mut self, regs: &X86Regs) -> Result<()>;
-    fn sregs(&self) -> Result<X86Sregs>;
-    fn set_sregs(&mut self, sregs: &X86Sregs) -> Result<()>;
-
     fn save_state(&self) -> Result<VcpuState>;
     fn restore_state(&mut self, state: &VcpuState) -> Result<()>;
 }
 
-/// General-purpose registers of an x86_64 vCPU.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct X86Regs {
-    pub rax: u64,
-    pub rbx: u64,
-    pub rcx: u64,
-    pub rdx: u64,
-    pub rsi: u64,
-    pub rdi: u64,
-    pub rsp: u64,
-    pub rbp: u64,
-    pub r8: u64,
-    pub r9: u64,
-    pub r10: u64,
-    pub r11: u64,
-    pub r12: u64,
-    pub r13: u64,
-    pub r14: u64,
-    pub r15: u64,
-    pub rip: u64,
-    pub rflags: u64,
-}
-
-/// A segment register as the hardware caches it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct X86Segment {
-    pub base: u64,
-    pub limit: u32,
-    pub selector: u16,
-    pub type_: u8,
-    pub present: bool,
-    pub dpl: u8,
-    pub db: bool,
-    pub s: bool,
-    pub l: bool,
-    pub g: bool,
-    pub avl: bool,
-    pub unusable: bool,
-}
-
-/// GDTR / IDTR.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct X86DescriptorTable {
-    pub base: u64,
-    pub limit: u16,
-}
-
-/// Segment, control and descriptor-table registers of an x86_64 vCPU.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct X86Sregs {
-    pub cs: X86Segment,
-    pub ds: X86Segment,
-    pub es: X86Segment,
-    pub fs: X86Segment,
-    pub gs: X86Segment,
-    pub ss: X86Segment,
-    pub tr: X86Segment,
-    pub ldt: X86Segment,
-    pub gdt: X86DescriptorTable,
-    pub idt: X86DescriptorTable,
-    pub cr0: u64,
-    pub cr2: u64,
-    pub cr3: u64,
-    pub cr4: u64,
-    pub cr8: u64,
-    pub efer: u64,
-    pub apic_base: u64,
-}
-
-/// Saved state of one vCPU. Registers are typed; everything else the backend needs (FPU,
-/// XSAVE, XCRs, MSRs, LAPIC, pending events, debug registers, MP state) travels as named,
-/// backend-encoded blobs that only the same backend can read back.
+/// Saved state of one vCPU. The architecture's registers are typed ([`ArchRegs`]);
+/// everything else the backend needs (FPU, XSAVE, XCRs, MSRs, LAPIC, pending events, debug
+/// registers, MP state) travels as named, backend-encoded blobs that only the same backend can
+/// read back. The bincode layout is format-visible: `regs` encodes its fields in place, so
+/// the x86 state reads exactly as snapshot format 1 wrote it (`backend, regs, sregs, blobs`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VcpuState {
     pub backend: String,
-    pub regs: X86Regs,
-    pub sregs: X86Sregs,
+    pub regs: ArchRegs,
     pub blobs: BTreeMap<String, Vec<u8>>,
 }
 

@@ -1,0 +1,73 @@
+//! The display of a machine: its screen, the virtio-gpu and input handles, the boot
+//! framebuffer, and the thread that copies what the guest draws on it to the screen.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use display::scanout::Screen;
+use display::SourceId;
+
+use super::lifecycle::Lifecycle;
+use crate::devices::bus::lock;
+use crate::hypervisor::Vm;
+use crate::virtio::gpu::boot_fb::BootFramebuffer;
+use crate::virtio::gpu::GpuHandle;
+use crate::virtio::input::InputHandle;
+
+/// The screen and input devices of a machine with a display.
+pub struct DisplayDevices {
+    pub screen: Arc<Screen>,
+    pub gpu: GpuHandle,
+    pub keyboard: InputHandle,
+    pub tablet: InputHandle,
+    pub mouse: InputHandle,
+    // Mapped into the VM: dropped last, with the handle that owns the guest RAM too.
+    pub framebuffer: Arc<Mutex<BootFramebuffer>>,
+    /// The framebuffer's memory slot, whose dirty log says which rows to compare.
+    pub framebuffer_slot: u32,
+}
+
+/// How often the boot framebuffer is checked for what the guest drew. Guests write it without
+/// telling anyone; 30 Hz keeps a console fluid, and with the hypervisor's dirty log an idle
+/// check costs one call, not a comparison of megabytes.
+const FRAMEBUFFER_SCAN_INTERVAL: Duration = Duration::from_millis(33);
+
+/// Copies what the guest drew on the boot framebuffer to the screen while it is the live
+/// source, until the machine ends. Only pages in the hypervisor's dirty log are compared;
+/// without one (a backend that has none, or a failing call) every row is.
+pub(crate) fn scan_framebuffer(display: &DisplayDevices, vm: &dyn Vm, lifecycle: &Lifecycle) {
+    let mut last_epoch = None;
+    let mut use_log = true;
+    loop {
+        {
+            let control = lock(&lifecycle.control);
+            if control.outcome.is_some() {
+                return;
+            }
+            let _ = lifecycle.changed.wait_timeout(control, FRAMEBUFFER_SCAN_INTERVAL);
+        }
+        if display.screen.live_source() != SourceId::BootFramebuffer {
+            continue;
+        }
+        // A switch back to the boot framebuffer (or a resize) cleared the screen.
+        let epoch = display.screen.epoch();
+        let force = last_epoch != Some(epoch);
+        last_epoch = Some(epoch);
+        let mut framebuffer = lock(&display.framebuffer);
+        let written = if use_log {
+            match vm.take_dirty_pages(display.framebuffer_slot, framebuffer.len() as u64) {
+                Ok(pages) => Some(pages),
+                Err(e) => {
+                    if !matches!(e, crate::hypervisor::HypervisorError::Unsupported(_)) {
+                        log::warn!("boot framebuffer: no dirty log ({e}); comparing all of it");
+                    }
+                    use_log = false;
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        framebuffer.scan_written(&*display.screen, force, written.as_deref());
+    }
+}

@@ -1,0 +1,448 @@
+//! One running machine: guest memory, the board's devices, vCPU threads and its lifecycle.
+//! Board-neutral: what the machine is made of comes from a [`Board`] (today the x86 PC,
+//! `board::pc`).
+//!
+//! The app builds a [`Machine`] from a [`MachineConfig`], takes a [`MachineHandle`] (cloneable,
+//! `Send`) for control from other threads, and calls [`Machine::run`], which blocks until the
+//! guest powers off, resets, is forced off, or fails.
+//!
+//! ```text
+//!  mod.rs        config, errors, build (memory → VM → board devices → boot or restore), run
+//!  lifecycle.rs  run state, pause/resume at safe points, jobs for paused vCPUs
+//!  vcpu.rs       one thread per vCPU (created there, never leaves it), exit dispatch
+//!  handle.rs     MachineHandle: control from any thread
+//!  snapshot.rs   save_snapshot: pause, quiesce, save vCPUs/VM/devices/RAM, switch disks
+//!  persist.rs    the saved machine state (format 2: devices keyed by id)
+//!  display.rs    screen, input handles, boot framebuffer scanner
+//!  disks.rs      disks switchable to new layers
+//! ```
+
+pub(crate) mod disks;
+pub(crate) mod display;
+mod handle;
+mod lifecycle;
+pub mod persist;
+mod snapshot;
+#[cfg(test)]
+mod tests;
+mod vcpu;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use serde::{Deserialize, Serialize};
+
+pub use self::handle::MachineHandle;
+use self::lifecycle::Lifecycle;
+pub use self::persist::MachineState;
+pub use self::snapshot::{HostError, SnapshotTimes};
+use self::vcpu::{vcpu_thread, VcpuContext, VcpuStart};
+use crate::board::{Board, BoardContext, BoardError, BootSource, IoBuses, KernelBoot};
+use crate::devices::bus::lock;
+use crate::hypervisor::{Hypervisor, HypervisorError, VcpuState, Vm};
+use crate::memory;
+use crate::snapshot::{SnapshotError, SnapshotFile};
+use crate::state::StateError;
+use ::display::scanout::Screen;
+
+/// Most vCPUs the PC board takes (the MADT's xAPIC ids are 8 bits and the IOAPIC takes one).
+#[cfg(target_arch = "x86_64")]
+pub const MAX_VCPUS: u32 = crate::board::pc::MAX_VCPUS;
+
+/// One disk attached as virtio-blk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub readonly: bool,
+}
+
+/// What to boot and with how much.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub disks: Vec<DiskConfig>,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    /// Directory of the decompressed-kernel cache (`arch::x86_64::kernel_cache`); None: off.
+    #[serde(default)]
+    pub kernel_cache_dir: Option<PathBuf>,
+}
+
+/// Coarse state reported over the control protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    Starting,
+    Running,
+    Paused,
+    ShuttingDown,
+    Stopped,
+}
+
+impl RunState {
+    /// The state's name as the control protocol spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            RunState::Starting => "starting",
+            RunState::Running => "running",
+            RunState::Paused => "paused",
+            RunState::ShuttingDown => "shutting_down",
+            RunState::Stopped => "stopped",
+        }
+    }
+}
+
+/// How the guest ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExitReason {
+    /// The guest powered itself off (ACPI S5).
+    PowerOff,
+    /// The guest asked for a reset (reboot, triple fault).
+    Reset,
+    /// The host forced it off ([`MachineHandle::poweroff`]).
+    ForcedOff,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    #[error("Invalid machine configuration: {0}")]
+    InvalidConfig(String),
+    #[error("Could not set up guest memory")]
+    Memory(#[from] crate::memory::MemoryError),
+    #[error(transparent)]
+    Board(#[from] BoardError),
+    #[error("vCPU {vcpu} failed")]
+    Vcpu {
+        vcpu: u32,
+        #[source]
+        source: HypervisorError,
+    },
+    #[error("Hypervisor failure")]
+    Hypervisor(#[from] HypervisorError),
+    #[error("Could not start a thread")]
+    Thread(#[source] std::io::Error),
+    #[error("The guest crashed: vCPU {vcpu} {detail}")]
+    GuestCrashed { vcpu: u32, detail: String },
+    #[error("vCPU {vcpu} crashed (a bug in Hutch; see the log)")]
+    VcpuPanicked { vcpu: u32 },
+    #[error("The machine is {}", .0.name())]
+    InvalidState(RunState),
+    #[error("The vCPUs did not pause in time")]
+    PauseTimeout,
+    #[error("This machine has no display")]
+    NoDisplay,
+    #[error("Cannot save or restore the machine state")]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error("vCPU {vcpu} state cannot be saved or restored")]
+    VcpuState {
+        vcpu: u32,
+        #[source]
+        source: HypervisorError,
+    },
+    #[error("Snapshot does not fit this machine: {0}")]
+    SnapshotMismatch(String),
+    #[error("Cannot switch the disks to their new layers")]
+    DiskSwitch(#[source] HostError),
+}
+
+impl MachineConfig {
+    /// What this configuration boots.
+    pub fn boot_source(&self) -> BootSource {
+        BootSource::Kernel(KernelBoot {
+            kernel: self.kernel.clone(),
+            initrd: self.initrd.clone(),
+            cmdline: self.cmdline.clone(),
+            cache_dir: self.kernel_cache_dir.clone(),
+        })
+    }
+}
+
+/// A built, not yet running machine.
+pub struct Machine {
+    vm: Arc<dyn Vm>,
+    io: Arc<IoBuses>,
+    start: Start,
+    handle: MachineHandle,
+}
+
+/// How the vCPUs begin: where the board's boot puts them, or where a snapshot left them.
+enum Start {
+    Boot,
+    Restore(Vec<VcpuState>),
+}
+
+/// The board machines are built on (the only one so far).
+#[cfg(target_arch = "x86_64")]
+fn default_board() -> Box<dyn Board> {
+    Box::new(crate::board::pc::PcBoard::new())
+}
+
+fn validate(config: &MachineConfig, board: &dyn Board) -> Result<(), MachineError> {
+    let max_vcpus = board.max_vcpus();
+    if config.cpus == 0 || config.cpus > max_vcpus {
+        return Err(MachineError::InvalidConfig(format!(
+            "{} vCPUs requested; Hutch supports 1 to {max_vcpus}",
+            config.cpus
+        )));
+    }
+    if config.memory_mib == 0 {
+        return Err(MachineError::InvalidConfig("guest memory must be at least 1 MiB".into()));
+    }
+    if config.memory_mib > board.max_memory_mib() {
+        return Err(MachineError::Memory(memory::MemoryError::InvalidSize {
+            mib: config.memory_mib,
+            max: board.max_memory_mib(),
+        }));
+    }
+    if let Some(host) = crate::sys::host_memory_mib() {
+        if config.memory_mib > host {
+            return Err(MachineError::InvalidConfig(format!(
+                "{} MiB of guest memory requested but this host has only {host} MiB",
+                config.memory_mib
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl Machine {
+    /// Builds the whole machine; nothing runs yet. Serial output (COM1) goes to `serial_out`.
+    /// With a `screen`, the machine gets a display (boot framebuffer, virtio-gpu) and input
+    /// devices (virtio keyboard, tablet and mouse) that draw into it.
+    #[cfg(target_arch = "x86_64")]
+    pub fn new(
+        hypervisor: &dyn Hypervisor,
+        config: &MachineConfig,
+        serial_out: Box<dyn Write + Send>,
+        screen: Option<Arc<Screen>>,
+    ) -> Result<Machine, MachineError> {
+        Self::build(default_board(), hypervisor, config, serial_out, screen, None)
+    }
+
+    /// Builds the machine a snapshot holds: the same devices as [`Machine::new`] for
+    /// `config` (its CPUs, memory, disks and display must be the snapshot's), guest RAM mapped
+    /// copy-on-write from the file, and every vCPU and device where the snapshot left it.
+    /// The kernel in `config` is not loaded. `run` continues the guest.
+    #[cfg(target_arch = "x86_64")]
+    pub fn restore(
+        hypervisor: &dyn Hypervisor,
+        config: &MachineConfig,
+        snapshot: &SnapshotFile,
+        serial_out: Box<dyn Write + Send>,
+        screen: Option<Arc<Screen>>,
+    ) -> Result<Machine, MachineError> {
+        Self::build(default_board(), hypervisor, config, serial_out, screen, Some(snapshot))
+    }
+
+    /// Checks that `snapshot` can be restored into a machine built from `config` (with or
+    /// without a display), without building anything.
+    #[cfg(target_arch = "x86_64")]
+    pub fn check_snapshot(
+        snapshot: &SnapshotFile,
+        config: &MachineConfig,
+        display: bool,
+    ) -> Result<(), MachineError> {
+        Self::snapshot_state(snapshot, default_board().as_ref(), config, display).map(drop)
+    }
+
+    /// The saved machine's state, checked against `config` and the display before anything
+    /// is built.
+    fn snapshot_state(
+        snapshot: &SnapshotFile,
+        board: &dyn Board,
+        config: &MachineConfig,
+        display: bool,
+    ) -> Result<MachineState, MachineError> {
+        let state = MachineState::read(snapshot, board.name(), board.arch())?;
+        let mismatch = |what: &str, saved: String, now: String| {
+            Err(MachineError::SnapshotMismatch(format!(
+                "the snapshot was taken with {saved} {what}, this machine has {now}"
+            )))
+        };
+        if state.cpus != config.cpus || state.vcpus.len() != config.cpus as usize {
+            return mismatch("vCPUs", state.vcpus.len().to_string(), config.cpus.to_string());
+        }
+        if state.memory_mib != config.memory_mib {
+            return mismatch(
+                "MiB of memory",
+                state.memory_mib.to_string(),
+                config.memory_mib.to_string(),
+            );
+        }
+        if state.disks != config.disks.len() {
+            return mismatch("disks", state.disks.to_string(), config.disks.len().to_string());
+        }
+        if state.display != display {
+            let word = |d: bool| if d { "a display" } else { "no display" }.to_string();
+            return mismatch("", word(state.display), word(display));
+        }
+        Ok(state)
+    }
+
+    /// Builds a machine on `board`: memory, the VM, the board's devices, then either the
+    /// board's boot or the snapshot's state.
+    pub fn build(
+        mut board: Box<dyn Board>,
+        hypervisor: &dyn Hypervisor,
+        config: &MachineConfig,
+        serial_out: Box<dyn Write + Send>,
+        screen: Option<Arc<Screen>>,
+        snapshot: Option<&SnapshotFile>,
+    ) -> Result<Machine, MachineError> {
+        validate(config, board.as_ref())?;
+        let saved = match snapshot {
+            Some(s) => {
+                Some((s, Self::snapshot_state(s, board.as_ref(), config, screen.is_some())?))
+            }
+            None => None,
+        };
+        let regions = board.ram_regions(config.memory_mib << 20);
+        let memory = match &saved {
+            Some((file, _)) => file.map_memory(&regions)?,
+            None => memory::create_guest_memory_in(config.memory_mib, &regions)?,
+        };
+        let vm = hypervisor.create_vm(&board.vm_setup(config.cpus))?;
+        memory::map_into_vm(&memory, vm.as_ref())?;
+
+        let lifecycle = Arc::new(Lifecycle::new());
+        let on_poweroff = {
+            let lifecycle = lifecycle.clone();
+            Box::new(move || lifecycle.request_exit(Ok(ExitReason::PowerOff)))
+        };
+        let on_reset = {
+            let lifecycle = lifecycle.clone();
+            Box::new(move || lifecycle.request_exit(Ok(ExitReason::Reset)))
+        };
+        let devices = board.build_devices(BoardContext {
+            vm: &vm,
+            memory: &memory,
+            irq: vm.clone(),
+            serial_out,
+            screen,
+            disks: &config.disks,
+            on_poweroff,
+            on_reset,
+            next_slot: vm_memory::GuestMemory::num_regions(&memory) as u32,
+        })?;
+        let start = match saved {
+            // A restored guest's RAM already holds its tables and kernel.
+            None => {
+                board.load_boot(&memory, &config.boot_source(), config.cpus)?;
+                Start::Boot
+            }
+            Some((_, state)) => {
+                persist::restore_devices(&devices.saved, &state.devices)?;
+                vm.restore_state(&state.vm)?;
+                // No queue is served until the vCPUs (and their LAPICs) are back: `run`
+                // restarts the I/O.
+                lock(&devices.pci).quiesce_io();
+                Start::Restore(state.vcpus)
+            }
+        };
+        let handle = MachineHandle {
+            lifecycle,
+            board: Arc::from(board),
+            vcpu_count: config.cpus,
+            memory_mib: config.memory_mib,
+            display: devices.display.map(Arc::new),
+            saved: Arc::new(devices.saved),
+            pci: devices.pci,
+            disks: Arc::new(devices.disks),
+            vm: vm.clone(),
+            snapshot_gate: Arc::new(Mutex::new(())),
+            memory,
+        };
+        Ok(Machine { vm, io: Arc::new(devices.io), start, handle })
+    }
+
+    pub fn handle(&self) -> MachineHandle {
+        self.handle.clone()
+    }
+
+    /// Runs until the guest ends; returns how it ended.
+    pub fn run(self) -> Result<ExitReason, MachineError> {
+        let lifecycle = self.handle.lifecycle.clone();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let mut threads = Vec::new();
+        let restoring = matches!(self.start, Start::Restore(_));
+        let mut starts: Vec<VcpuStart> = match self.start {
+            Start::Boot => (0..self.handle.vcpu_count).map(|_| VcpuStart::Boot).collect(),
+            Start::Restore(states) => {
+                states.into_iter().map(|s| VcpuStart::Restore(Box::new(s))).collect()
+            }
+        };
+        for id in 0..self.handle.vcpu_count {
+            let context = VcpuContext {
+                vm: self.vm.clone(),
+                io: self.io.clone(),
+                board: self.handle.board.clone(),
+                lifecycle: lifecycle.clone(),
+            };
+            let ready = ready_tx.clone();
+            let start = std::mem::replace(&mut starts[id as usize], VcpuStart::Boot);
+            lock(&lifecycle.control).live_vcpus += 1;
+            let spawned = thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || vcpu_thread(id, context, start, ready));
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    lock(&self.handle.lifecycle.control).live_vcpus -= 1;
+                    self.handle.lifecycle.request_exit(Err(MachineError::Thread(e)));
+                    break;
+                }
+            }
+        }
+        drop(ready_tx);
+        let scanner = self.handle.display.clone().and_then(|display| {
+            let lifecycle = lifecycle.clone();
+            let vm = self.vm.clone();
+            thread::Builder::new()
+                .name("fb-scan".into())
+                .spawn(move || display::scan_framebuffer(&display, vm.as_ref(), &lifecycle))
+                .map_err(|e| log::warn!("no boot framebuffer scanner: {e}"))
+                .ok()
+        });
+        // Every vCPU reports once, created or failed, before the machine counts as running.
+        for result in ready_rx.iter().take(threads.len()) {
+            if let Err(e) = result {
+                lifecycle.request_exit(Err(e));
+            }
+        }
+        if restoring {
+            lock(&self.handle.pci).resume_io();
+        }
+        {
+            let mut control = lock(&lifecycle.control);
+            if control.state == RunState::Starting {
+                control.state = RunState::Running;
+            }
+            while control.outcome.is_none() {
+                control = lifecycle.changed.wait(control).unwrap_or_else(|p| p.into_inner());
+            }
+        }
+        lifecycle.kick_all();
+        for t in threads {
+            if t.join().is_err() {
+                log::error!("a vCPU thread panicked");
+            }
+        }
+        if let Some(t) = scanner {
+            if t.join().is_err() {
+                log::error!("the framebuffer scanner panicked");
+            }
+        }
+        let mut control = lock(&lifecycle.control);
+        control.state = RunState::Stopped;
+        control.outcome.take().unwrap_or(Ok(ExitReason::ForcedOff))
+    }
+}
