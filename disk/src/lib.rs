@@ -50,6 +50,7 @@ pub mod vhd;
 pub mod vhdx;
 pub mod vmdk;
 
+pub use bytes::BytesError;
 pub use chain::ChainError;
 pub use detect::{detect, detect_bytes};
 pub use image::{image_info, open_image};
