@@ -1,5 +1,5 @@
-//! Which format an image is, by its content (never its name), and the guard that keeps
-//! backing chains from looping.
+//! Which format an image is, by its content (never its name). The bytes it looks for are in
+//! `magic`; this module needs no format module.
 //!
 //! ```text
 //!   offset 0: "QFI\xfb" qcow2 · "KDMV" VMDK sparse · "vhdxfile" VHDX · "conectix" VHD (dynamic)
@@ -9,14 +9,13 @@
 //!   0x8001:   "CD001": ISO 9660               otherwise: raw
 //! ```
 
-use std::cell::RefCell;
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use crate::mapped::le32;
-use crate::{iso, parallels, vdi, vmdk, DiskError, DiskErrorKind, ImageFormat};
+use crate::bytes::Fields;
+use crate::{magic, DiskError, DiskErrorKind, ImageFormat};
 
 /// Bytes of the head [`detect_bytes`] looks at (through the ISO 9660 identifier).
 pub const HEAD_LEN: usize = 0x8000 + 8;
@@ -24,15 +23,13 @@ pub const HEAD_LEN: usize = 0x8000 + 8;
 pub const TAIL_LEN: usize = 1024;
 /// Where a VMDK descriptor's marker line may appear (comments may come first).
 const DESCRIPTOR_WINDOW: usize = 1024;
-/// Images deeper in a backing chain than this are refused.
-const MAX_CHAIN: usize = 64;
 
 /// The format of the image at `path`. A directory is a Parallels bundle if it holds the
 /// bundle descriptor.
 pub fn detect(path: &Path) -> Result<ImageFormat, DiskError> {
     let meta = std::fs::metadata(path).map_err(|e| DiskError::io("open", e).with_path(path))?;
     if meta.is_dir() {
-        if path.join(parallels::BUNDLE_DESCRIPTOR).is_file() {
+        if path.join(magic::PARALLELS_BUNDLE_DESCRIPTOR).is_file() {
             return Ok(ImageFormat::Parallels);
         }
         let e = DiskErrorKind::InvalidFormat;
@@ -57,22 +54,23 @@ pub fn detect(path: &Path) -> Result<ImageFormat, DiskError> {
 /// `tail` (up to [`TAIL_LEN`]), of `file_len` bytes in all.
 pub fn detect_bytes(head: &[u8], tail: &[u8], file_len: u64) -> ImageFormat {
     let at = |offset: usize, magic: &[u8]| head.get(offset..offset + magic.len()) == Some(magic);
-    if at(0, b"QFI\xfb") {
+    if at(0, &magic::QCOW2) {
         return ImageFormat::Qcow2;
     }
-    if at(0, vmdk::SPARSE_MAGIC) {
+    if at(0, magic::VMDK_SPARSE) {
         return ImageFormat::Vmdk;
     }
-    if at(0, b"vhdxfile") {
+    if at(0, magic::VHDX) {
         return ImageFormat::Vhdx;
     }
-    if at(0, b"conectix") {
+    if at(0, magic::VHD_FOOTER) {
         return ImageFormat::Vhd;
     }
-    if at(0, parallels::MAGIC_OLD) || at(0, parallels::MAGIC_EXT) {
+    if at(0, magic::PARALLELS_OLD) || at(0, magic::PARALLELS_EXT) {
         return ImageFormat::Parallels;
     }
-    if at(0, b"<<<") && head.len() >= 0x44 && le32(head, 0x40) == vdi::SIGNATURE {
+    let vdi_signature = Fields::new(head, "detect the format").le32(magic::VDI_SIGNATURE_AT);
+    if at(0, magic::VDI_TEXT) && vdi_signature.is_ok_and(|s| s == magic::VDI_SIGNATURE) {
         return ImageFormat::Vdi;
     }
     if is_vmdk_descriptor(head) {
@@ -84,8 +82,8 @@ pub fn detect_bytes(head: &[u8], tail: &[u8], file_len: u64) -> ImageFormat {
     if has_vhd_footer(tail, file_len) {
         return ImageFormat::Vhd;
     }
-    let iso_id = iso::DESCRIPTORS as usize + 1;
-    if at(iso_id, iso::STANDARD_ID) {
+    let iso_id = magic::ISO_DESCRIPTORS as usize + 1;
+    if at(iso_id, magic::ISO_STANDARD_ID) {
         return ImageFormat::Iso;
     }
     ImageFormat::Raw
@@ -95,7 +93,7 @@ pub fn detect_bytes(head: &[u8], tail: &[u8], file_len: u64) -> ImageFormat {
 fn is_vmdk_descriptor(head: &[u8]) -> bool {
     let window = &head[..head.len().min(DESCRIPTOR_WINDOW)];
     let text = &window[..window.iter().position(|&b| b == 0).unwrap_or(window.len())];
-    let marker = vmdk::DESCRIPTOR_MAGIC.as_bytes();
+    let marker = magic::VMDK_DESCRIPTOR.as_bytes();
     text.windows(marker.len()).any(|w| w.eq_ignore_ascii_case(marker))
 }
 
@@ -116,44 +114,7 @@ fn has_vhd_footer(tail: &[u8], file_len: u64) -> bool {
     }
     [512usize, 511]
         .iter()
-        .any(|&n| tail.len() >= n && tail[tail.len() - n..].starts_with(b"conectix"))
-}
-
-thread_local! {
-    /// The images this thread is opening right now, outermost first.
-    static OPENING: RefCell<Vec<PathBuf>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Marks an image as being opened on this thread until dropped.
-#[derive(Debug)]
-pub(crate) struct ChainGuard;
-
-/// Enters `path` into the chain of images being opened: a format that opens a parent calls
-/// this in its `open`, so a parent that leads back to a child (or a chain deeper than
-/// [`MAX_CHAIN`]) is refused instead of recursing forever.
-pub(crate) fn enter_chain(path: &Path) -> Result<ChainGuard, DiskError> {
-    let key = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-    OPENING.with(|opening| {
-        let mut opening = opening.borrow_mut();
-        if opening.contains(&key) {
-            let e = DiskErrorKind::CorruptImage;
-            return Err(DiskError::new(e, "follow the backing chain (it loops)").with_path(path));
-        }
-        if opening.len() >= MAX_CHAIN {
-            let e = DiskErrorKind::UnsupportedFeature;
-            return Err(DiskError::new(e, "follow a backing chain this deep").with_path(path));
-        }
-        opening.push(key);
-        Ok(ChainGuard)
-    })
-}
-
-impl Drop for ChainGuard {
-    fn drop(&mut self) {
-        OPENING.with(|opening| {
-            opening.borrow_mut().pop();
-        });
-    }
+        .any(|&n| tail.len() >= n && tail[tail.len() - n..].starts_with(magic::VHD_FOOTER))
 }
 
 #[cfg(test)]
@@ -188,7 +149,7 @@ mod tests {
     fn vdi_needs_both_text_and_signature() {
         let mut h = head_with(0, b"<<< Oracle VM VirtualBox Disk Image >>>\n");
         assert_eq!(detect_head(&h), ImageFormat::Raw);
-        h[0x40..0x44].copy_from_slice(&vdi::SIGNATURE.to_le_bytes());
+        h[0x40..0x44].copy_from_slice(&magic::VDI_SIGNATURE.to_le_bytes());
         assert_eq!(detect_head(&h), ImageFormat::Vdi);
     }
 
@@ -220,18 +181,6 @@ mod tests {
         let mut tail = vec![0u8; TAIL_LEN];
         tail[TAIL_LEN - 511..TAIL_LEN - 503].copy_from_slice(b"conectix");
         assert_eq!(detect_bytes(&head, &tail, 1 << 20), ImageFormat::Vhd);
-    }
-
-    #[test]
-    fn chain_guard_refuses_a_path_already_being_opened() {
-        let dir = tempfile::tempdir().unwrap();
-        let a = dir.path().join("a");
-        std::fs::write(&a, b"x").unwrap();
-        let guard = enter_chain(&a).unwrap();
-        let again = enter_chain(&dir.path().join(".").join("a")).unwrap_err();
-        assert_eq!(again.kind(), DiskErrorKind::CorruptImage);
-        drop(guard);
-        assert!(enter_chain(&a).is_ok());
     }
 
     #[test]

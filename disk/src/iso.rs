@@ -3,13 +3,10 @@
 
 use std::path::Path;
 
+use crate::magic;
 use crate::mapped;
 use crate::{BlockBackend, DiskError, DiskErrorKind, Extent, ImageFormat, ImageInfo, RawFile};
 
-/// Where the first volume descriptor starts (sector 16 of 2048 bytes).
-pub(crate) const DESCRIPTORS: u64 = 0x8000;
-/// The standard identifier every volume descriptor carries at byte 1.
-pub(crate) const STANDARD_ID: &[u8; 5] = b"CD001";
 const TYPE_PRIMARY: u8 = 1;
 const TYPE_TERMINATOR: u8 = 255;
 /// Volume descriptors to look through for the primary one.
@@ -55,11 +52,11 @@ impl Iso {
 fn primary_volume_id(raw: &RawFile) -> Result<String, DiskError> {
     let mut sector = [0u8; 2048];
     for i in 0..MAX_DESCRIPTORS {
-        let at = DESCRIPTORS + i * 2048;
+        let at = magic::ISO_DESCRIPTORS + i * 2048;
         if raw.read_at(&mut sector, at).is_err() {
             break;
         }
-        if &sector[1..6] != STANDARD_ID {
+        if &sector[1..6] != magic::ISO_STANDARD_ID {
             break;
         }
         match sector[0] {
@@ -73,7 +70,7 @@ fn primary_volume_id(raw: &RawFile) -> Result<String, DiskError> {
     }
     Err(DiskError::new(DiskErrorKind::InvalidFormat, "find the ISO 9660 primary volume descriptor")
         .with_path(raw.path())
-        .with_offset(DESCRIPTORS))
+        .with_offset(magic::ISO_DESCRIPTORS))
 }
 
 fn read_only(raw: &RawFile, offset: u64) -> DiskError {
@@ -132,13 +129,13 @@ mod tests {
         let mut img = vec![0u8; 0x8000 + 3 * 2048];
         let pvd = &mut img[0x8000..0x8800];
         pvd[0] = TYPE_PRIMARY;
-        pvd[1..6].copy_from_slice(STANDARD_ID);
+        pvd[1..6].copy_from_slice(magic::ISO_STANDARD_ID);
         pvd[6] = 1;
         pvd[40..72].fill(b' ');
         pvd[40..40 + volume_id.len()].copy_from_slice(volume_id.as_bytes());
         let term = &mut img[0x8800..0x9000];
         term[0] = TYPE_TERMINATOR;
-        term[1..6].copy_from_slice(STANDARD_ID);
+        term[1..6].copy_from_slice(magic::ISO_STANDARD_ID);
         img
     }
 

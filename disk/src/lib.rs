@@ -1,39 +1,64 @@
-//! Disks: the block-backend interface the virtual disk controllers use, and the image formats
-//! behind it. For now one format: raw image files ([`RawFile`]).
+//! Disk images: the block-backend interface the virtual disk controllers use, and the image
+//! formats behind it. Hutch reads and writes raw and qcow2 (its native format); it reads ISO,
+//! VMDK, VDI, VHD, VHDX and Parallels images, and OVA appliances for import. It also converts
+//! between formats ([`convert`]) and merges qcow2 backing layers ([`pull_backing_layer`]).
 //!
 //! ```text
-//!   virtio-blk ──▶ dyn BlockBackend ──▶ RawFile (pread/pwrite/fsync/fallocate on the image)
+//!   virtio-blk, `hutch disk`, import
+//!        │
+//!        ▼
+//!   image: open_image / image_info ──▶ detect (format by content) ──▶ magic
+//!        │            ▲
+//!        ▼            │ parents of any format (qcow2, VMDK)
+//!   raw · iso · qcow2/ · vmdk/ · vdi · parallels · vhd · vhdx · ova   ──▶ dyn BlockBackend
+//!        │
+//!        ▼  shared pieces, which import no format:
+//!   types (ImageFormat, ImageInfo, Extent, OpenOptions) · bytes (checked field reads)
+//!   chain (the backing-chain guard) · mapped (file reads, block maps) · sys (holes) · lib
 //! ```
+//! The modules import each other in one direction, downwards, except for one cycle on
+//! purpose: a format whose backing file may be of another format (qcow2, VMDK) opens it
+//! through [`open_image`], which dispatches back to the formats; `chain` keeps that
+//! recursion finite.
+//!
 //! Offsets and lengths are bytes. Backends check every access against their size, because the
-//! callers pass guest-chosen values straight through.
+//! callers pass guest-chosen values straight through. Image metadata is untrusted: its
+//! fields are read through `bytes`, so a structure too short for them is a
+//! [`DiskErrorKind::CorruptImage`] error, never a panic nor a silent zero.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 
 use vm_memory::VolatileSlice;
 
+mod bytes;
+mod chain;
 pub mod convert;
 pub mod detect;
 pub mod image;
 pub mod iso;
+mod magic;
 mod mapped;
 pub mod ova;
 pub mod parallels;
 pub mod qcow2;
 mod raw;
 mod sys;
+pub mod types;
 pub mod vdi;
 pub mod vhd;
 pub mod vhdx;
 pub mod vmdk;
 
+pub use bytes::BytesError;
+pub use chain::ChainError;
 pub use detect::{detect, detect_bytes};
-pub use image::image_info;
-pub use image::{open_image, Extent, ExtentKind, ImageFormat, ImageInfo, OpenOptions};
+pub use image::{image_info, open_image};
 pub use iso::Iso;
 pub use parallels::Parallels;
 pub use qcow2::{pull_backing_layer, qcow2_backing, PullReport};
 pub use raw::RawFile;
+pub use types::{Extent, ExtentKind, ImageFormat, ImageInfo, OpenOptions};
 pub use vdi::Vdi;
 pub use vmdk::Vmdk;
 

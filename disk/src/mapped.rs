@@ -1,7 +1,7 @@
-//! What the read-only foreign formats (VMDK, VDI, Parallels) share: little-endian field
-//! reads, bounded metadata reads that report truncation as corruption, extent lists, and
-//! [`MappedImage`], a single file cut into equal blocks found through one table (VDI's block
-//! map, Parallels' BAT).
+//! What the read-only foreign formats (VMDK, VDI, Parallels, VHD, VHDX, OVA) share: errors at
+//! an offset, bounded metadata reads that report truncation as corruption, allocated sizes,
+//! extent lists, and [`MappedImage`], a single file cut
+//! into equal blocks found through one table (VDI's block map, Parallels' BAT).
 
 use std::fs::File;
 use std::io;
@@ -9,30 +9,6 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use crate::{check_range, DiskError, DiskErrorKind, Extent, ExtentKind};
-
-pub(crate) fn le16(b: &[u8], at: usize) -> u16 {
-    let mut v = [0u8; 2];
-    if let Some(s) = b.get(at..at + 2) {
-        v.copy_from_slice(s);
-    }
-    u16::from_le_bytes(v)
-}
-
-pub(crate) fn le32(b: &[u8], at: usize) -> u32 {
-    let mut v = [0u8; 4];
-    if let Some(s) = b.get(at..at + 4) {
-        v.copy_from_slice(s);
-    }
-    u32::from_le_bytes(v)
-}
-
-pub(crate) fn le64(b: &[u8], at: usize) -> u64 {
-    let mut v = [0u8; 8];
-    if let Some(s) = b.get(at..at + 8) {
-        v.copy_from_slice(s);
-    }
-    u64::from_le_bytes(v)
-}
 
 /// An error of `kind` at `offset` in `path`.
 pub(crate) fn err_at(kind: DiskErrorKind, op: &'static str, path: &Path, offset: u64) -> DiskError {
@@ -66,6 +42,28 @@ pub(crate) fn read_exact(
             DiskError::io(op, e).with_path(path).with_offset(offset)
         }
     })
+}
+
+/// Reads from `file` at `offset`; a short file is a corrupt image (its tables pointed there).
+pub(crate) fn pread(
+    file: &File,
+    path: &Path,
+    buf: &mut [u8],
+    offset: u64,
+) -> Result<(), DiskError> {
+    file.read_exact_at(buf, offset).map_err(|e| {
+        let err = if e.kind() == io::ErrorKind::UnexpectedEof {
+            DiskError::new(DiskErrorKind::CorruptImage, "read past the end of")
+        } else {
+            DiskError::io("read", e)
+        };
+        err.with_path(path).with_offset(offset)
+    })
+}
+
+/// Bytes the host file system allocated to `file` (0 if it can't say).
+pub(crate) fn file_allocated_bytes(file: &File) -> u64 {
+    file.metadata().map(|m| m.blocks().saturating_mul(512)).unwrap_or(0)
 }
 
 /// Bytes `path` occupies on the host (allocated blocks, so holes don't count).

@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 
 use sha1::Digest;
 
-use crate::image::{ImageFormat, ImageInfo};
-use crate::vhd::{allocated_bytes, err_at, pread};
+use crate::mapped::{err_at, file_allocated_bytes, pread};
+use crate::types::{ImageFormat, ImageInfo};
 use crate::{DiskError, DiskErrorKind};
 
 const BLOCK: u64 = 512;
@@ -140,7 +140,7 @@ impl Ova {
             format: ImageFormat::Ova,
             subformat: Some(self.ovf_version.to_string()),
             virtual_size: total,
-            allocated_bytes: allocated_bytes(&self.file),
+            allocated_bytes: file_allocated_bytes(&self.file),
             backing: None,
             problems: self.problems.clone(),
         }

@@ -5,12 +5,11 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::mapped::{self, err_at, le32, le64, Block, MappedImage};
+use crate::bytes::{le32_table, Fields};
+use crate::magic;
+use crate::mapped::{self, err_at, Block, MappedImage};
 use crate::{BlockBackend, DiskError, DiskErrorKind, Extent, ImageFormat, ImageInfo, OpenOptions};
 
-pub(crate) const MAGIC_OLD: &[u8; 16] = b"WithoutFreeSpace";
-pub(crate) const MAGIC_EXT: &[u8; 16] = b"WithouFreSpacExt";
-pub(crate) const BUNDLE_DESCRIPTOR: &str = "DiskDescriptor.xml";
 const HEADER_LEN: u64 = 64;
 const SECTOR: u64 = 512;
 /// qemu defaults to 1 MiB clusters; allow up to 64 MiB.
@@ -50,25 +49,26 @@ impl Parallels {
             return Err(err_at(DiskErrorKind::InvalidFormat, "read the Parallels header", path, 0));
         }
         mapped::read_exact(&file, path, &mut h, 0, "read the Parallels header")?;
-        let extended = match &h[..16] {
-            m if m == MAGIC_OLD => false,
-            m if m == MAGIC_EXT => true,
+        let h = Fields::new(&h, "read the Parallels header").in_file(path, 0);
+        let extended = match h.slice(0, 16)? {
+            m if m == magic::PARALLELS_OLD => false,
+            m if m == magic::PARALLELS_EXT => true,
             _ => {
                 let e = DiskErrorKind::InvalidFormat;
                 return Err(err_at(e, "find the Parallels magic", path, 0));
             }
         };
-        if le32(&h, 16) != 2 {
+        if h.le32(16)? != 2 {
             let e = DiskErrorKind::UnsupportedFeature;
             return Err(err_at(e, "open this Parallels version", path, 16));
         }
-        let cluster = u64::from(le32(&h, 28)) * SECTOR;
+        let cluster = u64::from(h.le32(28)?) * SECTOR;
         if cluster == 0 || cluster > MAX_CLUSTER {
             return Err(corrupt("use the Parallels cluster size", 28));
         }
-        let bat_entries = u64::from(le32(&h, 32));
+        let bat_entries = u64::from(h.le32(32)?);
         // Old images only have a 32-bit sector count.
-        let sectors = if extended { le64(&h, 36) } else { u64::from(le32(&h, 36)) };
+        let sectors = if extended { h.le64(36)? } else { u64::from(h.le32(36)?) };
         let size = sectors.checked_mul(SECTOR).ok_or_else(|| corrupt("use the disk size", 36))?;
         if size.div_ceil(cluster) > bat_entries {
             return Err(corrupt("fit the disk size in the BAT", 36));
@@ -78,21 +78,21 @@ impl Parallels {
         if bat_end > file_len {
             return Err(corrupt("read the Parallels BAT (past the end of the file)", 32));
         }
-        let data_off = u64::from(le32(&h, 48)) * SECTOR;
+        let data_off = u64::from(h.le32(48)?) * SECTOR;
         let data_start = if data_off == 0 { bat_end } else { data_off.max(bat_end) };
         let mut bat = vec![0u8; (used * 4) as usize];
         mapped::read_exact(&file, path, &mut bat, HEADER_LEN, "read the Parallels BAT")?;
         let unit = if extended { cluster } else { SECTOR };
-        let entries = bat.chunks_exact(4).enumerate().map(|(i, e)| {
+        let entries = le32_table(&bat).enumerate().map(|(i, entry)| {
             let at = HEADER_LEN + i as u64 * 4;
-            match le32(e, 0) {
+            match entry {
                 0 => (at, Block::Unallocated),
                 n => (at, Block::Data(u64::from(n) * unit)),
             }
         });
         let image = MappedImage::new(file, path, file_len, size, cluster, data_start, entries)?;
         let mut problems = Vec::new();
-        if le32(&h, 44) == 0x746f_6e59 {
+        if h.le32(44)? == 0x746f_6e59 {
             problems.push("image was not closed cleanly (in-use flag set)".to_string());
         }
         Ok(Parallels { image, bundle: None, problems })
@@ -101,7 +101,8 @@ impl Parallels {
     pub fn info(&self) -> Result<ImageInfo, DiskError> {
         let mut allocated = mapped::allocated_bytes(self.image.path())?;
         if let Some(bundle) = &self.bundle {
-            allocated += mapped::allocated_bytes(&bundle.join(BUNDLE_DESCRIPTOR)).unwrap_or(0);
+            allocated += mapped::allocated_bytes(&bundle.join(magic::PARALLELS_BUNDLE_DESCRIPTOR))
+                .unwrap_or(0);
         }
         Ok(ImageInfo {
             path: self.bundle.clone().unwrap_or_else(|| self.image.path().to_path_buf()),
@@ -118,7 +119,7 @@ impl Parallels {
 /// The image file a bundle's `DiskDescriptor.xml` names (only single-image bundles: no
 /// snapshots).
 fn bundle_image(dir: &Path) -> Result<PathBuf, DiskError> {
-    let xml_path = dir.join(BUNDLE_DESCRIPTOR);
+    let xml_path = dir.join(magic::PARALLELS_BUNDLE_DESCRIPTOR);
     let (_, len) = mapped::open_file(&xml_path)?;
     if len > MAX_DESCRIPTOR {
         let e = DiskErrorKind::InvalidFormat;
@@ -202,7 +203,7 @@ mod tests {
         put32(&mut img, 32, 3);
         put32(&mut img, 36, 17);
         put32(&mut img, 48, 8);
-        let unit = if magic == MAGIC_EXT { 1 } else { 8 };
+        let unit = if magic == magic::PARALLELS_EXT { 1 } else { 8 };
         put32(&mut img, 64, unit);
         put32(&mut img, 72, 2 * unit);
         img[4096..8192].fill(0x11);
@@ -219,7 +220,7 @@ mod tests {
 
     #[test]
     fn both_magics_read_their_clusters() {
-        for magic in [MAGIC_OLD, MAGIC_EXT] {
+        for magic in [magic::PARALLELS_OLD, magic::PARALLELS_EXT] {
             let disk = open_bytes(&image(magic)).unwrap();
             assert_eq!(disk.size(), 17 * 512);
             let mut data = vec![0u8; 17 * 512];
@@ -236,7 +237,7 @@ mod tests {
     #[test]
     fn bat_entry_into_the_header_or_past_the_end_is_corrupt() {
         for entry in [0u32, 100] {
-            let mut img = image(MAGIC_EXT);
+            let mut img = image(magic::PARALLELS_EXT);
             put32(&mut img, 72, entry);
             let result = open_bytes(&img);
             if entry == 0 {
@@ -246,7 +247,7 @@ mod tests {
             let err = result.unwrap_err();
             assert_eq!((err.kind(), err.offset()), (DiskErrorKind::CorruptImage, Some(72)));
         }
-        let mut img = image(MAGIC_OLD);
+        let mut img = image(magic::PARALLELS_OLD);
         put32(&mut img, 64, 0);
         put32(&mut img, 72, 1);
         assert_eq!(open_bytes(&img).unwrap_err().kind(), DiskErrorKind::CorruptImage);
@@ -254,22 +255,22 @@ mod tests {
 
     #[test]
     fn absurd_sizes_are_refused_before_allocating() {
-        let mut img = image(MAGIC_EXT);
+        let mut img = image(magic::PARALLELS_EXT);
         img[36..44].copy_from_slice(&u64::MAX.to_le_bytes());
         assert_eq!(open_bytes(&img).unwrap_err().kind(), DiskErrorKind::CorruptImage);
-        let mut img = image(MAGIC_EXT);
+        let mut img = image(magic::PARALLELS_EXT);
         put32(&mut img, 32, u32::MAX);
         img[36..44].copy_from_slice(&(1u64 << 34).to_le_bytes());
         let err = open_bytes(&img).unwrap_err();
         assert_eq!((err.kind(), err.offset()), (DiskErrorKind::CorruptImage, Some(32)));
-        let mut img = image(MAGIC_EXT);
+        let mut img = image(magic::PARALLELS_EXT);
         put32(&mut img, 28, 0);
         assert_eq!(open_bytes(&img).unwrap_err().kind(), DiskErrorKind::CorruptImage);
     }
 
     #[test]
     fn truncated_header_is_invalid() {
-        let err = open_bytes(&image(MAGIC_OLD)[..40]).unwrap_err();
+        let err = open_bytes(&image(magic::PARALLELS_OLD)[..40]).unwrap_err();
         assert_eq!(err.kind(), DiskErrorKind::InvalidFormat);
     }
 
@@ -278,17 +279,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let bundle = dir.path().join("disk.hdd");
         std::fs::create_dir(&bundle).unwrap();
-        std::fs::write(bundle.join("disk.hdd.0.{guid}.hds"), image(MAGIC_EXT)).unwrap();
+        std::fs::write(bundle.join("disk.hdd.0.{guid}.hds"), image(magic::PARALLELS_EXT)).unwrap();
         let xml = "<Parallels_disk_image><StorageData><Storage><Image><GUID>{g}</GUID>\
             <File>disk.hdd.0.{guid}.hds</File></Image></Storage></StorageData></Parallels_disk_image>";
-        std::fs::write(bundle.join(BUNDLE_DESCRIPTOR), xml).unwrap();
+        std::fs::write(bundle.join(magic::PARALLELS_BUNDLE_DESCRIPTOR), xml).unwrap();
         assert_eq!(crate::detect::detect(&bundle).unwrap(), ImageFormat::Parallels);
         let disk = Parallels::open(&bundle, OpenOptions::default()).unwrap();
         assert_eq!(disk.size(), 17 * 512);
         let info = disk.info().unwrap();
         assert_eq!((info.path, info.subformat.as_deref()), (bundle.clone(), Some("bundle")));
         let two = xml.replace("</Image>", "</Image><Image><File>b.hds</File></Image>");
-        std::fs::write(bundle.join(BUNDLE_DESCRIPTOR), two).unwrap();
+        std::fs::write(bundle.join(magic::PARALLELS_BUNDLE_DESCRIPTOR), two).unwrap();
         let err = Parallels::open(&bundle, OpenOptions::default()).unwrap_err();
         assert_eq!(err.kind(), DiskErrorKind::UnsupportedFeature);
     }

@@ -8,10 +8,11 @@
 
 use std::path::Path;
 
-use crate::mapped::{self, err_at, le32, le64, Block, MappedImage};
+use crate::bytes::{le32_table, Fields};
+use crate::magic;
+use crate::mapped::{self, err_at, Block, MappedImage};
 use crate::{BlockBackend, DiskError, DiskErrorKind, Extent, ImageFormat, ImageInfo, OpenOptions};
 
-pub(crate) const SIGNATURE: u32 = 0xbeda_107f;
 const HEADER_LEN: usize = 0x200;
 const TYPE_DYNAMIC: u32 = 1;
 const TYPE_FIXED: u32 = 2;
@@ -45,14 +46,15 @@ impl Vdi {
         }
         let n = (file_len as usize).min(HEADER_LEN);
         mapped::read_exact(&file, path, &mut h[..n], 0, "read the VDI header")?;
-        if le32(&h, 0x40) != SIGNATURE {
+        let h = Fields::new(&h, "read the VDI header").in_file(path, 0);
+        if h.le32(0x40)? != magic::VDI_SIGNATURE {
             return Err(invalid("find the VDI signature", 0x40));
         }
-        let version = le32(&h, 0x44);
+        let version = h.le32(0x44)?;
         if version >> 16 != 1 {
             return Err(unsupported("open this VDI version", 0x44));
         }
-        let image_type = le32(&h, 0x4c);
+        let image_type = h.le32(0x4c)?;
         let fixed = match image_type {
             TYPE_DYNAMIC => false,
             TYPE_FIXED => true,
@@ -61,13 +63,13 @@ impl Vdi {
             }
             _ => return Err(invalid("read the VDI image type", 0x4c)),
         };
-        let off_blocks = u64::from(le32(&h, 0x154));
-        let off_data = u64::from(le32(&h, 0x158));
-        let sector_size = le32(&h, 0x168);
-        let disk_size = le64(&h, 0x170);
-        let block_size = u64::from(le32(&h, 0x178));
-        let block_extra = u64::from(le32(&h, 0x17c));
-        let blocks = u64::from(le32(&h, 0x180));
+        let off_blocks = u64::from(h.le32(0x154)?);
+        let off_data = u64::from(h.le32(0x158)?);
+        let sector_size = h.le32(0x168)?;
+        let disk_size = h.le64(0x170)?;
+        let block_size = u64::from(h.le32(0x178)?);
+        let block_extra = u64::from(h.le32(0x17c)?);
+        let blocks = u64::from(h.le32(0x180)?);
         if sector_size != 0 && sector_size != 512 {
             return Err(unsupported("open a VDI with non-512-byte sectors", 0x168));
         }
@@ -91,9 +93,9 @@ impl Vdi {
         let used = disk_size.div_ceil(block_size);
         let mut table = vec![0u8; (used * 4) as usize];
         mapped::read_exact(&file, path, &mut table, off_blocks, "read the VDI block map")?;
-        let entries = table.chunks_exact(4).enumerate().map(|(i, e)| {
+        let entries = le32_table(&table).enumerate().map(|(i, entry)| {
             let at = off_blocks + i as u64 * 4;
-            let block = match le32(e, 0) {
+            let block = match entry {
                 BLOCK_FREE => Block::Unallocated,
                 BLOCK_ZERO => Block::Zero,
                 index => Block::Data(off_data + u64::from(index) * block_size),
@@ -103,7 +105,7 @@ impl Vdi {
         let image =
             MappedImage::new(file, path, file_len, disk_size, block_size, off_data, entries)?;
         let mut problems = Vec::new();
-        let claimed = le32(&h, 0x184) as usize;
+        let claimed = h.le32(0x184)? as usize;
         if claimed != image.allocated_blocks() {
             problems.push(format!(
                 "header says {claimed} blocks are allocated, the block map has {}",
@@ -175,7 +177,7 @@ mod tests {
     fn vdi() -> Vec<u8> {
         let mut img = vec![0u8; 0x400 + 2 * 4096];
         img[..40].copy_from_slice(b"<<< Oracle VM VirtualBox Disk Image >>>\n");
-        put32(&mut img, 0x40, SIGNATURE);
+        put32(&mut img, 0x40, magic::VDI_SIGNATURE);
         put32(&mut img, 0x44, 0x0001_0001);
         put32(&mut img, 0x48, 0x190);
         put32(&mut img, 0x4c, TYPE_DYNAMIC);

@@ -10,21 +10,21 @@
 //! All fields are big-endian. The footer's `current_size` is the disk size (qemu-img writes a
 //! CHS-rounded size there, or the exact one with `force_size`; either way it is what it reads).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use crate::image::{Extent, ExtentKind, ImageFormat, ImageInfo, OpenOptions};
-use crate::mapped::FileHoles;
+use crate::bytes::{be32_table, Fields};
+use crate::mapped::{err_at, file_allocated_bytes, pread, FileHoles};
+use crate::types::{Extent, ExtentKind, ImageFormat, ImageInfo, OpenOptions};
+use crate::{chain, magic};
 use crate::{check_range, BlockBackend, DiskError, DiskErrorKind};
 
 const SECTOR: u64 = 512;
 const FOOTER_SIZE: usize = 512;
 const DYN_HEADER_SIZE: usize = 1024;
-const FOOTER_COOKIE: &[u8; 8] = b"conectix";
 const DYN_COOKIE: &[u8; 8] = b"cxsparse";
 const TYPE_FIXED: u32 = 2;
 const TYPE_DYNAMIC: u32 = 3;
@@ -36,8 +36,6 @@ const MAX_BLOCK_SIZE: u64 = 256 << 20;
 const MAX_VHD_SIZE: u64 = 2 << 40;
 /// Longest parent locator accepted (a path in UTF-16).
 const MAX_LOCATOR_LEN: u64 = 64 * 1024;
-/// Deepest backing chain followed (VHD and VHDX).
-pub(crate) const MAX_CHAIN_DEPTH: usize = 16;
 /// Bytes of sector bitmaps kept in memory per image.
 const BITMAP_CACHE_BYTES: usize = 16 << 20;
 
@@ -77,23 +75,6 @@ pub(crate) fn push_piece(pieces: &mut Vec<Piece>, len: u64, source: Source) {
         }
     }
     pieces.push(Piece { len, source });
-}
-
-/// Reads from `file` at `offset`; a short file is a corrupt image (its tables pointed there).
-pub(crate) fn pread(
-    file: &File,
-    path: &Path,
-    buf: &mut [u8],
-    offset: u64,
-) -> Result<(), DiskError> {
-    file.read_exact_at(buf, offset).map_err(|e| {
-        let err = if e.kind() == io::ErrorKind::UnexpectedEof {
-            DiskError::new(DiskErrorKind::CorruptImage, "read past the end of")
-        } else {
-            DiskError::io("read", e)
-        };
-        err.with_path(path).with_offset(offset)
-    })
 }
 
 /// Reads `buf.len()` bytes at `offset` from a parent, zeroes past its end (a smaller parent)
@@ -227,21 +208,6 @@ impl BitmapCache {
     }
 }
 
-/// Bytes the host file system allocated to `file` (0 if it can't say).
-pub(crate) fn allocated_bytes(file: &File) -> u64 {
-    file.metadata().map(|m| m.blocks() * 512).unwrap_or(0)
-}
-
-/// Error helper: `kind` while doing `op` in `path` at `offset`.
-pub(crate) fn err_at(kind: DiskErrorKind, op: &'static str, path: &Path, offset: u64) -> DiskError {
-    DiskError::new(kind, op).with_path(path).with_offset(offset)
-}
-
-/// The file's canonical path, to recognise a parent loop however the paths were spelled.
-pub(crate) fn chain_key(path: &Path) -> Result<PathBuf, DiskError> {
-    path.canonicalize().map_err(|e| DiskError::io("open", e).with_path(path))
-}
-
 /// Turns a path written by Windows (or a Unix host) into a host path: backslashes become
 /// slashes, a relative path is taken from `base_dir`, and a drive letter is dropped when the
 /// remaining path doesn't exist so the file is looked for next to the child.
@@ -268,20 +234,6 @@ pub(crate) fn host_path(raw: &str, base_dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-fn be16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([b[at], b[at + 1]])
-}
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    let mut x = [0u8; 8];
-    x.copy_from_slice(&b[at..at + 8]);
-    u64::from_be_bytes(x)
-}
-
 /// The VHD checksum: one's complement of the byte sum, skipping the checksum field itself.
 fn vhd_checksum(bytes: &[u8], field: usize) -> u32 {
     let sum = bytes
@@ -301,10 +253,11 @@ struct Footer {
 }
 
 fn parse_footer(bytes: &[u8; FOOTER_SIZE], path: &Path, at: u64) -> Result<Footer, DiskError> {
-    if &bytes[0..8] != FOOTER_COOKIE {
+    if &bytes[0..8] != magic::VHD_FOOTER {
         return Err(err_at(DiskErrorKind::InvalidFormat, "find the VHD footer in", path, at));
     }
-    if be32(bytes, 64) != vhd_checksum(bytes, 64) {
+    let f = Fields::new(bytes, "read the VHD footer in").in_file(path, at);
+    if f.be32(64)? != vhd_checksum(bytes, 64) {
         return Err(err_at(
             DiskErrorKind::CorruptImage,
             "verify the VHD footer checksum of",
@@ -312,7 +265,7 @@ fn parse_footer(bytes: &[u8; FOOTER_SIZE], path: &Path, at: u64) -> Result<Foote
             at,
         ));
     }
-    if be16(bytes, 12) != 1 {
+    if f.be16(12)? != 1 {
         return Err(err_at(
             DiskErrorKind::UnsupportedFeature,
             "read this VHD format version in",
@@ -320,13 +273,11 @@ fn parse_footer(bytes: &[u8; FOOTER_SIZE], path: &Path, at: u64) -> Result<Foote
             at + 12,
         ));
     }
-    let mut unique_id = [0u8; 16];
-    unique_id.copy_from_slice(&bytes[68..84]);
     Ok(Footer {
-        data_offset: be64(bytes, 16),
-        current_size: be64(bytes, 48),
-        disk_type: be32(bytes, 60),
-        unique_id,
+        data_offset: f.be64(16)?,
+        current_size: f.be64(48)?,
+        disk_type: f.be32(60)?,
+        unique_id: f.array(68)?,
     })
 }
 
@@ -374,22 +325,12 @@ impl Vhd {
             )
             .with_path(path));
         }
-        let mut seen = HashSet::new();
-        Vhd::open_chain(path, &mut seen)
+        Vhd::open_chain(path)
     }
 
-    fn open_chain(path: &Path, seen: &mut HashSet<PathBuf>) -> Result<Vhd, DiskError> {
-        if !seen.insert(chain_key(path)?) {
-            return Err(DiskError::new(DiskErrorKind::CorruptImage, "open a parent loop at")
-                .with_path(path));
-        }
-        if seen.len() > MAX_CHAIN_DEPTH {
-            return Err(DiskError::new(
-                DiskErrorKind::UnsupportedFeature,
-                "open a chain this deep at",
-            )
-            .with_path(path));
-        }
+    /// Opens the image at `path` (read-only) with its parents, as one link of a chain.
+    fn open_chain(path: &Path) -> Result<Vhd, DiskError> {
+        let _chain = chain::enter(path)?;
         let file = File::open(path).map_err(|e| DiskError::io("open", e).with_path(path))?;
         let file_size =
             file.metadata().map_err(|e| DiskError::io("open", e).with_path(path))?.len();
@@ -429,7 +370,9 @@ impl Vhd {
                 let (dynamic, header) = read_dynamic(&vhd.file, path, &footer, file_size)?;
                 vhd.dynamic = Some(dynamic);
                 if footer.disk_type == TYPE_DIFFERENCING {
-                    let parent = open_parent(&vhd.file, path, &header, file_size, seen)?;
+                    let header = Fields::new(&header, "read the VHD dynamic header in")
+                        .in_file(path, footer.data_offset);
+                    let parent = open_parent(&vhd.file, path, header, file_size)?;
                     vhd.parent = Some(Box::new(parent));
                 }
             }
@@ -461,7 +404,7 @@ impl Vhd {
             TYPE_DYNAMIC => "dynamic",
             _ => "differencing",
         };
-        let mut allocated = allocated_bytes(&self.file);
+        let mut allocated = file_allocated_bytes(&self.file);
         let mut problems = self.problems.clone();
         if let Some(parent) = &self.parent {
             let pinfo = parent.info();
@@ -560,17 +503,17 @@ fn find_footer(
     let mut tail = [0u8; FOOTER_SIZE];
     let at = file_size - FOOTER_SIZE as u64;
     pread(file, path, &mut tail, at)?;
-    if &tail[0..8] == FOOTER_COOKIE {
+    if &tail[0..8] == magic::VHD_FOOTER {
         return Ok((parse_footer(&tail, path, at)?, at));
     }
-    if &tail[1..9] == FOOTER_COOKIE {
+    if &tail[1..9] == magic::VHD_FOOTER {
         let mut short = [0u8; FOOTER_SIZE];
         short[..FOOTER_SIZE - 1].copy_from_slice(&tail[1..]);
         return Ok((parse_footer(&short, path, at + 1)?, at + 1));
     }
     let mut head = [0u8; FOOTER_SIZE];
     pread(file, path, &mut head, 0)?;
-    if &head[0..8] == FOOTER_COOKIE {
+    if &head[0..8] == magic::VHD_FOOTER {
         let footer = parse_footer(&head, path, 0)?;
         if footer.disk_type == TYPE_DYNAMIC || footer.disk_type == TYPE_DIFFERENCING {
             problems
@@ -610,7 +553,8 @@ fn read_dynamic(
             at,
         ));
     }
-    if be32(&header, 36) != vhd_checksum(&header, 36) {
+    let f = Fields::new(&header, "read the VHD dynamic header in").in_file(path, at);
+    if f.be32(36)? != vhd_checksum(&header, 36) {
         return Err(err_at(
             DiskErrorKind::CorruptImage,
             "verify the VHD dynamic header checksum of",
@@ -618,7 +562,7 @@ fn read_dynamic(
             at + 36,
         ));
     }
-    if be16(&header, 24) != 1 {
+    if f.be16(24)? != 1 {
         return Err(err_at(
             DiskErrorKind::UnsupportedFeature,
             "read this VHD dynamic header version in",
@@ -626,9 +570,9 @@ fn read_dynamic(
             at + 24,
         ));
     }
-    let table_at = be64(&header, 16);
-    let entries = u64::from(be32(&header, 28));
-    let block_size = u64::from(be32(&header, 32));
+    let table_at = f.be64(16)?;
+    let entries = u64::from(f.be32(28)?);
+    let block_size = u64::from(f.be32(32)?);
     if !block_size.is_power_of_two() || !(SECTOR..=MAX_BLOCK_SIZE).contains(&block_size) {
         return Err(err_at(
             DiskErrorKind::CorruptImage,
@@ -655,8 +599,7 @@ fn read_dynamic(
     let used = footer.current_size.div_ceil(block_size) as usize;
     let mut raw = vec![0u8; used * 4];
     pread(file, path, &mut raw, table_at)?;
-    let bat: Vec<u32> =
-        raw.chunks_exact(4).map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let bat: Vec<u32> = be32_table(&raw).collect();
     let bitmap_size = (block_size / SECTOR).div_ceil(8).next_multiple_of(SECTOR);
     let reserved = [(0, FOOTER_SIZE as u64), (at, DYN_HEADER_SIZE as u64), (table_at, bat_bytes)];
     for (i, &entry) in bat.iter().enumerate() {
@@ -689,7 +632,7 @@ const PLAT_MACX: u32 = u32::from_be_bytes(*b"MacX");
 fn parent_candidates(
     file: &File,
     path: &Path,
-    header: &[u8],
+    header: Fields<'_>,
     file_size: u64,
 ) -> Result<Vec<PathBuf>, DiskError> {
     let base = path.parent().unwrap_or(Path::new("."));
@@ -697,12 +640,12 @@ fn parent_candidates(
     let mut absolute = Vec::new();
     for i in 0..8 {
         let e = 576 + i * 24;
-        let code = be32(header, e);
+        let code = header.be32(e)?;
         if code == 0 {
             continue;
         }
-        let len = u64::from(be32(header, e + 8));
-        let at = be64(header, e + 16);
+        let len = u64::from(header.be32(e + 8)?);
+        let at = header.be64(e + 16)?;
         if len == 0
             || len > MAX_LOCATOR_LEN
             || at.checked_add(len).is_none_or(|end| end > file_size)
@@ -730,7 +673,7 @@ fn parent_candidates(
         }
     }
     relative.extend(absolute);
-    relative.extend(host_path(&utf16(&header[64..576], true), base));
+    relative.extend(host_path(&utf16(header.slice(64, 512)?, true), base));
     Ok(relative)
 }
 
@@ -753,9 +696,8 @@ pub(crate) fn utf16(raw: &[u8], big_endian: bool) -> String {
 fn open_parent(
     file: &File,
     path: &Path,
-    header: &[u8],
+    header: Fields<'_>,
     file_size: u64,
-    seen: &mut HashSet<PathBuf>,
 ) -> Result<Vhd, DiskError> {
     let candidates = parent_candidates(file, path, header, file_size)?;
     let Some(found) = candidates.iter().find(|p| p.is_file()) else {
@@ -763,9 +705,8 @@ fn open_parent(
         return Err(DiskError::io("find the VHD parent of", e).with_path(path));
     };
     // A VHD's parent is always a VHD (the spec has no other kind).
-    let parent = Vhd::open_chain(found, seen)?;
-    let mut expected = [0u8; 16];
-    expected.copy_from_slice(&header[40..56]);
+    let parent = Vhd::open_chain(found)?;
+    let expected: [u8; 16] = header.array(40)?;
     if expected != [0u8; 16] && expected != parent.unique_id {
         return Err(err_at(
             DiskErrorKind::CorruptImage,
@@ -834,7 +775,7 @@ mod tests {
 
     fn footer(size: u64, disk_type: u32, data_offset: u64, uid: u8) -> [u8; 512] {
         let mut f = [0u8; 512];
-        f[0..8].copy_from_slice(FOOTER_COOKIE);
+        f[0..8].copy_from_slice(magic::VHD_FOOTER);
         put32(&mut f, 8, 2);
         put32(&mut f, 12, 0x0001_0000);
         put64(&mut f, 16, data_offset);

@@ -9,16 +9,17 @@
 //! log means the metadata on disk may be stale: such images are refused (qemu-img and a
 //! cleanly closed Hyper-V leave the log empty).
 
-use std::collections::HashSet;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use crate::image::{Extent, ImageFormat, ImageInfo, OpenOptions};
+use crate::bytes::{le64_table, Fields};
+use crate::mapped::{err_at, file_allocated_bytes, pread};
+use crate::types::{Extent, ImageFormat, ImageInfo, OpenOptions};
 use crate::vhd::{
-    allocated_bytes, chain_key, err_at, host_path, pieces_to_extents, pread, push_piece,
-    read_pieces, BitmapCache, Piece, Source, MAX_CHAIN_DEPTH,
+    host_path, pieces_to_extents, push_piece, read_pieces, BitmapCache, Piece, Source,
 };
+use crate::{chain, magic};
 use crate::{check_range, BlockBackend, DiskError, DiskErrorKind};
 
 const KIB: u64 = 1024;
@@ -95,30 +96,12 @@ pub(crate) fn crc32c(data: &[u8]) -> u32 {
 
 /// Checks the CRC-32C of `bytes` whose checksum field is at `field`.
 fn crc_ok(bytes: &[u8], field: usize) -> bool {
-    let stored = le32(bytes, field);
+    let Ok(stored) = Fields::new(bytes, "check a VHDX checksum").le32(field) else {
+        return false;
+    };
     let mut copy = bytes.to_vec();
     copy[field..field + 4].fill(0);
     crc32c(&copy) == stored
-}
-
-fn le16(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn le64(b: &[u8], at: usize) -> u64 {
-    let mut x = [0u8; 8];
-    x.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(x)
-}
-
-fn guid_at(b: &[u8], at: usize) -> Guid {
-    let mut g = [0u8; 16];
-    g.copy_from_slice(&b[at..at + 16]);
-    g
 }
 
 /// Parses "{xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx}" (braces optional) into on-disk order.
@@ -152,14 +135,11 @@ struct Header {
 fn read_header(file: &File, path: &Path, at: u64) -> Result<Option<Header>, DiskError> {
     let mut b = vec![0u8; HEADER_SIZE];
     pread(file, path, &mut b, at)?;
-    if &b[0..4] != b"head" || !crc_ok(&b, 4) || le16(&b, 66) != 1 {
+    let f = Fields::new(&b, "read the VHDX header").in_file(path, at);
+    if &b[0..4] != b"head" || !crc_ok(&b, 4) || f.le16(66)? != 1 {
         return Ok(None);
     }
-    Ok(Some(Header {
-        sequence: le64(&b, 8),
-        data_write_guid: guid_at(&b, 32),
-        log_guid: guid_at(&b, 48),
-    }))
+    Ok(Some(Header { sequence: f.le64(8)?, data_write_guid: f.array(32)?, log_guid: f.array(48)? }))
 }
 
 /// A region (BAT or metadata): byte offset and length in the file.
@@ -187,7 +167,8 @@ fn read_regions(file: &File, path: &Path, file_size: u64) -> Result<(Region, Reg
             REGION_TABLE_AT[0],
         ));
     };
-    let count = le32(&b, 8) as usize;
+    let f = Fields::new(&b, "read the VHDX region table").in_file(path, table_at);
+    let count = f.le32(8)? as usize;
     if count > MAX_TABLE_ENTRIES {
         return Err(err_at(
             DiskErrorKind::CorruptImage,
@@ -201,9 +182,9 @@ fn read_regions(file: &File, path: &Path, file_size: u64) -> Result<(Region, Reg
     for i in 0..count {
         let e = 16 + i * 32;
         let entry_at = table_at + e as u64;
-        let id = guid_at(&b, e);
-        let region = Region { at: le64(&b, e + 16), len: u64::from(le32(&b, e + 24)) };
-        let required = le32(&b, e + 28) & 1 != 0;
+        let id: Guid = f.array(e)?;
+        let region = Region { at: f.le64(e + 16)?, len: u64::from(f.le32(e + 24)?) };
+        let required = f.le32(e + 28)? & 1 != 0;
         let valid = region.at >= MIB
             && region.at.is_multiple_of(MIB)
             && region.len.is_multiple_of(MIB)
@@ -274,7 +255,8 @@ fn read_metadata(file: &File, path: &Path, region: Region) -> Result<Metadata, D
             region.at,
         ));
     }
-    let count = le16(&table, 10) as usize;
+    let t = Fields::new(&table, "read the VHDX metadata table").in_file(path, region.at);
+    let count = t.le16(10)? as usize;
     if count > MAX_TABLE_ENTRIES {
         return Err(err_at(
             DiskErrorKind::CorruptImage,
@@ -291,10 +273,10 @@ fn read_metadata(file: &File, path: &Path, region: Region) -> Result<Metadata, D
     for i in 0..count {
         let e = 32 + i * 32;
         let entry_at = region.at + e as u64;
-        let id = guid_at(&table, e);
-        let off = u64::from(le32(&table, e + 16));
-        let len = le32(&table, e + 20);
-        let flags = le32(&table, e + 24);
+        let id: Guid = t.array(e)?;
+        let off = u64::from(t.le32(e + 16)?);
+        let len = t.le32(e + 20)?;
+        let flags = t.le32(e + 24)?;
         let required = flags & 4 != 0;
         let in_region = if len == 0 {
             off == 0
@@ -309,6 +291,7 @@ fn read_metadata(file: &File, path: &Path, region: Region) -> Result<Metadata, D
                 entry_at,
             ));
         }
+        let item_op = "read a VHDX metadata item";
         let read_item = |want: u32| -> Result<Vec<u8>, DiskError> {
             if len < want {
                 return Err(err_at(
@@ -323,10 +306,10 @@ fn read_metadata(file: &File, path: &Path, region: Region) -> Result<Metadata, D
             Ok(v)
         };
         match id {
-            FILE_PARAMETERS => params = Some(read_item(8)?),
-            VIRTUAL_DISK_SIZE => disk_size = Some(le64(&read_item(8)?, 0)),
-            LOGICAL_SECTOR_SIZE => logical = Some(le32(&read_item(4)?, 0)),
-            PHYSICAL_SECTOR_SIZE => physical = Some(le32(&read_item(4)?, 0)),
+            FILE_PARAMETERS => params = Some((read_item(8)?, region.at + off)),
+            VIRTUAL_DISK_SIZE => disk_size = Some(Fields::new(&read_item(8)?, item_op).le64(0)?),
+            LOGICAL_SECTOR_SIZE => logical = Some(Fields::new(&read_item(4)?, item_op).le32(0)?),
+            PHYSICAL_SECTOR_SIZE => physical = Some(Fields::new(&read_item(4)?, item_op).le32(0)?),
             PAGE_83_DATA => {}
             PARENT_LOCATOR => {
                 if len > MAX_LOCATOR_LEN {
@@ -358,8 +341,10 @@ fn read_metadata(file: &File, path: &Path, region: Region) -> Result<Metadata, D
             region.at,
         ));
     };
-    let block_size = u64::from(le32(&params, 0));
-    let flags = le32(&params, 4);
+    let (params, params_at) = params;
+    let params = Fields::new(&params, "read the VHDX file parameters").in_file(path, params_at);
+    let block_size = u64::from(params.le32(0)?);
+    let flags = params.le32(4)?;
     if !block_size.is_power_of_two() || !(MIB..=256 * MIB).contains(&block_size) {
         return Err(err_at(
             DiskErrorKind::CorruptImage,
@@ -417,7 +402,8 @@ fn locator_entries(item: &[u8], path: &Path, at: u64) -> Result<Vec<(String, Str
     if item.len() < 20 {
         return Err(bad());
     }
-    if guid_at(item, 0) != VHDX_LOCATOR_TYPE {
+    let f = Fields::new(item, "read the VHDX parent locator in").in_file(path, at);
+    if f.array::<16>(0)? != VHDX_LOCATOR_TYPE {
         return Err(err_at(
             DiskErrorKind::UnsupportedFeature,
             "use this VHDX parent locator type in",
@@ -425,7 +411,7 @@ fn locator_entries(item: &[u8], path: &Path, at: u64) -> Result<Vec<(String, Str
             at,
         ));
     }
-    let count = le16(item, 18) as usize;
+    let count = f.le16(18)? as usize;
     if 20 + count * 12 > item.len() {
         return Err(bad());
     }
@@ -437,10 +423,7 @@ fn locator_entries(item: &[u8], path: &Path, at: u64) -> Result<Vec<(String, Str
     (0..count)
         .map(|i| {
             let e = 20 + i * 12;
-            Ok((
-                text(le32(item, e), le16(item, e + 8))?,
-                text(le32(item, e + 4), le16(item, e + 10))?,
-            ))
+            Ok((text(f.le32(e)?, f.le16(e + 8)?)?, text(f.le32(e + 4)?, f.le16(e + 10)?)?))
         })
         .collect()
 }
@@ -482,22 +465,12 @@ impl Vhdx {
             )
             .with_path(path));
         }
-        let mut seen = HashSet::new();
-        Vhdx::open_chain(path, &mut seen)
+        Vhdx::open_chain(path)
     }
 
-    fn open_chain(path: &Path, seen: &mut HashSet<PathBuf>) -> Result<Vhdx, DiskError> {
-        if !seen.insert(chain_key(path)?) {
-            return Err(DiskError::new(DiskErrorKind::CorruptImage, "open a parent loop at")
-                .with_path(path));
-        }
-        if seen.len() > MAX_CHAIN_DEPTH {
-            return Err(DiskError::new(
-                DiskErrorKind::UnsupportedFeature,
-                "open a chain this deep at",
-            )
-            .with_path(path));
-        }
+    /// Opens the image at `path` (read-only) with its parents, as one link of a chain.
+    fn open_chain(path: &Path) -> Result<Vhdx, DiskError> {
+        let _chain = chain::enter(path)?;
         let file = File::open(path).map_err(|e| DiskError::io("open", e).with_path(path))?;
         let file_size =
             file.metadata().map_err(|e| DiskError::io("open", e).with_path(path))?.len();
@@ -506,7 +479,7 @@ impl Vhdx {
         }
         let mut sig = [0u8; 8];
         pread(&file, path, &mut sig, 0)?;
-        if &sig != b"vhdxfile" {
+        if &sig != magic::VHDX {
             return Err(err_at(
                 DiskErrorKind::InvalidFormat,
                 "find the VHDX signature in",
@@ -562,7 +535,7 @@ impl Vhdx {
         }
         let mut raw = vec![0u8; (entries * 8) as usize];
         pread(&file, path, &mut raw, bat_region.at)?;
-        let bat: Vec<u64> = raw.chunks_exact(8).map(|c| le64(c, 0)).collect();
+        let bat: Vec<u64> = le64_table(&raw).collect();
         let mut vhdx = Vhdx {
             file,
             path: path.to_path_buf(),
@@ -578,7 +551,7 @@ impl Vhdx {
         };
         vhdx.check_bat(bat_region, meta_region, file_size, meta.has_parent)?;
         if let Some((item, at)) = &meta.locator {
-            vhdx.parent = Some(Box::new(open_parent(path, item, *at, seen)?));
+            vhdx.parent = Some(Box::new(open_parent(path, item, *at)?));
         }
         Ok(vhdx)
     }
@@ -664,7 +637,7 @@ impl Vhdx {
         } else {
             "dynamic"
         };
-        let mut allocated = allocated_bytes(&self.file);
+        let mut allocated = file_allocated_bytes(&self.file);
         let mut problems = Vec::new();
         if let Some(parent) = &self.parent {
             let pinfo = parent.info();
@@ -763,12 +736,7 @@ fn path_of(v: &Vhdx) -> &Path {
 }
 
 /// Finds and opens the parent a differencing VHDX names, checking its DataWriteGuid.
-fn open_parent(
-    path: &Path,
-    item: &[u8],
-    at: u64,
-    seen: &mut HashSet<PathBuf>,
-) -> Result<Vhdx, DiskError> {
+fn open_parent(path: &Path, item: &[u8], at: u64) -> Result<Vhdx, DiskError> {
     let entries = locator_entries(item, path, at)?;
     let base = path.parent().unwrap_or(Path::new("."));
     let get = |key: &str| entries.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
@@ -782,7 +750,7 @@ fn open_parent(
         let e = io::Error::from(io::ErrorKind::NotFound);
         return Err(DiskError::io("find the VHDX parent of", e).with_path(path));
     };
-    let parent = Vhdx::open_chain(found, seen)?;
+    let parent = Vhdx::open_chain(found)?;
     let linkage = get("parent_linkage").and_then(parse_guid).ok_or_else(|| {
         err_at(DiskErrorKind::CorruptImage, "read the VHDX parent linkage in", path, at)
     })?;
@@ -898,7 +866,7 @@ mod tests {
 
         fn bytes(&self) -> Vec<u8> {
             let mut img = vec![0u8; 3 * M];
-            img[0..8].copy_from_slice(b"vhdxfile");
+            img[0..8].copy_from_slice(magic::VHDX);
             for (i, at) in HEADER_AT.iter().enumerate() {
                 let at = *at as usize;
                 img[at..at + 4].copy_from_slice(b"head");

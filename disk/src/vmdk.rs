@@ -20,16 +20,15 @@ use std::sync::{Arc, Mutex};
 
 use flate2::{Decompress, FlushDecompress, Status};
 
-use crate::detect::{self, enter_chain};
-use crate::mapped::{self, err_at, le16, le32, le64, push_extent};
+use crate::bytes::{le32_table, Fields};
+use crate::mapped::{self, err_at, push_extent};
+use crate::{chain, detect, magic};
 use crate::{
     check_range, BlockBackend, DiskError, DiskErrorKind, Extent, ExtentKind, ImageFormat,
     ImageInfo, OpenOptions,
 };
 use descriptor::{Descriptor, ExtentType, NO_PARENT};
 
-pub(crate) const SPARSE_MAGIC: &[u8; 4] = b"KDMV";
-pub(crate) const DESCRIPTOR_MAGIC: &str = "# Disk DescriptorFile";
 const SECTOR: u64 = 512;
 const GD_AT_END: u64 = u64::MAX;
 const FLAG_ZERO_GRAIN: u32 = 1 << 2;
@@ -111,18 +110,18 @@ struct SparseHeader {
     compression: u16,
 }
 
-fn parse_header(h: &[u8]) -> SparseHeader {
-    SparseHeader {
-        flags: le32(h, 8),
-        capacity: le64(h, 12),
-        grain_sectors: le64(h, 20),
-        descriptor_offset: le64(h, 28),
-        descriptor_size: le64(h, 36),
-        gtes: u64::from(le32(h, 44)),
-        gd_offset: le64(h, 56),
-        overhead: le64(h, 64),
-        compression: le16(h, 77),
-    }
+fn parse_header(h: Fields<'_>) -> Result<SparseHeader, DiskError> {
+    Ok(SparseHeader {
+        flags: h.le32(8)?,
+        capacity: h.le64(12)?,
+        grain_sectors: h.le64(20)?,
+        descriptor_offset: h.le64(28)?,
+        descriptor_size: h.le64(36)?,
+        gtes: u64::from(h.le32(44)?),
+        gd_offset: h.le64(56)?,
+        overhead: h.le64(64)?,
+        compression: h.le16(77)?,
+    })
 }
 
 struct SparseExtent {
@@ -158,14 +157,15 @@ impl SparseExtent {
         }
         let mut h = [0u8; SECTOR as usize];
         mapped::read_exact(&file, path, &mut h, 0, "read the VMDK sparse header")?;
-        if &h[..4] != SPARSE_MAGIC {
+        if &h[..4] != magic::VMDK_SPARSE {
             return Err(invalid("find the VMDK sparse magic", 0));
         }
-        let version = le32(&h, 4);
+        let fields = Fields::new(&h, "read the VMDK sparse header").in_file(path, 0);
+        let version = fields.le32(4)?;
         if !(1..=3).contains(&version) {
             return Err(unsupported("open this VMDK sparse version", 4));
         }
-        let mut header = parse_header(&h);
+        let mut header = parse_header(fields)?;
         let mut header_at = 0;
         if header.gd_offset == GD_AT_END {
             // streamOptimized written in one pass: the real header is the footer, just before
@@ -175,10 +175,11 @@ impl SparseExtent {
             }
             header_at = file_len - 2 * SECTOR;
             mapped::read_exact(&file, path, &mut h, header_at, "read the VMDK footer")?;
-            if &h[..4] != SPARSE_MAGIC {
+            if &h[..4] != magic::VMDK_SPARSE {
                 return Err(corrupt("find the VMDK footer", header_at));
             }
-            header = parse_header(&h);
+            header =
+                parse_header(Fields::new(&h, "read the VMDK footer").in_file(path, header_at))?;
             if header.gd_offset == GD_AT_END {
                 return Err(corrupt("find the VMDK grain directory", header_at + 56));
             }
@@ -213,7 +214,7 @@ impl SparseExtent {
         // The directory lies inside the file (checked), so its size is bounded by the file's.
         let mut raw = vec![0u8; (gd_entries * 4) as usize];
         mapped::read_exact(&file, path, &mut raw, gd_offset, "read the VMDK grain directory")?;
-        let gd = raw.chunks_exact(4).map(|e| le32(e, 0)).collect();
+        let gd = le32_table(&raw).collect();
         let data_start = if compressed { SECTOR } else { header.overhead.saturating_mul(SECTOR) };
         let extent = SparseExtent {
             file,
@@ -258,7 +259,7 @@ impl SparseExtent {
         }
         let mut raw = vec![0u8; len as usize];
         mapped::read_exact(&self.file, &self.path, &mut raw, at, "read a VMDK grain table")?;
-        let table: Arc<Vec<u32>> = Arc::new(raw.chunks_exact(4).map(|e| le32(e, 0)).collect());
+        let table: Arc<Vec<u32>> = Arc::new(le32_table(&raw).collect());
         if let Ok(mut cache) = self.tables.lock() {
             if cache.len() >= GT_CACHE {
                 cache.clear();
@@ -312,8 +313,9 @@ impl SparseExtent {
         let (data_at, len) = if self.markers {
             let mut m = [0u8; MARKER_LEN as usize];
             mapped::read_exact(&self.file, &self.path, &mut m, at, "read a VMDK grain marker")?;
-            let lba = le64(&m, 0);
-            let size = u64::from(le32(&m, 8));
+            let marker = Fields::new(&m, "read a VMDK grain marker").in_file(&self.path, at);
+            let lba = marker.le64(0)?;
+            let size = u64::from(marker.le32(8)?);
             if lba != index * grain_sectors {
                 return Err(self.corrupt("match a VMDK grain marker to its grain", at));
             }
@@ -450,12 +452,12 @@ impl Vmdk {
         if options.writable {
             return Err(mapped::read_only(path, 0));
         }
-        let _chain = enter_chain(path)?;
+        let _chain = chain::enter(path)?;
         let (file, file_len) = mapped::open_file(path)?;
         let mut head = [0u8; 4];
         let n = (file_len as usize).min(4);
         mapped::read_exact(&file, path, &mut head[..n], 0, "read the VMDK header")?;
-        let (text, text_at) = if &head == SPARSE_MAGIC {
+        let (text, text_at) = if &head == magic::VMDK_SPARSE {
             let (_, header) = SparseExtent::open(path)?;
             let (at, sectors) = (header.descriptor_offset, header.descriptor_size);
             if at == 0 || sectors == 0 {
@@ -643,9 +645,10 @@ fn parent_cid(path: &Path) -> Option<u32> {
     let mut head = [0u8; SECTOR as usize];
     let n = len.min(SECTOR) as usize;
     mapped::read_exact(&file, path, &mut head[..n], 0, "read").ok()?;
-    let (at, size) = if &head[..4] == SPARSE_MAGIC {
-        let h = parse_header(&head);
-        (h.descriptor_offset * SECTOR, (h.descriptor_size * SECTOR).min(MAX_DESCRIPTOR))
+    let (at, size) = if &head[..4] == magic::VMDK_SPARSE {
+        let h = parse_header(Fields::new(&head, "read the VMDK sparse header")).ok()?;
+        let size = h.descriptor_size.saturating_mul(SECTOR).min(MAX_DESCRIPTOR);
+        (h.descriptor_offset.saturating_mul(SECTOR), size)
     } else {
         (0, len.min(MAX_DESCRIPTOR))
     };
@@ -757,7 +760,7 @@ mod tests {
     /// A header: 64-sector capacity, 8-sector grains, 4 entries per grain table.
     fn header(flags: u32, gd_sector: u64, overhead: u64) -> [u8; S] {
         let mut h = [0u8; S];
-        h[..4].copy_from_slice(SPARSE_MAGIC);
+        h[..4].copy_from_slice(magic::VMDK_SPARSE);
         put32(&mut h, 4, 1);
         put32(&mut h, 8, flags);
         put64(&mut h, 12, 64);

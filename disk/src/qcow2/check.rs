@@ -7,7 +7,8 @@ use std::path::Path;
 
 use super::header::{self, inside, Header};
 use super::meta::rc_get;
-use super::{be_u64s, decode_entry, Mapping, COPIED, L1_OFFSET_MASK};
+use super::{decode_entry, Mapping, COPIED, L1_OFFSET_MASK};
+use crate::bytes::{be64_table, Fields};
 use crate::DiskError;
 
 /// Most detail messages kept in a report.
@@ -122,7 +123,7 @@ impl Checker<'_> {
             let Some(raw) = self.read(self.cs, off, "L2 table") else {
                 continue;
             };
-            for entry in be_u64s(&raw) {
+            for entry in be64_table(&raw) {
                 match decode_entry(entry, self.cluster_bits, self.version, self.file_len) {
                     Ok(Mapping::Data { host, copied }) => {
                         self.reference(host, self.cs, "data");
@@ -155,11 +156,13 @@ impl Checker<'_> {
             let Some(fixed) = self.read(40, pos, "snapshot table") else {
                 return;
             };
-            let l1_offset = u64::from_be_bytes(fixed[0..8].try_into().unwrap_or_default());
-            let l1_size = u32::from_be_bytes(fixed[8..12].try_into().unwrap_or_default());
-            let id_len = u16::from_be_bytes(fixed[12..14].try_into().unwrap_or_default());
-            let name_len = u16::from_be_bytes(fixed[14..16].try_into().unwrap_or_default());
-            let extra = u32::from_be_bytes(fixed[36..40].try_into().unwrap_or_default());
+            let fixed = Fields::new(&fixed, "read the qcow2 snapshot table");
+            let (Ok(l1_offset), Ok(l1_size), Ok(id_len), Ok(name_len), Ok(extra)) =
+                (fixed.be64(0), fixed.be32(8), fixed.be16(12), fixed.be16(14), fixed.be32(36))
+            else {
+                self.report.error(format!("snapshot table entry at {pos:#x} is truncated"));
+                return;
+            };
             let len = 40 + u64::from(extra) + u64::from(id_len) + u64::from(name_len);
             pos += len.div_ceil(8) * 8;
             let bytes = u64::from(l1_size) * 8;
@@ -169,7 +172,7 @@ impl Checker<'_> {
             }
             if let Some(raw) = self.read(bytes, l1_offset, "snapshot L1 table") {
                 self.reference(l1_offset, bytes, "snapshot L1 table");
-                self.walk_l1(&be_u64s(&raw), false);
+                self.walk_l1(&be64_table(&raw).collect::<Vec<_>>(), false);
             }
         }
         self.reference(start, pos - start, "snapshot table");
@@ -177,15 +180,8 @@ impl Checker<'_> {
 }
 
 pub(super) fn check(file: &File, path: &Path) -> Result<CheckReport, DiskError> {
-    let file_len = file.metadata().map_err(|e| DiskError::io("check", e).with_path(path))?.len();
-    let io = super::Io { file, path };
     // Everything comes from the file, not from caches: the point is what a crash would leave.
-    let mut first = vec![0u8; file_len.min(1 << header::MAX_CLUSTER_BITS) as usize];
-    io.read_exact(&mut first, 0)?;
-    let bits =
-        u32::from_be_bytes(first.get(20..24).and_then(|b| b.try_into().ok()).unwrap_or([0; 4]));
-    first.truncate(1 << bits.clamp(header::MIN_CLUSTER_BITS, header::MAX_CLUSTER_BITS));
-    let h = Header::parse(&first, file_len, path)?;
+    let (h, _, file_len) = super::read_header(file, path)?;
     let cs = h.cluster_size();
     let nclusters = file_len.div_ceil(cs);
     let mut ck = Checker {
@@ -203,7 +199,9 @@ pub(super) fn check(file: &File, path: &Path) -> Result<CheckReport, DiskError> 
     ck.reference(h.l1_table_offset, l1_bytes, "L1 table");
     let rt_bytes = u64::from(h.refcount_table_clusters) * cs;
     ck.reference(h.refcount_table_offset, rt_bytes, "refcount table");
-    let table = ck.read(rt_bytes, h.refcount_table_offset, "refcount table").map(|r| be_u64s(&r));
+    let table = ck
+        .read(rt_bytes, h.refcount_table_offset, "refcount table")
+        .map(|r| be64_table(&r).collect::<Vec<_>>());
     let table = table.unwrap_or_default();
     for &e in &table {
         let off = e & !(cs - 1);
@@ -215,7 +213,7 @@ pub(super) fn check(file: &File, path: &Path) -> Result<CheckReport, DiskError> 
         ck.walk_snapshots(&h);
     }
     if let Some(raw) = ck.read(l1_bytes, h.l1_table_offset, "L1 table") {
-        ck.walk_l1(&be_u64s(&raw), true);
+        ck.walk_l1(&be64_table(&raw).collect::<Vec<_>>(), true);
     }
     // Compare with the stored refcounts.
     let epb = (cs * 8) >> h.refcount_order;

@@ -4,9 +4,10 @@
 use std::path::Path;
 
 use super::{fail, Qcow2Error};
+use crate::bytes::Fields;
 use crate::{DiskError, DiskErrorKind};
 
-pub(super) const MAGIC: [u8; 4] = *b"QFI\xfb";
+pub(super) const MAGIC: [u8; 4] = crate::magic::QCOW2;
 pub(super) const V2_HEADER_LEN: usize = 72;
 pub(super) const V3_HEADER_LEN: usize = 104;
 /// The header this crate writes: v3 fields plus the compression type byte, padded to 8.
@@ -78,18 +79,6 @@ pub(super) struct Header {
     pub backing_format: Option<String>,
 }
 
-fn be32(b: &[u8], at: usize) -> u32 {
-    let mut x = [0u8; 4];
-    x.copy_from_slice(&b[at..at + 4]);
-    u32::from_be_bytes(x)
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    let mut x = [0u8; 8];
-    x.copy_from_slice(&b[at..at + 8]);
-    u64::from_be_bytes(x)
-}
-
 /// Whether `[offset, offset + len)` lies inside a file of `file_len` bytes.
 pub(super) fn inside(offset: u64, len: u64, file_len: u64) -> bool {
     offset.checked_add(len).is_some_and(|end| end <= file_len)
@@ -112,7 +101,8 @@ impl Header {
         if first[..4] != MAGIC {
             return Err(bad(DiskErrorKind::InvalidFormat, 0, Qcow2Error::BadMagic));
         }
-        let version = be32(first, 4);
+        let f = Fields::new(first, "read the qcow2 header").in_file(path, 0);
+        let version = f.be32(4)?;
         if version != 2 && version != 3 {
             return Err(bad(
                 DiskErrorKind::UnsupportedFeature,
@@ -120,7 +110,7 @@ impl Header {
                 Qcow2Error::Version(version),
             ));
         }
-        let cluster_bits = be32(first, 20);
+        let cluster_bits = f.be32(20)?;
         if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
             return Err(bad(
                 DiskErrorKind::InvalidFormat,
@@ -128,7 +118,7 @@ impl Header {
                 Qcow2Error::ClusterBits(cluster_bits),
             ));
         }
-        let crypt = be32(first, 32);
+        let crypt = f.be32(32)?;
         if crypt != 0 {
             return Err(bad(
                 DiskErrorKind::UnsupportedFeature,
@@ -139,13 +129,13 @@ impl Header {
         let mut h = Header {
             version,
             cluster_bits,
-            size: be64(first, 24),
-            l1_size: be32(first, 36),
-            l1_table_offset: be64(first, 40),
-            refcount_table_offset: be64(first, 48),
-            refcount_table_clusters: be32(first, 56),
-            nb_snapshots: be32(first, 60),
-            snapshots_offset: be64(first, 64),
+            size: f.be64(24)?,
+            l1_size: f.be32(36)?,
+            l1_table_offset: f.be64(40)?,
+            refcount_table_offset: f.be64(48)?,
+            refcount_table_clusters: f.be32(56)?,
+            nb_snapshots: f.be32(60)?,
+            snapshots_offset: f.be64(64)?,
             incompatible: 0,
             autoclear: 0,
             refcount_order: 4,
@@ -158,10 +148,10 @@ impl Header {
             if first.len() < V3_HEADER_LEN {
                 return Err(bad(DiskErrorKind::InvalidFormat, 0, Qcow2Error::Truncated));
             }
-            h.incompatible = be64(first, 72);
-            h.autoclear = be64(first, 88);
-            h.refcount_order = be32(first, 96);
-            let len = be32(first, 100) as usize;
+            h.incompatible = f.be64(72)?;
+            h.autoclear = f.be64(88)?;
+            h.refcount_order = f.be32(96)?;
+            let len = f.be32(100)? as usize;
             if len < V3_HEADER_LEN || !len.is_multiple_of(8) || len > first.len() {
                 return Err(bad(
                     DiskErrorKind::InvalidFormat,
@@ -303,9 +293,10 @@ fn parse_extensions(
     let corrupt = |offset: usize, e: Qcow2Error| {
         fail(DiskErrorKind::CorruptImage, "open", e).with_path(path).with_offset(offset as u64)
     };
+    let f = Fields::new(first, "read the qcow2 header extensions").in_file(path, 0);
     let mut names = Vec::new();
-    let backing_off = be64(first, 8);
-    let backing_len = be32(first, 16);
+    let backing_off = f.be64(8)?;
+    let backing_len = f.be32(16)?;
     // Extensions end at the backing file name when it is in the first cluster.
     let limit = if backing_off > 0 && (backing_off as usize) < first.len() {
         backing_off as usize
@@ -314,8 +305,8 @@ fn parse_extensions(
     };
     let mut pos = header_len;
     while pos + 8 <= limit {
-        let kind = be32(first, pos);
-        let len = be32(first, pos + 4) as usize;
+        let kind = f.be32(pos)?;
+        let len = f.be32(pos + 4)? as usize;
         if kind == EXT_END {
             break;
         }
@@ -412,17 +403,18 @@ pub(super) fn with_backing(
     h: &Header,
     backing: Option<(&str, Option<&str>)>,
 ) -> Option<Vec<u8>> {
-    let header_len = if h.version >= 3 { be32(first, 100) as usize } else { V2_HEADER_LEN };
-    let backing_off = be64(first, 8) as usize;
-    let backing_len = be32(first, 16) as usize;
+    let f = Fields::new(first, "read the qcow2 header");
+    let header_len = if h.version >= 3 { f.be32(100).ok()? as usize } else { V2_HEADER_LEN };
+    let backing_off = f.be64(8).ok()? as usize;
+    let backing_len = f.be32(16).ok()? as usize;
     let limit =
         if backing_off > 0 && backing_off < first.len() { backing_off } else { first.len() };
     let mut kept = Vec::new();
     let mut pos = header_len;
     let mut old_end = header_len;
     while pos + 8 <= limit {
-        let kind = be32(first, pos);
-        let len = be32(first, pos + 4) as usize;
+        let kind = f.be32(pos).ok()?;
+        let len = f.be32(pos + 4).ok()? as usize;
         old_end = pos + 8;
         if kind == EXT_END {
             break;

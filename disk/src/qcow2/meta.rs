@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 
 use super::{fail, Io, Qcow2Error, L1_OFFSET_MASK};
+use crate::bytes::be64_table;
 use crate::{DiskError, DiskErrorKind};
 
 /// An L2 table in memory.
@@ -152,10 +153,7 @@ impl Meta {
         }
         let mut raw = vec![0u8; self.cs() as usize];
         io.read_exact(&mut raw, off)?;
-        let entries = raw
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
-            .collect();
+        let entries = be64_table(&raw).collect();
         self.l2.insert(off, L2Table { entries, dirty: false, last_use: tick });
         Ok(())
     }

@@ -35,9 +35,10 @@ use header::{field, Compression, Header};
 use meta::{Meta, Refcounts};
 pub use pull::{pull_backing_layer, qcow2_backing, PullReport};
 
+use crate::bytes::{be64_table, Fields};
 use crate::{
-    check_range, open_image, sys, BlockBackend, DiskError, DiskErrorKind, Extent, ExtentKind,
-    ImageFormat, ImageInfo, OpenOptions, RawFile,
+    chain, check_range, open_image, sys, BlockBackend, DiskError, DiskErrorKind, Extent,
+    ExtentKind, ImageFormat, ImageInfo, OpenOptions, RawFile,
 };
 
 pub(crate) const L1_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
@@ -45,8 +46,6 @@ const L2_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 pub(crate) const COPIED: u64 = 1 << 63;
 const COMPRESSED: u64 = 1 << 62;
 const ZERO: u64 = 1;
-/// Longest backing chain followed.
-const MAX_CHAIN_DEPTH: usize = 16;
 
 /// What is wrong with a qcow2 image (carried as the source of a [`DiskError`]).
 #[derive(Debug, thiserror::Error)]
@@ -99,10 +98,6 @@ pub enum Qcow2Error {
     ImageTooLarge,
     #[error("Compressed cluster does not decompress to a full cluster")]
     Decompress,
-    #[error("Backing chain loops back to this image")]
-    BackingLoop,
-    #[error("Backing chain deeper than {0} images")]
-    BackingDepth(usize),
     #[error("Image is dirty (lazy refcounts); repair it with qemu-img check -r all to write")]
     Dirty,
     #[error("Image is marked corrupt")]
@@ -253,8 +248,9 @@ fn read_header(file: &File, path: &Path) -> Result<(Header, Vec<u8>, u64), DiskE
     // The header and its extensions live in the first cluster (at most 2 MiB).
     let mut first = vec![0u8; file_len.min(1 << header::MAX_CLUSTER_BITS) as usize];
     io.read_exact(&mut first, 0)?;
-    if first.len() >= 24 {
-        let bits = u32::from_be_bytes([first[20], first[21], first[22], first[23]]);
+    if let Ok(bits) =
+        Fields::new(&first, "read the qcow2 header").be32(header::field::CLUSTER_BITS as usize)
+    {
         let bits = bits.clamp(header::MIN_CLUSTER_BITS, header::MAX_CLUSTER_BITS);
         first.truncate(1 << bits);
     }
@@ -273,30 +269,7 @@ fn with_path(e: DiskError, path: &Path) -> DiskError {
 impl Qcow2 {
     /// Opens the qcow2 image at `path` and its backing chain (read-only).
     pub fn open(path: &Path, options: OpenOptions) -> Result<Qcow2, DiskError> {
-        Self::open_chain(path, options, &mut Vec::new())
-    }
-
-    fn open_chain(
-        path: &Path,
-        options: OpenOptions,
-        chain: &mut Vec<PathBuf>,
-    ) -> Result<Qcow2, DiskError> {
-        let canonical =
-            path.canonicalize().map_err(|e| DiskError::io("open", e).with_path(path))?;
-        if chain.contains(&canonical) {
-            return Err(
-                fail(DiskErrorKind::CorruptImage, "open", Qcow2Error::BackingLoop).with_path(path)
-            );
-        }
-        if chain.len() >= MAX_CHAIN_DEPTH {
-            return Err(fail(
-                DiskErrorKind::UnsupportedFeature,
-                "open",
-                Qcow2Error::BackingDepth(MAX_CHAIN_DEPTH),
-            )
-            .with_path(path));
-        }
-        chain.push(canonical);
+        let _chain = chain::enter(path)?;
         let writable = options.writable;
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -320,14 +293,14 @@ impl Qcow2 {
         let cs = header.cluster_size();
         let mut raw = vec![0u8; header.l1_size as usize * 8];
         io.read_exact(&mut raw, header.l1_table_offset)?;
-        let l1 = be_u64s(&raw);
+        let l1 = be64_table(&raw).collect();
         let mut meta = Meta::new(header.cluster_bits, l1, header.l1_table_offset, file_len);
         if writable {
             let clusters = u64::from(header.refcount_table_clusters);
             let mut raw = vec![0u8; (clusters * cs) as usize];
             io.read_exact(&mut raw, header.refcount_table_offset)?;
             meta.rc = Some(Refcounts::new(
-                be_u64s(&raw),
+                be64_table(&raw).collect(),
                 header.refcount_table_offset,
                 clusters,
                 header.refcount_order,
@@ -341,7 +314,7 @@ impl Qcow2 {
         let backing = match &header.backing_file {
             Some(name) => {
                 let bpath = resolve_backing(path, name);
-                let disk = open_backing(&bpath, header.backing_format.as_deref(), chain)
+                let disk = open_backing(&bpath, header.backing_format.as_deref())
                     .map_err(|e| with_path(e, &bpath))?;
                 Some(Backing { path: bpath, format: header.backing_format.clone(), disk })
             }
@@ -912,10 +885,6 @@ fn decode_entry(
     Ok(Mapping::Data { host, copied: entry & COPIED != 0 })
 }
 
-fn be_u64s(raw: &[u8]) -> Vec<u64> {
-    raw.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8]))).collect()
-}
-
 /// A backing file name, relative to the directory of the image that names it.
 fn resolve_backing(image: &Path, name: &str) -> PathBuf {
     let p = Path::new(name);
@@ -927,11 +896,7 @@ fn resolve_backing(image: &Path, name: &str) -> PathBuf {
 }
 
 /// Opens a backing image read-only: the stated format when there is one, else by content.
-fn open_backing(
-    path: &Path,
-    format: Option<&str>,
-    chain: &mut Vec<PathBuf>,
-) -> Result<Box<dyn BlockBackend>, DiskError> {
+fn open_backing(path: &Path, format: Option<&str>) -> Result<Box<dyn BlockBackend>, DiskError> {
     let ro = OpenOptions { writable: false };
     let qcow2 = match format {
         Some("qcow2") => true,
@@ -941,7 +906,7 @@ fn open_backing(
         None => is_qcow2(path)?,
     };
     if qcow2 {
-        Ok(Box::new(Qcow2::open_chain(path, ro, chain)?))
+        Ok(Box::new(Qcow2::open(path, ro)?))
     } else {
         open_image(path, ro)
     }

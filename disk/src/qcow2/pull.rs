@@ -16,6 +16,7 @@ use super::{
     fail, header, is_qcow2, read_header, resolve_backing, with_path, Mapping, Qcow2, Qcow2Error,
     ZERO,
 };
+use crate::bytes::be64_table;
 use crate::{BlockBackend, DiskError, DiskErrorKind, OpenOptions};
 
 const OP: &str = "pull the backing layer into";
@@ -162,12 +163,11 @@ fn allocated_ranges(p: &Qcow2, limit: u64) -> Result<Vec<(u64, u64, Fill)>, Disk
             continue;
         };
         io.read_exact(&mut raw, off)?;
-        for (i, e) in raw.chunks_exact(8).enumerate() {
+        for (i, entry) in be64_table(&raw).enumerate() {
             let gc = t * per + i as u64;
             if gc >= clusters {
                 break;
             }
-            let entry = u64::from_be_bytes(e.try_into().unwrap_or([0; 8]));
             let fill = match p.decode(entry, meta.file_len)? {
                 Mapping::Unallocated => continue,
                 Mapping::Zero(_) => Fill::Zero,
