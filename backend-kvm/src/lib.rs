@@ -12,4 +12,4 @@
 mod sys;
 
 #[cfg(target_os = "linux")]
-pub use sys::linux::{KvmHypervisor, KvmKicker};
+pub use sys::linux::{kvm_acceleration, KvmAcceleration, KvmHypervisor, KvmKicker};
