@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs Hutch on a fresh Debian/Ubuntu machine (as root, for apt-get): installs the system
-# packages, builds Hutch and the demo guest, creates the "demo" VM in the library, and
+# Runs Hutch on a fresh Debian/Ubuntu machine: installs the system packages (tests/lab/deps.sh:
+# as root directly, else through sudo), builds Hutch and the demo guest as the invoking user,
+# creates the "demo" VM in the library, and
 # - on a desktop (DISPLAY set) with hardware virtualization: opens the Hutch window on it
 #   (click Start; click the screen to type into the guest, Right Ctrl releases);
 # - otherwise: boots it with its serial console attached (a busybox shell; `poweroff -f` or
@@ -13,11 +14,15 @@ command -v cargo >/dev/null || { echo "demo: cargo (Rust 1.85 or newer) is neede
 bash tests/lab/deps.sh
 cargo build --release --locked -p hutch
 bash tests/guest/build.sh
-HUTCH=$REPO/target/release/hutch
+HUTCH=${CARGO_TARGET_DIR:-$REPO/target}/release/hutch
 G=$REPO/build/guest
 
 direct=false
-if grep -qwE 'vmx|svm' /proc/cpuinfo && [ -w /dev/kvm ]; then direct=true; fi
+# Hardware-assisted: the CPU's extension and its vendor's KVM module (as Hutch checks).
+if grep -qwE 'vmx|svm' /proc/cpuinfo && [ -w /dev/kvm ] &&
+    { [ -d /sys/module/kvm_intel ] || [ -d /sys/module/kvm_amd ]; }; then
+    direct=true
+fi
 # The demo has its own library unless HUTCH_HOME says otherwise; in the lab it lives on the lab's
 # tmpfs (file locks and sockets don't work on the lab's 9p shares).
 if $direct; then

@@ -27,9 +27,39 @@ pub fn open_hypervisor(name: Option<&str>) -> anyhow::Result<Box<dyn Hypervisor>
     }
 }
 
+/// Set to 1 to run VMs on a /dev/kvm that is not hardware-assisted: only hand-assembled test
+/// guests (tests/e2e/pvh-kernel.py) run there; a real kernel fails after a minute of emulation.
+pub const ALLOW_EMULATED_KVM_ENV: &str = "HUTCH_ALLOW_EMULATED_KVM";
+
 #[cfg(target_os = "linux")]
 fn open_kvm() -> anyhow::Result<Box<dyn Hypervisor>> {
+    let allowed = std::env::var(ALLOW_EMULATED_KVM_ENV).is_ok_and(|v| v == "1");
+    check_kvm_acceleration(backend_kvm::kvm_acceleration(), allowed).context("Cannot open KVM")?;
     Ok(Box::new(backend_kvm::KvmHypervisor::new().context("Cannot open KVM")?))
+}
+
+/// Refuses an emulating /dev/kvm at once (unless `allowed`), instead of letting a guest kernel
+/// crawl for a minute into an emulation failure.
+#[cfg(target_os = "linux")]
+fn check_kvm_acceleration(
+    acceleration: backend_kvm::KvmAcceleration,
+    allowed: bool,
+) -> anyhow::Result<()> {
+    let backend_kvm::KvmAcceleration::NotHardwareAssisted { reason } = acceleration else {
+        return Ok(());
+    };
+    if allowed {
+        log::warn!("/dev/kvm is not hardware-assisted ({reason}); {ALLOW_EMULATED_KVM_ENV}=1");
+        return Ok(());
+    }
+    bail!(
+        "/dev/kvm on this host is not hardware-assisted ({reason}): a guest's kernel would be \
+         emulated instruction by instruction and fail. Run Hutch on a machine with hardware \
+         virtualization (enable VT-x/AMD-V in the firmware, or nested virtualization for a \
+         virtual machine); developers without one can use the nested KVM lab \
+         (tests/lab/lab.sh -- COMMAND; tools/demo.sh uses it). {ALLOW_EMULATED_KVM_ENV}=1 runs \
+         anyway, for hand-assembled test guests."
+    )
 }
 
 #[cfg(not(target_os = "linux"))]
@@ -90,6 +120,21 @@ mod tests {
         let other = if cfg!(target_os = "macos") { "kvm" } else { "hvf" };
         let err = open_hypervisor(Some(other)).err().map(|e| format!("{e:#}")).unwrap_or_default();
         assert!(err.contains("only on"), "{err}");
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn an_emulating_kvm_is_refused_with_what_to_do_unless_allowed() {
+        use backend_kvm::KvmAcceleration;
+        let emulated = || KvmAcceleration::NotHardwareAssisted { reason: "no svm".into() };
+        let err = check_kvm_acceleration(emulated(), false).map_err(|e| e.to_string());
+        let err = err.err().unwrap_or_default();
+        assert!(err.contains("not hardware-assisted (no svm)"), "{err}");
+        assert!(err.contains("tests/lab/lab.sh") && err.contains(ALLOW_EMULATED_KVM_ENV), "{err}");
+        assert!(check_kvm_acceleration(emulated(), true).is_ok());
+        let assisted = KvmAcceleration::HardwareAssisted { module: "kvm_amd".into() };
+        assert!(check_kvm_acceleration(assisted, false).is_ok());
+        assert!(check_kvm_acceleration(KvmAcceleration::Unknown, false).is_ok());
     }
 
     #[test]

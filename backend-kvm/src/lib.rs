@@ -12,4 +12,4 @@
 mod sys;
 
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
-pub use sys::linux::{KvmHypervisor, KvmKicker};
+pub use sys::linux::{kvm_acceleration, KvmAcceleration, KvmHypervisor, KvmKicker};

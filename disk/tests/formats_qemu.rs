@@ -14,12 +14,7 @@ const MIB: u64 = 1 << 20;
 const SECTOR: u64 = 512;
 
 fn have(tool: &str) -> bool {
-    let ok = Command::new(tool).arg("--version").output().is_ok_and(|o| o.status.success());
-    if !ok {
-        println!("SKIP: {tool} not found");
-        assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "{tool} is required in CI");
-    }
-    ok
+    testkit::require_tool(tool)
 }
 
 fn have_qemu_img() -> bool {

@@ -9,17 +9,7 @@ use std::process::Command;
 use disk::ova::Ova;
 
 fn have_tools() -> bool {
-    let ok =
-        |cmd: &str| Command::new(cmd).arg("--version").output().is_ok_and(|o| o.status.success());
-    if ok("qemu-img") && ok("python3") {
-        return true;
-    }
-    println!("SKIP: qemu-img not found");
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "qemu-img and python3 are required in CI"
-    );
-    false
+    testkit::require_tools(&["qemu-img", "python3"])
 }
 
 fn run(cmd: &str, args: &[&str]) {

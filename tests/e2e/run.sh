@@ -11,7 +11,8 @@
 #   E2E_TARGET        hutch (default) or qemu: run the cases that don't need hutch's CLI against
 #                     qemu-system-x86_64 -enable-kvm, to check the fixtures and the harness
 #   E2E_CASE_TIMEOUT  seconds per case (default 600; the GUI case gets 1.5×); E2E_VM_TIMEOUT per boot (default 150)
-#   E2E_FORCE=1       run even where /dev/kvm is not hardware-assisted (outside the lab)
+#   E2E_FORCE=1       run even where /dev/kvm is not hardware-assisted (outside the lab; sets
+#                     HUTCH_ALLOW_EMULATED_KVM=1, without which hutch refuses such a /dev/kvm)
 #   E2E_KEEP=1        keep the work directory
 #   E2E_LOGS          a directory to copy failed cases' work (logs) into, e.g. the lab's --out
 set -euo pipefail
@@ -803,8 +804,10 @@ main() {
     elif [ ! -x "$HUTCH" ]; then
         die "no hutch binary at $HUTCH (cargo build --release, or set HUTCH)"
     fi
-    if ! kvm_can_boot && [ "${E2E_FORCE:-0}" != 1 ]; then
-        die "/dev/kvm here can't boot Linux (not the lab); run: tests/lab/lab.sh -- $0 (or E2E_FORCE=1)"
+    if ! kvm_can_boot; then
+        [ "${E2E_FORCE:-0}" = 1 ] ||
+            die "/dev/kvm here can't boot Linux (not the lab); run: tests/lab/lab.sh -- $0 (or E2E_FORCE=1)"
+        export HUTCH_ALLOW_EMULATED_KVM=1
     fi
     [ -f "$KERNEL" ] && [ -f "$INITRD" ] || die "no guest fixtures in $GUEST (run tests/guest/build.sh)"
 

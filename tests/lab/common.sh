@@ -27,7 +27,7 @@ require_tools() {
         command -v "$t" >/dev/null 2>&1 || missing+=("$t")
     done
     if [ ${#missing[@]} -gt 0 ]; then
-        die "missing tools: ${missing[*]} (run: sudo $REPO/tests/lab/deps.sh)"
+        die "missing tools: ${missing[*]} (run: $REPO/tests/lab/deps.sh)"
     fi
 }
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the guest fixtures, the lab, the e2e harness and the benches need.
-# Run as root. Idempotent: quick when everything is already present.
+# Idempotent: quick when everything is already present. Installing needs root: as root it runs
+# apt-get directly (a fresh Debian has no sudo), otherwise through sudo.
 set -euo pipefail
 
 PKGS=(qemu-system-x86 qemu-utils busybox-static cpio kmod socat python3 xz-utils zstd gzip
@@ -10,11 +11,6 @@ PKGS=(qemu-system-x86 qemu-utils busybox-static cpio kmod socat python3 xz-utils
     libxcursor1 libxrandr2 libxi6
     # Disk image fixtures (ISO 9660).
     genisoimage)
-
-if [ "$(id -u)" -ne 0 ]; then
-    echo "error: deps.sh must run as root" >&2
-    exit 1
-fi
 
 missing=()
 for p in "${PKGS[@]}"; do
@@ -30,15 +26,29 @@ if [ ${#missing[@]} -eq 0 ] && [ "$qsys" = "$qutl" ]; then
     exit 0
 fi
 
+# apt-get as root: directly, or through sudo for a user (asked only when something is missing).
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then
+        "$@"
+    elif command -v sudo >/dev/null 2>&1; then
+        sudo DEBIAN_FRONTEND=noninteractive "$@"
+    else
+        echo "error: installing Debian packages needs root, and there is no sudo: run" \
+            "tests/lab/deps.sh as root once (missing: ${missing[*]:-matching qemu-utils})" >&2
+        exit 1
+    fi
+}
+
+echo "deps: installing ${missing[*]:-qemu-utils $qsys}"
 export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq
+as_root apt-get update -qq
 V=$(apt-cache policy qemu-system-x86 | awk '/Candidate/{print $2}')
 [ -n "$V" ] && [ "$V" != "(none)" ] || { echo "error: no qemu-system-x86 candidate" >&2; exit 1; }
 others=()
 for p in "${PKGS[@]}"; do
     case $p in qemu-system-x86 | qemu-utils) ;; *) others+=("$p") ;; esac
 done
-apt-get install -y -q --allow-downgrades --no-install-recommends \
+as_root apt-get install -y -q --allow-downgrades --no-install-recommends \
     "qemu-system-x86=$V" "qemu-utils=$V" "qemu-block-extra=$V" "qemu-system-common=$V" \
     "${others[@]}"
 echo "deps: installed (qemu $V)"

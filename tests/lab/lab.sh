@@ -133,11 +133,21 @@ main() {
     t0=$(now_ms)
     set +e
     if [ "$interactive" = 1 ]; then
-        timeout -k 10 "${LAB_TIMEOUT:-1800}" "${qemu[@]}" 2> >(quiet_qemu >&2) | tee "$log"
+        # --foreground: QEMU must stay in the terminal's foreground process group, or its first
+        # read of the terminal stops it (SIGTTIN) and the lab hangs for ever. QEMU puts the
+        # terminal in raw mode; if it is killed (timeout), give the terminal back sane.
+        local tty_state=
+        [ -t 0 ] && tty_state=$(stty -g)
+        timeout --foreground -k 10 "${LAB_TIMEOUT:-1800}" "${qemu[@]}" 2> >(quiet_qemu >&2) |
+            tee "$log"
+        rc=${PIPESTATUS[0]}
+        [ -z "$tty_state" ] || stty "$tty_state" 2>/dev/null
     else
+        # QEMU never touches the terminal here (stdin is /dev/null, output goes to tee), so
+        # timeout's own process group does no harm.
         timeout -k 10 "${LAB_TIMEOUT:-1800}" "${qemu[@]}" </dev/null 2> >(quiet_qemu >&2) | tee "$log"
+        rc=${PIPESTATUS[0]}
     fi
-    rc=${PIPESTATUS[0]}
     set -e
     log "lab: $(( ($(now_ms) - t0) / 1000 )) s"
 

@@ -4,6 +4,7 @@ mod convert;
 mod cpuid;
 mod kick;
 mod notifier;
+mod probe;
 mod state;
 mod vcpu;
 
@@ -22,6 +23,7 @@ use vmm::hypervisor::{
 };
 
 pub use kick::KvmKicker;
+pub use probe::{kvm_acceleration, KvmAcceleration};
 use state::{check_backend, decode_key, encode, invalid, BACKEND};
 
 /// Where KVM puts the three pages of the real-mode TSS (VMX needs them below 4 GiB, outside

@@ -540,8 +540,10 @@ mod tests {
             std::fs::write(dir.path().join(format!("{sig}.dat")), t).expect("write table");
         }
         if iasl(dir.path(), &["-v"]).is_none() {
-            eprintln!("SKIP: iasl not found (Debian package acpica-tools); AML not validated");
-            assert!(std::env::var("CI").as_deref() != Ok("true"), "iasl is required in CI");
+            testkit::skip(
+                "iasl",
+                "iasl not found (Debian package acpica-tools); AML not validated",
+            );
             return;
         }
         for sig in tables.keys() {
