@@ -1721,3 +1721,64 @@ mod tests {
         assert_eq!(registry.live().len(), 1, "the I/O thread is back");
     }
 }
+
+#[cfg(test)]
+mod golden {
+    use super::{MsixSaved, QueueRegisters, VirtioPciState};
+    use crate::virtio::golden::assert_golden;
+    use crate::virtio::queue::SavedQueue;
+
+    const VIRTIO_PCI_STATE_HEX: &str = concat!(
+        "020000000300000000000000f41a4210060010000000e0fe0f01010100000001",
+        "0000006402003001000000000001000000000000000001010000100000000000",
+        "0010100000000000002010000000000001000000000000000001050004000100",
+        "0101000010000000000000101000000000000020100000000000020000000000",
+        "00000000e0fe0000000040000000000000000010e0fe01000000410000000100",
+        "0000020000000000000000010100000001000000000000000100030300000000",
+        "000000090807",
+    );
+
+    #[test]
+    fn virtio_pci_state_bytes_are_unchanged() {
+        let state = VirtioPciState {
+            device_type: 2,
+            config: vec![0x1042_1af4, 0x0010_0006, 0xfee0_0000],
+            status: 0x0f,
+            failed: true,
+            active: true,
+            device_feature_select: 1,
+            driver_feature_select: 1,
+            driver_features: 0x1_3000_0264,
+            queue_select: 0,
+            queues: vec![QueueRegisters {
+                size: 256,
+                enabled: true,
+                desc: 0x10_0000,
+                driver: 0x10_1000,
+                device: 0x10_2000,
+            }],
+            live_queues: vec![SavedQueue {
+                max_size: 256,
+                next_avail: 5,
+                next_used: 4,
+                event_idx_enabled: true,
+                size: 256,
+                ready: true,
+                desc_table: 0x10_0000,
+                avail_ring: 0x10_1000,
+                used_ring: 0x10_2000,
+            }],
+            msix: MsixSaved {
+                entries: vec![[0xfee0_0000, 0, 0x40, 0], [0xfee0_1000, 1, 0x41, 1]],
+                pending: vec![false, true],
+                enabled: true,
+                function_mask: false,
+                config_vector: 0,
+                queue_vectors: vec![1],
+                isr: 3,
+            },
+            device: vec![9, 8, 7],
+        };
+        assert_golden(&state, VIRTIO_PCI_STATE_HEX);
+    }
+}

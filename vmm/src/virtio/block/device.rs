@@ -734,3 +734,21 @@ mod tests {
         assert_eq!(fresh.save_state().unwrap(), before);
     }
 }
+
+#[cfg(test)]
+mod golden {
+    use super::BlockState;
+    use crate::virtio::golden::assert_golden;
+
+    const BLOCK_STATE_HEX: &str =
+        "200000000100000001140000000000000068757463682d6469736b2d30000000000000000001";
+
+    #[test]
+    fn block_state_bytes_are_unchanged() {
+        let mut id = b"hutch-disk-0".to_vec();
+        id.resize(20, 0);
+        let state =
+            BlockState { capacity_sectors: 0x1_0000_0020, read_only: true, id, active: true };
+        assert_golden(&state, BLOCK_STATE_HEX);
+    }
+}

@@ -768,3 +768,23 @@ mod tests {
         assert_eq!(d.tq.used_idx(&d.mem), 2);
     }
 }
+
+#[cfg(test)]
+mod golden {
+    use super::{encode, InputState, EV_KEY, EV_SYN, SYN_REPORT};
+    use crate::virtio::golden::assert_golden;
+
+    const INPUT_STATE_HEX: &str = "011103020000000000000001001e0001000000000000000000000001";
+
+    #[test]
+    fn input_state_bytes_are_unchanged() {
+        let state = InputState {
+            kind: 1,
+            select: 0x11,
+            subsel: 3,
+            backlog: vec![encode(EV_KEY, 30, 1), encode(EV_SYN, SYN_REPORT, 0)],
+            active: true,
+        };
+        assert_golden(&state, INPUT_STATE_HEX);
+    }
+}

@@ -207,3 +207,16 @@ mod tests {
         assert_eq!(d.tq.used_elem(&d.mem, 0), (0, MAX_BYTES_PER_REQUEST as u32));
     }
 }
+
+#[cfg(test)]
+mod golden {
+    use super::RngState;
+    use crate::virtio::golden::assert_golden;
+
+    const RNG_STATE_HEX: &str = "01";
+
+    #[test]
+    fn rng_state_bytes_are_unchanged() {
+        assert_golden(&RngState { active: true }, RNG_STATE_HEX);
+    }
+}
