@@ -20,6 +20,7 @@ pub mod memory;
 pub mod pci;
 pub mod snapshot;
 pub mod state;
+pub mod sys;
 pub mod virtio;
 
 /// Formats an error with its whole `source()` chain on one line ("a: b: c").

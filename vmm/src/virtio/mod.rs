@@ -17,6 +17,7 @@ pub mod input;
 pub mod pci_transport;
 pub mod queue;
 pub mod rng;
+pub mod worker;
 
 use std::sync::Arc;
 
