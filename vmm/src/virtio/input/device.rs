@@ -6,9 +6,9 @@ use std::sync::{Arc, Mutex};
 
 use display::{InputEvent, PointerButton};
 use log::warn;
-use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState, QueueT};
 
+use super::InputState;
 use crate::devices::bus::lock;
 use crate::memory::GuestMemory;
 use crate::state::{self, StateError};
@@ -61,7 +61,7 @@ const BUS_VIRTUAL: u16 = 0x06;
 /// The ids QEMU's virtio-input devices use, which guests already know.
 const VENDOR_ID: u16 = 0x0627;
 const VERSION: u16 = 1;
-const EVENT_SIZE: usize = 8;
+pub(super) const EVENT_SIZE: usize = 8;
 /// Events kept for a driver that has not supplied buffers yet; the oldest go beyond this.
 const MAX_BACKLOG: usize = 1024;
 
@@ -304,17 +304,6 @@ impl InputHandle {
     pub fn is_ready(&self) -> bool {
         lock(&self.shared).active.is_some()
     }
-}
-
-/// Saved state of a virtio-input device: its kind (checked), the configuration selector,
-/// the events the driver has not taken yet, and whether it runs.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct InputState {
-    pub kind: u8,
-    pub select: u8,
-    pub subsel: u8,
-    pub backlog: Vec<[u8; EVENT_SIZE]>,
-    pub active: bool,
 }
 
 fn kind_code(kind: Kind) -> u8 {
@@ -766,25 +755,5 @@ mod tests {
         assert_eq!(d.tq.used_idx(&d.mem), 0, "no guest memory written while quiesced");
         d.dev.resume();
         assert_eq!(d.tq.used_idx(&d.mem), 2);
-    }
-}
-
-#[cfg(test)]
-mod golden {
-    use super::{encode, InputState, EV_KEY, EV_SYN, SYN_REPORT};
-    use crate::virtio::golden::assert_golden;
-
-    const INPUT_STATE_HEX: &str = "011103020000000000000001001e0001000000000000000000000001";
-
-    #[test]
-    fn input_state_bytes_are_unchanged() {
-        let state = InputState {
-            kind: 1,
-            select: 0x11,
-            subsel: 3,
-            backlog: vec![encode(EV_KEY, 30, 1), encode(EV_SYN, SYN_REPORT, 0)],
-            active: true,
-        };
-        assert_golden(&state, INPUT_STATE_HEX);
     }
 }

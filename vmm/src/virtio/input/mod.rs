@@ -7,5 +7,7 @@
 //! ```
 
 mod device;
+mod persist;
 
 pub use device::{Input, InputHandle};
+pub use persist::InputState;

@@ -216,7 +216,7 @@ impl VirtioPciDevice {
 }
 
 #[cfg(test)]
-mod golden {
+mod tests {
     use super::{MsixSaved, MsixTableState, QueueRegisters, VirtioPciState};
     use crate::virtio::golden::assert_golden;
     use crate::virtio::queue::SavedQueue;

@@ -5,11 +5,10 @@ use std::fs::File;
 use std::sync::Arc;
 
 use log::{error, warn};
-use serde::{Deserialize, Serialize};
 use virtio_queue::{DescriptorChain, Queue, QueueState};
 use vm_memory::ReadVolatile;
 
-use super::VirtioRngError;
+use super::{RngState, VirtioRngError};
 use crate::memory::GuestMemory;
 use crate::state::{self, StateError};
 use crate::virtio::queue::{drain_queue, map_chain, single_queue};
@@ -27,12 +26,6 @@ struct Active {
     memory: GuestMemory,
     queue: Queue,
     _interrupt: Arc<dyn VirtioInterrupt>,
-}
-
-/// Saved state of the entropy device: only whether it runs (its queue is the transport's).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RngState {
-    pub active: bool,
 }
 
 /// A virtio entropy device.
@@ -205,18 +198,5 @@ mod tests {
         d.tq.push(&d.mem, 0);
         d.notify(0);
         assert_eq!(d.tq.used_elem(&d.mem, 0), (0, MAX_BYTES_PER_REQUEST as u32));
-    }
-}
-
-#[cfg(test)]
-mod golden {
-    use super::RngState;
-    use crate::virtio::golden::assert_golden;
-
-    const RNG_STATE_HEX: &str = "01";
-
-    #[test]
-    fn rng_state_bytes_are_unchanged() {
-        assert_golden(&RngState { active: true }, RNG_STATE_HEX);
     }
 }
