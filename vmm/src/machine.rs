@@ -30,7 +30,7 @@ use crate::state::StateError;
 use crate::virtio::block::Block;
 use crate::virtio::gpu::boot_fb::BootFramebuffer;
 use crate::virtio::gpu::{Gpu, GpuHandle};
-use crate::virtio::input::{Input, InputHandle};
+use crate::virtio::input::{Input, InputHandle, VirtioInputError};
 use crate::virtio::rng::Rng;
 use crate::virtio::VirtioPciDevice;
 use display::scanout::Screen;
@@ -934,10 +934,11 @@ impl Machine {
             );
             let gpu_handle = gpu.handle();
             add_virtio(&mut pci, Box::new(gpu), &memory, &irq, None)?;
-            let mut input = |device: Input| -> Result<InputHandle, MachineError> {
+            let mut input = |device: Result<Input, VirtioInputError>| {
+                let device = device.map_err(|e| MachineError::Device(crate::error_chain(&e)))?;
                 let handle = device.handle();
                 add_virtio(&mut pci, Box::new(device), &memory, &irq, None)?;
-                Ok(handle)
+                Ok::<_, MachineError>(handle)
             };
             display = Some(Arc::new(DisplayDevices {
                 keyboard: input(Input::keyboard())?,

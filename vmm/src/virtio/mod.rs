@@ -10,6 +10,9 @@
 //! [`NotifierRegistry`](crate::hypervisor::NotifierRegistry) instead serves each enabled queue
 //! on its own I/O thread, woken by a hypervisor notifier (KVM: ioeventfd) so the guest's write
 //! completes without a vCPU exit to the VMM; MMIO notifies still work alongside.
+//! Work the host starts (input events) runs on the device's own [`worker::Worker`] thread,
+//! parked while the machine is quiesced for a snapshot. Each device's saved state lives in
+//! `persist.rs` beside it, pinned by a golden-bytes test.
 
 pub mod block;
 pub mod gpu;
