@@ -21,8 +21,6 @@ pub const ENTRY_SIZE: u64 = 16;
 /// Message control bits (the high half of the capability's first dword).
 pub const CONTROL_ENABLE: u16 = 1 << 15;
 pub const CONTROL_FUNCTION_MASK: u16 = 1 << 14;
-/// Most vectors a function may have (the table size field is 11 bits).
-pub const MAX_VECTORS: usize = 2048;
 const ENTRY_MASKED: u32 = 1;
 
 /// The capability body after id and next pointer: message control (table size - 1), table

@@ -169,7 +169,7 @@ pub struct VirtioPciDevice {
     /// Where queue notifiers come from; None keeps every notify on the vCPU (synchronous).
     notifiers: Option<Arc<dyn NotifierRegistry>>,
     /// One I/O thread per enabled queue while the device is active and its BAR decoded.
-    workers: Vec<QueueThread>,
+    queue_threads: Vec<QueueThread>,
     /// Set by an I/O thread whose queue failed: reads back as DEVICE_NEEDS_RESET.
     failed: Arc<AtomicBool>,
     interrupt: Arc<PciInterrupt>,
@@ -293,7 +293,7 @@ impl VirtioPciDevice {
             device: Arc::new(Mutex::new(device)),
             memory,
             notifiers: None,
-            workers: Vec::new(),
+            queue_threads: Vec::new(),
             failed: Arc::new(AtomicBool::new(false)),
             interrupt,
             msix_control_reg,
@@ -334,7 +334,7 @@ impl VirtioPciDevice {
     }
 
     fn reset(&mut self) {
-        self.stop_workers();
+        self.stop_queue_threads();
         if self.active {
             lock(&self.device).reset();
         }
@@ -405,7 +405,7 @@ impl VirtioPciDevice {
         match result {
             Ok(()) => {
                 self.active = true;
-                self.update_workers();
+                self.update_queue_threads();
             }
             Err(e) => self.device_failure(&format!("activation failed: {e}")),
         }
@@ -447,7 +447,7 @@ impl PciDevice for VirtioPciDevice {
             self.update_msix_control();
         }
         // The command register or a BAR may have moved the notify region.
-        self.update_workers();
+        self.update_queue_threads();
     }
 
     fn bars(&self) -> Vec<PciBar> {
@@ -512,7 +512,7 @@ impl PciDevice for VirtioPciDevice {
 
     fn quiesce(&mut self) {
         self.quiesced = true;
-        self.update_workers();
+        self.update_queue_threads();
         lock(&self.device).quiesce();
     }
 
@@ -521,7 +521,7 @@ impl PciDevice for VirtioPciDevice {
     fn resume(&mut self) {
         self.quiesced = false;
         lock(&self.device).resume();
-        self.update_workers();
+        self.update_queue_threads();
         // A notify may have come while the threads were stopped: serve every queue once.
         for index in 0..self.queues.len() {
             if self.queues[index].enabled {

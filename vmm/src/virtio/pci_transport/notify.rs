@@ -117,12 +117,12 @@ impl VirtioPciDevice {
     }
 
     /// Brings the I/O threads in line with the device state and BAR address.
-    pub(super) fn update_workers(&mut self) {
+    pub(super) fn update_queue_threads(&mut self) {
         let want = if self.quiesced { None } else { self.notify_base() };
-        if self.workers.first().map(|w| w.base) == want {
+        if self.queue_threads.first().map(|w| w.base) == want {
             return;
         }
-        self.stop_workers();
+        self.stop_queue_threads();
         let (Some(base), Some(registry)) = (want, self.notifiers.clone()) else {
             return;
         };
@@ -139,7 +139,7 @@ impl VirtioPciDevice {
                 self.interrupt.clone(),
                 self.failed.clone(),
             ) {
-                Ok(w) => self.workers.push(w),
+                Ok(w) => self.queue_threads.push(w),
                 Err(e) => {
                     // The notify still works, through the MMIO exit.
                     log::debug!("virtio-pci: queue {index} notifies stay synchronous: {e}");
@@ -148,8 +148,8 @@ impl VirtioPciDevice {
         }
     }
 
-    pub(super) fn stop_workers(&mut self) {
-        for w in self.workers.drain(..) {
+    pub(super) fn stop_queue_threads(&mut self) {
+        for w in self.queue_threads.drain(..) {
             w.stop();
         }
     }

@@ -184,13 +184,13 @@ impl VirtioPciDevice {
         // Checked before anything changes; applied only once the device took its state.
         let mut config = self.config.clone();
         config.restore_registers(&saved.config).map_err(|r| StateError::invalid(&name, r))?;
-        self.stop_workers();
+        self.stop_queue_threads();
         let interrupt: Arc<dyn VirtioInterrupt> = self.interrupt.clone();
         let restored =
             queues.map(|queues| RestoredQueues { memory: self.memory.clone(), interrupt, queues });
         let result = lock(&self.device).restore_state(&saved.device, restored);
         if let Err(e) = result {
-            self.update_workers();
+            self.update_queue_threads();
             return Err(e);
         }
         self.config = config;
@@ -210,7 +210,7 @@ impl VirtioPciDevice {
         self.driver_features = saved.driver_features;
         self.queue_select = saved.queue_select;
         self.queues = configs;
-        self.update_workers();
+        self.update_queue_threads();
         Ok(())
     }
 }
