@@ -4,7 +4,7 @@
 //! failure under `CI=true` unless `HUTCH_TEST_ABSENT` lists `kvm`. These hand-assembled guests
 //! run on an emulating (not hardware-assisted) /dev/kvm too, so they need no opt-in.
 
-#![cfg(target_os = "linux")]
+#![cfg(all(target_os = "linux", target_arch = "x86_64"))]
 
 use backend_kvm::KvmHypervisor;
 use vmm::conformance;

@@ -13,6 +13,7 @@
 //! range the machine reserves with [`PciRoot::reserve_mmio`]; the allocator skips it.
 
 pub mod config;
+pub mod msix;
 pub mod root;
 
 pub use config::{PciConfiguration, PciHeader};

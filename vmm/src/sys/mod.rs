@@ -1,33 +1,23 @@
-//! Host operating-system calls that the hypervisor-neutral machine needs (crosvm's rule:
-//! platform code only in `sys/`). Unix for now: Linux and macOS have all of these.
+//! Platform code the shared logic needs, one file per platform (crosvm's rule: no
+//! `#[cfg(target_os)]` outside `sys/`).
+//!
+//! ```text
+//!  memory.rs: host RAM size, huge-page advice, private file mappings (Unix)
+//!  Waker  ─ linux.rs: eventfd            (Linux)
+//!         └ unix.rs:  non-blocking pipe  (other Unix: macOS)
+//! ```
+//! A [`Waker`] is a file descriptor that becomes readable when woken, so a thread can sleep
+//! on it together with other descriptors (a tap device, an audio stream) later.
 
-/// The host's physical memory in MiB, if it can be read.
-pub fn host_memory_mib() -> Option<u64> {
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let pages = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) };
-    // SAFETY: as above.
-    let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    (pages > 0 && page_size > 0).then(|| (pages as u64 * page_size as u64) >> 20)
-}
+#[cfg(target_os = "linux")]
+mod linux;
+mod memory;
+#[cfg(unix)]
+mod unix;
 
-/// Asks for transparent huge pages on `len` bytes at `addr` (only advice: where the host has
-/// none, nothing changes). Only Linux has the advice.
-pub fn advise_huge_pages(addr: *mut u8, len: u64) {
-    #[cfg(target_os = "linux")]
-    {
-        // SAFETY: madvise only changes paging advice for a range; it reads or writes no
-        // memory, and a range that is not a mapping fails with ENOMEM.
-        let rc = unsafe { libc::madvise(addr.cast(), len as usize, libc::MADV_HUGEPAGE) };
-        if rc != 0 {
-            log::debug!("madvise(MADV_HUGEPAGE): {}", std::io::Error::last_os_error());
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = (addr, len);
-}
+#[cfg(target_os = "linux")]
+pub use linux::EventFdWaker as Waker;
+#[cfg(all(unix, not(target_os = "linux")))]
+pub use unix::PipeWaker as Waker;
 
-/// Protection and flags of a private, copy-on-write mapping of a file read and written in
-/// place (snapshot RAM): (prot, flags) for mmap.
-pub fn private_file_mapping() -> (i32, i32) {
-    (libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_NORESERVE)
-}
+pub use memory::{advise_huge_pages, host_memory_mib, private_file_mapping};

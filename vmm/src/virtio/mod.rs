@@ -10,6 +10,9 @@
 //! [`NotifierRegistry`](crate::hypervisor::NotifierRegistry) instead serves each enabled queue
 //! on its own I/O thread, woken by a hypervisor notifier (KVM: ioeventfd) so the guest's write
 //! completes without a vCPU exit to the VMM; MMIO notifies still work alongside.
+//! Work the host starts (input events) runs on the device's own [`worker::Worker`] thread,
+//! parked while the machine is quiesced for a snapshot. Each device's saved state lives in
+//! `persist.rs` beside it, pinned by a golden-bytes test.
 
 pub mod block;
 pub mod gpu;
@@ -17,6 +20,7 @@ pub mod input;
 pub mod pci_transport;
 pub mod queue;
 pub mod rng;
+pub mod worker;
 
 use std::sync::Arc;
 
@@ -161,5 +165,32 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     if let Some(src) = config.get(offset..) {
         let n = src.len().min(data.len());
         data[..n].copy_from_slice(&src[..n]);
+    }
+}
+
+/// Golden bytes for saved-state structs: a state struct's encoding is the snapshot format, so
+/// a field change must show up as a failing test, not as snapshots that no longer restore.
+#[cfg(test)]
+pub(crate) mod golden {
+    #![allow(clippy::unwrap_used)] // Test scaffolding fails loudly on purpose.
+
+    use std::fmt::Debug;
+
+    use serde::de::DeserializeOwned;
+    use serde::Serialize;
+
+    /// Checks that `value` encodes to exactly `hex` and that `hex` decodes back to `value`.
+    pub fn assert_golden<T: Serialize + DeserializeOwned + PartialEq + Debug>(
+        value: &T,
+        hex: &str,
+    ) {
+        let bytes = crate::state::encode("golden", value).unwrap();
+        let got: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(got, hex, "the saved-state format changed");
+        let raw: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect();
+        assert_eq!(&crate::state::decode::<T>("golden", &raw).unwrap(), value);
     }
 }

@@ -30,7 +30,7 @@ use crate::pci::{PciConfigIo, PciConfigMmio, PciMmioWindow, PciRoot};
 use crate::virtio::block::Block;
 use crate::virtio::gpu::boot_fb::BootFramebuffer;
 use crate::virtio::gpu::Gpu;
-use crate::virtio::input::{Input, InputHandle};
+use crate::virtio::input::{Input, InputHandle, VirtioInputError};
 use crate::virtio::rng::Rng;
 use crate::virtio::VirtioPciDevice;
 use display::SourceId;
@@ -142,7 +142,10 @@ impl Board for PcBoard {
             );
             let gpu_handle = gpu.handle();
             add_virtio(&mut pci, "virtio-gpu", Box::new(gpu), memory, &irq, None)?;
-            let mut input = |name: &str, device: Input| -> Result<InputHandle, BoardError> {
+            let mut input = |name: &str,
+                             device: Result<Input, VirtioInputError>|
+             -> Result<InputHandle, BoardError> {
+                let device = device.map_err(|e| BoardError::device(name, e))?;
                 let handle = device.handle();
                 add_virtio(&mut pci, name, Box::new(device), memory, &irq, None)?;
                 Ok(handle)

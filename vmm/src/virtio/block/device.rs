@@ -7,7 +7,6 @@ use std::cell::Cell;
 use std::sync::Arc;
 
 use log::{error, warn};
-use serde::{Deserialize, Serialize};
 use virtio_queue::{DescriptorChain, Queue, QueueState};
 use vm_memory::VolatileSlice;
 
@@ -75,16 +74,6 @@ impl Stats {
 
 /// Every how many reads the counters are logged.
 const STATS_EVERY: u64 = 256;
-
-/// Saved state of a block device: what the guest was told about the disk (checked against
-/// the disk of the restored machine) and whether it runs. The queue is the transport's.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct BlockState {
-    pub capacity_sectors: u64,
-    pub read_only: bool,
-    pub id: Vec<u8>,
-    pub active: bool,
-}
 
 /// A virtio block device over one disk backend.
 pub struct Block {

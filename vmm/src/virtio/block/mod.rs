@@ -1,8 +1,10 @@
 //! virtio-blk (virtio 1.2 section 5.2) over a [`disk::BlockBackend`].
 
 mod device;
+mod persist;
 
 pub use device::Block;
+pub use persist::BlockState;
 
 /// Feature bits.
 pub const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;

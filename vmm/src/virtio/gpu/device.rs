@@ -11,11 +11,11 @@ use std::sync::{Arc, Mutex};
 
 use display::{CursorImage, Image, PixelFormat, Rect, ScanoutSink, SourceId};
 use log::{debug, warn};
-use serde::{Deserialize, Serialize};
 use virtio_queue::{DescriptorChain, Queue, QueueState};
 use vm_memory::{Bytes, GuestAddress, GuestMemory as _};
 
 use super::edid::edid;
+use super::{GpuCursorState, GpuResourceState, GpuState};
 use crate::devices::bus::lock;
 use crate::memory::GuestMemory;
 use crate::pci::config::CLASS_DISPLAY_VGA;
@@ -103,48 +103,6 @@ fn format_code(format: PixelFormat) -> u32 {
         PixelFormat::A8B8G8R8 => 121,
         PixelFormat::R8G8B8X8 => 134,
     }
-}
-
-/// A saved 2D resource: its id, virtio format code, size, backing (guest address, length)
-/// and the host copy of its pixels.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct GpuResourceState {
-    pub id: u32,
-    pub format: u32,
-    pub width: u32,
-    pub height: u32,
-    pub backing: Vec<(u64, u32)>,
-    #[serde(with = "serde_bytes")]
-    pub data: Vec<u8>,
-}
-
-/// The cursor image shown, as saved (`format` is a virtio format code).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct GpuCursorState {
-    pub width: u32,
-    pub height: u32,
-    pub hot_x: u32,
-    pub hot_y: u32,
-    pub format: u32,
-    #[serde(with = "serde_bytes")]
-    pub data: Vec<u8>,
-    pub x: u32,
-    pub y: u32,
-}
-
-/// Saved state of the GPU: resources, scanout 0, cursor, the offered mode and pending
-/// display event, and whether it runs. The sink (the screen) is host-side, not state.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct GpuState {
-    pub resources: Vec<GpuResourceState>,
-    pub scanout_resource: u32,
-    /// x, y, width, height.
-    pub scanout_rect: [u32; 4],
-    pub cursor: Option<GpuCursorState>,
-    pub cursor_hot: (u32, u32),
-    pub preferred: (u32, u32),
-    pub events_read: u32,
-    pub active: bool,
 }
 
 fn clamp_display(width: u32, height: u32) -> (u32, u32) {

@@ -13,8 +13,10 @@
 pub mod boot_fb;
 mod device;
 mod edid;
+mod persist;
 
 pub use device::{Gpu, GpuHandle};
+pub use persist::{GpuCursorState, GpuResourceState, GpuState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VirtioGpuError {

@@ -6,13 +6,14 @@ use std::sync::{Arc, Mutex};
 
 use display::{InputEvent, PointerButton};
 use log::warn;
-use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState, QueueT};
 
+use super::{InputState, VirtioInputError};
 use crate::devices::bus::lock;
 use crate::memory::GuestMemory;
 use crate::state::{self, StateError};
 use crate::virtio::queue::{copy_to_slices, drain_queue, map_chain};
+use crate::virtio::worker::{Worker, WorkerWaker};
 use crate::virtio::{
     RestoredQueues, VirtioDevice, VirtioError, VirtioInterrupt, TYPE_INPUT, VIRTIO_F_VERSION_1,
 };
@@ -61,7 +62,7 @@ const BUS_VIRTUAL: u16 = 0x06;
 /// The ids QEMU's virtio-input devices use, which guests already know.
 const VENDOR_ID: u16 = 0x0627;
 const VERSION: u16 = 1;
-const EVENT_SIZE: usize = 8;
+pub(super) const EVENT_SIZE: usize = 8;
 /// Events kept for a driver that has not supplied buffers yet; the oldest go beyond this.
 const MAX_BACKLOG: usize = 1024;
 
@@ -78,6 +79,15 @@ impl Kind {
             Kind::Keyboard => "Hutch Keyboard",
             Kind::Tablet => "Hutch Tablet",
             Kind::Mouse => "Hutch Mouse",
+        }
+    }
+
+    /// The name of the device's event thread (Linux keeps 15 bytes).
+    fn thread_name(self) -> &'static str {
+        match self {
+            Kind::Keyboard => "input-keyboard",
+            Kind::Tablet => "input-tablet",
+            Kind::Mouse => "input-mouse",
         }
     }
 
@@ -207,21 +217,19 @@ struct Active {
     interrupt: Arc<dyn VirtioInterrupt>,
 }
 
-/// State shared by the device and its handles.
+/// State shared by the device, its handles and its event thread.
 #[derive(Default)]
 struct Shared {
     active: Option<Active>,
     backlog: VecDeque<[u8; EVENT_SIZE]>,
     warned_overflow: bool,
-    /// Quiesced for a snapshot: events wait in the backlog.
-    paused: bool,
 }
 
 impl Shared {
     /// Moves backlog events into available eventq buffers, one event per buffer. Returns
     /// whether the driver wants an interrupt.
     fn deliver(&mut self) -> bool {
-        let Some(active) = self.active.as_mut().filter(|_| !self.paused) else {
+        let Some(active) = self.active.as_mut() else {
             return false;
         };
         let memory = &active.memory;
@@ -253,17 +261,33 @@ impl Shared {
     }
 }
 
+/// One pass of the event thread: the backlog into the guest's buffers, then the interrupt.
+fn deliver_backlog(shared: &Mutex<Shared>) {
+    let interrupt = {
+        let mut s = lock(shared);
+        let notify = s.deliver();
+        s.active.as_ref().filter(|_| notify).map(|a| a.interrupt.clone())
+    };
+    // Signalled unlocked: the transport's interrupt state is never taken under ours.
+    if let Some(i) = interrupt {
+        i.signal_used_queue(EVENT_QUEUE as u16);
+    }
+}
+
 /// Sends input to the guest through the device, from any thread.
 #[derive(Clone)]
 pub struct InputHandle {
     kind: Kind,
     shared: Arc<Mutex<Shared>>,
+    worker: WorkerWaker,
 }
 
 impl InputHandle {
-    /// Converts `events` to evdev events, each followed by SYN_REPORT, and delivers them (or
-    /// keeps them until the driver supplies buffers). Events this kind of device does not
-    /// report are ignored; while the driver is not active everything is dropped.
+    /// Converts `events` to evdev events, each followed by SYN_REPORT, and queues them for
+    /// the device's event thread, which delivers them in order (or keeps them until the
+    /// driver supplies buffers); the caller's thread never touches guest memory. Events this
+    /// kind of device does not report are ignored; while the driver is not active
+    /// everything is dropped.
     pub fn send(&self, events: &[InputEvent]) {
         let mut encoded = Vec::new();
         for e in events {
@@ -277,7 +301,7 @@ impl InputHandle {
         if encoded.is_empty() {
             return;
         }
-        let interrupt = {
+        {
             let mut s = lock(&self.shared);
             if s.active.is_none() {
                 return;
@@ -291,30 +315,14 @@ impl InputHandle {
                     warn!("virtio-input: the guest is not taking events; dropping the oldest");
                 }
             }
-            let notify = s.deliver();
-            s.active.as_ref().filter(|_| notify).map(|a| a.interrupt.clone())
-        };
-        // Signalled unlocked: the transport's interrupt state is never taken under ours.
-        if let Some(i) = interrupt {
-            i.signal_used_queue(EVENT_QUEUE as u16);
         }
+        self.worker.wake();
     }
 
     /// Whether the guest driver has the device running.
     pub fn is_ready(&self) -> bool {
         lock(&self.shared).active.is_some()
     }
-}
-
-/// Saved state of a virtio-input device: its kind (checked), the configuration selector,
-/// the events the driver has not taken yet, and whether it runs.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct InputState {
-    pub kind: u8,
-    pub select: u8,
-    pub subsel: u8,
-    pub backlog: Vec<[u8; EVENT_SIZE]>,
-    pub active: bool,
 }
 
 fn kind_code(kind: Kind) -> u8 {
@@ -325,36 +333,44 @@ fn kind_code(kind: Kind) -> u8 {
     }
 }
 
-/// A virtio-input device: keyboard, tablet or mouse.
+/// A virtio-input device: keyboard, tablet or mouse, with the thread that writes host
+/// input into the guest's event queue.
 pub struct Input {
     kind: Kind,
     shared: Arc<Mutex<Shared>>,
     select: u8,
     subsel: u8,
+    /// Delivers the backlog when a handle sends; parked while quiesced.
+    worker: Worker,
 }
 
 impl Input {
-    fn new(kind: Kind) -> Input {
-        Input { kind, shared: Arc::default(), select: 0, subsel: 0 }
+    fn new(kind: Kind) -> Result<Input, VirtioInputError> {
+        let shared: Arc<Mutex<Shared>> = Arc::default();
+        let worker = {
+            let shared = shared.clone();
+            Worker::spawn(kind.thread_name(), move || deliver_backlog(&shared))?
+        };
+        Ok(Input { kind, shared, select: 0, subsel: 0, worker })
     }
 
     /// A keyboard reporting evdev keys 1..=248, with key repeat and LEDs.
-    pub fn keyboard() -> Input {
+    pub fn keyboard() -> Result<Input, VirtioInputError> {
         Input::new(Kind::Keyboard)
     }
 
     /// An absolute pointer (0..=0x7fff on both axes) with five buttons and two wheels.
-    pub fn tablet() -> Input {
+    pub fn tablet() -> Result<Input, VirtioInputError> {
         Input::new(Kind::Tablet)
     }
 
     /// A relative mouse with five buttons and two wheels.
-    pub fn mouse() -> Input {
+    pub fn mouse() -> Result<Input, VirtioInputError> {
         Input::new(Kind::Mouse)
     }
 
     pub fn handle(&self) -> InputHandle {
-        InputHandle { kind: self.kind, shared: self.shared.clone() }
+        InputHandle { kind: self.kind, shared: self.shared.clone(), worker: self.worker.waker() }
     }
 }
 
@@ -492,20 +508,15 @@ impl VirtioDevice for Input {
         Ok(())
     }
 
+    /// Parks the event thread between two deliveries: events sent meanwhile wait in the
+    /// backlog.
     fn quiesce(&mut self) {
-        lock(&self.shared).paused = true;
+        self.worker.quiesce();
     }
 
+    /// The event thread delivers what came while quiesced, then goes on.
     fn resume(&mut self) {
-        let interrupt = {
-            let mut s = lock(&self.shared);
-            s.paused = false;
-            let notify = s.deliver();
-            s.active.as_ref().filter(|_| notify).map(|a| a.interrupt.clone())
-        };
-        if let Some(i) = interrupt {
-            i.signal_used_queue(EVENT_QUEUE as u16);
-        }
+        self.worker.resume();
     }
 }
 
@@ -539,6 +550,19 @@ mod tests {
         d.notify(0);
     }
 
+    /// Waits (up to 5 s) until `check` holds: host events arrive on the device's thread.
+    fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !check() {
+            assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    fn wait_used(d: &TestDriver, want: u16) {
+        eventually(&format!("used index {want}"), || d.tq.used_idx(&d.mem) == want);
+    }
+
     /// Events in used buffers `from..to`, as (type, code, value).
     fn used_events(d: &TestDriver, from: u16, to: u16) -> Vec<(u16, u16, u32)> {
         (from..to)
@@ -567,7 +591,7 @@ mod tests {
 
     #[test]
     fn keyboard_config_answers_each_select() {
-        let (mut d, _, _) = driver(Input::keyboard());
+        let (mut d, _, _) = driver(Input::keyboard().unwrap());
         assert_eq!(query(&mut d, CFG_ID_NAME, 0).1, b"Hutch Keyboard");
         assert_eq!(query(&mut d, CFG_ID_SERIAL, 0).1, b"hutch-keyboard-0");
         assert_eq!(query(&mut d, CFG_ID_DEVIDS, 0).1, [6, 0, 0x27, 6, 1, 0, 1, 0]);
@@ -588,7 +612,7 @@ mod tests {
 
     #[test]
     fn tablet_config_has_absolute_axes_buttons_and_wheels() {
-        let (mut d, _, _) = driver(Input::tablet());
+        let (mut d, _, _) = driver(Input::tablet().unwrap());
         assert_eq!(query(&mut d, CFG_ID_NAME, 0).1, b"Hutch Tablet");
         assert_eq!(query(&mut d, CFG_EV_BITS, EV_ABS as u8).1, [0x03]);
         assert_eq!(query(&mut d, CFG_EV_BITS, EV_REL as u8).1, [0x40, 0x01]);
@@ -606,7 +630,7 @@ mod tests {
 
     #[test]
     fn mouse_config_has_relative_axes() {
-        let (mut d, _, _) = driver(Input::mouse());
+        let (mut d, _, _) = driver(Input::mouse().unwrap());
         assert_eq!(query(&mut d, CFG_EV_BITS, EV_REL as u8).1, [0x43, 0x01]);
         assert_eq!(query(&mut d, CFG_EV_BITS, EV_ABS as u8).0, 0);
         assert_eq!(query(&mut d, CFG_ID_DEVIDS, 0).1[4], 2);
@@ -614,7 +638,7 @@ mod tests {
 
     #[test]
     fn key_events_are_delivered_with_syn_and_an_interrupt() {
-        let (mut d, handle, _) = driver(Input::keyboard());
+        let (mut d, handle, _) = driver(Input::keyboard().unwrap());
         assert!(handle.is_ready());
         add_buffers(&mut d, 0, 8);
         handle.send(&[
@@ -623,17 +647,18 @@ mod tests {
             InputEvent::Key { code: 0x110, down: true }, // not a keyboard key
             InputEvent::PointerRel { dx: 1, dy: 1 },     // not a keyboard event
         ]);
-        assert_eq!(d.tq.used_idx(&d.mem), 4);
+        wait_used(&d, 4);
         assert_eq!(
             used_events(&d, 0, 4),
             vec![(EV_KEY, 30, 1), (EV_SYN, 0, 0), (EV_KEY, 30, 0), (EV_SYN, 0, 0)]
         );
+        eventually("the interrupt", || !d.msis().is_empty());
         assert_eq!(d.msis(), vec![(MSI_ADDR, QUEUE_MSI_DATA)]);
     }
 
     #[test]
     fn pointer_events_convert_per_flavour() {
-        let (mut d, handle, _) = driver(Input::tablet());
+        let (mut d, handle, _) = driver(Input::tablet().unwrap());
         add_buffers(&mut d, 0, 16);
         handle.send(&[
             InputEvent::PointerAbs { x: 100, y: 0xffff },
@@ -641,6 +666,7 @@ mod tests {
             InputEvent::Wheel { dx: -1, dy: 2 },
             InputEvent::PointerRel { dx: 5, dy: 5 },
         ]);
+        wait_used(&d, 8);
         assert_eq!(
             used_events(&d, 0, 8),
             vec![
@@ -655,19 +681,20 @@ mod tests {
             ]
         );
         assert_eq!(d.tq.used_idx(&d.mem), 8);
-        let (mut d, handle, _) = driver(Input::mouse());
+        let (mut d, handle, _) = driver(Input::mouse().unwrap());
         add_buffers(&mut d, 0, 4);
         handle.send(&[
             InputEvent::PointerRel { dx: -3, dy: 0 },
             InputEvent::PointerAbs { x: 1, y: 1 },
         ]);
+        wait_used(&d, 2);
         assert_eq!(used_events(&d, 0, 2), vec![(EV_REL, REL_X, (-3i32) as u32), (EV_SYN, 0, 0)]);
         assert_eq!(d.tq.used_idx(&d.mem), 2);
     }
 
     #[test]
     fn events_wait_in_the_backlog_until_buffers_arrive() {
-        let (mut d, handle, _) = driver(Input::keyboard());
+        let (mut d, handle, _) = driver(Input::keyboard().unwrap());
         handle.send(&[InputEvent::Key { code: 2, down: true }]);
         assert_eq!(d.tq.used_idx(&d.mem), 0);
         add_buffers(&mut d, 0, 1);
@@ -679,7 +706,7 @@ mod tests {
 
     #[test]
     fn backlog_drops_the_oldest_beyond_its_limit() {
-        let (mut d, handle, _) = driver(Input::keyboard());
+        let (mut d, handle, _) = driver(Input::keyboard().unwrap());
         for i in 0..1000 {
             handle.send(&[InputEvent::Key { code: 1 + (i % 200) as u16, down: true }]);
         }
@@ -690,7 +717,7 @@ mod tests {
 
     #[test]
     fn inactive_device_drops_events_and_status_queue_is_consumed() {
-        let input = Input::keyboard();
+        let input = Input::keyboard().unwrap();
         let handle = input.handle();
         assert!(!handle.is_ready());
         handle.send(&[InputEvent::Key { code: 2, down: true }]);
@@ -708,11 +735,12 @@ mod tests {
 
     #[test]
     fn too_small_event_buffer_is_returned_empty() {
-        let (mut d, handle, _) = driver(Input::keyboard());
+        let (mut d, handle, _) = driver(Input::keyboard().unwrap());
         d.tq.set_desc(&d.mem, 0, BUFFERS, 4, DESC_F_WRITE, 0);
         d.tq.push(&d.mem, 0);
         d.notify(0);
         handle.send(&[InputEvent::Key { code: 2, down: true }]);
+        wait_used(&d, 1);
         assert_eq!(d.tq.used_elem(&d.mem, 0), (0, 0));
         add_buffers(&mut d, 1, 1);
         assert_eq!(used_events(&d, 1, 2), vec![(EV_KEY, 2, 1)]);
@@ -720,15 +748,17 @@ mod tests {
 
     #[test]
     fn restored_input_delivers_its_backlog_and_keeps_its_selector() {
-        let (mut d, handle, _) = driver(Input::keyboard());
+        let (mut d, handle, _) = driver(Input::keyboard().unwrap());
         add_buffers(&mut d, 0, 1);
         handle.send(&[InputEvent::Key { code: 2, down: true }]);
         handle.send(&[InputEvent::Key { code: 3, down: true }]);
         d.write(DEVICE_CFG_OFFSET, 1, u64::from(CFG_ID_NAME));
         use crate::pci::PciDevice;
+        // As a snapshot does: the event thread is parked before the state is read.
+        d.dev.quiesce();
         let saved = d.dev.save_state().unwrap();
 
-        let fresh_input = Input::keyboard();
+        let fresh_input = Input::keyboard().unwrap();
         let fresh_handle = fresh_input.handle();
         let mut fresh = crate::virtio::VirtioPciDevice::new(
             Box::new(fresh_input),
@@ -747,7 +777,7 @@ mod tests {
             vec![(EV_KEY, 2, 1), (EV_SYN, 0, 0), (EV_KEY, 3, 1), (EV_SYN, 0, 0)]
         );
 
-        let mouse = Input::mouse();
+        let mouse = Input::mouse().unwrap();
         let mut other =
             crate::virtio::VirtioPciDevice::new(Box::new(mouse), d.mem.clone(), d.sink.clone())
                 .unwrap();
@@ -757,14 +787,83 @@ mod tests {
     }
 
     #[test]
-    fn events_sent_while_quiesced_wait_for_resume() {
-        let (mut d, handle, _) = driver(Input::keyboard());
-        add_buffers(&mut d, 0, 2);
+    fn events_sent_while_quiesced_are_delivered_in_order_after_resume() {
+        let (mut d, handle, _) = driver(Input::keyboard().unwrap());
+        add_buffers(&mut d, 0, 8);
         use crate::pci::PciDevice;
         d.dev.quiesce();
-        handle.send(&[InputEvent::Key { code: 2, down: true }]);
+        for code in 2..6 {
+            handle.send(&[InputEvent::Key { code, down: true }]);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
         assert_eq!(d.tq.used_idx(&d.mem), 0, "no guest memory written while quiesced");
         d.dev.resume();
-        assert_eq!(d.tq.used_idx(&d.mem), 2);
+        wait_used(&d, 8);
+        let keys: Vec<_> = (2..6).flat_map(|code| [(EV_KEY, code, 1), (EV_SYN, 0, 0)]).collect();
+        assert_eq!(used_events(&d, 0, 8), keys);
+    }
+
+    /// Records which thread raised each interrupt.
+    #[derive(Default)]
+    struct ThreadRecorder(Mutex<Vec<Option<String>>>);
+
+    impl VirtioInterrupt for ThreadRecorder {
+        fn signal_used_queue(&self, _queue_index: u16) {
+            self.0.lock().unwrap().push(std::thread::current().name().map(str::to_string));
+        }
+        fn signal_config_change(&self) {}
+    }
+
+    #[test]
+    fn the_event_thread_not_the_sender_writes_host_events_into_the_guest() {
+        let mem = crate::virtio::queue::testing::memory(4);
+        let mut eventq = TestQueue::new(64, 0x10_0000);
+        let statusq = TestQueue::new(64, 0x18_0000);
+        let ready = |tq: &TestQueue| {
+            let saved = crate::virtio::queue::SavedQueue {
+                max_size: 64,
+                next_avail: 0,
+                next_used: 0,
+                event_idx_enabled: false,
+                size: 64,
+                ready: true,
+                desc_table: tq.desc,
+                avail_ring: tq.avail,
+                used_ring: tq.used,
+            };
+            saved.to_queue(&mem).unwrap()
+        };
+        let recorder = Arc::new(ThreadRecorder::default());
+        let mut input = Input::keyboard().unwrap();
+        let handle = input.handle();
+        input
+            .activate(mem.clone(), recorder.clone(), vec![ready(&eventq), ready(&statusq)])
+            .unwrap();
+        for i in 0..4 {
+            eventq.set_desc(&mem, i, BUFFERS + 8 * u64::from(i), 8, DESC_F_WRITE, 0);
+            eventq.push(&mem, i);
+        }
+        input.quiesce();
+        handle.send(&[InputEvent::Key { code: 7, down: true }]);
+        handle.send(&[InputEvent::Key { code: 7, down: false }]);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(eventq.used_idx(&mem), 0, "send wrote guest memory, or the parked thread did");
+        input.resume();
+        eventually("the events", || eventq.used_idx(&mem) == 4);
+        let mut got = Vec::new();
+        for n in 0..4 {
+            let (id, len) = eventq.used_elem(&mem, n);
+            assert_eq!(len, 8);
+            let mut e = [0u8; 8];
+            mem.read_slice(&mut e, GuestAddress(BUFFERS + 8 * u64::from(id))).unwrap();
+            got.push(e);
+        }
+        let want: Vec<_> = [encode(EV_KEY, 7, 1), encode(EV_SYN, SYN_REPORT, 0)]
+            .into_iter()
+            .chain([encode(EV_KEY, 7, 0), encode(EV_SYN, SYN_REPORT, 0)])
+            .collect();
+        assert_eq!(got, want);
+        eventually("the interrupt", || !recorder.0.lock().unwrap().is_empty());
+        assert!(recorder.0.lock().unwrap().iter().all(|t| t.as_deref() == Some("input-keyboard")));
     }
 }

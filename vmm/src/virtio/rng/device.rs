@@ -5,11 +5,10 @@ use std::fs::File;
 use std::sync::Arc;
 
 use log::{error, warn};
-use serde::{Deserialize, Serialize};
 use virtio_queue::{DescriptorChain, Queue, QueueState};
 use vm_memory::ReadVolatile;
 
-use super::VirtioRngError;
+use super::{RngState, VirtioRngError};
 use crate::memory::GuestMemory;
 use crate::state::{self, StateError};
 use crate::virtio::queue::{drain_queue, map_chain, single_queue};
@@ -27,12 +26,6 @@ struct Active {
     memory: GuestMemory,
     queue: Queue,
     _interrupt: Arc<dyn VirtioInterrupt>,
-}
-
-/// Saved state of the entropy device: only whether it runs (its queue is the transport's).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RngState {
-    pub active: bool,
 }
 
 /// A virtio entropy device.

@@ -1,8 +1,10 @@
 //! virtio-rng / entropy device (virtio 1.2 section 5.4), fed from the host's /dev/urandom.
 
 mod device;
+mod persist;
 
 pub use device::Rng;
+pub use persist::RngState;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VirtioRngError {
