@@ -10,7 +10,6 @@ use super::config::{
     COMMAND_MEMORY_SPACE, COMMAND_REG,
 };
 use super::{PciBar, PciBarKind, PciDevice, PciError};
-use crate::arch::x86_64::layout;
 use crate::devices::bus::{lock, BusDevice};
 use crate::state::{self, StateError};
 
@@ -130,12 +129,16 @@ pub struct PciRoot {
     slots: Vec<Option<Slot>>,
     /// Next free address in the MMIO window (a bump allocator, like firmware's).
     next_mmio: u64,
+    /// The board's MMIO window, [start, end).
+    mmio_start: u64,
+    mmio_end: u64,
     /// Ranges [start, end) the allocator skips: fixed BARs live there.
     reserved: Vec<(u64, u64)>,
     /// Fixed BARs placed so far, [start, end).
     fixed: Vec<(u64, u64)>,
 }
 
+#[cfg(target_arch = "x86_64")]
 impl Default for PciRoot {
     fn default() -> Self {
         Self::new()
@@ -143,7 +146,15 @@ impl Default for PciRoot {
 }
 
 impl PciRoot {
+    /// A root whose BARs are assigned from the PC's 32-bit MMIO window.
+    #[cfg(target_arch = "x86_64")]
     pub fn new() -> Self {
+        use crate::arch::x86_64::layout;
+        Self::with_mmio_window(layout::PCI_MMIO_START, layout::PCI_MMIO_SIZE)
+    }
+
+    /// A root whose BARs are assigned from [`start`, `start + size`), the board's window.
+    pub fn with_mmio_window(start: u64, size: u64) -> Self {
         let mut slots: Vec<Option<Slot>> = (0..NUM_SLOTS).map(|_| None).collect();
         slots[0] = Some(Slot {
             device: Arc::new(Mutex::new(Box::new(HostBridge::new()))),
@@ -152,7 +163,9 @@ impl PciRoot {
         });
         PciRoot {
             slots,
-            next_mmio: layout::PCI_MMIO_START,
+            next_mmio: start,
+            mmio_start: start,
+            mmio_end: start.saturating_add(size),
             reserved: Vec::new(),
             fixed: Vec::new(),
         }
@@ -164,7 +177,7 @@ impl PciRoot {
         let slot = self.slots.iter().position(Option::is_none).ok_or(PciError::NoFreeSlot)?;
         let mut device = device;
         let bars = device.bars();
-        let window_end = layout::PCI_MMIO_START + layout::PCI_MMIO_SIZE;
+        let window_end = self.mmio_end;
         let mut next = self.next_mmio;
         let mut assigned = Vec::new();
         let mut fixed = Vec::new();
@@ -210,7 +223,7 @@ impl PciRoot {
     /// machine maps as host memory): the allocator never hands it out. Call it before adding
     /// devices; a range below what was already allocated is refused.
     pub fn reserve_mmio(&mut self, start: u64, size: u64) -> Result<(), PciError> {
-        let window_end = layout::PCI_MMIO_START + layout::PCI_MMIO_SIZE;
+        let window_end = self.mmio_end;
         let invalid = PciError::InvalidReservation { start, size };
         let end = start.checked_add(size).ok_or(PciError::InvalidReservation { start, size })?;
         if size == 0 || start < self.next_mmio || end > window_end {
@@ -294,6 +307,11 @@ impl PciRoot {
             }
         }
         Ok(())
+    }
+
+    /// The MMIO window BARs are assigned from: (start, size).
+    pub fn mmio_window(&self) -> (u64, u64) {
+        (self.mmio_start, self.mmio_end - self.mmio_start)
     }
 
     /// The device numbers on bus 0 that hold a device, in order (the host bridge is 0).
@@ -507,33 +525,37 @@ impl BusDevice for PciConfigMmio {
 }
 
 /// The PCI MMIO window: routes accesses to the BAR that decodes them; unclaimed reads return
-/// all-ones. Insert at [`layout::PCI_MMIO_START`], length [`layout::PCI_MMIO_SIZE`].
+/// all-ones. Insert at the root's window ([`PciRoot::mmio_window`]).
 pub struct PciMmioWindow {
     root: Arc<Mutex<PciRoot>>,
+    base: u64,
 }
 
 impl PciMmioWindow {
     pub fn new(root: Arc<Mutex<PciRoot>>) -> Self {
-        PciMmioWindow { root }
+        let base = lock(&root).mmio_start;
+        PciMmioWindow { root, base }
     }
 }
 
 impl BusDevice for PciMmioWindow {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        if !mmio_read(&self.root, layout::PCI_MMIO_START + offset, data) {
+        if !mmio_read(&self.root, self.base + offset, data) {
             data.fill(0xff);
         }
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        mmio_write(&self.root, layout::PCI_MMIO_START + offset, data);
+        mmio_write(&self.root, self.base + offset, data);
     }
 }
 
 #[cfg(test)]
+#[cfg(target_arch = "x86_64")]
 #[allow(clippy::unwrap_used)] // Tests fail loudly on purpose.
 mod tests {
     use super::*;
+    use crate::arch::x86_64::layout;
     use crate::pci::config::CLASS_OTHER;
 
     type WriteLog = Arc<Mutex<Vec<(u8, u64, Vec<u8>)>>>;
