@@ -100,6 +100,9 @@ bash tests/gui/smoke.sh "$REPO/build/gui-smoke"
 bash tests/gui/dnd.sh "$REPO/build/gui-dnd"
 bash tests/gui/snapshot-keys.sh "$REPO/build/gui-snapshot-keys"
 
+step "old snapshots (format v1) restore: counter fixture on the host's /dev/kvm"
+HUTCH="${CARGO_TARGET_DIR:-$REPO/target}/release/hutch" bash tests/e2e/snapshot-v1.sh
+
 step "guest fixtures"
 bash tests/guest/build.sh
 
