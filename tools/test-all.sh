@@ -78,6 +78,12 @@ step "format and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "vmm for aarch64 (the machine layer stays hypervisor- and arch-neutral)"
+rustup target list --installed 2>/dev/null | grep -qx aarch64-unknown-linux-gnu ||
+    rustup target add aarch64-unknown-linux-gnu
+cargo check -p vmm --locked --target aarch64-unknown-linux-gnu
+cargo clippy -p vmm --locked --target aarch64-unknown-linux-gnu -- -D warnings
+
 step "build (release)"
 cargo build --release --locked -p hutch
 
