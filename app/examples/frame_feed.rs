@@ -132,7 +132,7 @@ fn main() -> anyhow::Result<()> {
         let config = vm.load_config()?;
         let status = StatusReply {
             name: name.clone(),
-            state: vmm::machine::RunState::Running,
+            state: hutch::control::protocol::RunState::Running,
             pid: std::process::id(),
             cpus: config.cpus,
             memory_mib: config.memory_mib,

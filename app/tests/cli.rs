@@ -275,13 +275,13 @@ mod running {
     //! A "running" VM faked inside the test process: it holds the VM lock, writes pid.json
     //! and serves the real control server, so the binary's client side is exercised for real.
     use super::*;
+    use hutch::control::protocol::RunState;
     use hutch::control::protocol::{ControlTarget, StatusReply};
     use hutch::control::server::{ConsoleTarget, ControlServer};
     use hutch::library::{Library, PidFile, VmLock};
     use hutch::serial_hub::{SerialHub, SerialSubscription};
     use std::io::Write;
     use std::sync::{Arc, Mutex};
-    use vmm::machine::RunState;
 
     struct FakeVm {
         lock: Mutex<Option<VmLock>>,

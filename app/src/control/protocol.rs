@@ -26,7 +26,8 @@
 //! helpers (`client.rs`). A new command is one new line there.
 
 use serde::{Deserialize, Serialize};
-use vmm::machine::RunState;
+/// A VM's coarse state, as `status` reports it (the machine's own type).
+pub use vmm::machine::RunState;
 
 use crate::snapshots::{SnapshotInfo, SnapshotList};
 
@@ -298,18 +299,6 @@ impl Reply for () {
     }
 }
 
-impl Reply for StatusReply {
-    fn into_response(self) -> Response {
-        Response::Status(self)
-    }
-    fn from_response(response: Response) -> Result<StatusReply, Response> {
-        match response {
-            Response::Status(status) => Ok(status),
-            other => Err(other),
-        }
-    }
-}
-
 impl Reply for SnapshotInfo {
     fn into_response(self) -> Response {
         Response::Snapshot { snapshot: Box::new(self) }
@@ -322,17 +311,24 @@ impl Reply for SnapshotInfo {
     }
 }
 
-impl Reply for SnapshotList {
-    fn into_response(self) -> Response {
-        Response::Snapshots(self)
-    }
-    fn from_response(response: Response) -> Result<SnapshotList, Response> {
-        match response {
-            Response::Snapshots(list) => Ok(list),
-            other => Err(other),
+/// A [`Reply`] that is the payload of one newtype [`Response`] variant.
+macro_rules! newtype_reply {
+    ($($ty:ty => $variant:ident),*) => {$(
+        impl Reply for $ty {
+            fn into_response(self) -> Response {
+                Response::$variant(self)
+            }
+            fn from_response(response: Response) -> Result<$ty, Response> {
+                match response {
+                    Response::$variant(value) => Ok(value),
+                    other => Err(other),
+                }
+            }
         }
-    }
+    )*};
 }
+
+newtype_reply!(StatusReply => Status, SnapshotList => Snapshots);
 
 fn line_of<T: Serialize>(value: &T) -> String {
     // These types hold only strings, numbers and enums: serializing cannot fail.

@@ -255,10 +255,10 @@ fn run_console<T: ConsoleTarget + ?Sized>(
 mod tests {
     use super::*;
     use crate::control::client::{ControlClient, ControlClientError};
+    use crate::control::protocol::RunState;
     use crate::control::protocol::{StatusReply, MAX_INPUT_EVENTS};
     use crate::serial_hub::SerialHub;
     use std::sync::Mutex;
-    use vmm::machine::RunState;
 
     struct FakeTarget {
         calls: Mutex<Vec<&'static str>>,
