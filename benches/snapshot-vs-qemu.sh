@@ -66,7 +66,7 @@ hutch_socket() {
 }
 
 hutch_send() {
-    printf '{"cmd":"console"}\n%s\n' "$1" | timeout 5 socat -t 0.5 - "UNIX-CONNECT:$HSOCK" >/dev/null 2>&1
+    printf '{"cmd":"hello","version":2}\n{"cmd":"console"}\n%s\n' "$1" | timeout 5 socat -t 0.5 - "UNIX-CONNECT:$HSOCK" >/dev/null 2>&1
 }
 
 hutch_rep() {

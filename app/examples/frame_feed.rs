@@ -9,17 +9,18 @@
 //!
 //! `HUTCH_HOME=... cargo run --example frame_feed -- [--fake-vm] NAME [SECONDS] [WIDTH HEIGHT]`
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use display::frame::{FrameMut, FrameWriter};
 use display::{CursorImage, InputEvent, PixelFormat, Rect};
-use hutch::control::protocol::{Request, Response, StatusReply};
+use hutch::control::protocol::{ControlTarget, Request, StatusReply};
+use hutch::control::server::{ConsoleTarget, ControlServer};
 use hutch::library::{Library, PidFile};
 use hutch::runtime;
+use hutch::serial_hub::{SerialHub, SerialSubscription};
 
 const SQUARE: u32 = 64;
 /// The cursor's colour: in no bar, so a screenshot can find it.
@@ -128,17 +129,10 @@ fn main() -> anyhow::Result<()> {
     let _lock = if fake_vm {
         let lock = vm.try_lock()?.context("the VM is running")?;
         let socket = runtime::socket_path(vm.dir(), name)?;
-        let _ = std::fs::remove_file(&socket);
-        let listener = UnixListener::bind(&socket)?;
-        vm.write_pid_file(&PidFile {
-            pid: std::process::id(),
-            socket,
-            started_at: hutch::library::unix_now(),
-        })?;
         let config = vm.load_config()?;
         let status = StatusReply {
             name: name.clone(),
-            state: vmm::machine::RunState::Running,
+            state: hutch::control::protocol::RunState::Running,
             pid: std::process::id(),
             cpus: config.cpus,
             memory_mib: config.memory_mib,
@@ -146,14 +140,15 @@ fn main() -> anyhow::Result<()> {
             instance: 1,
             display: Some("virtio-gpu 800x600".into()),
         };
-        let pointer = pointer.clone();
-        std::thread::spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let (status, pointer) = (status.clone(), pointer.clone());
-                std::thread::spawn(move || serve(stream, &status, &pointer));
-            }
-        });
-        Some(lock)
+        let target =
+            Arc::new(FakeVm { status, pointer: pointer.clone(), hub: SerialHub::new(None) });
+        let server = ControlServer::bind(&socket, target)?;
+        vm.write_pid_file(&PidFile {
+            pid: std::process::id(),
+            socket,
+            started_at: hutch::library::unix_now(),
+        })?;
+        Some((lock, server))
     } else {
         None
     };
@@ -185,26 +180,57 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One control connection of the fake VM.
-fn serve(stream: UnixStream, status: &StatusReply, pointer: &Mutex<Pointer>) {
-    let Ok(mut out) = stream.try_clone() else { return };
-    for line in BufReader::new(stream).lines() {
-        let Ok(line) = line else { return };
-        let reply = match Request::parse(&line) {
-            Ok(Request::Status) => Response::status(status.clone()),
-            Ok(r @ (Request::Input { .. } | Request::DisplaySize { .. })) => {
-                if let (Request::Input { events }, Ok(mut p)) = (&r, pointer.lock()) {
-                    events.iter().for_each(|e| p.apply(e));
-                }
-                println!("{}", line.trim());
-                let _ = std::io::stdout().flush();
-                Response::done()
-            }
-            Ok(_) => Response::error("Not in the fake VM"),
-            Err(e) => Response::error(e.to_string()),
-        };
-        if out.write_all(reply.to_line().as_bytes()).is_err() {
-            return;
-        }
+/// The fake VM's control side: `status` says running; `input` and `display_size` are
+/// printed on stdout (one request line each); the rest is refused.
+struct FakeVm {
+    status: StatusReply,
+    pointer: Arc<Mutex<Pointer>>,
+    hub: SerialHub,
+}
+
+impl FakeVm {
+    fn print(request: &Request) {
+        print!("{}", request.to_line());
+        let _ = std::io::stdout().flush();
     }
+}
+
+fn not_here() -> anyhow::Result<()> {
+    Err(anyhow::anyhow!("Not in the fake VM"))
+}
+
+impl ControlTarget for FakeVm {
+    fn status(&self) -> anyhow::Result<StatusReply> {
+        Ok(self.status.clone())
+    }
+    fn pause(&self) -> anyhow::Result<()> {
+        not_here()
+    }
+    fn resume(&self) -> anyhow::Result<()> {
+        not_here()
+    }
+    fn shutdown(&self) -> anyhow::Result<()> {
+        not_here()
+    }
+    fn poweroff(&self) -> anyhow::Result<()> {
+        not_here()
+    }
+    fn input(&self, events: Vec<InputEvent>) -> anyhow::Result<()> {
+        if let Ok(mut p) = self.pointer.lock() {
+            events.iter().for_each(|e| p.apply(e));
+        }
+        FakeVm::print(&Request::Input { events });
+        Ok(())
+    }
+    fn display_size(&self, width: u32, height: u32) -> anyhow::Result<()> {
+        FakeVm::print(&Request::DisplaySize { width, height });
+        Ok(())
+    }
+}
+
+impl ConsoleTarget for FakeVm {
+    fn console_output(&self) -> SerialSubscription {
+        self.hub.subscribe()
+    }
+    fn console_input(&self, _bytes: &[u8]) {}
 }

@@ -1,29 +1,27 @@
-//! `hutch`: the command line, the VM library on disk, the detached VM process and its control
-//! socket. The GUI reuses [`control::client`] to talk to VM processes.
+//! `hutch`: the command line and the GUI over one service layer, the VM library on disk, the
+//! detached VM process and its control socket.
 //!
 //! ```text
-//!  main ─▶ cli (clap) ─▶ commands ─┬─ library (vm.toml, names, lock/pid/exit records)
-//!                                  ├─ start ─spawn─▶ vm_process ─┬─ backend ─▶ vmm::Machine
-//!                                  │                              ├─ serial_hub ─▶ serial.log
-//!                                  │                              └─ control::server
-//!                                  ├─ stop/status ─▶ control::client ─▶ runtime (socket path)
-//!                                  └─ console ─▶ console + terminal (raw mode)
+//!  main ─▶ cli (clap, printing) ─┐
+//!          gui (winit + egui) ───┴─▶ service ─┬─ library (vm.toml, names, lock/pid/exit records)
+//!                                  vm, snapshot, ├─ start ─spawn─▶ vm_process ─┬─ backend ─▶ vmm
+//!                                  import, disk  │                             ├─ serial_hub
+//!                                                │                             └─ control::server
+//!                                                ├─ control::client ─▶ runtime (socket path)
+//!                                                └─ snapshots, disk images
 //! ```
 
 pub mod backend;
 pub mod cli;
-pub mod commands;
 pub mod console;
 pub mod control;
-pub mod disk_cmd;
 pub mod fsutil;
 pub mod gui;
-pub mod import;
 pub mod library;
 pub mod runtime;
 pub mod screenshot;
 pub mod serial_hub;
-pub mod snapshot_cmd;
+pub mod service;
 pub mod snapshots;
 pub mod terminal;
 pub mod vm_process;
@@ -35,8 +33,8 @@ use clap::Parser;
 /// The whole program: parse, run, print the error chain as `hutch: error: a: b: c`.
 pub fn main() -> ExitCode {
     let cli = cli::Cli::parse();
-    let command = cli.command.unwrap_or(cli::Command::Gui);
-    if !matches!(command, cli::Command::VmProcess { .. }) {
+    let command = cli.command.unwrap_or(cli::args::Command::Gui);
+    if !matches!(command, cli::args::Command::VmProcess { .. }) {
         // A command's output piped into `head` or `grep -q` ends it quietly, as for any Unix
         // tool, instead of a panic on EPIPE. The VM process keeps ignoring SIGPIPE: a console
         // client that goes away must not take the VM with it.
@@ -45,10 +43,10 @@ pub fn main() -> ExitCode {
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
     let default_level =
-        if matches!(command, cli::Command::VmProcess { .. }) { "info" } else { "warn" };
+        if matches!(command, cli::args::Command::VmProcess { .. }) { "info" } else { "warn" };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level))
         .init();
-    match commands::dispatch(command) {
+    match cli::dispatch(command) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("hutch: error: {e:#}");

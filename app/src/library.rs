@@ -547,10 +547,49 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     write_atomic(path, &bytes).map_err(io_err(path))
 }
 
+/// `PATH` or `PATH,readonly`. Anything else after the last comma is an error rather than
+/// part of the path, so a typo (`,ro`, `,readonyl`) never silently makes a writable disk.
+pub fn parse_disk(s: &str) -> std::result::Result<DiskEntry, String> {
+    let (path, readonly) = match s.rsplit_once(',') {
+        None => (s, false),
+        Some((path, "readonly")) => (path, true),
+        Some((_, opt)) => {
+            return Err(format!("unknown disk option '{opt}' (expected PATH or PATH,readonly)"))
+        }
+    };
+    if path.is_empty() {
+        return Err("missing disk path (expected PATH or PATH,readonly)".into());
+    }
+    Ok(DiskEntry { path: PathBuf::from(path), readonly })
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // A failed unwrap is a failed test.
 mod tests {
     use super::*;
+
+    #[test]
+    fn disk_options_parse() {
+        assert_eq!(
+            parse_disk("/vm/a.img").unwrap(),
+            DiskEntry { path: "/vm/a.img".into(), readonly: false }
+        );
+        assert_eq!(
+            parse_disk("a.img,readonly").unwrap(),
+            DiskEntry { path: "a.img".into(), readonly: true }
+        );
+        assert_eq!(
+            parse_disk("my,disk.img,readonly").unwrap(),
+            DiskEntry { path: "my,disk.img".into(), readonly: true }
+        );
+    }
+
+    #[test]
+    fn bad_disk_options_are_rejected() {
+        for s in ["", ",readonly", "a.img,ro", "a.img,", "a.img,readonly,"] {
+            assert!(parse_disk(s).is_err(), "{s:?}");
+        }
+    }
 
     fn config(kernel: &Path) -> VmConfig {
         VmConfig::new(

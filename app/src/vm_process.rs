@@ -23,8 +23,8 @@ use display::scanout::Screen;
 use vmm::machine::{ExitReason, Machine, MachineHandle, RunState};
 
 use crate::backend;
-use crate::control::protocol::StatusReply;
-use crate::control::server::{ControlServer, ControlTarget};
+use crate::control::protocol::{ControlTarget, StatusReply};
+use crate::control::server::{ConsoleTarget, ControlServer};
 use crate::library::{ExitKind, ExitRecord, Library, PidFile, VmConfig, VmDir, VmLock};
 use crate::runtime;
 use crate::serial_hub::{SerialHub, SerialSubscription};
@@ -192,8 +192,8 @@ fn instance_id() -> u64 {
 }
 
 impl<H: MachineControl> ControlTarget for MachineTarget<H> {
-    fn status(&self) -> StatusReply {
-        StatusReply {
+    fn status(&self) -> anyhow::Result<StatusReply> {
+        Ok(StatusReply {
             name: self.name.clone(),
             state: self.handle.state(),
             pid: std::process::id(),
@@ -202,7 +202,7 @@ impl<H: MachineControl> ControlTarget for MachineTarget<H> {
             uptime_secs: self.started.elapsed().as_secs(),
             instance: self.instance,
             display: self.handle.display_status(),
-        }
+        })
     }
     fn pause(&self) -> anyhow::Result<()> {
         self.handle.pause().context("Cannot pause")
@@ -217,38 +217,41 @@ impl<H: MachineControl> ControlTarget for MachineTarget<H> {
         self.handle.poweroff();
         Ok(())
     }
-    fn console_output(&self) -> SerialSubscription {
-        self.hub.subscribe()
-    }
-    fn console_input(&self, bytes: &[u8]) {
-        self.handle.serial_input(bytes);
-    }
-    fn input(&self, events: &[display::InputEvent]) -> anyhow::Result<()> {
-        self.handle.input(events).context("Cannot send input to the guest")
+    fn input(&self, events: Vec<display::InputEvent>) -> anyhow::Result<()> {
+        self.handle.input(&events).context("Cannot send input to the guest")
     }
     fn display_size(&self, width: u32, height: u32) -> anyhow::Result<()> {
         self.handle.display_size(width, height).context("Cannot resize the guest display")
     }
-    fn snapshot_take(&self, name: Option<&str>) -> anyhow::Result<SnapshotInfo> {
+    fn snapshot_take(&self, name: Option<String>) -> anyhow::Result<SnapshotInfo> {
         let _one = self.snapshot_lock.lock().unwrap_or_else(|p| p.into_inner());
-        self.handle.snapshot_take(&self.vm, name, self.screen.as_deref())
+        self.handle.snapshot_take(&self.vm, name.as_deref(), self.screen.as_deref())
     }
     fn snapshot_list(&self) -> anyhow::Result<SnapshotList> {
         snapshots::list(&self.vm)
     }
-    fn snapshot_restore(&self, snapshot: &str) -> anyhow::Result<()> {
+    fn snapshot_restore(&self, snapshot: String) -> anyhow::Result<()> {
         let _one = self.snapshot_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let id = snapshots::check_restore(&self.vm, snapshot)
+        let id = snapshots::check_restore(&self.vm, &snapshot)
             .with_context(|| format!("Cannot restore snapshot '{snapshot}'"))?;
         *RESTORE_REQUEST.lock().unwrap_or_else(|p| p.into_inner()) = Some(id);
         self.handle.poweroff();
         Ok(())
     }
-    fn snapshot_delete(&self, snapshot: &str) -> anyhow::Result<()> {
+    fn snapshot_delete(&self, snapshot: String) -> anyhow::Result<()> {
         let _one = self.snapshot_lock.lock().unwrap_or_else(|p| p.into_inner());
         let config = self.vm.load_config()?;
-        snapshots::delete(&self.vm, snapshot, Some(&config))?;
+        snapshots::delete(&self.vm, &snapshot, Some(&config))?;
         Ok(())
+    }
+}
+
+impl<H: MachineControl> ConsoleTarget for MachineTarget<H> {
+    fn console_output(&self) -> SerialSubscription {
+        self.hub.subscribe()
+    }
+    fn console_input(&self, bytes: &[u8]) {
+        self.handle.serial_input(bytes);
     }
 }
 

@@ -275,13 +275,13 @@ mod running {
     //! A "running" VM faked inside the test process: it holds the VM lock, writes pid.json
     //! and serves the real control server, so the binary's client side is exercised for real.
     use super::*;
-    use hutch::control::protocol::StatusReply;
-    use hutch::control::server::{ControlServer, ControlTarget};
+    use hutch::control::protocol::RunState;
+    use hutch::control::protocol::{ControlTarget, StatusReply};
+    use hutch::control::server::{ConsoleTarget, ControlServer};
     use hutch::library::{Library, PidFile, VmLock};
     use hutch::serial_hub::{SerialHub, SerialSubscription};
     use std::io::Write;
     use std::sync::{Arc, Mutex};
-    use vmm::machine::RunState;
 
     struct FakeVm {
         lock: Mutex<Option<VmLock>>,
@@ -297,8 +297,8 @@ mod running {
     }
 
     impl ControlTarget for FakeVm {
-        fn status(&self) -> StatusReply {
-            StatusReply {
+        fn status(&self) -> anyhow::Result<StatusReply> {
+            Ok(StatusReply {
                 name: "vm".into(),
                 state: RunState::Running,
                 pid: std::process::id(),
@@ -307,7 +307,7 @@ mod running {
                 uptime_secs: 5,
                 instance: 1,
                 display: None,
-            }
+            })
         }
         fn pause(&self) -> anyhow::Result<()> {
             Ok(())
@@ -325,18 +325,21 @@ mod running {
             self.exit();
             Ok(())
         }
+        fn input(&self, _events: Vec<display::InputEvent>) -> anyhow::Result<()> {
+            Ok(())
+        }
+        fn display_size(&self, _width: u32, _height: u32) -> anyhow::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl ConsoleTarget for FakeVm {
         fn console_output(&self) -> SerialSubscription {
             self.hub.subscribe()
         }
         fn console_input(&self, bytes: &[u8]) {
             // A guest that echoes what it is typed, loudly.
             self.hub.publish(&bytes.to_ascii_uppercase());
-        }
-        fn input(&self, _events: &[display::InputEvent]) -> anyhow::Result<()> {
-            Ok(())
-        }
-        fn display_size(&self, _width: u32, _height: u32) -> anyhow::Result<()> {
-            Ok(())
         }
     }
 

@@ -239,16 +239,23 @@ stop_powers_guest_off_orderly() {
         fail "no orderly poweroff ('reboot: Power down') in $serial"
 }
 
-# The control socket speaks one JSON object per line (socat works), and pause/resume/poweroff
-# do what they say.
+# The control socket speaks one JSON object per line (socat works, hello first), and
+# pause/resume/poweroff do what they say.
 control_socket_speaks_json_lines() {
     need_hutch
     start_library_vm ctl wait 'HUTCH-RESULT acpid=ready'
     local sock
     sock=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["socket"])' \
         "$HUTCH_HOME/vms/ctl/pid.json") || fail "no socket in pid.json"
-    ask() { printf '%s\n' "$1" | timeout 20 socat -t 5 - "UNIX-CONNECT:$sock"; }
+    # Each connection opens with the hello; the request's reply is the last line.
+    ask() {
+        printf '{"cmd":"hello","version":2}\n%s\n' "$1" |
+            timeout 20 socat -t 5 - "UNIX-CONNECT:$sock" | tail -n 1
+    }
     local reply
+    reply=$(printf '{"cmd":"status"}\n' | timeout 20 socat -t 5 - "UNIX-CONNECT:$sock") || true
+    contains "$reply" '"ok":false' || fail "a request without a hello got: $reply"
+    contains "$reply" 'version 2' || fail "the refusal does not name the version: $reply"
     reply=$(ask '{"cmd":"status"}') || fail "status over socat failed"
     contains "$reply" '"state":"running"' || fail "status reply: $reply"
     reply=$(ask '{"cmd":"pause"}')
@@ -556,7 +563,7 @@ guest_ask() {
     ASK_N=$((ASK_N + 1))
     local tag="HUTCH-ANSWER-$ASK_N-$$"
     sock=$(vm_socket "$name") || fail "VM $name has no socket"
-    printf '{"cmd":"console"}\necho %s %s\n' "$tag" "$expr" |
+    printf '{"cmd":"hello","version":2}\n{"cmd":"console"}\necho %s %s\n' "$tag" "$expr" |
         timeout 10 socat -t 1 - "UNIX-CONNECT:$sock" >/dev/null 2>&1 || true
     while ! grep -q "^$tag " "$serial" 2>/dev/null; do
         i=$((i + 1))
@@ -619,11 +626,11 @@ snapshots_bring_back_memory_disk_and_console() {
     # A paused VM stays paused through snapshots, and takes more than one.
     local sock
     sock=$(vm_socket $name)
-    printf '{"cmd":"pause"}\n' | timeout 10 socat -t 2 - "UNIX-CONNECT:$sock" >/dev/null 2>&1
+    printf '{"cmd":"hello","version":2}\n{"cmd":"pause"}\n' | timeout 10 socat -t 2 - "UNIX-CONNECT:$sock" >/dev/null 2>&1
     "$HUTCH" snapshot take $name paused-1 >>"$log" 2>&1 || fail "snapshot of a paused VM (log: $log)"
     "$HUTCH" snapshot take $name paused-2 >>"$log" 2>&1 || fail "second snapshot while paused (log: $log)"
     contains "$("$HUTCH" status $name)" paused || fail "the VM is not paused after the snapshots"
-    printf '{"cmd":"resume"}\n' | timeout 10 socat -t 2 - "UNIX-CONNECT:$sock" >/dev/null 2>&1
+    printf '{"cmd":"hello","version":2}\n{"cmd":"resume"}\n' | timeout 10 socat -t 2 - "UNIX-CONNECT:$sock" >/dev/null 2>&1
 
     local pid_before lines_before
     pid_before=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["pid"])' "$HUTCH_HOME/vms/$name/pid.json")

@@ -1,12 +1,14 @@
-//! Control client: what `hutch stop/status/console` (and later the GUI) use to talk to a VM
-//! process.
+//! Control client: what the service layer (for the CLI and the GUI) uses to talk to a VM
+//! process. Connecting says hello; every request of [`for_each_request`] gets a typed method
+//! here (`client.status()`, `client.snapshot_take(name)`...), generated from the same list
+//! the server's [`ControlTarget`](super::protocol::ControlTarget) is.
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::protocol::{ProtocolError, Request, Response, StatusReply};
+use super::protocol::{for_each_request, ProtocolError, Reply, Request, Response, VERSION};
 
 /// How long a request may wait for its reply before the VM process counts as hung.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -30,6 +32,15 @@ pub enum ControlClientError {
     Refused(String),
     #[error("Unexpected reply from the VM process: {0}")]
     Unexpected(String),
+    /// The VM process refused our hello (another protocol version).
+    #[error("{0}")]
+    Version(String),
+    /// A VM process of a hutch from before the hello (protocol version 1).
+    #[error(
+        "The VM process speaks an older control protocol (version 1; this hutch speaks \
+         version {VERSION}); stop it with the hutch that started it, or restart the VM"
+    )]
+    OldServer,
 }
 
 type Result<T> = std::result::Result<T, ControlClientError>;
@@ -57,16 +68,36 @@ impl ControlClient {
         stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(timeout))?;
         let writer = stream.try_clone()?;
-        Ok(ControlClient { reader: BufReader::new(stream), writer })
+        let mut client = ControlClient { reader: BufReader::new(stream), writer };
+        client.hello()?;
+        Ok(client)
+    }
+
+    fn hello(&mut self) -> Result<()> {
+        self.writer.write_all(Request::hello().to_line().as_bytes())?;
+        let line = self.read_line()?;
+        match Response::parse(&line) {
+            Ok(Response::Hello { version: VERSION }) => Ok(()),
+            Ok(Response::Error { error }) => Err(ControlClientError::Version(error)),
+            Ok(other) => Err(ControlClientError::Unexpected(format!("{other:?}"))),
+            // Version 1 answered an unknown command with an untagged `{"ok":false,...}`.
+            Err(_) if is_untagged_error(&line) => Err(ControlClientError::OldServer),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn read_line(&mut self) -> Result<String> {
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            return Err(ControlClientError::Closed);
+        }
+        Ok(line)
     }
 
     /// Sends one request and reads its reply, whatever `ok` says.
     pub fn request(&mut self, request: Request) -> Result<Response> {
         self.writer.write_all(request.to_line().as_bytes())?;
-        let mut line = String::new();
-        if self.reader.read_line(&mut line)? == 0 {
-            return Err(ControlClientError::Closed);
-        }
+        let line = self.read_line()?;
         Ok(Response::parse(&line)?)
     }
 
@@ -78,44 +109,43 @@ impl ControlClient {
         }
     }
 
-    pub fn status(&mut self) -> Result<StatusReply> {
-        match self.call(Request::Status)? {
-            Response::Status { status, .. } => Ok(status),
-            other => Err(ControlClientError::Unexpected(format!("{other:?}"))),
-        }
-    }
-
-    pub fn pause(&mut self) -> Result<()> {
-        self.call(Request::Pause).map(drop)
-    }
-
-    pub fn resume(&mut self) -> Result<()> {
-        self.call(Request::Resume).map(drop)
-    }
-
-    pub fn shutdown(&mut self) -> Result<()> {
-        self.call(Request::Shutdown).map(drop)
-    }
-
-    pub fn poweroff(&mut self) -> Result<()> {
-        self.call(Request::Poweroff).map(drop)
-    }
-
-    /// Sends input events to the guest.
-    pub fn input(&mut self, events: Vec<display::InputEvent>) -> Result<()> {
-        self.call(Request::Input { events }).map(drop)
-    }
-
-    /// Tells the VM the size of the GUI's screen area.
-    pub fn display_size(&mut self, width: u32, height: u32) -> Result<()> {
-        self.call(Request::DisplaySize { width, height }).map(drop)
-    }
-
     /// Asks for the console and hands over the raw connection (no timeouts any more).
     pub fn into_console(mut self) -> Result<ConsoleStream> {
-        self.call(Request::Console)?;
+        let reply = self.call(Request::Console)?;
+        <()>::from_response(reply).map_err(unexpected)?;
         self.reader.get_ref().set_read_timeout(None)?;
         self.writer.set_write_timeout(None)?;
         Ok(ConsoleStream { reader: self.reader, writer: self.writer })
     }
 }
+
+fn unexpected(reply: Response) -> ControlClientError {
+    ControlClientError::Unexpected(format!("{reply:?}"))
+}
+
+/// `{"ok":false,"error":..}` without a `reply` tag: a version-1 server's error.
+fn is_untagged_error(line: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(line)
+        .is_ok_and(|v| v["ok"] == false && v["error"].is_string() && v.get("reply").is_none())
+}
+
+/// One typed method per request of [`for_each_request`].
+macro_rules! client_methods {
+    ($(
+        $(#[$doc:meta])*
+        $variant:ident { $($(#[$fattr:meta])* $field:ident: $fty:ty),* $(,)? }
+            => $method:ident -> $ret:ty $(, else $unsupported:literal)?;
+    )*) => {
+        impl ControlClient {
+            $(
+                $(#[$doc])*
+                pub fn $method(&mut self $(, $field: $fty)*) -> Result<$ret> {
+                    let reply = self.call(Request::$variant { $($field),* })?;
+                    <$ret as Reply>::from_response(reply).map_err(unexpected)
+                }
+            )*
+        }
+    };
+}
+
+for_each_request!(client_methods);

@@ -1,5 +1,6 @@
 //! The control server inside the VM process: accepts on `control.sock`, one thread per
-//! client, and drives a [`ControlTarget`] (the machine, or a test double).
+//! client; checks each connection's hello, serves the console itself and hands every other
+//! request to [`apply`] on a [`ControlTarget`] (the machine, or a test double).
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -10,42 +11,22 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::protocol::{Flag, Request, Response, StatusReply, MAX_INPUT_EVENTS, MAX_LINE};
+use super::protocol::{apply, greet, ControlTarget, Request, Response, MAX_LINE};
 use crate::serial_hub::{Received, SerialSubscription};
-use crate::snapshots::{SnapshotInfo, SnapshotList};
 
-/// What the control server controls. The VM process implements it for the machine.
-pub trait ControlTarget: Send + Sync + 'static {
-    fn status(&self) -> StatusReply;
-    fn pause(&self) -> anyhow::Result<()>;
-    fn resume(&self) -> anyhow::Result<()>;
-    /// ACPI power button.
-    fn shutdown(&self) -> anyhow::Result<()>;
-    /// Pull the plug.
-    fn poweroff(&self) -> anyhow::Result<()>;
+/// The serial console a connection can turn into (`{"cmd":"console"}`); the other requests go
+/// to the [`ControlTarget`] through [`apply`].
+pub trait ConsoleTarget {
     /// Attaches a console to the serial output.
     fn console_output(&self) -> SerialSubscription;
     /// Bytes typed on the serial console.
     fn console_input(&self, bytes: &[u8]);
-    /// Keyboard and pointer events for the guest.
-    fn input(&self, events: &[display::InputEvent]) -> anyhow::Result<()>;
-    /// Asks the guest to switch its display to `width`×`height`.
-    fn display_size(&self, width: u32, height: u32) -> anyhow::Result<()>;
-    /// Saves the running machine as a snapshot.
-    fn snapshot_take(&self, _name: Option<&str>) -> anyhow::Result<SnapshotInfo> {
-        Err(anyhow::anyhow!("This VM cannot take snapshots"))
-    }
-    fn snapshot_list(&self) -> anyhow::Result<SnapshotList> {
-        Err(anyhow::anyhow!("This VM has no snapshots"))
-    }
-    /// Checks the snapshot, then replaces the running machine with it (after the reply).
-    fn snapshot_restore(&self, _snapshot: &str) -> anyhow::Result<()> {
-        Err(anyhow::anyhow!("This VM cannot restore snapshots"))
-    }
-    fn snapshot_delete(&self, _snapshot: &str) -> anyhow::Result<()> {
-        Err(anyhow::anyhow!("This VM cannot delete snapshots"))
-    }
 }
+
+/// Everything a control server serves: the VM process's machine, or a test double.
+pub trait ServedTarget: ControlTarget + ConsoleTarget + Send + Sync + 'static {}
+
+impl<T: ControlTarget + ConsoleTarget + Send + Sync + 'static> ServedTarget for T {}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlServerError {
@@ -75,7 +56,7 @@ pub struct ControlServer {
 impl ControlServer {
     /// Listens on `path`, replacing a stale socket there. The caller must own the VM (hold
     /// its lock), so whatever socket is at `path` belongs to a dead process.
-    pub fn bind<T: ControlTarget>(
+    pub fn bind<T: ServedTarget>(
         path: &Path,
         target: Arc<T>,
     ) -> Result<ControlServer, ControlServerError> {
@@ -128,7 +109,7 @@ impl Drop for ControlServer {
     }
 }
 
-fn accept_loop<T: ControlTarget>(listener: UnixListener, target: Arc<T>, stop: Arc<AtomicBool>) {
+fn accept_loop<T: ServedTarget>(listener: UnixListener, target: Arc<T>, stop: Arc<AtomicBool>) {
     for conn in listener.incoming() {
         if stop.load(Ordering::SeqCst) {
             break;
@@ -178,16 +159,10 @@ fn reply(out: &mut UnixStream, response: &Response) -> io::Result<()> {
     out.write_all(response.to_line().as_bytes())
 }
 
-fn result_reply(result: anyhow::Result<()>) -> Response {
-    match result {
-        Ok(()) => Response::done(),
-        Err(e) => Response::error(format!("{e:#}")),
-    }
-}
-
-fn serve_client<T: ControlTarget + ?Sized>(stream: UnixStream, target: &T) -> io::Result<()> {
+fn serve_client<T: ServedTarget>(stream: UnixStream, target: &T) -> io::Result<()> {
     let mut out = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
+    let mut greeted = false;
     while let Some(line) = read_line(&mut reader)? {
         let text = match line {
             Line::TooLong => {
@@ -198,45 +173,34 @@ fn serve_client<T: ControlTarget + ?Sized>(stream: UnixStream, target: &T) -> io
         };
         let Ok(text) = std::str::from_utf8(&text) else {
             reply(&mut out, &Response::error("Malformed request: not UTF-8"))?;
+            if !greeted {
+                return Ok(());
+            }
             continue;
         };
         if text.trim().is_empty() {
             continue;
         }
+        if !greeted {
+            match greet(text) {
+                Ok(hello) => {
+                    greeted = true;
+                    reply(&mut out, &hello)?;
+                    continue;
+                }
+                // Another version: it would misread whatever we answer next.
+                Err(refusal) => return reply(&mut out, &refusal),
+            }
+        }
         let response = match Request::parse(text) {
             Err(e) => Response::error(vmm::error_chain(&e)),
-            Ok(Request::Status) => Response::status(target.status()),
-            Ok(Request::Pause) => result_reply(target.pause()),
-            Ok(Request::Resume) => result_reply(target.resume()),
-            Ok(Request::Shutdown) => result_reply(target.shutdown()),
-            Ok(Request::Poweroff) => result_reply(target.poweroff()),
-            Ok(Request::Input { events }) if events.len() > MAX_INPUT_EVENTS => Response::error(
-                format!("Too many input events ({}; at most {MAX_INPUT_EVENTS})", events.len()),
-            ),
-            Ok(Request::Input { events }) => result_reply(target.input(&events)),
-            Ok(Request::DisplaySize { width, height }) => {
-                result_reply(target.display_size(width, height))
-            }
-            Ok(Request::SnapshotTake { name }) => match target.snapshot_take(name.as_deref()) {
-                Ok(snapshot) => Response::Snapshot { ok: Flag, snapshot },
-                Err(e) => Response::error(format!("{e:#}")),
-            },
-            Ok(Request::SnapshotList) => match target.snapshot_list() {
-                Ok(list) => Response::Snapshots { ok: Flag, list },
-                Err(e) => Response::error(format!("{e:#}")),
-            },
-            Ok(Request::SnapshotRestore { snapshot }) => {
-                result_reply(target.snapshot_restore(&snapshot))
-            }
-            Ok(Request::SnapshotDelete { snapshot }) => {
-                result_reply(target.snapshot_delete(&snapshot))
-            }
             Ok(Request::Console) => {
                 // Subscribe before replying so no output after the reply is missed.
                 let output = target.console_output();
                 reply(&mut out, &Response::done())?;
                 return run_console(reader, out, output, target);
             }
+            Ok(request) => apply(request, target),
         };
         reply(&mut out, &response)?;
     }
@@ -245,7 +209,7 @@ fn serve_client<T: ControlTarget + ?Sized>(stream: UnixStream, target: &T) -> io
 
 /// Raw console: a pump thread copies serial output to the client while this thread feeds
 /// the client's bytes (starting with any already buffered) to the guest.
-fn run_console<T: ControlTarget + ?Sized>(
+fn run_console<T: ConsoleTarget + ?Sized>(
     mut input: BufReader<UnixStream>,
     mut out: UnixStream,
     output: SerialSubscription,
@@ -291,9 +255,10 @@ fn run_console<T: ControlTarget + ?Sized>(
 mod tests {
     use super::*;
     use crate::control::client::{ControlClient, ControlClientError};
+    use crate::control::protocol::RunState;
+    use crate::control::protocol::{StatusReply, MAX_INPUT_EVENTS};
     use crate::serial_hub::SerialHub;
     use std::sync::Mutex;
-    use vmm::machine::RunState;
 
     struct FakeTarget {
         calls: Mutex<Vec<&'static str>>,
@@ -329,9 +294,9 @@ mod tests {
     }
 
     impl ControlTarget for FakeTarget {
-        fn status(&self) -> StatusReply {
+        fn status(&self) -> anyhow::Result<StatusReply> {
             self.record("status");
-            StatusReply {
+            Ok(StatusReply {
                 name: "fake".into(),
                 state: RunState::Running,
                 pid: 42,
@@ -340,7 +305,7 @@ mod tests {
                 uptime_secs: 9,
                 instance: 0,
                 display: None,
-            }
+            })
         }
         fn pause(&self) -> anyhow::Result<()> {
             self.record("pause");
@@ -358,13 +323,7 @@ mod tests {
             self.record("poweroff");
             Ok(())
         }
-        fn console_output(&self) -> SerialSubscription {
-            self.hub.subscribe()
-        }
-        fn console_input(&self, bytes: &[u8]) {
-            self.input.lock().unwrap().extend_from_slice(bytes);
-        }
-        fn input(&self, events: &[display::InputEvent]) -> anyhow::Result<()> {
+        fn input(&self, events: Vec<display::InputEvent>) -> anyhow::Result<()> {
             self.record(if events.is_empty() { "input (none)" } else { "input" });
             Ok(())
         }
@@ -378,6 +337,15 @@ mod tests {
         }
     }
 
+    impl ConsoleTarget for FakeTarget {
+        fn console_output(&self) -> SerialSubscription {
+            self.hub.subscribe()
+        }
+        fn console_input(&self, bytes: &[u8]) {
+            self.input.lock().unwrap().extend_from_slice(bytes);
+        }
+    }
+
     fn serve() -> (tempfile::TempDir, ControlServer, Arc<FakeTarget>) {
         let dir = tempfile::tempdir().unwrap();
         let target = FakeTarget::new();
@@ -385,19 +353,32 @@ mod tests {
         (dir, server, target)
     }
 
-    /// Sends raw text, returns the reply lines until the server answers `n` times.
-    fn raw_exchange(path: &Path, text: &[u8], n: usize) -> Vec<String> {
+    const HELLO: &[u8] = b"{\"cmd\":\"hello\",\"version\":2}\n";
+    const HELLO_REPLY: &str = "{\"ok\":true,\"reply\":\"hello\",\"version\":2}\n";
+    const DONE: &str = "{\"ok\":true,\"reply\":\"done\"}\n";
+
+    /// Sends raw text and returns every reply line until the server hangs up or `n` lines.
+    fn raw_lines(path: &Path, text: &[u8], n: usize) -> Vec<String> {
         let mut s = UnixStream::connect(path).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         s.write_all(text).unwrap();
         let mut r = BufReader::new(s);
-        (0..n)
-            .map(|_| {
-                let mut l = String::new();
-                r.read_line(&mut l).unwrap();
-                l
-            })
-            .collect()
+        let mut lines = Vec::new();
+        while lines.len() < n {
+            let mut l = String::new();
+            if r.read_line(&mut l).unwrap() == 0 {
+                break;
+            }
+            lines.push(l);
+        }
+        lines
+    }
+
+    /// Says hello, sends raw text, returns the reply lines until the server answers `n` times.
+    fn raw_exchange(path: &Path, text: &[u8], n: usize) -> Vec<String> {
+        let lines = raw_lines(path, &[HELLO, text].concat(), n + 1);
+        assert_eq!(lines[0], HELLO_REPLY);
+        lines[1..].to_vec()
     }
 
     #[test]
@@ -452,11 +433,56 @@ mod tests {
             4,
         );
         for l in &lines[..3] {
-            assert!(l.starts_with("{\"ok\":false,\"error\":\"Malformed request"), "{l}");
+            assert!(
+                l.starts_with("{\"ok\":false,\"reply\":\"error\",\"error\":\"Malformed request"),
+                "{l}"
+            );
         }
         assert!(lines[1].contains("bogus"), "{}", lines[1]);
-        assert_eq!(lines[3], "{\"ok\":true}\n");
+        assert_eq!(lines[3], DONE);
         assert_eq!(target.calls(), vec!["pause"]);
+    }
+
+    #[test]
+    fn a_request_before_the_hello_is_refused_naming_both_versions_and_the_server_hangs_up() {
+        let (_d, server, target) = serve();
+        // What a version-1 client sends.
+        let lines = raw_lines(server.path(), b"{\"cmd\":\"pause\"}\n{\"cmd\":\"pause\"}\n", 5);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(lines[0].starts_with("{\"ok\":false,\"reply\":\"error\""), "{}", lines[0]);
+        assert!(lines[0].contains("version 2") && lines[0].contains("version 1"), "{}", lines[0]);
+        assert!(target.calls().is_empty());
+    }
+
+    #[test]
+    fn a_hello_of_another_version_is_refused_and_the_server_hangs_up() {
+        let (_d, server, target) = serve();
+        let lines = raw_lines(
+            server.path(),
+            b"{\"cmd\":\"hello\",\"version\":3}\n{\"cmd\":\"pause\"}\n",
+            5,
+        );
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(lines[0].contains("version 2") && lines[0].contains("version 3"), "{}", lines[0]);
+        assert!(target.calls().is_empty());
+    }
+
+    #[test]
+    fn the_client_reports_a_version_1_server_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut line = String::new();
+            BufReader::new(s.try_clone().unwrap()).read_line(&mut line).unwrap();
+            // Version 1's answer to a command it does not know.
+            s.write_all(b"{\"ok\":false,\"error\":\"Malformed request: unknown variant\"}\n")
+                .unwrap();
+        });
+        let err = ControlClient::connect(&path).err().unwrap();
+        assert!(matches!(err, ControlClientError::OldServer), "{err:?}");
+        assert!(err.to_string().contains("version 1"), "{err}");
     }
 
     #[test]
@@ -474,11 +500,12 @@ mod tests {
     fn a_final_line_without_newline_is_still_answered() {
         let (_d, server, _t) = serve();
         let mut s = UnixStream::connect(server.path()).unwrap();
+        s.write_all(HELLO).unwrap();
         s.write_all(b"{\"cmd\":\"pause\"}").unwrap();
         s.shutdown(std::net::Shutdown::Write).unwrap();
         let mut reply = String::new();
         s.read_to_string(&mut reply).unwrap();
-        assert_eq!(reply, "{\"ok\":true}\n");
+        assert_eq!(reply, format!("{HELLO_REPLY}{DONE}"));
     }
 
     #[test]
@@ -486,11 +513,15 @@ mod tests {
         let (_d, server, target) = serve();
         let mut s = UnixStream::connect(server.path()).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(HELLO).unwrap();
         s.write_all(b"{\"cmd\":\"console\"}\nroot\n").unwrap();
         let mut r = BufReader::new(s.try_clone().unwrap());
         let mut l = String::new();
         r.read_line(&mut l).unwrap();
-        assert_eq!(l, "{\"ok\":true}\n");
+        assert_eq!(l, HELLO_REPLY);
+        l.clear();
+        r.read_line(&mut l).unwrap();
+        assert_eq!(l, DONE);
         assert_eq!(target.wait_for_input(b"root\n"), b"root\n");
         target.hub.publish(b"login: ");
         let mut got = [0u8; 7];
@@ -530,6 +561,7 @@ mod tests {
         // A console holds its connection; status on another one must still answer.
         let _console = ControlClient::connect(server.path()).unwrap().into_console().unwrap();
         let mut idle = UnixStream::connect(server.path()).unwrap();
+        idle.write_all(HELLO).unwrap();
         idle.write_all(b"{\"cmd\":").unwrap();
         ControlClient::connect(server.path()).unwrap().status().unwrap();
     }

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use crate::cli::parse_disk;
+use crate::library::parse_disk;
 use crate::library::{self, VmConfig, DEFAULT_CMDLINE, MAX_CPUS, MAX_MEMORY_MIB};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

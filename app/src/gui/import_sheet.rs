@@ -9,7 +9,7 @@
 //! ```
 //! The state machine ([`ImportSheet`]) is plain data for the tests; [`sheet_ui`] draws it and
 //! [`spawn_import`] runs it. Import leaves nothing behind on failure or cancel (see
-//! [`crate::import::import`]), so the sheet only has to report.
+//! [`crate::service::import::import`]), so the sheet only has to report.
 
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
@@ -22,9 +22,9 @@ use disk::ImageFormat;
 use egui::{Color32, RichText};
 
 use super::worker::{Event, EventSender};
-use crate::disk_cmd::{human, is_cancelled};
-use crate::import::{import, sanitize_name, ImportOptions};
 use crate::library::{self, Library};
+use crate::service::disk::{human, is_cancelled};
+use crate::service::import::{import, sanitize_name, ImportOptions};
 
 /// A raw "image" smaller than this, or not a whole number of sectors, is some other file:
 /// detection calls everything it does not recognise raw.

@@ -11,7 +11,8 @@
 //!   the create/edit form; [`import_sheet`]: importing dropped disk images; [`demo`]: the first-run demo VM; [`persist`]: `gui-state.json`;
 //! - [`input`]: key routing and host shortcuts; [`screen`]: the guest screen; [`vm_link`]:
 //!   input and size to the VM; [`procstat`]: CPU use; [`worker`]: everything that blocks;
-//! - [`snapshot_panel`]: a VM's snapshot tree and its buttons; [`toast`]: transient notes.
+//! - [`snapshot_panel`]: a VM's snapshot tree and its buttons; [`toast`]: transient notes;
+//! - `views/`: the library, VM and dialog views drawn over [`app::GuiApp`]'s state.
 
 pub mod app;
 pub mod capacity;
@@ -25,6 +26,7 @@ pub mod procstat;
 pub mod screen;
 pub mod snapshot_panel;
 pub mod toast;
+mod views;
 pub mod vm_link;
 pub mod window;
 pub mod worker;

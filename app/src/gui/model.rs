@@ -2,7 +2,7 @@
 //! process's answer, and the summary row of the library view. Pure: the poller (worker.rs)
 //! gathers the inputs.
 
-use vmm::machine::RunState;
+use crate::control::protocol::RunState;
 
 use crate::library::DiskState;
 

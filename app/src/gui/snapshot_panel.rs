@@ -301,7 +301,7 @@ pub fn panel_ui(
                             egui::Rect::from_min_max(egui::pos2(0.0, 0.0), egui::pos2(1.0, 1.0));
                         ui.painter().image(
                             t.id(),
-                            super::app::fit_rect(rect, t.size()),
+                            super::views::fit_rect(rect, t.size()),
                             uv,
                             Color32::WHITE,
                         );

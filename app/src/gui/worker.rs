@@ -7,15 +7,13 @@ use std::path::PathBuf;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
-
 use super::model::{derive_state, Probe, VmState, VmSummary};
 use super::screen::Thumbnailer;
 use super::snapshot_panel::{self, SnapshotRef};
-use crate::control::client::ControlClient;
 use crate::library::{DiskState, Library, VmConfig};
+use crate::runtime;
+use crate::service::{snapshot, vm as service};
 use crate::snapshots::{SnapshotInfo, SnapshotList};
-use crate::{commands, runtime, snapshot_cmd};
 
 /// How long a snapshot waits for the input sent before it to reach the guest.
 const BARRIER_TIMEOUT: Duration = Duration::from_secs(2);
@@ -286,9 +284,7 @@ fn summarize(library: &Library, name: String) -> VmSummary {
     let probe = match &disk {
         DiskState::Running { pid: Some(p) } => {
             pid = Some(p.pid);
-            match ControlClient::connect_with_timeout(&p.socket, PROBE_TIMEOUT)
-                .and_then(|mut c| c.status())
-            {
+            match service::probe(&p.socket, PROBE_TIMEOUT) {
                 Ok(st) => {
                     display = st.display.is_some();
                     Probe::Answered(st.state)
@@ -303,7 +299,7 @@ fn summarize(library: &Library, name: String) -> VmSummary {
     };
     let state = derive_state(&disk, &probe);
     let log_tail = if matches!(state, VmState::Crashed { .. }) {
-        commands::start_log_tail(&vm)
+        service::start_log_tail(&vm)
     } else {
         Vec::new()
     };
@@ -340,38 +336,29 @@ pub fn spawn_job(library: Library, job: Job, events: EventSender, poke: Sender<(
 
 /// Does the job; Ok carries a short message for the status line.
 fn run_job(library: &Library, job: &Job) -> anyhow::Result<String> {
-    let control = |name: &str| -> anyhow::Result<ControlClient> {
-        let vm = library.existing(name)?;
-        let pid = match vm.disk_state()? {
-            DiskState::Running { pid: Some(p) } => p,
-            DiskState::Running { pid: None } => anyhow::bail!("VM '{name}' is still starting"),
-            _ => anyhow::bail!("VM '{name}' is not running"),
-        };
-        ControlClient::connect(&pid.socket).with_context(|| format!("Cannot reach VM '{name}'"))
-    };
     Ok(match job {
         Job::Start(name) => {
-            let st = commands::start_vm(library, name)?;
+            let st = service::start(library, name)?;
             format!("VM '{name}' started (pid {})", st.pid)
         }
         Job::Shutdown(name) => {
-            control(name)?.shutdown()?;
+            service::shutdown(library, name)?;
             format!("Pressed the power button of VM '{name}'")
         }
         Job::PowerOff(name) => {
-            control(name)?.poweroff()?;
+            service::poweroff(library, name)?;
             format!("VM '{name}' powered off")
         }
         Job::Pause(name) => {
-            control(name)?.pause()?;
+            service::pause(library, name)?;
             format!("VM '{name}' paused")
         }
         Job::Resume(name) => {
-            control(name)?.resume()?;
+            service::resume(library, name)?;
             format!("VM '{name}' resumed")
         }
         Job::Delete(name) => {
-            library.delete(name)?;
+            service::delete(library, name)?;
             format!("VM '{name}' deleted")
         }
         Job::Create { name, config } => {
@@ -379,12 +366,7 @@ fn run_job(library: &Library, job: &Job) -> anyhow::Result<String> {
             format!("VM '{name}' created")
         }
         Job::SaveSettings { name, config } => {
-            let vm = library.existing(name)?;
-            // Holding the lock keeps the VM from starting while its settings change.
-            let _lock = vm
-                .try_lock()?
-                .ok_or_else(|| anyhow::anyhow!("VM '{name}' is running; stop it first"))?;
-            vm.write_config(config)?;
+            service::save_settings(library, name, config)?;
             format!("Settings of VM '{name}' saved")
         }
         Job::Screenshot { name } => {
@@ -434,7 +416,7 @@ fn run_snapshot(library: &Library, job: &SnapshotJob) -> anyhow::Result<Snapshot
     let started = Instant::now();
     Ok(match job {
         SnapshotJob::List { vm, known } => {
-            let list = snapshot_cmd::list(library, vm)?;
+            let list = snapshot::list(library, vm)?;
             let thumbnails = list
                 .snapshots
                 .iter()
@@ -452,25 +434,25 @@ fn run_snapshot(library: &Library, job: &SnapshotJob) -> anyhow::Result<Snapshot
             SnapshotDone::Listed { list, thumbnails }
         }
         SnapshotJob::Take { vm } => {
-            let info = snapshot_cmd::take(library, vm, None)?;
+            let info = snapshot::take(library, vm, None)?;
             SnapshotDone::Taken { info, took: started.elapsed() }
         }
         SnapshotJob::Restore { vm, snapshot } => {
             let target = match snapshot {
                 Some(s) => s.clone(),
                 None => {
-                    let list = snapshot_cmd::list(library, vm)?;
+                    let list = snapshot::list(library, vm)?;
                     let newest = snapshot_panel::latest(&list)
                         .ok_or_else(|| anyhow::anyhow!("VM '{vm}' has no snapshots"))?;
                     SnapshotRef::of(newest)
                 }
             };
             let started = Instant::now();
-            snapshot_cmd::restore(library, vm, &target.id)?;
+            snapshot::restore(library, vm, &target.id)?;
             SnapshotDone::Restored { name: target.name, took: started.elapsed() }
         }
         SnapshotJob::Delete { vm, snapshot } => {
-            let info = snapshot_cmd::delete(library, vm, &snapshot.id)?;
+            let info = snapshot::delete(library, vm, &snapshot.id)?;
             SnapshotDone::Deleted { info }
         }
     })

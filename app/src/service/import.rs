@@ -1,5 +1,5 @@
-//! `hutch import`: makes a library VM around an existing disk image or an OVA appliance.
-//! The CLI and the GUI both call [`import`].
+//! Import: makes a library VM around an existing disk image or an OVA appliance. The CLI
+//! (`hutch import`) and the GUI (drag and drop) both call [`import`].
 //!
 //! ```text
 //!   disk image ──convert──▶ vms/NAME/disk.qcow2            (default)
@@ -17,11 +17,11 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use clap::Args;
 use disk::convert::{self, ConvertOptions, NewImage};
 use disk::ova::Ova;
 use disk::{BlockBackend, DiskErrorKind, ImageFormat, OpenOptions};
 
+use super::disk::Progress;
 use crate::library::{self, DiskEntry, Library, VmConfig, DEFAULT_CMDLINE};
 
 /// CPUs and memory when neither the command line nor an OVF says.
@@ -29,34 +29,6 @@ const DEFAULT_CPUS: u32 = 1;
 const DEFAULT_MEMORY_MIB: u64 = 1024;
 /// Bytes copied at a time when extracting an OVA member.
 const EXTRACT_CHUNK: usize = 4 << 20;
-
-#[derive(Debug, Args)]
-pub struct ImportArgs {
-    /// A disk image (qcow2, raw, VMDK, VDI, VHD, VHDX, Parallels) or an OVA appliance.
-    pub file: PathBuf,
-    /// VM name (default: the OVF's name or the file name).
-    #[arg(long)]
-    pub name: Option<String>,
-    /// Use the disk where it is instead of converting a copy into the VM's directory
-    /// (foreign formats get a qcow2 overlay that writes go to).
-    #[arg(long)]
-    pub in_place: bool,
-    /// Guest kernel (default: the demo guest's, if built).
-    #[arg(long, value_name = "PATH")]
-    pub kernel: Option<PathBuf>,
-    /// Initial ramdisk (default: the demo guest's, with the default kernel).
-    #[arg(long, value_name = "PATH")]
-    pub initrd: Option<PathBuf>,
-    /// Kernel command line.
-    #[arg(long, value_name = "CMDLINE")]
-    pub cmdline: Option<String>,
-    /// vCPUs (default: the OVF's, else 1).
-    #[arg(long, value_name = "N")]
-    pub cpus: Option<u32>,
-    /// Guest RAM in MiB (default: the OVF's, else 1024).
-    #[arg(long, value_name = "MIB")]
-    pub memory: Option<u64>,
-}
 
 /// What to import and how.
 #[derive(Debug, Clone, Default)]
@@ -71,20 +43,6 @@ pub struct ImportOptions {
     pub cmdline: Option<String>,
     pub cpus: Option<u32>,
     pub memory_mib: Option<u64>,
-}
-
-impl From<&ImportArgs> for ImportOptions {
-    fn from(a: &ImportArgs) -> ImportOptions {
-        ImportOptions {
-            name: a.name.clone(),
-            in_place: a.in_place,
-            kernel: a.kernel.clone(),
-            initrd: a.initrd.clone(),
-            cmdline: a.cmdline.clone(),
-            cpus: a.cpus,
-            memory_mib: a.memory,
-        }
-    }
 }
 
 /// How one disk of the new VM came to be.
@@ -116,7 +74,7 @@ pub fn import(
     library: &Library,
     source: &Path,
     options: &ImportOptions,
-    progress: &dyn Fn(u64, u64) -> bool,
+    progress: Progress<'_>,
 ) -> anyhow::Result<ImportOutcome> {
     let source =
         std::path::absolute(source).with_context(|| format!("Cannot use {}", source.display()))?;
@@ -350,7 +308,7 @@ fn claim_vm_dir(library: &Library, base: &str, exact: bool) -> anyhow::Result<Cl
 
 /// Opens a disk image for reading; an OVA inside an OVA or an ISO is refused.
 fn open_source_image(path: &Path) -> anyhow::Result<(ImageFormat, Box<dyn BlockBackend>)> {
-    crate::disk_cmd::open_source(path)
+    super::disk::open_source(path)
 }
 
 /// Converts `src` into a new qcow2 image at `target`.
@@ -405,39 +363,6 @@ impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.0);
     }
-}
-
-/// `hutch import`.
-pub fn run(library: &Library, args: &ImportArgs) -> anyhow::Result<()> {
-    crate::disk_cmd::catch_interrupt();
-    let progress = crate::disk_cmd::Progress::new("Importing");
-    let result =
-        import(library, &args.file, &ImportOptions::from(args), &|d, t| progress.update(d, t));
-    progress.finish();
-    let outcome = match result {
-        Ok(o) => o,
-        Err(e) if crate::disk_cmd::is_cancelled(&e) => bail!("Cancelled; no VM was created"),
-        Err(e) => return Err(e),
-    };
-    for w in &outcome.warnings {
-        eprintln!("hutch: warning: {w}");
-    }
-    println!(
-        "Imported VM '{}' ({} CPU{}, {} MiB)",
-        outcome.name,
-        outcome.config.cpus,
-        if outcome.config.cpus == 1 { "" } else { "s" },
-        outcome.config.memory_mib
-    );
-    for (path, origin) in &outcome.disks {
-        let how = match origin {
-            DiskOrigin::Converted(f) => format!("converted from {}", f.name()),
-            DiskOrigin::InPlace(f) => format!("{} image used in place", f.name()),
-            DiskOrigin::Overlay(f) => format!("qcow2 overlay over the {} image", f.name()),
-        };
-        println!("  disk {} ({how})", path.display());
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -1,24 +1,23 @@
-//! One function per subcommand: glue between the CLI, the library, the control client and
-//! the machine. Errors carry context; `main` prints the whole chain.
+//! A VM's lifecycle over the library and its VM process: create, start (spawn the detached
+//! process and wait for its answer), stop, pause, resume, delete, status, console, screenshot,
+//! and `hutch run`'s machine in this process. The CLI and the GUI both call these.
 
 use std::fs::OpenOptions;
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
-use std::path::Path;
-use std::process::{Command as Process, ExitCode, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Command as Process, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use serde::Serialize;
-use vmm::machine::ExitReason;
+use vmm::machine::{ExitReason, MachineHandle};
 
-use crate::cli::{Command, MachineArgs, RunArgs, SerialTarget};
-use crate::control::client::ControlClient;
+use crate::control::client::{ConsoleStream, ControlClient, ControlClientError};
 use crate::control::protocol::StatusReply;
-use crate::library::{DiskState, ExitRecord, Library, VmConfig, VmDir};
-use crate::terminal::{pump_input, stdin_kind, InputEnd, RawTerminal, StdinKind};
-use crate::{backend, console, fsutil, vm_process};
+use crate::library::{DiskState, ExitKind, ExitRecord, Library, PidFile, VmConfig, VmDir};
+use crate::{backend, fsutil, vm_process};
 
 /// How long `start` waits for the VM process to answer.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -26,49 +25,46 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 const START_MARKER: &str = "==== hutch start";
 
-pub fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
-    match command {
-        Command::Run(args) => run(args),
-        Command::VmProcess { name, restore } => {
-            vm_process::main(&Library::from_env()?, &name, restore.as_deref())
-        }
-        Command::Disk(cmd) => crate::disk_cmd::run(cmd),
-        other => {
-            let library = Library::from_env()?;
-            match other {
-                Command::Create(args) => create(&library, &args.name, &args.machine),
-                Command::List { json } => list(&library, json),
-                Command::Start { name } => start(&library, &name),
-                Command::Console { name } => console(&library, &name),
-                Command::Stop { name, force, timeout } => stop(&library, &name, force, timeout),
-                Command::Status { name, json } => status(&library, &name, json),
-                Command::Delete { name } => delete(&library, &name),
-                Command::Screenshot { name, output } => screenshot(&library, &name, &output),
-                Command::Import(args) => crate::import::run(&library, &args),
-                Command::Snapshot(cmd) => crate::snapshot_cmd::run(&library, cmd).map(drop),
-                Command::Gui => crate::gui::run(library),
-                Command::Run(_) | Command::VmProcess { .. } | Command::Disk(_) => {
-                    unreachable!("handled above")
-                }
-            }
-        }
-    }
-    .map(|()| ExitCode::SUCCESS)
-}
-
-/// Validated configuration from the command line, paths absolute, files checked.
-fn checked_config(args: &MachineArgs) -> anyhow::Result<VmConfig> {
-    let mut config = args.to_config();
+/// `config` validated, its paths absolute, its files checked.
+pub fn checked_config(mut config: VmConfig) -> anyhow::Result<VmConfig> {
     config.validate()?;
     config.make_paths_absolute()?;
     config.check_files()?;
     Ok(config)
 }
 
-fn run(args: RunArgs) -> anyhow::Result<()> {
-    let config = checked_config(&args.machine)?;
-    let stdio = args.serial == SerialTarget::Stdio;
-    let serial_out: Box<dyn Write + Send> = match &args.serial {
+/// Where `hutch run` sends the guest's serial console.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialTarget {
+    Stdio,
+    File(PathBuf),
+}
+
+/// What drives a machine running in this process while it runs: its serial input and its
+/// plug. Cheap to clone, usable from any thread.
+#[derive(Clone)]
+pub struct ForegroundControl(MachineHandle);
+
+impl ForegroundControl {
+    pub fn serial_input(&self, bytes: &[u8]) {
+        self.0.serial_input(bytes);
+    }
+
+    pub fn poweroff(&self) {
+        self.0.poweroff();
+    }
+}
+
+/// Runs a VM in this process until it ends (`hutch run`). `attach` is called once the
+/// machine is built, before it runs; what it returns (a raw terminal, say) is dropped when
+/// the machine has stopped.
+pub fn run_foreground<G>(
+    config: VmConfig,
+    serial: &SerialTarget,
+    attach: impl FnOnce(ForegroundControl) -> anyhow::Result<G>,
+) -> anyhow::Result<ExitKind> {
+    let config = checked_config(config)?;
+    let serial_out: Box<dyn Write + Send> = match serial {
         SerialTarget::Stdio => Box::new(FlushingStdout),
         SerialTarget::File(path) => Box::new(
             OpenOptions::new()
@@ -80,44 +76,14 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         ),
     };
     let machine = vm_process::build_machine(&config, serial_out, None, None)?;
-    let handle = machine.handle();
-
-    let kind = if stdio { stdin_kind() } else { StdinKind::Other };
-    let raw = if kind == StdinKind::Tty {
-        eprintln!("hutch: serial console on this terminal; Ctrl+] powers the VM off");
-        Some(
-            RawTerminal::enter(libc::STDIN_FILENO)
-                .context("Cannot put the terminal in raw mode")?,
-        )
-    } else {
-        None
-    };
-    if kind != StdinKind::Other {
-        let handle = handle.clone();
-        std::thread::Builder::new()
-            .name("stdin".into())
-            .spawn(move || {
-                let end = pump_input(io::stdin().lock(), kind == StdinKind::Tty, |bytes| {
-                    handle.serial_input(bytes);
-                    true
-                });
-                if end == InputEnd::Escape {
-                    handle.poweroff();
-                }
-            })
-            .context("Cannot start the stdin thread")?;
-    }
-
+    let guard = attach(ForegroundControl(machine.handle()))?;
     let result = machine.run();
-    drop(raw);
-    match result.context("The virtual machine failed")? {
-        ExitReason::PowerOff => {}
-        ExitReason::Reset => {
-            eprintln!("hutch: the guest rebooted; rebooting is not supported yet, so hutch stops")
-        }
-        ExitReason::ForcedOff => eprintln!("hutch: the VM was powered off"),
-    }
-    Ok(())
+    drop(guard);
+    Ok(match result.context("The virtual machine failed")? {
+        ExitReason::PowerOff => ExitKind::PowerOff,
+        ExitReason::Reset => ExitKind::Reset,
+        ExitReason::ForcedOff => ExitKind::ForcedOff,
+    })
 }
 
 /// Serial output on stdout, flushed per write so a terminal shows it at once.
@@ -135,32 +101,50 @@ impl Write for FlushingStdout {
     }
 }
 
-fn create(library: &Library, name: &str, args: &MachineArgs) -> anyhow::Result<()> {
+/// Creates VM `name` from a configuration given by the user (checked first).
+pub fn create(library: &Library, name: &str, config: VmConfig) -> anyhow::Result<()> {
     crate::library::validate_name(name)?;
-    let config = checked_config(args)?;
+    let config = checked_config(config)?;
     library.create(name, &config)?;
-    println!("Created VM '{name}'");
+    Ok(())
+}
+
+/// Replaces a stopped VM's configuration (the lock keeps it from starting meanwhile).
+pub fn save_settings(library: &Library, name: &str, config: &VmConfig) -> anyhow::Result<()> {
+    let vm = library.existing(name)?;
+    let _lock = vm.try_lock()?.ok_or_else(|| anyhow!("VM '{name}' is running; stop it first"))?;
+    vm.write_config(config)?;
     Ok(())
 }
 
 /// A VM as `status` and `list` show it.
 #[derive(Debug, Serialize)]
-struct VmView {
-    name: String,
-    state: String,
+pub struct VmView {
+    pub name: String,
+    pub state: String,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pid: Option<u32>,
-    cpus: u32,
-    memory_mib: u64,
+    pub pid: Option<u32>,
+    pub cpus: u32,
+    pub memory_mib: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
-    uptime_secs: Option<u64>,
+    pub uptime_secs: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    last_exit: Option<ExitRecord>,
+    pub last_exit: Option<ExitRecord>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<String>,
+    pub error: Option<String>,
     /// What a running VM's screen shows (`virtio-gpu 1280x800`).
     #[serde(skip_serializing_if = "Option::is_none")]
-    display: Option<String>,
+    pub display: Option<String>,
+}
+
+/// Asks the VM process at `socket` for its status, waiting at most `timeout`.
+pub fn probe(socket: &Path, timeout: Duration) -> Result<StatusReply, ControlClientError> {
+    ControlClient::connect_with_timeout(socket, timeout).and_then(|mut c| c.status())
+}
+
+/// VM `name` as `status` shows it.
+pub fn status(library: &Library, name: &str) -> anyhow::Result<VmView> {
+    view(&library.existing(name)?)
 }
 
 fn view(vm: &VmDir) -> anyhow::Result<VmView> {
@@ -180,9 +164,7 @@ fn view(vm: &VmDir) -> anyhow::Result<VmView> {
         DiskState::Running { pid: None } => v.state = "starting".into(),
         DiskState::Running { pid: Some(pidfile) } => {
             v.pid = Some(pidfile.pid);
-            let reply = ControlClient::connect_with_timeout(&pidfile.socket, QUERY_TIMEOUT)
-                .and_then(|mut c| c.status());
-            match reply {
+            match probe(&pidfile.socket, QUERY_TIMEOUT) {
                 Ok(st) => {
                     v.state = wire_name(&st.state);
                     v.uptime_secs = Some(st.uptime_secs);
@@ -213,7 +195,8 @@ fn view(vm: &VmDir) -> anyhow::Result<VmView> {
     Ok(v)
 }
 
-fn list(library: &Library, json: bool) -> anyhow::Result<()> {
+/// Every VM of the library, a broken one shown as "invalid" rather than hiding the others.
+pub fn list(library: &Library) -> anyhow::Result<Vec<VmView>> {
     let mut views = Vec::new();
     for name in library.names()? {
         match library.existing(&name).map_err(anyhow::Error::from).and_then(|vm| view(&vm)) {
@@ -232,84 +215,24 @@ fn list(library: &Library, json: bool) -> anyhow::Result<()> {
             }),
         }
     }
-    if json {
-        println!("{}", serde_json::to_string_pretty(&views)?);
-        return Ok(());
-    }
-    let w = views.iter().map(|v| v.name.len()).max().unwrap_or(0).max(4);
-    println!("{:<w$}  {:<12}  {:>4}  {:>10}", "NAME", "STATE", "CPUS", "MEMORY");
-    for v in &views {
-        let mem = format!("{} MiB", v.memory_mib);
-        println!("{:<w$}  {:<12}  {:>4}  {:>10}", v.name, v.state, v.cpus, mem);
-    }
-    Ok(())
-}
-
-fn status(library: &Library, name: &str, json: bool) -> anyhow::Result<()> {
-    let vm = library.existing(name)?;
-    let v = view(&vm)?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
-    }
-    println!("name:    {}", v.name);
-    println!("state:   {}", v.state);
-    if let Some(pid) = v.pid {
-        println!("pid:     {pid}");
-    }
-    println!("cpus:    {}", v.cpus);
-    println!("memory:  {} MiB", v.memory_mib);
-    if let Some(up) = v.uptime_secs {
-        println!("uptime:  {}", format_duration(up));
-    }
-    if let Some(display) = &v.display {
-        println!("display: {display}");
-    }
-    if let Some(rec) = &v.last_exit {
-        let reason = wire_name(&rec.reason);
-        println!("last exit: {reason}");
-    }
-    if let Some(err) = &v.error {
-        println!("error:   {err}");
-    }
-    Ok(())
+    Ok(views)
 }
 
 /// The name an enum has on the wire (`RunState::ShuttingDown` → "shutting_down").
-fn wire_name<T: Serialize>(value: &T) -> String {
+pub fn wire_name<T: Serialize>(value: &T) -> String {
     match serde_json::to_value(value) {
         Ok(serde_json::Value::String(s)) => s,
         _ => "unknown".into(),
     }
 }
 
-fn format_duration(secs: u64) -> String {
-    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
-    match (h, m) {
-        (0, 0) => format!("{s}s"),
-        (0, _) => format!("{m}m {s}s"),
-        _ => format!("{h}h {m}m {s}s"),
-    }
-}
-
-fn start(library: &Library, name: &str) -> anyhow::Result<()> {
-    let st = start_vm(library, name)?;
-    println!("VM '{name}' started (pid {}): {}", st.pid, wire_name(&st.state));
-    Ok(())
-}
-
-/// Starts VM `name` as a detached process and waits until it answers (also used by the GUI,
-/// from a worker thread).
-pub fn start_vm(library: &Library, name: &str) -> anyhow::Result<StatusReply> {
-    spawn_vm(library, name, None)
+/// Starts VM `name` as a detached process and waits until it answers.
+pub fn start(library: &Library, name: &str) -> anyhow::Result<StatusReply> {
+    spawn(library, name, None)
 }
 
 /// Starts the VM process, booting or (with `restore`, a snapshot id) restoring.
-pub fn spawn_vm(
-    library: &Library,
-    name: &str,
-    restore: Option<&str>,
-) -> anyhow::Result<StatusReply> {
+pub fn spawn(library: &Library, name: &str, restore: Option<&str>) -> anyhow::Result<StatusReply> {
     let vm = library.existing(name)?;
     let config = vm.load_config()?;
     if vm.is_locked()? {
@@ -362,9 +285,7 @@ pub fn spawn_vm(
             ));
         }
         if let Some(pidfile) = vm.read_pid_file().filter(|p| p.pid == child.id()) {
-            let reply = ControlClient::connect_with_timeout(&pidfile.socket, QUERY_TIMEOUT)
-                .and_then(|mut c| c.status());
-            if let Ok(st) = reply {
+            if let Ok(st) = probe(&pidfile.socket, QUERY_TIMEOUT) {
                 return Ok(st);
             }
         }
@@ -396,7 +317,7 @@ pub fn start_log_tail(vm: &VmDir) -> Vec<String> {
 }
 
 /// The pid file of a running VM, or a clear error.
-pub fn running(vm: &VmDir) -> anyhow::Result<crate::library::PidFile> {
+pub fn running(vm: &VmDir) -> anyhow::Result<PidFile> {
     match vm.disk_state()? {
         DiskState::Running { pid: Some(p) } => Ok(p),
         DiskState::Running { pid: None } => bail!("VM '{}' is still starting", vm.name()),
@@ -404,11 +325,35 @@ pub fn running(vm: &VmDir) -> anyhow::Result<crate::library::PidFile> {
     }
 }
 
-fn stop(library: &Library, name: &str, force: bool, timeout: u64) -> anyhow::Result<()> {
+/// The control connection of running VM `name`.
+pub fn control(library: &Library, name: &str) -> anyhow::Result<ControlClient> {
+    let pidfile = running(&library.existing(name)?)?;
+    ControlClient::connect(&pidfile.socket).with_context(|| format!("Cannot reach VM '{name}'"))
+}
+
+/// Presses the ACPI power button (the guest decides what to do).
+pub fn shutdown(library: &Library, name: &str) -> anyhow::Result<()> {
+    Ok(control(library, name)?.shutdown()?)
+}
+
+/// Pulls the plug.
+pub fn poweroff(library: &Library, name: &str) -> anyhow::Result<()> {
+    Ok(control(library, name)?.poweroff()?)
+}
+
+pub fn pause(library: &Library, name: &str) -> anyhow::Result<()> {
+    Ok(control(library, name)?.pause()?)
+}
+
+pub fn resume(library: &Library, name: &str) -> anyhow::Result<()> {
+    Ok(control(library, name)?.resume()?)
+}
+
+/// Shuts VM `name` down (or with `force` powers it off) and waits up to `timeout` seconds
+/// for its process to end.
+pub fn stop(library: &Library, name: &str, force: bool, timeout: u64) -> anyhow::Result<()> {
     let vm = library.existing(name)?;
-    let pidfile = running(&vm)?;
-    let mut client = ControlClient::connect(&pidfile.socket)
-        .with_context(|| format!("Cannot reach VM '{name}'"))?;
+    let mut client = control(library, name)?;
     if force { client.poweroff() } else { client.shutdown() }
         .with_context(|| format!("Cannot stop VM '{name}'"))?;
     let deadline = Instant::now() + Duration::from_secs(timeout);
@@ -420,21 +365,19 @@ fn stop(library: &Library, name: &str, force: bool, timeout: u64) -> anyhow::Res
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    println!("VM '{name}' stopped");
     Ok(())
 }
 
-fn console(library: &Library, name: &str) -> anyhow::Result<()> {
-    let vm = library.existing(name)?;
-    let pidfile = running(&vm)?;
-    let stream = ControlClient::connect(&pidfile.socket)
+/// Running VM `name`'s serial console, as a raw stream.
+pub fn console(library: &Library, name: &str) -> anyhow::Result<ConsoleStream> {
+    let pidfile = running(&library.existing(name)?)?;
+    ControlClient::connect(&pidfile.socket)
         .and_then(ControlClient::into_console)
-        .with_context(|| format!("Cannot attach to VM '{name}'"))?;
-    console::attach(stream, name)?;
-    Ok(())
+        .with_context(|| format!("Cannot attach to VM '{name}'"))
 }
 
-fn screenshot(library: &Library, name: &str, output: &Path) -> anyhow::Result<()> {
+/// Saves running VM `name`'s screen as a PNG at `output`; returns its size.
+pub fn screenshot(library: &Library, name: &str, output: &Path) -> anyhow::Result<(u32, u32)> {
     let vm = library.existing(name)?;
     let pidfile = running(&vm)?;
     let frame = crate::runtime::frame_path_for_socket(&pidfile.socket);
@@ -442,25 +385,9 @@ fn screenshot(library: &Library, name: &str, output: &Path) -> anyhow::Result<()
         .with_context(|| format!("VM '{name}' has no screen (display off?)"))?;
     let image = reader.snapshot().with_context(|| format!("Cannot read VM '{name}''s screen"))?;
     crate::screenshot::write_png(&image, output)?;
-    println!("Saved {}x{} screenshot to {}", image.width, image.height, output.display());
-    Ok(())
+    Ok((image.width, image.height))
 }
 
-fn delete(library: &Library, name: &str) -> anyhow::Result<()> {
-    library.delete(name)?;
-    println!("Deleted VM '{name}'");
-    Ok(())
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)] // A failed unwrap is a failed test.
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations_are_human_readable() {
-        assert_eq!(format_duration(5), "5s");
-        assert_eq!(format_duration(65), "1m 5s");
-        assert_eq!(format_duration(3725), "1h 2m 5s");
-    }
+pub fn delete(library: &Library, name: &str) -> anyhow::Result<()> {
+    Ok(library.delete(name)?)
 }

@@ -1,10 +1,14 @@
-//! The command line (clap derive). Parsing only: the commands live in `commands.rs`.
+//! The command line (clap derive). Parsing only: the commands live next to this file, one
+//! module per group.
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use disk::ImageFormat;
 
-use crate::library::{DiskEntry, VmConfig, DEFAULT_CMDLINE};
+use crate::library::{parse_disk, DiskEntry, VmConfig, DEFAULT_CMDLINE};
+use crate::service::import::ImportOptions;
+pub use crate::service::vm::SerialTarget;
 
 #[derive(Debug, Parser)]
 #[command(name = "hutch", version, about = "Run and manage small virtual machines")]
@@ -61,12 +65,12 @@ pub enum Command {
     },
     /// Take, list, restore and delete snapshots of a VM (running VMs are saved live).
     #[command(subcommand)]
-    Snapshot(crate::snapshot_cmd::SnapshotCommand),
+    Snapshot(SnapshotCommand),
     /// Inspect, convert, compact and resize disk images.
     #[command(subcommand)]
-    Disk(crate::disk_cmd::DiskCommand),
+    Disk(DiskCommand),
     /// Create a VM from a disk image (any format) or an OVA appliance.
-    Import(crate::import::ImportArgs),
+    Import(ImportArgs),
     /// Open the graphical interface (also what `hutch` alone does).
     Gui,
     /// The background VM process (internal).
@@ -133,10 +137,117 @@ pub struct CreateArgs {
     pub machine: MachineArgs,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SerialTarget {
-    Stdio,
-    File(PathBuf),
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Save a running VM (memory, CPUs, devices, disks) as a snapshot; it keeps running.
+    Take {
+        name: String,
+        /// The snapshot's name (default: "Snapshot N").
+        snapshot: Option<String>,
+    },
+    /// List a VM's snapshots as a tree.
+    List {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Bring a VM back to a snapshot (a running VM is replaced; a stopped one starts).
+    Restore { name: String, snapshot: String },
+    /// Delete a snapshot; the others keep all their data.
+    Delete { name: String, snapshot: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DiskCommand {
+    /// Show an image's format, sizes, backing chain and any problems found.
+    Info {
+        file: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Convert an image (qcow2, raw, VMDK, VDI, VHD, VHDX, Parallels, ISO) to qcow2 or raw.
+    ///
+    /// The output appears only once complete; Ctrl+C leaves nothing behind.
+    Convert {
+        input: PathBuf,
+        output: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = OutputFormat::Qcow2)]
+        format: OutputFormat,
+        /// Replace OUTPUT if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Give back the host space that zeroed data occupies (qcow2 and raw images).
+    Compact { file: PathBuf },
+    /// Change an image's virtual size (qcow2 and raw images).
+    Resize {
+        file: PathBuf,
+        /// New size (20G, 512M, 1T, bytes) or a change (+1G, -512M).
+        #[arg(allow_hyphen_values = true)]
+        size: String,
+        /// Allow making the disk smaller (data past the new end is lost).
+        #[arg(long)]
+        shrink: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Qcow2,
+    Raw,
+}
+
+impl OutputFormat {
+    pub fn image_format(self) -> ImageFormat {
+        match self {
+            OutputFormat::Qcow2 => ImageFormat::Qcow2,
+            OutputFormat::Raw => ImageFormat::Raw,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// A disk image (qcow2, raw, VMDK, VDI, VHD, VHDX, Parallels) or an OVA appliance.
+    pub file: PathBuf,
+    /// VM name (default: the OVF's name or the file name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Use the disk where it is instead of converting a copy into the VM's directory
+    /// (foreign formats get a qcow2 overlay that writes go to).
+    #[arg(long)]
+    pub in_place: bool,
+    /// Guest kernel (default: the demo guest's, if built).
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk (default: the demo guest's, with the default kernel).
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "CMDLINE")]
+    pub cmdline: Option<String>,
+    /// vCPUs (default: the OVF's, else 1).
+    #[arg(long, value_name = "N")]
+    pub cpus: Option<u32>,
+    /// Guest RAM in MiB (default: the OVF's, else 1024).
+    #[arg(long, value_name = "MIB")]
+    pub memory: Option<u64>,
+}
+
+impl From<&ImportArgs> for ImportOptions {
+    fn from(a: &ImportArgs) -> ImportOptions {
+        ImportOptions {
+            name: a.name.clone(),
+            in_place: a.in_place,
+            kernel: a.kernel.clone(),
+            initrd: a.initrd.clone(),
+            cmdline: a.cmdline.clone(),
+            cpus: a.cpus,
+            memory_mib: a.memory,
+        }
+    }
 }
 
 fn parse_serial(s: &str) -> Result<SerialTarget, String> {
@@ -147,50 +258,11 @@ fn parse_serial(s: &str) -> Result<SerialTarget, String> {
     }
 }
 
-/// `PATH` or `PATH,readonly`. Anything else after the last comma is an error rather than
-/// part of the path, so a typo (`,ro`, `,readonyl`) never silently makes a writable disk.
-pub fn parse_disk(s: &str) -> Result<DiskEntry, String> {
-    let (path, readonly) = match s.rsplit_once(',') {
-        None => (s, false),
-        Some((path, "readonly")) => (path, true),
-        Some((_, opt)) => {
-            return Err(format!("unknown disk option '{opt}' (expected PATH or PATH,readonly)"))
-        }
-    };
-    if path.is_empty() {
-        return Err("missing disk path (expected PATH or PATH,readonly)".into());
-    }
-    Ok(DiskEntry { path: PathBuf::from(path), readonly })
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // A failed unwrap is a failed test.
 mod tests {
     use super::*;
     use clap::CommandFactory;
-
-    #[test]
-    fn disk_options_parse() {
-        assert_eq!(
-            parse_disk("/vm/a.img").unwrap(),
-            DiskEntry { path: "/vm/a.img".into(), readonly: false }
-        );
-        assert_eq!(
-            parse_disk("a.img,readonly").unwrap(),
-            DiskEntry { path: "a.img".into(), readonly: true }
-        );
-        assert_eq!(
-            parse_disk("my,disk.img,readonly").unwrap(),
-            DiskEntry { path: "my,disk.img".into(), readonly: true }
-        );
-    }
-
-    #[test]
-    fn bad_disk_options_are_rejected() {
-        for s in ["", ",readonly", "a.img,ro", "a.img,", "a.img,readonly,"] {
-            assert!(parse_disk(s).is_err(), "{s:?}");
-        }
-    }
 
     #[test]
     fn serial_target_parses() {

@@ -1,15 +1,11 @@
-//! `hutch disk ...`: inspect, convert, compact and resize disk images, plus the pieces the
-//! other long-running commands share (the Ctrl+C flag, the progress bar, human sizes).
+//! Disk images: inspect, convert, compact and resize, with progress and cancel (for `hutch
+//! disk ...` and the importer), plus human sizes.
 
 use std::fs;
-use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::path::Path;
 
 use anyhow::{bail, Context};
-use clap::{Subcommand, ValueEnum};
-use disk::convert::{self, ConvertOptions, NewImage};
+use disk::convert::{self, ConvertOptions, ConvertStats, NewImage};
 use disk::qcow2::{CheckReport, Qcow2};
 use disk::{BlockBackend, DiskError, DiskErrorKind, ImageFormat, ImageInfo, OpenOptions};
 use serde::Serialize;
@@ -17,141 +13,10 @@ use serde::Serialize;
 /// Longest backing chain `info` follows.
 const MAX_CHAIN: usize = 64;
 
-#[derive(Debug, Subcommand)]
-pub enum DiskCommand {
-    /// Show an image's format, sizes, backing chain and any problems found.
-    Info {
-        file: PathBuf,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Convert an image (qcow2, raw, VMDK, VDI, VHD, VHDX, Parallels, ISO) to qcow2 or raw.
-    ///
-    /// The output appears only once complete; Ctrl+C leaves nothing behind.
-    Convert {
-        input: PathBuf,
-        output: PathBuf,
-        /// Output format.
-        #[arg(long, value_enum, default_value_t = OutputFormat::Qcow2)]
-        format: OutputFormat,
-        /// Replace OUTPUT if it exists.
-        #[arg(long)]
-        force: bool,
-    },
-    /// Give back the host space that zeroed data occupies (qcow2 and raw images).
-    Compact { file: PathBuf },
-    /// Change an image's virtual size (qcow2 and raw images).
-    Resize {
-        file: PathBuf,
-        /// New size (20G, 512M, 1T, bytes) or a change (+1G, -512M).
-        #[arg(allow_hyphen_values = true)]
-        size: String,
-        /// Allow making the disk smaller (data past the new end is lost).
-        #[arg(long)]
-        shrink: bool,
-    },
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum OutputFormat {
-    Qcow2,
-    Raw,
-}
-
-impl OutputFormat {
-    fn image_format(self) -> ImageFormat {
-        match self {
-            OutputFormat::Qcow2 => ImageFormat::Qcow2,
-            OutputFormat::Raw => ImageFormat::Raw,
-        }
-    }
-}
-
-pub fn run(command: DiskCommand) -> anyhow::Result<()> {
-    match command {
-        DiskCommand::Info { file, json } => info(&file, json),
-        DiskCommand::Convert { input, output, format, force } => {
-            convert_cmd(&input, &output, format, force)
-        }
-        DiskCommand::Compact { file } => compact(&file),
-        DiskCommand::Resize { file, size, shrink } => resize(&file, &size, shrink),
-    }
-}
-
-// ---- Ctrl+C and progress ----
-
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_sigint(_: libc::c_int) {
-    if INTERRUPTED.swap(true, Ordering::SeqCst) {
-        // Second Ctrl+C: the user does not want to wait for the clean-up.
-        // SAFETY: _exit is async-signal-safe and takes a plain integer.
-        unsafe { libc::_exit(130) };
-    }
-}
-
-/// Makes Ctrl+C set a flag that long operations poll (so they can clean up) instead of
-/// killing the process; a second Ctrl+C exits at once.
-pub fn catch_interrupt() {
-    // SAFETY: installs a handler that only touches an atomic and calls _exit, both
-    // async-signal-safe.
-    unsafe { libc::signal(libc::SIGINT, on_sigint as extern "C" fn(libc::c_int) as usize) };
-}
-
-/// True once Ctrl+C was pressed (after [`catch_interrupt`]).
-pub fn interrupted() -> bool {
-    INTERRUPTED.load(Ordering::SeqCst)
-}
-
-/// A byte progress bar on stderr when it is a terminal; silent otherwise.
-pub struct Progress {
-    bar: Option<indicatif::ProgressBar>,
-}
-
-impl Progress {
-    pub fn new(message: &str) -> Progress {
-        if !std::io::stderr().is_terminal() {
-            return Progress { bar: None };
-        }
-        let bar = indicatif::ProgressBar::new(0);
-        let style = indicatif::ProgressStyle::with_template(
-            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
-        )
-        .map(|s| s.progress_chars("=> "))
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
-        bar.set_style(style);
-        bar.set_message(message.to_string());
-        Progress { bar: Some(bar) }
-    }
-
-    /// The callback for [`disk::convert::convert`]: updates the bar, `false` after Ctrl+C.
-    pub fn update(&self, done: u64, total: u64) -> bool {
-        if let Some(bar) = &self.bar {
-            bar.set_length(total);
-            bar.set_position(done);
-        }
-        !interrupted()
-    }
-
-    pub fn set_message(&self, message: &str) {
-        if let Some(bar) = &self.bar {
-            bar.set_message(message.to_string());
-        }
-    }
-
-    pub fn finish(&self) {
-        if let Some(bar) = &self.bar {
-            bar.finish_and_clear();
-        }
-    }
-}
-
-impl Drop for Progress {
-    fn drop(&mut self) {
-        self.finish();
-    }
-}
+/// What [`convert`], [`compact`] (and the importer) report as they go: `progress(done,
+/// total)` in bytes; returning `false` cancels (the operation then leaves nothing behind,
+/// or for a raw compact, the same data).
+pub type Progress<'a> = &'a dyn Fn(u64, u64) -> bool;
 
 /// `1536` → "1.5 KiB".
 pub fn human(bytes: u64) -> String {
@@ -195,23 +60,23 @@ pub fn open_source(path: &Path) -> anyhow::Result<(ImageFormat, Box<dyn BlockBac
 
 // ---- info ----
 
-/// What `hutch disk info --json` prints.
+/// An image, its backing chain and its problems (what `hutch disk info --json` prints).
 #[derive(Debug, Serialize)]
-struct InfoView {
+pub struct InfoView {
     #[serde(flatten)]
-    image: ImageInfo,
+    pub image: ImageInfo,
     /// The backing images, nearest first.
-    backing_chain: Vec<ImageInfo>,
+    pub backing_chain: Vec<ImageInfo>,
     /// qcow2 consistency check.
     #[serde(skip_serializing_if = "Option::is_none")]
-    check: Option<CheckView>,
+    pub check: Option<CheckView>,
 }
 
 #[derive(Debug, Serialize)]
-struct CheckView {
-    corruptions: u64,
-    leaked_clusters: u64,
-    messages: Vec<String>,
+pub struct CheckView {
+    pub corruptions: u64,
+    pub leaked_clusters: u64,
+    pub messages: Vec<String>,
 }
 
 impl From<CheckReport> for CheckView {
@@ -224,7 +89,8 @@ impl From<CheckReport> for CheckView {
     }
 }
 
-fn info_view(path: &Path) -> anyhow::Result<InfoView> {
+/// Reads `path`'s header and backing chain, and checks a qcow2 image.
+pub fn info(path: &Path) -> anyhow::Result<InfoView> {
     let mut image =
         disk::image_info(path).with_context(|| format!("Cannot read {}", path.display()))?;
     let mut check = None;
@@ -256,76 +122,25 @@ fn info_view(path: &Path) -> anyhow::Result<InfoView> {
     Ok(InfoView { image, backing_chain: chain, check })
 }
 
-fn info(path: &Path, json: bool) -> anyhow::Result<()> {
-    let view = info_view(path)?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&view)?);
-        return Ok(());
-    }
-    let i = &view.image;
-    println!("image:        {}", i.path.display());
-    match &i.subformat {
-        Some(sub) => println!("format:       {} ({sub})", i.format.name()),
-        None => println!("format:       {}", i.format.name()),
-    }
-    println!("virtual size: {} ({} bytes)", human(i.virtual_size), i.virtual_size);
-    println!("disk size:    {}", human(i.allocated_bytes));
-    for (depth, parent) in view.backing_chain.iter().enumerate() {
-        let label = if depth == 0 { "backing file:" } else { "             " };
-        println!(
-            "{label} {}{} ({})",
-            "  ".repeat(depth),
-            parent.path.display(),
-            parent.format.name()
-        );
-    }
-    if i.backing.is_some() && view.backing_chain.is_empty() {
-        if let Some(b) = &i.backing {
-            println!("backing file: {} (unreadable)", b.display());
-        }
-    }
-    let all_problems: Vec<String> = i
-        .problems
-        .iter()
-        .cloned()
-        .chain(
-            view.backing_chain
-                .iter()
-                .flat_map(|p| p.problems.iter().map(move |m| format!("{}: {m}", p.path.display()))),
-        )
-        .collect();
-    if all_problems.is_empty() {
-        println!("problems:     none");
-    } else {
-        println!("problems:");
-        for p in all_problems {
-            println!("  - {p}");
-        }
-    }
-    Ok(())
-}
-
 // ---- convert ----
 
-fn convert_cmd(
+/// Converts `input` (any readable format) into a new `format` image at `output`, which
+/// appears only once complete (replacing an existing file only with `force`). Returns the
+/// input's format and what was copied.
+pub fn convert(
     input: &Path,
     output: &Path,
-    format: OutputFormat,
+    format: ImageFormat,
     force: bool,
-) -> anyhow::Result<()> {
+    progress: Progress<'_>,
+) -> anyhow::Result<(ImageFormat, ConvertStats)> {
     if output.exists() && !force {
         bail!("{} already exists; use --force to replace it", output.display());
     }
     let (in_format, src) = open_source(input)?;
-    catch_interrupt();
-    let started = Instant::now();
-    let dst = NewImage::create(output, format.image_format(), src.size())
+    let dst = NewImage::create(output, format, src.size())
         .with_context(|| format!("Cannot create {}", output.display()))?;
-    let progress = Progress::new("Converting");
-    let result = convert::convert_into(src.as_ref(), &dst, &ConvertOptions::default(), &|d, t| {
-        progress.update(d, t)
-    });
-    progress.finish();
+    let result = convert::convert_into(src.as_ref(), &dst, &ConvertOptions::default(), progress);
     let stats = match result {
         Ok(s) => s,
         Err(e) if e.kind() == DiskErrorKind::Cancelled => {
@@ -341,26 +156,16 @@ fn convert_cmd(
         }
     };
     dst.commit(force).with_context(|| format!("Cannot write {}", output.display()))?;
-    println!(
-        "Converted {} ({}) to {} ({}): {} of data copied, {} skipped as zeroes, in {:.1} s",
-        input.display(),
-        in_format.name(),
-        output.display(),
-        format.image_format().name(),
-        human(stats.written),
-        human(stats.zero_data + stats.sparse),
-        started.elapsed().as_secs_f64()
-    );
-    Ok(())
+    Ok((in_format, stats))
 }
 
 // ---- compact ----
 
-fn compact(path: &Path) -> anyhow::Result<()> {
+/// Gives back the host space zeroed data of a qcow2 or raw image takes; returns the bytes
+/// allocated before and after.
+pub fn compact(path: &Path, progress: Progress<'_>) -> anyhow::Result<(u64, u64)> {
     let format = disk::detect(path).with_context(|| format!("Cannot read {}", path.display()))?;
     let before = convert::allocated_bytes(path)?;
-    catch_interrupt();
-    let progress = Progress::new("Compacting");
     match format {
         ImageFormat::Qcow2 => {
             let src = Qcow2::open(path, OpenOptions::default())
@@ -376,10 +181,7 @@ fn compact(path: &Path) -> anyhow::Result<()> {
             let dst = NewImage::create(path, ImageFormat::Qcow2, src.size())
                 .with_context(|| format!("Cannot create a new image next to {}", path.display()))?;
             let perms = fs::metadata(path)?.permissions();
-            let result = convert::convert_into(&src, &dst, &ConvertOptions::default(), &|d, t| {
-                progress.update(d, t)
-            });
-            progress.finish();
+            let result = convert::convert_into(&src, &dst, &ConvertOptions::default(), progress);
             match result {
                 Err(e) if e.kind() == DiskErrorKind::Cancelled => {
                     bail!("Cancelled; {} is unchanged", path.display())
@@ -391,9 +193,7 @@ fn compact(path: &Path) -> anyhow::Result<()> {
             dst.commit(true).with_context(|| format!("Cannot replace {}", path.display()))?;
         }
         ImageFormat::Raw => {
-            let result = convert::punch_zero_blocks(path, &|d, t| progress.update(d, t));
-            progress.finish();
-            match result {
+            match convert::punch_zero_blocks(path, progress) {
                 Err(e) if e.kind() == DiskErrorKind::Cancelled => {
                     // Holes punched so far are harmless: the content is unchanged.
                     bail!("Cancelled; {} holds the same data, partly compacted", path.display())
@@ -413,14 +213,7 @@ fn compact(path: &Path) -> anyhow::Result<()> {
         ),
     }
     let after = convert::allocated_bytes(path)?;
-    println!(
-        "Compacted {}: {} reclaimed ({} -> {})",
-        path.display(),
-        human(before.saturating_sub(after)),
-        human(before),
-        human(after)
-    );
-    Ok(())
+    Ok((before, after))
 }
 
 // ---- resize ----
@@ -485,8 +278,9 @@ pub fn parse_size(text: &str) -> anyhow::Result<SizeSpec> {
     })
 }
 
-fn resize(path: &Path, size: &str, shrink: bool) -> anyhow::Result<()> {
-    let spec = parse_size(size)?;
+/// Changes a qcow2 or raw image's virtual size (smaller only with `shrink`); returns the old
+/// and new sizes.
+pub fn resize(path: &Path, spec: SizeSpec, shrink: bool) -> anyhow::Result<(u64, u64)> {
     let format = disk::detect(path).with_context(|| format!("Cannot read {}", path.display()))?;
     let (old, new) = match format {
         ImageFormat::Qcow2 => {
@@ -515,8 +309,7 @@ fn resize(path: &Path, size: &str, shrink: bool) -> anyhow::Result<()> {
             other.name()
         ),
     };
-    println!("Resized {} from {} to {}", path.display(), human(old), human(new));
-    Ok(())
+    Ok((old, new))
 }
 
 fn checked_new_size(spec: SizeSpec, old: u64, shrink: bool) -> anyhow::Result<u64> {

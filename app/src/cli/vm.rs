@@ -1,0 +1,151 @@
+//! `hutch run|create|list|status|start|stop|console|screenshot|delete`.
+
+use std::io;
+use std::path::Path;
+
+use anyhow::Context;
+
+use super::args::{MachineArgs, RunArgs, SerialTarget};
+use crate::library::{ExitKind, Library};
+use crate::service::vm::{self as service, wire_name};
+use crate::terminal::{pump_input, stdin_kind, InputEnd, RawTerminal, StdinKind};
+
+pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    let stdio = args.serial == SerialTarget::Stdio;
+    let end = service::run_foreground(args.machine.to_config(), &args.serial, |vm| {
+        let kind = if stdio { stdin_kind() } else { StdinKind::Other };
+        let raw = if kind == StdinKind::Tty {
+            eprintln!("hutch: serial console on this terminal; Ctrl+] powers the VM off");
+            Some(
+                RawTerminal::enter(libc::STDIN_FILENO)
+                    .context("Cannot put the terminal in raw mode")?,
+            )
+        } else {
+            None
+        };
+        if kind != StdinKind::Other {
+            std::thread::Builder::new()
+                .name("stdin".into())
+                .spawn(move || {
+                    let end = pump_input(io::stdin().lock(), kind == StdinKind::Tty, |bytes| {
+                        vm.serial_input(bytes);
+                        true
+                    });
+                    if end == InputEnd::Escape {
+                        vm.poweroff();
+                    }
+                })
+                .context("Cannot start the stdin thread")?;
+        }
+        Ok(raw)
+    })?;
+    match end {
+        ExitKind::Reset => {
+            eprintln!("hutch: the guest rebooted; rebooting is not supported yet, so hutch stops")
+        }
+        ExitKind::ForcedOff => eprintln!("hutch: the VM was powered off"),
+        ExitKind::PowerOff | ExitKind::Failed => {}
+    }
+    Ok(())
+}
+
+pub fn create(library: &Library, name: &str, args: &MachineArgs) -> anyhow::Result<()> {
+    service::create(library, name, args.to_config())?;
+    println!("Created VM '{name}'");
+    Ok(())
+}
+
+pub fn list(library: &Library, json: bool) -> anyhow::Result<()> {
+    let views = service::list(library)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&views)?);
+        return Ok(());
+    }
+    let w = views.iter().map(|v| v.name.len()).max().unwrap_or(0).max(4);
+    println!("{:<w$}  {:<12}  {:>4}  {:>10}", "NAME", "STATE", "CPUS", "MEMORY");
+    for v in &views {
+        let mem = format!("{} MiB", v.memory_mib);
+        println!("{:<w$}  {:<12}  {:>4}  {:>10}", v.name, v.state, v.cpus, mem);
+    }
+    Ok(())
+}
+
+pub fn status(library: &Library, name: &str, json: bool) -> anyhow::Result<()> {
+    let v = service::status(library, name)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("name:    {}", v.name);
+    println!("state:   {}", v.state);
+    if let Some(pid) = v.pid {
+        println!("pid:     {pid}");
+    }
+    println!("cpus:    {}", v.cpus);
+    println!("memory:  {} MiB", v.memory_mib);
+    if let Some(up) = v.uptime_secs {
+        println!("uptime:  {}", format_duration(up));
+    }
+    if let Some(display) = &v.display {
+        println!("display: {display}");
+    }
+    if let Some(rec) = &v.last_exit {
+        let reason = wire_name(&rec.reason);
+        println!("last exit: {reason}");
+    }
+    if let Some(err) = &v.error {
+        println!("error:   {err}");
+    }
+    Ok(())
+}
+
+fn format_duration(secs: u64) -> String {
+    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+    match (h, m) {
+        (0, 0) => format!("{s}s"),
+        (0, _) => format!("{m}m {s}s"),
+        _ => format!("{h}h {m}m {s}s"),
+    }
+}
+
+pub fn start(library: &Library, name: &str) -> anyhow::Result<()> {
+    let st = service::start(library, name)?;
+    println!("VM '{name}' started (pid {}): {}", st.pid, wire_name(&st.state));
+    Ok(())
+}
+
+pub fn stop(library: &Library, name: &str, force: bool, timeout: u64) -> anyhow::Result<()> {
+    service::stop(library, name, force, timeout)?;
+    println!("VM '{name}' stopped");
+    Ok(())
+}
+
+pub fn console(library: &Library, name: &str) -> anyhow::Result<()> {
+    let stream = service::console(library, name)?;
+    crate::console::attach(stream, name)?;
+    Ok(())
+}
+
+pub fn screenshot(library: &Library, name: &str, output: &Path) -> anyhow::Result<()> {
+    let (width, height) = service::screenshot(library, name, output)?;
+    println!("Saved {width}x{height} screenshot to {}", output.display());
+    Ok(())
+}
+
+pub fn delete(library: &Library, name: &str) -> anyhow::Result<()> {
+    service::delete(library, name)?;
+    println!("Deleted VM '{name}'");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_are_human_readable() {
+        assert_eq!(format_duration(5), "5s");
+        assert_eq!(format_duration(65), "1m 5s");
+        assert_eq!(format_duration(3725), "1h 2m 5s");
+    }
+}
