@@ -47,16 +47,22 @@ result() {
     exit 1
 }
 
-# The transcript with the terminal's carriage returns gone.
+# Terminal control sequences out of a transcript: busybox's line editor asks the terminal for
+# the cursor position (ESC [6n) after every prompt, which no one answers under `script`.
+plain() {
+    tr -d '\r' | sed 's/\x1b\[[0-9;?]*[A-Za-z]//g'
+}
+
+# The transcript with the terminal's carriage returns and control sequences gone.
 transcript() {
-    tr -d '\r' <"$LOG"
+    plain <"$LOG"
 }
 
 # wait_for REGEX SECONDS [FROM_BYTE]: true once the transcript (from FROM_BYTE on) matches.
 wait_for() {
     local regex=$1 deadline=$(($(date +%s) + $2)) from=${3:-0}
     while [ "$(date +%s)" -lt "$deadline" ]; do
-        tail -c +"$((from + 1))" "$LOG" | tr -d '\r' | grep -qE "$regex" && return 0
+        tail -c +"$((from + 1))" "$LOG" | plain | grep -qE "$regex" && return 0
         kill -0 "$DEMO_PID" 2>/dev/null || return 1
         sleep 1
     done
