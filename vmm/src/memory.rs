@@ -40,16 +40,12 @@ pub fn create_guest_memory_in(
         regions.iter().copied().map(|(start, size)| (GuestAddress(start), size as usize)).collect();
     let memory = GuestMemory::from_ranges(&ranges)
         .map_err(|source| MemoryError::Allocate { mib, source })?;
+    // Transparent huge pages on guest RAM (as QEMU does): far fewer page faults while the
+    // guest first touches its memory, and 2 MiB nested page-table entries.
     for region in memory.iter() {
-        advise_huge_pages(region.as_ptr(), region.len());
+        crate::sys::advise_huge_pages(region.as_ptr(), region.len());
     }
     Ok(memory)
-}
-
-/// Asks for transparent huge pages on guest RAM (as QEMU does): far fewer page faults while
-/// the guest first touches its memory, and 2 MiB nested page-table entries.
-fn advise_huge_pages(addr: *mut u8, len: u64) {
-    crate::sys::advise_huge_pages(addr, len);
 }
 
 /// Maps every region of `memory` into `vm`, one slot per region.

@@ -134,9 +134,4 @@ impl MachineHandle {
     pub fn memory_mib(&self) -> u64 {
         self.memory_mib
     }
-
-    /// The board's name ("pc").
-    pub fn board(&self) -> &'static str {
-        self.board.name()
-    }
 }

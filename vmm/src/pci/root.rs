@@ -281,10 +281,9 @@ impl PciRoot {
         let slots = self
             .slots
             .iter()
-            .map(|slot| {
-                slot.as_ref()
-                    .map(|s| lock(&s.device).save_state().map(serde_bytes::ByteBuf::from))
-                    .transpose()
+            .enumerate()
+            .map(|(i, slot)| {
+                slot.as_ref().map(|_| self.save_slot(i as u8).map(Into::into)).transpose()
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(PciRootState { slots })
@@ -300,10 +299,9 @@ impl PciRoot {
         if !same_layout {
             return Err(StateError::invalid("PCI bus", "slots differ from this machine's"));
         }
-        for (slot, bytes) in self.slots.iter_mut().zip(&saved.slots) {
-            if let (Some(slot), Some(bytes)) = (slot, bytes) {
-                lock(&slot.device).restore_state(bytes)?;
-                slot.refresh();
+        for (i, bytes) in saved.slots.iter().enumerate() {
+            if let Some(bytes) = bytes {
+                self.restore_slot(i as u8, bytes)?;
             }
         }
         Ok(())
