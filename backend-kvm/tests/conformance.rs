@@ -81,3 +81,10 @@ fn dirty_log_names_the_written_page() {
         conformance::dirty_log_names_the_written_page(&hv);
     }
 }
+
+#[test]
+fn unmapped_memory_exits_and_maps_again_elsewhere() {
+    if let Some(hv) = hypervisor() {
+        conformance::unmapped_memory_exits_and_maps_again_elsewhere(&hv);
+    }
+}

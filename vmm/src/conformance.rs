@@ -16,6 +16,7 @@ use crate::hypervisor::{
     ArchVcpu, ExitHandler, Hypervisor, HypervisorError, Vcpu, VcpuExit, VcpuKicker, VcpuState, Vm,
     VmSetup, VmState, X86Regs, X86Segment,
 };
+use crate::memory::slots::VmMemory;
 use crate::memory::{create_guest_memory, map_into_vm, GuestMemory};
 
 /// Where the test code is loaded and starts.
@@ -40,7 +41,8 @@ fn tiny_guest(hv: &dyn Hypervisor, code: &[u8]) -> TinyGuest {
         .create_vm(&VmSetup { vcpu_count: 1, ioapic_addr: layout::IOAPIC_START })
         .unwrap_or_else(|e| panic!("{}: create_vm failed: {e}", hv.name()));
     let memory = create_guest_memory(1).expect("allocate 1 MiB of guest RAM");
-    map_into_vm(&memory, vm.as_ref()).unwrap_or_else(|e| panic!("map guest RAM: {e}"));
+    map_into_vm(&memory, &VmMemory::new(vm.clone()))
+        .unwrap_or_else(|e| panic!("map guest RAM: {e}"));
     memory.write_slice(code, GuestAddress(CODE_ADDR)).expect("load test code");
     TinyGuest { vm, _memory: memory }
 }
@@ -520,4 +522,85 @@ pub fn dirty_log_names_the_written_page(hv: &dyn Hypervisor) {
     assert_eq!(pages.first().copied(), Some(0b10), "only page 1 was written: {pages:?}");
     let pages = take().expect("take the dirty log again");
     assert!(pages.iter().all(|&w| w == 0), "taking the log starts a clean round: {pages:?}");
+}
+
+/// 32-bit: `mov eax,[0xd0000000]; out 0x10,eax; mov eax,[0xd0000000]; out 0x11,eax;
+/// mov eax,[0xd0100000]; out 0x12,eax; hlt` — one address read while mapped and after the
+/// unmap, then the new address.
+const MOVE_CODE: [u8; 22] = [
+    0xa1, 0x00, 0x00, 0x00, 0xd0, // mov eax, [0xd0000000]
+    0xe7, 0x10, // out 0x10, eax
+    0xa1, 0x00, 0x00, 0x00, 0xd0, // mov eax, [0xd0000000]
+    0xe7, 0x11, // out 0x11, eax
+    0xa1, 0x00, 0x00, 0x10, 0xd0, // mov eax, [0xd0100000]
+    0xe7, 0x12, // out 0x12, eax
+    0xf4, // hlt
+];
+
+/// Runs until the guest's next port write; MMIO reads are answered by `handler`.
+fn run_until_port_write(vcpu: &mut dyn Vcpu, handler: &mut Recorder) -> (u16, Vec<u8>) {
+    let before = handler.pio_writes.len();
+    for _ in 0..MAX_EXITS {
+        match vcpu.run(handler) {
+            Ok(VcpuExit::Io) if handler.pio_writes.len() > before => {
+                return handler.pio_writes[before].clone();
+            }
+            Ok(VcpuExit::Io) => {}
+            Ok(exit) => panic!("guest exited with {exit:?} before its next port write"),
+            Err(e) => panic!("vCPU run failed: {e}"),
+        }
+    }
+    panic!("guest made no port write within {MAX_EXITS} exits: {handler:?}");
+}
+
+/// (i) Host memory mapped, unmapped and mapped again elsewhere (a RAM BAR the guest moves):
+/// the guest reads it at the first address, then that address exits as MMIO, then the same
+/// memory answers at the new address, from the same slot.
+pub fn unmapped_memory_exits_and_maps_again_elsewhere(hv: &dyn Hypervisor) {
+    const SLOT: u32 = 1;
+    const SIZE: usize = 4096;
+    const OLD: u64 = MMIO_ADDR;
+    const NEW: u64 = MMIO_ADDR + 0x10_0000;
+    // Declared before the guest, so dropped after its VM.
+    let region = vm_memory::MmapRegion::<()>::new(SIZE).expect("allocate the moving region");
+    // SAFETY: `region` is a live anonymous mapping of SIZE bytes nothing else references.
+    unsafe { std::ptr::write_volatile(region.as_ptr().cast::<u32>(), 0xcafe_f00d) };
+    let guest = tiny_guest(hv, &MOVE_CODE);
+    let map = |guest_addr| {
+        let mapping = crate::hypervisor::GuestRamMapping {
+            slot: SLOT,
+            guest_addr,
+            size: SIZE as u64,
+            host_addr: region.as_ptr(),
+            readonly: false,
+            track_dirty: false,
+        };
+        // SAFETY: `region` is a live anonymous mapping, dropped only after `guest` and its VM.
+        unsafe { guest.vm.map_memory(mapping) }
+            .unwrap_or_else(|e| panic!("{}: map slot {SLOT} at {guest_addr:#x}: {e}", hv.name()));
+    };
+    map(OLD);
+    let mut vcpu = create_vcpu(guest.vm.as_ref());
+    enter_flat_protected_mode(vcpu.as_mut());
+    let mut handler = Recorder::answering(0x1111_1111);
+    let first = run_until_port_write(vcpu.as_mut(), &mut handler);
+    assert_eq!(first, (0x10, 0xcafe_f00du32.to_le_bytes().to_vec()), "read while mapped");
+    assert!(handler.mmio_reads.is_empty(), "mapped memory does not exit: {handler:?}");
+
+    guest
+        .vm
+        .unmap_memory(SLOT, OLD, SIZE as u64)
+        .unwrap_or_else(|e| panic!("{}: unmap slot {SLOT}: {e}", hv.name()));
+    let second = run_until_port_write(vcpu.as_mut(), &mut handler);
+    assert_eq!(second, (0x11, vec![0x11; 4]), "after the unmap the handler answers");
+    assert_eq!(handler.mmio_reads, vec![(OLD, 4)], "the old address exits as MMIO");
+
+    map(NEW);
+    let third = run_until_port_write(vcpu.as_mut(), &mut handler);
+    assert_eq!(
+        third,
+        (DONE_PORT, 0xcafe_f00du32.to_le_bytes().to_vec()),
+        "read at the new address"
+    );
+    assert_eq!(handler.mmio_reads.len(), 1, "the new address does not exit: {handler:?}");
 }

@@ -1,8 +1,11 @@
-//! Guest RAM: allocated and owned by the VMM, mapped into the VM by the backend.
+//! Guest RAM: allocated and owned by the VMM, mapped into the VM by the backend, in slots
+//! handed out by [`slots`].
+
+pub mod slots;
 
 use vm_memory::{GuestAddress, GuestMemory as _, GuestMemoryRegion};
 
-use crate::hypervisor::{GuestRamMapping, HypervisorError, Vm};
+use slots::{SlotError, VmMemory};
 
 /// The guest's RAM as every device sees it.
 pub type GuestMemory = vm_memory::GuestMemoryMmap<()>;
@@ -18,7 +21,7 @@ pub enum MemoryError {
         source: vm_memory::mmap::FromRangesError,
     },
     #[error("Could not map guest memory into the VM")]
-    Map(#[source] HypervisorError),
+    Map(#[source] SlotError),
 }
 
 /// Allocates `mib` MiB of anonymous guest RAM laid out around the PCI hole of the x86 PC.
@@ -48,21 +51,14 @@ pub fn create_guest_memory_in(
     Ok(memory)
 }
 
-/// Maps every region of `memory` into `vm`, one slot per region.
-pub fn map_into_vm(memory: &GuestMemory, vm: &dyn Vm) -> Result<(), MemoryError> {
-    for (slot, region) in memory.iter().enumerate() {
-        let mapping = GuestRamMapping {
-            slot: slot as u32,
-            guest_addr: region.start_addr().0,
-            size: region.len(),
-            host_addr: region.as_ptr(),
-            readonly: false,
-            track_dirty: false,
-        };
+/// Maps every region of `memory` into the VM, one slot (from its registry) per region.
+pub fn map_into_vm(memory: &GuestMemory, vm: &VmMemory) -> Result<(), MemoryError> {
+    for region in memory.iter() {
         // SAFETY: the mapping is a live mmap owned by `memory`. Callers keep a clone of
         // `memory` for as long as the VM can run (the machine's handle drops it only after
         // its own references to the VM).
-        unsafe { vm.map_memory(mapping) }.map_err(MemoryError::Map)?;
+        unsafe { vm.map_raw(region.start_addr().0, region.len(), region.as_ptr(), false) }
+            .map_err(MemoryError::Map)?;
     }
     Ok(())
 }

@@ -26,6 +26,7 @@ use crate::devices::bus::Bus;
 use crate::hypervisor::{ArchVcpu, HypervisorError, InterruptSink, Vm, VmSetup};
 use crate::machine::disks::SwitchableDisk;
 use crate::machine::display::DisplayDevices;
+use crate::memory::slots::VmMemory;
 use crate::memory::GuestMemory;
 use crate::pci::PciRoot;
 use crate::state::StateError;
@@ -156,8 +157,8 @@ pub struct BoardContext<'a> {
     pub on_poweroff: Box<dyn Fn() + Send + Sync>,
     /// The guest asked for a reset (keyboard controller, reset register).
     pub on_reset: Box<dyn Fn() + Send + Sync>,
-    /// The first memory slot not taken by guest RAM.
-    pub next_slot: u32,
+    /// The VM's memory-slot registry, guest RAM already in it: RAM BARs map through it.
+    pub guest_map: &'a Arc<VmMemory>,
 }
 
 /// Port I/O and MMIO dispatch shared by all vCPUs.

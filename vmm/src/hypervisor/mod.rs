@@ -171,6 +171,10 @@ pub trait Vm: InterruptSink {
     /// outlives the VM (the guest writes it behind Rust's back).
     unsafe fn map_memory(&self, mapping: GuestRamMapping) -> Result<()>;
 
+    /// Removes the mapping [`Vm::map_memory`] made as `slot` (at `guest_addr`, `size` bytes):
+    /// afterwards guest accesses there exit as MMIO, and the slot may be mapped again.
+    fn unmap_memory(&self, slot: u32, guest_addr: u64, size: u64) -> Result<()>;
+
     /// Creates vCPU `id`. Call it on the thread that will run the vCPU; the result never
     /// leaves that thread. It comes with its architecture's extension ([`ArchVcpu`]).
     fn create_vcpu(&self, id: u32) -> Result<Box<dyn ArchVcpu>>;

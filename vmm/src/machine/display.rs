@@ -10,6 +10,7 @@ use display::SourceId;
 use super::lifecycle::Lifecycle;
 use crate::devices::bus::lock;
 use crate::hypervisor::Vm;
+use crate::memory::slots::MemorySlots;
 use crate::virtio::gpu::boot_fb::BootFramebuffer;
 use crate::virtio::gpu::GpuHandle;
 use crate::virtio::input::InputHandle;
@@ -23,8 +24,9 @@ pub struct DisplayDevices {
     pub mouse: InputHandle,
     // Mapped into the VM: dropped last, with the handle that owns the guest RAM too.
     pub framebuffer: Arc<Mutex<BootFramebuffer>>,
-    /// The framebuffer's memory slot, whose dirty log says which rows to compare.
-    pub framebuffer_slot: u32,
+    /// Where the framebuffer is mapped now (the guest may move its BAR); its slot's dirty log
+    /// says which rows to compare.
+    pub memory_slots: Arc<MemorySlots>,
 }
 
 /// How often the boot framebuffer is checked for what the guest drew. Guests write it without
@@ -34,10 +36,12 @@ const FRAMEBUFFER_SCAN_INTERVAL: Duration = Duration::from_millis(33);
 
 /// Copies what the guest drew on the boot framebuffer to the screen while it is the live
 /// source, until the machine ends. Only pages in the hypervisor's dirty log are compared;
-/// without one (a backend that has none, or a failing call) every row is.
+/// without one (a backend that has none, or a failing call) every row is, and so they are
+/// once after the guest moved the framebuffer (a new slot's log misses earlier writes).
 pub(crate) fn scan_framebuffer(display: &DisplayDevices, vm: &dyn Vm, lifecycle: &Lifecycle) {
     let mut last_epoch = None;
     let mut use_log = true;
+    let mut last_mapping = None;
     loop {
         {
             let control = lock(&lifecycle.control);
@@ -54,20 +58,34 @@ pub(crate) fn scan_framebuffer(display: &DisplayDevices, vm: &dyn Vm, lifecycle:
         let force = last_epoch != Some(epoch);
         last_epoch = Some(epoch);
         let mut framebuffer = lock(&display.framebuffer);
-        let written = if use_log {
-            match vm.take_dirty_pages(display.framebuffer_slot, framebuffer.len() as u64) {
-                Ok(pages) => Some(pages),
-                Err(e) => {
-                    if !matches!(e, crate::hypervisor::HypervisorError::Unsupported(_)) {
-                        log::warn!("boot framebuffer: no dirty log ({e}); comparing all of it");
+        let host = framebuffer.host_addr() as usize;
+        let mapping = display.memory_slots.find_host(host);
+        let moved = mapping.map(|m| m.generation) != last_mapping;
+        last_mapping = mapping.map(|m| m.generation);
+        if mapping.is_none() && !moved && !force {
+            continue; // Unmapped: the guest cannot change it.
+        }
+        let written = match mapping.filter(|_| use_log) {
+            Some(region) => {
+                let pages = vm.take_dirty_pages(region.slot, region.size);
+                if display.memory_slots.find_host(host) != Some(region) {
+                    last_mapping = None; // Moved meanwhile: compare everything next time.
+                }
+                match pages {
+                    Ok(pages) => Some(pages),
+                    Err(_) if last_mapping.is_none() => None,
+                    Err(e) => {
+                        if !matches!(e, crate::hypervisor::HypervisorError::Unsupported(_)) {
+                            log::warn!("boot framebuffer: no dirty log ({e}); comparing all of it");
+                        }
+                        use_log = false;
+                        None
                     }
-                    use_log = false;
-                    None
                 }
             }
-        } else {
-            None
+            None => None,
         };
+        let written = written.filter(|_| !moved);
         framebuffer.scan_written(&*display.screen, force, written.as_deref());
     }
 }

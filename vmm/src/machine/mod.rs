@@ -43,7 +43,7 @@ use self::vcpu::{vcpu_thread, VcpuContext, VcpuStart};
 use crate::board::{Board, BoardContext, BoardError, BootSource, IoBuses, KernelBoot};
 use crate::devices::bus::lock;
 use crate::hypervisor::{Hypervisor, HypervisorError, VcpuState, Vm};
-use crate::memory;
+use crate::memory::{self, slots::VmMemory};
 use crate::snapshot::{SnapshotError, SnapshotFile};
 use crate::state::StateError;
 use ::display::scanout::Screen;
@@ -311,7 +311,8 @@ impl Machine {
             None => memory::create_guest_memory_in(config.memory_mib, &regions)?,
         };
         let vm = hypervisor.create_vm(&board.vm_setup(config.cpus))?;
-        memory::map_into_vm(&memory, vm.as_ref())?;
+        let guest_map = Arc::new(VmMemory::new(vm.clone()));
+        memory::map_into_vm(&memory, &guest_map)?;
 
         let lifecycle = Arc::new(Lifecycle::new());
         let on_poweroff = {
@@ -331,7 +332,7 @@ impl Machine {
             disks: &config.disks,
             on_poweroff,
             on_reset,
-            next_slot: vm_memory::GuestMemory::num_regions(&memory) as u32,
+            guest_map: &guest_map,
         })?;
         let start = match saved {
             // A restored guest's RAM already holds its tables and kernel.

@@ -57,6 +57,9 @@ impl Vm for FakeVm {
     unsafe fn map_memory(&self, _mapping: GuestRamMapping) -> crate::hypervisor::Result<()> {
         Ok(())
     }
+    fn unmap_memory(&self, _slot: u32, _addr: u64, _size: u64) -> crate::hypervisor::Result<()> {
+        Ok(())
+    }
     fn create_vcpu(&self, id: u32) -> crate::hypervisor::Result<Box<dyn ArchVcpu>> {
         Ok(Box::new(FakeVcpu {
             id,
@@ -172,7 +175,7 @@ impl Board for EmptyBoard {
         Ok(BoardDevices {
             io: IoBuses { pio: Bus::new(), mmio: Bus::new() },
             saved: Vec::new(),
-            pci: Arc::new(Mutex::new(PciRoot::new())),
+            pci: Arc::new(Mutex::new(empty_pci_root())),
             display: None,
             disks: Vec::new(),
         })
@@ -313,4 +316,19 @@ fn snapshot_of_another_board_is_refused() {
     assert!(err.contains("empty machine on test"), "{err}");
     let state = MachineState::read(&file, "empty", "test").unwrap();
     assert_eq!(state.vcpus.len(), 2);
+}
+
+/// A bus with nothing but a host bridge, and no windows.
+fn empty_pci_root() -> PciRoot {
+    let config = crate::pci::PciRootConfig {
+        host_bridge: Box::new(crate::pci::PciHostBridge::new(0x8086, 0x0d57)),
+        mmio32: crate::pci::PciWindow::EMPTY,
+        mmio64: crate::pci::PciWindow::EMPTY,
+        io: crate::pci::PciWindow::EMPTY,
+        ecam_base: 0xe000_0000,
+        bus_count: 1,
+        memory: None,
+        intx: None,
+    };
+    PciRoot::new(config).unwrap()
 }

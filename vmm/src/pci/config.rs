@@ -3,7 +3,7 @@
 //! Registers are stored as dwords together with a mask of the bits the guest may write, so
 //! the BAR sizing protocol (write all-ones, read back the size mask) falls out of the masks.
 
-use super::{PciBar, PciBarKind, PciError};
+use super::{IntxPin, PciBar, PciBarKind, PciError, ROM_BAR_INDEX};
 
 /// Dwords in the conventional configuration space.
 pub const NUM_CONFIG_REGISTERS: usize = 64;
@@ -17,8 +17,18 @@ pub const COMMAND_MEMORY_SPACE: u32 = 1 << 1;
 pub const COMMAND_BUS_MASTER: u32 = 1 << 2;
 const COMMAND_INTX_DISABLE: u32 = 1 << 10;
 const STATUS_CAPABILITIES_LIST: u32 = 1 << 20;
+/// Register index of the header type (byte 2; bit 7: multi-function device).
+pub const HEADER_TYPE_REG: usize = 3;
+pub const HEADER_TYPE_MULTI_FUNCTION: u32 = 0x80 << 16;
+/// Bit 0 of an I/O BAR.
+const BAR_IO_SPACE: u32 = 1;
+/// Register index of the expansion ROM BAR (offset 0x30): address bits 31..11, enable bit 0.
+pub const ROM_BAR_REG: usize = 12;
+pub const ROM_ENABLE: u32 = 1;
+const ROM_ADDRESS_MASK: u32 = 0xffff_f800;
 const CAPABILITIES_POINTER_REG: usize = 13;
-const INTERRUPT_REG: usize = 15;
+/// Interrupt line (byte 0, the OS's scratch) and pin (byte 1, read-only).
+pub const INTERRUPT_REG: usize = 15;
 /// Capabilities live between the header (0x40) and the end of the 256-byte space.
 const FIRST_CAPABILITY_OFFSET: usize = 0x40;
 const CONFIG_SPACE_SIZE: usize = 0x100;
@@ -77,47 +87,61 @@ impl PciConfiguration {
         }
     }
 
-    /// Declares a memory BAR. Its address starts at 0 (unassigned).
+    /// Declares a BAR (the expansion ROM under [`ROM_BAR_INDEX`]). Its address starts at 0
+    /// (unassigned); a ROM starts disabled.
     pub fn add_bar(&mut self, bar: PciBar) -> Result<(), PciError> {
         let index = bar.index as usize;
         let regs = match bar.kind {
-            PciBarKind::Memory32 => 1,
             PciBarKind::Memory64 => 2,
+            _ => 1,
         };
         let valid_size = bar.size.is_power_of_two()
-            && bar.size >= 16
-            && (bar.kind == PciBarKind::Memory64 || bar.size <= 1 << 31);
+            && match bar.kind {
+                PciBarKind::Memory32 => (16..=1 << 31).contains(&bar.size),
+                PciBarKind::Memory64 => bar.size >= 16,
+                PciBarKind::Io => (4..=256).contains(&bar.size),
+                PciBarKind::Rom => (2048..=16 << 20).contains(&bar.size),
+            }
+            && bar.ram.as_ref().is_none_or(|m| m.len() <= bar.size);
         if !valid_size {
             return Err(PciError::InvalidBarSize { index: bar.index, size: bar.size });
         }
+        let ram_of_wrong_kind =
+            bar.ram.is_some() && !matches!(bar.kind, PciBarKind::Memory32 | PciBarKind::Memory64);
         let in_use = |i: usize| {
             self.bars.iter().any(|b| {
                 let used = if b.kind == PciBarKind::Memory64 { 2 } else { 1 };
                 (b.index as usize..b.index as usize + used).contains(&i)
             })
         };
-        if index + regs > NUM_BARS || (index..index + regs).any(in_use) {
+        let index_fits = if bar.kind == PciBarKind::Rom {
+            bar.index == ROM_BAR_INDEX
+        } else {
+            index + regs <= NUM_BARS
+        };
+        if ram_of_wrong_kind || !index_fits || (index..index + regs).any(in_use) {
             return Err(PciError::InvalidBarIndex(bar.index));
         }
-        if let Some(address) = bar.fixed_address {
-            let fits_32 = address.checked_add(bar.size).is_some_and(|end| end <= 1 << 32);
-            if bar.kind != PciBarKind::Memory32 || address & (bar.size - 1) != 0 || !fits_32 {
-                return Err(PciError::FixedBarNotReserved { index: bar.index, address });
-            }
-        }
         let mask = !(bar.size - 1);
-        let mut low = 0u32;
+        let (reg, low, writable) = match bar.kind {
+            PciBarKind::Rom => (ROM_BAR_REG, 0, (mask as u32 & ROM_ADDRESS_MASK) | ROM_ENABLE),
+            PciBarKind::Io => (BAR0_REG + index, BAR_IO_SPACE, mask as u32 & !0x3),
+            PciBarKind::Memory32 | PciBarKind::Memory64 => {
+                let mut low = 0u32;
+                if bar.kind == PciBarKind::Memory64 {
+                    low |= 0b100;
+                }
+                if bar.prefetchable {
+                    low |= 0b1000;
+                }
+                (BAR0_REG + index, low, (mask as u32) & !0xf)
+            }
+        };
+        self.registers[reg] = low;
+        self.writable[reg] = writable;
         if bar.kind == PciBarKind::Memory64 {
-            low |= 0b100;
-        }
-        if bar.prefetchable {
-            low |= 0b1000;
-        }
-        self.registers[BAR0_REG + index] = low | bar.fixed_address.unwrap_or(0) as u32;
-        self.writable[BAR0_REG + index] = (mask as u32) & !0xf;
-        if bar.kind == PciBarKind::Memory64 {
-            self.registers[BAR0_REG + index + 1] = 0;
-            self.writable[BAR0_REG + index + 1] = (mask >> 32) as u32;
+            self.registers[reg + 1] = 0;
+            self.writable[reg + 1] = (mask >> 32) as u32;
         }
         self.bars.push(bar);
         Ok(())
@@ -131,12 +155,13 @@ impl PciConfiguration {
     /// The address BAR `index` currently holds (whatever the guest last wrote).
     pub fn bar_address(&self, index: u8) -> Option<u64> {
         let bar = self.bars.iter().find(|b| b.index == index)?;
-        let reg = BAR0_REG + index as usize;
-        let low = u64::from(self.registers[reg] & !0xf);
-        Some(match bar.kind {
-            PciBarKind::Memory32 => low,
-            PciBarKind::Memory64 => u64::from(self.registers[reg + 1]) << 32 | low,
-        })
+        Some(bar_address(bar.kind, |reg| self.read_reg(reg), index))
+    }
+
+    /// Sets the interrupt pin (configuration byte 0x3D, read-only for the guest).
+    pub fn set_interrupt_pin(&mut self, pin: Option<IntxPin>) {
+        let pin = pin.map_or(0, |p| p as u32);
+        self.registers[INTERRUPT_REG] = (self.registers[INTERRUPT_REG] & !0xff00) | pin << 8;
     }
 
     /// Appends a capability: `body` is everything after the ID and next-pointer bytes.
@@ -203,22 +228,7 @@ impl PciConfiguration {
             ((1u32 << (data.len() * 8)) - 1) << (offset * 8)
         };
         mask &= width_mask;
-        let mut new = (current & !mask) | (value & mask);
-        if let Some(address) = self.fixed_bar_address(reg) {
-            // Only the sizing probe (all address bits set) is taken; any other value puts the
-            // platform's address back.
-            let address_bits = self.writable[reg];
-            if new & address_bits != address_bits {
-                new = (new & !address_bits) | address as u32;
-            }
-        }
-        self.registers[reg] = new;
-    }
-
-    /// The fixed address of the BAR held in register `reg`, if it is a fixed BAR.
-    fn fixed_bar_address(&self, reg: usize) -> Option<u64> {
-        let index = reg.checked_sub(BAR0_REG)?;
-        self.bars.iter().find(|b| b.index as usize == index).and_then(|b| b.fixed_address)
+        self.registers[reg] = (current & !mask) | (value & mask);
     }
 
     /// Stores `value` in register `reg` regardless of the writable mask (device-side updates).
@@ -234,7 +244,7 @@ impl PciConfiguration {
     }
 
     /// Puts saved registers back. They must belong to this function: bits the guest cannot
-    /// write must match, and a fixed BAR holds its address or the sizing probe.
+    /// write must match.
     pub fn restore_registers(&mut self, saved: &[u32]) -> Result<(), String> {
         let saved: [u32; NUM_CONFIG_REGISTERS] = saved
             .try_into()
@@ -242,13 +252,6 @@ impl PciConfiguration {
         for (reg, (&value, &current)) in saved.iter().zip(&self.registers).enumerate() {
             if (value ^ current) & !self.writable[reg] != 0 {
                 return Err(format!("read-only bits of configuration register {reg} differ"));
-            }
-            if let Some(address) = self.fixed_bar_address(reg) {
-                let address_bits = self.writable[reg];
-                let held = value & address_bits;
-                if held != address as u32 & address_bits && held != address_bits {
-                    return Err(format!("fixed BAR register {reg} holds another address"));
-                }
             }
         }
         self.registers = saved;
@@ -261,6 +264,25 @@ impl PciConfiguration {
 
     pub fn memory_space_enabled(&self) -> bool {
         self.command() & COMMAND_MEMORY_SPACE != 0
+    }
+
+    pub fn io_space_enabled(&self) -> bool {
+        self.command() & COMMAND_IO_SPACE != 0
+    }
+}
+
+/// The address a BAR of `kind` at `index` holds, reading registers through `read`
+/// (configuration dword index → value). A ROM's enable bit is not part of it.
+pub fn bar_address(kind: PciBarKind, mut read: impl FnMut(usize) -> u32, index: u8) -> u64 {
+    match kind {
+        PciBarKind::Rom => u64::from(read(ROM_BAR_REG) & ROM_ADDRESS_MASK),
+        PciBarKind::Io => u64::from(read(BAR0_REG + index as usize) & !0x3),
+        PciBarKind::Memory32 => u64::from(read(BAR0_REG + index as usize) & !0xf),
+        PciBarKind::Memory64 => {
+            let reg = BAR0_REG + index as usize;
+            let low = u64::from(read(reg) & !0xf);
+            u64::from(read(reg + 1)) << 32 | low
+        }
     }
 }
 
@@ -298,7 +320,7 @@ mod tests {
             size: 0x4000,
             kind: PciBarKind::Memory64,
             prefetchable: false,
-            fixed_address: None,
+            ram: None,
         })
         .unwrap();
         c.write_reg(4, 0, &u32::MAX.to_le_bytes());
@@ -313,13 +335,7 @@ mod tests {
     #[test]
     fn overlapping_or_bad_bars_are_refused() {
         let mut c = PciConfiguration::new(header());
-        let bar = |index, size, kind| PciBar {
-            index,
-            size,
-            kind,
-            prefetchable: false,
-            fixed_address: None,
-        };
+        let bar = |index, size, kind| PciBar { index, size, kind, prefetchable: false, ram: None };
         c.add_bar(bar(0, 0x1000, PciBarKind::Memory64)).unwrap();
         assert!(c.add_bar(bar(1, 0x1000, PciBarKind::Memory32)).is_err());
         assert!(c.add_bar(bar(2, 0x1001, PciBarKind::Memory32)).is_err());
@@ -340,38 +356,59 @@ mod tests {
         assert_eq!(c.read_reg(0x48 / 4) & 0xffff, 0x0011);
     }
 
-    fn fixed_bar() -> PciBar {
-        PciBar {
-            index: 0,
-            size: 16 << 20,
-            kind: PciBarKind::Memory32,
-            prefetchable: true,
-            fixed_address: Some(0xc000_0000),
+    fn bar(index: u8, size: u64, kind: PciBarKind, prefetchable: bool) -> PciBar {
+        PciBar { index, size, kind, prefetchable, ram: None }
+    }
+
+    #[test]
+    fn memory32_io_and_rom_bars_size_by_their_masks() {
+        let mut c = PciConfiguration::new(header());
+        c.add_bar(bar(0, 16 << 20, PciBarKind::Memory32, true)).unwrap();
+        c.add_bar(bar(1, 0x20, PciBarKind::Io, false)).unwrap();
+        c.add_bar(bar(ROM_BAR_INDEX, 0x8000, PciBarKind::Rom, false)).unwrap();
+        assert_eq!(c.read_reg(4), 0x0000_0008, "32-bit prefetchable, unassigned");
+        assert_eq!(c.read_reg(5), 0x0000_0001, "I/O space bit");
+        assert_eq!(c.read_reg(ROM_BAR_REG), 0, "a ROM starts disabled");
+        for reg in [4, 5, ROM_BAR_REG] {
+            c.write_reg(reg, 0, &u32::MAX.to_le_bytes());
         }
-    }
-
-    #[test]
-    fn fixed_bar_sizes_like_any_bar_but_keeps_its_address() {
-        let mut c = PciConfiguration::new(header());
-        c.add_bar(fixed_bar()).unwrap();
-        assert_eq!(c.read_reg(4), 0xc000_0008);
-        c.write_reg(4, 0, &u32::MAX.to_le_bytes());
-        assert_eq!(c.read_reg(4), 0xff00_0008, "size mask while sizing");
-        c.write_reg(4, 0, &0xc000_0008u32.to_le_bytes());
-        assert_eq!(c.bar_address(0), Some(0xc000_0000));
+        assert_eq!(c.read_reg(4), 0xff00_0008);
+        assert_eq!(c.read_reg(5), 0xffff_ffe1);
+        assert_eq!(c.read_reg(ROM_BAR_REG), 0xffff_8001, "size mask and the enable bit");
         c.write_reg(4, 0, &0xd000_0000u32.to_le_bytes());
-        assert_eq!(c.bar_address(0), Some(0xc000_0000), "the guest cannot move it");
-        c.write_reg(4, 2, &0x1234u16.to_le_bytes());
-        assert_eq!(c.read_reg(4), 0xc000_0008);
+        c.write_reg(5, 0, &0xc020u32.to_le_bytes());
+        c.write_reg(ROM_BAR_REG, 0, &0xfeb0_0001u32.to_le_bytes());
+        assert_eq!(c.bar_address(0), Some(0xd000_0000));
+        assert_eq!(c.bar_address(1), Some(0xc020));
+        assert_eq!(c.bar_address(ROM_BAR_INDEX), Some(0xfeb0_0000), "without the enable bit");
     }
 
     #[test]
-    fn fixed_bar_must_be_32_bit_and_aligned() {
+    fn bad_io_rom_and_ram_bars_are_refused() {
         let mut c = PciConfiguration::new(header());
-        let misaligned = PciBar { fixed_address: Some(0xc010_0000), ..fixed_bar() };
-        assert!(c.add_bar(misaligned).is_err());
-        let wide = PciBar { kind: PciBarKind::Memory64, ..fixed_bar() };
-        assert!(c.add_bar(wide).is_err());
+        assert!(c.add_bar(bar(0, 512, PciBarKind::Io, false)).is_err(), "I/O over 256 bytes");
+        assert!(c.add_bar(bar(0, 2, PciBarKind::Io, false)).is_err());
+        assert!(c.add_bar(bar(0, 0x1000, PciBarKind::Rom, false)).is_err(), "ROM at index 0");
+        assert!(c.add_bar(bar(ROM_BAR_INDEX, 0x400, PciBarKind::Rom, false)).is_err());
+        assert!(c.add_bar(bar(ROM_BAR_INDEX, 0x1000, PciBarKind::Io, false)).is_err());
+        let owner: std::sync::Arc<dyn std::any::Any + Send + Sync> = std::sync::Arc::new(());
+        // SAFETY: never mapped; only declared.
+        let memory = unsafe {
+            crate::memory::slots::HostMemory::new(0x1000 as *mut u8, 0x2000, false, owner)
+        }
+        .unwrap();
+        let ram = |size, kind| PciBar { ram: Some(memory.clone()), ..bar(0, size, kind, true) };
+        assert!(c.add_bar(ram(0x1000, PciBarKind::Memory32)).is_err(), "more memory than BAR");
+        assert!(c.add_bar(ram(0x100, PciBarKind::Io)).is_err(), "RAM behind an I/O BAR");
+        c.add_bar(ram(0x2000, PciBarKind::Memory32)).unwrap();
+    }
+
+    #[test]
+    fn the_interrupt_pin_is_read_only_and_the_line_writable() {
+        let mut c = PciConfiguration::new(header());
+        c.set_interrupt_pin(Some(IntxPin::A));
+        c.write_reg(INTERRUPT_REG, 0, &[0x0b, 0x03]);
+        assert_eq!(c.read_reg(INTERRUPT_REG), 0x010b);
     }
 
     #[test]
@@ -386,13 +423,15 @@ mod tests {
 
     #[test]
     fn saved_registers_restore_and_foreign_ones_are_refused() {
+        let fb = || bar(0, 16 << 20, PciBarKind::Memory32, true);
         let mut c = PciConfiguration::new(header());
-        c.add_bar(fixed_bar()).unwrap();
+        c.add_bar(fb()).unwrap();
+        c.write_reg(BAR0_REG, 0, &0xc000_0000u32.to_le_bytes());
         c.write_reg(COMMAND_REG, 0, &[0x06]);
         c.write_reg(INTERRUPT_REG, 0, &[0x0b]);
         let saved = c.registers();
         let mut fresh = PciConfiguration::new(header());
-        fresh.add_bar(fixed_bar()).unwrap();
+        fresh.add_bar(fb()).unwrap();
         fresh.restore_registers(&saved).unwrap();
         assert_eq!(fresh.registers(), saved);
         assert!(fresh.memory_space_enabled());
@@ -400,9 +439,9 @@ mod tests {
         let mut foreign = saved.clone();
         foreign[0] = 0x1234_5678;
         assert!(fresh.restore_registers(&foreign).is_err());
-        let mut moved = saved.clone();
-        moved[BAR0_REG] = 0xd000_0008;
-        assert!(fresh.restore_registers(&moved).is_err());
+        let mut not_prefetchable = saved.clone();
+        not_prefetchable[BAR0_REG] = 0xc000_0000;
+        assert!(fresh.restore_registers(&not_prefetchable).is_err());
         assert!(fresh.restore_registers(&saved[..10]).is_err());
         assert_eq!(fresh.registers(), saved, "a refused restore changes nothing");
     }

@@ -1,38 +1,44 @@
-//! The root bus: host bridge, slot assignment, BAR allocation, and the three bus adapters
-//! (config ports, ECAM, MMIO window) the machine inserts on its buses.
+//! The root complex: the host bridge, functions placed by address, BAR allocation from the
+//! board's windows, RAM BAR mapping, INTx wiring, and the bus adapters (config ports, ECAM,
+//! MMIO and I/O windows) the machine inserts on its buses.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use serde::{Deserialize, Serialize};
-
 use super::config::{
-    PciConfiguration, PciHeader, BAR0_REG, CLASS_BRIDGE_HOST, COMMAND_BUS_MASTER,
-    COMMAND_MEMORY_SPACE, COMMAND_REG,
+    self, PciConfiguration, PciHeader, CLASS_BRIDGE_HOST, COMMAND_BUS_MASTER, COMMAND_IO_SPACE,
+    COMMAND_MEMORY_SPACE, COMMAND_REG, HEADER_TYPE_MULTI_FUNCTION, HEADER_TYPE_REG, INTERRUPT_REG,
+    ROM_BAR_REG, ROM_ENABLE,
 };
-use super::{PciBar, PciBarKind, PciDevice, PciError};
+pub use super::persist::PciConfigIoState;
+use super::{
+    Bdf, IntxLine, IntxPin, IntxRouting, PciBar, PciBarKind, PciDevice, PciError, SharedLines,
+    ROM_BAR_INDEX,
+};
 use crate::devices::bus::{lock, BusDevice};
+use crate::memory::slots::{HostMemory, MemoryMapper, SlotError};
 use crate::state::{self, StateError};
 
-/// Slots on bus 0.
-const NUM_SLOTS: usize = 32;
-/// The host bridge's identity (the id Intel's virtual host bridges use).
-const HOST_BRIDGE_VENDOR: u16 = 0x8086;
-const HOST_BRIDGE_DEVICE: u16 = 0x0d57;
 /// CONFIG_ADDRESS: enable bit, then bus / device / function / register fields.
 const CONFIG_ADDRESS_ENABLE: u32 = 1 << 31;
 const CONFIG_ADDRESS_MASK: u32 = 0x80ff_fffc;
+/// ECAM gives each bus 1 MiB: 32 devices × 8 functions × 4 KiB.
+const ECAM_BUS_SIZE: u64 = 1 << 20;
+/// Port I/O space ends here.
+const IO_SPACE_END: u64 = 1 << 16;
+const DEVICES_PER_BUS: u8 = 32;
 
-/// Slot 0: the host bridge, which has nothing but its identity.
-struct HostBridge {
+/// A host bridge with nothing but its identity (function 00:00.0).
+pub struct PciHostBridge {
     config: PciConfiguration,
 }
 
-impl HostBridge {
-    fn new() -> Self {
-        HostBridge {
+impl PciHostBridge {
+    pub fn new(vendor_id: u16, device_id: u16) -> Self {
+        PciHostBridge {
             config: PciConfiguration::new(PciHeader {
-                vendor_id: HOST_BRIDGE_VENDOR,
-                device_id: HOST_BRIDGE_DEVICE,
+                vendor_id,
+                device_id,
                 revision: 0,
                 class_code: CLASS_BRIDGE_HOST,
                 subsystem_vendor_id: 0,
@@ -42,7 +48,7 @@ impl HostBridge {
     }
 }
 
-impl PciDevice for HostBridge {
+impl PciDevice for PciHostBridge {
     fn read_config_register(&mut self, reg: usize) -> u32 {
         self.config.read_reg(reg)
     }
@@ -67,312 +73,528 @@ impl PciDevice for HostBridge {
     }
 }
 
-/// Saved state of bus 0: each slot's device state (configuration space included), by slot.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PciRootState {
-    /// Each device's own encoded state (bytes, not a sequence: large states decode fast).
-    pub slots: Vec<Option<serde_bytes::ByteBuf>>,
+/// A range of guest-physical (or port) addresses the root decodes; size 0 is no window.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PciWindow {
+    pub start: u64,
+    pub size: u64,
 }
 
-/// Saved state of the configuration port adapter: the latched CONFIG_ADDRESS.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PciConfigIoState {
-    pub address: u32,
+impl PciWindow {
+    pub const EMPTY: PciWindow = PciWindow { start: 0, size: 0 };
+
+    pub const fn new(start: u64, size: u64) -> Self {
+        PciWindow { start, size }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.size == 0
+    }
+
+    /// Whether `[start, start + size)` lies inside the window.
+    fn contains(&self, start: u64, size: u64) -> bool {
+        let end = start.checked_add(size);
+        !self.is_empty()
+            && start >= self.start
+            && end.is_some_and(|end| end <= self.start + self.size)
+    }
+
+    fn overlaps(&self, other: &PciWindow) -> bool {
+        !self.is_empty()
+            && !other.is_empty()
+            && self.start < other.start + other.size
+            && other.start < self.start + self.size
+    }
 }
 
-/// A BAR as currently decoded: guest-physical range → (BAR, offset).
+/// What the board gives its PCI root.
+pub struct PciRootConfig {
+    /// Function 00:00.0.
+    pub host_bridge: Box<dyn PciDevice>,
+    /// Where 32-bit memory BARs and expansion ROMs are placed.
+    pub mmio32: PciWindow,
+    /// Where 64-bit memory BARs are placed; empty: in `mmio32`, below 4 GiB.
+    pub mmio64: PciWindow,
+    /// Where I/O BARs are placed (port addresses).
+    pub io: PciWindow,
+    /// ECAM: `bus_count` MiB from `ecam_base`, bus 0 first.
+    pub ecam_base: u64,
+    pub bus_count: u16,
+    /// Maps RAM BARs into the guest; None: functions with RAM BARs are refused.
+    pub memory: Option<Arc<dyn MemoryMapper>>,
+    /// Wires INTx pins; None: pins stay unconnected.
+    pub intx: Option<IntxRouting>,
+}
+
+/// Which address space a decoded BAR lives in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Space {
+    Memory,
+    Io,
+}
+
+/// A BAR as currently decoded: address range → (BAR, offset).
 #[derive(Debug, Clone, Copy)]
 struct Decoded {
+    space: Space,
     start: u64,
     size: u64,
     bar: u8,
 }
 
+/// A RAM BAR and where it is mapped now.
+struct RamBar {
+    index: u8,
+    kind: PciBarKind,
+    memory: HostMemory,
+    /// (guest address, memory slot) while mapped.
+    mapped: Option<(u64, u32)>,
+    /// A refused mapping was logged already (the guest may retry it endlessly).
+    refusal_logged: bool,
+}
+
 /// A device shared between the root (config accesses) and in-flight BAR accesses.
 type SharedDevice = Arc<Mutex<Box<dyn PciDevice>>>;
 
-struct Slot {
+struct Function {
     device: SharedDevice,
+    /// BARs dispatched to the device.
     bars: Vec<PciBar>,
     decoded: Vec<Decoded>,
+    ram: Vec<RamBar>,
 }
 
-impl Slot {
-    /// Recomputes the decoded ranges from the command register and the BAR registers.
-    fn refresh(&mut self) {
+/// What a refresh needs from the root besides the function.
+struct Decoding<'a> {
+    memory: Option<&'a dyn MemoryMapper>,
+    windows: [PciWindow; 2],
+}
+
+/// A RAM BAR the refresh could not map: (BAR index, address, why).
+type RamRefusal = (u8, u64, SlotError);
+
+impl Function {
+    /// Recomputes the decoded ranges from the command register and the BAR registers, and
+    /// moves RAM BAR mappings to where their registers point. Returns the first RAM BAR it
+    /// could not map (already logged once).
+    fn refresh(&mut self, bdf: Bdf, ctx: &Decoding<'_>) -> Result<(), RamRefusal> {
         let mut device = lock(&self.device);
+        let command = device.read_config_register(COMMAND_REG);
+        let memory_on = command & COMMAND_MEMORY_SPACE != 0;
+        let io_on = command & COMMAND_IO_SPACE != 0;
+        let rom_on = device.read_config_register(ROM_BAR_REG) & ROM_ENABLE != 0;
         self.decoded.clear();
-        if device.read_config_register(COMMAND_REG) & COMMAND_MEMORY_SPACE == 0 {
-            return;
-        }
         for bar in &self.bars {
-            let reg = BAR0_REG + bar.index as usize;
-            let low = u64::from(device.read_config_register(reg) & !0xf);
-            let start = match (bar.fixed_address, bar.kind) {
-                // Decodes where the platform put it, even while the guest sizes it.
-                (Some(fixed), _) => fixed,
-                (None, PciBarKind::Memory32) => low,
-                (None, PciBarKind::Memory64) => {
-                    u64::from(device.read_config_register(reg + 1)) << 32 | low
-                }
+            let (space, on) = match bar.kind {
+                PciBarKind::Io => (Space::Io, io_on),
+                PciBarKind::Rom => (Space::Memory, memory_on && rom_on),
+                PciBarKind::Memory32 | PciBarKind::Memory64 => (Space::Memory, memory_on),
             };
+            if !on {
+                continue;
+            }
+            let start =
+                config::bar_address(bar.kind, |reg| device.read_config_register(reg), bar.index);
             // An unassigned BAR (0) or one wrapping the address space decodes nothing.
             if start != 0 && start.checked_add(bar.size).is_some() {
-                self.decoded.push(Decoded { start, size: bar.size, bar: bar.index });
+                self.decoded.push(Decoded { space, start, size: bar.size, bar: bar.index });
+            }
+        }
+        let mut refused = Ok(());
+        for ram in &mut self.ram {
+            let address =
+                config::bar_address(ram.kind, |reg| device.read_config_register(reg), ram.index);
+            // Only inside a memory window: never over RAM or the platform's own devices.
+            let wanted = (memory_on
+                && ctx.windows.iter().any(|w| w.contains(address, ram.memory.len())))
+            .then_some(address);
+            if wanted == ram.mapped.map(|(at, _)| at) {
+                continue;
+            }
+            let Some(mapper) = ctx.memory else { continue };
+            if let Some((at, slot)) = ram.mapped {
+                if let Err(e) = mapper.unmap(slot) {
+                    log::error!("PCI {bdf} BAR {}: cannot unmap it from {at:#x}: {e}", ram.index);
+                    continue;
+                }
+                ram.mapped = None;
+            }
+            let Some(address) = wanted else { continue };
+            match mapper.map(address, &ram.memory) {
+                Ok(slot) => ram.mapped = Some((address, slot)),
+                Err(e) => {
+                    if !ram.refusal_logged {
+                        log::warn!(
+                            "PCI {bdf} BAR {} not decoded at {address:#x}: {}",
+                            ram.index,
+                            crate::error_chain(&e)
+                        );
+                        ram.refusal_logged = true;
+                    }
+                    if refused.is_ok() {
+                        refused = Err((ram.index, address, e));
+                    }
+                }
+            }
+        }
+        refused
+    }
+
+    /// Removes every RAM BAR mapping.
+    fn unmap_ram(&mut self, bdf: Bdf, memory: Option<&dyn MemoryMapper>) {
+        for ram in &mut self.ram {
+            if let (Some((at, slot)), Some(mapper)) = (ram.mapped, memory) {
+                match mapper.unmap(slot) {
+                    Ok(()) => ram.mapped = None,
+                    Err(e) => log::error!("PCI {bdf} BAR {}: cannot unmap {at:#x}: {e}", ram.index),
+                }
             }
         }
     }
 }
 
-/// Bus 0: the host bridge at 00:00.0 and the devices added after it.
-pub struct PciRoot {
-    slots: Vec<Option<Slot>>,
-    /// Next free address in the MMIO window (a bump allocator, like firmware's).
-    next_mmio: u64,
-    /// The board's MMIO window, [start, end).
-    mmio_start: u64,
-    mmio_end: u64,
-    /// Ranges [start, end) the allocator skips: fixed BARs live there.
-    reserved: Vec<(u64, u64)>,
-    /// Fixed BARs placed so far, [start, end).
-    fixed: Vec<(u64, u64)>,
+/// A bump allocator over one window (as firmware assigns BARs).
+#[derive(Debug, Clone, Copy)]
+struct Allocator {
+    window: PciWindow,
+    next: u64,
 }
 
-#[cfg(target_arch = "x86_64")]
-impl Default for PciRoot {
-    fn default() -> Self {
-        Self::new()
+impl Allocator {
+    fn new(window: PciWindow) -> Self {
+        Allocator { window, next: window.start }
     }
+
+    /// The first naturally aligned `size` bytes at or after the allocator's next address
+    /// that end inside the window; the allocator moves past them.
+    fn allocate(&mut self, size: u64) -> Option<u64> {
+        let start = self.next.checked_add(size - 1)? & !(size - 1);
+        if !self.window.contains(start, size) {
+            return None;
+        }
+        self.next = start + size;
+        Some(start)
+    }
+}
+
+/// The root complex: the host bridge at 00:00.0 and the functions added after it.
+pub struct PciRoot {
+    functions: BTreeMap<Bdf, Function>,
+    mmio32: Allocator,
+    mmio64: Allocator,
+    io: Allocator,
+    ecam_base: u64,
+    bus_count: u16,
+    memory: Option<Arc<dyn MemoryMapper>>,
+    intx: Option<IntxRouting>,
+    intx_lines: Arc<SharedLines>,
 }
 
 impl PciRoot {
-    /// A root whose BARs are assigned from the PC's 32-bit MMIO window.
-    #[cfg(target_arch = "x86_64")]
-    pub fn new() -> Self {
-        use crate::arch::x86_64::layout;
-        Self::with_mmio_window(layout::PCI_MMIO_START, layout::PCI_MMIO_SIZE)
-    }
-
-    /// A root whose BARs are assigned from [`start`, `start + size`), the board's window.
-    pub fn with_mmio_window(start: u64, size: u64) -> Self {
-        let mut slots: Vec<Option<Slot>> = (0..NUM_SLOTS).map(|_| None).collect();
-        slots[0] = Some(Slot {
-            device: Arc::new(Mutex::new(Box::new(HostBridge::new()))),
-            bars: Vec::new(),
-            decoded: Vec::new(),
-        });
-        PciRoot {
-            slots,
-            next_mmio: start,
-            mmio_start: start,
-            mmio_end: start.saturating_add(size),
-            reserved: Vec::new(),
-            fixed: Vec::new(),
+    /// A root with the board's host bridge and windows. Windows must not wrap or overlap
+    /// each other or ECAM; the I/O window lies in port space and the 32-bit one below 4 GiB.
+    pub fn new(config: PciRootConfig) -> Result<PciRoot, PciError> {
+        let PciRootConfig { host_bridge, mmio32, mmio64, io, ecam_base, bus_count, memory, intx } =
+            config;
+        if bus_count == 0 || bus_count > 256 {
+            return Err(PciError::InvalidBusCount(bus_count));
         }
+        let ecam = PciWindow::new(ecam_base, u64::from(bus_count) * ECAM_BUS_SIZE);
+        let wraps = |w: &PciWindow| w.start.checked_add(w.size).is_none();
+        let invalid = |w: &PciWindow| PciError::InvalidWindow { start: w.start, size: w.size };
+        for window in [&mmio32, &mmio64, &io, &ecam] {
+            if wraps(window) {
+                return Err(invalid(window));
+            }
+        }
+        if io.start + io.size > IO_SPACE_END {
+            return Err(invalid(&io));
+        }
+        if mmio32.start + mmio32.size > 1 << 32 {
+            return Err(invalid(&mmio32));
+        }
+        if ecam_base % ECAM_BUS_SIZE != 0 || ecam.overlaps(&mmio32) || ecam.overlaps(&mmio64) {
+            return Err(invalid(&ecam));
+        }
+        if mmio32.overlaps(&mmio64) {
+            return Err(invalid(&mmio64));
+        }
+        let mut functions = BTreeMap::new();
+        functions.insert(
+            Bdf { bus: 0, device: 0, function: 0 },
+            Function {
+                device: Arc::new(Mutex::new(host_bridge)),
+                bars: Vec::new(),
+                decoded: Vec::new(),
+                ram: Vec::new(),
+            },
+        );
+        Ok(PciRoot {
+            functions,
+            mmio32: Allocator::new(mmio32),
+            mmio64: Allocator::new(mmio64),
+            io: Allocator::new(io),
+            ecam_base,
+            bus_count,
+            memory,
+            intx,
+            intx_lines: Arc::new(SharedLines::default()),
+        })
     }
 
-    /// Puts `device` in the next free slot and programs its BARs inside the MMIO window, with
-    /// memory decoding and bus mastering on, as firmware would. Returns the slot number.
-    pub fn add_device(&mut self, device: Box<dyn PciDevice>) -> Result<u8, PciError> {
-        let slot = self.slots.iter().position(Option::is_none).ok_or(PciError::NoFreeSlot)?;
+    /// Where the machine inserts [`PciConfigMmio`].
+    pub fn ecam_base(&self) -> u64 {
+        self.ecam_base
+    }
+
+    pub fn ecam_size(&self) -> u64 {
+        u64::from(self.bus_count) * ECAM_BUS_SIZE
+    }
+
+    /// The memory windows, where the machine inserts a [`PciMmioWindow`] each (empty ones
+    /// left out).
+    pub fn mmio_windows(&self) -> Vec<PciWindow> {
+        [self.mmio32.window, self.mmio64.window].into_iter().filter(|w| !w.is_empty()).collect()
+    }
+
+    /// The I/O window, where the machine inserts a [`PciIoWindow`] (unless empty).
+    pub fn io_window(&self) -> PciWindow {
+        self.io.window
+    }
+
+    /// Puts `device` at the next free device number on bus 0 (function 0), as
+    /// [`PciRoot::add_device_at`] does.
+    pub fn add_device(&mut self, device: Box<dyn PciDevice>) -> Result<Bdf, PciError> {
+        let bdf = (0..DEVICES_PER_BUS)
+            .filter_map(|d| Bdf::new(0, d, 0))
+            .find(|b| !self.functions.keys().any(|f| f.bus == 0 && f.device == b.device))
+            .ok_or(PciError::NoFreeSlot)?;
+        self.add_device_at(bdf, device)?;
+        Ok(bdf)
+    }
+
+    /// Puts `device` at `bdf` and programs its BARs inside the windows, with memory decoding
+    /// (I/O decoding too if it has I/O BARs) and bus mastering on, as firmware would; a ROM
+    /// gets an address but stays disabled. RAM BARs are mapped where they land. A function
+    /// with an interrupt pin gets the line the board routes it to. Guests look for function
+    /// 0 of a device before its others.
+    pub fn add_device_at(&mut self, bdf: Bdf, device: Box<dyn PciDevice>) -> Result<(), PciError> {
+        if u16::from(bdf.bus) >= self.bus_count {
+            return Err(PciError::BusOutOfRange(bdf));
+        }
+        if self.functions.contains_key(&bdf) {
+            return Err(PciError::FunctionTaken(bdf));
+        }
         let mut device = device;
-        let bars = device.bars();
-        let window_end = self.mmio_end;
-        let mut next = self.next_mmio;
+        let declared = device.bars();
+        let (mut mmio32, mut mmio64, mut io) = (self.mmio32, self.mmio64, self.io);
         let mut assigned = Vec::new();
-        let mut fixed = Vec::new();
-        for bar in &bars {
+        for bar in &declared {
             if !bar.size.is_power_of_two() {
                 return Err(PciError::InvalidBarSize { index: bar.index, size: bar.size });
             }
-            if let Some(address) = bar.fixed_address {
-                let range = (address, address.saturating_add(bar.size));
-                let reserved = self.reserved.iter().any(|r| r.0 <= range.0 && range.1 <= r.1);
-                let taken = self.fixed.iter().chain(&fixed).any(|f| overlaps(*f, range));
-                if !reserved || taken {
-                    return Err(PciError::FixedBarNotReserved { index: bar.index, address });
+            if bar.ram.is_some() && self.memory.is_none() {
+                return Err(PciError::NoMemoryMapper { index: bar.index });
+            }
+            let allocator = match bar.kind {
+                PciBarKind::Io => &mut io,
+                PciBarKind::Memory64 if !mmio64.window.is_empty() => &mut mmio64,
+                _ => &mut mmio32,
+            };
+            let start =
+                allocator.allocate(bar.size).ok_or(PciError::WindowFull { size: bar.size })?;
+            assigned.push((bar.clone(), start));
+        }
+        let mut has_io = false;
+        for (bar, start) in &assigned {
+            let write = |device: &mut Box<dyn PciDevice>, reg: usize, value: u32| {
+                device.write_config_register(reg, 0, &value.to_le_bytes());
+            };
+            match bar.kind {
+                PciBarKind::Rom => write(&mut device, ROM_BAR_REG, *start as u32),
+                kind => {
+                    let reg = config::BAR0_REG + bar.index as usize;
+                    write(&mut device, reg, *start as u32);
+                    if kind == PciBarKind::Memory64 {
+                        write(&mut device, reg + 1, (*start >> 32) as u32);
+                    }
+                    has_io |= kind == PciBarKind::Io;
                 }
-                fixed.push(range);
-                continue;
-            }
-            let start = self
-                .allocate(next, bar.size, window_end)
-                .ok_or(PciError::MmioWindowFull { size: bar.size })?;
-            assigned.push((*bar, start));
-            next = start + bar.size;
-        }
-        for (bar, start) in assigned {
-            let reg = BAR0_REG + bar.index as usize;
-            device.write_config_register(reg, 0, &(start as u32).to_le_bytes());
-            if bar.kind == PciBarKind::Memory64 {
-                device.write_config_register(reg + 1, 0, &((start >> 32) as u32).to_le_bytes());
             }
         }
-        let command = device.read_config_register(COMMAND_REG) as u16
+        let mut command = device.read_config_register(COMMAND_REG) as u16
             | (COMMAND_MEMORY_SPACE | COMMAND_BUS_MASTER) as u16;
+        if has_io {
+            command |= COMMAND_IO_SPACE as u16;
+        }
         device.write_config_register(COMMAND_REG, 0, &command.to_le_bytes());
-        self.next_mmio = next;
-        self.fixed.extend(fixed);
-        let mut entry = Slot { device: Arc::new(Mutex::new(device)), bars, decoded: Vec::new() };
-        entry.refresh();
-        self.slots[slot] = Some(entry);
-        Ok(slot as u8)
-    }
-
-    /// Reserves [`start`, `start + size`) of the MMIO window for fixed BARs (a framebuffer the
-    /// machine maps as host memory): the allocator never hands it out. Call it before adding
-    /// devices; a range below what was already allocated is refused.
-    pub fn reserve_mmio(&mut self, start: u64, size: u64) -> Result<(), PciError> {
-        let window_end = self.mmio_end;
-        let invalid = PciError::InvalidReservation { start, size };
-        let end = start.checked_add(size).ok_or(PciError::InvalidReservation { start, size })?;
-        if size == 0 || start < self.next_mmio || end > window_end {
-            return Err(invalid);
-        }
-        if self.reserved.iter().any(|r| overlaps(*r, (start, end))) {
-            return Err(invalid);
-        }
-        self.reserved.push((start, end));
-        Ok(())
-    }
-
-    /// The first naturally aligned `size` bytes at or after `from` that end by `limit` and
-    /// miss every reserved range.
-    fn allocate(&self, from: u64, size: u64, limit: u64) -> Option<u64> {
-        let mut next = from;
-        loop {
-            // Natural alignment, as the PCI spec requires of BAR addresses.
-            let start = next.checked_add(size - 1)? & !(size - 1);
-            let end = start.checked_add(size).filter(|&end| end <= limit)?;
-            match self.reserved.iter().find(|r| overlaps(**r, (start, end))) {
-                Some(r) => next = r.1,
-                None => return Some(start),
-            }
-        }
-    }
-
-    /// Reads configuration dword `reg` of 00:`device`.`function`; absent ones read all-ones.
-    pub fn config_read(&mut self, device: u8, function: u8, reg: usize) -> u32 {
-        match self.slot(device, function) {
-            Some(slot) => lock(&slot.device).read_config_register(reg),
-            None => u32::MAX,
-        }
-    }
-
-    /// Writes bytes into configuration dword `reg` of 00:`device`.`function`.
-    pub fn config_write(&mut self, device: u8, function: u8, reg: usize, offset: u64, data: &[u8]) {
-        if let Some(slot) = self.slot(device, function) {
-            lock(&slot.device).write_config_register(reg, offset, data);
-            // Any write may have moved a BAR or toggled decoding.
-            slot.refresh();
-        }
-    }
-
-    fn slot(&mut self, device: u8, function: u8) -> Option<&mut Slot> {
-        if function != 0 {
-            return None;
-        }
-        self.slots.get_mut(device as usize)?.as_mut()
-    }
-
-    /// Every slot's state. Call it with the vCPUs paused and I/O quiesced
-    /// ([`PciRoot::quiesce_io`]), so no queue moves while it is saved.
-    pub fn save_state(&self) -> Result<PciRootState, StateError> {
-        let slots = self
-            .slots
-            .iter()
-            .enumerate()
-            .map(|(i, slot)| {
-                slot.as_ref().map(|_| self.save_slot(i as u8).map(Into::into)).transpose()
+        self.connect_intx(bdf, device.as_mut());
+        let (ram, bars): (Vec<_>, Vec<_>) = declared.into_iter().partition(|b| b.ram.is_some());
+        let ram = ram
+            .into_iter()
+            .filter_map(|bar| {
+                Some(RamBar {
+                    index: bar.index,
+                    kind: bar.kind,
+                    memory: bar.ram?,
+                    mapped: None,
+                    refusal_logged: false,
+                })
             })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(PciRootState { slots })
-    }
-
-    /// Restores every slot of a root built the same way (same devices in the same slots)
-    /// and brings the BAR decoding in line with the restored registers. Each device refuses
-    /// bad state without changing; a failure part-way leaves earlier slots restored, so a
-    /// machine whose restore failed must be discarded.
-    pub fn restore_state(&mut self, saved: &PciRootState) -> Result<(), StateError> {
-        let same_layout = saved.slots.len() == self.slots.len()
-            && saved.slots.iter().zip(&self.slots).all(|(a, b)| a.is_some() == b.is_some());
-        if !same_layout {
-            return Err(StateError::invalid("PCI bus", "slots differ from this machine's"));
+            .collect();
+        let mut function =
+            Function { device: Arc::new(Mutex::new(device)), bars, decoded: Vec::new(), ram };
+        let ctx = Decoding { memory: self.memory.as_deref(), windows: self.memory_windows() };
+        if let Err((index, address, source)) = function.refresh(bdf, &ctx) {
+            function.unmap_ram(bdf, self.memory.as_deref());
+            return Err(PciError::RamBarMap { bdf, index, address, source });
         }
-        for (i, bytes) in saved.slots.iter().enumerate() {
-            if let Some(bytes) = bytes {
-                self.restore_slot(i as u8, bytes)?;
-            }
-        }
+        self.functions.insert(bdf, function);
+        (self.mmio32, self.mmio64, self.io) = (mmio32, mmio64, io);
         Ok(())
     }
 
-    /// The MMIO window BARs are assigned from: (start, size).
-    pub fn mmio_window(&self) -> (u64, u64) {
-        (self.mmio_start, self.mmio_end - self.mmio_start)
+    fn memory_windows(&self) -> [PciWindow; 2] {
+        [self.mmio32.window, self.mmio64.window]
     }
 
-    /// The device numbers on bus 0 that hold a device, in order (the host bridge is 0).
-    pub fn populated_slots(&self) -> Vec<u8> {
-        self.slots.iter().enumerate().filter(|(_, s)| s.is_some()).map(|(i, _)| i as u8).collect()
+    /// Gives a function with an interrupt pin the line the board routes it to, and writes
+    /// the interrupt line register as firmware would.
+    fn connect_intx(&self, bdf: Bdf, device: &mut dyn PciDevice) {
+        let pin = (device.read_config_register(INTERRUPT_REG) >> 8) as u8;
+        let Some(pin) = IntxPin::from_config(pin) else { return };
+        let Some(routing) = &self.intx else {
+            log::debug!("PCI {bdf}: INT{pin:?} has no routing");
+            return;
+        };
+        let Some(gsi) = routing.router.route(bdf, pin) else { return };
+        // 0xff: "unknown or not connected" for lines beyond the register.
+        let line = u8::try_from(gsi).unwrap_or(0xff);
+        device.write_config_register(INTERRUPT_REG, 0, &[line]);
+        device.set_intx_line(IntxLine::new(gsi, routing.sink.clone(), self.intx_lines.clone()));
     }
 
-    /// The saved state of the device in slot `slot` (see [`PciRoot::save_state`]).
-    pub fn save_slot(&self, slot: u8) -> Result<Vec<u8>, StateError> {
-        match self.slots.get(slot as usize).and_then(Option::as_ref) {
-            Some(s) => lock(&s.device).save_state(),
-            None => Err(StateError::invalid("PCI bus", format!("no device in slot {slot}"))),
+    /// The address BAR `index` of `bdf` holds now (what the guest last wrote).
+    pub fn bar_address(&self, bdf: Bdf, index: u8) -> Option<u64> {
+        let function = self.functions.get(&bdf)?;
+        let kind = function
+            .bars
+            .iter()
+            .map(|b| (b.index, b.kind))
+            .chain(function.ram.iter().map(|r| (r.index, r.kind)))
+            .find(|(i, _)| *i == index)?
+            .1;
+        let mut device = lock(&function.device);
+        Some(config::bar_address(kind, |reg| device.read_config_register(reg), index))
+    }
+
+    /// Reads configuration dword `reg` of `bdf`; absent functions read all-ones. Function 0
+    /// of a device with other functions reports itself multi-function.
+    pub fn config_read(&mut self, bdf: Bdf, reg: usize) -> u32 {
+        let Some(function) = self.functions.get(&bdf) else {
+            return u32::MAX;
+        };
+        let value = lock(&function.device).read_config_register(reg);
+        if reg == HEADER_TYPE_REG && bdf.function == 0 && self.has_other_functions(bdf) {
+            value | HEADER_TYPE_MULTI_FUNCTION
+        } else {
+            value
         }
     }
 
-    /// Restores the device in slot `slot` and brings its BAR decoding in line with the
-    /// restored registers; a refused state leaves the device as it was.
-    pub fn restore_slot(&mut self, slot: u8, bytes: &[u8]) -> Result<(), StateError> {
-        match self.slots.get_mut(slot as usize).and_then(Option::as_mut) {
-            Some(s) => {
-                lock(&s.device).restore_state(bytes)?;
-                s.refresh();
-                Ok(())
-            }
-            None => Err(StateError::invalid("PCI bus", format!("no device in slot {slot}"))),
+    fn has_other_functions(&self, bdf: Bdf) -> bool {
+        self.functions.keys().any(|f| f.bus == bdf.bus && f.device == bdf.device && f.function != 0)
+    }
+
+    /// Writes bytes into configuration dword `reg` of `bdf`.
+    pub fn config_write(&mut self, bdf: Bdf, reg: usize, offset: u64, data: &[u8]) {
+        let ctx = Decoding { memory: self.memory.as_deref(), windows: self.memory_windows() };
+        if let Some(function) = self.functions.get_mut(&bdf) {
+            lock(&function.device).write_config_register(reg, offset, data);
+            // Any write may have moved a BAR or toggled decoding; a refused RAM BAR is
+            // logged and stays unmapped.
+            let _ = function.refresh(bdf, &ctx);
         }
+    }
+
+    /// The address of every function, the host bridge first.
+    pub fn functions(&self) -> Vec<Bdf> {
+        self.functions.keys().copied().collect()
+    }
+
+    /// The state of the function at `bdf` (its configuration space included). Call it with
+    /// the vCPUs paused and I/O quiesced ([`PciRoot::quiesce_io`]), so no queue moves while
+    /// it is saved.
+    pub fn save_function(&self, bdf: Bdf) -> Result<Vec<u8>, StateError> {
+        match self.functions.get(&bdf) {
+            Some(function) => lock(&function.device).save_state(),
+            None => Err(StateError::invalid("PCI bus", format!("no function at {bdf}"))),
+        }
+    }
+
+    /// Restores the function at `bdf` and brings its BAR decoding and RAM BAR mappings in
+    /// line with the restored registers; a refused state leaves the function as it was.
+    pub fn restore_function(&mut self, bdf: Bdf, bytes: &[u8]) -> Result<(), StateError> {
+        let ctx = Decoding { memory: self.memory.as_deref(), windows: self.memory_windows() };
+        let Some(function) = self.functions.get_mut(&bdf) else {
+            return Err(StateError::invalid("PCI bus", format!("no function at {bdf}")));
+        };
+        lock(&function.device).restore_state(bytes)?;
+        // A RAM BAR the restored registers put where it cannot go is logged and stays
+        // unmapped, as after a guest's own write.
+        let _ = function.refresh(bdf, &ctx);
+        Ok(())
     }
 
     /// Stops every device's I/O threads and waits for them: an in-flight request finishes
     /// first, and afterwards no device touches guest memory until [`PciRoot::resume_io`].
     pub fn quiesce_io(&mut self) {
-        for slot in self.slots.iter().flatten() {
-            lock(&slot.device).quiesce();
+        for function in self.functions.values() {
+            lock(&function.device).quiesce();
         }
     }
 
     /// Restarts the I/O threads and serves what the guest queued while they were stopped.
     pub fn resume_io(&mut self) {
-        for slot in self.slots.iter().flatten() {
-            lock(&slot.device).resume();
+        for function in self.functions.values() {
+            lock(&function.device).resume();
         }
+    }
+
+    fn target(&self, space: Space, addr: u64) -> Option<(SharedDevice, u8, u64)> {
+        self.functions.values().find_map(|function| {
+            function
+                .decoded
+                .iter()
+                .find(|d| d.space == space && addr >= d.start && addr - d.start < d.size)
+                .map(|d| (function.device.clone(), d.bar, addr - d.start))
+        })
     }
 
     /// The device, BAR and offset that decode guest-physical `addr`, if any.
     pub fn mmio_target(&self, addr: u64) -> Option<(SharedDevice, u8, u64)> {
-        self.slots.iter().flatten().find_map(|slot| {
-            slot.decoded
-                .iter()
-                .find(|d| addr >= d.start && addr - d.start < d.size)
-                .map(|d| (slot.device.clone(), d.bar, addr - d.start))
-        })
+        self.target(Space::Memory, addr)
+    }
+
+    /// The device, BAR and offset that decode port `port`, if any.
+    pub fn io_target(&self, port: u64) -> Option<(SharedDevice, u8, u64)> {
+        self.target(Space::Io, port)
     }
 }
 
-/// Whether half-open ranges `a` and `b` share an address.
-fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
-    a.0 < b.1 && b.0 < a.1
+impl Drop for PciRoot {
+    /// RAM BARs leave the guest before their host memory can go.
+    fn drop(&mut self) {
+        for (bdf, function) in &mut self.functions {
+            function.unmap_ram(*bdf, self.memory.as_deref());
+        }
+    }
 }
 
-/// Reads through the root's MMIO dispatch; false when no BAR decodes `addr`. The root is
-/// unlocked before the device is entered.
-pub fn mmio_read(root: &Mutex<PciRoot>, addr: u64, data: &mut [u8]) -> bool {
-    let target = lock(root).mmio_target(addr);
+/// Reads through the root's dispatch in `space`; false when no BAR decodes `addr`. The root
+/// is unlocked before the device is entered.
+fn dispatch_read(root: &Mutex<PciRoot>, space: Space, addr: u64, data: &mut [u8]) -> bool {
+    let target = lock(root).target(space, addr);
     match target {
         Some((device, bar, offset)) => {
             lock(&device).bar_read(bar, offset, data);
@@ -382,16 +604,28 @@ pub fn mmio_read(root: &Mutex<PciRoot>, addr: u64, data: &mut [u8]) -> bool {
     }
 }
 
-/// Writes through the root's MMIO dispatch; false when no BAR decodes `addr`.
-pub fn mmio_write(root: &Mutex<PciRoot>, addr: u64, data: &[u8]) -> bool {
-    let target = lock(root).mmio_target(addr);
+/// Writes through the root's dispatch; false when no BAR decodes `addr`. ROM writes are
+/// claimed and dropped.
+fn dispatch_write(root: &Mutex<PciRoot>, space: Space, addr: u64, data: &[u8]) -> bool {
+    let target = lock(root).target(space, addr);
     match target {
+        Some((_, ROM_BAR_INDEX, _)) => true,
         Some((device, bar, offset)) => {
             lock(&device).bar_write(bar, offset, data);
             true
         }
         None => false,
     }
+}
+
+/// Reads through the root's MMIO dispatch; false when no BAR decodes `addr`.
+pub fn mmio_read(root: &Mutex<PciRoot>, addr: u64, data: &mut [u8]) -> bool {
+    dispatch_read(root, Space::Memory, addr, data)
+}
+
+/// Writes through the root's MMIO dispatch; false when no BAR decodes `addr`.
+pub fn mmio_write(root: &Mutex<PciRoot>, addr: u64, data: &[u8]) -> bool {
+    dispatch_write(root, Space::Memory, addr, data)
 }
 
 /// Splits a configuration access at byte `offset` of a dword; None if it crosses the dword
@@ -408,7 +642,7 @@ fn extract(value: u32, byte: u64, data: &mut [u8]) {
 }
 
 /// Configuration mechanism #1: CONFIG_ADDRESS at port 0xCF8 (dword only), CONFIG_DATA at
-/// 0xCFC..0xCFF (any size). Insert at [`layout::PCI_CONFIG_ADDRESS_PORT`], length 8.
+/// 0xCFC..0xCFF (any size). Insert at port 0xCF8, length [`PciConfigIo::LEN`].
 ///
 /// Byte accesses to 0xCF8..0xCFB are not config cycles; they read all-ones and are ignored
 /// (0xCF9 is the PC reset-control register, which this adapter does not implement).
@@ -432,15 +666,14 @@ impl PciConfigIo {
         self.address = state.address & CONFIG_ADDRESS_MASK;
     }
 
-    /// (device, function, register) selected by CONFIG_ADDRESS, if enabled and on bus 0.
-    fn target(&self) -> Option<(u8, u8, usize)> {
+    /// (function, register) selected by CONFIG_ADDRESS, if enabled.
+    fn target(&self) -> Option<(Bdf, usize)> {
         let a = self.address;
-        let bus = (a >> 16) & 0xff;
-        (a & CONFIG_ADDRESS_ENABLE != 0 && bus == 0).then_some((
-            ((a >> 11) & 0x1f) as u8,
-            ((a >> 8) & 0x7) as u8,
-            ((a >> 2) & 0x3f) as usize,
-        ))
+        if a & CONFIG_ADDRESS_ENABLE == 0 {
+            return None;
+        }
+        let bdf = Bdf::new((a >> 16) as u8, ((a >> 11) & 0x1f) as u8, ((a >> 8) & 0x7) as u8)?;
+        Some((bdf, ((a >> 2) & 0x3f) as usize))
     }
 }
 
@@ -450,12 +683,12 @@ impl BusDevice for PciConfigIo {
         match offset {
             0 if data.len() == 4 => data.copy_from_slice(&self.address.to_le_bytes()),
             4..=7 => {
-                let (Some(byte), Some((dev, func, reg))) =
+                let (Some(byte), Some((bdf, reg))) =
                     (dword_access(offset - 4, data.len()), self.target())
                 else {
                     return;
                 };
-                let value = lock(&self.root).config_read(dev, func, reg);
+                let value = lock(&self.root).config_read(bdf, reg);
                 extract(value, byte, data);
             }
             _ => {}
@@ -470,19 +703,19 @@ impl BusDevice for PciConfigIo {
                 }
             }
             4..=7 => {
-                let (Some(byte), Some((dev, func, reg))) =
+                let (Some(byte), Some((bdf, reg))) =
                     (dword_access(offset - 4, data.len()), self.target())
                 else {
                     return;
                 };
-                lock(&self.root).config_write(dev, func, reg, byte, data);
+                lock(&self.root).config_write(bdf, reg, byte, data);
             }
             _ => {}
         }
     }
 }
 
-/// ECAM for bus 0. Insert at [`layout::PCI_ECAM_START`], length [`layout::PCI_ECAM_SIZE`].
+/// ECAM. Insert at [`PciRoot::ecam_base`], length [`PciRoot::ecam_size`].
 pub struct PciConfigMmio {
     root: Arc<Mutex<PciRoot>>,
 }
@@ -492,80 +725,121 @@ impl PciConfigMmio {
         PciConfigMmio { root }
     }
 
-    fn target(offset: u64, len: usize) -> Option<(u8, u8, usize, u64)> {
+    fn target(offset: u64, len: usize) -> Option<(Bdf, usize, u64)> {
         let byte = dword_access(offset, len)?;
-        if offset >> 20 != 0 {
-            return None;
-        }
-        Some((
-            ((offset >> 15) & 0x1f) as u8,
-            ((offset >> 12) & 0x7) as u8,
-            ((offset & 0xfff) >> 2) as usize,
-            byte,
-        ))
+        let bus = u8::try_from(offset >> 20).ok()?;
+        let bdf = Bdf::new(bus, ((offset >> 15) & 0x1f) as u8, ((offset >> 12) & 0x7) as u8)?;
+        Some((bdf, ((offset & 0xfff) >> 2) as usize, byte))
     }
 }
 
 impl BusDevice for PciConfigMmio {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0xff);
-        if let Some((dev, func, reg, byte)) = Self::target(offset, data.len()) {
-            let value = lock(&self.root).config_read(dev, func, reg);
+        if let Some((bdf, reg, byte)) = Self::target(offset, data.len()) {
+            let value = lock(&self.root).config_read(bdf, reg);
             extract(value, byte, data);
         }
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        if let Some((dev, func, reg, byte)) = Self::target(offset, data.len()) {
-            lock(&self.root).config_write(dev, func, reg, byte, data);
+        if let Some((bdf, reg, byte)) = Self::target(offset, data.len()) {
+            lock(&self.root).config_write(bdf, reg, byte, data);
         }
     }
 }
 
-/// The PCI MMIO window: routes accesses to the BAR that decodes them; unclaimed reads return
-/// all-ones. Insert at the root's window ([`PciRoot::mmio_window`]).
+/// A PCI memory window: routes accesses to the BAR that decodes them; unclaimed reads return
+/// all-ones. Insert at `base` (one of [`PciRoot::mmio_windows`]) with the window's size.
 pub struct PciMmioWindow {
     root: Arc<Mutex<PciRoot>>,
     base: u64,
 }
 
 impl PciMmioWindow {
-    pub fn new(root: Arc<Mutex<PciRoot>>) -> Self {
-        let base = lock(&root).mmio_start;
+    pub fn new(root: Arc<Mutex<PciRoot>>, base: u64) -> Self {
         PciMmioWindow { root, base }
     }
 }
 
 impl BusDevice for PciMmioWindow {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        if !mmio_read(&self.root, self.base + offset, data) {
+        if !dispatch_read(&self.root, Space::Memory, self.base + offset, data) {
             data.fill(0xff);
         }
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        mmio_write(&self.root, self.base + offset, data);
+        dispatch_write(&self.root, Space::Memory, self.base + offset, data);
+    }
+}
+
+/// The PCI I/O window on the port bus: routes port accesses to the I/O BAR that decodes
+/// them; unclaimed reads return all-ones. Insert at [`PciRoot::io_window`].
+pub struct PciIoWindow {
+    root: Arc<Mutex<PciRoot>>,
+    base: u64,
+}
+
+impl PciIoWindow {
+    pub fn new(root: Arc<Mutex<PciRoot>>, base: u64) -> Self {
+        PciIoWindow { root, base }
+    }
+}
+
+impl BusDevice for PciIoWindow {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if !dispatch_read(&self.root, Space::Io, self.base + offset, data) {
+            data.fill(0xff);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        dispatch_write(&self.root, Space::Io, self.base + offset, data);
     }
 }
 
 #[cfg(test)]
-#[cfg(target_arch = "x86_64")]
 #[allow(clippy::unwrap_used)] // Tests fail loudly on purpose.
 mod tests {
     use super::*;
-    use crate::arch::x86_64::layout;
+    use crate::hypervisor::InterruptSink;
+    use crate::memory::slots::MemorySlots;
     use crate::pci::config::CLASS_OTHER;
+    use crate::pci::IntxRouter;
+
+    const MMIO32: PciWindow = PciWindow::new(0xc000_0000, 0x2000_0000);
+    const IO: PciWindow = PciWindow::new(0xc000, 0x4000);
+    const ECAM: u64 = 0xe000_0000;
+
+    fn config() -> PciRootConfig {
+        PciRootConfig {
+            host_bridge: Box::new(PciHostBridge::new(0x8086, 0x0d57)),
+            mmio32: MMIO32,
+            mmio64: PciWindow::EMPTY,
+            io: IO,
+            ecam_base: ECAM,
+            bus_count: 1,
+            memory: None,
+            intx: None,
+        }
+    }
+
+    fn root_with(config: PciRootConfig) -> Arc<Mutex<PciRoot>> {
+        Arc::new(Mutex::new(PciRoot::new(config).unwrap()))
+    }
 
     type WriteLog = Arc<Mutex<Vec<(u8, u64, Vec<u8>)>>>;
 
-    /// A device with one 64-bit BAR that remembers writes and reads back a pattern.
+    /// A function with the given BARs that remembers BAR writes and reads back a pattern.
     struct TestDevice {
         config: PciConfiguration,
         writes: WriteLog,
+        line: Option<IntxLine>,
     }
 
     impl TestDevice {
-        fn new(bar_size: u64) -> (Self, WriteLog) {
+        fn with_bars(bars: Vec<PciBar>) -> (Self, WriteLog) {
             let mut config = PciConfiguration::new(PciHeader {
                 vendor_id: 0x1234,
                 device_id: 0x5678,
@@ -574,18 +848,21 @@ mod tests {
                 subsystem_vendor_id: 0,
                 subsystem_id: 0,
             });
-            config
-                .add_bar(PciBar {
-                    index: 0,
-                    size: bar_size,
-                    kind: PciBarKind::Memory64,
-                    prefetchable: false,
-                    fixed_address: None,
-                })
-                .unwrap();
+            for bar in bars {
+                config.add_bar(bar).unwrap();
+            }
             let writes = Arc::new(Mutex::new(Vec::new()));
-            (TestDevice { config, writes: writes.clone() }, writes)
+            (TestDevice { config, writes: writes.clone(), line: None }, writes)
         }
+
+        /// One 64-bit memory BAR 0 of `bar_size` bytes.
+        fn new(bar_size: u64) -> (Self, WriteLog) {
+            Self::with_bars(vec![bar(0, bar_size, PciBarKind::Memory64)])
+        }
+    }
+
+    fn bar(index: u8, size: u64, kind: PciBarKind) -> PciBar {
+        PciBar { index, size, kind, prefetchable: false, ram: None }
     }
 
     impl PciDevice for TestDevice {
@@ -603,6 +880,12 @@ mod tests {
         }
         fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]) {
             self.writes.lock().unwrap().push((bar, offset, data.to_vec()));
+            if let Some(line) = &self.line {
+                line.set_level(data.first() == Some(&1));
+            }
+        }
+        fn set_intx_line(&mut self, line: IntxLine) {
+            self.line = Some(line);
         }
         fn save_state(&self) -> Result<Vec<u8>, StateError> {
             state::encode("test", &self.config.registers())
@@ -613,22 +896,58 @@ mod tests {
         }
     }
 
-    fn cf8(io: &mut PciConfigIo, dev: u32, reg: u32) {
-        io.write(0, &(0x8000_0000 | dev << 11 | reg << 2).to_le_bytes());
+    /// A function that cannot be saved.
+    struct Stateless(PciConfiguration);
+
+    impl PciDevice for Stateless {
+        fn read_config_register(&mut self, reg: usize) -> u32 {
+            self.0.read_reg(reg)
+        }
+        fn write_config_register(&mut self, reg: usize, offset: u64, data: &[u8]) {
+            self.0.write_reg(reg, offset, data);
+        }
+        fn bars(&self) -> Vec<PciBar> {
+            Vec::new()
+        }
+        fn bar_read(&mut self, _bar: u8, _offset: u64, _data: &mut [u8]) {}
+        fn bar_write(&mut self, _bar: u8, _offset: u64, _data: &[u8]) {}
     }
 
-    fn cfc_read(io: &mut PciConfigIo, dev: u32, reg: u32) -> u32 {
+    fn cf8_bdf(io: &mut PciConfigIo, bdf: Bdf, reg: u32) {
+        let address = 0x8000_0000
+            | u32::from(bdf.bus()) << 16
+            | u32::from(bdf.device()) << 11
+            | u32::from(bdf.function()) << 8
+            | reg << 2;
+        io.write(0, &address.to_le_bytes());
+    }
+
+    fn cf8(io: &mut PciConfigIo, dev: u8, reg: u32) {
+        cf8_bdf(io, Bdf::new(0, dev, 0).unwrap(), reg);
+    }
+
+    fn cfc_read(io: &mut PciConfigIo, dev: u8, reg: u32) -> u32 {
         cf8(io, dev, reg);
         let mut d = [0u8; 4];
         io.read(4, &mut d);
         u32::from_le_bytes(d)
     }
 
+    fn cfc_write(io: &mut PciConfigIo, dev: u8, reg: u32, value: u32) {
+        cf8(io, dev, reg);
+        io.write(4, &value.to_le_bytes());
+    }
+
     fn setup() -> (Arc<Mutex<PciRoot>>, WriteLog) {
-        let root = Arc::new(Mutex::new(PciRoot::new()));
+        let root = root_with(config());
         let (dev, writes) = TestDevice::new(0x4000);
-        assert_eq!(root.lock().unwrap().add_device(Box::new(dev)).unwrap(), 1);
+        let bdf = root.lock().unwrap().add_device(Box::new(dev)).unwrap();
+        assert_eq!(bdf.to_string(), "00:01.0");
         (root, writes)
+    }
+
+    fn window(root: &Arc<Mutex<PciRoot>>) -> PciMmioWindow {
+        PciMmioWindow::new(root.clone(), MMIO32.start)
     }
 
     #[test]
@@ -649,7 +968,7 @@ mod tests {
     }
 
     #[test]
-    fn absent_slots_and_functions_read_all_ones() {
+    fn absent_slots_functions_and_buses_read_all_ones() {
         let (root, _) = setup();
         let mut io = PciConfigIo::new(root.clone());
         assert_eq!(cfc_read(&mut io, 7, 0), u32::MAX);
@@ -657,6 +976,9 @@ mod tests {
         let mut d = [0u8; 4];
         io.read(4, &mut d);
         assert_eq!(d, [0xff; 4]);
+        cf8_bdf(&mut io, Bdf::new(1, 1, 0).unwrap(), 0);
+        io.read(4, &mut d);
+        assert_eq!(d, [0xff; 4], "bus 1 does not exist");
         let mut ecam = PciConfigMmio::new(root);
         ecam.read(3 << 15, &mut d);
         assert_eq!(d, [0xff; 4]);
@@ -666,7 +988,7 @@ mod tests {
 
     #[test]
     fn bars_are_preprogrammed_aligned_and_decoding() {
-        let root = Arc::new(Mutex::new(PciRoot::new()));
+        let root = root_with(config());
         let (small, _) = TestDevice::new(0x1000);
         let (big, _) = TestDevice::new(0x10_0000);
         root.lock().unwrap().add_device(Box::new(small)).unwrap();
@@ -675,31 +997,95 @@ mod tests {
         assert_eq!(cfc_read(&mut io, 1, 4), 0xc000_0004);
         assert_eq!(cfc_read(&mut io, 2, 4), 0xc010_0004);
         assert_eq!(cfc_read(&mut io, 2, 5), 0);
-        assert_eq!(cfc_read(&mut io, 2, 1) & 0x6, 0x6);
+        assert_eq!(cfc_read(&mut io, 2, 1) & 0x7, 0x6, "memory and bus master, no I/O");
     }
 
     #[test]
-    fn bar_sizing_through_config_ports() {
-        let (root, _) = setup();
+    fn a_64_bit_window_takes_64_bit_bars() {
+        let root = root_with(PciRootConfig {
+            mmio64: PciWindow::new(0x80_0000_0000, 0x10_0000_0000),
+            ..config()
+        });
+        let (dev, _) = TestDevice::with_bars(vec![
+            bar(0, 0x4000, PciBarKind::Memory64),
+            bar(2, 0x1000, PciBarKind::Memory32),
+        ]);
+        let bdf = root.lock().unwrap().add_device(Box::new(dev)).unwrap();
+        assert_eq!(root.lock().unwrap().bar_address(bdf, 0), Some(0x80_0000_0000));
+        assert_eq!(root.lock().unwrap().bar_address(bdf, 2), Some(0xc000_0000));
+        assert_eq!(root.lock().unwrap().mmio_windows().len(), 2);
+        let mut d = [0u8; 1];
+        assert!(mmio_read(&root, 0x80_0000_0010, &mut d));
+        assert_eq!(d, [0x10]);
+    }
+
+    #[test]
+    fn bar_sizing_through_config_ports_for_each_kind() {
+        let root = root_with(config());
+        let (dev, _) = TestDevice::with_bars(vec![
+            bar(0, 0x4000, PciBarKind::Memory64),
+            bar(2, 0x1000, PciBarKind::Memory32),
+            bar(3, 0x40, PciBarKind::Io),
+            bar(ROM_BAR_INDEX, 0x10000, PciBarKind::Rom),
+        ]);
+        root.lock().unwrap().add_device(Box::new(dev)).unwrap();
         let mut io = PciConfigIo::new(root);
-        cf8(&mut io, 1, 4);
-        io.write(4, &u32::MAX.to_le_bytes());
-        assert_eq!(cfc_read(&mut io, 1, 4), 0xffff_c004);
-        cf8(&mut io, 1, 5);
-        io.write(4, &u32::MAX.to_le_bytes());
-        assert_eq!(cfc_read(&mut io, 1, 5), u32::MAX);
+        for (reg, mask) in
+            [(4, 0xffff_c004), (5, u32::MAX), (6, 0xffff_f000), (7, 0xffff_ffc1), (12, 0xffff_0001)]
+        {
+            cfc_write(&mut io, 1, reg, u32::MAX);
+            assert_eq!(cfc_read(&mut io, 1, reg), mask, "register {reg}");
+        }
+    }
+
+    #[test]
+    fn io_and_rom_bars_are_assigned_and_gated_by_their_enable_bits() {
+        let root = root_with(config());
+        let (dev, writes) = TestDevice::with_bars(vec![
+            bar(0, 0x1000, PciBarKind::Memory32),
+            bar(1, 0x20, PciBarKind::Io),
+            bar(ROM_BAR_INDEX, 0x8000, PciBarKind::Rom),
+        ]);
+        root.lock().unwrap().add_device(Box::new(dev)).unwrap();
+        let mut io = PciConfigIo::new(root.clone());
+        assert_eq!(cfc_read(&mut io, 1, 5), 0xc001, "I/O BAR at the I/O window's start");
+        assert_eq!(cfc_read(&mut io, 1, 12), 0xc000_8000, "ROM placed, not enabled");
+        assert_eq!(cfc_read(&mut io, 1, 1) & 0x7, 0x7, "I/O decoding on too");
+
+        let mut ports = PciIoWindow::new(root.clone(), IO.start);
+        let mut d = [0u8; 2];
+        ports.read(0x4, &mut d);
+        assert_eq!(d, [5, 5], "BAR 1, offset 4");
+        ports.write(0x6, &[9]);
+        assert_eq!(writes.lock().unwrap().as_slice(), &[(1, 6, vec![9])]);
+
+        let mut mmio = window(&root);
+        mmio.read(0x8010, &mut d);
+        assert_eq!(d, [0xff; 2], "a disabled ROM decodes nothing");
+        cfc_write(&mut io, 1, 12, 0xc000_8001);
+        mmio.read(0x8010, &mut d);
+        assert_eq!(d, [ROM_BAR_INDEX + 0x10; 2], "contents come from the device");
+        mmio.write(0x8010, &[1]);
+        assert_eq!(writes.lock().unwrap().len(), 1, "ROM writes never reach the device");
+
+        // I/O decoding off: the port reads all-ones; memory decoding off: the ROM goes too.
+        cfc_write(&mut io, 1, 1, 0x6);
+        ports.read(0x4, &mut d);
+        assert_eq!(d, [0xff; 2]);
+        cfc_write(&mut io, 1, 1, 0x5);
+        mmio.read(0x8010, &mut d);
+        assert_eq!(d, [0xff; 2]);
     }
 
     #[test]
     fn moving_a_bar_moves_dispatch() {
         let (root, writes) = setup();
-        let mut window = PciMmioWindow::new(root.clone());
+        let mut window = window(&root);
         let mut d = [0u8; 4];
         window.read(0x10, &mut d);
         assert_eq!(d, [0x10; 4]);
         let mut io = PciConfigIo::new(root.clone());
-        cf8(&mut io, 1, 4);
-        io.write(4, &0xc080_0000u32.to_le_bytes());
+        cfc_write(&mut io, 1, 4, 0xc080_0000);
         window.read(0x10, &mut d);
         assert_eq!(d, [0xff; 4], "old address must no longer decode");
         window.write(0x80_0020, &[1, 2]);
@@ -712,9 +1098,24 @@ mod tests {
     }
 
     #[test]
+    fn moving_an_io_bar_moves_port_dispatch() {
+        let root = root_with(config());
+        let (dev, writes) = TestDevice::with_bars(vec![bar(0, 0x10, PciBarKind::Io)]);
+        root.lock().unwrap().add_device(Box::new(dev)).unwrap();
+        let mut io = PciConfigIo::new(root.clone());
+        cfc_write(&mut io, 1, 4, 0xd000);
+        let mut ports = PciIoWindow::new(root, IO.start);
+        let mut d = [0u8; 1];
+        ports.read(0, &mut d);
+        assert_eq!(d, [0xff], "the old port no longer decodes");
+        ports.write(0x1002, &[3]);
+        assert_eq!(writes.lock().unwrap().as_slice(), &[(0, 2, vec![3])]);
+    }
+
+    #[test]
     fn unclaimed_window_reads_all_ones() {
         let (root, _) = setup();
-        let mut window = PciMmioWindow::new(root);
+        let mut window = window(&root);
         let mut d = [0u8; 8];
         window.read(0x100_0000, &mut d);
         assert_eq!(d, [0xff; 8]);
@@ -722,135 +1123,97 @@ mod tests {
 
     #[test]
     fn full_bus_is_refused() {
-        let root = Arc::new(Mutex::new(PciRoot::new()));
-        for _ in 1..NUM_SLOTS {
+        let root = root_with(config());
+        for _ in 1..32 {
             root.lock().unwrap().add_device(Box::new(TestDevice::new(0x1000).0)).unwrap();
         }
         let err = root.lock().unwrap().add_device(Box::new(TestDevice::new(0x1000).0));
         assert!(matches!(err, Err(PciError::NoFreeSlot)));
     }
 
-    /// A device with a fixed 16 MiB BAR 0 at `addr` and a 64-bit BAR 2.
-    struct FixedDevice(PciConfiguration);
-
-    impl FixedDevice {
-        fn new(addr: u64) -> Self {
-            let mut c = PciConfiguration::new(PciHeader {
-                vendor_id: 0x1af4,
-                device_id: 0x1050,
-                revision: 1,
-                class_code: 0x03_00_00,
-                subsystem_vendor_id: 0,
-                subsystem_id: 0,
-            });
-            c.add_bar(PciBar {
-                index: 0,
-                size: 16 << 20,
-                kind: PciBarKind::Memory32,
-                prefetchable: true,
-                fixed_address: Some(addr),
-            })
-            .unwrap();
-            c.add_bar(PciBar {
-                index: 2,
-                size: 0x4000,
-                kind: PciBarKind::Memory64,
-                prefetchable: false,
-                fixed_address: None,
-            })
-            .unwrap();
-            FixedDevice(c)
-        }
-    }
-
-    impl PciDevice for FixedDevice {
-        fn read_config_register(&mut self, reg: usize) -> u32 {
-            self.0.read_reg(reg)
-        }
-        fn write_config_register(&mut self, reg: usize, offset: u64, data: &[u8]) {
-            self.0.write_reg(reg, offset, data);
-        }
-        fn bars(&self) -> Vec<PciBar> {
-            self.0.bars().to_vec()
-        }
-        fn bar_read(&mut self, bar: u8, _offset: u64, data: &mut [u8]) {
-            data.fill(bar);
-        }
-        fn bar_write(&mut self, _bar: u8, _offset: u64, _data: &[u8]) {}
-    }
-
-    const FB: u64 = layout::PCI_MMIO_START;
-
-    #[test]
-    fn reserved_range_is_never_allocated_and_holds_the_fixed_bar() {
-        let root = Arc::new(Mutex::new(PciRoot::new()));
-        root.lock().unwrap().reserve_mmio(FB, 16 << 20).unwrap();
-        root.lock().unwrap().add_device(Box::new(FixedDevice::new(FB))).unwrap();
-        root.lock().unwrap().add_device(Box::new(TestDevice::new(0x1000).0)).unwrap();
-        let mut io = PciConfigIo::new(root.clone());
-        assert_eq!(cfc_read(&mut io, 1, 4), FB as u32 | 0x8);
-        assert_eq!(cfc_read(&mut io, 1, 6), (FB as u32 + (16 << 20)) | 0x4, "BAR 2 after it");
-        assert_eq!(cfc_read(&mut io, 2, 4), (FB as u32 + (16 << 20) + 0x4000) | 0x4);
-        // Sizing and restoring through the config ports; the BAR stays where it was.
-        cf8(&mut io, 1, 4);
-        io.write(4, &u32::MAX.to_le_bytes());
-        assert_eq!(cfc_read(&mut io, 1, 4), 0xff00_0008);
-        io.write(4, &0xd000_0000u32.to_le_bytes());
-        assert_eq!(cfc_read(&mut io, 1, 4), FB as u32 | 0x8);
-        let mut window = PciMmioWindow::new(root);
-        let mut d = [0u8; 2];
-        window.read(0x10, &mut d);
-        assert_eq!(d, [0, 0], "BAR 0 of the fixed device decodes at the window start");
-    }
-
-    #[test]
-    fn fixed_bar_outside_a_reservation_is_refused() {
-        let root = Arc::new(Mutex::new(PciRoot::new()));
-        let err = root.lock().unwrap().add_device(Box::new(FixedDevice::new(FB)));
-        assert!(matches!(err, Err(PciError::FixedBarNotReserved { .. })));
-        root.lock().unwrap().reserve_mmio(FB, 16 << 20).unwrap();
-        root.lock().unwrap().add_device(Box::new(FixedDevice::new(FB))).unwrap();
-        let twice = root.lock().unwrap().add_device(Box::new(FixedDevice::new(FB)));
-        assert!(matches!(twice, Err(PciError::FixedBarNotReserved { .. })), "already taken");
-    }
-
-    #[test]
-    fn bad_reservations_are_refused() {
-        let mut root = PciRoot::new();
-        assert!(root.reserve_mmio(0x1000, 0x1000).is_err(), "outside the window");
-        assert!(root.reserve_mmio(FB, 0).is_err());
-        assert!(root.reserve_mmio(u64::MAX - 10, 100).is_err());
-        root.reserve_mmio(FB + (16 << 20), 16 << 20).unwrap();
-        assert!(root.reserve_mmio(FB + (20 << 20), 1 << 20).is_err(), "overlap");
-        root.add_device(Box::new(TestDevice::new(0x1000).0)).unwrap();
-        assert!(root.reserve_mmio(FB, 0x1000).is_err(), "already allocated");
-    }
-
     #[test]
     fn bar_larger_than_the_window_is_refused() {
-        let root = Arc::new(Mutex::new(PciRoot::new()));
-        let huge = TestDevice::new(layout::PCI_MMIO_SIZE * 2).0;
+        let root = root_with(config());
+        let huge = TestDevice::new(MMIO32.size * 2).0;
         let err = root.lock().unwrap().add_device(Box::new(huge));
-        assert!(matches!(err, Err(PciError::MmioWindowFull { .. })));
+        assert!(matches!(err, Err(PciError::WindowFull { .. })));
+    }
+
+    #[test]
+    fn bad_windows_and_places_are_refused() {
+        let bad = |config: PciRootConfig| PciRoot::new(config).is_err();
+        assert!(bad(PciRootConfig { bus_count: 0, ..config() }));
+        assert!(bad(PciRootConfig { io: PciWindow::new(0xf000, 0x2000), ..config() }));
+        assert!(bad(PciRootConfig { mmio32: PciWindow::new(0xf000_0000, 1 << 30), ..config() }));
+        assert!(bad(PciRootConfig { ecam_base: 0xd000_0000, ..config() }), "ECAM in the window");
+        assert!(bad(PciRootConfig { mmio64: PciWindow::new(u64::MAX, 2), ..config() }));
+        let root = root_with(config());
+        let mut root = root.lock().unwrap();
+        let taken = root.add_device_at(Bdf::new(0, 0, 0).unwrap(), Box::new(TestDevice::new(16).0));
+        assert!(matches!(taken, Err(PciError::FunctionTaken(_))));
+        let far = root.add_device_at(Bdf::new(1, 0, 0).unwrap(), Box::new(TestDevice::new(16).0));
+        assert!(matches!(far, Err(PciError::BusOutOfRange(_))));
+    }
+
+    #[test]
+    fn other_functions_make_function_0_multi_function_and_answer_on_both_paths() {
+        let root = root_with(config());
+        let at = |d, f| Bdf::new(0, d, f).unwrap();
+        root.lock().unwrap().add_device_at(at(3, 0), Box::new(TestDevice::new(0x1000).0)).unwrap();
+        let mut io = PciConfigIo::new(root.clone());
+        assert_eq!(cfc_read(&mut io, 3, 3) & HEADER_TYPE_MULTI_FUNCTION, 0, "single function");
+        let (second, _) = TestDevice::with_bars(vec![bar(0, 0x1000, PciBarKind::Memory32)]);
+        root.lock().unwrap().add_device_at(at(3, 2), Box::new(second)).unwrap();
+        assert_ne!(cfc_read(&mut io, 3, 3) & HEADER_TYPE_MULTI_FUNCTION, 0);
+        cf8_bdf(&mut io, at(3, 2), 0);
+        let mut d = [0u8; 4];
+        io.read(4, &mut d);
+        assert_eq!(u32::from_le_bytes(d), 0x5678_1234, "00:03.2 through 0xCF8");
+        cf8_bdf(&mut io, at(3, 2), 3);
+        io.read(4, &mut d);
+        assert_eq!(u32::from_le_bytes(d) & HEADER_TYPE_MULTI_FUNCTION, 0, "only function 0");
+        let mut ecam = PciConfigMmio::new(root.clone());
+        ecam.read(3 << 15 | 2 << 12 | 0x10, &mut d);
+        assert_eq!(u32::from_le_bytes(d), 0xc000_1000, "00:03.2's BAR through ECAM");
+        assert_eq!(
+            root.lock().unwrap().add_device(Box::new(TestDevice::new(16).0)).unwrap(),
+            at(1, 0)
+        );
+        assert_eq!(
+            root.lock().unwrap().add_device(Box::new(TestDevice::new(16).0)).unwrap(),
+            at(2, 0)
+        );
+        assert_eq!(
+            root.lock().unwrap().add_device(Box::new(TestDevice::new(16).0)).unwrap(),
+            at(4, 0),
+            "device 3 is taken by its functions"
+        );
+    }
+
+    /// Every function's state, by address.
+    fn save_all(root: &Mutex<PciRoot>) -> Vec<(Bdf, Vec<u8>)> {
+        let root = root.lock().unwrap();
+        root.functions().into_iter().map(|bdf| (bdf, root.save_function(bdf).unwrap())).collect()
     }
 
     #[test]
     fn restore_moves_bar_dispatch_and_config_address_to_the_saved_state() {
         let (root, _) = setup();
         let mut io = PciConfigIo::new(root.clone());
-        cf8(&mut io, 1, 4);
-        io.write(4, &0xc080_0000u32.to_le_bytes());
+        cfc_write(&mut io, 1, 4, 0xc080_0000);
         cf8(&mut io, 1, 15);
         io.write(4, &[0x0b]);
-        let saved = root.lock().unwrap().save_state().unwrap();
+        let saved = save_all(&root);
+        let addresses: Vec<String> = saved.iter().map(|(bdf, _)| bdf.to_string()).collect();
+        assert_eq!(addresses, ["00:00.0", "00:01.0"]);
         let io_saved = io.save_state();
-        let bytes = state::encode("pci", &saved).unwrap();
-        let decoded: PciRootState = state::decode("pci", &bytes).unwrap();
 
         let (fresh, writes) = setup();
-        fresh.lock().unwrap().restore_state(&decoded).unwrap();
-        assert_eq!(fresh.lock().unwrap().save_state().unwrap(), saved);
-        let mut window = PciMmioWindow::new(fresh.clone());
+        for (bdf, bytes) in &saved {
+            fresh.lock().unwrap().restore_function(*bdf, bytes).unwrap();
+        }
+        assert_eq!(save_all(&fresh), saved);
+        let mut window = window(&fresh);
         let mut d = [0u8; 4];
         window.read(0x10, &mut d);
         assert_eq!(d, [0xff; 4], "the fresh root's original BAR address must not decode");
@@ -864,18 +1227,201 @@ mod tests {
     }
 
     #[test]
-    fn restore_into_a_differently_populated_bus_is_refused() {
+    fn state_for_a_missing_function_or_one_it_refuses_changes_nothing() {
         let (root, _) = setup();
-        let saved = root.lock().unwrap().save_state().unwrap();
-        let empty = PciRoot::new();
-        let mut empty = empty;
-        assert!(matches!(empty.restore_state(&saved), Err(StateError::Invalid { .. })));
-        let mut foreign = saved.clone();
-        foreign.slots[1] = Some(state::encode("x", &vec![0u32; 64]).unwrap().into());
-        let (other, _) = setup();
+        let mut io = PciConfigIo::new(root.clone());
+        let before = save_all(&root);
+        let device_1 = Bdf::new(0, 1, 0).unwrap();
+        let absent = Bdf::new(0, 5, 0).unwrap();
+        assert!(root.lock().unwrap().save_function(absent).is_err());
+        let bytes = root.lock().unwrap().save_function(device_1).unwrap();
         assert!(matches!(
-            other.lock().unwrap().restore_state(&foreign),
+            root.lock().unwrap().restore_function(absent, &bytes),
             Err(StateError::Invalid { .. })
         ));
+        let wrong = state::encode("x", &vec![0u32; 3]).unwrap();
+        assert!(root.lock().unwrap().restore_function(device_1, &wrong).is_err());
+        assert!(root.lock().unwrap().restore_function(device_1, &[1, 2]).is_err());
+        assert_eq!(save_all(&root), before, "nothing changed");
+        assert_eq!(cfc_read(&mut io, 1, 4), 0xc000_0004, "00:01.0 is where it was");
+        let mut d = [0u8; 1];
+        assert!(mmio_read(&root, 0xc000_0000, &mut d), "and decodes there");
+
+        // A function without state says so.
+        let with_stateless = root_with(config());
+        let header = PciHeader {
+            vendor_id: 1,
+            device_id: 2,
+            revision: 0,
+            class_code: CLASS_OTHER,
+            subsystem_vendor_id: 0,
+            subsystem_id: 0,
+        };
+        let stateless = Stateless(PciConfiguration::new(header));
+        let bdf = with_stateless.lock().unwrap().add_device(Box::new(stateless)).unwrap();
+        assert!(with_stateless.lock().unwrap().save_function(bdf).is_err());
+        assert!(with_stateless.lock().unwrap().restore_function(bdf, &bytes).is_err());
+    }
+
+    /// Records map and unmap calls; refuses what the slot registry refuses.
+    #[derive(Default)]
+    struct RecordingMapper {
+        slots: MemorySlots,
+        calls: Mutex<Vec<String>>,
+    }
+
+    impl MemoryMapper for RecordingMapper {
+        fn map(&self, guest_addr: u64, memory: &HostMemory) -> Result<u32, SlotError> {
+            let region = self.slots.allocate(guest_addr, memory.len(), memory.host_addr())?;
+            self.calls.lock().unwrap().push(format!("map {guest_addr:#x} slot {}", region.slot));
+            Ok(region.slot)
+        }
+        fn unmap(&self, slot: u32) -> Result<(), SlotError> {
+            self.slots.release(slot).ok_or(SlotError::UnknownSlot(slot))?;
+            self.calls.lock().unwrap().push(format!("unmap slot {slot}"));
+            Ok(())
+        }
+    }
+
+    impl RecordingMapper {
+        fn take(&self) -> Vec<String> {
+            std::mem::take(&mut *self.calls.lock().unwrap())
+        }
+    }
+
+    /// 16 MiB of host memory for a RAM BAR (never touched: the recording mapper maps nothing).
+    fn host_memory() -> HostMemory {
+        let region = Arc::new(vm_memory::MmapRegion::<()>::new(16 << 20).unwrap());
+        let addr = region.as_ptr();
+        // SAFETY: `region` is a live anonymous mapping kept alive by the `HostMemory`.
+        unsafe { HostMemory::new(addr, 16 << 20, true, region) }.unwrap()
+    }
+
+    fn ram_device() -> TestDevice {
+        TestDevice::with_bars(vec![
+            PciBar {
+                index: 0,
+                size: 16 << 20,
+                kind: PciBarKind::Memory32,
+                prefetchable: true,
+                ram: Some(host_memory()),
+            },
+            bar(2, 0x4000, PciBarKind::Memory64),
+        ])
+        .0
+    }
+
+    fn ram_setup() -> (Arc<Mutex<PciRoot>>, Arc<RecordingMapper>) {
+        let mapper = Arc::new(RecordingMapper::default());
+        // Guest RAM below the window, as the machine maps it first.
+        mapper.slots.allocate(0, 0x4000_0000, 0x7000_0000_0000).unwrap();
+        let root = root_with(PciRootConfig { memory: Some(mapper.clone()), ..config() });
+        root.lock().unwrap().add_device(Box::new(ram_device())).unwrap();
+        (root, mapper)
+    }
+
+    #[test]
+    fn a_ram_bar_is_mapped_where_it_lands_and_moves_when_the_guest_moves_it() {
+        let (root, mapper) = ram_setup();
+        assert_eq!(mapper.take(), ["map 0xc0000000 slot 1"], "first BAR at the window start");
+        let bdf = Bdf::new(0, 1, 0).unwrap();
+        assert_eq!(root.lock().unwrap().bar_address(bdf, 2), Some(0xc100_0000), "BAR 2 after it");
+        let mut d = [0u8; 1];
+        assert!(!mmio_read(&root, 0xc000_0010, &mut d), "RAM BAR accesses are not dispatched");
+
+        let mut io = PciConfigIo::new(root.clone());
+        cfc_write(&mut io, 1, 4, 0xd000_0000);
+        assert_eq!(mapper.take(), ["unmap slot 1", "map 0xd0000000 slot 1"]);
+        // Sizing with decoding off (as Linux does): unmapped, then back where it was.
+        cfc_write(&mut io, 1, 1, 0x4);
+        cfc_write(&mut io, 1, 4, u32::MAX);
+        assert_eq!(cfc_read(&mut io, 1, 4), 0xff00_0008);
+        cfc_write(&mut io, 1, 4, 0xd000_0000);
+        cfc_write(&mut io, 1, 1, 0x6);
+        assert_eq!(mapper.take(), ["unmap slot 1", "map 0xd0000000 slot 1"]);
+        cfc_write(&mut io, 1, 15, 0x0b);
+        assert!(mapper.take().is_empty(), "unrelated writes leave the mapping alone");
+
+        drop(io);
+        drop(root);
+        assert_eq!(mapper.take(), ["unmap slot 1"], "dropping the root unmaps it");
+    }
+
+    #[test]
+    fn a_ram_bar_over_ram_another_mapping_or_outside_the_windows_is_not_mapped() {
+        let (root, mapper) = ram_setup();
+        root.lock().unwrap().add_device(Box::new(ram_device())).unwrap();
+        mapper.take();
+        let mut io = PciConfigIo::new(root.clone());
+        // Onto the other RAM BAR: refused by the registry, logged, left unmapped.
+        cfc_write(&mut io, 2, 4, 0xc000_0000);
+        assert_eq!(mapper.take(), ["unmap slot 2"]);
+        // Over guest RAM or the ECAM (outside every window), or wrapping: never mapped.
+        for address in [0x1000_0000, 0xe000_0000, 0xff00_0000] {
+            cfc_write(&mut io, 2, 4, address);
+            assert!(mapper.take().is_empty(), "{address:#x}");
+        }
+        cfc_write(&mut io, 2, 4, 0xd000_0000);
+        assert_eq!(mapper.take(), ["map 0xd0000000 slot 2"], "a free place maps again");
+        let regions = mapper.slots.regions();
+        assert_eq!(regions.len(), 3, "RAM and two BARs: {regions:?}");
+    }
+
+    #[test]
+    fn a_ram_bar_needs_a_mapper_and_restore_maps_it_at_the_saved_address() {
+        let root = root_with(config());
+        let err = root.lock().unwrap().add_device(Box::new(ram_device()));
+        assert!(matches!(err, Err(PciError::NoMemoryMapper { index: 0 })));
+
+        let (root, _) = ram_setup();
+        cfc_write(&mut PciConfigIo::new(root.clone()), 1, 4, 0xd000_0000);
+        let saved = save_all(&root);
+        let (fresh, mapper) = ram_setup();
+        mapper.take();
+        for (bdf, bytes) in &saved {
+            fresh.lock().unwrap().restore_function(*bdf, bytes).unwrap();
+        }
+        assert_eq!(mapper.take(), ["unmap slot 1", "map 0xd0000000 slot 1"]);
+    }
+
+    struct Router;
+
+    impl IntxRouter for Router {
+        fn route(&self, bdf: Bdf, pin: IntxPin) -> Option<u32> {
+            // The PC swizzle onto GSIs 16..19.
+            Some(16 + (u32::from(bdf.device()) + pin as u32 - 1) % 4)
+        }
+    }
+
+    #[derive(Default)]
+    struct Lines(Mutex<Vec<(u32, bool)>>);
+
+    impl InterruptSink for Lines {
+        fn set_irq_line(&self, gsi: u32, active: bool) -> crate::hypervisor::Result<()> {
+            self.0.lock().unwrap().push((gsi, active));
+            Ok(())
+        }
+        fn signal_msi(&self, _address: u64, _data: u32) -> crate::hypervisor::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_function_with_a_pin_gets_the_routed_line_and_drives_it() {
+        let lines = Arc::new(Lines::default());
+        let routing = IntxRouting { router: Arc::new(Router), sink: lines.clone() };
+        let root = root_with(PciRootConfig { intx: Some(routing), ..config() });
+        let (mut dev, _) = TestDevice::new(0x1000);
+        dev.config.set_interrupt_pin(Some(IntxPin::B));
+        let bdf = root.lock().unwrap().add_device(Box::new(dev)).unwrap();
+        let no_pin = root.lock().unwrap().add_device(Box::new(TestDevice::new(0x1000).0)).unwrap();
+        let mut io = PciConfigIo::new(root.clone());
+        assert_eq!(cfc_read(&mut io, bdf.device(), 15), 0x0212, "pin B, line 18");
+        assert_eq!(cfc_read(&mut io, no_pin.device(), 15), 0, "no pin, no line");
+        cfc_write(&mut io, bdf.device(), 15, 0x0400);
+        assert_eq!(cfc_read(&mut io, bdf.device(), 15), 0x0200, "the pin is read-only");
+        assert!(mmio_write(&root, 0xc000_0000, &[1]));
+        assert!(mmio_write(&root, 0xc000_0000, &[0]));
+        assert_eq!(lines.0.lock().unwrap().as_slice(), &[(18, true), (18, false)]);
     }
 }

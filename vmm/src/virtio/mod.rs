@@ -120,10 +120,10 @@ pub trait VirtioDevice: Send {
     fn pci_class_code(&self) -> Option<u32> {
         None
     }
-    /// A memory BAR at a fixed guest-physical address, backed by host memory the machine maps
-    /// there (a boot framebuffer), as (address, size). The transport exposes it as a 32-bit
-    /// prefetchable BAR 0 whose accesses never reach the device.
-    fn fixed_memory_bar(&self) -> Option<(u64, u64)> {
+    /// Host memory to expose as a RAM BAR (a boot framebuffer), which the PCI root maps
+    /// wherever the BAR points. The transport makes it a 32-bit prefetchable BAR 0 whose
+    /// accesses never reach the device.
+    fn ram_bar(&self) -> Option<crate::memory::slots::HostMemory> {
         None
     }
     /// The device's own state (not its queues), encoded with [`crate::state::encode`].

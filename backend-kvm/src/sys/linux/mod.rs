@@ -190,6 +190,20 @@ impl Vm for KvmVm {
         unsafe { self.fd.set_user_memory_region(region) }.map_err(os("KVM_SET_USER_MEMORY_REGION"))
     }
 
+    fn unmap_memory(&self, slot: u32, guest_addr: u64, _size: u64) -> Result<()> {
+        // KVM deletes a slot given a size of 0; it only checks the addresses' alignment.
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: guest_addr,
+            memory_size: 0,
+            userspace_addr: 0,
+        };
+        // SAFETY: deleting a slot gives the guest no access to host memory; KVM stops using
+        // the old host range before the ioctl returns.
+        unsafe { self.fd.set_user_memory_region(region) }.map_err(os("KVM_SET_USER_MEMORY_REGION"))
+    }
+
     fn create_vcpu(&self, id: u32) -> Result<Box<dyn ArchVcpu>> {
         if id >= self.vcpu_count {
             return Err(HypervisorError::Os {

@@ -26,9 +26,12 @@ use crate::hypervisor::{
 use crate::machine::disks::SwitchableDisk;
 use crate::machine::display::DisplayDevices;
 use crate::memory::GuestMemory;
-use crate::pci::{PciConfigIo, PciConfigMmio, PciMmioWindow, PciRoot};
+use crate::pci::{
+    Bdf, PciConfigIo, PciConfigMmio, PciHostBridge, PciIoWindow, PciMmioWindow, PciRoot,
+    PciRootConfig, PciWindow,
+};
 use crate::virtio::block::Block;
-use crate::virtio::gpu::boot_fb::BootFramebuffer;
+use crate::virtio::gpu::boot_fb::{self, BootFramebuffer};
 use crate::virtio::gpu::Gpu;
 use crate::virtio::input::{Input, InputHandle, VirtioInputError};
 use crate::virtio::rng::Rng;
@@ -46,9 +49,9 @@ pub const ACPI_PM_ID: &str = "pc/acpi-pm";
 pub const PCI_CONFIG_IO_ID: &str = "pc/pci-config-io";
 pub const BOOT_FB_ID: &str = "display/boot-fb";
 
-/// The saved-state id of the PCI device in slot `slot` of bus 0.
-pub fn pci_id(slot: u8) -> String {
-    format!("pci/00:{slot:02x}.0")
+/// The saved-state id of the PCI function at `bdf`.
+pub fn pci_id(bdf: Bdf) -> String {
+    format!("pci/{bdf}")
 }
 
 /// The PC and what it keeps of its devices once built.
@@ -103,11 +106,10 @@ impl Board for PcBoard {
             disks: disk_configs,
             on_poweroff,
             on_reset,
-            next_slot,
+            guest_map,
         } = context;
-        let framebuffer_slot = next_slot;
         let framebuffer = match &screen {
-            Some(_) => Some(map_framebuffer(vm.as_ref(), framebuffer_slot)?),
+            Some(_) => Some(new_framebuffer()?),
             None => None,
         };
         self.framebuffer = framebuffer.as_ref().map(|fb| boot_framebuffer_info(&lock(fb)));
@@ -122,12 +124,20 @@ impl Board for PcBoard {
         ));
         let rtc = Arc::new(Mutex::new(Rtc::new()));
 
-        let mut pci = PciRoot::new();
+        let mut pci = PciRoot::new(PciRootConfig {
+            // The id Intel's virtual host bridges use.
+            host_bridge: Box::new(PciHostBridge::new(0x8086, 0x0d57)),
+            mmio32: PciWindow::new(layout::PCI_MMIO_START, layout::PCI_MMIO_SIZE),
+            mmio64: PciWindow::EMPTY,
+            io: PciWindow::EMPTY,
+            ecam_base: layout::PCI_ECAM_START,
+            bus_count: (layout::PCI_ECAM_SIZE >> 20) as u16,
+            memory: Some(guest_map.clone()),
+            intx: None,
+        })
+        .map_err(|e| BoardError::device("the PCI root", e))?;
         let mut display = None;
         if let (Some(screen), Some(framebuffer)) = (screen, framebuffer) {
-            // Before any other device: the allocator must never hand this range out.
-            pci.reserve_mmio(layout::FRAMEBUFFER_START, layout::FRAMEBUFFER_SIZE)
-                .map_err(|e| BoardError::device("the boot framebuffer", e))?;
             let preferred = {
                 let fb = lock(&framebuffer);
                 (fb.width(), fb.height())
@@ -135,13 +145,20 @@ impl Board for PcBoard {
             let sink: Arc<dyn display::ScanoutSink> = screen.clone();
             // The firmware's mode: the screen shows the boot framebuffer from the start.
             sink.set_mode(SourceId::BootFramebuffer, Some(preferred));
-            let gpu = Gpu::new(
-                sink,
-                preferred,
-                Some((layout::FRAMEBUFFER_START, layout::FRAMEBUFFER_SIZE)),
-            );
+            let fb_memory = boot_fb::host_memory(&framebuffer).ok_or_else(|| {
+                BoardError::device("the boot framebuffer", "its memory is not page-aligned")
+            })?;
+            let gpu = Gpu::new(sink, preferred, Some(fb_memory));
             let gpu_handle = gpu.handle();
-            add_virtio(&mut pci, "virtio-gpu", Box::new(gpu), memory, &irq, None)?;
+            // The first device, so its framebuffer BAR is the first placed, at the address
+            // the kernel's screen_info names.
+            let gpu_bdf = add_virtio(&mut pci, "virtio-gpu", Box::new(gpu), memory, &irq, None)?;
+            if pci.bar_address(gpu_bdf, 0) != Some(layout::FRAMEBUFFER_START) {
+                return Err(BoardError::device(
+                    "the boot framebuffer",
+                    format!("its BAR is not at {:#x}", layout::FRAMEBUFFER_START),
+                ));
+            }
             let mut input = |name: &str,
                              device: Result<Input, VirtioInputError>|
              -> Result<InputHandle, BoardError> {
@@ -157,7 +174,7 @@ impl Board for PcBoard {
                 screen,
                 gpu: gpu_handle,
                 framebuffer,
-                framebuffer_slot,
+                memory_slots: guest_map.slots().clone(),
             });
         }
         let mut disks = Vec::with_capacity(disk_configs.len());
@@ -177,7 +194,7 @@ impl Board for PcBoard {
         }
         let rng = Rng::new().map_err(|e| BoardError::device("virtio-rng", e))?;
         add_virtio(&mut pci, "virtio-rng", Box::new(rng), memory, &irq, None)?;
-        let pci_slots = pci.populated_slots();
+        let pci_functions = pci.functions();
         let pci = Arc::new(Mutex::new(pci));
 
         let mut pio = Bus::new();
@@ -198,18 +215,21 @@ impl Board for PcBoard {
             .map_err(on_bus("the PCI configuration ports"))?;
         // Port 0x80 (POST codes) is Linux's I/O delay: swallow it quietly.
         pio.insert(Arc::new(Mutex::new(Sink)), 0x80, 1).map_err(on_bus("port 0x80"))?;
-        mmio.insert(
-            Arc::new(Mutex::new(PciConfigMmio::new(pci.clone()))),
-            layout::PCI_ECAM_START,
-            layout::PCI_ECAM_SIZE,
-        )
-        .map_err(on_bus("PCI ECAM"))?;
-        mmio.insert(
-            Arc::new(Mutex::new(PciMmioWindow::new(pci.clone()))),
-            layout::PCI_MMIO_START,
-            layout::PCI_MMIO_SIZE,
-        )
-        .map_err(on_bus("the PCI MMIO window"))?;
+        let (ecam, ecam_size, windows, io_window) = {
+            let root = lock(&pci);
+            (root.ecam_base(), root.ecam_size(), root.mmio_windows(), root.io_window())
+        };
+        mmio.insert(Arc::new(Mutex::new(PciConfigMmio::new(pci.clone()))), ecam, ecam_size)
+            .map_err(on_bus("PCI ECAM"))?;
+        for w in windows {
+            let window = Arc::new(Mutex::new(PciMmioWindow::new(pci.clone(), w.start)));
+            mmio.insert(window, w.start, w.size).map_err(on_bus("a PCI MMIO window"))?;
+        }
+        if !io_window.is_empty() {
+            let window = Arc::new(Mutex::new(PciIoWindow::new(pci.clone(), io_window.start)));
+            pio.insert(window, io_window.start, io_window.size)
+                .map_err(on_bus("the PCI I/O window"))?;
+        }
 
         // Restore order: the PC's devices, the framebuffer's memory, PCI devices (their BAR
         // decoding follows their restored registers), the config-port latch.
@@ -227,8 +247,8 @@ impl Board for PcBoard {
         if let Some(display) = &display {
             saved.push(boot_framebuffer_state(&display.framebuffer));
         }
-        for slot in pci_slots {
-            saved.push(pci_device_state(&pci, slot));
+        for bdf in pci_functions {
+            saved.push(pci_function_state(&pci, bdf));
         }
         saved.push(SavedDevice::of(
             PCI_CONFIG_IO_ID,
@@ -326,32 +346,21 @@ fn boot_framebuffer_state(framebuffer: &Arc<Mutex<BootFramebuffer>>) -> SavedDev
     }
 }
 
-/// The PCI device in `slot` of bus 0, saved under its BDF.
-fn pci_device_state(pci: &Arc<Mutex<PciRoot>>, slot: u8) -> SavedDevice {
+/// The PCI function at `bdf`, saved under its address.
+fn pci_function_state(pci: &Arc<Mutex<PciRoot>>, bdf: Bdf) -> SavedDevice {
     let (for_save, for_restore) = (pci.clone(), pci.clone());
     SavedDevice {
-        id: pci_id(slot),
-        save: Box::new(move || lock(&for_save).save_slot(slot)),
-        restore: Box::new(move |bytes| lock(&for_restore).restore_slot(slot, bytes)),
+        id: pci_id(bdf),
+        save: Box::new(move || lock(&for_save).save_function(bdf)),
+        restore: Box::new(move |bytes| lock(&for_restore).restore_function(bdf, bytes)),
         when_missing: WhenMissing::Refuse,
     }
 }
 
-/// Maps a fresh boot framebuffer at `layout::FRAMEBUFFER_START` as memory slot `slot`.
-fn map_framebuffer(vm: &dyn Vm, slot: u32) -> Result<Arc<Mutex<BootFramebuffer>>, BoardError> {
+/// A fresh boot framebuffer; the PCI root maps it wherever the GPU's BAR 0 points.
+fn new_framebuffer() -> Result<Arc<Mutex<BootFramebuffer>>, BoardError> {
     let fb = BootFramebuffer::new(layout::FRAMEBUFFER_SIZE as usize)
         .map_err(|e| BoardError::device("the boot framebuffer", e))?;
-    let mapping = crate::hypervisor::GuestRamMapping {
-        slot,
-        guest_addr: layout::FRAMEBUFFER_START,
-        size: fb.len() as u64,
-        host_addr: fb.host_addr(),
-        readonly: false,
-        track_dirty: true,
-    };
-    // SAFETY: the mapping is owned by `fb`, which the machine handle keeps (next to guest
-    // RAM) for as long as anything can reach the VM.
-    unsafe { vm.map_memory(mapping) }.map_err(|e| BoardError::device("the boot framebuffer", e))?;
     Ok(Arc::new(Mutex::new(fb)))
 }
 
@@ -373,14 +382,13 @@ fn add_virtio(
     memory: &GuestMemory,
     irq: &Arc<dyn InterruptSink>,
     notifiers: Option<Arc<dyn NotifierRegistry>>,
-) -> Result<(), BoardError> {
+) -> Result<Bdf, BoardError> {
     let mut transport = VirtioPciDevice::new(device, memory.clone(), irq.clone())
         .map_err(|e| BoardError::device(name, e))?;
     if let Some(n) = notifiers {
         transport = transport.with_notifiers(n);
     }
-    pci.add_device(Box::new(transport)).map_err(|e| BoardError::device(name, e))?;
-    Ok(())
+    pci.add_device(Box::new(transport)).map_err(|e| BoardError::device(name, e))
 }
 
 /// Notifiers for devices that serve their queues on I/O threads, or None to serve them on the

@@ -14,6 +14,7 @@ use serde_bytes::ByteBuf;
 use super::{pci_id, ACPI_PM_ID, BOOT_FB_ID, COM1_ID, I8042_ID, PCI_CONFIG_IO_ID, RTC_ID};
 use crate::hypervisor::{VcpuState, VmState};
 use crate::machine::MachineState;
+use crate::pci::Bdf;
 use crate::state::{self, StateError};
 
 /// The machine state of snapshot format 1, field for field.
@@ -29,7 +30,7 @@ pub struct MachineStateV1 {
     pub i8042: crate::devices::i8042::I8042State,
     pub rtc: crate::devices::rtc::RtcState,
     pub acpi_pm: crate::devices::acpi_pm::AcpiPmState,
-    pub pci: crate::pci::PciRootState,
+    pub pci: crate::pci::PciRootStateV1,
     pub pci_config_io: crate::pci::root::PciConfigIoState,
     /// The boot framebuffer's memory, when the machine has a display.
     #[serde(with = "serde_bytes")]
@@ -56,10 +57,12 @@ impl MachineStateV1 {
             put(BOOT_FB_ID, framebuffer);
         }
         for (slot, bytes) in self.pci.slots.into_iter().enumerate() {
-            let slot = u8::try_from(slot)
-                .map_err(|_| StateError::invalid("PCI bus", "more than 256 slots"))?;
+            let bdf = u8::try_from(slot).ok().and_then(|device| Bdf::new(0, device, 0));
+            let bdf = bdf.ok_or_else(|| {
+                StateError::invalid("PCI bus", format!("slot {slot} does not exist"))
+            })?;
             if let Some(bytes) = bytes {
-                put(&pci_id(slot), bytes.into_vec());
+                put(&pci_id(bdf), bytes.into_vec());
             }
         }
         Ok(MachineState {
@@ -115,7 +118,7 @@ mod tests {
                 timer_ticks: 0,
                 ..AcpiPm::new(irq, Box::new(|| {})).save_state()
             },
-            pci: crate::pci::PciRootState {
+            pci: crate::pci::PciRootStateV1 {
                 slots: vec![Some(ByteBuf::from(vec![1])), None, Some(ByteBuf::from(vec![3]))],
             },
             pci_config_io: crate::pci::root::PciConfigIoState { address: 0x8000_0810 },

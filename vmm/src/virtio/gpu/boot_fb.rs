@@ -1,15 +1,19 @@
-//! The boot framebuffer: host memory the machine maps into the guest (inside the GPU's
-//! BAR 0) and describes at boot as a linear framebuffer, scanned for changes into a
-//! shadow copy and sent to the [`ScanoutSink`] as [`SourceId::BootFramebuffer`].
+//! The boot framebuffer: host memory mapped into the guest as the GPU's RAM BAR 0 (wherever
+//! the guest puts that BAR) and described at boot as a linear framebuffer, scanned for
+//! changes into a shadow copy and sent to the [`ScanoutSink`] as [`SourceId::BootFramebuffer`].
 //!
 //! The guest writes the framebuffer while [`BootFramebuffer::scan`] reads it: every read goes
 //! through a `VolatileSlice` (volatile copies), and a torn pixel is simply seen as changed
 //! again on the next scan.
 
+use std::sync::{Arc, Mutex};
+
 use display::{Image, PixelFormat, Rect, ScanoutSink, SourceId};
 use vm_memory::VolatileSlice;
 
 use super::VirtioGpuError;
+use crate::devices::bus::lock;
+use crate::memory::slots::HostMemory;
 use crate::state::StateError;
 
 pub const DEFAULT_WIDTH: u32 = 1024;
@@ -325,6 +329,21 @@ impl Drop for BootFramebuffer {
             libc::munmap(self.ptr.cast(), self.size);
         }
     }
+}
+
+/// The framebuffer's memory as a RAM BAR's backing, kept alive by `fb` itself (so it outlives
+/// every mapping the PCI root makes of it), with a dirty-page log for the scanner. (None only
+/// if the mapping were not page-aligned, which mmap rules out.)
+pub fn host_memory(fb: &Arc<Mutex<BootFramebuffer>>) -> Option<HostMemory> {
+    let (addr, len) = {
+        let fb = lock(fb);
+        (fb.ptr, fb.size as u64)
+    };
+    // SAFETY: `ptr .. ptr + size` is the page-aligned anonymous mapping the framebuffer made
+    // in `new` (its length a multiple of the page size) and unmaps only when dropped; the
+    // `HostMemory` holds `fb`, so it lives at least as long. Rust only reads it through
+    // volatile slices.
+    unsafe { HostMemory::new(addr, len, true, fb.clone()) }
 }
 
 /// Whether a page of `start .. start + len` is marked in the dirty-page bitmap `pages`; a

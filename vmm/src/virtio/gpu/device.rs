@@ -17,6 +17,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory as _};
 use super::edid::edid;
 use super::{GpuCursorState, GpuResourceState, GpuState};
 use crate::devices::bus::lock;
+use crate::memory::slots::HostMemory;
 use crate::memory::GuestMemory;
 use crate::pci::config::CLASS_DISPLAY_VGA;
 use crate::state::{self, StateError};
@@ -279,7 +280,7 @@ struct Active {
 pub struct Gpu {
     sink: Arc<dyn ScanoutSink>,
     shared: Arc<Mutex<Shared>>,
-    framebuffer_bar: Option<(u64, u64)>,
+    framebuffer_bar: Option<HostMemory>,
     active: Option<Active>,
     resources: BTreeMap<u32, Resource>,
     resource_bytes: u64,
@@ -294,12 +295,13 @@ pub struct Gpu {
 }
 
 impl Gpu {
-    /// A GPU offering `preferred` as its display size. `framebuffer_bar` (address, size) makes
-    /// it the VGA-class owner of the boot framebuffer the machine maps at that address.
+    /// A GPU offering `preferred` as its display size. `framebuffer_bar` (the boot
+    /// framebuffer's memory) makes it the VGA-class owner of that memory, as its RAM BAR 0:
+    /// the guest finds the framebuffer wherever that BAR points.
     pub fn new(
         sink: Arc<dyn ScanoutSink>,
         preferred: (u32, u32),
-        framebuffer_bar: Option<(u64, u64)>,
+        framebuffer_bar: Option<HostMemory>,
     ) -> Gpu {
         Gpu {
             sink,
@@ -923,11 +925,11 @@ impl VirtioDevice for Gpu {
     }
 
     fn pci_class_code(&self) -> Option<u32> {
-        self.framebuffer_bar.map(|_| CLASS_DISPLAY_VGA)
+        self.framebuffer_bar.as_ref().map(|_| CLASS_DISPLAY_VGA)
     }
 
-    fn fixed_memory_bar(&self) -> Option<(u64, u64)> {
-        self.framebuffer_bar
+    fn ram_bar(&self) -> Option<HostMemory> {
+        self.framebuffer_bar.clone()
     }
 
     fn save_state(&self) -> Result<Vec<u8>, StateError> {
@@ -1018,6 +1020,7 @@ mod tests {
     use super::testing::RecordingScreen;
     use super::*;
     use crate::pci::PciDevice;
+    use crate::virtio::gpu::boot_fb::{self, BootFramebuffer};
     use crate::virtio::pci_transport::testing::{TestDriver, CONFIG_MSI_DATA, MSI_ADDR};
     use crate::virtio::pci_transport::DEVICE_CFG_OFFSET;
     use crate::virtio::queue::testing::{TestQueue, DESC_F_NEXT, DESC_F_WRITE};
@@ -1403,13 +1406,18 @@ mod tests {
         let plain = Gpu::new(screen.clone(), (1024, 768), None);
         let mut d = TestDriver::new(Box::new(plain));
         assert_eq!(d.dev.read_config_register(2) >> 8, 0x03_80_00);
-        let vga = Gpu::new(screen, (1024, 768), Some((0xc000_0000, 16 << 20)));
+        let fb = Arc::new(Mutex::new(BootFramebuffer::new(16 << 20).unwrap()));
+        let vga = Gpu::new(screen, (1024, 768), boot_fb::host_memory(&fb));
         let mut d = TestDriver::new(Box::new(vga));
         assert_eq!(d.dev.read_config_register(2) >> 8, 0x03_00_00);
-        assert_eq!(d.dev.read_config_register(4), 0xc000_0008, "32-bit prefetchable");
+        assert_eq!(d.dev.read_config_register(4), 0x0000_0008, "32-bit prefetchable");
         let bars = d.dev.bars();
         assert_eq!(bars.len(), 2);
-        assert_eq!(bars[0].fixed_address, Some(0xc000_0000));
+        assert_eq!(bars[0].size, 16 << 20);
+        assert_eq!(
+            bars[0].ram.as_ref().map(|m| m.host_addr()),
+            Some(fb.lock().unwrap().host_addr() as usize)
+        );
         assert_eq!(bars[1].index, 2);
         // Every virtio capability names BAR 2.
         let mut ptr = d.dev.read_config_register(13) as usize & 0xff;

@@ -17,11 +17,11 @@
 //! MSI-X disabled or with no vector assigned only sets the ISR bit.
 //! The VIRTIO_PCI_CAP_PCI_CFG access window is not offered (Linux does not use it).
 //!
-//! A device with a [fixed memory BAR](VirtioDevice::fixed_memory_bar) (virtio-gpu's boot
-//! framebuffer) gets it as BAR 0, 32-bit prefetchable at the machine's address, and the
-//! register BAR above moves to BAR 2, the layout of QEMU's virtio-vga: older Linux kernels
-//! only look at BAR 0 when evicting the firmware framebuffer. Accesses that reach the fixed
-//! BAR (none should: the machine maps memory there) read 0 and are ignored.
+//! A device with a [RAM BAR](VirtioDevice::ram_bar) (virtio-gpu's boot framebuffer) gets it
+//! as BAR 0, 32-bit prefetchable, and the register BAR above moves to BAR 2, the layout of
+//! QEMU's virtio-vga: older Linux kernels only look at BAR 0 when evicting the firmware
+//! framebuffer. Accesses that reach the RAM BAR (none should: the root maps memory there)
+//! read 0 and are ignored.
 
 mod common_config;
 mod notify;
@@ -184,7 +184,7 @@ pub struct VirtioPciDevice {
     active: bool,
     /// I/O threads stopped for a snapshot; notifies wait for [`PciDevice::resume`].
     quiesced: bool,
-    /// The BAR holding the virtio registers (0, or 2 when BAR 0 is a fixed framebuffer).
+    /// The BAR holding the virtio registers (0, or 2 when BAR 0 is a RAM BAR).
     regs_bar: u8,
 }
 
@@ -220,14 +220,14 @@ impl VirtioPciDevice {
             subsystem_vendor_id: VIRTIO_PCI_VENDOR_ID,
             subsystem_id: VIRTIO_PCI_SUBSYSTEM_ID,
         });
-        let regs_bar = match device.fixed_memory_bar() {
-            Some((address, size)) => {
+        let regs_bar = match device.ram_bar() {
+            Some(memory) => {
                 config.add_bar(PciBar {
                     index: 0,
-                    size,
+                    size: memory.len(),
                     kind: PciBarKind::Memory32,
                     prefetchable: true,
-                    fixed_address: Some(address),
+                    ram: Some(memory),
                 })?;
                 2
             }
@@ -238,7 +238,7 @@ impl VirtioPciDevice {
             size: BAR0_SIZE,
             kind: PciBarKind::Memory64,
             prefetchable: false,
-            fixed_address: None,
+            ram: None,
         })?;
         let virtio_cap = |cfg_type: u8, offset: u64, length: u64, extra: Option<u32>| {
             let cap_len: u8 = if extra.is_some() { 20 } else { 16 };
