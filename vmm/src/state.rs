@@ -16,6 +16,13 @@ pub enum StateError {
     /// Saved state that does not fit this device (wrong kind, sizes, out-of-range values).
     #[error("Saved state of {device} is invalid: {reason}")]
     Invalid { device: String, reason: String },
+    /// Saved state the device's own checks refused, with their error.
+    #[error("Saved state of {device} does not fit it")]
+    Rejected {
+        device: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// The saved state could not be encoded or decoded.
     #[error("Saved state of {device} could not be {action}")]
     Codec {
@@ -29,6 +36,13 @@ pub enum StateError {
 impl StateError {
     pub fn invalid(device: impl Into<String>, reason: impl Into<String>) -> StateError {
         StateError::Invalid { device: device.into(), reason: reason.into() }
+    }
+
+    pub fn rejected(
+        device: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> StateError {
+        StateError::Rejected { device: device.into(), source: source.into() }
     }
 
     pub fn not_snapshottable(device: impl Into<String>, reason: impl Into<String>) -> StateError {

@@ -245,13 +245,12 @@ impl PciConfiguration {
 
     /// Puts saved registers back. They must belong to this function: bits the guest cannot
     /// write must match.
-    pub fn restore_registers(&mut self, saved: &[u32]) -> Result<(), String> {
-        let saved: [u32; NUM_CONFIG_REGISTERS] = saved
-            .try_into()
-            .map_err(|_| format!("{} configuration registers, not 64", saved.len()))?;
+    pub fn restore_registers(&mut self, saved: &[u32]) -> Result<(), PciError> {
+        let saved: [u32; NUM_CONFIG_REGISTERS] =
+            saved.try_into().map_err(|_| PciError::ConfigSpaceSize(saved.len()))?;
         for (reg, (&value, &current)) in saved.iter().zip(&self.registers).enumerate() {
             if (value ^ current) & !self.writable[reg] != 0 {
-                return Err(format!("read-only bits of configuration register {reg} differ"));
+                return Err(PciError::ReadOnlyBitsDiffer(reg));
             }
         }
         self.registers = saved;

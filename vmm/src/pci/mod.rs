@@ -280,6 +280,12 @@ pub enum PciError {
         #[source]
         source: crate::memory::slots::SlotError,
     },
+    #[error("Saved configuration space has {0} registers, not 64")]
+    ConfigSpaceSize(usize),
+    #[error("Saved configuration register {0} differs from this function's in read-only bits")]
+    ReadOnlyBitsDiffer(usize),
+    #[error("Saved MSI-X state is for {saved} vectors, this function has {ours}")]
+    MsixTableSize { saved: usize, ours: usize },
 }
 
 #[cfg(test)]

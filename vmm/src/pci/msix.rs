@@ -14,6 +14,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::PciError;
+
 /// The MSI-X capability id.
 pub const CAP_ID_MSIX: u8 = 0x11;
 /// Bytes per table entry.
@@ -224,9 +226,11 @@ impl MsixTable {
     }
 
     /// The table again from untrusted saved state, which must have this table's size.
-    pub fn restored(&self, saved: &MsixTableState) -> Result<MsixTable, String> {
+    pub fn restored(&self, saved: &MsixTableState) -> Result<MsixTable, PciError> {
         if saved.entries.len() != self.len() || saved.pending.len() != self.len() {
-            return Err("MSI-X table of another size".to_string());
+            let ours = self.len();
+            let saved = [saved.entries.len(), saved.pending.len()].into_iter().find(|&n| n != ours);
+            return Err(PciError::MsixTableSize { saved: saved.unwrap_or(ours), ours });
         }
         Ok(MsixTable {
             entries: saved

@@ -69,7 +69,7 @@ impl PciDevice for PciHostBridge {
         let registers: Vec<u32> = state::decode("PCI host bridge", saved)?;
         self.config
             .restore_registers(&registers)
-            .map_err(|reason| StateError::invalid("PCI host bridge", reason))
+            .map_err(|e| StateError::rejected("PCI host bridge", e))
     }
 }
 
@@ -892,7 +892,7 @@ mod tests {
         }
         fn restore_state(&mut self, saved: &[u8]) -> Result<(), StateError> {
             let regs: Vec<u32> = state::decode("test", saved)?;
-            self.config.restore_registers(&regs).map_err(|r| StateError::invalid("test", r))
+            self.config.restore_registers(&regs).map_err(|e| StateError::rejected("test", e))
         }
     }
 

@@ -119,7 +119,10 @@ impl VirtioPciDevice {
     /// Checks saved transport state against this function; returns the configured queues,
     /// the MSI-X table and, when active, the live queues rebuilt.
     fn check(&self, saved: &VirtioPciState) -> Result<Checked, String> {
-        let msix = lock(&self.interrupt.state).msix.restored(&saved.msix.table)?;
+        let msix = lock(&self.interrupt.state)
+            .msix
+            .restored(&saved.msix.table)
+            .map_err(|e| e.to_string())?;
         let entries = msix.len();
         if saved.queues.len() != self.queues.len() {
             return Err(format!("{} queues, not {}", saved.queues.len(), self.queues.len()));
@@ -183,7 +186,7 @@ impl VirtioPciDevice {
             self.check(&saved).map_err(|r| StateError::invalid(&name, r))?;
         // Checked before anything changes; applied only once the device took its state.
         let mut config = self.config.clone();
-        config.restore_registers(&saved.config).map_err(|r| StateError::invalid(&name, r))?;
+        config.restore_registers(&saved.config).map_err(|e| StateError::rejected(&name, e))?;
         self.stop_queue_threads();
         let interrupt: Arc<dyn VirtioInterrupt> = self.interrupt.clone();
         let restored =
