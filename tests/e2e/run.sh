@@ -15,6 +15,7 @@
 #                     HUTCH_ALLOW_EMULATED_KVM=1, without which hutch refuses such a /dev/kvm)
 #   E2E_KEEP=1        keep the work directory
 #   E2E_LOGS          a directory to copy failed cases' work (logs) into, e.g. the lab's --out
+#   E2E_SNAPV1_FIXTURES  the v1 snapshot fixtures (default tests/fixtures/snapshot-v1)
 set -euo pipefail
 . "$(dirname "$0")/../lab/common.sh"
 
@@ -35,7 +36,7 @@ CASES=(boots_to_readiness_line guest_sees_cpus_and_memory disk_hash_matches_host
     screen_shows_console_on_boot_framebuffer_then_virtio_gpu
     gui_shows_the_guest_and_drives_its_keyboard_pointer_and_mode
     imported_vmdk_and_vhdx_read_right_in_the_guest
-    snapshots_bring_back_memory_disk_and_console)
+    snapshots_bring_back_memory_disk_and_console snapshot_v1_fixture_restores_and_answers)
 
 # --- helpers -------------------------------------------------------------------------------
 
@@ -684,6 +685,35 @@ snapshots_bring_back_memory_disk_and_console() {
     grep -h 'Took snapshot\|is running from\|corrupt' "$log" "$HUTCH_HOME/vms/$name/hutch.log" >&2 || true
     echo "refused: $out" >&2
     keep_screens "$WORK/restored.png"
+}
+
+# A snapshot of the test guest that the previous release took (snapshot format 1; made by
+# tests/fixtures/snapshot-v1/make.sh linux) restores with this hutch: the guest goes on from the
+# saved state, its tmpfs and disk hold the marker written before the snapshot, and its disk
+# still takes writes.
+snapshot_v1_fixture_restores_and_answers() {
+    need_hutch
+    local fix=${E2E_SNAPV1_FIXTURES:-$REPO/tests/fixtures/snapshot-v1} log=$WORK/log vm=linux
+    local prefix marker mem disk
+    export HUTCH_HOME=$WORK/home
+    prefix=$(sed -n 's/.*prefix=//p' "$fix/linux.txt")
+    marker=$(sed -n "s/^vm=$vm snapshot=snap1 marker=//p" "$fix/linux.txt")
+    [ -n "$prefix" ] && [ -n "$marker" ] || fail "$fix/linux.txt names no prefix or marker"
+    tar -C "$WORK" -xJf "$fix/linux.tar.xz" || fail "cannot unpack $fix/linux.tar.xz"
+    sed -i "s|$prefix|$WORK|g" "$HUTCH_HOME/vms/$vm/vm.toml" "$HUTCH_HOME/vms/$vm/snapshots/index.json"
+    # The kernel runs from the saved RAM; the files only have to be there.
+    mkdir -p "$WORK/guest"
+    ln -s "$KERNEL" "$WORK/guest/vmlinuz"
+    ln -s "$INITRD" "$WORK/guest/initramfs.cpio.gz"
+    "$HUTCH" snapshot restore $vm snap1 >>"$log" 2>&1 || fail "restore: exit $? (log: $log)"
+    mem=$(guest_ask $vm '$(cat /tmp/marker)')
+    disk=$(guest_ask $vm '$(dd if=/dev/vda bs=4096 count=1 iflag=direct 2>/dev/null | head -n1 | tr -d "\0")')
+    [ "$mem" = "MEM-$marker" ] || fail "the restored guest's /tmp/marker holds '$mem', not MEM-$marker"
+    [ "$disk" = "DISK-$marker" ] || fail "the restored guest's disk holds '$disk', not DISK-$marker"
+    set_tokens $vm after-v1
+    expect_tokens $vm after-v1 "after writing to the restored guest"
+    "$HUTCH" stop $vm --force >>"$log" 2>&1 || fail "stop --force (log: $log)"
+    grep -h 'is running from\|snapshot' "$log" "$HUTCH_HOME/vms/$vm/hutch.log" >&2 || true
 }
 
 stop_qemu_via_monitor() {
