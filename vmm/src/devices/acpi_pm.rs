@@ -412,4 +412,20 @@ mod tests {
         assert!(matches!(pm.restore_state(&bad), Err(StateError::Invalid { .. })));
         assert_eq!(pm.save_state().enable, PWRBTN);
     }
+
+    const ACPI_PM_STATE_HEX: &str = "0001000100145634120000000000";
+
+    fn sample_acpi_pm_state() -> AcpiPmState {
+        AcpiPmState {
+            status: PWRBTN,
+            enable: PWRBTN,
+            control: 5 << SLP_TYP_SHIFT,
+            timer_ticks: 0x12_3456,
+        }
+    }
+
+    #[test]
+    fn acpi_pm_state_bytes_are_unchanged() {
+        crate::virtio::golden::assert_golden(&sample_acpi_pm_state(), ACPI_PM_STATE_HEX);
+    }
 }

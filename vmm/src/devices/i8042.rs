@@ -699,4 +699,34 @@ mod tests {
         assert!(matches!(dev.restore_state(&bad), Err(StateError::Invalid { .. })));
         assert_eq!(dev.save_state(), before);
     }
+
+    const I8042_STATE_HEX: &str = concat!(
+        "47011e01fa0100000000000000550200000000000000faab02000000000000009e",
+        "3001ed010202fa016001",
+    );
+
+    fn sample_i8042_state() -> I8042State {
+        I8042State {
+            ctr: 0x47,
+            output: Some((0x1e, true)),
+            last_read: 0xfa,
+            controller: vec![0x55],
+            keyboard: KeyboardState {
+                responses: vec![0xfa, 0xab],
+                scancodes: vec![0x9e, 0x30],
+                pending: Some(0xed),
+                scanning: true,
+                scancode_set: 2,
+                leds: 0x02,
+                last_sent: 0xfa,
+            },
+            pending_command: Some(0x60),
+            last_was_command: true,
+        }
+    }
+
+    #[test]
+    fn i8042_state_bytes_are_unchanged() {
+        crate::virtio::golden::assert_golden(&sample_i8042_state(), I8042_STATE_HEX);
+    }
 }

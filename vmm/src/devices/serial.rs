@@ -289,4 +289,29 @@ mod tests {
         assert!(matches!(dev.restore_state(&bad), Err(StateError::Invalid { .. })));
         assert_eq!(dev.save_state(), before);
     }
+
+    const SERIAL_STATE_HEX: &str = "0c0103c403610bb05a020000000000000068690200000000000000210a";
+
+    fn sample_serial_state() -> SerialDeviceState {
+        SerialDeviceState {
+            uart: UartState {
+                baud_divisor_low: 0x0c,
+                baud_divisor_high: 0x01,
+                interrupt_enable: 0x03,
+                interrupt_identification: 0xc4,
+                line_control: 0x03,
+                line_status: 0x61,
+                modem_control: 0x0b,
+                modem_status: 0xb0,
+                scratch: 0x5a,
+                in_buffer: vec![b'h', b'i'],
+            },
+            pending: vec![b'!', b'\n'],
+        }
+    }
+
+    #[test]
+    fn serial_state_bytes_are_unchanged() {
+        crate::virtio::golden::assert_golden(&sample_serial_state(), SERIAL_STATE_HEX);
+    }
 }
