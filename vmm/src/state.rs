@@ -2,7 +2,7 @@
 //! one binary codec (bincode) all saved state goes through.
 //!
 //! Each device owns a plain serde struct of its state next to its code (`SerialDeviceState`
-//! in `devices/serial.rs`, ...). Saved state comes from a file and is untrusted: a device
+//! in `devices/serial/persist.rs`, ...). Saved state comes from a file and is untrusted: a device
 //! checks it before it changes anything, and a refused restore leaves the device as it was.
 
 use serde::de::DeserializeOwned;

@@ -21,6 +21,12 @@ pub enum VirtioQueueError {
     BadBuffer { addr: u64, len: u32 },
     #[error("Device-readable descriptor follows a device-writable one")]
     ReadableAfterWritable,
+    #[error("Saved queue state is invalid")]
+    SavedState(#[source] virtio_queue::Error),
+    #[error("Saved queue's rings are outside guest memory")]
+    SavedRingsOutsideMemory,
+    #[error("Saved queue has {in_flight} buffers in flight; it holds {size}")]
+    SavedInFlight { in_flight: u16, size: u16 },
 }
 
 impl From<virtio_queue::Error> for VirtioQueueError {
@@ -62,7 +68,7 @@ impl From<virtio_queue::QueueState> for SavedQueue {
 impl SavedQueue {
     /// The queue again, checked like guest input: sizes, alignment, rings inside `memory`
     /// (when ready), and no more buffers in flight than the queue holds.
-    pub fn to_queue(&self, memory: &GuestMemory) -> Result<Queue, String> {
+    pub fn to_queue(&self, memory: &GuestMemory) -> Result<Queue, VirtioQueueError> {
         let state = virtio_queue::QueueState {
             max_size: self.max_size,
             next_avail: self.next_avail,
@@ -74,12 +80,13 @@ impl SavedQueue {
             avail_ring: self.avail_ring,
             used_ring: self.used_ring,
         };
-        let queue = Queue::try_from(state).map_err(|e| format!("queue state: {e}"))?;
+        let queue = Queue::try_from(state).map_err(VirtioQueueError::SavedState)?;
         if self.ready && !queue.is_valid(memory) {
-            return Err("rings are outside guest memory".to_string());
+            return Err(VirtioQueueError::SavedRingsOutsideMemory);
         }
-        if self.next_avail.wrapping_sub(self.next_used) > self.size {
-            return Err("more buffers in flight than the queue holds".to_string());
+        let in_flight = self.next_avail.wrapping_sub(self.next_used);
+        if in_flight > self.size {
+            return Err(VirtioQueueError::SavedInFlight { in_flight, size: self.size });
         }
         Ok(queue)
     }
@@ -359,11 +366,13 @@ mod tests {
         q
     }
 
-    fn map_first(q: &mut Queue, mem: &GuestMemory) -> Result<(usize, usize, bool, bool), String> {
+    fn map_first(
+        q: &mut Queue,
+        mem: &GuestMemory,
+    ) -> Result<(usize, usize, bool, bool), VirtioQueueError> {
         let chain = q.iter(mem).unwrap().next().unwrap();
         map_chain(mem, chain)
             .map(|b| (b.readable_len(), b.writable_len(), b.fault.is_some(), b.ends_writable))
-            .map_err(|e| e.to_string())
     }
 
     #[test]
@@ -386,7 +395,7 @@ mod tests {
         tq.set_desc(&mem, 1, 0x11000, 16, DESC_F_NEXT, 0);
         tq.push(&mem, 0);
         let mut q = ready_queue(&tq, &mem);
-        assert!(map_first(&mut q, &mem).is_err());
+        assert!(matches!(map_first(&mut q, &mem), Err(VirtioQueueError::TruncatedChain)));
     }
 
     #[test]
@@ -396,7 +405,7 @@ mod tests {
         tq.set_desc(&mem, 0, 0x10000, 16, DESC_F_NEXT, 200);
         tq.push(&mem, 0);
         let mut q = ready_queue(&tq, &mem);
-        assert!(map_first(&mut q, &mem).is_err());
+        assert!(matches!(map_first(&mut q, &mem), Err(VirtioQueueError::TruncatedChain)));
     }
 
     #[test]

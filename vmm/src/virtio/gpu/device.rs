@@ -77,6 +77,33 @@ const BYTES_PER_PIXEL: u32 = 4;
 /// Smallest display size offered to the guest.
 const MIN_DISPLAY: (u32, u32) = (640, 480);
 
+/// Why saved state does not fit the device (checked like the commands that made it).
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    #[error("Activity differs from the transport's")]
+    ActivityMismatch,
+    #[error("Resource {0} has an unknown pixel format")]
+    ResourceFormat(u32),
+    #[error("Resource id {0} is invalid or repeated")]
+    ResourceId(u32),
+    #[error("Resource {0} has an absurd size")]
+    ResourceSize(u32),
+    #[error("Resource {0} pixels do not fit its size")]
+    ResourcePixels(u32),
+    #[error("Resource {0} has too many backing entries")]
+    BackingEntries(u32),
+    #[error("Resource {0} backing is outside guest memory")]
+    BackingOutsideMemory(u32),
+    #[error("Scanout shows a missing resource or lies outside it")]
+    Scanout,
+    #[error("Unknown cursor format")]
+    CursorFormat,
+    #[error("Cursor image of an absurd size")]
+    CursorSize,
+    #[error("{0} queues, not {n}", n = QUEUE_SIZES.len())]
+    QueueCount(usize),
+}
+
 /// A virtio-gpu pixel format code, if it is one of the 32-bit formats.
 fn pixel_format(code: u32) -> Option<PixelFormat> {
     Some(match code {
@@ -726,28 +753,28 @@ impl Gpu {
     fn check_resources(
         saved: &GpuState,
         memory: Option<&GuestMemory>,
-    ) -> Result<(BTreeMap<u32, Resource>, u64), String> {
+    ) -> Result<(BTreeMap<u32, Resource>, u64), GpuError> {
         let mut resources = BTreeMap::new();
         let mut total = 0u64;
         for r in &saved.resources {
-            let format = pixel_format(r.format).ok_or("unknown pixel format")?;
+            let format = pixel_format(r.format).ok_or(GpuError::ResourceFormat(r.id))?;
             if r.id == 0 || resources.contains_key(&r.id) {
-                return Err(format!("resource id {} invalid or repeated", r.id));
+                return Err(GpuError::ResourceId(r.id));
             }
             if r.width == 0
                 || r.height == 0
                 || r.width > MAX_RESOURCE_WIDTH
                 || r.height > MAX_RESOURCE_HEIGHT
             {
-                return Err(format!("resource {} has an absurd size", r.id));
+                return Err(GpuError::ResourceSize(r.id));
             }
             let bytes = u64::from(r.width) * u64::from(r.height) * u64::from(BYTES_PER_PIXEL);
             total += bytes;
             if total > MAX_RESOURCE_BYTES || r.data.len() as u64 != bytes {
-                return Err(format!("resource {} pixels do not fit its size", r.id));
+                return Err(GpuError::ResourcePixels(r.id));
             }
             if r.backing.len() > MAX_BACKING_ENTRIES as usize {
-                return Err(format!("resource {} has too many backing entries", r.id));
+                return Err(GpuError::BackingEntries(r.id));
             }
             let mut backing = Vec::with_capacity(r.backing.len());
             let mut start = 0u64;
@@ -755,7 +782,7 @@ impl Gpu {
                 let in_memory =
                     memory.is_none_or(|m| m.check_range(GuestAddress(addr), len as usize));
                 if len == 0 || addr.checked_add(u64::from(len)).is_none() || !in_memory {
-                    return Err(format!("resource {} backing is outside guest memory", r.id));
+                    return Err(GpuError::BackingOutsideMemory(r.id));
                 }
                 backing.push(BackingEntry { addr, len, start });
                 start += u64::from(len);
@@ -775,9 +802,9 @@ impl Gpu {
         Ok((resources, total))
     }
 
-    fn restore(&mut self, saved: GpuState, active: Option<RestoredQueues>) -> Result<(), String> {
+    fn restore(&mut self, saved: GpuState, active: Option<RestoredQueues>) -> Result<(), GpuError> {
         if saved.active != active.is_some() {
-            return Err("activity differs from the transport's".to_string());
+            return Err(GpuError::ActivityMismatch);
         }
         let (resources, total) = Self::check_resources(&saved, active.as_ref().map(|a| &a.memory))?;
         let [x, y, w, h] = saved.scanout_rect;
@@ -785,18 +812,18 @@ impl Gpu {
         if saved.scanout_resource != 0
             && !resources.get(&saved.scanout_resource).is_some_and(|r| r.contains(&rect))
         {
-            return Err("scanout shows a missing resource or lies outside it".to_string());
+            return Err(GpuError::Scanout);
         }
         let cursor = match &saved.cursor {
             Some(c) => {
-                let format = pixel_format(c.format).ok_or("unknown cursor format")?;
+                let format = pixel_format(c.format).ok_or(GpuError::CursorFormat)?;
                 let fits = (1..=MAX_CURSOR_SIZE).contains(&c.width)
                     && (1..=MAX_CURSOR_SIZE).contains(&c.height)
                     && c.hot_x < c.width
                     && c.hot_y < c.height
                     && c.data.len() as u64 == u64::from(c.width * c.height * BYTES_PER_PIXEL);
                 if !fits {
-                    return Err("cursor image of an absurd size".to_string());
+                    return Err(GpuError::CursorSize);
                 }
                 let image = CursorImage {
                     width: c.width,
@@ -812,7 +839,7 @@ impl Gpu {
         };
         if let Some(a) = &active {
             if a.queues.len() != QUEUE_SIZES.len() {
-                return Err(format!("{} queues, not 2", a.queues.len()));
+                return Err(GpuError::QueueCount(a.queues.len()));
             }
         }
         // Everything checked: apply, then show what was shown.
@@ -946,7 +973,7 @@ impl VirtioDevice for Gpu {
         active: Option<RestoredQueues>,
     ) -> Result<(), StateError> {
         let saved: GpuState = state::decode("virtio-gpu", saved)?;
-        self.restore(saved, active).map_err(|reason| StateError::invalid("virtio-gpu", reason))
+        self.restore(saved, active).map_err(|e| StateError::invalid("virtio-gpu", e.to_string()))
     }
 }
 
@@ -1484,23 +1511,25 @@ mod tests {
         let mut cases = Vec::new();
         let mut s = good.clone();
         s.resources[0].width = u32::MAX;
-        cases.push(s);
+        cases.push((s, "has an absurd size"));
         let mut s = good.clone();
         s.resources[0].data.pop();
-        cases.push(s);
+        cases.push((s, "pixels do not fit its size"));
         let mut s = good.clone();
         s.resources[0].backing[0].0 = 0xffff_0000_0000;
-        cases.push(s);
+        cases.push((s, "backing is outside guest memory"));
         let mut s = good.clone();
         s.scanout_rect = [0, 0, 65, 32];
-        cases.push(s);
+        cases.push((s, "Scanout shows a missing resource or lies outside it"));
         let (mut fresh, _) = fresh_gpu(&h);
         let before = fresh.save_state().unwrap();
-        for (i, case) in cases.into_iter().enumerate() {
+        for (i, (case, names)) in cases.into_iter().enumerate() {
             let t =
                 VirtioPciState { device: state::encode("g", &case).unwrap(), ..transport.clone() };
             let r = fresh.restore_state(&state::encode("t", &t).unwrap());
             assert!(matches!(r, Err(StateError::Invalid { .. })), "case {i}: {r:?}");
+            let message = r.unwrap_err().to_string();
+            assert!(message.contains(names), "case {i} does not say {names:?}: {message}");
             assert_eq!(fresh.save_state().unwrap(), before, "case {i} changed the device");
         }
     }

@@ -7,8 +7,26 @@ use vm_memory::GuestAddress;
 
 use super::{VirtioPciDevice, VIRTIO_MSI_NO_VECTOR};
 use crate::devices::bus::lock;
+use crate::error_chain;
 use crate::memory::GuestMemory;
 use crate::virtio::STATUS_FEATURES_OK;
+
+/// Why the values the driver programmed for a queue are unusable.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum QueueConfigError {
+    #[error("Maximum size {0} is invalid")]
+    MaxSize(u16, #[source] virtio_queue::Error),
+    #[error("Size {0} is invalid")]
+    Size(u16),
+    #[error("Descriptor table {0:#x} is misaligned")]
+    DescriptorTable(u64),
+    #[error("Driver area {0:#x} is misaligned")]
+    DriverArea(u64),
+    #[error("Device area {0:#x} is misaligned")]
+    DeviceArea(u64),
+    #[error("Rings are outside guest memory")]
+    OutsideMemory,
+}
 
 /// What the driver programmed for one queue.
 #[derive(Debug, Clone, Copy)]
@@ -27,19 +45,25 @@ impl QueueConfig {
     }
 
     /// A ready `Queue` from the driver's values, or why they are unusable.
-    pub(super) fn build(&self, memory: &GuestMemory, event_idx: bool) -> Result<Queue, String> {
-        let mut q = Queue::new(self.max_size).map_err(|e| format!("max size: {e}"))?;
-        q.try_set_size(self.size).map_err(|_| format!("size {} is invalid", self.size))?;
+    pub(super) fn build(
+        &self,
+        memory: &GuestMemory,
+        event_idx: bool,
+    ) -> Result<Queue, QueueConfigError> {
+        let mut q =
+            Queue::new(self.max_size).map_err(|e| QueueConfigError::MaxSize(self.max_size, e))?;
+        // virtio-queue's error for each of these says only "invalid": the value says more.
+        q.try_set_size(self.size).map_err(|_| QueueConfigError::Size(self.size))?;
         q.try_set_desc_table_address(GuestAddress(self.desc))
-            .map_err(|_| format!("descriptor table {:#x} is misaligned", self.desc))?;
+            .map_err(|_| QueueConfigError::DescriptorTable(self.desc))?;
         q.try_set_avail_ring_address(GuestAddress(self.driver))
-            .map_err(|_| format!("driver area {:#x} is misaligned", self.driver))?;
+            .map_err(|_| QueueConfigError::DriverArea(self.driver))?;
         q.try_set_used_ring_address(GuestAddress(self.device))
-            .map_err(|_| format!("device area {:#x} is misaligned", self.device))?;
+            .map_err(|_| QueueConfigError::DeviceArea(self.device))?;
         q.set_event_idx(event_idx);
         q.set_ready(true);
         if !q.is_valid(memory) {
-            return Err("rings are outside guest memory".to_string());
+            return Err(QueueConfigError::OutsideMemory);
         }
         Ok(q)
     }
@@ -179,7 +203,7 @@ impl VirtioPciDevice {
         };
         match q.build(&self.memory, false) {
             Ok(_) => self.queues[index as usize].enabled = true,
-            Err(reason) => self.device_failure(&format!("queue {index}: {reason}")),
+            Err(e) => self.device_failure(&format!("queue {index}: {}", error_chain(&e))),
         }
     }
 }

@@ -43,6 +43,7 @@ use super::{
     VIRTIO_F_VERSION_1,
 };
 use crate::devices::bus::lock;
+use crate::error_chain;
 use crate::hypervisor::{InterruptSink, NotifierRegistry};
 use crate::memory::GuestMemory;
 use crate::pci::config::{
@@ -390,7 +391,9 @@ impl VirtioPciDevice {
             let q = if qc.enabled {
                 match qc.build(&self.memory, event_idx) {
                     Ok(q) => q,
-                    Err(reason) => return self.device_failure(&format!("queue {i}: {reason}")),
+                    Err(e) => {
+                        return self.device_failure(&format!("queue {i}: {}", error_chain(&e)))
+                    }
                 }
             } else {
                 match Queue::new(qc.max_size) {

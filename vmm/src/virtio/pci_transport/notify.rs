@@ -12,8 +12,18 @@ use log::error;
 
 use super::{PciInterrupt, VirtioPciDevice, NOTIFY_OFFSET, NOTIFY_OFF_MULTIPLIER};
 use crate::devices::bus::lock;
-use crate::hypervisor::GuestNotifier;
+use crate::error_chain;
+use crate::hypervisor::{GuestNotifier, HypervisorError};
 use crate::virtio::{VirtioDevice, VirtioInterrupt, STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER_OK};
+
+/// Why a queue keeps its notifies on the synchronous MMIO path.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum QueueThreadError {
+    #[error("Could not register the notifier")]
+    Notifier(#[source] HypervisorError),
+    #[error("Could not start the I/O thread")]
+    Spawn(#[source] std::io::Error),
+}
 
 /// An I/O thread serving one queue: it sleeps on the queue's notifier (the guest's notify
 /// write completes in the hypervisor), processes the queue and raises its interrupt.
@@ -33,8 +43,9 @@ impl QueueThread {
         device: Arc<Mutex<Box<dyn VirtioDevice>>>,
         interrupt: Arc<PciInterrupt>,
         failed: Arc<AtomicBool>,
-    ) -> Result<QueueThread, String> {
-        let notifier: Arc<dyn GuestNotifier> = Arc::from(notifier.map_err(|e| e.to_string())?);
+    ) -> Result<QueueThread, QueueThreadError> {
+        let notifier: Arc<dyn GuestNotifier> =
+            Arc::from(notifier.map_err(QueueThreadError::Notifier)?);
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let notifier = notifier.clone();
@@ -42,7 +53,7 @@ impl QueueThread {
             thread::Builder::new()
                 .name(format!("virtio-q{index}"))
                 .spawn(move || serve_queue(index, &*notifier, &stop, &device, &interrupt, &failed))
-                .map_err(|e| format!("could not start the I/O thread: {e}"))?
+                .map_err(QueueThreadError::Spawn)?
         };
         // Notifies written before the notifier existed went to the MMIO path; a first pass
         // here would only find an empty ring, so nothing is lost.
@@ -142,7 +153,10 @@ impl VirtioPciDevice {
                 Ok(w) => self.queue_threads.push(w),
                 Err(e) => {
                     // The notify still works, through the MMIO exit.
-                    log::debug!("virtio-pci: queue {index} notifies stay synchronous: {e}");
+                    log::debug!(
+                        "virtio-pci: queue {index} notifies stay synchronous: {}",
+                        error_chain(&e)
+                    );
                 }
             }
         }

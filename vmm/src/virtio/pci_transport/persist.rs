@@ -8,12 +8,46 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use virtio_queue::Queue;
 
+use super::common_config::QueueConfigError;
 use super::{QueueConfig, VirtioPciDevice, VIRTIO_MSI_NO_VECTOR};
 use crate::devices::bus::lock;
+use crate::error_chain;
 use crate::pci::msix::{MsixTable, MsixTableState};
 use crate::state::{self, StateError};
-use crate::virtio::queue::SavedQueue;
+use crate::virtio::queue::{SavedQueue, VirtioQueueError};
 use crate::virtio::{device_name, RestoredQueues, VirtioInterrupt, STATUS_DRIVER_OK};
+
+/// Why saved transport state does not fit this function.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum VirtioPciStateError {
+    /// The MSI-X table's own check (`pci::msix`) refused it.
+    #[error("MSI-X table is invalid")]
+    Msix(#[source] crate::pci::PciError),
+    #[error("{saved} queues saved, the device has {expected}")]
+    QueueCount { saved: usize, expected: usize },
+    #[error("MSI-X vectors saved for another number of queues")]
+    VectorCount,
+    #[error("MSI-X vector out of range")]
+    VectorOutOfRange,
+    #[error("Queue {index} registers are unusable")]
+    QueueRegisters {
+        index: usize,
+        #[source]
+        source: QueueConfigError,
+    },
+    #[error("Queues saved for an inactive device")]
+    LiveQueuesWhileInactive,
+    #[error("Active without DRIVER_OK or with the wrong queues")]
+    ActiveMismatch,
+    #[error("Queue {0} differs from its registers")]
+    QueueDiffers(usize),
+    #[error("Queue {index} cannot be restored")]
+    LiveQueue {
+        index: usize,
+        #[source]
+        source: VirtioQueueError,
+    },
+}
 
 /// What the driver programmed for one queue, saved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -118,22 +152,25 @@ impl VirtioPciDevice {
 
     /// Checks saved transport state against this function; returns the configured queues,
     /// the MSI-X table and, when active, the live queues rebuilt.
-    fn check(&self, saved: &VirtioPciState) -> Result<Checked, String> {
+    fn check(&self, saved: &VirtioPciState) -> Result<Checked, VirtioPciStateError> {
         let msix = lock(&self.interrupt.state)
             .msix
             .restored(&saved.msix.table)
-            .map_err(|e| e.to_string())?;
+            .map_err(VirtioPciStateError::Msix)?;
         let entries = msix.len();
         if saved.queues.len() != self.queues.len() {
-            return Err(format!("{} queues, not {}", saved.queues.len(), self.queues.len()));
+            return Err(VirtioPciStateError::QueueCount {
+                saved: saved.queues.len(),
+                expected: self.queues.len(),
+            });
         }
         let m = &saved.msix;
         if m.queue_vectors.len() != self.queues.len() {
-            return Err("MSI-X vectors for another number of queues".to_string());
+            return Err(VirtioPciStateError::VectorCount);
         }
         let valid_vector = |v: u16| v == VIRTIO_MSI_NO_VECTOR || usize::from(v) < entries;
         if !valid_vector(m.config_vector) || !m.queue_vectors.iter().all(|&v| valid_vector(v)) {
-            return Err("MSI-X vector out of range".to_string());
+            return Err(VirtioPciStateError::VectorOutOfRange);
         }
         let mut configs = Vec::with_capacity(self.queues.len());
         for (i, (r, current)) in saved.queues.iter().zip(&self.queues).enumerate() {
@@ -146,18 +183,19 @@ impl VirtioPciDevice {
                 device: r.device,
             };
             if qc.enabled {
-                qc.build(&self.memory, false).map_err(|e| format!("queue {i}: {e}"))?;
+                qc.build(&self.memory, false)
+                    .map_err(|source| VirtioPciStateError::QueueRegisters { index: i, source })?;
             }
             configs.push(qc);
         }
         if !saved.active {
             if !saved.live_queues.is_empty() {
-                return Err("queues saved for an inactive device".to_string());
+                return Err(VirtioPciStateError::LiveQueuesWhileInactive);
             }
             return Ok(Checked { configs, msix, queues: None });
         }
         if saved.status & STATUS_DRIVER_OK == 0 || saved.live_queues.len() != configs.len() {
-            return Err("active without DRIVER_OK or with the wrong queues".to_string());
+            return Err(VirtioPciStateError::ActiveMismatch);
         }
         let mut queues = Vec::with_capacity(configs.len());
         for (i, (live, qc)) in saved.live_queues.iter().zip(&configs).enumerate() {
@@ -169,9 +207,12 @@ impl VirtioPciDevice {
                         && live.avail_ring == qc.driver
                         && live.used_ring == qc.device));
             if !matches {
-                return Err(format!("queue {i} differs from its registers"));
+                return Err(VirtioPciStateError::QueueDiffers(i));
             }
-            queues.push(live.to_queue(&self.memory).map_err(|e| format!("queue {i}: {e}"))?);
+            let queue = live
+                .to_queue(&self.memory)
+                .map_err(|source| VirtioPciStateError::LiveQueue { index: i, source })?;
+            queues.push(queue);
         }
         Ok(Checked { configs, msix, queues: Some(queues) })
     }
@@ -183,7 +224,7 @@ impl VirtioPciDevice {
             return Err(StateError::invalid(&name, "saved from another kind of device"));
         }
         let Checked { configs, msix, queues } =
-            self.check(&saved).map_err(|r| StateError::invalid(&name, r))?;
+            self.check(&saved).map_err(|e| StateError::invalid(&name, error_chain(&e)))?;
         // Checked before anything changes; applied only once the device took its state.
         let mut config = self.config.clone();
         config.restore_registers(&saved.config).map_err(|e| StateError::rejected(&name, e))?;

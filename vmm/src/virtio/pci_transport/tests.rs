@@ -261,36 +261,43 @@ fn hostile_transport_state_is_refused_and_the_device_is_unchanged() {
     let good: VirtioPciState = state::decode("t", &d.dev.save_state().unwrap()).unwrap();
     let mut fresh = fresh_rng(&d);
     let before = fresh.save_state().unwrap();
+    // Each case with what the error must name (in any case: a message is not an API).
     let mut cases = Vec::new();
     let mut s = good.clone();
     s.queues[0].size = 100;
     s.live_queues[0].size = 100;
-    cases.push(s);
+    cases.push((s, "Queue 0 registers are unusable: Size 100 is invalid"));
     let mut s = good.clone();
     s.queues[0].desc = 0xffff_0000_0000;
     s.live_queues[0].desc_table = 0xffff_0000_0000;
-    cases.push(s);
+    cases.push((s, "Queue 0 registers are unusable: Rings are outside guest memory"));
     let mut s = good.clone();
     s.live_queues[0].next_avail = 300;
-    cases.push(s);
+    cases.push((s, "Queue 0 cannot be restored: Saved queue has 299 buffers in flight"));
     let mut s = good.clone();
     s.msix.queue_vectors[0] = 9;
-    cases.push(s);
+    cases.push((s, "MSI-X vector out of range"));
     let mut s = good.clone();
     s.msix.table.entries.push([0; 4]);
-    cases.push(s);
+    // The reason after the colon is pci::msix's.
+    cases.push((s, "MSI-X table is invalid: "));
     let mut s = good.clone();
     s.device_type = crate::virtio::TYPE_BLOCK;
-    cases.push(s);
+    cases.push((s, "saved from another kind of device"));
     let mut s = good.clone();
     s.config[0] = 0x1234_5678;
-    cases.push(s);
-    for (i, case) in cases.into_iter().enumerate() {
+    cases.push((s, "configuration register 0"));
+    for (i, (case, names)) in cases.into_iter().enumerate() {
         let bytes = state::encode("t", &case).unwrap();
         let r = fresh.restore_state(&bytes);
         assert!(
             matches!(r, Err(StateError::Invalid { .. } | StateError::Rejected { .. })),
             "case {i}: {r:?}"
+        );
+        let message = crate::error_chain(&r.unwrap_err()).to_lowercase();
+        assert!(
+            message.contains(&names.to_lowercase()),
+            "case {i} does not say {names:?}: {message}"
         );
         assert_eq!(fresh.save_state().unwrap(), before, "case {i} changed the device");
     }

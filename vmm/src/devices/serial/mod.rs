@@ -7,13 +7,16 @@ use std::collections::VecDeque;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
-use serde::{Deserialize, Serialize};
 use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 
 use crate::devices::bus::{lock, BusDevice};
 use crate::hypervisor::InterruptSink;
 use crate::state::StateError;
+
+mod persist;
+
+pub use persist::{SerialDeviceState, UartState};
 
 /// Raises an edge on one ISA interrupt line.
 #[derive(Clone)]
@@ -55,28 +58,6 @@ impl Write for Output {
 
 /// Bytes vm-superio's receive FIFO holds.
 const UART_FIFO_SIZE: usize = 64;
-
-/// The 16550A registers and receive FIFO (vm-superio's `SerialState`, which is not serde).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct UartState {
-    pub baud_divisor_low: u8,
-    pub baud_divisor_high: u8,
-    pub interrupt_enable: u8,
-    pub interrupt_identification: u8,
-    pub line_control: u8,
-    pub line_status: u8,
-    pub modem_control: u8,
-    pub modem_status: u8,
-    pub scratch: u8,
-    pub in_buffer: Vec<u8>,
-}
-
-/// Saved state of COM1: the UART and the typed-ahead input not yet in its FIFO.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SerialDeviceState {
-    pub uart: UartState,
-    pub pending: Vec<u8>,
-}
 
 pub struct SerialDevice {
     uart: Serial<IrqEdge, NoEvents, Output>,

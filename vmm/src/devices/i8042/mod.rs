@@ -16,12 +16,15 @@
 use std::collections::VecDeque;
 
 use log::warn;
-use serde::{Deserialize, Serialize};
 use vm_superio::Trigger;
 
 use crate::devices::bus::BusDevice;
 use crate::devices::serial::IrqEdge;
 use crate::state::StateError;
+
+mod persist;
+
+pub use persist::{I8042State, KeyboardState};
 
 /// Offsets within the device's range starting at port 0x60.
 const DATA_OFFSET: u64 = 0;
@@ -193,31 +196,6 @@ enum Origin {
 
 /// Most keyboard replies a saved state may carry.
 const MAX_SAVED_RESPONSES: usize = 1 << 16;
-
-/// Saved state of the PS/2 keyboard behind the controller.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct KeyboardState {
-    pub responses: Vec<u8>,
-    pub scancodes: Vec<u8>,
-    pub pending: Option<u8>,
-    pub scanning: bool,
-    pub scancode_set: u8,
-    pub leds: u8,
-    pub last_sent: u8,
-}
-
-/// Saved state of the i8042 and its keyboard. `output` is the latched byte and whether the
-/// keyboard (rather than the controller) produced it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct I8042State {
-    pub ctr: u8,
-    pub output: Option<(u8, bool)>,
-    pub last_read: u8,
-    pub controller: Vec<u8>,
-    pub keyboard: KeyboardState,
-    pub pending_command: Option<u8>,
-    pub last_was_command: bool,
-}
 
 pub struct I8042 {
     ctr: u8,

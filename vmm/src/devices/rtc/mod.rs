@@ -5,10 +5,12 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde::{Deserialize, Serialize};
-
 use crate::devices::bus::BusDevice;
 use crate::state::StateError;
+
+mod persist;
+
+pub use persist::RtcState;
 
 const REG_SECONDS: u8 = 0x00;
 const REG_MINUTES: u8 = 0x02;
@@ -33,16 +35,6 @@ pub struct Rtc {
     nvram: [u8; 128],
     /// Seconds added to the host clock, set when the guest writes the time.
     offset_secs: i64,
-}
-
-/// Saved state of the RTC: the selected register, the CMOS bytes and the guest's offset
-/// from the host clock (the time itself is read live from the host after a restore).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RtcState {
-    pub index: u8,
-    /// 128 bytes.
-    pub nvram: Vec<u8>,
-    pub offset_secs: i64,
 }
 
 /// Largest guest clock offset accepted from saved state (about 10000 years).

@@ -15,12 +15,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-
 use crate::arch::x86_64::layout;
 use crate::devices::bus::BusDevice;
 use crate::hypervisor::InterruptSink;
 use crate::state::StateError;
+
+mod persist;
+
+pub use persist::AcpiPmState;
 
 /// PM1 status / enable: the power button.
 pub const PWRBTN: u16 = 1 << 8;
@@ -38,16 +40,6 @@ const ENABLE_OFFSET: usize = 2;
 const CONTROL_OFFSET: usize = 4;
 const TIMER_OFFSET: usize = (layout::ACPI_PM_TMR_PORT - layout::ACPI_PM_PORT) as usize;
 const BLOCK_LEN: usize = layout::ACPI_PM_LEN as usize;
-
-/// Saved state of the PM1a registers and the PM timer. `timer_ticks` is the full (not yet
-/// masked) tick count at save time; the restored timer counts on from it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct AcpiPmState {
-    pub status: u16,
-    pub enable: u16,
-    pub control: u16,
-    pub timer_ticks: u64,
-}
 
 /// The PM1a event/control registers and the PM timer.
 pub struct AcpiPm {
