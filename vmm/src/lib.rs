@@ -23,6 +23,8 @@ pub mod pci;
 pub mod snapshot;
 pub mod state;
 pub mod sys;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod virtio;
 
 /// Formats an error with its whole `source()` chain on one line ("a: b: c").

@@ -307,21 +307,9 @@ mod tests {
         assert!(Bdf::new(0, 0, 8).is_none());
     }
 
-    struct RecordingSink(Mutex<Vec<(u32, bool)>>);
-
-    impl InterruptSink for RecordingSink {
-        fn set_irq_line(&self, gsi: u32, active: bool) -> crate::hypervisor::Result<()> {
-            self.0.lock().unwrap().push((gsi, active));
-            Ok(())
-        }
-        fn signal_msi(&self, _address: u64, _data: u32) -> crate::hypervisor::Result<()> {
-            Ok(())
-        }
-    }
-
     #[test]
     fn a_shared_intx_line_is_high_while_any_pin_on_it_is() {
-        let sink = Arc::new(RecordingSink(Mutex::new(Vec::new())));
+        let sink = Arc::new(crate::testing::IrqLog::default());
         let shared = Arc::new(SharedLines::default());
         let a = IntxLine::new(16, sink.clone(), shared.clone());
         let b = IntxLine::new(16, sink.clone(), shared);
@@ -329,9 +317,9 @@ mod tests {
         a.assert();
         b.assert();
         a.deassert();
-        assert_eq!(sink.0.lock().unwrap().as_slice(), &[(16, true)], "b still holds it high");
+        assert_eq!(sink.lines(), [(16, true)], "b still holds it high");
         b.deassert();
         b.deassert();
-        assert_eq!(sink.0.lock().unwrap().as_slice(), &[(16, true), (16, false)]);
+        assert_eq!(sink.lines(), [(16, true), (16, false)]);
     }
 }

@@ -803,7 +803,6 @@ impl BusDevice for PciIoWindow {
 #[allow(clippy::unwrap_used)] // Tests fail loudly on purpose.
 mod tests {
     use super::*;
-    use crate::hypervisor::InterruptSink;
     use crate::memory::slots::MemorySlots;
     use crate::pci::config::CLASS_OTHER;
     use crate::pci::IntxRouter;
@@ -1393,22 +1392,9 @@ mod tests {
         }
     }
 
-    #[derive(Default)]
-    struct Lines(Mutex<Vec<(u32, bool)>>);
-
-    impl InterruptSink for Lines {
-        fn set_irq_line(&self, gsi: u32, active: bool) -> crate::hypervisor::Result<()> {
-            self.0.lock().unwrap().push((gsi, active));
-            Ok(())
-        }
-        fn signal_msi(&self, _address: u64, _data: u32) -> crate::hypervisor::Result<()> {
-            Ok(())
-        }
-    }
-
     #[test]
     fn a_function_with_a_pin_gets_the_routed_line_and_drives_it() {
-        let lines = Arc::new(Lines::default());
+        let lines = Arc::new(crate::testing::IrqLog::default());
         let routing = IntxRouting { router: Arc::new(Router), sink: lines.clone() };
         let root = root_with(PciRootConfig { intx: Some(routing), ..config() });
         let (mut dev, _) = TestDevice::new(0x1000);
@@ -1422,6 +1408,6 @@ mod tests {
         assert_eq!(cfc_read(&mut io, bdf.device(), 15), 0x0200, "the pin is read-only");
         assert!(mmio_write(&root, 0xc000_0000, &[1]));
         assert!(mmio_write(&root, 0xc000_0000, &[0]));
-        assert_eq!(lines.0.lock().unwrap().as_slice(), &[(18, true), (18, false)]);
+        assert_eq!(lines.lines(), [(18, true), (18, false)]);
     }
 }

@@ -167,30 +167,3 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
         data[..n].copy_from_slice(&src[..n]);
     }
 }
-
-/// Golden bytes for saved-state structs: a state struct's encoding is the snapshot format, so
-/// a field change must show up as a failing test, not as snapshots that no longer restore.
-#[cfg(test)]
-pub(crate) mod golden {
-    #![allow(clippy::unwrap_used)] // Test scaffolding fails loudly on purpose.
-
-    use std::fmt::Debug;
-
-    use serde::de::DeserializeOwned;
-    use serde::Serialize;
-
-    /// Checks that `value` encodes to exactly `hex` and that `hex` decodes back to `value`.
-    pub fn assert_golden<T: Serialize + DeserializeOwned + PartialEq + Debug>(
-        value: &T,
-        hex: &str,
-    ) {
-        let bytes = crate::state::encode("golden", value).unwrap();
-        let got: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        assert_eq!(got, hex, "the saved-state format changed");
-        let raw: Vec<u8> = (0..hex.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
-            .collect();
-        assert_eq!(&crate::state::decode::<T>("golden", &raw).unwrap(), value);
-    }
-}

@@ -88,20 +88,10 @@ mod tests {
     use crate::devices::rtc::Rtc;
     use crate::devices::serial::{IrqEdge, SerialDevice};
     use crate::hypervisor::InterruptSink;
-
-    struct NoIrq;
-
-    impl InterruptSink for NoIrq {
-        fn set_irq_line(&self, _gsi: u32, _active: bool) -> crate::hypervisor::Result<()> {
-            Ok(())
-        }
-        fn signal_msi(&self, _address: u64, _data: u32) -> crate::hypervisor::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::testing::IrqLog;
 
     fn v1_state() -> MachineStateV1 {
-        let irq: Arc<dyn InterruptSink> = Arc::new(NoIrq);
+        let irq: Arc<dyn InterruptSink> = Arc::new(IrqLog::default());
         let serial = SerialDevice::new(IrqEdge::new(irq.clone(), 4), Box::new(std::io::sink()));
         MachineStateV1 {
             cpus: 1,

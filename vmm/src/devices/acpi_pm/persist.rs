@@ -21,8 +21,8 @@ mod tests {
     use crate::arch::x86_64::layout;
     use crate::devices::acpi_pm::{AcpiPm, PWRBTN, SLP_TYP_SHIFT};
     use crate::devices::bus::BusDevice;
-    use crate::hypervisor::InterruptSink;
     use crate::state::{self, StateError};
+    use crate::testing::{assert_golden, assert_hostile_state_is_refused_or_runs, IrqLog};
 
     const ACPI_PM_STATE_HEX: &str = "0001000100145634120000000000";
 
@@ -37,22 +37,11 @@ mod tests {
 
     #[test]
     fn acpi_pm_state_bytes_are_unchanged() {
-        crate::virtio::golden::assert_golden(&sample_acpi_pm_state(), ACPI_PM_STATE_HEX);
-    }
-
-    struct NoIrq;
-
-    impl InterruptSink for NoIrq {
-        fn set_irq_line(&self, _gsi: u32, _active: bool) -> crate::hypervisor::Result<()> {
-            Ok(())
-        }
-        fn signal_msi(&self, _address: u64, _data: u32) -> crate::hypervisor::Result<()> {
-            Ok(())
-        }
+        assert_golden(&sample_acpi_pm_state(), ACPI_PM_STATE_HEX);
     }
 
     fn device() -> AcpiPm {
-        AcpiPm::new(Arc::new(NoIrq), Box::new(|| {}))
+        AcpiPm::new(Arc::new(IrqLog::default()), Box::new(|| {}))
     }
 
     /// What restoring the snapshot's `pc/acpi-pm` bytes does.
@@ -69,29 +58,16 @@ mod tests {
     #[test]
     fn truncated_or_garbled_acpi_pm_state_is_an_error_not_a_panic() {
         let bytes = state::encode("ACPI PM", &sample_acpi_pm_state()).unwrap();
-        let mut dev = device();
-        let before = registers(&dev);
-        for len in 0..bytes.len() {
-            assert!(restore(&mut dev, &bytes[..len]).is_err(), "{len} of {} bytes", bytes.len());
-            assert_eq!(registers(&dev), before);
-        }
-        for at in 0..bytes.len() {
-            let mut garbled = bytes.clone();
-            garbled[at] = 0xff;
-            let mut dev = device();
-            match restore(&mut dev, &garbled) {
-                Err(_) => assert_eq!(registers(&dev), before, "refused byte {at} changed it"),
-                // What the checks let through must still run: the whole block, any width.
-                Ok(()) => {
-                    for width in [1, 2, 4] {
-                        let mut data = vec![0u8; width];
-                        for offset in 0..u64::from(layout::ACPI_PM_LEN) {
-                            dev.read(offset, &mut data);
-                            dev.write(offset, &data);
-                        }
-                    }
+        // What the checks let through must still run: the whole block, any width.
+        let exercise = |dev: &mut AcpiPm| {
+            for width in [1, 2, 4] {
+                let mut data = vec![0u8; width];
+                for offset in 0..u64::from(layout::ACPI_PM_LEN) {
+                    dev.read(offset, &mut data);
+                    dev.write(offset, &data);
                 }
             }
-        }
+        };
+        assert_hostile_state_is_refused_or_runs(&bytes, device, registers, restore, exercise);
     }
 }

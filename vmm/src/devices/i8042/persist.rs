@@ -34,6 +34,7 @@ mod tests {
     use crate::devices::bus::BusDevice;
     use crate::devices::i8042::I8042;
     use crate::state::{self, StateError};
+    use crate::testing::{assert_golden, assert_hostile_state_is_refused_or_runs};
 
     const I8042_STATE_HEX: &str = concat!(
         "47011e01fa0100000000000000550200000000000000faab02000000000000009e",
@@ -62,7 +63,7 @@ mod tests {
 
     #[test]
     fn i8042_state_bytes_are_unchanged() {
-        crate::virtio::golden::assert_golden(&sample_i8042_state(), I8042_STATE_HEX);
+        assert_golden(&sample_i8042_state(), I8042_STATE_HEX);
     }
 
     fn device() -> I8042 {
@@ -77,30 +78,23 @@ mod tests {
     #[test]
     fn truncated_or_garbled_i8042_state_is_an_error_not_a_panic() {
         let bytes = state::encode("i8042", &sample_i8042_state()).unwrap();
-        let mut dev = device();
-        let before = dev.save_state();
-        for len in 0..bytes.len() {
-            assert!(restore(&mut dev, &bytes[..len]).is_err(), "{len} of {} bytes", bytes.len());
-            assert_eq!(dev.save_state(), before);
-        }
-        for at in 0..bytes.len() {
-            let mut garbled = bytes.clone();
-            garbled[at] = 0xff;
-            let mut dev = device();
-            match restore(&mut dev, &garbled) {
-                Err(_) => assert_eq!(dev.save_state(), before, "refused byte {at} changed it"),
-                // What the checks let through must still run: keyboard and controller I/O.
-                Ok(()) => {
-                    let mut b = [0u8];
-                    for value in [0xf2, 0x00, 0xed, 0xff] {
-                        dev.write(0, &[value]);
-                        dev.read(0, &mut b);
-                        dev.read(4, &mut b);
-                    }
-                    dev.write(4, &[0x20]);
-                    dev.read(0, &mut b);
-                }
+        // What the checks let through must still run: keyboard and controller I/O.
+        let exercise = |dev: &mut I8042| {
+            let mut b = [0u8];
+            for value in [0xf2, 0x00, 0xed, 0xff] {
+                dev.write(0, &[value]);
+                dev.read(0, &mut b);
+                dev.read(4, &mut b);
             }
-        }
+            dev.write(4, &[0x20]);
+            dev.read(0, &mut b);
+        };
+        assert_hostile_state_is_refused_or_runs(
+            &bytes,
+            device,
+            I8042::save_state,
+            restore,
+            exercise,
+        );
     }
 }

@@ -167,18 +167,7 @@ impl BusDevice for SerialDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[derive(Default)]
-    struct Lines(Mutex<Vec<(u32, bool)>>);
-    impl InterruptSink for Lines {
-        fn set_irq_line(&self, gsi: u32, active: bool) -> crate::hypervisor::Result<()> {
-            self.0.lock().unwrap().push((gsi, active));
-            Ok(())
-        }
-        fn signal_msi(&self, _: u64, _: u32) -> crate::hypervisor::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::testing::IrqLog;
 
     #[derive(Clone, Default)]
     struct Out(Arc<Mutex<Vec<u8>>>);
@@ -196,7 +185,7 @@ mod tests {
     fn guest_writes_reach_the_output() {
         let out = Out::default();
         let mut dev =
-            SerialDevice::new(IrqEdge::new(Arc::new(Lines::default()), 4), Box::new(out.clone()));
+            SerialDevice::new(IrqEdge::new(Arc::new(IrqLog::default()), 4), Box::new(out.clone()));
         for b in b"hi\n" {
             dev.write(0, &[*b]);
         }
@@ -205,7 +194,7 @@ mod tests {
 
     #[test]
     fn input_beyond_the_fifo_is_delivered_as_the_guest_reads() {
-        let lines = Arc::new(Lines::default());
+        let lines = Arc::new(IrqLog::default());
         let mut dev = SerialDevice::new(IrqEdge::new(lines.clone(), 4), Box::new(Out::default()));
         dev.write(1, &[0x01]); // IER: received-data interrupt on
         let input: Vec<u8> = (0..200u8).collect();
@@ -220,12 +209,12 @@ mod tests {
             got.push(b[0]);
         }
         assert_eq!(got, input);
-        assert!(lines.0.lock().unwrap().contains(&(4, true)));
+        assert!(lines.lines().contains(&(4, true)));
     }
 
     #[test]
     fn saved_registers_fifo_and_pending_input_survive_a_restore() {
-        let lines = Arc::new(Lines::default());
+        let lines = Arc::new(IrqLog::default());
         let mut dev = SerialDevice::new(IrqEdge::new(lines.clone(), 4), Box::new(Out::default()));
         dev.write(3, &[0x80]); // DLAB on
         dev.write(0, &[0x0c]); // divisor 12: 9600 baud
@@ -238,12 +227,12 @@ mod tests {
         let decoded: SerialDeviceState = crate::state::decode("serial", &bytes).unwrap();
 
         let out = Out::default();
-        let fresh_lines = Arc::new(Lines::default());
+        let fresh_lines = Arc::new(IrqLog::default());
         let mut fresh =
             SerialDevice::new(IrqEdge::new(fresh_lines.clone(), 4), Box::new(out.clone()));
         fresh.restore_state(&decoded).unwrap();
         assert_eq!(fresh.save_state(), saved);
-        assert!(fresh_lines.0.lock().unwrap().contains(&(4, true)), "pending RX interrupt");
+        assert!(fresh_lines.lines().contains(&(4, true)), "pending RX interrupt");
         let mut b = [0u8];
         fresh.read(7, &mut b);
         assert_eq!(b[0], 0x5a);
@@ -260,7 +249,7 @@ mod tests {
     #[test]
     fn oversized_fifo_is_refused_and_the_device_is_unchanged() {
         let mut dev = SerialDevice::new(
-            IrqEdge::new(Arc::new(Lines::default()), 4),
+            IrqEdge::new(Arc::new(IrqLog::default()), 4),
             Box::new(Out::default()),
         );
         dev.write(7, &[0x11]);

@@ -33,8 +33,8 @@ mod tests {
     use super::{SerialDeviceState, UartState};
     use crate::devices::bus::BusDevice;
     use crate::devices::serial::{IrqEdge, SerialDevice};
-    use crate::hypervisor::InterruptSink;
     use crate::state::{self, StateError};
+    use crate::testing::{assert_golden, assert_hostile_state_is_refused_or_runs, IrqLog};
 
     const SERIAL_STATE_HEX: &str = "0c0103c403610bb05a020000000000000068690200000000000000210a";
 
@@ -58,22 +58,11 @@ mod tests {
 
     #[test]
     fn serial_state_bytes_are_unchanged() {
-        crate::virtio::golden::assert_golden(&sample_serial_state(), SERIAL_STATE_HEX);
-    }
-
-    struct NoIrq;
-
-    impl InterruptSink for NoIrq {
-        fn set_irq_line(&self, _gsi: u32, _active: bool) -> crate::hypervisor::Result<()> {
-            Ok(())
-        }
-        fn signal_msi(&self, _address: u64, _data: u32) -> crate::hypervisor::Result<()> {
-            Ok(())
-        }
+        assert_golden(&sample_serial_state(), SERIAL_STATE_HEX);
     }
 
     fn device() -> SerialDevice {
-        SerialDevice::new(IrqEdge::new(Arc::new(NoIrq), 4), Box::new(std::io::sink()))
+        SerialDevice::new(IrqEdge::new(Arc::new(IrqLog::default()), 4), Box::new(std::io::sink()))
     }
 
     /// What restoring the snapshot's `pc/com1` bytes does.
@@ -84,31 +73,24 @@ mod tests {
     #[test]
     fn truncated_or_garbled_serial_state_is_an_error_not_a_panic() {
         let bytes = state::encode("serial", &sample_serial_state()).unwrap();
-        let mut dev = device();
-        let before = dev.save_state();
-        for len in 0..bytes.len() {
-            assert!(restore(&mut dev, &bytes[..len]).is_err(), "{len} of {} bytes", bytes.len());
-            assert_eq!(dev.save_state(), before);
-        }
-        for at in 0..bytes.len() {
-            let mut garbled = bytes.clone();
-            garbled[at] = 0xff;
-            let mut dev = device();
-            match restore(&mut dev, &garbled) {
-                Err(_) => assert_eq!(dev.save_state(), before, "refused byte {at} changed it"),
-                // What the checks let through must still run: every register, and input.
-                Ok(()) => {
-                    let mut b = [0u8];
-                    for offset in 0..8 {
-                        dev.read(offset, &mut b);
-                        dev.write(offset, &b);
-                    }
-                    dev.queue_input(&[0; 100]);
-                    for _ in 0..100 {
-                        dev.read(0, &mut b);
-                    }
-                }
+        // What the checks let through must still run: every register, and input.
+        let exercise = |dev: &mut SerialDevice| {
+            let mut b = [0u8];
+            for offset in 0..8 {
+                dev.read(offset, &mut b);
+                dev.write(offset, &b);
             }
-        }
+            dev.queue_input(&[0; 100]);
+            for _ in 0..100 {
+                dev.read(0, &mut b);
+            }
+        };
+        assert_hostile_state_is_refused_or_runs(
+            &bytes,
+            device,
+            SerialDevice::save_state,
+            restore,
+            exercise,
+        );
     }
 }

@@ -15,7 +15,7 @@ pub struct BlockState {
 #[cfg(test)]
 mod tests {
     use super::BlockState;
-    use crate::virtio::golden::assert_golden;
+    use crate::testing::assert_golden;
 
     const BLOCK_STATE_HEX: &str =
         "200000000100000001140000000000000068757463682d6469736b2d30000000000000000001";

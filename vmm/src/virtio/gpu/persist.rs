@@ -48,7 +48,7 @@ pub struct GpuState {
 #[cfg(test)]
 mod tests {
     use super::{GpuCursorState, GpuResourceState, GpuState};
-    use crate::virtio::golden::assert_golden;
+    use crate::testing::assert_golden;
 
     const GPU_STATE_HEX: &str = concat!(
         "0100000000000000070000000200000002000000010000000200000000000000",

@@ -19,7 +19,7 @@ pub struct InputState {
 #[cfg(test)]
 mod tests {
     use super::InputState;
-    use crate::virtio::golden::assert_golden;
+    use crate::testing::assert_golden;
 
     const INPUT_STATE_HEX: &str = "011103020000000000000001001e0001000000000000000000000001";
 

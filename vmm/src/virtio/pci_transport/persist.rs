@@ -262,7 +262,7 @@ impl VirtioPciDevice {
 #[cfg(test)]
 mod tests {
     use super::{MsixSaved, MsixTableState, QueueRegisters, VirtioPciState};
-    use crate::virtio::golden::assert_golden;
+    use crate::testing::assert_golden;
     use crate::virtio::queue::SavedQueue;
 
     const VIRTIO_PCI_STATE_HEX: &str = concat!(

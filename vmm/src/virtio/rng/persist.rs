@@ -11,7 +11,7 @@ pub struct RngState {
 #[cfg(test)]
 mod tests {
     use super::RngState;
-    use crate::virtio::golden::assert_golden;
+    use crate::testing::assert_golden;
 
     const RNG_STATE_HEX: &str = "01";
 
