@@ -1,0 +1,1 @@
+#![allow(clippy::unwrap_used)] // Tests fail loudly on purpose.
