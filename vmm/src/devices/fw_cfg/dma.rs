@@ -124,16 +124,14 @@ impl FwCfg {
             return DMA_CTL_ERROR;
         }
         let start = self.offset as usize;
-        let Some(file) = Self::file_index(self.selector).and_then(|i| self.files.get_mut(i))
-        else {
+        let Some(file) = Self::file_index(self.selector).and_then(|i| self.files.get_mut(i)) else {
             return DMA_CTL_ERROR;
         };
         if !file.writable {
             return DMA_CTL_ERROR;
         }
-        let Some(target) = start
-            .checked_add(length as usize)
-            .and_then(|end| file.data.get_mut(start..end))
+        let Some(target) =
+            start.checked_add(length as usize).and_then(|end| file.data.get_mut(start..end))
         else {
             return DMA_CTL_ERROR;
         };

@@ -477,12 +477,8 @@ mod tests {
         entry[0] = 9;
         assert_eq!(LoaderCommand::decode(&entry), None);
         // A name without its NUL inside the field is refused.
-        let mut entry = LoaderCommand::Allocate {
-            file: "a".into(),
-            align: 1,
-            zone: AllocZone::High,
-        }
-        .encode();
+        let mut entry =
+            LoaderCommand::Allocate { file: "a".into(), align: 1, zone: AllocZone::High }.encode();
         entry[4..60].fill(b'a');
         assert_eq!(LoaderCommand::decode(&entry), None);
     }

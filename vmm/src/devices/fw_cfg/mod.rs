@@ -15,6 +15,8 @@
 //! untrusted: a DMA transfer that does not fit guest memory ends with the ERROR bit and
 //! touches nothing ([`dma`]).
 
+#[cfg(test)]
+mod apply;
 mod dma;
 pub mod loader;
 pub mod persist;
@@ -324,7 +326,9 @@ impl BusDevice for FwCfg {
         match offset {
             // QEMU's x86 port decodes a data read at either port; wider reads (valid on the
             // MMIO variant) give successive bytes.
-            SELECTOR_OFFSET | DATA_OFFSET => data.iter_mut().for_each(|b| *b = self.read_data_byte()),
+            SELECTOR_OFFSET | DATA_OFFSET => {
+                data.iter_mut().for_each(|b| *b = self.read_data_byte())
+            }
             DMA_HIGH_OFFSET..DMA_END_OFFSET => {
                 let signature = DMA_SIGNATURE.to_be_bytes();
                 for (i, b) in data.iter_mut().enumerate() {
