@@ -16,7 +16,7 @@
 //! touches nothing ([`dma`]).
 
 #[cfg(test)]
-mod apply;
+pub(crate) mod apply;
 mod dma;
 pub mod loader;
 pub mod persist;
