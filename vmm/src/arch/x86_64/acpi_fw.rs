@@ -153,9 +153,17 @@ mod tests {
             boot_menu: false,
         };
         let mut fw_cfg = FwCfg::new(mem.clone(), &config);
-        fw_cfg.add_file(TABLE_LOADER_FILE, acpi.loader).unwrap();
-        fw_cfg.add_file(ACPI_TABLES_FILE, acpi.tables).unwrap();
-        fw_cfg.add_file(ACPI_RSDP_FILE, acpi.rsdp).unwrap();
+        // As a board adds them: built again when the firmware first selects one of them.
+        let files = vec![
+            (TABLE_LOADER_FILE, acpi.loader),
+            (ACPI_TABLES_FILE, acpi.tables),
+            (ACPI_RSDP_FILE, acpi.rsdp),
+        ];
+        let rebuild = Box::new(move || {
+            let acpi = build_firmware_acpi(vcpus).unwrap();
+            vec![acpi.loader, acpi.tables, acpi.rsdp]
+        });
+        fw_cfg.add_generated_files(files, rebuild).unwrap();
         FakeFirmware::new(&mut fw_cfg, mem.clone(), 8 << 20, 0x10000).run_table_loader();
 
         let rsdp_at = (FSEG_START..FSEG_END)

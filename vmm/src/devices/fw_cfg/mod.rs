@@ -106,14 +106,24 @@ pub struct FwCfgConfig {
 /// the ACPI tables are built after the firmware has placed the BARs.
 pub type FileGenerator = Box<dyn FnMut() -> Vec<u8> + Send>;
 
+/// Builds several files at once, in the order they were added with it (the ACPI tables, their
+/// RSDP and the loader script must come from one build: QEMU's `acpi_build_update`).
+pub type FilesGenerator = Box<dyn FnMut() -> Vec<Vec<u8>> + Send>;
+
+/// Files built together, and whether they were built since the last reset.
+struct GeneratedGroup {
+    names: Vec<String>,
+    generate: FilesGenerator,
+    generated: bool,
+}
+
 struct FwCfgFile {
     name: String,
     data: Vec<u8>,
     /// A guest DMA WRITE may change its bytes (WRITE_POINTER targets).
     writable: bool,
-    generator: Option<FileGenerator>,
-    /// The generator ran since the last reset.
-    generated: bool,
+    /// The [`GeneratedGroup`] that builds it.
+    group: Option<usize>,
 }
 
 /// The fw_cfg device: fixed items, files in name order, the guest's selection, and the DMA
@@ -123,6 +133,7 @@ pub struct FwCfg {
     items: BTreeMap<u16, Vec<u8>>,
     /// Sorted by name, as QEMU sorts them: file `i` has key `FILE_FIRST + i`.
     files: Vec<FwCfgFile>,
+    groups: Vec<GeneratedGroup>,
     /// The directory's bytes, rebuilt whenever a file is added or changes length.
     directory: Vec<u8>,
     selector: u16,
@@ -145,6 +156,7 @@ impl FwCfg {
             memory,
             items,
             files: Vec::new(),
+            groups: Vec::new(),
             directory: Vec::new(),
             selector: keys::SIGNATURE,
             offset: 0,
@@ -182,9 +194,35 @@ impl FwCfg {
         &mut self,
         name: &str,
         initial: Vec<u8>,
-        generate: FileGenerator,
+        mut generate: FileGenerator,
     ) -> Result<(), FwCfgError> {
-        self.insert_file(FwCfgFile::new(name, initial, false, Some(generate)))
+        self.add_generated_files(vec![(name, initial)], Box::new(move || vec![generate()]))
+    }
+
+    /// Adds read-only files built together: the first selection of any of them after a reset
+    /// runs `generate` once, which returns their contents in this order. As for one file, the
+    /// lengths should stay those of the initial contents. Nothing is added on an error.
+    pub fn add_generated_files(
+        &mut self,
+        files: Vec<(&str, Vec<u8>)>,
+        generate: FilesGenerator,
+    ) -> Result<(), FwCfgError> {
+        if self.files.len() + files.len() > MAX_FILES {
+            return Err(FwCfgError::TooManyFiles { max: MAX_FILES });
+        }
+        for (i, (name, data)) in files.iter().enumerate() {
+            check_new_file(name, data)?;
+            if self.find_file(name).is_some() || files[..i].iter().any(|(n, _)| n == name) {
+                return Err(FwCfgError::DuplicateFile { name: name.to_string() });
+            }
+        }
+        let group = self.groups.len();
+        let names = files.iter().map(|(n, _)| n.to_string()).collect();
+        self.groups.push(GeneratedGroup { names, generate, generated: false });
+        for (name, data) in files {
+            self.insert_file(FwCfgFile::new(name, data, false, Some(group)))?;
+        }
+        Ok(())
     }
 
     /// A file's current bytes (e.g. what the guest wrote into a WRITE_POINTER target).
@@ -195,18 +233,15 @@ impl FwCfg {
     /// Back to power-on: item 0 selected, generators re-armed (QEMU's `fw_cfg_reset` and
     /// `acpi_build_reset`). Files keep their bytes.
     pub fn reset(&mut self) {
-        for file in &mut self.files {
-            file.generated = false;
+        for group in &mut self.groups {
+            group.generated = false;
         }
         self.dma_address = 0;
         self.select(keys::SIGNATURE);
     }
 
     fn insert_file(&mut self, file: FwCfgFile) -> Result<(), FwCfgError> {
-        check_file_name(&file.name)?;
-        if u32::try_from(file.data.len()).is_err() {
-            return Err(FwCfgError::FileTooLarge { name: file.name, len: file.data.len() });
-        }
+        check_new_file(&file.name, &file.data)?;
         if self.files.len() >= MAX_FILES {
             return Err(FwCfgError::TooManyFiles { max: MAX_FILES });
         }
@@ -250,23 +285,34 @@ impl FwCfg {
     fn select(&mut self, key: u16) {
         self.selector = key;
         self.offset = 0;
-        let Some(i) = Self::file_index(key) else { return };
-        let Some(file) = self.files.get_mut(i) else { return };
-        if file.generated {
+        let Some(g) = Self::file_index(key).and_then(|i| self.files.get(i)?.group) else {
+            return;
+        };
+        let group = &mut self.groups[g];
+        if group.generated {
             return;
         }
-        if let Some(generate) = file.generator.as_mut() {
-            let data = generate();
-            file.generated = true;
-            if u32::try_from(data.len()).is_err() {
-                log::error!("fw_cfg: generated {} is too large; keeping its old bytes", file.name);
-                return;
+        group.generated = true;
+        let contents = (group.generate)();
+        if contents.len() != group.names.len()
+            || contents.iter().any(|c| u32::try_from(c.len()).is_err())
+        {
+            log::error!(
+                "fw_cfg: the generator of {:?} failed; the files keep their bytes",
+                group.names
+            );
+            return;
+        }
+        let mut resized = false;
+        for (name, data) in group.names.iter().zip(contents) {
+            if let Ok(i) = self.files.binary_search_by(|f| f.name.as_str().cmp(name)) {
+                let file = &mut self.files[i];
+                resized |= data.len() != file.data.len();
+                file.data = data;
             }
-            let resized = data.len() != file.data.len();
-            file.data = data;
-            if resized {
-                self.rebuild_directory();
-            }
+        }
+        if resized {
+            self.rebuild_directory();
         }
     }
 
@@ -294,13 +340,16 @@ impl FwCfg {
 }
 
 impl FwCfgFile {
-    fn new(name: &str, data: Vec<u8>, writable: bool, generator: Option<FileGenerator>) -> Self {
-        FwCfgFile { name: name.to_string(), data, writable, generator, generated: false }
+    fn new(name: &str, data: Vec<u8>, writable: bool, group: Option<usize>) -> Self {
+        FwCfgFile { name: name.to_string(), data, writable, group }
     }
 }
 
-/// A name fits the directory's 56-byte field with its NUL.
-fn check_file_name(name: &str) -> Result<(), FwCfgError> {
+/// A name fits the directory's 56-byte field with its NUL, a length its 32-bit size field.
+fn check_new_file(name: &str, data: &[u8]) -> Result<(), FwCfgError> {
+    if u32::try_from(data.len()).is_err() {
+        return Err(FwCfgError::FileTooLarge { name: name.to_string(), len: data.len() });
+    }
     if name.is_empty() || name.contains('\0') {
         return Err(FwCfgError::InvalidName { name: name.to_string() });
     }

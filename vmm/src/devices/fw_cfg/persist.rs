@@ -31,7 +31,7 @@ impl FwCfg {
         let files = self
             .files
             .iter()
-            .filter(|f| f.writable || f.generated)
+            .filter(|f| f.writable || f.group.is_some_and(|g| self.groups[g].generated))
             .map(|f| FwCfgFileState { name: f.name.clone(), data: f.data.clone() })
             .collect();
         FwCfgState {
@@ -58,7 +58,7 @@ impl FwCfg {
                         format!("writable file {:?} changed length", saved.name),
                     ));
                 }
-            } else if file.generator.is_none() {
+            } else if file.group.is_none() {
                 return Err(StateError::invalid(
                     DEVICE,
                     format!("file {:?} is neither writable nor generated", saved.name),
@@ -71,12 +71,21 @@ impl FwCfg {
             }
             targets.push(i);
         }
-        for (saved, &i) in state.files.iter().zip(&targets) {
-            let file = &mut self.files[i];
-            file.data = saved.data.clone();
-            if file.generator.is_some() {
-                file.generated = true;
+        // A group's files are saved all together once built, or not at all.
+        let mut built = vec![false; self.groups.len()];
+        for (g, group) in self.groups.iter().enumerate() {
+            let saved = group.names.iter().filter(|n| state.files.iter().any(|f| &f.name == *n));
+            match saved.count() {
+                0 => {}
+                n if n == group.names.len() => built[g] = true,
+                _ => return Err(StateError::invalid(DEVICE, "generated files saved in part")),
             }
+        }
+        for (saved, &i) in state.files.iter().zip(&targets) {
+            self.files[i].data = saved.data.clone();
+        }
+        for (group, built) in self.groups.iter_mut().zip(built) {
+            group.generated = built;
         }
         self.selector = state.selector;
         self.offset = state.offset;

@@ -353,6 +353,53 @@ fn generated_file_is_built_once_until_reset() {
 }
 
 #[test]
+fn files_generated_together_are_built_once_by_whichever_is_selected_first() {
+    let mem = memory(&[(0, MIB)]);
+    let mut dev = device(&mem);
+    let builds = Arc::new(AtomicUsize::new(0));
+    let counter = builds.clone();
+    dev.add_generated_files(
+        vec![("etc/table-loader", vec![0; 2]), ("etc/acpi/tables", vec![0; 3])],
+        Box::new(move || {
+            let n = counter.fetch_add(1, Ordering::SeqCst) as u8 + 1;
+            vec![vec![n; 2], vec![n + 10; 3]]
+        }),
+    )
+    .unwrap();
+    // Name order: etc/acpi/tables is 0x20, etc/table-loader 0x21.
+    select(&mut dev, keys::FILE_FIRST + 1);
+    assert_eq!(read_data(&mut dev, 2), [1, 1]);
+    select(&mut dev, keys::FILE_FIRST);
+    assert_eq!(read_data(&mut dev, 3), [11, 11, 11], "from the same build");
+    assert_eq!(builds.load(Ordering::SeqCst), 1);
+    dev.reset();
+    select(&mut dev, keys::FILE_FIRST);
+    assert_eq!(read_data(&mut dev, 3), [12, 12, 12]);
+    select(&mut dev, keys::FILE_FIRST + 1);
+    assert_eq!(read_data(&mut dev, 2), [2, 2]);
+    assert_eq!(builds.load(Ordering::SeqCst), 2);
+}
+
+#[test]
+fn a_generator_returning_the_wrong_files_leaves_them_as_they_were() {
+    let mem = memory(&[(0, MIB)]);
+    let mut dev = device(&mem);
+    dev.add_generated_files(vec![("a", vec![1]), ("b", vec![2])], Box::new(|| vec![vec![9]]))
+        .unwrap();
+    select(&mut dev, keys::FILE_FIRST);
+    assert_eq!(read_data(&mut dev, 1), [1]);
+    assert!(matches!(
+        dev.add_generated_files(vec![("c", vec![]), ("c", vec![])], Box::new(Vec::new)),
+        Err(FwCfgError::DuplicateFile { .. })
+    ));
+    assert!(matches!(
+        dev.add_generated_files(vec![("d", vec![]), ("a", vec![])], Box::new(Vec::new)),
+        Err(FwCfgError::DuplicateFile { .. })
+    ));
+    assert!(dev.file("c").is_none() && dev.file("d").is_none(), "nothing added on an error");
+}
+
+#[test]
 fn directory_follows_a_generated_files_length() {
     let mem = memory(&[(0, MIB)]);
     let mut dev = device(&mem);
@@ -443,6 +490,13 @@ fn saved_state_restores_selection_latch_and_guest_written_files() {
         assert_eq!(target.save_state(), before, "a refused restore changes nothing");
     };
     refused(vec![FwCfgFileState { name: "nope".into(), data: vec![] }]);
+    let mut grouped = device(&mem);
+    grouped.add_generated_files(vec![("x", vec![0]), ("y", vec![0])], Box::new(Vec::new)).unwrap();
+    let partial = FwCfgState {
+        files: vec![FwCfgFileState { name: "x".into(), data: vec![1] }],
+        ..state.clone()
+    };
+    assert!(matches!(grouped.restore_state(&partial), Err(StateError::Invalid { .. })));
     refused(vec![FwCfgFileState { name: "a".into(), data: vec![] }]);
     refused(vec![FwCfgFileState { name: "w".into(), data: vec![1; 5] }]);
     refused(vec![
