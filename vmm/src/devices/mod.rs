@@ -3,6 +3,7 @@
 #[cfg(target_arch = "x86_64")]
 pub mod acpi_pm;
 pub mod bus;
+pub mod fw_cfg;
 #[cfg(target_arch = "x86_64")]
 pub mod i8042;
 #[cfg(target_arch = "x86_64")]

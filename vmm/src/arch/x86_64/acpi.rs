@@ -34,7 +34,7 @@ const OEM_REVISION: u32 = 1;
 const CREATOR_ID: &[u8; 4] = b"HTCH";
 const CREATOR_REVISION: u32 = 1;
 const HEADER_LEN: usize = 36;
-const RSDP_LEN: usize = 36;
+pub(super) const RSDP_LEN: usize = 36;
 /// IOAPIC ids share the 8-bit APIC id space with the vCPUs; the IOAPIC takes `vcpu_count`.
 pub const MAX_VCPUS: u32 = 254;
 /// The I/O port and value of the reset register: the i8042's "pulse reset line" command.
@@ -42,7 +42,7 @@ pub const RESET_PORT: u16 = 0x64;
 pub const RESET_REG_VALUE: u8 = 0xfe;
 
 // FADT field offsets (ACPI 6.x, table 5.9).
-mod fadt {
+pub(super) mod fadt {
     pub const LEN: usize = 276;
     pub const REVISION: u8 = 6;
     pub const MINOR_REVISION: u8 = 0;
@@ -127,23 +127,23 @@ pub fn create_acpi_tables(memory: &GuestMemory, vcpu_count: u32) -> Result<u64, 
 }
 
 /// The bytes of the ACPI area being assembled, with their guest base address.
-struct TableArea {
+pub(super) struct TableArea {
     base: u64,
-    bytes: Vec<u8>,
+    pub(super) bytes: Vec<u8>,
 }
 
 impl TableArea {
-    fn new(base: u64) -> Self {
+    pub(super) fn new(base: u64) -> Self {
         TableArea { base, bytes: Vec::new() }
     }
 
-    fn reserve(&mut self, len: usize, align: usize) -> u64 {
+    pub(super) fn reserve(&mut self, len: usize, align: usize) -> u64 {
         let offset = self.bytes.len().next_multiple_of(align);
         self.bytes.resize(offset + len, 0);
         self.base + offset as u64
     }
 
-    fn place(&mut self, table: &[u8], align: usize) -> u64 {
+    pub(super) fn place(&mut self, table: &[u8], align: usize) -> u64 {
         let addr = self.reserve(table.len(), align);
         let offset = (addr - self.base) as usize;
         self.bytes[offset..].copy_from_slice(table);
@@ -181,7 +181,7 @@ fn sdt(signature: &[u8; 4], revision: u8, body: &[u8]) -> Vec<u8> {
 }
 
 /// RSDP revision 2 (ACPI 2.0+) pointing at the XSDT only.
-fn rsdp(xsdt: u64) -> [u8; RSDP_LEN] {
+pub(super) fn rsdp(xsdt: u64) -> [u8; RSDP_LEN] {
     let mut r = [0u8; RSDP_LEN];
     r[0..8].copy_from_slice(b"RSD PTR ");
     r[9..15].copy_from_slice(OEM_ID);
@@ -193,7 +193,7 @@ fn rsdp(xsdt: u64) -> [u8; RSDP_LEN] {
     r
 }
 
-fn xsdt(tables: &[u64]) -> Vec<u8> {
+pub(super) fn xsdt(tables: &[u64]) -> Vec<u8> {
     let body: Vec<u8> = tables.iter().flat_map(|a| a.to_le_bytes()).collect();
     sdt(b"XSDT", 1, &body)
 }
@@ -208,7 +208,7 @@ fn gas_io(port: u16, len_bytes: u8, access: u8) -> [u8; 12] {
     g
 }
 
-fn fadt(dsdt: u64, facs: u64) -> Vec<u8> {
+pub(super) fn fadt(dsdt: u64, facs: u64) -> Vec<u8> {
     use fadt::*;
     let mut f = vec![0u8; LEN - HEADER_LEN];
     // Offsets in the `fadt` module count the header; the body starts after it.
@@ -252,7 +252,7 @@ fn fadt(dsdt: u64, facs: u64) -> Vec<u8> {
 
 /// The Firmware ACPI Control Structure: no checksum, 64-byte aligned. Linux wants one outside
 /// hardware-reduced mode (global lock, waking vector).
-fn facs() -> Vec<u8> {
+pub(super) fn facs() -> Vec<u8> {
     let mut f = vec![0u8; 64];
     f[0..4].copy_from_slice(b"FACS");
     put32(&mut f, 4, 64);
@@ -260,7 +260,7 @@ fn facs() -> Vec<u8> {
     f
 }
 
-fn madt(vcpu_count: u32) -> Vec<u8> {
+pub(super) fn madt(vcpu_count: u32) -> Vec<u8> {
     let mut body = Vec::new();
     body.extend((layout::LAPIC_START as u32).to_le_bytes());
     body.extend(MADT_PCAT_COMPAT.to_le_bytes());
@@ -287,7 +287,7 @@ fn madt(vcpu_count: u32) -> Vec<u8> {
     sdt(b"APIC", 4, &body)
 }
 
-fn mcfg() -> Vec<u8> {
+pub(super) fn mcfg() -> Vec<u8> {
     let mut body = vec![0u8; 8];
     body.extend(layout::PCI_ECAM_START.to_le_bytes());
     body.extend(0u16.to_le_bytes()); // segment
@@ -298,7 +298,7 @@ fn mcfg() -> Vec<u8> {
 }
 
 /// The DSDT's AML.
-fn dsdt() -> Vec<u8> {
+pub(super) fn dsdt() -> Vec<u8> {
     let s5 = aml::name(
         "\\_S5",
         &aml::package(&[

@@ -1,5 +1,6 @@
 //! The x86_64 PC: address map, Linux boot, ACPI tables.
 pub mod acpi;
+pub mod acpi_fw;
 pub mod aml;
 pub mod boot;
 pub mod kernel_cache;
