@@ -27,7 +27,7 @@ pub struct MachineStateV1 {
     pub vcpus: Vec<VcpuState>,
     pub vm: VmState,
     pub serial: crate::devices::serial::SerialDeviceState,
-    pub i8042: crate::devices::i8042::I8042State,
+    pub i8042: crate::devices::i8042::I8042StateV1,
     pub rtc: crate::devices::rtc::RtcState,
     pub acpi_pm: crate::devices::acpi_pm::AcpiPmState,
     pub pci: crate::pci::PciRootStateV1,
@@ -84,7 +84,6 @@ mod tests {
 
     use super::*;
     use crate::devices::acpi_pm::AcpiPm;
-    use crate::devices::i8042::I8042;
     use crate::devices::rtc::Rtc;
     use crate::devices::serial::{IrqEdge, SerialDevice};
     use crate::hypervisor::InterruptSink;
@@ -101,7 +100,24 @@ mod tests {
             vcpus: vec![VcpuState::default()],
             vm: VmState::default(),
             serial: serial.save_state(),
-            i8042: I8042::new(Box::new(|| {})).save_state(),
+            // The keyboard-only i8042 at power-on, in its first form.
+            i8042: crate::devices::i8042::I8042StateV1 {
+                ctr: 0x45,
+                output: None,
+                last_read: 0,
+                controller: vec![],
+                keyboard: crate::devices::i8042::KeyboardState {
+                    responses: vec![],
+                    scancodes: vec![],
+                    pending: None,
+                    scanning: true,
+                    scancode_set: 2,
+                    leds: 0,
+                    last_sent: 0,
+                },
+                pending_command: None,
+                last_was_command: false,
+            },
             rtc: Rtc::new().save_state(),
             // The PM timer runs from the device's creation: pinned, so the bytes are fixed.
             acpi_pm: crate::devices::acpi_pm::AcpiPmState {
