@@ -5,6 +5,7 @@ pub mod acpi_pm;
 pub mod bus;
 #[cfg(target_arch = "x86_64")]
 pub mod i8042;
+pub mod pflash;
 #[cfg(target_arch = "x86_64")]
 pub mod rtc;
 pub mod serial;
