@@ -41,7 +41,7 @@ fn check_size(path: &Path, size: u64) -> Result<(), PflashError> {
     if size > MAX_FLASH_BYTES {
         return Err(PflashError::TooLarge { path: path.to_path_buf(), size, max: MAX_FLASH_BYTES });
     }
-    if size % BLOCK_SIZE != 0 {
+    if !size.is_multiple_of(BLOCK_SIZE) {
         return Err(PflashError::NotWholeBlocks {
             path: path.to_path_buf(),
             size,

@@ -186,7 +186,7 @@ impl Pflash {
             ));
         }
         if let PflashMode::EraseSetup { block } = state.mode {
-            if block % BLOCK_SIZE != 0 || block >= self.size() {
+            if !block.is_multiple_of(BLOCK_SIZE) || block >= self.size() {
                 return Err(StateError::invalid("pflash", "erase block out of range"));
             }
         }
@@ -208,7 +208,7 @@ impl Pflash {
             return None;
         }
         let end = offset.checked_add(len as u64)?;
-        (end <= self.size()).then(|| offset as usize..end as usize)
+        (end <= self.size()).then_some(offset as usize..end as usize)
     }
 
     /// Back to read array, flushing what the finished operation changed.

@@ -463,7 +463,7 @@ fn hostile_guest(f: &mut Pflash, seed: u64, steps: usize) {
         let len = [0, 1, 2, 3, 4, 5, 8, 9, 16][(rng.next() % 9) as usize];
         let mut data: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
         if let Some(first) = data.first_mut() {
-            if rng.next() % 2 == 0 {
+            if rng.next().is_multiple_of(2) {
                 *first = COMMANDS[(rng.next() % COMMANDS.len() as u64) as usize];
             }
         }
