@@ -19,15 +19,24 @@ pub(super) fn load(
         io::ErrorKind::NotFound => PflashError::NotFound { path: path.to_path_buf() },
         _ => PflashError::Open { path: path.to_path_buf(), source },
     };
-    let mut file = OpenOptions::new().read(true).write(writable).open(path).map_err(open_err)?;
+    let not_a_file = || PflashError::Open {
+        path: path.to_path_buf(),
+        source: io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"),
+    };
+    // Checked before opening too: opening a FIFO would block.
+    if !fs::metadata(path).map_err(open_err)?.is_file() {
+        return Err(not_a_file());
+    }
+    let file = OpenOptions::new().read(true).write(writable).open(path).map_err(open_err)?;
     let meta = file.metadata().map_err(open_err)?;
     if !meta.is_file() {
-        let source = io::Error::new(io::ErrorKind::InvalidInput, "not a regular file");
-        return Err(PflashError::Open { path: path.to_path_buf(), source });
+        return Err(not_a_file());
     }
     check_size(path, meta.len())?;
     let mut contents = Vec::with_capacity(meta.len() as usize);
-    file.read_to_end(&mut contents)
+    // Bounded: a file that grows while it is read must not make the read unbounded.
+    file.take(MAX_FLASH_BYTES + 1)
+        .read_to_end(&mut contents)
         .map_err(|source| PflashError::Read { path: path.to_path_buf(), source })?;
     // The file may have changed between the metadata and the read.
     check_size(path, contents.len() as u64)?;
