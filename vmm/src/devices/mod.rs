@@ -6,6 +6,7 @@ pub mod bus;
 pub mod fw_cfg;
 #[cfg(target_arch = "x86_64")]
 pub mod i8042;
+pub mod pflash;
 #[cfg(target_arch = "x86_64")]
 pub mod rtc;
 pub mod serial;
