@@ -2,11 +2,13 @@
 //! System Control Port A at 0x92. Each is one port, inserted by the board with length 1.
 //!
 //! 0xCF9 sits inside the PCI configuration-address dword (0xCF8..0xCFB), which
-//! `pci::PciConfigIo` serves for 32-bit accesses only: the board routes byte accesses to
-//! 0xCF9 here (QEMU does the same by overlap priority).
+//! [`PciConfigIo`] serves for 32-bit accesses only: [`ConfigPortsWithReset`] takes the ports
+//! 0xCF8..0xCFF and sends byte accesses to 0xCF9 here (QEMU does the same by overlap
+//! priority).
 
 use super::persist::{Port92State, ResetControlState};
 use crate::devices::bus::BusDevice;
+use crate::pci::PciConfigIo;
 use crate::state::StateError;
 
 pub const RESET_CONTROL_PORT: u16 = 0xcf9;
@@ -71,6 +73,34 @@ impl BusDevice for ResetControl {
             return;
         }
         self.value = value & RST_CNT_KEPT;
+    }
+}
+
+/// Ports 0xCF8..0xCFF of a Q35 board: PCI configuration mechanism #1, with the reset control
+/// register at 0xCF9 for byte accesses. Insert at 0xCF8, length [`PciConfigIo::LEN`].
+pub struct ConfigPortsWithReset {
+    pub pci: PciConfigIo,
+    pub reset_control: ResetControl,
+}
+
+/// 0xCF9 within the ports.
+const RESET_CONTROL_OFFSET: u64 = (RESET_CONTROL_PORT - 0xcf8) as u64;
+
+impl BusDevice for ConfigPortsWithReset {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset == RESET_CONTROL_OFFSET && data.len() == 1 {
+            self.reset_control.read(0, data);
+        } else {
+            self.pci.read(offset, data);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset == RESET_CONTROL_OFFSET && data.len() == 1 {
+            self.reset_control.write(0, data);
+        } else {
+            self.pci.write(offset, data);
+        }
     }
 }
 
