@@ -2,6 +2,7 @@
 //! i8042, CMOS RTC) exist only on x86_64; the 16550 UART and the buses are neutral.
 #[cfg(target_arch = "x86_64")]
 pub mod acpi_pm;
+pub mod bochs_display;
 pub mod bus;
 pub mod fw_cfg;
 #[cfg(target_arch = "x86_64")]
