@@ -3,6 +3,7 @@
 //! buses are neutral.
 #[cfg(target_arch = "x86_64")]
 pub mod acpi_pm;
+pub mod bochs_display;
 pub mod bus;
 pub mod fw_cfg;
 #[cfg(target_arch = "x86_64")]
