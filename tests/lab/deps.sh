@@ -10,7 +10,9 @@ PKGS=(qemu-system-x86 qemu-utils busybox-static cpio kmod socat python3 xz-utils
     xvfb xauth xdotool imagemagick tesseract-ocr libgl1-mesa-dri libegl1 libxkbcommon-x11-0
     libxcursor1 libxrandr2 libxi6
     # Disk image fixtures (ISO 9660).
-    genisoimage)
+    genisoimage
+    # Firmware: OVMF's variable template for the pflash tests.
+    ovmf)
 
 missing=()
 for p in "${PKGS[@]}"; do

@@ -32,6 +32,9 @@ pub struct BootFramebuffer {
     width: u32,
     height: u32,
     stride: u32,
+    /// Where the first row starts in the mapping (a guest panning its view).
+    offset: usize,
+    format: PixelFormat,
     /// What the sink was last sent, `stride * height` bytes.
     shadow: Vec<u8>,
     row: Vec<u8>,
@@ -71,26 +74,50 @@ impl BootFramebuffer {
             width: 0,
             height: 0,
             stride: 0,
+            offset: 0,
+            format: PixelFormat::B8G8R8X8,
             shadow: Vec::new(),
             row: Vec::new(),
             dirty: Vec::new(),
             rescan: false,
         };
         fb.set_mode(DEFAULT_WIDTH, DEFAULT_HEIGHT, DEFAULT_WIDTH * BYTES_PER_PIXEL)?;
+        // Nothing was shown yet: the first scan sends only what the guest changed.
+        fb.rescan = false;
         Ok(fb)
     }
 
     /// Changes the mode (what the boot parameters will describe); the next scan is full.
     pub fn set_mode(&mut self, width: u32, height: u32, stride: u32) -> Result<(), VirtioGpuError> {
+        self.set_mode_at(width, height, stride, 0, PixelFormat::B8G8R8X8)
+    }
+
+    /// Changes the mode to `width`×`height` rows of `stride` bytes starting `offset` bytes
+    /// into the mapping, in `format` (32 bits a pixel); the next scan is full.
+    pub fn set_mode_at(
+        &mut self,
+        width: u32,
+        height: u32,
+        stride: u32,
+        offset: usize,
+        format: PixelFormat,
+    ) -> Result<(), VirtioGpuError> {
         let bad = || VirtioGpuError::BadMode { width, height, stride, size: self.size };
         let row = width.checked_mul(BYTES_PER_PIXEL).ok_or_else(bad)?;
         let total = u64::from(stride) * u64::from(height);
-        if width == 0 || height == 0 || stride < row || total > self.size as u64 {
+        if width == 0
+            || height == 0
+            || stride < row
+            || (offset as u64).saturating_add(total) > self.size as u64
+        {
             return Err(bad());
         }
         self.width = width;
         self.height = height;
         self.stride = stride;
+        self.offset = offset;
+        self.format = format;
+        self.rescan = true;
         self.shadow = vec![0; total as usize];
         self.row = vec![0; stride as usize];
         self.dirty = vec![false; (self.tiles_x() * self.tiles_y()) as usize];
@@ -125,9 +152,15 @@ impl BootFramebuffer {
         self.stride
     }
 
-    /// The pixel format: Linux's XRGB8888 (bytes B, G, R, X in memory).
+    /// Where the first row starts in the mapping.
+    pub fn offset(&self) -> usize {
+        self.offset
+    }
+
+    /// The pixel format: Linux's XRGB8888 (bytes B, G, R, X in memory) unless
+    /// [`BootFramebuffer::set_mode_at`] chose another.
     pub fn format(&self) -> PixelFormat {
-        PixelFormat::B8G8R8X8
+        self.format
     }
 
     fn tiles_x(&self) -> u32 {
@@ -169,22 +202,33 @@ impl BootFramebuffer {
                 format!("{} bytes saved, the mapping has {}", bytes.len(), self.size),
             ));
         }
-        let memory = self.memory();
         // In range: `bytes.len() <= self.size` was checked above.
-        if let Ok(used) = memory.subslice(0, bytes.len()) {
+        if let Ok(used) = self.memory().subslice(0, bytes.len()) {
             used.copy_from(bytes);
         }
+        self.zero(bytes.len(), self.size);
+        Ok(())
+    }
+
+    /// Zeroes the first `len` bytes of the mapping (at most all of it), as a display
+    /// clears its memory on a mode set; the next scan is full (the hypervisor's dirty log
+    /// does not see the host's writes).
+    pub fn clear(&mut self, len: usize) {
+        self.zero(0, len.min(self.size));
+    }
+
+    fn zero(&mut self, from: usize, to: usize) {
         const ZEROES: [u8; 4096] = [0; 4096];
-        let mut at = bytes.len();
-        while at < self.size {
-            let n = (self.size - at).min(ZEROES.len());
+        let memory = self.memory();
+        let mut at = from;
+        while at < to {
+            let n = (to - at).min(ZEROES.len());
             if let Ok(piece) = memory.subslice(at, n) {
                 piece.copy_from(&ZEROES[..n]);
             }
             at += n;
         }
         self.rescan = true;
-        Ok(())
     }
 
     /// Sends what changed since the last scan (everything when `force_full`) to `sink`.
@@ -202,7 +246,7 @@ impl BootFramebuffer {
         written: Option<&[u64]>,
     ) {
         let force_full = force_full || std::mem::take(&mut self.rescan);
-        let covered = self.stride as usize * self.height as usize;
+        let covered = self.offset + self.stride as usize * self.height as usize;
         if !force_full
             && written.is_some_and(|pages| {
                 pages.len() * 64 * 4096 >= covered && pages.iter().all(|&word| word == 0)
@@ -213,7 +257,7 @@ impl BootFramebuffer {
         let rects = if force_full {
             let len = self.shadow.len();
             let mut shadow = std::mem::take(&mut self.shadow);
-            if let Ok(src) = self.memory().subslice(0, len) {
+            if let Ok(src) = self.memory().subslice(self.offset, len) {
                 src.copy_to(&mut shadow[..]);
             }
             self.shadow = shadow;
@@ -243,14 +287,15 @@ impl BootFramebuffer {
         let tiles_x = self.tiles_x() as usize;
         let seg = (TILE_WIDTH * BYTES_PER_PIXEL) as usize;
         let row_len = (self.width * BYTES_PER_PIXEL) as usize;
+        let offset = self.offset;
         let mut row = std::mem::take(&mut self.row);
         for y in 0..self.height as usize {
             if let Some(pages) = written {
-                if !any_page_written(pages, y * stride, row_len) {
+                if !any_page_written(pages, offset + y * stride, row_len) {
                     continue;
                 }
             }
-            let Ok(src) = self.memory().subslice(y * stride, row_len) else {
+            let Ok(src) = self.memory().subslice(offset + y * stride, row_len) else {
                 break;
             };
             src.copy_to(&mut row[..row_len]);
@@ -455,6 +500,43 @@ mod tests {
         assert!(fb.set_mode(100, 100, 399).is_err());
         fb.set_mode(320, 200, 1280).unwrap();
         assert_eq!((fb.width(), fb.height(), fb.stride()), (320, 200, 1280));
+    }
+
+    #[test]
+    fn a_mode_at_an_offset_scans_rows_from_there_and_a_mode_change_rescans() {
+        let mut fb = BootFramebuffer::new(4 << 20).unwrap();
+        let screen = RecordingScreen::default();
+        // 640×480 rows of 800 pixels, panned to (16, 2).
+        let stride = 800 * 4;
+        let offset = 2 * stride as usize + 16 * 4;
+        fb.set_mode_at(640, 480, stride, offset, PixelFormat::B8G8R8X8).unwrap();
+        assert_eq!((fb.width(), fb.offset()), (640, offset));
+        let at = offset + 10 * stride as usize + 5 * 4;
+        fb.memory().subslice(at, 4).unwrap().copy_from(&0x00ab_cdefu32.to_le_bytes());
+        fb.scan_written(&screen, false, Some(&[0; 16]));
+        assert_eq!(
+            screen.updates(),
+            vec![(SourceId::BootFramebuffer, Rect::new(0, 0, 640, 480))],
+            "a new mode is sent in full even when the dirty log is empty"
+        );
+        assert_eq!(screen.pixel(5, 10), Some(0x00ab_cdef));
+        assert!(fb.set_mode_at(640, 480, stride, (4 << 20) - 100, PixelFormat::B8G8R8X8).is_err());
+        assert_eq!(fb.offset(), offset, "a refused mode changes nothing");
+    }
+
+    #[test]
+    fn clearing_zeroes_the_start_and_the_next_scan_sends_everything() {
+        let mut fb = BootFramebuffer::new(4 << 20).unwrap();
+        let screen = RecordingScreen::default();
+        poke(&fb, 10, 20, 0x00ff_8040);
+        poke(&fb, 10, 700, 0x0000_ff00);
+        fb.scan(&screen, false);
+        let sent = screen.updates().len();
+        fb.clear(100 * 4096);
+        fb.scan_written(&screen, false, Some(&[0; 16]));
+        assert_eq!(screen.updates().len(), sent + 1);
+        assert_eq!(screen.pixel(10, 20), Some(0), "cleared");
+        assert_eq!(screen.pixel(10, 700), Some(0x0000_ff00), "beyond the cleared part");
     }
 
     #[test]

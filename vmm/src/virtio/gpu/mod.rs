@@ -12,9 +12,12 @@
 
 pub mod boot_fb;
 mod device;
-mod edid;
+pub(crate) mod edid;
 mod persist;
 
+/// The recording sink, for other devices' tests that scan out.
+#[cfg(test)]
+pub(crate) use device::testing;
 pub use device::{Gpu, GpuHandle};
 pub use persist::{GpuCursorState, GpuResourceState, GpuState};
 
