@@ -357,6 +357,8 @@ pub struct PidFile {
 #[serde(rename_all = "snake_case")]
 pub enum ExitKind {
     PowerOff,
+    /// Written by releases before a guest's reboot was a reboot (it stopped the VM then);
+    /// kept so their records stay readable.
     Reset,
     ForcedOff,
     Failed,

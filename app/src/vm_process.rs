@@ -265,9 +265,6 @@ pub fn main(library: &Library, name: &str, restore: Option<&str>) -> anyhow::Res
     }
     match reason {
         ExitReason::PowerOff => log::info!("The guest powered off"),
-        ExitReason::Reset => {
-            log::warn!("The guest rebooted; rebooting is not supported yet, so the VM stopped")
-        }
         ExitReason::ForcedOff => log::info!("The VM was powered off"),
     }
     Ok(())
@@ -319,7 +316,6 @@ fn lifecycle<M: RunnableMachine>(
     let result = run_locked(vm, runtime_root, signals, restore, build);
     let record = match &result {
         Ok(ExitReason::PowerOff) => ExitRecord::new(ExitKind::PowerOff, None),
-        Ok(ExitReason::Reset) => ExitRecord::new(ExitKind::Reset, None),
         Ok(ExitReason::ForcedOff) => ExitRecord::new(ExitKind::ForcedOff, None),
         Err(e) => ExitRecord::new(ExitKind::Failed, Some(format!("{e:#}"))),
     };

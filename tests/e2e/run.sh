@@ -36,7 +36,8 @@ CASES=(boots_to_readiness_line guest_sees_cpus_and_memory disk_hash_matches_host
     screen_shows_console_on_boot_framebuffer_then_virtio_gpu
     gui_shows_the_guest_and_drives_its_keyboard_pointer_and_mode
     imported_vmdk_and_vhdx_read_right_in_the_guest
-    snapshots_bring_back_memory_disk_and_console snapshot_v1_fixture_restores_and_answers)
+    snapshots_bring_back_memory_disk_and_console snapshot_v1_fixture_restores_and_answers
+    guest_reboot_comes_back_in_the_same_vm)
 
 # --- helpers -------------------------------------------------------------------------------
 
@@ -184,6 +185,23 @@ guest_writes_reach_the_file() {
     local got
     got=$(head -c ${#token} "$WORK/disk.img")
     [ "$got" = "$token" ] || fail "file starts with '$got', expected '$token'"
+}
+
+# A guest's reboot is a reboot: the same VM process boots it again, the serial log goes on,
+# the disk keeps what the first boot wrote; the guest then powers off.
+guest_reboot_comes_back_in_the_same_vm() {
+    need_hutch
+    head -c 1M /dev/zero >"$WORK/disk.img"
+    local rc=0 log=$WORK/log
+    boot "$log" --disk "$WORK/disk.img" \
+        --cmdline "$(actions "rebootonce:/dev/vda,poweroff") reboot=k" || rc=$?
+    [ "$rc" = 0 ] || fail "exit status $rc (log: $log)"
+    local boots
+    boots=$(grep -ac HUTCH-GUEST-READY "$log")
+    [ "$boots" = 2 ] || fail "$boots boots in one run, expected 2 (log: $log)"
+    grep -aq 'HUTCH-RESULT rebooted=no' "$log" || fail "the first boot did not reboot (log: $log)"
+    [ "$(result "$log" rebooted)" = yes ] || fail "the second boot did not see the marker (log: $log)"
+    has "$log" 'reboot: Power down' || fail "no poweroff after the reboot (log: $log)"
 }
 
 readonly_disk_refuses_writes() {

@@ -226,6 +226,19 @@ run_action() {
         sync
         poweroff -f
         ;;
+    rebootonce:*)
+        # Reboots the first time (a marker on the disk says it did), goes on the second.
+        dev=${1#rebootonce:}
+        wait_dev "$dev" || return
+        if head -c 14 "$dev" | grep -q HUTCH-REBOOTED; then
+            result rebooted=yes
+        else
+            echo HUTCH-REBOOTED | dd of="$dev" conv=fsync,notrunc 2>/dev/null
+            result rebooted=no
+            sync
+            reboot -f
+        fi
+        ;;
     wait) act_wait ;;
     load:*)
         load_modules "${1#load:}.list"

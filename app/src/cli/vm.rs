@@ -40,11 +40,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         Ok(raw)
     })?;
     match end {
-        ExitKind::Reset => {
-            eprintln!("hutch: the guest rebooted; rebooting is not supported yet, so hutch stops")
-        }
         ExitKind::ForcedOff => eprintln!("hutch: the VM was powered off"),
-        ExitKind::PowerOff | ExitKind::Failed => {}
+        ExitKind::PowerOff | ExitKind::Reset | ExitKind::Failed => {}
     }
     Ok(())
 }

@@ -81,7 +81,6 @@ pub fn run_foreground<G>(
     drop(guard);
     Ok(match result.context("The virtual machine failed")? {
         ExitReason::PowerOff => ExitKind::PowerOff,
-        ExitReason::Reset => ExitKind::Reset,
         ExitReason::ForcedOff => ExitKind::ForcedOff,
     })
 }

@@ -195,14 +195,15 @@ pub trait Board: Send + Sync {
     /// Builds every device. The board keeps what it needs later (the power button, the
     /// serial console's input).
     fn build_devices(&mut self, context: BoardContext<'_>) -> Result<BoardDevices, BoardError>;
-    /// Loads what the machine boots into fresh RAM (not called when restoring).
+    /// Loads what the machine boots into RAM: at power-on (not when restoring), and again
+    /// when the guest resets itself.
     fn load_boot(
-        &mut self,
+        &self,
         memory: &GuestMemory,
         source: &BootSource,
         vcpu_count: u32,
     ) -> Result<(), BoardError>;
-    /// Sets a freshly created vCPU's state when the machine boots.
+    /// Sets a vCPU's boot state when the machine boots, and again after a guest's reset.
     fn init_vcpu(&self, id: u32, vcpu: &mut dyn ArchVcpu) -> Result<(), HypervisorError>;
     /// Presses the power button: the guest shuts down in an orderly way.
     fn press_power_button(&self);

@@ -32,6 +32,7 @@ use std::path::PathBuf;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -104,8 +105,6 @@ impl RunState {
 pub enum ExitReason {
     /// The guest powered itself off (ACPI S5).
     PowerOff,
-    /// The guest asked for a reset (reboot, triple fault).
-    Reset,
     /// The host forced it off ([`MachineHandle::poweroff`]).
     ForcedOff,
 }
@@ -152,7 +151,18 @@ pub enum MachineError {
     SnapshotMismatch(String),
     #[error("Cannot switch the disks to their new layers")]
     DiskSwitch(#[source] HostError),
+    #[error(
+        "The guest reset itself {count} times within {} s; stopped it (it resets again and \
+         again, e.g. after a crash early in boot)",
+        RESET_LOOP_WINDOW.as_secs()
+    )]
+    ResetLoop { count: usize },
 }
+
+/// More resets than [`RESET_LOOP_LIMIT`] within this window end the machine: a guest that
+/// crashes during boot would otherwise reboot for ever.
+pub const RESET_LOOP_WINDOW: Duration = Duration::from_secs(60);
+pub const RESET_LOOP_LIMIT: usize = 10;
 
 impl MachineConfig {
     /// What this configuration boots.
@@ -172,6 +182,17 @@ pub struct Machine {
     io: Arc<IoBuses>,
     start: Start,
     handle: MachineHandle,
+    power_on: PowerOnState,
+}
+
+/// What a guest's reset puts back: the devices and the VM (interrupt controllers, timers) as
+/// they were built, before the first boot or a snapshot's restore, and the boot to load
+/// again. Guest RAM stays (firmware keeps its variables there across a reboot); each vCPU
+/// keeps its own power-on state.
+struct PowerOnState {
+    devices: std::collections::BTreeMap<String, serde_bytes::ByteBuf>,
+    vm: crate::hypervisor::VmState,
+    boot: BootSource,
 }
 
 /// How the vCPUs begin: where the board's boot puts them, or where a snapshot left them.
@@ -321,7 +342,7 @@ impl Machine {
         };
         let on_reset = {
             let lifecycle = lifecycle.clone();
-            Box::new(move || lifecycle.request_exit(Ok(ExitReason::Reset)))
+            Box::new(move || lifecycle.request_reset())
         };
         let devices = board.build_devices(BoardContext {
             vm: &vm,
@@ -334,10 +355,15 @@ impl Machine {
             on_reset,
             guest_map: &guest_map,
         })?;
+        let power_on = PowerOnState {
+            devices: persist::save_devices(&devices.saved)?,
+            vm: vm.save_state()?,
+            boot: config.boot_source(),
+        };
         let start = match saved {
             // A restored guest's RAM already holds its tables and kernel.
             None => {
-                board.load_boot(&memory, &config.boot_source(), config.cpus)?;
+                board.load_boot(&memory, &power_on.boot, config.cpus)?;
                 Start::Boot
             }
             Some((_, state)) => {
@@ -362,7 +388,7 @@ impl Machine {
             snapshot_gate: Arc::new(Mutex::new(())),
             memory,
         };
-        Ok(Machine { vm, io: Arc::new(devices.io), start, handle })
+        Ok(Machine { vm, io: Arc::new(devices.io), start, handle, power_on })
     }
 
     pub fn handle(&self) -> MachineHandle {
@@ -370,12 +396,12 @@ impl Machine {
     }
 
     /// Runs until the guest ends; returns how it ended.
-    pub fn run(self) -> Result<ExitReason, MachineError> {
+    pub fn run(mut self) -> Result<ExitReason, MachineError> {
         let lifecycle = self.handle.lifecycle.clone();
         let (ready_tx, ready_rx) = mpsc::channel();
         let mut threads = Vec::new();
         let restoring = matches!(self.start, Start::Restore(_));
-        let mut starts: Vec<VcpuStart> = match self.start {
+        let mut starts: Vec<VcpuStart> = match std::mem::replace(&mut self.start, Start::Boot) {
             Start::Boot => (0..self.handle.vcpu_count).map(|_| VcpuStart::Boot).collect(),
             Start::Restore(states) => {
                 states.into_iter().map(|s| VcpuStart::Restore(Box::new(s))).collect()
@@ -427,8 +453,20 @@ impl Machine {
             if control.state == RunState::Starting {
                 control.state = RunState::Running;
             }
-            while control.outcome.is_none() {
-                control = lifecycle.changed.wait(control).unwrap_or_else(|p| p.into_inner());
+        }
+        let mut resets = Vec::new();
+        loop {
+            {
+                let mut control = lock(&lifecycle.control);
+                while control.outcome.is_none() && !control.reset_requested {
+                    control = lifecycle.changed.wait(control).unwrap_or_else(|p| p.into_inner());
+                }
+                if control.outcome.is_some() {
+                    break;
+                }
+            }
+            if let Err(e) = self.reboot(&mut resets) {
+                lifecycle.request_exit(Err(e));
             }
         }
         lifecycle.kick_all();
@@ -445,5 +483,31 @@ impl Machine {
         let mut control = lock(&lifecycle.control);
         control.state = RunState::Stopped;
         control.outcome.take().unwrap_or(Ok(ExitReason::ForcedOff))
+    }
+
+    /// A guest's reset, with the vCPUs parked: the devices and the VM back to their power-on
+    /// state, the board's boot loaded again, every vCPU reset on its own thread; the serial
+    /// console and the disks carry on. `resets` holds when the recent ones were.
+    fn reboot(&self, resets: &mut Vec<std::time::Instant>) -> Result<(), MachineError> {
+        let handle = &self.handle;
+        let _no_snapshot = lock(&handle.snapshot_gate);
+        if !handle.lifecycle.wait_all_parked() {
+            return Err(MachineError::PauseTimeout);
+        }
+        let now = std::time::Instant::now();
+        resets.retain(|t| now.duration_since(*t) < RESET_LOOP_WINDOW);
+        resets.push(now);
+        if resets.len() > RESET_LOOP_LIMIT {
+            return Err(MachineError::ResetLoop { count: resets.len() });
+        }
+        log::info!("the guest reset itself: rebooting");
+        lock(&handle.pci).quiesce_io();
+        persist::restore_devices(&handle.saved, &self.power_on.devices)?;
+        self.vm.restore_state(&self.power_on.vm)?;
+        handle.board.load_boot(&handle.memory, &self.power_on.boot, handle.vcpu_count)?;
+        handle.lifecycle.reset_vcpus(handle.vcpu_count)?;
+        lock(&handle.pci).resume_io();
+        handle.lifecycle.finish_reset();
+        Ok(())
     }
 }

@@ -1,9 +1,10 @@
 //! The board-neutral lifecycle on a fake hypervisor and an empty board: pause and resume at
-//! safe points, jobs done by paused vCPUs, and vCPUs that crash or panic.
+//! safe points, jobs done by paused vCPUs, a guest's reset, and vCPUs that crash or panic.
 
 #![allow(clippy::unwrap_used)] // Tests fail loudly on purpose.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering::SeqCst;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -29,6 +30,13 @@ struct Script {
     panic_vcpu: Option<u32>,
     /// The vCPU that crashes in its first run.
     crash_vcpu: Option<u32>,
+    /// How many more runs of vCPU 0 end in a reset request.
+    resets_left: AtomicU64,
+    /// State restores per vCPU.
+    restores: [AtomicU64; 2],
+    /// The board's boot loads, and its vCPU inits per vCPU.
+    boots: AtomicU64,
+    inits: [AtomicU64; 2],
 }
 
 struct FakeHypervisor(Arc<Script>);
@@ -102,6 +110,10 @@ impl Vcpu for FakeVcpu {
         if self.script.crash_vcpu == Some(self.id) {
             return Ok(VcpuExit::Crash);
         }
+        let resets = &self.script.resets_left;
+        if self.id == 0 && resets.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1)).is_ok() {
+            return Ok(VcpuExit::Reset);
+        }
         if self.kicker.0.swap(false, Ordering::SeqCst) {
             return Ok(VcpuExit::Interrupted);
         }
@@ -116,6 +128,7 @@ impl Vcpu for FakeVcpu {
         Ok(VcpuState { backend: "fake".into(), ..Default::default() })
     }
     fn restore_state(&mut self, _state: &VcpuState) -> crate::hypervisor::Result<()> {
+        self.script.restores[self.id as usize].fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 }
@@ -149,8 +162,8 @@ impl crate::hypervisor::VcpuAarch64 for FakeVcpu {
     }
 }
 
-/// A board with RAM and nothing else.
-struct EmptyBoard;
+/// A board with RAM and nothing else; it counts boots in the script.
+struct EmptyBoard(Arc<Script>);
 
 impl Board for EmptyBoard {
     fn name(&self) -> &'static str {
@@ -181,14 +194,16 @@ impl Board for EmptyBoard {
         })
     }
     fn load_boot(
-        &mut self,
+        &self,
         _memory: &crate::memory::GuestMemory,
         _source: &BootSource,
         _vcpu_count: u32,
     ) -> Result<(), BoardError> {
+        self.0.boots.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
-    fn init_vcpu(&self, _id: u32, _vcpu: &mut dyn ArchVcpu) -> Result<(), HypervisorError> {
+    fn init_vcpu(&self, id: u32, _vcpu: &mut dyn ArchVcpu) -> Result<(), HypervisorError> {
+        self.0.inits[id as usize].fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
     fn press_power_button(&self) {}
@@ -216,9 +231,9 @@ fn start(
 ) -> (Arc<Script>, MachineHandle, thread::JoinHandle<Result<ExitReason, MachineError>>) {
     let script = Arc::new(script);
     let hv = FakeHypervisor(script.clone());
+    let board = Box::new(EmptyBoard(script.clone()));
     let machine =
-        Machine::build(Box::new(EmptyBoard), &hv, &config(), Box::new(std::io::sink()), None, None)
-            .unwrap();
+        Machine::build(board, &hv, &config(), Box::new(std::io::sink()), None, None).unwrap();
     let handle = machine.handle();
     let runner = thread::spawn(move || machine.run());
     (script, handle, runner)
@@ -263,8 +278,9 @@ fn every_job_is_done_once_by_every_paused_vcpu() {
     let (script, handle, runner) = start(Script::default());
     wait_for("the machine to count as running", || handle.state() == RunState::Running);
     handle.pause().unwrap();
+    // Each vCPU saved its power-on state when it was created.
     // Two jobs while the vCPUs stay paused: the generation makes each vCPU do both.
-    for round in 1..=2u64 {
+    for round in 2..=3u64 {
         let states = handle.lifecycle.save_vcpus(2).unwrap();
         assert_eq!(states.len(), 2);
         assert!(states.iter().all(|s| matches!(s, Some(Ok(_)))));
@@ -298,10 +314,10 @@ fn a_crashing_guest_is_an_error_naming_the_vcpu_and_where() {
 #[test]
 fn snapshot_of_another_board_is_refused() {
     let script = Arc::new(Script::default());
-    let hv = FakeHypervisor(script);
+    let hv = FakeHypervisor(script.clone());
+    let board = Box::new(EmptyBoard(script));
     let machine =
-        Machine::build(Box::new(EmptyBoard), &hv, &config(), Box::new(std::io::sink()), None, None)
-            .unwrap();
+        Machine::build(board, &hv, &config(), Box::new(std::io::sink()), None, None).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.hsnap");
     let handle = machine.handle();
@@ -331,4 +347,38 @@ fn empty_pci_root() -> PciRoot {
         intx: None,
     };
     PciRoot::new(config).unwrap()
+}
+
+fn count(counter: &AtomicU64) -> u64 {
+    counter.load(Ordering::SeqCst)
+}
+
+#[test]
+fn a_guest_reset_reboots_in_place_with_every_vcpu_back_at_power_on() {
+    let script = Script { resets_left: AtomicU64::new(2), ..Default::default() };
+    let (script, handle, runner) = start(script);
+    wait_for("two reboots", || count(&script.boots) == 3);
+    wait_for("the machine to run again", || handle.state() == RunState::Running);
+    for id in 0..2 {
+        assert_eq!(count(&script.inits[id]), 3, "vCPU {id}: boot state at power-on and per reset");
+        assert_eq!(count(&script.restores[id]), 2, "vCPU {id}: power-on state per reset");
+    }
+    let before = runs(&script);
+    wait_for("both vCPUs to run after the reboots", || {
+        runs(&script).iter().zip(before).all(|(&now, then)| now > then + 2)
+    });
+    handle.pause().unwrap();
+    handle.resume().unwrap();
+    handle.poweroff();
+    assert_eq!(runner.join().unwrap().unwrap(), ExitReason::ForcedOff);
+}
+
+#[test]
+fn a_reset_loop_ends_the_machine_with_a_clear_error() {
+    let (script, _handle, runner) =
+        start(Script { resets_left: AtomicU64::new(u64::MAX), ..Default::default() });
+    let err = runner.join().unwrap().unwrap_err();
+    assert!(matches!(err, MachineError::ResetLoop { count } if count == RESET_LOOP_LIMIT + 1));
+    assert!(err.to_string().contains("reset itself 11 times within 60 s"), "{err}");
+    assert_eq!(count(&script.boots), 1 + RESET_LOOP_LIMIT as u64, "one boot and ten reboots");
 }

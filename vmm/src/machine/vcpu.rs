@@ -35,11 +35,12 @@ pub(crate) fn vcpu_thread(
 ) {
     let lifecycle = &context.lifecycle;
     let _guard = VcpuThreadGuard { lifecycle, id };
-    let mut vcpu = match prepare_vcpu(id, &context, start) {
-        Ok(vcpu) => {
+    let (mut vcpu, power_on) = match prepare_vcpu(id, &context, start) {
+        Ok(prepared) => {
+            let vcpu = &prepared.0;
             lock(&lifecycle.kickers).push(vcpu.kicker());
             let _ = ready.send(Ok(()));
-            vcpu
+            prepared
         }
         Err(e) => {
             let _ = ready.send(Err(e));
@@ -47,12 +48,18 @@ pub(crate) fn vcpu_thread(
         }
     };
     let mut handler: &IoBuses = &context.io;
-    while lifecycle.wait_runnable(id, vcpu.as_ref()) {
+    // A guest's reset: back to the power-on state, then the board's boot state.
+    let mut reset = |vcpu: &mut dyn ArchVcpu| {
+        vcpu.restore_state(&power_on)
+            .map_err(|source| MachineError::VcpuState { vcpu: id, source })?;
+        context.board.init_vcpu(id, vcpu).map_err(|source| MachineError::Vcpu { vcpu: id, source })
+    };
+    while lifecycle.wait_runnable(id, vcpu.as_mut(), &mut reset) {
         match vcpu.run(&mut handler) {
             Ok(VcpuExit::Io | VcpuExit::Interrupted) => {}
             // Only seen without an in-kernel irqchip, where nothing could wake the vCPU.
             Ok(VcpuExit::Halt) => thread::sleep(Duration::from_millis(1)),
-            Ok(VcpuExit::Reset) => lifecycle.request_exit(Ok(ExitReason::Reset)),
+            Ok(VcpuExit::Reset) => lifecycle.request_reset(),
             Ok(VcpuExit::Shutdown) => lifecycle.request_exit(Ok(ExitReason::PowerOff)),
             Ok(VcpuExit::Crash) => {
                 let detail = vcpu.crash_detail();
@@ -81,20 +88,24 @@ impl Drop for VcpuThreadGuard<'_> {
     }
 }
 
+/// Creates the vCPU and loads its start; also returns its power-on state, which a reset
+/// goes back to.
 fn prepare_vcpu(
     id: u32,
     context: &VcpuContext,
     start: VcpuStart,
-) -> Result<Box<dyn ArchVcpu>, MachineError> {
+) -> Result<(Box<dyn ArchVcpu>, VcpuState), MachineError> {
     let wrap = |source| MachineError::Vcpu { vcpu: id, source };
     let mut vcpu = context.vm.create_vcpu(id).map_err(wrap)?;
+    let power_on =
+        vcpu.save_state().map_err(|source| MachineError::VcpuState { vcpu: id, source })?;
     match start {
         VcpuStart::Boot => context.board.init_vcpu(id, vcpu.as_mut()).map_err(wrap)?,
         VcpuStart::Restore(state) => vcpu
             .restore_state(&state)
             .map_err(|source| MachineError::VcpuState { vcpu: id, source })?,
     }
-    Ok(vcpu)
+    Ok((vcpu, power_on))
 }
 
 impl ExitHandler for &IoBuses {

@@ -61,8 +61,8 @@ pub struct PcBoard {
     acpi_pm: Option<Arc<Mutex<AcpiPm>>>,
     i8042: Option<Arc<Mutex<I8042>>>,
     framebuffer: Option<boot::BootFramebufferInfo>,
-    /// The boot vCPU's entry state, once the kernel is loaded.
-    boot_cpu: Option<(X86Regs, X86Sregs)>,
+    /// The boot vCPU's entry state, once the kernel is loaded (again after a reset).
+    boot_cpu: Mutex<Option<(X86Regs, X86Sregs)>>,
 }
 
 impl PcBoard {
@@ -269,7 +269,7 @@ impl Board for PcBoard {
     }
 
     fn load_boot(
-        &mut self,
+        &self,
         memory: &GuestMemory,
         source: &BootSource,
         vcpu_count: u32,
@@ -294,13 +294,13 @@ impl Board for PcBoard {
             },
         )
         .map_err(kernel_error)?;
-        self.boot_cpu = Some(boot::setup_boot_cpu(memory, &entry).map_err(kernel_error)?);
+        *lock(&self.boot_cpu) = Some(boot::setup_boot_cpu(memory, &entry).map_err(kernel_error)?);
         Ok(())
     }
 
     fn init_vcpu(&self, id: u32, vcpu: &mut dyn ArchVcpu) -> Result<(), HypervisorError> {
         // The boot CPU starts at the kernel's entry; the others wait for its INIT/SIPI.
-        if let (0, Some((regs, sregs))) = (id, &self.boot_cpu) {
+        if let (0, Some((regs, sregs))) = (id, &*lock(&self.boot_cpu)) {
             vcpu.set_sregs(sregs)?;
             vcpu.set_regs(regs)?;
         }
