@@ -6,7 +6,7 @@
 //! binary, 12 or 24 hours). Register B's SET bit and a divider reset in register A stop it.
 //!
 //! Nothing ticks: the update cycle, the periodic rate and the alarm are computed from the host
-//! clock when the guest touches a register ([`Core::catch_up`] sets the register C flags of
+//! clock when the guest touches a register (`Core::catch_up` sets the register C flags of
 //! the events since the last access). Only the interrupts need a thread, and only once the
 //! guest enables one: it sleeps until the next event that would raise IRQ 8 (none while an
 //! earlier interrupt is unacknowledged, i.e. register C unread) and is woken by writes to
@@ -92,12 +92,12 @@ const MAX_OFFSET_SECS: i64 = 10_000 * 366 * 86_400;
 
 /// The host's wall clock, in nanoseconds since the Unix epoch: injectable so tests move time
 /// by hand.
-pub trait Clock: Send + Sync {
+trait Clock: Send + Sync {
     fn now_ns(&self) -> i128;
 }
 
 /// The real host clock.
-pub struct HostClock;
+struct HostClock;
 
 impl Clock for HostClock {
     fn now_ns(&self) -> i128 {
