@@ -124,7 +124,8 @@ impl Board for PcBoard {
                 .with_keyboard_irq(IrqEdge::new(irq.clone(), layout::KEYBOARD_IRQ))
                 .with_aux_irq(IrqEdge::new(irq.clone(), layout::MOUSE_IRQ)),
         ));
-        let rtc = Arc::new(Mutex::new(Rtc::new()));
+        let rtc =
+            Arc::new(Mutex::new(Rtc::new().with_irq(IrqEdge::new(irq.clone(), layout::RTC_IRQ))));
 
         let mut pci = PciRoot::new(PciRootConfig {
             // The id Intel's virtual host bridges use.
