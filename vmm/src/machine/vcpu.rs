@@ -132,3 +132,25 @@ impl ExitHandler for &IoBuses {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::bus::Bus;
+
+    #[test]
+    fn unclaimed_port_and_mmio_reads_are_all_ones_and_writes_are_dropped() {
+        let buses = IoBuses { pio: Bus::new(), mmio: Bus::new() };
+        let mut handler: &IoBuses = &buses;
+        for len in [1, 2, 4, 8] {
+            let mut data = vec![0u8; len];
+            handler.pio_read(0x402, &mut data);
+            assert!(data.iter().all(|&b| b == 0xff), "port read of {len}");
+            data.fill(0);
+            handler.mmio_read(0xfed4_0000, &mut data);
+            assert!(data.iter().all(|&b| b == 0xff), "MMIO read of {len}");
+        }
+        handler.pio_write(0x402, &[1]);
+        handler.mmio_write(0xfed4_0000, &[1, 2, 3, 4]);
+    }
+}
