@@ -848,6 +848,10 @@ run_one() {
 }
 
 main() {
+    if [ "${1:-}" = --list ]; then
+        printf '%s\n' "${CASES[@]}"
+        exit 0
+    fi
     if [ "${1:-}" = --case ]; then
         run_one "$2" "$3"
         exit 0

@@ -7,10 +7,14 @@
 #   --out DIR      a writable directory shared into the lab at the same path (default
 #                  build/lab/out); everything else the command writes is thrown away
 #   --interactive  connect the command's stdin to this terminal
-# Environment: LAB_TIMEOUT (s, default 1800), LAB_MEM (MiB, default 4096), LAB_CPUS (default 1:
+# Environment: LAB_TIMEOUT (s, default 1800), LAB_STALL (s without serial output after which the
+#   lab counts as hung and is stopped, default 600; not with --interactive), LAB_MEM (MiB,
+#   default 4096), LAB_CPUS (default 1:
 #   measured faster than 2), LAB_ENV (extra variable names to pass in). CI, HUTCH_*, E2E_*,
 #   BENCH_*, RUST_*, CARGO_TARGET_DIR and TERM are passed in.
-# Exit status: the command's, or 125 if the lab itself failed (crash, timeout, no marker).
+# Exit status: the command's, or 125 if the lab itself failed (crash, timeout, stall, no
+# marker); a stall also prints "lab: stalled" (the emulated machine under the lab sometimes
+# stops dead with its vCPU idle; the caller may retry).
 set -euo pipefail
 . "$(dirname "$0")/common.sh"
 . "$REPO/tests/guest/kernel.sh"
@@ -145,8 +149,35 @@ main() {
     else
         # QEMU never touches the terminal here (stdin is /dev/null, output goes to tee), so
         # timeout's own process group does no harm.
-        timeout -k 10 "${LAB_TIMEOUT:-1800}" "${qemu[@]}" </dev/null 2> >(quiet_qemu >&2) | tee "$log"
-        rc=${PIPESTATUS[0]}
+        : >"$log"
+        timeout -k 10 "${LAB_TIMEOUT:-1800}" "${qemu[@]}" </dev/null 2> >(quiet_qemu >&2) \
+            > >(tee -a "$log") &
+        local lab_pid=$! size=-1 quiet=0 stalled=0
+        # The watchdog: no serial output for LAB_STALL seconds means the lab machine hangs.
+        while kill -0 "$lab_pid" 2>/dev/null; do
+            sleep 5
+            local now_size
+            now_size=$(stat -c %s "$log" 2>/dev/null || echo 0)
+            if [ "$now_size" = "$size" ]; then
+                quiet=$((quiet + 5))
+            else
+                size=$now_size quiet=0
+            fi
+            if [ "$quiet" -ge "${LAB_STALL:-600}" ]; then
+                stalled=1
+                kill "$lab_pid" 2>/dev/null
+                break
+            fi
+        done
+        wait "$lab_pid"
+        rc=$?
+        # tee (a process substitution) may still be writing the last lines.
+        local i
+        for i in $(seq 20); do
+            grep -q 'LAB-EXIT=' "$log" && break
+            sleep 0.1
+        done
+        [ "$stalled" = 0 ] || lab_die "stalled: no serial output for ${LAB_STALL:-600} s (LAB_STALL); serial log: $log"
     fi
     set -e
     log "lab: $(( ($(now_ms) - t0) / 1000 )) s"
