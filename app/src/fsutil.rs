@@ -1,59 +1,11 @@
-//! Small filesystem helpers: crash-safe whole-file writes and reading the tail of a log.
+//! Small filesystem helpers: crash-safe whole-file writes (shared with the VMM) and reading
+//! the tail of a log.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::path::Path;
 
-/// Replaces `path` with `bytes` so that readers see either the old file or the new one, never
-/// a torn write: temp file in the same directory, fsync, rename, fsync the directory.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    write_atomic_with(path, |file| file.write_all(bytes))
-}
-
-/// Like [`write_atomic`], with the content produced by `fill`. If `fill` (or anything after
-/// it) fails, the old file is left untouched and the temp file is removed.
-pub fn write_atomic_with(
-    path: &Path,
-    fill: impl FnOnce(&mut File) -> io::Result<()>,
-) -> io::Result<()> {
-    let dir = parent_dir(path);
-    let tmp = temp_path(path)?;
-    let mut file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-    let result =
-        fill(&mut file).and_then(|()| file.sync_all()).and_then(|()| fs::rename(&tmp, path));
-    drop(file);
-    if let Err(e) = result {
-        let _ = fs::remove_file(&tmp);
-        return Err(e);
-    }
-    // Make the rename itself durable; a failure here does not undo the (visible) write.
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
-}
-
-fn parent_dir(path: &Path) -> &Path {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    }
-}
-
-/// A hidden sibling name unique within this process (pid + counter) so concurrent writers
-/// never share a temp file.
-fn temp_path(path: &Path) -> io::Result<PathBuf> {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(".tmp-{}-{n}", std::process::id()));
-    Ok(parent_dir(path).join(tmp_name))
-}
+pub use vmm::fsutil::{write_atomic, write_atomic_with};
 
 /// The last `max_lines` lines of a text file (at most the last 64 KiB are read).
 pub fn tail_lines(path: &Path, max_lines: usize) -> io::Result<Vec<String>> {
@@ -74,59 +26,11 @@ pub fn tail_lines(path: &Path, max_lines: usize) -> io::Result<Vec<String>> {
 mod tests {
     use super::*;
 
-    fn entries(dir: &Path) -> Vec<String> {
-        let mut names: Vec<String> = fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
-        names
-    }
-
-    #[test]
-    fn atomic_write_replaces_content_and_leaves_no_temp_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("vm.toml");
-        fs::write(&path, b"old").unwrap();
-        write_atomic(&path, b"new").unwrap();
-        assert_eq!(fs::read(&path).unwrap(), b"new");
-        assert_eq!(entries(dir.path()), vec!["vm.toml".to_string()]);
-    }
-
-    #[test]
-    fn atomic_write_creates_a_missing_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("pid.json");
-        write_atomic(&path, b"{}").unwrap();
-        assert_eq!(fs::read(&path).unwrap(), b"{}");
-    }
-
-    #[test]
-    fn failed_atomic_write_keeps_the_old_file_and_removes_the_temp_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("vm.toml");
-        fs::write(&path, b"old").unwrap();
-        let err = write_atomic_with(&path, |f| {
-            f.write_all(b"half of the new")?;
-            Err(io::Error::other("disk full"))
-        })
-        .unwrap_err();
-        assert_eq!(err.to_string(), "disk full");
-        assert_eq!(fs::read(&path).unwrap(), b"old");
-        assert_eq!(entries(dir.path()), vec!["vm.toml".to_string()]);
-    }
-
-    #[test]
-    fn atomic_write_into_a_missing_directory_fails() {
-        let dir = tempfile::tempdir().unwrap();
-        assert!(write_atomic(&dir.path().join("nope/vm.toml"), b"x").is_err());
-    }
-
     #[test]
     fn tail_returns_the_last_non_empty_lines() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("hutch.log");
-        fs::write(&path, "a\nb\n\nc\nd\n").unwrap();
+        std::fs::write(&path, "a\nb\n\nc\nd\n").unwrap();
         assert_eq!(tail_lines(&path, 2).unwrap(), vec!["c", "d"]);
         assert_eq!(tail_lines(&path, 10).unwrap(), vec!["a", "b", "c", "d"]);
     }

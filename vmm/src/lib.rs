@@ -16,6 +16,7 @@ pub mod board;
 #[cfg(target_arch = "x86_64")]
 pub mod conformance;
 pub mod devices;
+pub mod fsutil;
 pub mod hypervisor;
 pub mod machine;
 pub mod memory;

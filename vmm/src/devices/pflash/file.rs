@@ -1,12 +1,12 @@
 //! The flash image on disk: loading and checking it, replacing it whole and crash-safely,
 //! and making a VM's copy of the firmware's template.
 
-use std::fs::{self, File, OpenOptions, Permissions};
+use std::fs::{self, OpenOptions, Permissions};
 use std::io::{self, Read, Write};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::Path;
 
 use super::{PflashError, BLOCK_SIZE, MAX_FLASH_BYTES};
+use crate::fsutil::{parent_dir, sync_dir, temp_path, write_atomic_with};
 
 /// Reads a whole flash image after checking its size: not empty, a multiple of the block
 /// size, not absurdly large. With `writable`, also checks that the file may be written, so a
@@ -60,22 +60,21 @@ fn check_size(path: &Path, size: u64) -> Result<(), PflashError> {
     Ok(())
 }
 
-/// Replaces `path` with `contents`: a temp file in the same directory, fsync, rename, fsync
-/// the directory. After a crash at any point the file holds the old or the new contents whole.
+/// Replaces `path` with `contents`, keeping `permissions`: after a crash at any point the
+/// file holds the old or the new contents whole ([`write_atomic_with`]).
 pub(super) fn replace(
     path: &Path,
     contents: &[u8],
     permissions: Option<&Permissions>,
 ) -> Result<(), PflashError> {
-    let write_err = |source: io::Error| PflashError::Write { path: path.to_path_buf(), source };
-    let tmp = temp_path(path).map_err(write_err)?;
-    let result = write_synced(&tmp, contents, permissions).and_then(|()| fs::rename(&tmp, path));
-    if let Err(e) = result {
-        let _ = fs::remove_file(&tmp);
-        return Err(write_err(e));
-    }
-    sync_dir(path);
-    Ok(())
+    write_atomic_with(path, |file| {
+        file.write_all(contents)?;
+        match permissions {
+            Some(p) => file.set_permissions(p.clone()),
+            None => Ok(()),
+        }
+    })
+    .map_err(|source| PflashError::Write { path: path.to_path_buf(), source })
 }
 
 /// Copies `template` to `dest` unless `dest` exists; true when it made the copy. The copy
@@ -88,7 +87,7 @@ pub(super) fn create_from_template(template: &Path, dest: &Path) -> Result<bool,
     let (contents, _) = load(template, false)?;
     let write_err = |source: io::Error| PflashError::Write { path: dest.to_path_buf(), source };
     let tmp = temp_path(dest).map_err(write_err)?;
-    if let Err(e) = write_synced(&tmp, &contents, None) {
+    if let Err(e) = write_synced(&tmp, &contents) {
         let _ = fs::remove_file(&tmp);
         return Err(write_err(e));
     }
@@ -103,43 +102,13 @@ pub(super) fn create_from_template(template: &Path, dest: &Path) -> Result<bool,
     let _ = fs::remove_file(&tmp);
     let created = placed.map_err(write_err)?;
     if created {
-        sync_dir(dest);
+        sync_dir(parent_dir(dest));
     }
     Ok(created)
 }
 
-fn write_synced(tmp: &Path, contents: &[u8], permissions: Option<&Permissions>) -> io::Result<()> {
+fn write_synced(tmp: &Path, contents: &[u8]) -> io::Result<()> {
     let mut file = OpenOptions::new().write(true).create_new(true).open(tmp)?;
     file.write_all(contents)?;
-    if let Some(p) = permissions {
-        file.set_permissions(p.clone())?;
-    }
     file.sync_all()
-}
-
-/// Makes a rename durable; a failure here does not undo the (visible) replacement.
-fn sync_dir(path: &Path) {
-    if let Ok(d) = File::open(parent_dir(path)) {
-        let _ = d.sync_all();
-    }
-}
-
-fn parent_dir(path: &Path) -> &Path {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    }
-}
-
-/// A hidden sibling name unique within this process (pid + counter).
-fn temp_path(path: &Path) -> io::Result<PathBuf> {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(".tmp-{}-{n}", std::process::id()));
-    Ok(parent_dir(path).join(tmp_name))
 }
