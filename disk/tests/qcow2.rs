@@ -13,34 +13,12 @@ use std::sync::Arc;
 
 use disk::qcow2::Qcow2;
 use disk::{open_image, BlockBackend, ExtentKind, ImageFormat, OpenOptions};
+use testkit::Rng;
 
 const MIB: u64 = 1 << 20;
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-/// A small deterministic generator (no rand dependency).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
-            chunk.copy_from_slice(&v[..chunk.len()]);
-        }
-    }
 }
 
 /// A disk pattern: runs of data (some compressible, some not) and holes, odd sizes.

@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use super::*;
+use testkit::Rng;
 
 const OVMF_VARS_4M: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 
@@ -434,17 +435,6 @@ fn reset_returns_to_read_array_with_status_ready() {
     assert_eq!(read_u8(&mut f, 0), 0x42);
     write_u8(&mut f, 0, CMD_READ_STATUS);
     assert_eq!(read_u8(&mut f, 0), STATUS_READY);
-}
-
-/// Deterministic xorshift, so a failure reproduces.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
 }
 
 fn hostile_guest(f: &mut Pflash, seed: u64, steps: usize) {
