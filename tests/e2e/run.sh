@@ -39,6 +39,13 @@ CASES=(boots_to_readiness_line guest_sees_cpus_and_memory disk_hash_matches_host
     snapshots_bring_back_memory_disk_and_console snapshot_v1_fixture_restores_and_answers
     guest_reboot_comes_back_in_the_same_vm)
 
+# The guest side of networking (virtio-net + user-mode NAT), checked against QEMU's
+# -netdev user. Not in CASES until hutch has --net/--forward; run them by name:
+#   tests/lab/lab.sh -- tests/e2e/run.sh "${NET_CASES[@]}"
+NET_CASES=(guest_gets_a_lease_resolves_and_fetches_from_the_host
+    host_fetches_from_the_guest_through_a_forward bulk_transfer_each_way_keeps_its_hash
+    vm_without_network_has_no_nic)
+
 # --- helpers -------------------------------------------------------------------------------
 
 # Each case runs in its own process: a failure is "fail REASON" (exit 1), a skip "skip REASON".
@@ -57,13 +64,14 @@ need_hutch() {
 }
 
 # boot LOG [--kernel K] [--initrd I] [--cpus N] [--memory MIB] [--disk PATH] [--disk-ro PATH]
-#      --cmdline CMDLINE
+#      [--net user|none] [--forward tcp:HOSTADDR:HOSTPORT-:GUESTPORT]... --cmdline CMDLINE
 # Boots one VM to the end with the selected target; output (stdout+stderr) goes to LOG.
-# Returns the VMM's exit status (124 on timeout).
+# Without --net the VM gets the target's default (QEMU here: no NIC). Network cases must call
+# need_isolated_net first. Returns the VMM's exit status (124 on timeout).
 boot() {
     local log=$1
     shift
-    local kernel=$KERNEL initrd=$INITRD cpus=1 mem=256 cmdline="" disks=()
+    local kernel=$KERNEL initrd=$INITRD cpus=1 mem=256 cmdline="" disks=() net="" forwards=()
     while [ $# -gt 0 ]; do
         case $1 in
         --kernel) kernel=$2 ;;
@@ -73,10 +81,17 @@ boot() {
         --cmdline) cmdline=$2 ;;
         --disk) disks+=("rw:$2") ;;
         --disk-ro) disks+=("ro:$2") ;;
+        --net) net=$2 ;;
+        --forward) forwards+=("$2") ;;
         *) die "boot: unknown option $1" ;;
         esac
         shift 2
     done
+    case $net in
+    "" | none) [ ${#forwards[@]} = 0 ] || die "boot: --forward needs --net user" ;;
+    user) ;;
+    *) die "boot: --net must be user or none, not $net" ;;
+    esac
     local cmd d
     if [ "$TARGET" = qemu ]; then
         cmd=(qemu-system-x86_64 -enable-kvm -cpu host -M q35 -m "$mem" -smp "$cpus"
@@ -86,12 +101,22 @@ boot() {
         for d in ${disks[@]+"${disks[@]}"}; do
             cmd+=(-drive "file=${d#*:},if=virtio,format=raw$([ "${d%%:*}" = ro ] && echo ,readonly=on)")
         done
+        if [ "$net" = user ]; then
+            # QEMU's hostfwd syntax is the one --forward takes. No option ROM: hutch has none,
+            # and the guest boots from -kernel.
+            local netdev=user,id=n0 f
+            for f in ${forwards[@]+"${forwards[@]}"}; do
+                netdev+=",hostfwd=$f"
+            done
+            cmd+=(-netdev "$netdev" -device virtio-net-pci,netdev=n0,romfile=)
+        fi
     else
         cmd=("$HUTCH" run --kernel "$kernel" --cmdline "$cmdline" --cpus "$cpus" --memory "$mem")
         [ -z "$initrd" ] || cmd+=(--initrd "$initrd")
         for d in ${disks[@]+"${disks[@]}"}; do
             hutch_disk_args "${d#*:}" "${d%%:*}"
         done
+        hutch_net_args "$net" ${forwards[@]+"${forwards[@]}"}
     fi
     echo "+ ${cmd[*]}" >"$log"
     local rc=0
@@ -107,6 +132,16 @@ hutch_disk_args() {
     else
         cmd+=(--disk "$1")
     fi
+}
+
+# The one place that knows hutch's network flags: --net user|none, --forward SPEC (repeated).
+hutch_net_args() {
+    local net=$1 f
+    shift
+    [ -z "$net" ] || cmd+=(--net "$net")
+    for f in "$@"; do
+        cmd+=(--forward "$f")
+    done
 }
 
 # result LOG KEY : the value of the last "HUTCH-RESULT KEY=value" line. Not anchored: firmware
@@ -827,6 +862,241 @@ bzimage_boots_from_kernel_cache() {
     ! has "$WORK/log3" "kernel cache:" || fail "HUTCH_KERNEL_CACHE=0 still used the cache"
 }
 
+# --- network cases (NET_CASES) -------------------------------------------------------------
+# THE NETWORK RULE: nothing may leave this machine, and only 127.0.0.0/8 is a target. These
+# cases run only in the lab's L1, which has no NIC; its /etc/resolv.conf (a tmpfs overlay) then
+# names the test's own DNS responder on 127.0.0.1, so the NAT's DNS forwarder asks nobody else.
+# The host side: busybox httpd on 127.0.0.1:8080 (the guest's 10.0.2.2:8080), socat sinks and
+# echoes, the guest's forwards on 127.0.0.1. Every server is bounded in time.
+
+NET_HOST_HTTP=8080
+NET_FORWARD_PORT=10080
+NET_GUEST_HTTP=8000
+NET_SINK_PORT=9000
+NET_ECHO_PORT=9001
+# The servers' own bound (the case's cleanup stops them sooner): the longest case timeout.
+NET_SERVER_SECS=$((CASE_TIMEOUT * 2))
+
+need_isolated_net() {
+    [ "${LAB:-}" = 1 ] || skip "network cases run only in the lab (tests/lab/lab.sh), which has no NIC"
+    local nics
+    nics=$(ls /sys/class/net | grep -vx lo || true)
+    [ -z "$nics" ] || fail "refusing to run: interfaces other than lo here ($(echo $nics))"
+    require_tools busybox socat
+    # A file of its own, not through a symlink to somewhere else.
+    rm -f /etc/resolv.conf
+    printf 'nameserver 127.0.0.1\n' >/etc/resolv.conf || fail "cannot write /etc/resolv.conf"
+    ip link set lo up 2>/dev/null || true
+    NET_PIDS=()
+    trap net_cleanup EXIT
+    trap 'exit 143' TERM
+}
+
+# Stops the servers and VMs this case started, by their pids (a background boot is a subshell:
+# its child, the VMM's timeout, goes first).
+net_cleanup() {
+    local p c
+    for p in ${NET_PIDS[@]+"${NET_PIDS[@]}"}; do
+        for c in $(ps -o pid= --ppid "$p" 2>/dev/null); do
+            kill "$c" 2>/dev/null || true
+        done
+        kill "$p" 2>/dev/null || true
+    done
+}
+
+net_random_token() {
+    echo "$1-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+}
+
+# wait_listen PORT: until something listens on 127.0.0.1:PORT (TCP; /proc/net/tcp, state 0A).
+wait_listen() {
+    local hex i
+    hex=$(printf '0100007F:%04X 00000000:0000 0A' "$1")
+    for i in $(seq 150); do
+        grep -q "$hex" /proc/net/tcp && return 0
+        sleep 0.2
+    done
+    fail "nothing listens on 127.0.0.1:$1 after 30 s"
+}
+
+# The DNS responder: web.hutch.test is the host (10.0.2.2), other names are refused.
+start_dns() {
+    "$PYTHON" "$REPO/tests/e2e/dns-responder.py" --answer web.hutch.test=10.0.2.2 \
+        --log "$WORK/dns.log" --ready "$WORK/dns.ready" --max-seconds "$NET_SERVER_SECS" \
+        >"$WORK/dns.out" 2>&1 &
+    NET_PIDS+=($!)
+    local i
+    for i in $(seq 150); do
+        [ -s "$WORK/dns.ready" ] && return 0
+        sleep 0.2
+    done
+    fail "the DNS responder did not start: $(head -c 300 "$WORK/dns.out")"
+}
+
+# start_host_httpd DIR: serves DIR on 127.0.0.1:8080; DIR must hold a file named token.
+start_host_httpd() {
+    timeout "$NET_SERVER_SECS" busybox httpd -f -p "127.0.0.1:$NET_HOST_HTTP" -h "$1" \
+        >"$WORK/httpd.out" 2>&1 &
+    NET_PIDS+=($!)
+    wait_listen "$NET_HOST_HTTP"
+}
+
+# start_sink PORT FILE: takes one connection on 127.0.0.1:PORT into FILE, closes at its EOF.
+start_sink() {
+    timeout "$NET_SERVER_SECS" socat -u "TCP-LISTEN:$1,bind=127.0.0.1,reuseaddr" \
+        "OPEN:$2,creat,trunc" >"$WORK/sink.out" 2>&1 &
+    NET_PIDS+=($!)
+    wait_listen "$1"
+}
+
+# start_echo PORT: echoes one connection on 127.0.0.1:PORT.
+start_echo() {
+    timeout "$NET_SERVER_SECS" socat "TCP-LISTEN:$1,bind=127.0.0.1,reuseaddr" PIPE \
+        >"$WORK/echo.out" 2>&1 &
+    NET_PIDS+=($!)
+    wait_listen "$1"
+}
+
+# host_get URL FILE: one bounded HTTP GET from this side (no proxy, whatever the environment).
+host_get() {
+    timeout 60 busybox wget -Y off -q -O "$2" "$1"
+}
+
+# boot_bg LOG BOOT-ARGS...: boot in the background; VM_PID is the boot's pid (wait for it).
+boot_bg() {
+    boot "$@" &
+    VM_PID=$!
+    NET_PIDS+=("$VM_PID")
+}
+
+# wait_vm_line LOG TEXT SECS: like wait_for_line, but gives up as soon as the VM has ended.
+wait_vm_line() {
+    local i=0
+    until has "$1" "$2"; do
+        kill -0 "$VM_PID" 2>/dev/null || fail "the VM ended before '$2' (log: $1)"
+        i=$((i + 1))
+        [ "$i" -le $(($3 * 5)) ] || fail "no '$2' in $1 within $3 s"
+        sleep 0.2
+    done
+}
+
+# results LOG KEY: every value of "HUTCH-RESULT KEY=value", space-separated, in order.
+results() {
+    sed -n "s/.*HUTCH-RESULT $2=//p" "$1" | tr -d '\r' | tr '\n' ' ' | sed 's/ $//'
+}
+
+# expect_result LOG KEY WANT: the last KEY is WANT.
+expect_result() {
+    local got
+    got=$(result "$1" "$2")
+    [ "$got" = "$3" ] || fail "guest $2='$got', expected '$3' (log: $1)"
+}
+
+# The guest leases 10.0.2.15 from the NAT's DHCP (router 10.0.2.2, DNS 10.0.2.3), resolves
+# web.hutch.test through the NAT's DNS forwarder, which asks the test's responder (and relays its
+# refusal of other names), and fetches a random token from a server on this side's 127.0.0.1 by
+# that name (10.0.2.2 is the host's loopback).
+guest_gets_a_lease_resolves_and_fetches_from_the_host() {
+    need_isolated_net
+    start_dns
+    local token log=$WORK/log rc=0
+    token=$(net_random_token host)
+    mkdir -p "$WORK/srv"
+    echo "$token" >"$WORK/srv/token"
+    start_host_httpd "$WORK/srv"
+    boot "$log" --net user --cmdline "$(actions "dhcp,nslookup:web.hutch.test,nslookup:elsewhere.hutch.test,wget:http://web.hutch.test:$NET_HOST_HTTP/token,poweroff")" || rc=$?
+    [ "$rc" = 0 ] || fail "exit status $rc (log: $log)"
+    expect_ready "$log"
+    expect_result "$log" ip 10.0.2.15
+    expect_result "$log" router 10.0.2.2
+    expect_result "$log" nameserver 10.0.2.3
+    [ "$(results "$log" dns)" = "10.0.2.2 none" ] ||
+        fail "guest DNS answers '$(results "$log" dns)', expected '10.0.2.2 none' (log: $log)"
+    grep -qx 'web.hutch.test 1 0' "$WORK/dns.log" ||
+        fail "the test's DNS responder answered no A query for web.hutch.test: $(tr '\n' ';' <"$WORK/dns.log")"
+    grep -qx 'elsewhere.hutch.test 1 5' "$WORK/dns.log" ||
+        fail "the test's DNS responder did not refuse elsewhere.hutch.test: $(tr '\n' ';' <"$WORK/dns.log")"
+    expect_result "$log" fetched "$token"
+}
+
+# A forward tcp:127.0.0.1:10080-:8000 reaches a server in the guest: this side fetches the
+# guest's random token through it, and the listener is bound to 127.0.0.1 only. (A forward
+# accepts at once even when nothing listens in the guest: only the payload proves the path.)
+host_fetches_from_the_guest_through_a_forward() {
+    need_isolated_net
+    local token log=$WORK/log rc=0 i
+    token=$(net_random_token guest)
+    mkdir -p "$WORK/srv"
+    echo host >"$WORK/srv/token"
+    start_host_httpd "$WORK/srv"
+    boot_bg "$log" --net user --forward "tcp:127.0.0.1:$NET_FORWARD_PORT-:$NET_GUEST_HTTP" \
+        --cmdline "$(actions "dhcp,httpd:$NET_GUEST_HTTP:$token,waitfor:$VM_TIMEOUT:http://10.0.2.2:$NET_HOST_HTTP/done,poweroff")"
+    wait_vm_line "$log" 'HUTCH-RESULT httpd=' "$VM_TIMEOUT"
+    expect_result "$log" httpd ready
+    grep -q "$(printf '0100007F:%04X 00000000:0000 0A' $NET_FORWARD_PORT)" /proc/net/tcp ||
+        fail "nothing listens on 127.0.0.1:$NET_FORWARD_PORT"
+    ! grep -q "$(printf '00000000:%04X 00000000:0000 0A' $NET_FORWARD_PORT)" /proc/net/tcp ||
+        fail "the forward listens on 0.0.0.0:$NET_FORWARD_PORT, not only 127.0.0.1"
+    local got=
+    for i in 1 2 3; do
+        host_get "http://127.0.0.1:$NET_FORWARD_PORT/token" "$WORK/got" 2>>"$WORK/host-get.err" &&
+            got=$(cat "$WORK/got") && break
+        sleep 2
+    done
+    # The guest may go now (it polls for /done).
+    touch "$WORK/srv/done"
+    wait "$VM_PID" || rc=$?
+    [ "$rc" = 0 ] || fail "exit status $rc (log: $log)"
+    expect_result "$log" waitfor ok
+    [ "$got" = "$token" ] ||
+        fail "fetched '$got' through the forward, expected '$token' ($(tail -c 200 "$WORK/host-get.err" 2>/dev/null))"
+}
+
+# 256 MiB of random bytes each way keep their sha256: the guest sends its own file to a sink on
+# this side (guest-initiated TCP), then fetches this side's file over HTTP.
+bulk_transfer_each_way_keeps_its_hash() {
+    need_isolated_net
+    local log=$WORK/log rc=0 want_down want_up got_up mib=256
+    mkdir -p "$WORK/srv"
+    echo host >"$WORK/srv/token"
+    head -c "${mib}M" /dev/urandom >"$WORK/srv/big"
+    want_down=$(sha256sum "$WORK/srv/big" | cut -d' ' -f1)
+    start_host_httpd "$WORK/srv"
+    start_sink "$NET_SINK_PORT" "$WORK/up.bin"
+    VM_TIMEOUT=$(($(case_timeout bulk_transfer_each_way_keeps_its_hash) - 120)) boot "$log" --memory 1024 --net user --cmdline "$(actions "dhcp,mkbig:$mib,put:10.0.2.2:$NET_SINK_PORT,wget:http://10.0.2.2:$NET_HOST_HTTP/big,poweroff")" ||
+        rc=$?
+    [ "$rc" = 0 ] || fail "exit status $rc (log: $log)"
+    expect_result "$log" ip 10.0.2.15
+    expect_result "$log" put ok
+    want_up=$(result "$log" big_sha256)
+    [ -n "$want_up" ] && [ "$want_up" != none ] || fail "the guest made no file to send (log: $log)"
+    [ "$(stat -c %s "$WORK/up.bin" 2>/dev/null)" = $((mib * 1048576)) ] ||
+        fail "received $(stat -c %s "$WORK/up.bin" 2>/dev/null) bytes from the guest, expected $((mib * 1048576))"
+    got_up=$(sha256sum "$WORK/up.bin" | cut -d' ' -f1)
+    [ "$got_up" = "$want_up" ] || fail "guest→host: received sha256 $got_up, the guest sent $want_up"
+    expect_result "$log" fetched_bytes $((mib * 1048576))
+    expect_result "$log" fetched "sha256:$want_down"
+    echo "guest→host ${mib} MiB in $(result "$log" put_ms) ms ($(result "$log" put_kibps) KiB/s)," \
+        "host→guest in $(result "$log" fetched_ms) ms ($(result "$log" fetched_kibps) KiB/s)" >&2
+}
+
+# With --net none the guest has no network device at all (no PCI network function, no
+# interface but lo); with --net user the same guest sees its virtio-net as eth0 (so the check
+# can tell).
+vm_without_network_has_no_nic() {
+    need_isolated_net
+    local rc=0
+    boot "$WORK/log-none" --net none --cmdline "$(actions nonet,poweroff)" || rc=$?
+    [ "$rc" = 0 ] || fail "--net none: exit status $rc (log: $WORK/log-none)"
+    expect_ready "$WORK/log-none"
+    expect_result "$WORK/log-none" nics none
+    expect_result "$WORK/log-none" pci_net 0
+    boot "$WORK/log-user" --net user --cmdline "$(actions nonet,poweroff)" || rc=$?
+    [ "$rc" = 0 ] || fail "--net user: exit status $rc (log: $WORK/log-user)"
+    expect_result "$WORK/log-user" nics eth0
+    expect_result "$WORK/log-user" pci_net 1
+}
+
 # --- driver --------------------------------------------------------------------------------
 
 # True when /dev/kvm is hardware-assisted (as in the lab): kvm_amd or kvm_intel drives it.
@@ -838,6 +1108,8 @@ kvm_can_boot() {
 case_timeout() {
     case $1 in
     gui_*) echo $((CASE_TIMEOUT * 3 / 2)) ;;
+    # 256 MiB each way through user-mode NAT under emulation: about 400 s in the lab.
+    bulk_*) echo $((CASE_TIMEOUT * 2)) ;;
     *) echo "$CASE_TIMEOUT" ;;
     esac
 }
