@@ -139,6 +139,8 @@ pub enum UserNetError {
     StateVersion { saved: i32, supported: i32 },
     #[error("libslirp refused the saved network state")]
     StateLoad(#[source] io::Error),
+    #[error("Saved network state is {why}")]
+    StateLength { why: &'static str },
 }
 
 impl From<UserNetError> for NetError {
@@ -723,7 +725,7 @@ impl NetLoop {
     }
 
     fn load_state(&mut self, version: i32, blob: &[u8]) -> Result<(), UserNetError> {
-        let mut cursor: &[u8] = blob;
+        let mut cursor = StateCursor { rest: blob, short: false };
         // SAFETY: the opaque is `cursor`, exclusively ours for the call; read_state only
         // copies out of it and advances it.
         let ret = unsafe {
@@ -731,11 +733,18 @@ impl NetLoop {
                 self.slirp,
                 version,
                 read_state,
-                (&mut cursor as *mut &[u8]).cast(),
+                (&mut cursor as *mut StateCursor<'_>).cast(),
             )
         };
         if ret < 0 {
             return Err(UserNetError::StateLoad(io::Error::from_raw_os_error(-ret)));
+        }
+        // slirp reads a short field as zero and carries on: the length is ours to check.
+        if cursor.short {
+            return Err(UserNetError::StateLength { why: "truncated" });
+        }
+        if !cursor.rest.is_empty() {
+            return Err(UserNetError::StateLength { why: "followed by stray bytes" });
         }
         Ok(())
     }
@@ -980,16 +989,25 @@ unsafe extern "C" fn write_state(buf: *const c_void, len: usize, opaque: *mut c_
     })
 }
 
+/// The saved state slirp_state_load reads from.
+struct StateCursor<'a> {
+    rest: &'a [u8],
+    /// A read asked for more than was left.
+    short: bool,
+}
+
 unsafe extern "C" fn read_state(buf: *mut c_void, len: usize, opaque: *mut c_void) -> isize {
     guarded("state read", -1, || {
         // SAFETY: the opaque given to slirp_state_load is our cursor.
-        let cursor = unsafe { &mut *opaque.cast::<&[u8]>() };
-        // A short read is an error to slirp: the saved state is truncated.
-        let Some((head, rest)) = cursor.split_at_checked(len) else { return -1 };
+        let cursor = unsafe { &mut *opaque.cast::<StateCursor<'_>>() };
+        let Some((head, rest)) = cursor.rest.split_at_checked(len) else {
+            cursor.short = true;
+            return -1;
+        };
         // SAFETY: slirp's buffer has room for `len` bytes; `head` is exactly that long and
         // does not overlap it (it is our copy of the state).
         unsafe { std::ptr::copy_nonoverlapping(head.as_ptr(), buf.cast::<u8>(), len) };
-        *cursor = rest;
+        cursor.rest = rest;
         isize::try_from(len).unwrap_or(-1)
     })
 }
