@@ -188,6 +188,21 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
+    fn new(guest_mac: [u8; 6]) -> io::Result<Shared> {
+        Ok(Shared {
+            guest_mac,
+            waker: Waker::new()?,
+            stop: AtomicBool::new(false),
+            exited: AtomicBool::new(false),
+            rx: Mutex::default(),
+            rx_notify: Mutex::new(None),
+            lease: Mutex::new(None),
+            forwards: Mutex::default(),
+            tx_dropped: AtomicU64::new(0),
+            rx_dropped: AtomicU64::new(0),
+        })
+    }
+
     /// A frame for the guest: notes a DHCP lease, queues it and wakes the device.
     fn deliver(&self, frame: Vec<u8>) {
         if let Some(event) = dhcp::lease_event(&frame, self.guest_mac) {
@@ -247,18 +262,7 @@ impl UserNet {
         if !(MIN_MTU..=MAX_MTU).contains(&config.mtu) {
             return Err(UserNetError::Mtu { mtu: config.mtu });
         }
-        let shared = Arc::new(Shared {
-            guest_mac: config.guest_mac,
-            waker: Waker::new().map_err(UserNetError::Waker)?,
-            stop: AtomicBool::new(false),
-            exited: AtomicBool::new(false),
-            rx: Mutex::default(),
-            rx_notify: Mutex::new(None),
-            lease: Mutex::new(None),
-            forwards: Mutex::default(),
-            tx_dropped: AtomicU64::new(0),
-            rx_dropped: AtomicU64::new(0),
-        });
+        let shared = Arc::new(Shared::new(config.guest_mac).map_err(UserNetError::Waker)?);
         let (frames, frames_rx) = mpsc::sync_channel(TX_QUEUE_FRAMES);
         let (commands, commands_rx) = mpsc::channel();
         let (ready, ready_rx) = mpsc::channel();
@@ -466,6 +470,45 @@ impl CbState {
     fn now_ms(&self) -> i64 {
         self.now_ns() / 1_000_000
     }
+
+    /// When the next armed timer is due (ms on `clock_get_ns`'s clock).
+    fn next_timer_ms(&self) -> Option<i64> {
+        let timers = self.timers.borrow();
+        // SAFETY: every pointer in the list is a live Box<Timer> (removed before it is freed).
+        timers.iter().filter_map(|&t| unsafe { &*t }.expire_ms.get()).min()
+    }
+
+    /// Runs the timers that are due, once each (they disarm; slirp re-arms what repeats).
+    /// `slirp` is the instance `Handle` timers belong to.
+    fn fire_due_timers(&self, slirp: *mut Slirp) {
+        let now = self.now_ms();
+        let due: Vec<*mut Timer> = {
+            let timers = self.timers.borrow();
+            timers
+                .iter()
+                .copied()
+                // SAFETY: live timers, as in next_timer_ms.
+                .filter(|&t| unsafe { &*t }.expire_ms.get().is_some_and(|e| e <= now))
+                .collect()
+        };
+        for timer in due {
+            // An earlier timer's callback may have freed this one.
+            if !self.timers.borrow().contains(&timer) {
+                continue;
+            }
+            // SAFETY: still in the list, so still live.
+            let timer = unsafe { &*timer };
+            timer.expire_ms.set(None);
+            match timer.action {
+                // SAFETY: slirp gave us this callback and argument for exactly this call.
+                TimerAction::Callback { cb, cb_opaque } => unsafe { cb(cb_opaque) },
+                // SAFETY: the id and opaque slirp gave timer_new_opaque, on its live instance.
+                TimerAction::Handle { id, cb_opaque } => unsafe {
+                    sys::slirp_handle_timer(slirp, id, cb_opaque)
+                },
+            }
+        }
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -599,7 +642,7 @@ impl NetLoop {
             dns.add_pollfds(&mut self.pollfds);
         }
         let mut timeout = i64::from(slirp_timeout);
-        if let Some(expire) = self.next_timer_ms() {
+        if let Some(expire) = self.cb.next_timer_ms() {
             timeout = timeout.min(expire.saturating_sub(self.cb.now_ms()).max(0));
         }
         if let Some(deadline) = self.dns.as_ref().and_then(|d| d.next_deadline()) {
@@ -628,7 +671,7 @@ impl NetLoop {
             let shared = &self.shared;
             dns.poll(Instant::now(), |frame| shared.deliver(frame));
         }
-        self.fire_timers();
+        self.cb.fire_due_timers(self.slirp);
     }
 
     fn input(&mut self, frame: &[u8]) {
@@ -747,42 +790,6 @@ impl NetLoop {
             return Err(UserNetError::StateLength { why: "followed by stray bytes" });
         }
         Ok(())
-    }
-
-    fn next_timer_ms(&self) -> Option<i64> {
-        let timers = self.cb.timers.borrow();
-        // SAFETY: every pointer in the list is a live Box<Timer> (removed before it is freed).
-        timers.iter().filter_map(|&t| unsafe { &*t }.expire_ms.get()).min()
-    }
-
-    fn fire_timers(&mut self) {
-        let now = self.cb.now_ms();
-        let due: Vec<*mut Timer> = {
-            let timers = self.cb.timers.borrow();
-            timers
-                .iter()
-                .copied()
-                // SAFETY: live timers, as in next_timer_ms.
-                .filter(|&t| unsafe { &*t }.expire_ms.get().is_some_and(|e| e <= now))
-                .collect()
-        };
-        for timer in due {
-            // An earlier timer's callback may have freed this one.
-            if !self.cb.timers.borrow().contains(&timer) {
-                continue;
-            }
-            // SAFETY: still in the list, so still live.
-            let timer = unsafe { &*timer };
-            timer.expire_ms.set(None);
-            match timer.action {
-                // SAFETY: slirp gave us this callback and argument for exactly this call.
-                TimerAction::Callback { cb, cb_opaque } => unsafe { cb(cb_opaque) },
-                // SAFETY: the id and opaque slirp gave timer_new_opaque, on its live instance.
-                TimerAction::Handle { id, cb_opaque } => unsafe {
-                    sys::slirp_handle_timer(self.slirp, id, cb_opaque)
-                },
-            }
-        }
     }
 }
 

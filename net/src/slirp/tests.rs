@@ -513,3 +513,70 @@ fn frames_outside_the_ethernet_limits_and_too_small_buffers_are_errors() {
         assert!(matches!(result, Err(NetError::FrameLength { max: 20, .. })), "{result:?}");
     });
 }
+
+unsafe extern "C" fn count_call(opaque: *mut c_void) {
+    // SAFETY: the test passes a live AtomicUsize as this timer's argument.
+    unsafe { &*opaque.cast::<std::sync::atomic::AtomicUsize>() }.fetch_add(1, Ordering::SeqCst);
+}
+
+#[test]
+fn armed_timers_fire_once_when_due_and_freed_ones_never() {
+    use std::sync::atomic::AtomicUsize;
+    let state = Box::new(CbState {
+        shared: Arc::new(Shared::new(MAC).expect("shared")),
+        clock_base: Instant::now(),
+        timers: RefCell::new(Vec::new()),
+    });
+    let opaque = (&*state as *const CbState).cast_mut().cast::<c_void>();
+    let (due, later) = (AtomicUsize::new(0), AtomicUsize::new(0));
+    let arg = |c: &AtomicUsize| (c as *const AtomicUsize).cast_mut().cast::<c_void>();
+    // SAFETY: the callbacks as slirp calls them: our opaque, then the handles they returned.
+    unsafe {
+        let t_due = timer_new(count_call, arg(&due), opaque);
+        let t_later = timer_new(count_call, arg(&later), opaque);
+        let now = clock_get_ns(opaque) / 1_000_000;
+        timer_mod(t_due, now - 1, opaque);
+        timer_mod(t_later, now + 100_000, opaque);
+        assert_eq!(state.next_timer_ms(), Some(now - 1));
+        state.fire_due_timers(std::ptr::null_mut());
+        state.fire_due_timers(std::ptr::null_mut());
+        assert_eq!((due.load(Ordering::SeqCst), later.load(Ordering::SeqCst)), (1, 0));
+        assert_eq!(state.next_timer_ms(), Some(now + 100_000), "the fired timer disarmed");
+        timer_free(t_later, opaque);
+        // A freed handle is not ours any more: modifying or freeing it again does nothing.
+        timer_mod(t_later, now - 1, opaque);
+        timer_free(t_later, opaque);
+        assert_eq!(state.next_timer_ms(), None);
+        timer_mod(t_due, now - 1, opaque);
+        state.fire_due_timers(std::ptr::null_mut());
+        assert_eq!(due.load(Ordering::SeqCst), 2, "re-armed, it fires again");
+    }
+    free_timers(&state);
+    assert!(state.timers.borrow().is_empty());
+}
+
+#[test]
+fn a_full_tx_queue_drops_and_counts_instead_of_blocking() {
+    in_fresh_netns(|| {
+        let mut net = UserNet::new(config()).expect("start slirp");
+        // The RX notify runs on the net thread: holding it there keeps the TX queue undrained.
+        let (entered, is_blocked) = mpsc::channel();
+        let (release, released) = mpsc::channel::<()>();
+        let released = Mutex::new(released);
+        net.set_rx_notify(Box::new(move || {
+            let _ = entered.send(());
+            let _ = lock(&released).recv();
+        }));
+        net.send(&dhcp_request(1, None)).expect("send");
+        is_blocked.recv_timeout(WAIT).expect("the net thread delivers the offer");
+        let junk = [0xee; 60];
+        let extra = 10;
+        for _ in 0..TX_QUEUE_FRAMES + extra {
+            net.send(&junk).expect("send never blocks nor fails when full");
+        }
+        assert_eq!(net.stats().tx_dropped, extra as u64);
+        drop(release);
+        let mut buf = vec![0; MAX_FRAME_LEN];
+        assert!(net.recv(&mut buf).expect("recv").is_some(), "the offer");
+    });
+}
