@@ -36,6 +36,7 @@ use std::fmt;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -131,6 +132,8 @@ pub enum UserNetError {
     },
     #[error("Port forward {forward}: {} port {} is already forwarded", existing.proto, existing.host())]
     ForwardExists { forward: Forward, existing: Forward },
+    #[error("Port forward {forward}: IPv6 host addresses are not supported (libslirp 4.7 cannot carry an IPv6 host connection to the guest's IPv4 address)")]
+    ForwardIpv6 { forward: Forward },
     #[error("Port forward {forward}: no such forward")]
     ForwardNotFound { forward: Forward },
     #[error("Saved network state is not Hutch's user-mode state")]
@@ -453,7 +456,7 @@ impl Drop for ExitFlag {
     }
 }
 
-/// What slirp's callbacks reach through their `opaque` pointer. Lives in a `Box` on the net
+/// What slirp's callbacks reach through their `opaque` pointer. Lives in an `Rc` on the net
 /// thread for as long as the `Slirp` instance; callbacks run on that thread only, so plain
 /// `Cell`/`RefCell` suffice (never borrowed across a call into slirp).
 struct CbState {
@@ -528,7 +531,7 @@ struct Timer {
 /// The net thread's side: the slirp instance and everything only that thread touches.
 struct NetLoop {
     slirp: *mut Slirp,
-    cb: Box<CbState>,
+    cb: Rc<CbState>,
     shared: Arc<Shared>,
     frames: Receiver<Vec<u8>>,
     commands: Receiver<Command>,
@@ -572,17 +575,16 @@ impl NetLoop {
             disable_dns: false,
             disable_dhcp: false,
         };
-        let cb = Box::new(CbState {
+        let cb = Rc::new(CbState {
             shared: Arc::clone(&shared),
             clock_base: Instant::now(),
             timers: RefCell::new(Vec::new()),
         });
         // SAFETY: `cfg` is a fully initialised version-4 config whose pointers are NULL (slirp
         // copies what it keeps of the rest); CALLBACKS is a static, so it outlives the
-        // instance as slirp requires; the opaque `cb` is boxed (a stable address) and is
+        // instance as slirp requires; the opaque `cb` is an Rc (a stable address) and is
         // dropped only after slirp_cleanup (NetLoop's Drop).
-        let slirp =
-            unsafe { sys::slirp_new(&cfg, &CALLBACKS, (&*cb as *const CbState).cast_mut().cast()) };
+        let slirp = unsafe { sys::slirp_new(&cfg, &CALLBACKS, Rc::as_ptr(&cb).cast_mut().cast()) };
         if slirp.is_null() {
             free_timers(&cb);
             return Err(UserNetError::Create { version: sys::version_string() });
@@ -602,25 +604,25 @@ impl NetLoop {
     fn run(&mut self) {
         while !self.shared.stop.load(Ordering::SeqCst) {
             self.shared.waker.drain();
+            let mut worked = false;
             while let Ok(command) = self.commands.try_recv() {
                 self.command(command);
+                worked = true;
             }
-            let mut backlog = true;
             for _ in 0..TX_BATCH {
-                match self.frames.try_recv() {
-                    Ok(frame) => self.input(&frame),
-                    Err(_) => {
-                        backlog = false;
-                        break;
-                    }
-                }
+                let Ok(frame) = self.frames.try_recv() else { break };
+                self.input(&frame);
+                worked = true;
             }
-            self.poll_once(backlog);
+            // After input, slirp_pollfds_poll must run at once, not after a sleep: only there
+            // does slirp send what it holds back (if_start), e.g. packets that waited for the
+            // guest's ARP reply just fed in, which slirp drops 1 s after asking.
+            self.poll_once(worked);
         }
     }
 
-    /// One turn of slirp's poll loop; `backlog` makes it not sleep.
-    fn poll_once(&mut self, backlog: bool) {
+    /// One turn of slirp's poll loop; `no_sleep` polls the descriptors without waiting.
+    fn poll_once(&mut self, no_sleep: bool) {
         self.pollfds.clear();
         self.pollfds.push(libc::pollfd {
             fd: self.shared.waker.fd(),
@@ -649,7 +651,7 @@ impl NetLoop {
             let left = deadline.saturating_duration_since(Instant::now()).as_millis() + 1;
             timeout = timeout.min(i64::try_from(left).unwrap_or(i64::MAX));
         }
-        if backlog {
+        if no_sleep {
             timeout = 0;
         }
         // At most IDLE_POLL_MS: fits a c_int.
@@ -705,6 +707,11 @@ impl NetLoop {
     }
 
     fn add_forward(&mut self, forward: Forward) -> Result<(), UserNetError> {
+        // Measured: slirp 4.7 accepts on an IPv6 listener but then speaks IPv6 to the guest's
+        // IPv4 address (tcp_connect copies the listener's family), so no SYN ever arrives.
+        if forward.host_addr.is_ipv6() {
+            return Err(UserNetError::ForwardIpv6 { forward });
+        }
         let existing =
             lock(&self.shared.forwards).iter().find(|f| f.same_host_socket(&forward)).copied();
         if let Some(existing) = existing {
@@ -815,10 +822,6 @@ fn forward_flags(forward: &Forward) -> c_int {
     let mut flags = 0;
     if forward.proto == Proto::Udp {
         flags |= sys::SLIRP_HOSTFWD_UDP;
-    }
-    // An IPv6 host address means IPv6 only: "[::]" should not also take IPv4's 0.0.0.0.
-    if forward.host_addr.is_ipv6() {
-        flags |= sys::SLIRP_HOSTFWD_V6ONLY;
     }
     flags
 }

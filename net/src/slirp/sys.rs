@@ -19,7 +19,6 @@ pub const SLIRP_POLL_ERR: c_int = 1 << 3;
 pub const SLIRP_POLL_HUP: c_int = 1 << 4;
 
 pub const SLIRP_HOSTFWD_UDP: c_int = 1;
-pub const SLIRP_HOSTFWD_V6ONLY: c_int = 2;
 
 /// The opaque `Slirp` instance.
 #[repr(C)]

@@ -373,6 +373,12 @@ fn a_host_forward_added_at_run_time_reaches_the_guest_port() {
             packet::parse_udp(f).is_some_and(|u| u.dst == SocketAddr::V4(guest_addr(53)))
         });
         assert_eq!(packet::parse_udp(&datagram).expect("udp").payload, b"hello guest");
+
+        // An IPv6 host address is refused up front rather than listening in vain.
+        let v6: Forward = "tcp:[::1]:2224-:80".parse().expect("spec");
+        let err = guest.net.add_forward(v6).expect_err("IPv6 host address");
+        assert!(matches!(err, UserNetError::ForwardIpv6 { .. }), "{err:?}");
+        assert!(TcpListener::bind("[::1]:2224").is_ok(), "nothing listens there");
     });
 }
 
@@ -416,6 +422,13 @@ fn remove_forward_frees_the_host_port() {
         TcpListener::bind("127.0.0.1:2222").expect("the port is free again");
         let err = guest.net.remove_forward(forward).expect_err("gone");
         assert!(matches!(err, UserNetError::ForwardNotFound { .. }), "{err:?}");
+
+        // Dropping the backend stops its thread and closes what slirp listened on.
+        let kept: Forward = "udp::2223-:53".parse().expect("spec");
+        guest.net.add_forward(kept).expect("add");
+        assert!(UdpSocket::bind("127.0.0.1:2223").is_err(), "slirp listens");
+        drop(guest);
+        UdpSocket::bind("127.0.0.1:2223").expect("freed by drop");
     });
 }
 

@@ -45,9 +45,10 @@ impl Waker {
     }
 
     /// Called by the net thread before it looks at its queues: what is queued after this
-    /// wakes it again.
+    /// wakes it again. The pipe is emptied first and `pending` cleared after: the other
+    /// order could eat the byte of a wake that set `pending` in between, and every later
+    /// wake would skip its write while nothing is left in the pipe to poll.
     pub fn drain(&self) {
-        self.pending.store(false, Ordering::SeqCst);
         let mut buf = [0u8; 64];
         loop {
             // SAFETY: reads into a valid local buffer of the given length from a descriptor
@@ -58,6 +59,7 @@ impl Waker {
                 break;
             }
         }
+        self.pending.store(false, Ordering::SeqCst);
     }
 }
 
