@@ -3,7 +3,8 @@
 //!
 //! Unlike QEMU, whose default host address is 0.0.0.0, an omitted host address means 127.0.0.1,
 //! so a forwarded ssh is not exposed to the LAN by accident. The guest end is always the guest's
-//! DHCP address (10.0.2.15).
+//! DHCP address (10.0.2.15). IPv6 host addresses parse (the syntax is QEMU's), but the libslirp
+//! backend refuses them for now: see `UserNetError::ForwardIpv6`.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};

@@ -257,6 +257,24 @@ fn parse_tcp(frame: &[u8]) -> Option<Tcp> {
     })
 }
 
+/// The destination of the IPv4/TCP packet an ICMP "destination unreachable" quotes.
+fn icmp_unreachable_for(frame: &[u8]) -> Option<SocketAddrV4> {
+    if frame.get(12..14)? != ETHERTYPE_IPV4.to_be_bytes() {
+        return None;
+    }
+    let ip = frame.get(ETH_HEADER_LEN..)?;
+    let ihl = usize::from(ip.first()? & 0x0f) * 4;
+    const IPPROTO_ICMP: u8 = 1;
+    if *ip.get(9)? != IPPROTO_ICMP || *ip.get(ihl)? != 3 {
+        return None;
+    }
+    let quoted = ip.get(ihl + 8..)?;
+    let quoted_ihl = usize::from(quoted.first()? & 0x0f) * 4;
+    let dst = Ipv4Addr::from(<[u8; 4]>::try_from(quoted.get(16..20)?).ok()?);
+    let port = u16::from_be_bytes(quoted.get(quoted_ihl + 2..quoted_ihl + 4)?.try_into().ok()?);
+    Some(SocketAddrV4::new(dst, port))
+}
+
 fn guest_addr(port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(DHCP_START, port)
 }
@@ -268,6 +286,38 @@ fn syn(guest: &mut Guest, from_port: u16, dst: SocketAddrV4, wait: Duration) -> 
     guest.send(&tcp_frame(&syn));
     let frames = guest.frames(wait, |f| parse_tcp(f).is_some_and(|t| t.dst == syn.src));
     frames.iter().filter_map(|f| parse_tcp(f)).find(|t| t.dst == syn.src)
+}
+
+/// A DNS responder on 127.0.0.1 that answers `queries` queries: the same id with QR set, the
+/// question echoed and a marker after it.
+fn dns_responder(queries: usize) -> (SocketAddr, std::thread::JoinHandle<()>) {
+    let server = UdpSocket::bind("127.0.0.1:0").expect("bind the DNS responder");
+    let addr = server.local_addr().expect("addr");
+    let thread = std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        for _ in 0..queries {
+            let (n, from) = server.recv_from(&mut buf).expect("a query");
+            let mut answer = buf[..n].to_vec();
+            answer[2] |= 0x80;
+            answer.extend_from_slice(b"answer");
+            server.send_to(&answer, from).expect("answer");
+        }
+    });
+    (addr, thread)
+}
+
+/// A DNS query from the guest's `from` to the alias `to`, and its answer.
+fn resolve(guest: &mut Guest, from: SocketAddr, to: SocketAddr) {
+    let query = [0xab, 0xcd, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    guest.send(&packet::udp_frame(MAC, GATEWAY_MAC, from, to, &query).expect("frame"));
+    let answer = guest.expect("DNS answer", |f| {
+        packet::parse_udp(f).is_some_and(|u| u.dst == from && u.src == to)
+    });
+    assert_eq!(answer[..6], MAC, "to the guest's MAC");
+    let udp = packet::parse_udp(&answer).expect("udp");
+    assert_eq!(udp.payload[..2], query[..2], "same id");
+    assert_eq!(udp.payload[2] & 0x80, 0x80, "a response");
+    assert!(udp.payload.ends_with(b"answer"));
 }
 
 #[test]
@@ -283,36 +333,18 @@ fn dhcp_gives_the_guest_10_0_2_15_and_lease_reports_it() {
 #[test]
 fn dns_queries_to_the_alias_reach_the_configured_server_and_the_answers_come_back() {
     in_fresh_netns(|| {
-        let server = UdpSocket::bind("127.0.0.1:0").expect("bind the DNS responder");
-        let server_addr = server.local_addr().expect("addr");
-        let responder = std::thread::spawn(move || {
-            let mut buf = [0u8; 512];
-            for _ in 0..2 {
-                let (n, from) = server.recv_from(&mut buf).expect("a query");
-                // A response to the same id: QR set, and the question echoed with a marker.
-                let mut answer = buf[..n].to_vec();
-                answer[2] |= 0x80;
-                answer.extend_from_slice(b"answer");
-                server.send_to(&answer, from).expect("answer");
-            }
-        });
+        let (server_addr, responder) = dns_responder(2);
         let mut guest = Guest::new(UserNetConfig { dns_server: Some(server_addr), ..config() });
-        let query = [0xab, 0xcd, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
-        let cases: [(SocketAddr, SocketAddr); 2] = [
-            ("10.0.2.15:40000".parse().expect("literal"), SocketAddr::from((DNS, 53))),
-            ("[fec0::15]:40001".parse().expect("literal"), SocketAddr::from((DNS6, 53))),
-        ];
-        for (from, to) in cases {
-            guest.send(&packet::udp_frame(MAC, GATEWAY_MAC, from, to, &query).expect("frame"));
-            let answer = guest.expect("DNS answer", |f| {
-                packet::parse_udp(f).is_some_and(|u| u.dst == from && u.src == to)
-            });
-            assert_eq!(answer[..6], MAC, "to the guest's MAC");
-            let udp = packet::parse_udp(&answer).expect("udp");
-            assert_eq!(udp.payload[..2], query[..2], "same id");
-            assert_eq!(udp.payload[2] & 0x80, 0x80, "a response");
-            assert!(udp.payload.ends_with(b"answer"));
-        }
+        resolve(
+            &mut guest,
+            "10.0.2.15:40000".parse().expect("literal"),
+            SocketAddr::from((DNS, 53)),
+        );
+        resolve(
+            &mut guest,
+            "[fec0::15]:40001".parse().expect("literal"),
+            SocketAddr::from((DNS6, 53)),
+        );
         responder.join().expect("responder");
     });
 }
@@ -334,20 +366,47 @@ fn the_gateway_reaches_the_hosts_loopback() {
 }
 
 #[test]
-fn isolate_from_host_keeps_the_gateway_away_from_the_hosts_loopback() {
+fn isolate_from_host_keeps_the_gateway_away_from_the_hosts_loopback_but_not_dns() {
     in_fresh_netns(|| {
         let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
         listener.set_nonblocking(true).expect("nonblocking");
         let port = listener.local_addr().expect("addr").port();
-        let mut guest = Guest::new(UserNetConfig { isolate_from_host: true, ..config() });
-        let answer =
-            syn(&mut guest, 40000, SocketAddrV4::new(GATEWAY, port), Duration::from_millis(500));
-        assert!(answer.as_ref().is_none_or(|t| t.flags & SYN == 0), "connected: {answer:?}");
+        let (dns_server, responder) = dns_responder(1);
+        let mut guest = Guest::new(UserNetConfig {
+            isolate_from_host: true,
+            dns_server: Some(dns_server),
+            ..config()
+        });
+        let server = SocketAddrV4::new(GATEWAY, port);
+        let syn = Tcp {
+            src: guest_addr(40000),
+            dst: server,
+            seq: 1000,
+            ack: 0,
+            flags: SYN,
+            payload: vec![],
+        };
+        guest.send(&tcp_frame(&syn));
+        // slirp's connect() fails (EPERM): the guest gets "unreachable", not a connection.
+        let frames = guest.frames(WAIT, |f| icmp_unreachable_for(f).is_some());
+        assert!(
+            frames.iter().all(|f| parse_tcp(f).is_none_or(|t| t.flags & SYN == 0)),
+            "a SYN-ACK came back"
+        );
+        let quoted = frames.iter().find_map(|f| icmp_unreachable_for(f));
+        assert_eq!(quoted, Some(server), "an ICMP unreachable quoting the SYN");
         let accepted = listener.accept();
         assert!(
             matches!(&accepted, Err(e) if e.kind() == io::ErrorKind::WouldBlock),
             "the host listener was reached: {accepted:?}"
         );
+        // The DNS alias still answers, as libslirp's own redirect does when isolated.
+        resolve(
+            &mut guest,
+            "10.0.2.15:40002".parse().expect("literal"),
+            SocketAddr::from((DNS, 53)),
+        );
+        responder.join().expect("responder");
     });
 }
 
