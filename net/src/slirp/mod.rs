@@ -172,6 +172,8 @@ struct Shared {
     stop: AtomicBool,
     /// Set when the net thread has ended (stopped, or died).
     exited: AtomicBool,
+    /// A new RX notify was set: the net thread calls it if frames already wait.
+    renotify: AtomicBool,
     rx: Mutex<RxQueue>,
     rx_notify: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
     lease: Mutex<Option<Ipv4Addr>>,
@@ -198,6 +200,7 @@ impl Shared {
             waker: Waker::new()?,
             stop: AtomicBool::new(false),
             exited: AtomicBool::new(false),
+            renotify: AtomicBool::new(false),
             rx: Mutex::default(),
             rx_notify: Mutex::new(None),
             lease: Mutex::new(None),
@@ -205,6 +208,14 @@ impl Shared {
             tx_dropped: AtomicU64::new(0),
             rx_dropped: AtomicU64::new(0),
         })
+    }
+
+    /// Calls the RX notify (outside the queue's lock).
+    fn notify_rx(&self) {
+        let notify = lock(&self.rx_notify).clone();
+        if let Some(notify) = notify {
+            notify();
+        }
     }
 
     /// A frame for the guest: notes a DHCP lease, queues it and wakes the device.
@@ -226,10 +237,7 @@ impl Shared {
             rx.frames.len() == 1
         };
         if was_empty {
-            let notify = lock(&self.rx_notify).clone();
-            if let Some(notify) = notify {
-                notify();
-            }
+            self.notify_rx();
         }
     }
 }
@@ -242,6 +250,10 @@ enum Command {
 }
 
 /// The user-mode network backend of one NIC. Dropping it stops the net thread.
+///
+/// The RX notify runs on the net thread, so it must not wait for anything that waits for
+/// the net thread (a lock held around [`UserNet::add_forward`], say): signalling an eventfd
+/// is what it is for.
 pub struct UserNet {
     shared: Arc<Shared>,
     frames: SyncSender<Vec<u8>>,
@@ -428,12 +440,10 @@ impl NetBackend for UserNet {
 
     fn set_rx_notify(&mut self, notify: RxNotify) {
         *lock(&self.shared.rx_notify) = Some(Arc::from(notify));
-        // Frames may already wait: the device must look.
-        if !lock(&self.shared.rx).frames.is_empty() {
-            if let Some(notify) = lock(&self.shared.rx_notify).clone() {
-                notify();
-            }
-        }
+        // Frames may already wait: the net thread calls the new notify for them. Not here:
+        // the caller may hold the lock its notify takes.
+        self.shared.renotify.store(true, Ordering::SeqCst);
+        self.shared.waker.wake();
     }
 
     fn save_state(&mut self) -> Result<Vec<u8>, NetError> {
@@ -451,9 +461,7 @@ struct ExitFlag(Arc<Shared>);
 impl Drop for ExitFlag {
     fn drop(&mut self) {
         self.0.exited.store(true, Ordering::SeqCst);
-        if let Some(notify) = lock(&self.0.rx_notify).clone() {
-            notify();
-        }
+        self.0.notify_rx();
     }
 }
 
@@ -605,6 +613,11 @@ impl NetLoop {
     fn run(&mut self) {
         while !self.shared.stop.load(Ordering::SeqCst) {
             self.shared.waker.drain();
+            if self.shared.renotify.swap(false, Ordering::SeqCst)
+                && !lock(&self.shared.rx).frames.is_empty()
+            {
+                self.shared.notify_rx();
+            }
             let mut worked = false;
             while let Ok(command) = self.commands.try_recv() {
                 self.command(command);

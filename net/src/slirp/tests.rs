@@ -652,3 +652,21 @@ fn a_full_tx_queue_drops_and_counts_instead_of_blocking() {
         assert!(net.recv(&mut buf).expect("recv").is_some(), "the offer");
     });
 }
+
+#[test]
+fn a_notify_set_after_frames_arrived_is_still_called() {
+    in_fresh_netns(|| {
+        let mut net = UserNet::new(config()).expect("start slirp");
+        net.send(&dhcp_request(1, None)).expect("send");
+        // The offer is queued long before this (slirp answers within microseconds).
+        std::thread::sleep(Duration::from_millis(100));
+        let (wake, woken) = mpsc::channel();
+        net.set_rx_notify(Box::new(move || {
+            let _ = wake.send(());
+        }));
+        woken.recv_timeout(WAIT).expect("the notify is called for the waiting offer");
+        let mut buf = vec![0; MAX_FRAME_LEN];
+        let len = net.recv(&mut buf).expect("recv").expect("the offer");
+        assert!(dhcp::parse_reply(&buf[..len]).is_some_and(|r| r.kind == dhcp::MessageType::Offer));
+    });
+}
