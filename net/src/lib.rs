@@ -8,6 +8,8 @@
 
 use std::fmt;
 
+pub mod slirp;
+
 /// The largest Ethernet frame (without the virtio header) any backend exchanges: a 65535-byte
 /// IP packet plus its 14-byte Ethernet header, which is what an MTU of 65521 (libslirp's
 /// maximum) fits in and passt's stream format can carry.
@@ -31,6 +33,13 @@ pub enum NetError {
     },
     #[error("network backend {backend} refused the saved state: {why}")]
     State { backend: &'static str, why: String },
+    /// A backend's own error, its chain kept.
+    #[error("network backend {backend} failed")]
+    Backend {
+        backend: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// Called by a backend, from any thread, when [`NetBackend::recv`] may have a frame again.
