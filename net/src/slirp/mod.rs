@@ -392,12 +392,8 @@ impl Drop for UserNet {
     }
 }
 
-impl NetBackend for UserNet {
-    fn name(&self) -> &'static str {
-        BACKEND
-    }
-
-    fn send(&mut self, frame: &[u8]) -> Result<(), NetError> {
+impl UserNet {
+    fn send_frame(&self, frame: &[u8]) -> Result<(), NetError> {
         check_frame_len(frame.len())?;
         match self.frames.try_send(frame.to_vec()) {
             Ok(()) => {}
@@ -413,7 +409,7 @@ impl NetBackend for UserNet {
         Ok(())
     }
 
-    fn recv(&mut self, buf: &mut [u8]) -> Result<Option<usize>, NetError> {
+    fn recv_frame(&self, buf: &mut [u8]) -> Result<Option<usize>, NetError> {
         let frame = {
             let mut rx = lock(&self.shared.rx);
             let frame = rx.frames.pop_front();
@@ -438,22 +434,48 @@ impl NetBackend for UserNet {
         }
     }
 
-    fn set_rx_notify(&mut self, notify: RxNotify) {
+    fn set_notify(&self, notify: RxNotify) {
         *lock(&self.shared.rx_notify) = Some(Arc::from(notify));
         // Frames may already wait: the net thread calls the new notify for them. Not here:
         // the caller may hold the lock its notify takes.
         self.shared.renotify.store(true, Ordering::SeqCst);
         self.shared.waker.wake();
     }
-
-    fn save_state(&mut self) -> Result<Vec<u8>, NetError> {
-        Ok(self.save()?)
-    }
-
-    fn restore_state(&mut self, state: &[u8]) -> Result<(), NetError> {
-        Ok(self.restore(state)?)
-    }
 }
+
+/// The NIC's backend is a `UserNet` or, when the VM also manages its forwards and reads its
+/// lease while the device owns the backend, an `Arc<UserNet>` shared with it.
+macro_rules! user_net_backend {
+    ($ty:ty) => {
+        impl NetBackend for $ty {
+            fn name(&self) -> &'static str {
+                BACKEND
+            }
+
+            fn send(&mut self, frame: &[u8]) -> Result<(), NetError> {
+                self.send_frame(frame)
+            }
+
+            fn recv(&mut self, buf: &mut [u8]) -> Result<Option<usize>, NetError> {
+                self.recv_frame(buf)
+            }
+
+            fn set_rx_notify(&mut self, notify: RxNotify) {
+                self.set_notify(notify)
+            }
+
+            fn save_state(&mut self) -> Result<Vec<u8>, NetError> {
+                Ok(self.save()?)
+            }
+
+            fn restore_state(&mut self, state: &[u8]) -> Result<(), NetError> {
+                Ok(self.restore(state)?)
+            }
+        }
+    };
+}
+user_net_backend!(UserNet);
+user_net_backend!(Arc<UserNet>);
 
 /// Marks the net thread as ended however it ends, and wakes the device so it sees it.
 struct ExitFlag(Arc<Shared>);
