@@ -404,7 +404,11 @@ impl VirtioPciDevice {
             queues.push(q);
         }
         let interrupt: Arc<dyn VirtioInterrupt> = self.interrupt.clone();
-        let result = lock(&self.device).activate(self.memory.clone(), interrupt, queues);
+        let result = {
+            let mut device = lock(&self.device);
+            device.ack_features(self.driver_features);
+            device.activate(self.memory.clone(), interrupt, queues)
+        };
         match result {
             Ok(()) => {
                 self.active = true;
