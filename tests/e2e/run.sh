@@ -44,7 +44,8 @@ CASES=(boots_to_readiness_line guest_sees_cpus_and_memory disk_hash_matches_host
 #   tests/lab/lab.sh -- tests/e2e/run.sh "${NET_CASES[@]}"
 NET_CASES=(guest_gets_a_lease_resolves_and_fetches_from_the_host
     host_fetches_from_the_guest_through_a_forward bulk_transfer_each_way_keeps_its_hash
-    vm_without_network_has_no_nic)
+    vm_without_network_has_no_nic forward_added_while_running_reaches_the_guest
+    isolated_vm_cannot_reach_the_host snapshot_restore_keeps_the_network_for_new_connections)
 
 # --- helpers -------------------------------------------------------------------------------
 
@@ -64,7 +65,8 @@ need_hutch() {
 }
 
 # boot LOG [--kernel K] [--initrd I] [--cpus N] [--memory MIB] [--disk PATH] [--disk-ro PATH]
-#      [--net user|none] [--forward tcp:HOSTADDR:HOSTPORT-:GUESTPORT]... --cmdline CMDLINE
+#      [--net user|none] [--forward tcp:HOSTADDR:HOSTPORT-:GUESTPORT]... [--isolate-from-host]
+#      --cmdline CMDLINE
 # Boots one VM to the end with the selected target; output (stdout+stderr) goes to LOG.
 # Without --net the VM gets the target's default (QEMU here: no NIC). Network cases must call
 # need_isolated_net first. Returns the VMM's exit status (124 on timeout).
@@ -72,8 +74,14 @@ boot() {
     local log=$1
     shift
     local kernel=$KERNEL initrd=$INITRD cpus=1 mem=256 cmdline="" disks=() net="" forwards=()
+    local isolate=""
     while [ $# -gt 0 ]; do
         case $1 in
+        --isolate-from-host)
+            isolate=1
+            shift
+            continue
+            ;;
         --kernel) kernel=$2 ;;
         --initrd) initrd=$2 ;;
         --cpus) cpus=$2 ;;
@@ -94,6 +102,7 @@ boot() {
     esac
     local cmd d
     if [ "$TARGET" = qemu ]; then
+        [ -z "$isolate" ] || die "boot: --isolate-from-host is hutch's (QEMU's restrict=on cuts more)"
         cmd=(qemu-system-x86_64 -enable-kvm -cpu host -M q35 -m "$mem" -smp "$cpus"
             -nodefaults -no-user-config -nographic -serial stdio -no-reboot
             -kernel "$kernel" -append "$cmdline")
@@ -116,6 +125,7 @@ boot() {
         for d in ${disks[@]+"${disks[@]}"}; do
             hutch_disk_args "${d#*:}" "${d%%:*}"
         done
+        [ -z "$isolate" ] || cmd+=(--isolate-from-host)
         hutch_net_args "$net" ${forwards[@]+"${forwards[@]}"}
     fi
     echo "+ ${cmd[*]}" >"$log"
@@ -1095,6 +1105,105 @@ vm_without_network_has_no_nic() {
     [ "$rc" = 0 ] || fail "--net user: exit status $rc (log: $WORK/log-user)"
     expect_result "$WORK/log-user" nics eth0
     expect_result "$WORK/log-user" pci_net 1
+}
+
+# A forward added while the VM runs (`hutch forward add`) reaches the guest's server at once and
+# is kept in vm.toml; `hutch status` shows the guest's lease; a host port that is taken is an
+# error naming it (and is not saved); `hutch forward remove` closes the port.
+forward_added_while_running_reaches_the_guest() {
+    need_hutch
+    need_isolated_net
+    local token name=fwd log=$WORK/log busy=10081 got= i
+    token=$(net_random_token live)
+    mkdir -p "$WORK/srv"
+    echo host >"$WORK/srv/token"
+    start_host_httpd "$WORK/srv"
+    start_sink "$busy" "$WORK/busy.bin"
+    start_library_vm $name "dhcp,httpd:$NET_GUEST_HTTP:$token,waitfor:$VM_TIMEOUT:http://10.0.2.2:$NET_HOST_HTTP/done,poweroff" \
+        'HUTCH-RESULT httpd='
+    local serial=$HUTCH_HOME/vms/$name/serial.log
+    expect_result "$serial" httpd ready
+    "$HUTCH" status $name >"$WORK/status.txt" 2>&1 || fail "hutch status: $(cat "$WORK/status.txt")"
+    grep -q 'guest address: 10.0.2.15' "$WORK/status.txt" ||
+        fail "hutch status shows no lease: $(tr '\n' ';' <"$WORK/status.txt")"
+    "$HUTCH" forward $name add "tcp::$NET_FORWARD_PORT-:$NET_GUEST_HTTP" >>"$log" 2>&1 ||
+        fail "hutch forward add: exit $? (log: $log)"
+    grep -q "tcp:127.0.0.1:$NET_FORWARD_PORT-:$NET_GUEST_HTTP" "$HUTCH_HOME/vms/$name/vm.toml" ||
+        fail "vm.toml does not keep the forward: $(cat "$HUTCH_HOME/vms/$name/vm.toml")"
+    for i in 1 2 3; do
+        host_get "http://127.0.0.1:$NET_FORWARD_PORT/token" "$WORK/got" 2>>"$WORK/host-get.err" &&
+            got=$(cat "$WORK/got") && break
+        sleep 2
+    done
+    [ "$got" = "$token" ] || fail "fetched '$got' through the live forward, expected '$token'"
+    local out rc=0
+    out=$("$HUTCH" forward $name add "tcp::$busy-:$NET_GUEST_HTTP" 2>&1) || rc=$?
+    [ "$rc" != 0 ] || fail "a forward from a busy host port was accepted: $out"
+    contains "$out" "127.0.0.1:$busy" || fail "the busy-port error does not name 127.0.0.1:$busy: $out"
+    ! grep -q ":$busy-" "$HUTCH_HOME/vms/$name/vm.toml" || fail "vm.toml kept the failed forward"
+    "$HUTCH" forward $name list >"$WORK/list.txt" 2>&1 || fail "hutch forward list: $(cat "$WORK/list.txt")"
+    [ "$(cat "$WORK/list.txt")" = "tcp:127.0.0.1:$NET_FORWARD_PORT-:$NET_GUEST_HTTP" ] ||
+        fail "hutch forward list: $(tr '\n' ';' <"$WORK/list.txt")"
+    "$HUTCH" forward $name remove "tcp::$NET_FORWARD_PORT-:$NET_GUEST_HTTP" >>"$log" 2>&1 ||
+        fail "hutch forward remove: exit $? (log: $log)"
+    ! grep -q "$(printf '0100007F:%04X 00000000:0000 0A' $NET_FORWARD_PORT)" /proc/net/tcp ||
+        fail "127.0.0.1:$NET_FORWARD_PORT still listens after the forward was removed"
+    ! grep -q "$NET_FORWARD_PORT-" "$HUTCH_HOME/vms/$name/vm.toml" || fail "vm.toml still has the removed forward"
+    touch "$WORK/srv/done"
+    wait_for_line "$serial" 'reboot: Power down' "$VM_TIMEOUT"
+    expect_result "$serial" waitfor ok
+}
+
+# "Isolate from host": the guest still gets its lease, but the gateway does not lead to the
+# host's own services.
+isolated_vm_cannot_reach_the_host() {
+    need_hutch
+    need_isolated_net
+    local log=$WORK/log rc=0
+    mkdir -p "$WORK/srv"
+    net_random_token iso >"$WORK/srv/token"
+    start_host_httpd "$WORK/srv"
+    boot "$log" --net user --isolate-from-host \
+        --cmdline "$(actions "dhcp,wget:http://10.0.2.2:$NET_HOST_HTTP/token,poweroff")" || rc=$?
+    [ "$rc" = 0 ] || fail "exit status $rc (log: $log)"
+    expect_result "$log" ip 10.0.2.15
+    expect_result "$log" fetched error
+}
+
+# After a snapshot restore the network works for new connections both ways: the host reaches
+# the guest's server through the VM's forward (re-made by the restored VM process), and the
+# guest's new connections reach the host.
+snapshot_restore_keeps_the_network_for_new_connections() {
+    need_hutch
+    need_isolated_net
+    local token name=netsnap log=$WORK/log got
+    token=$(net_random_token snap)
+    mkdir -p "$WORK/srv"
+    net_random_token host >"$WORK/srv/token"
+    start_host_httpd "$WORK/srv"
+    export HUTCH_HOME=$WORK/home
+    "$HUTCH" create $name --kernel "$KERNEL" --initrd "$INITRD" --forward "tcp::$NET_FORWARD_PORT-:$NET_GUEST_HTTP" \
+        --cmdline "$(actions "dhcp,httpd:$NET_GUEST_HTTP:$token,waitfor:$VM_TIMEOUT:http://10.0.2.2:$NET_HOST_HTTP/done,wget:http://10.0.2.2:$NET_HOST_HTTP/token,poweroff")" \
+        >>"$log" 2>&1 || fail "hutch create: exit $? (log: $log)"
+    "$HUTCH" start $name >>"$log" 2>&1 || fail "hutch start: exit $? (log: $log)"
+    local serial=$HUTCH_HOME/vms/$name/serial.log
+    wait_for_line "$serial" 'HUTCH-RESULT httpd=' "$VM_TIMEOUT"
+    expect_result "$serial" httpd ready
+    "$HUTCH" snapshot take $name served >>"$log" 2>&1 || fail "snapshot take: exit $? (log: $log)"
+    host_get "http://127.0.0.1:$NET_FORWARD_PORT/token" "$WORK/got" || fail "no answer through the forward before the restore"
+    [ "$(cat "$WORK/got")" = "$token" ] || fail "fetched '$(cat "$WORK/got")' before the restore, expected '$token'"
+    "$HUTCH" snapshot restore $name served >>"$log" 2>&1 || fail "snapshot restore: exit $? (log: $log)"
+    got=
+    for i in 1 2 3 4 5; do
+        host_get "http://127.0.0.1:$NET_FORWARD_PORT/token" "$WORK/got" 2>>"$WORK/host-get.err" &&
+            got=$(cat "$WORK/got") && break
+        sleep 2
+    done
+    [ "$got" = "$token" ] || fail "after the restore, fetched '$got' through the forward, expected '$token'"
+    touch "$WORK/srv/done"
+    wait_for_line "$serial" 'reboot: Power down' "$VM_TIMEOUT"
+    expect_result "$serial" waitfor ok
+    expect_result "$serial" fetched "$(cat "$WORK/srv/token")"
 }
 
 # --- driver --------------------------------------------------------------------------------

@@ -86,6 +86,13 @@ pub fn status(library: &Library, name: &str, json: bool) -> anyhow::Result<()> {
     if let Some(display) = &v.display {
         println!("display: {display}");
     }
+    println!("network: {}", v.net);
+    if let Some(ip) = &v.guest_ip {
+        println!("guest address: {ip}");
+    }
+    for forward in &v.forwards {
+        println!("forward: {forward}");
+    }
     if let Some(rec) = &v.last_exit {
         let reason = wire_name(&rec.reason);
         println!("last exit: {reason}");

@@ -159,6 +159,14 @@ pub struct BoardContext<'a> {
     pub on_reset: Box<dyn Fn() + Send + Sync>,
     /// The VM's memory-slot registry, guest RAM already in it: RAM BARs map through it.
     pub guest_map: &'a Arc<VmMemory>,
+    /// A network card and the host side it talks to; None: no card.
+    pub net: Option<NetAttachment>,
+}
+
+/// One network card: its MAC and the backend that carries its frames on the host.
+pub struct NetAttachment {
+    pub mac: [u8; 6],
+    pub backend: Box<dyn net::NetBackend>,
 }
 
 /// Port I/O and MMIO dispatch shared by all vCPUs.

@@ -34,6 +34,7 @@ use crate::virtio::block::Block;
 use crate::virtio::gpu::boot_fb::{self, BootFramebuffer};
 use crate::virtio::gpu::Gpu;
 use crate::virtio::input::{Input, InputHandle, VirtioInputError};
+use crate::virtio::net::{NetConfig, VirtioNet};
 use crate::virtio::rng::Rng;
 use crate::virtio::VirtioPciDevice;
 use display::SourceId;
@@ -107,6 +108,7 @@ impl Board for PcBoard {
             on_poweroff,
             on_reset,
             guest_map,
+            net,
         } = context;
         let framebuffer = match &screen {
             Some(_) => Some(new_framebuffer()?),
@@ -194,6 +196,20 @@ impl Board for PcBoard {
         }
         let rng = Rng::new().map_err(|e| BoardError::device("virtio-rng", e))?;
         add_virtio(&mut pci, "virtio-rng", Box::new(rng), memory, &irq, None)?;
+        // After the devices every machine had before networking, so their BDFs (and the
+        // snapshots that name them) stay.
+        if let Some(nic) = net {
+            let device = VirtioNet::new(NetConfig::new(nic.mac), nic.backend)
+                .map_err(|e| BoardError::device("virtio-net", e))?;
+            add_virtio(
+                &mut pci,
+                "virtio-net",
+                Box::new(device),
+                memory,
+                &irq,
+                io_thread_notifiers(vm),
+            )?;
+        }
         let pci_functions = pci.functions();
         let pci = Arc::new(Mutex::new(pci));
 
