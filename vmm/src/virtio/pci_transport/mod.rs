@@ -187,6 +187,9 @@ pub struct VirtioPciDevice {
     quiesced: bool,
     /// The BAR holding the virtio registers (0, or 2 when BAR 0 is a RAM BAR).
     regs_bar: u8,
+    /// Where the PCI root decodes that BAR ([`PciDevice::bar_decoded`]): the notifiers'
+    /// base. None until the root says, and while it decodes nothing.
+    regs_decoded: Option<u64>,
 }
 
 impl VirtioPciDevice {
@@ -307,6 +310,7 @@ impl VirtioPciDevice {
             active: false,
             quiesced: false,
             regs_bar,
+            regs_decoded: None,
         })
     }
 
@@ -449,8 +453,15 @@ impl PciDevice for VirtioPciDevice {
         if reg == self.msix_control_reg {
             self.update_msix_control();
         }
-        // The command register or a BAR may have moved the notify region.
-        self.update_queue_threads();
+        // A moved BAR or a decoding change reaches the notifiers through the root's
+        // `bar_decoded`, never from the registers here: mid-sizing they hold garbage.
+    }
+
+    fn bar_decoded(&mut self, index: u8, address: Option<u64>) {
+        if index == self.regs_bar {
+            self.regs_decoded = address;
+            self.update_queue_threads();
+        }
     }
 
     fn bars(&self) -> Vec<PciBar> {

@@ -254,6 +254,9 @@ impl VirtioPciDevice {
         self.driver_features = saved.driver_features;
         self.queue_select = saved.queue_select;
         self.queues = configs;
+        // Where the old registers decoded says nothing about the restored ones: the root
+        // tells the BAR's place again right after a restore (`PciDevice::bar_decoded`).
+        self.regs_decoded = None;
         self.update_queue_threads();
         Ok(())
     }

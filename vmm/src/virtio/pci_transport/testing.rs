@@ -118,12 +118,14 @@ impl TestDriver {
     }
 
     /// Places the register BAR at `addr` and turns on memory decoding (what firmware or
-    /// Linux does).
+    /// Linux does), then tells the device it decodes there, as the PCI root would.
     pub fn place_bar0(&mut self, addr: u64) {
-        let reg = 4 + usize::from(self.dev.regs_bar);
+        let bar = self.dev.regs_bar;
+        let reg = 4 + usize::from(bar);
         self.dev.write_config_register(reg, 0, &(addr as u32 | 0b100).to_le_bytes());
         self.dev.write_config_register(reg + 1, 0, &((addr >> 32) as u32).to_le_bytes());
         self.dev.write_config_register(1, 0, &2u16.to_le_bytes());
+        self.dev.bar_decoded(bar, Some(addr));
     }
 
     pub fn read(&mut self, offset: u64, len: usize) -> u64 {

@@ -4,6 +4,8 @@ use std::thread;
 
 use super::testing::*;
 use super::*;
+use crate::pci::root::{mmio_read, mmio_write};
+use crate::pci::{Bdf, PciHostBridge, PciRoot, PciRootConfig, PciWindow};
 use crate::state::StateError;
 use crate::virtio::rng::Rng;
 use crate::virtio::{STATUS_ACKNOWLEDGE, STATUS_DRIVER};
@@ -195,17 +197,6 @@ fn mmio_notify_still_works_with_an_io_thread() {
 }
 
 #[test]
-fn moving_or_disabling_the_bar_moves_the_notifier() {
-    let (mut d, registry) = threaded_driver();
-    d.bring_up();
-    d.place_bar0(0xd000_0000);
-    let live: Vec<u64> = registry.live().iter().map(|(a, _)| *a).collect();
-    assert_eq!(live, vec![0xd000_0000 + NOTIFY_OFFSET]);
-    d.dev.write_config_register(1, 0, &0u16.to_le_bytes());
-    assert!(registry.live().is_empty(), "no memory decoding, no notifier");
-}
-
-#[test]
 fn isr_is_set_and_cleared_by_reading() {
     let mut d = driver();
     d.bring_up();
@@ -305,23 +296,6 @@ fn hostile_transport_state_is_refused_and_the_device_is_unchanged() {
 }
 
 #[test]
-fn restore_registers_the_notifier_at_the_saved_bar_address() {
-    let (mut d, _) = threaded_driver();
-    d.bring_up();
-    let saved = d.dev.save_state().unwrap();
-    let registry = Arc::new(TestRegistry::default());
-    let fresh = fresh_rng(&d).with_notifiers(registry.clone());
-    d.dev = fresh;
-    d.dev.restore_state(&saved).unwrap();
-    let live: Vec<u64> = registry.live().iter().map(|(a, _)| *a).collect();
-    assert_eq!(live, vec![BAR0_ADDR + NOTIFY_OFFSET]);
-    d.tq.set_desc(&d.mem, 0, 0x20_0000, 64, crate::virtio::queue::testing::DESC_F_WRITE, 0);
-    d.tq.push(&d.mem, 0);
-    registry.live()[0].1.fire();
-    assert!(wait_used(&d, 1), "the restored I/O thread serves the queue");
-}
-
-#[test]
 fn requests_notified_while_quiesced_complete_after_resume() {
     let (mut d, registry) = threaded_driver();
     d.bring_up();
@@ -335,4 +309,274 @@ fn requests_notified_while_quiesced_complete_after_resume() {
     d.dev.resume();
     assert!(wait_used(&d, 1), "the request completes after resume");
     assert_eq!(registry.live().len(), 1, "the I/O thread is back");
+}
+
+const MMIO32: PciWindow = PciWindow::new(0xc000_0000, 0x2000_0000);
+/// A 64-bit window from 1 TiB up to a guest physical-address limit of 46 bits.
+const PHYS_LIMIT: u64 = 1 << 46;
+const MMIO64: PciWindow = PciWindow::new(0x100_0000_0000, PHYS_LIMIT - 0x100_0000_0000);
+
+fn pci_root(mmio64: PciWindow) -> Arc<Mutex<PciRoot>> {
+    let root = PciRoot::new(PciRootConfig {
+        host_bridge: Box::new(PciHostBridge::new(0x8086, 0x29c0)),
+        mmio32: MMIO32,
+        mmio64,
+        io: PciWindow::EMPTY,
+        ecam_base: 0xe000_0000,
+        bus_count: 1,
+        memory: None,
+        intx: None,
+    })
+    .unwrap();
+    Arc::new(Mutex::new(root))
+}
+
+/// A virtio-rng function, brought up with notifiers and MSI-X, then put on a PCI root that
+/// places its register BAR at the start of a window; the test plays the firmware.
+struct OnRoot {
+    d: TestDriver,
+    registry: Arc<TestRegistry>,
+    root: Arc<Mutex<PciRoot>>,
+    bdf: Bdf,
+}
+
+impl OnRoot {
+    fn new(mmio64: PciWindow) -> OnRoot {
+        let (mut d, registry) = threaded_driver();
+        d.bring_up();
+        let stand_in = fresh_rng(&d);
+        let dev = std::mem::replace(&mut d.dev, stand_in);
+        let root = pci_root(mmio64);
+        let bdf = root.lock().unwrap().add_device(Box::new(dev)).unwrap();
+        OnRoot { d, registry, root, bdf }
+    }
+
+    fn config_write(&self, reg: usize, value: u32) {
+        self.root.lock().unwrap().config_write(self.bdf, reg, 0, &value.to_le_bytes());
+    }
+
+    fn config_read(&self, reg: usize) -> u32 {
+        self.root.lock().unwrap().config_read(self.bdf, reg)
+    }
+
+    fn command(&self, value: u16) {
+        self.root.lock().unwrap().config_write(self.bdf, 1, 0, &value.to_le_bytes());
+    }
+
+    /// Writes the 64-bit register BAR as firmware does: low half, then high half.
+    fn move_bar(&self, addr: u64) {
+        self.config_write(4, addr as u32);
+        self.config_write(5, (addr >> 32) as u32);
+    }
+
+    /// Addresses of the notifiers registered now.
+    fn notifiers(&self) -> Vec<u64> {
+        self.registry.live().iter().map(|(a, _)| *a).collect()
+    }
+
+    /// Every address a notifier was ever registered at, dropped ones included.
+    fn every_registration(&self) -> Vec<u64> {
+        self.registry.registrations.lock().unwrap().iter().map(|r| r.addr).collect()
+    }
+
+    /// A guest read at `addr`: None when no BAR decodes it.
+    fn read(&self, addr: u64, len: usize) -> Option<u64> {
+        let mut d = [0u8; 8];
+        mmio_read(&self.root, addr, &mut d[..len]).then(|| u64::from_le_bytes(d))
+    }
+
+    /// A guest write at `addr`: false when no BAR decodes it.
+    fn write(&self, addr: u64, len: usize, value: u64) -> bool {
+        mmio_write(&self.root, addr, &value.to_le_bytes()[..len])
+    }
+
+    /// Queues one request on queue 0 (not notified).
+    fn push_request(&mut self, head: u16) {
+        let d = &mut self.d;
+        d.tq.set_desc(&d.mem, head, 0x20_0000, 64, crate::virtio::queue::testing::DESC_F_WRITE, 0);
+        d.tq.push(&d.mem, head);
+    }
+}
+
+const SEEN_BY_ROOT: u64 = MMIO64.start;
+
+#[test]
+fn moving_the_notify_bar_moves_the_guest_notifiers() {
+    let mut r = OnRoot::new(MMIO64);
+    assert_eq!(r.notifiers(), [SEEN_BY_ROOT + NOTIFY_OFFSET], "where the root placed the BAR");
+    assert_eq!(r.every_registration()[0], BAR0_ADDR + NOTIFY_OFFSET, "before the root");
+    // SeaBIOS puts 64-bit BARs below 4 GiB while the 32-bit window has room.
+    r.move_bar(0xc000_0000);
+    assert_eq!(r.notifiers(), [0xc000_0000 + NOTIFY_OFFSET], "the old address is unregistered");
+    assert!(!r.write(SEEN_BY_ROOT + NOTIFY_OFFSET, 2, 0), "the old notify address is gone");
+    r.push_request(0);
+    r.registry.live()[0].1.fire();
+    assert!(wait_used(&r.d, 1), "the notifier at the new address serves the queue");
+    r.push_request(1);
+    assert!(r.write(0xc000_0000 + NOTIFY_OFFSET, 2, 0), "a notify exit there reaches it too");
+    assert!(wait_used(&r.d, 2));
+    for addr in r.every_registration().into_iter().skip(1) {
+        assert!(
+            [MMIO32, MMIO64].iter().any(|w| addr >= w.start && addr < w.start + w.size),
+            "a notifier was registered outside the windows at {addr:#x}"
+        );
+    }
+}
+
+#[test]
+fn decoding_off_takes_the_notifiers_away_until_it_is_on_again_at_the_new_address() {
+    let r = OnRoot::new(MMIO64);
+    r.command(COMMAND_BUS_MASTER);
+    assert!(r.notifiers().is_empty(), "memory decoding off: no notifier");
+    assert!(!r.write(SEEN_BY_ROOT + NOTIFY_OFFSET, 2, 0), "nor a notify exit");
+    // Linux and OVMF move a BAR with decoding off, then turn it on.
+    r.move_bar(0x180_0000_0000);
+    assert!(r.notifiers().is_empty(), "still off");
+    r.command(COMMAND_BUS_MASTER | COMMAND_MEMORY);
+    assert_eq!(r.notifiers(), [0x180_0000_0000 + NOTIFY_OFFSET]);
+    assert_eq!(
+        r.every_registration(),
+        [BAR0_ADDR, SEEN_BY_ROOT, 0x180_0000_0000].map(|a| a + NOTIFY_OFFSET),
+        "before the root, the root's place, the new place: none in between"
+    );
+}
+
+const COMMAND_MEMORY: u16 = crate::pci::config::COMMAND_MEMORY_SPACE as u16;
+const COMMAND_BUS_MASTER: u16 = crate::pci::config::COMMAND_BUS_MASTER as u16;
+
+#[test]
+fn sizing_the_register_bar_with_decoding_on_registers_nothing_at_the_sizing_address() {
+    // The BAR in the 32-bit window, as SeaBIOS finds it when it sizes without turning
+    // decoding off.
+    let r = OnRoot::new(PciWindow::EMPTY);
+    assert_eq!(r.notifiers(), [MMIO32.start + NOTIFY_OFFSET]);
+    let old_low = r.config_read(4);
+    r.config_write(4, u32::MAX);
+    assert_eq!(r.config_read(4), 0xffff_c004, "16 KiB, 64-bit");
+    assert!(r.notifiers().is_empty(), "0xffffc000 is no place for a notifier");
+    r.config_write(4, old_low);
+    r.config_write(5, u32::MAX);
+    assert_eq!(r.config_read(5), u32::MAX);
+    assert!(r.notifiers().is_empty(), "nor is 0xffffffff_c0000000");
+    r.config_write(5, 0);
+    assert_eq!(r.notifiers(), [MMIO32.start + NOTIFY_OFFSET], "back where it was");
+    // Both halves sized, then the firmware's own address written.
+    r.config_write(4, u32::MAX);
+    r.config_write(5, u32::MAX);
+    assert_eq!(r.read(0xffff_ffff_ffff_c000 + MSIX_TABLE_OFFSET, 4), None);
+    r.move_bar(0xd000_0000);
+    assert_eq!(r.notifiers(), [0xd000_0000 + NOTIFY_OFFSET]);
+    assert_eq!(
+        r.every_registration(),
+        [BAR0_ADDR, MMIO32.start, MMIO32.start, MMIO32.start, 0xd000_0000]
+            .map(|a| a + NOTIFY_OFFSET),
+        "before the root, the root's place, after each half was sized, the new place"
+    );
+}
+
+#[test]
+fn msix_table_and_pba_answer_at_the_moved_bar_and_not_at_the_old_one() {
+    let r = OnRoot::new(MMIO64);
+    let data_of_vector_1 = MSIX_TABLE_OFFSET + msix::ENTRY_SIZE + 8;
+    assert_eq!(r.read(SEEN_BY_ROOT + data_of_vector_1, 4), Some(u64::from(QUEUE_MSI_DATA)));
+    let moved = 0x3f00_0000_0000;
+    r.move_bar(moved);
+    assert_eq!(r.read(SEEN_BY_ROOT + data_of_vector_1, 4), None, "the old table is gone");
+    assert_eq!(r.read(moved + data_of_vector_1, 4), Some(u64::from(QUEUE_MSI_DATA)));
+    assert!(r.write(moved + data_of_vector_1, 4, 0x52), "the guest reprograms the vector");
+    let mask_of_vector_1 = MSIX_TABLE_OFFSET + msix::ENTRY_SIZE + 12;
+    assert!(r.write(moved + mask_of_vector_1, 4, 1));
+    r.d.sink.msis.lock().unwrap().clear();
+    r.d.dev.interrupt.signal_used_queue(0); // the old transport: not on the root
+    assert_eq!(r.read(moved + MSIX_PBA_OFFSET, 8), Some(0), "this PBA belongs to the moved one");
+    assert_eq!(r.read(SEEN_BY_ROOT + MSIX_PBA_OFFSET, 8), None);
+    // A queue interrupt on the moved function: masked, so pending in the PBA at the new
+    // place; unmasked through the new place, it is sent with the new data.
+    let mut r = r;
+    r.push_request(0);
+    assert!(r.write(moved + NOTIFY_OFFSET, 2, 0));
+    assert!(wait_used(&r.d, 1));
+    assert_eq!(r.read(moved + MSIX_PBA_OFFSET, 8), Some(0b10));
+    assert!(r.d.msis().is_empty(), "masked");
+    assert!(r.write(moved + mask_of_vector_1, 4, 0));
+    assert_eq!(r.d.msis(), [(MSI_ADDR, 0x52)]);
+}
+
+#[test]
+fn a_64_bit_bar_just_below_the_physical_address_limit_keeps_notifiers_and_msix() {
+    let r = OnRoot::new(MMIO64);
+    let top = PHYS_LIMIT - BAR0_SIZE;
+    r.move_bar(top);
+    assert_eq!(r.notifiers(), [top + NOTIFY_OFFSET]);
+    assert_eq!(r.read(top + MSIX_TABLE_OFFSET + 8, 4), Some(u64::from(CONFIG_MSI_DATA)));
+    r.move_bar(PHYS_LIMIT);
+    assert!(r.notifiers().is_empty(), "beyond the limit (outside every window)");
+    assert_eq!(r.read(PHYS_LIMIT + MSIX_TABLE_OFFSET, 4), None);
+}
+
+#[test]
+fn restore_through_the_root_registers_the_notifiers_at_the_saved_bar_address() {
+    for saved_at in [SEEN_BY_ROOT, 0x180_0000_0000] {
+        let mut r = OnRoot::new(MMIO64);
+        r.move_bar(saved_at);
+        let saved = r.root.lock().unwrap().save_function(r.bdf).unwrap();
+        let registry = Arc::new(TestRegistry::default());
+        let fresh = pci_root(MMIO64);
+        let dev = fresh_rng(&r.d).with_notifiers(registry.clone());
+        let bdf = fresh.lock().unwrap().add_device(Box::new(dev)).unwrap();
+        assert!(registry.live().is_empty(), "a fresh device is not active");
+        fresh.lock().unwrap().restore_function(bdf, &saved).unwrap();
+        let live: Vec<u64> = registry.live().iter().map(|(a, _)| *a).collect();
+        assert_eq!(live, [saved_at + NOTIFY_OFFSET], "saved at {saved_at:#x}");
+        r.push_request(0);
+        registry.live()[0].1.fire();
+        assert!(wait_used(&r.d, 1), "the restored I/O thread serves the queue");
+    }
+}
+
+/// Every kind of virtio function Hutch builds.
+fn every_virtio_function() -> Vec<(&'static str, VirtioPciDevice)> {
+    use crate::virtio::input::Input;
+    let file = tempfile::NamedTempFile::new().unwrap();
+    file.as_file().set_len(1 << 20).unwrap();
+    let raw = disk::RawFile::open(file.path(), true).unwrap();
+    let block = crate::virtio::block::Block::new(Box::new(raw), true, "ids".into()).unwrap();
+    let devices: Vec<(&str, Box<dyn VirtioDevice>)> = vec![
+        ("rng", Box::new(Rng::new().unwrap())),
+        ("block", Box::new(block)),
+        ("keyboard", Box::new(Input::keyboard().unwrap())),
+        ("tablet", Box::new(Input::tablet().unwrap())),
+        ("mouse", Box::new(Input::mouse().unwrap())),
+    ];
+    let d = driver();
+    devices
+        .into_iter()
+        .map(|(name, dev)| {
+            (name, VirtioPciDevice::new(dev, d.mem.clone(), d.sink.clone()).unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn every_virtio_function_has_the_ids_ovmf_virtio10_binds_to() {
+    for (name, mut dev) in every_virtio_function() {
+        let ids = dev.read_config_register(0);
+        assert_eq!(ids as u16, 0x1af4, "{name}: vendor");
+        assert!((0x1040..=0x107f).contains(&(ids >> 16)), "{name}: a modern device id");
+        assert!(dev.read_config_register(2) & 0xff >= 1, "{name}: RevisionID >= 1");
+        let subsystem = dev.read_config_register(11);
+        assert_eq!(subsystem as u16, 0x1af4, "{name}: subsystem vendor");
+        assert!(subsystem >> 16 >= 0x40, "{name}: SubsystemID >= 0x40");
+        assert_ne!(dev.read_config_register(1) & 1 << 20, 0, "{name}: a capability list");
+    }
+}
+
+#[test]
+fn without_a_rom_the_rom_bar_reads_0_and_the_interrupt_line_is_storage_under_a_fixed_pin() {
+    for (name, mut dev) in every_virtio_function() {
+        dev.write_config_register(12, 0, &u32::MAX.to_le_bytes());
+        assert_eq!(dev.read_config_register(12), 0, "{name}: no ROM, nothing to size");
+        dev.write_config_register(15, 0, &[0x0b, 0x01]);
+        assert_eq!(dev.read_config_register(15) & 0xffff, 0x000b, "{name}: line kept, pin 0");
+    }
 }
