@@ -47,7 +47,8 @@ use crate::error_chain;
 use crate::hypervisor::{InterruptSink, NotifierRegistry};
 use crate::memory::GuestMemory;
 use crate::pci::config::{
-    CLASS_DISPLAY_OTHER, CLASS_INPUT_OTHER, CLASS_NETWORK_ETHERNET, CLASS_OTHER, CLASS_STORAGE_SCSI,
+    CLASS_DISPLAY_OTHER, CLASS_INPUT_OTHER, CLASS_NETWORK_ETHERNET, CLASS_OTHER,
+    CLASS_STORAGE_SCSI, COMMAND_REG,
 };
 use crate::pci::msix::{self, MsixMessage, MsixTable};
 use crate::pci::{PciBar, PciBarKind, PciConfiguration, PciDevice, PciError, PciHeader};
@@ -185,6 +186,9 @@ pub struct VirtioPciDevice {
     active: bool,
     /// I/O threads stopped for a snapshot; notifies wait for [`PciDevice::resume`].
     quiesced: bool,
+    /// The device's own threads are parked ([`VirtioDevice::quiesce`]): quiesced, or bus
+    /// mastering off.
+    parked: bool,
     /// The BAR holding the virtio registers (0, or 2 when BAR 0 is a RAM BAR).
     regs_bar: u8,
     /// Where the PCI root decodes that BAR ([`PciDevice::bar_decoded`]): the notifiers'
@@ -309,6 +313,7 @@ impl VirtioPciDevice {
             queues: max_sizes.into_iter().map(QueueConfig::new).collect(),
             active: false,
             quiesced: false,
+            parked: false,
             regs_bar,
             regs_decoded: None,
         })
@@ -435,6 +440,49 @@ impl VirtioPciDevice {
         device_name(lock(&self.device).device_type())
     }
 
+    /// Whether the device may touch guest memory: not quiesced for a snapshot, and bus
+    /// mastering (command bit 2) on. Otherwise no queue is processed and no MSI is sent: a
+    /// function without bus mastering may not do DMA, and firmware turns it off around
+    /// enumeration and hand-over. Notifies wait and are served once it may again.
+    fn may_dma(&self) -> bool {
+        !self.quiesced && self.config.bus_master_enabled()
+    }
+
+    /// Brings the I/O threads, the device's own threads and MSI delivery in line with
+    /// [`Self::may_dma`] after the command register changed or a quiesce.
+    fn follow_dma(&mut self) {
+        lock(&self.interrupt.state).msix.set_bus_master(self.config.bus_master_enabled());
+        if !self.may_dma() {
+            self.update_queue_threads();
+            self.park();
+        } else if self.parked {
+            self.unpark();
+        } else {
+            self.update_queue_threads();
+        }
+    }
+
+    fn park(&mut self) {
+        if !self.parked {
+            self.parked = true;
+            lock(&self.device).quiesce();
+        }
+    }
+
+    /// The device's threads and the I/O threads back, a pass over every queue for the
+    /// notifies that came meanwhile, and the MSIs that pended.
+    fn unpark(&mut self) {
+        self.parked = false;
+        lock(&self.device).resume();
+        self.update_queue_threads();
+        for index in 0..self.queues.len() {
+            if self.queues[index].enabled {
+                self.notify(index);
+            }
+        }
+        self.interrupt.deliver_pending();
+    }
+
     /// Picks up MSI-X enable / function-mask changes from the capability.
     fn update_msix_control(&mut self) {
         let control = (self.config.read_reg(self.msix_control_reg) >> 16) as u16;
@@ -452,6 +500,9 @@ impl PciDevice for VirtioPciDevice {
         self.config.write_reg(reg, offset, data);
         if reg == self.msix_control_reg {
             self.update_msix_control();
+        }
+        if reg == COMMAND_REG {
+            self.follow_dma();
         }
         // A moved BAR or a decoding change reaches the notifiers through the root's
         // `bar_decoded`, never from the registers here: mid-sizing they hold garbage.
@@ -526,21 +577,17 @@ impl PciDevice for VirtioPciDevice {
 
     fn quiesce(&mut self) {
         self.quiesced = true;
-        self.update_queue_threads();
-        lock(&self.device).quiesce();
+        self.follow_dma();
     }
 
     /// Also right after a restore: a notify the saved machine's I/O thread had not served
-    /// yet is served by this pass.
+    /// yet is served by this pass (unless bus mastering is off: then when it is on).
     fn resume(&mut self) {
         self.quiesced = false;
-        lock(&self.device).resume();
-        self.update_queue_threads();
-        // A notify may have come while the threads were stopped: serve every queue once.
-        for index in 0..self.queues.len() {
-            if self.queues[index].enabled {
-                self.notify(index);
-            }
+        if self.may_dma() {
+            self.unpark();
+        } else {
+            self.follow_dma();
         }
     }
 }

@@ -3,7 +3,8 @@
 //! enabled queue instead gets an I/O thread sleeping on a hypervisor notifier (KVM: an
 //! ioeventfd) registered at that slot, so the guest's write completes without a VMM exit.
 //! The threads follow the device state and where the PCI root decodes the BAR (moved by the
-//! guest, decoding turned off, or mid-sizing: no notifier), and stop while quiesced.
+//! guest, decoding turned off, or mid-sizing: no notifier), and stop while quiesced or
+//! while bus mastering is off.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -131,7 +132,7 @@ impl VirtioPciDevice {
     /// register BAR: a notifier at an address the root no longer decodes would still catch
     /// the guest's writes there.
     pub(super) fn update_queue_threads(&mut self) {
-        let want = if self.quiesced { None } else { self.notify_base() };
+        let want = if self.may_dma() { self.notify_base() } else { None };
         if self.queue_threads.first().map(|w| w.base) == want {
             return;
         }
@@ -178,8 +179,9 @@ impl VirtioPciDevice {
         {
             return;
         }
-        if self.failed.load(Ordering::Acquire) || self.quiesced {
-            // While quiesced the notify is served by the pass resume makes.
+        if self.failed.load(Ordering::Acquire) || !self.may_dma() {
+            // Served by the pass made when the device may touch guest memory again
+            // (resume, or bus mastering back on).
             return;
         }
         let result = lock(&self.device).process_queue(queue_index);

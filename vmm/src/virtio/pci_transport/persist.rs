@@ -242,6 +242,7 @@ impl VirtioPciDevice {
             let m = &saved.msix;
             let mut st = lock(&self.interrupt.state);
             st.msix = msix;
+            st.msix.set_bus_master(self.config.bus_master_enabled());
             st.config_vector = m.config_vector;
             st.queue_vectors = m.queue_vectors.clone();
             st.isr = m.isr;
@@ -258,6 +259,11 @@ impl VirtioPciDevice {
         // tells the BAR's place again right after a restore (`PciDevice::bar_decoded`).
         self.regs_decoded = None;
         self.update_queue_threads();
+        if !self.may_dma() {
+            self.park();
+        }
+        // Coming back from parked is `resume`'s, which follows a restore and serves every
+        // queue once.
         Ok(())
     }
 }

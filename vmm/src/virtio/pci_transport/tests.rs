@@ -441,9 +441,6 @@ fn decoding_off_takes_the_notifiers_away_until_it_is_on_again_at_the_new_address
     );
 }
 
-const COMMAND_MEMORY: u16 = crate::pci::config::COMMAND_MEMORY_SPACE as u16;
-const COMMAND_BUS_MASTER: u16 = crate::pci::config::COMMAND_BUS_MASTER as u16;
-
 #[test]
 fn sizing_the_register_bar_with_decoding_on_registers_nothing_at_the_sizing_address() {
     // The BAR in the 32-bit window, as SeaBIOS finds it when it sizes without turning
@@ -579,4 +576,58 @@ fn without_a_rom_the_rom_bar_reads_0_and_the_interrupt_line_is_storage_under_a_f
         dev.write_config_register(15, 0, &[0x0b, 0x01]);
         assert_eq!(dev.read_config_register(15) & 0xffff, 0x000b, "{name}: line kept, pin 0");
     }
+}
+
+#[test]
+fn with_bus_mastering_off_no_queue_is_processed_until_it_is_on_again() {
+    let mut r = OnRoot::new(MMIO64);
+    r.command(COMMAND_MEMORY);
+    assert!(r.notifiers().is_empty(), "no I/O thread may touch guest memory");
+    r.push_request(0);
+    assert!(r.write(SEEN_BY_ROOT + NOTIFY_OFFSET, 2, 0), "the notify still decodes");
+    thread::sleep(std::time::Duration::from_millis(20));
+    assert_eq!(r.d.tq.used_idx(&r.d.mem), 0, "but the queue is left alone");
+    r.d.sink.msis.lock().unwrap().clear();
+    r.command(COMMAND_MEMORY | COMMAND_BUS_MASTER);
+    assert_eq!(r.d.tq.used_idx(&r.d.mem), 1, "served once bus mastering is back");
+    assert_eq!(r.d.msis(), [(MSI_ADDR, QUEUE_MSI_DATA)]);
+    assert_eq!(r.notifiers(), [SEEN_BY_ROOT + NOTIFY_OFFSET], "the I/O thread is back");
+    r.push_request(1);
+    r.registry.live()[0].1.fire();
+    assert!(wait_used(&r.d, 2));
+}
+
+#[test]
+fn an_interrupt_raised_with_bus_mastering_off_pends_and_is_sent_once_it_is_on() {
+    let mut d = driver();
+    d.bring_up();
+    d.dev.write_config_register(1, 0, &COMMAND_MEMORY.to_le_bytes());
+    d.dev.interrupt.signal_config_change();
+    assert!(d.msis().is_empty(), "an MSI is a memory write: not without bus mastering");
+    assert_eq!(d.read(MSIX_PBA_OFFSET, 8), 0b01, "the config vector pends");
+    d.dev.write_config_register(1, 0, &(COMMAND_MEMORY | COMMAND_BUS_MASTER).to_le_bytes());
+    assert_eq!(d.msis(), [(MSI_ADDR, CONFIG_MSI_DATA)]);
+    assert_eq!(d.read(MSIX_PBA_OFFSET, 8), 0);
+}
+
+#[test]
+fn a_function_saved_with_bus_mastering_off_serves_its_queues_only_once_it_is_on() {
+    let (mut d, _) = threaded_driver();
+    d.bring_up();
+    d.dev.write_config_register(1, 0, &COMMAND_MEMORY.to_le_bytes());
+    d.tq.set_desc(&d.mem, 0, 0x20_0000, 64, crate::virtio::queue::testing::DESC_F_WRITE, 0);
+    d.tq.push(&d.mem, 0);
+    d.notify(0);
+    let saved = d.dev.save_state().unwrap();
+    let registry = Arc::new(TestRegistry::default());
+    d.dev = fresh_rng(&d).with_notifiers(registry.clone());
+    d.dev.restore_state(&saved).unwrap();
+    d.dev.bar_decoded(0, Some(BAR0_ADDR));
+    d.dev.resume();
+    thread::sleep(std::time::Duration::from_millis(20));
+    assert_eq!(d.tq.used_idx(&d.mem), 0, "restored without bus mastering: left alone");
+    assert!(registry.live().is_empty());
+    d.dev.write_config_register(1, 0, &(COMMAND_MEMORY | COMMAND_BUS_MASTER).to_le_bytes());
+    assert_eq!(d.tq.used_idx(&d.mem), 1);
+    assert_eq!(registry.live().len(), 1);
 }
