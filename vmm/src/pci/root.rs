@@ -1577,4 +1577,82 @@ mod tests {
             "in between, the new low half under the old high half"
         );
     }
+
+    #[test]
+    fn bars_moved_onto_another_or_to_garbage_decode_nothing_new_and_come_back() {
+        let root = root_with(PciRootConfig {
+            mmio64: PciWindow::new(0x100_0000_0000, 0x100_0000_0000),
+            ..config()
+        });
+        let bars = || {
+            vec![
+                bar(0, 0x1000, PciBarKind::Memory32),
+                bar(1, 0x20, PciBarKind::Io),
+                bar(2, 0x4000, PciBarKind::Memory64),
+            ]
+        };
+        let (first, first_writes) = TestDevice::with_bars(bars());
+        let (second, second_writes) = TestDevice::with_bars(bars());
+        root.lock().unwrap().add_device(Box::new(first)).unwrap();
+        root.lock().unwrap().add_device(Box::new(second)).unwrap();
+        let mut io = PciConfigIo::new(root.clone());
+        let first_bar0 = cfc_read(&mut io, 1, 4);
+        let (second_bar0, second_bar1) = (cfc_read(&mut io, 2, 4), cfc_read(&mut io, 2, 5));
+        let second_bar2 = (cfc_read(&mut io, 2, 6), cfc_read(&mut io, 2, 7));
+
+        // Onto the other function's BAR: one of them takes the access, never both.
+        cfc_write(&mut io, 2, 4, first_bar0);
+        assert!(mmio_write(&root, u64::from(first_bar0) + 4, &[7]));
+        let taken = first_writes.lock().unwrap().len() + second_writes.lock().unwrap().len();
+        assert_eq!(taken, 1);
+        assert!(!mmio_write(&root, u64::from(second_bar0), &[7]), "its old place is gone");
+
+        // Garbage: over RAM, the ECAM, the LAPIC, across 4 GiB or the end of port space,
+        // wrapping the 64-bit space, sizing addresses, unaligned values.
+        let garbage = [
+            (4, 0x0010_0000),
+            (4, ECAM as u32),
+            (4, 0xfee0_0000),
+            (4, 0xffff_f000),
+            (4, 0xffff_ffff),
+            (4, 0x1234_5678),
+            (5, 0xfff0),
+            (5, 0xffff_ffff),
+            (5, 0x0001_0000),
+            (5, 0x3),
+        ];
+        for (reg, value) in garbage {
+            cfc_write(&mut io, 2, reg, value);
+        }
+        for (low, high) in [(0xffff_c000, u32::MAX), (0, 0x8000_0000), (0xffff_fff0, 0x0fff_ffff)] {
+            cfc_write(&mut io, 2, 6, low);
+            cfc_write(&mut io, 2, 7, high);
+        }
+        let mut d = [0u8; 4];
+        for addr in [0x0010_0000, ECAM, 0xfee0_0000, 0xffff_f000, 0xffff_ffff_ffff_c000] {
+            assert!(!mmio_read(&root, addr, &mut d), "{addr:#x} decodes");
+        }
+        let mut ports = PciIoWindow::new(root.clone(), IO.start);
+        ports.read(IO.size - 4, &mut d);
+        assert_eq!(d, [0xff; 4], "nothing at the top of the I/O window");
+        assert!(!mmio_write(&root, u64::from(second_bar2.0) + 8, &[1]), "the 64-bit BAR left");
+        let total = first_writes.lock().unwrap().len() + second_writes.lock().unwrap().len();
+        assert_eq!(total, 1, "no garbage address reached a function");
+
+        // Put back where they were, they decode again.
+        for (reg, value) in
+            [(4, second_bar0), (5, second_bar1), (6, second_bar2.0), (7, second_bar2.1)]
+        {
+            cfc_write(&mut io, 2, reg, value);
+        }
+        second_writes.lock().unwrap().clear();
+        assert!(mmio_write(&root, u64::from(second_bar0) + 1, &[1]));
+        let bar2 = u64::from(second_bar2.1) << 32 | u64::from(second_bar2.0 & !0xf);
+        assert!(mmio_write(&root, bar2 + 2, &[2]));
+        ports.write(u64::from(second_bar1 & !3) - IO.start + 3, &[3]);
+        assert_eq!(
+            second_writes.lock().unwrap().as_slice(),
+            &[(0, 1, vec![1]), (2, 2, vec![2]), (1, 3, vec![3])]
+        );
+    }
 }

@@ -4,8 +4,11 @@ use std::thread;
 
 use super::testing::*;
 use super::*;
+use crate::devices::bus::BusDevice;
 use crate::pci::root::{mmio_read, mmio_write};
-use crate::pci::{Bdf, PciHostBridge, PciRoot, PciRootConfig, PciWindow};
+use crate::pci::{
+    Bdf, PciConfigIo, PciConfigMmio, PciHostBridge, PciRoot, PciRootConfig, PciWindow,
+};
 use crate::state::StateError;
 use crate::virtio::rng::Rng;
 use crate::virtio::{STATUS_ACKNOWLEDGE, STATUS_DRIVER};
@@ -630,4 +633,77 @@ fn a_function_saved_with_bus_mastering_off_serves_its_queues_only_once_it_is_on(
     d.dev.write_config_register(1, 0, &(COMMAND_MEMORY | COMMAND_BUS_MASTER).to_le_bytes());
     assert_eq!(d.tq.used_idx(&d.mem), 1);
     assert_eq!(registry.live().len(), 1);
+}
+
+/// The offset of capability `id` in `r`'s configuration space, walking the list.
+fn capability(r: &OnRoot, id: u8) -> Option<usize> {
+    let mut ptr = r.config_read(13) as usize & 0xfc;
+    for _ in 0..48 {
+        if ptr < 0x40 {
+            return None;
+        }
+        let dword = r.config_read(ptr / 4);
+        if dword as u8 == id {
+            return Some(ptr);
+        }
+        ptr = (dword >> 8) as usize & 0xfc;
+    }
+    None
+}
+
+#[test]
+fn hostile_config_accesses_do_not_panic_or_change_read_only_fields() {
+    let r = OnRoot::new(MMIO64);
+    let msix_control_reg = capability(&r, msix::CAP_ID_MSIX).unwrap() / 4;
+    // What a guest may change: command (I/O, memory, bus master, INTx disable), the BAR's
+    // address bits, the interrupt line, MSI-X enable and function mask. No ROM to place.
+    let writable = |reg: usize| match reg {
+        1 => 0x0000_0407,
+        4 => 0xffff_c000,
+        5 => u32::MAX,
+        15 => 0xff,
+        r if r == msix_control_reg => 0xc000_0000,
+        _ => 0,
+    };
+    let before: Vec<u32> = (0..64).map(|reg| r.config_read(reg)).collect();
+    let mut ports = PciConfigIo::new(r.root.clone());
+    let mut ecam = PciConfigMmio::new(r.root.clone());
+    let function = u64::from(r.bdf.device()) << 15;
+    let cf8 = |reg: u64| (0x8000_0000 | function >> 4 | reg << 2) as u32;
+    let mut sink = [0u8; 8];
+    // Every byte offset with every length, odd and oversized ones too; all-ones, a pattern,
+    // then zeroes; reads in between. ECAM's extended space and the 0xCF8 latch too.
+    for value in [u64::MAX, 0xa55a_5aa5_1234_8765, 0] {
+        let bytes = value.to_le_bytes();
+        for offset in 0..0x100u64 {
+            for len in [1, 2, 3, 4, 8] {
+                ports.write(0, &cf8(offset / 4).to_le_bytes());
+                ports.write(4 + offset % 4, &bytes[..len]);
+                ports.read(4 + offset % 4, &mut sink[..len]);
+                ports.write(offset % 8, &bytes[..len]);
+                ecam.write(function + offset, &bytes[..len]);
+                ecam.read(function + offset, &mut sink[..len]);
+            }
+        }
+        for offset in (0x100..0x1000).step_by(0x3d) {
+            ecam.write(function + offset, &bytes[..4]);
+            ecam.read(function + offset, &mut sink[..4]);
+            // A dword across a dword boundary is no configuration access at all.
+            let expected = if offset % 4 == 0 { 0 } else { 0xff };
+            assert_eq!(sink[..4], [expected; 4], "extended space at {offset:#x}");
+        }
+    }
+    let after: Vec<u32> = (0..64).map(|reg| r.config_read(reg)).collect();
+    for reg in 0..64 {
+        let changed = before[reg] ^ after[reg];
+        assert_eq!(changed & !writable(reg), 0, "read-only bits of register {reg:#x} changed");
+    }
+    assert_eq!(after[0], 0x1044_1af4, "vendor and device");
+    assert_eq!(after[4] & 0xf, 0b0100, "a 64-bit memory BAR still");
+    assert_eq!(after[12], 0, "no ROM");
+    // Zeroes were written last: nothing decodes; placed again, the function answers.
+    assert_eq!(r.read(SEEN_BY_ROOT, 4), None);
+    r.move_bar(SEEN_BY_ROOT);
+    r.command(COMMAND_MEMORY | COMMAND_BUS_MASTER);
+    assert_eq!(r.read(SEEN_BY_ROOT + 0x12, 2), Some(1), "num_queues: virtio-rng has one");
 }
