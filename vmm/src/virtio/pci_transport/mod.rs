@@ -15,7 +15,10 @@
 //! Interrupts are MSI-X only: INTx is not wired (interrupt pin 0). A vector that is masked
 //! (entry or function mask) is recorded in the PBA and sent when unmasked; an interrupt with
 //! MSI-X disabled or with no vector assigned only sets the ISR bit.
-//! The VIRTIO_PCI_CAP_PCI_CFG access window is not offered (Linux does not use it).
+//! The VIRTIO_PCI_CAP_PCI_CFG window (the last capability) reaches the register BAR through
+//! configuration space, for firmware that cannot map a BAR placed above 4 GiB (SeaBIOS):
+//! the driver selects BAR, offset and length, and a read or write of its data field is that
+//! access to the BAR.
 //!
 //! A device with a [RAM BAR](VirtioDevice::ram_bar) (virtio-gpu's boot framebuffer) gets it
 //! as BAR 0, 32-bit prefetchable, and the register BAR above moves to BAR 2, the layout of
@@ -86,6 +89,9 @@ const CAP_COMMON_CFG: u8 = 1;
 const CAP_NOTIFY_CFG: u8 = 2;
 const CAP_ISR_CFG: u8 = 3;
 const CAP_DEVICE_CFG: u8 = 4;
+const CAP_PCI_CFG: u8 = 5;
+/// The PCI_CFG capability's length: a virtio_pci_cap and the 4-byte data field.
+const PCI_CFG_CAP_LEN: u8 = 20;
 
 const ISR_QUEUE: u8 = 1;
 const ISR_CONFIG: u8 = 2;
@@ -98,6 +104,21 @@ pub enum VirtioPciError {
     QueueMaxSize { index: usize, size: u16 },
     #[error("Could not build the PCI configuration space")]
     Pci(#[from] PciError),
+}
+
+/// The PCI_CFG capability's fields, as registers after its first: BAR (byte 0), offset,
+/// length, data.
+const PCI_CFG_BAR: usize = 1;
+const PCI_CFG_OFFSET: usize = 2;
+const PCI_CFG_LENGTH: usize = 3;
+const PCI_CFG_DATA: usize = 4;
+
+/// The PCI_CFG capability after its id and next pointer: the register BAR `bar` (as every
+/// capability names it), no access selected (offset 0, length 0), data 0.
+fn pci_cfg_cap_body(bar: u8) -> Vec<u8> {
+    let mut body = vec![PCI_CFG_CAP_LEN, CAP_PCI_CFG, bar];
+    body.resize(usize::from(PCI_CFG_CAP_LEN) - 2, 0);
+    body
 }
 
 /// The MSI-X table and what virtio maps onto it: the config and per-queue vectors, and the
@@ -177,6 +198,9 @@ pub struct VirtioPciDevice {
     interrupt: Arc<PciInterrupt>,
     /// Configuration register whose high half is the MSI-X message control word.
     msix_control_reg: usize,
+    /// The PCI_CFG capability's first register: the BAR, offset, length and data fields
+    /// are the four after it.
+    pci_cfg_reg: usize,
     device_feature_select: u32,
     driver_feature_select: u32,
     driver_features: u64,
@@ -287,6 +311,12 @@ impl VirtioPciDevice {
             msix_control_reg,
             u32::from(msix::CONTROL_ENABLE | msix::CONTROL_FUNCTION_MASK) << 16,
         );
+        // Last, so that the capabilities before it keep the offsets snapshots saved them at.
+        let pci_cfg_reg = config.add_capability(CAP_ID_VENDOR, &pci_cfg_cap_body(regs_bar))? / 4;
+        for (field, mask) in [(PCI_CFG_BAR, 0xff), (PCI_CFG_OFFSET, !0), (PCI_CFG_LENGTH, !0)] {
+            config.set_writable_bits(pci_cfg_reg + field, mask);
+        }
+        config.set_writable_bits(pci_cfg_reg + PCI_CFG_DATA, !0);
         let interrupt = Arc::new(PciInterrupt {
             sink: interrupt,
             state: Mutex::new(InterruptState {
@@ -305,6 +335,7 @@ impl VirtioPciDevice {
             failed: Arc::new(AtomicBool::new(false)),
             interrupt,
             msix_control_reg,
+            pci_cfg_reg,
             device_feature_select: 0,
             driver_feature_select: 0,
             driver_features: 0,
@@ -440,6 +471,40 @@ impl VirtioPciDevice {
         device_name(lock(&self.device).device_type())
     }
 
+    /// The register-BAR access the PCI_CFG capability selects: (offset, length), if it is
+    /// one a driver may make (virtio 1.2 section 4.1.4.9: length 1, 2 or 4, aligned to it,
+    /// inside the BAR). Anything else is ignored.
+    fn pci_cfg_access(&self) -> Option<(u64, usize)> {
+        let field = |f| self.config.read_reg(self.pci_cfg_reg + f);
+        let bar = field(PCI_CFG_BAR) as u8;
+        let offset = u64::from(field(PCI_CFG_OFFSET));
+        let length = field(PCI_CFG_LENGTH);
+        let fits = bar == self.regs_bar
+            && matches!(length, 1 | 2 | 4)
+            && offset % u64::from(length) == 0
+            && offset + u64::from(length) <= BAR0_SIZE;
+        fits.then_some((offset, length as usize))
+    }
+
+    /// A read of the PCI_CFG data field: the selected access, its bytes first.
+    fn pci_cfg_read(&mut self) -> u32 {
+        let mut data = [0u8; 4];
+        if let Some((offset, length)) = self.pci_cfg_access() {
+            let bar = self.regs_bar;
+            self.bar_read(bar, offset, &mut data[..length]);
+        }
+        u32::from_le_bytes(data)
+    }
+
+    /// After a write of the PCI_CFG data field: the selected access with its first bytes.
+    fn pci_cfg_write(&mut self) {
+        if let Some((offset, length)) = self.pci_cfg_access() {
+            let data = self.config.read_reg(self.pci_cfg_reg + PCI_CFG_DATA).to_le_bytes();
+            let bar = self.regs_bar;
+            self.bar_write(bar, offset, &data[..length]);
+        }
+    }
+
     /// Whether the device may touch guest memory: not quiesced for a snapshot, and bus
     /// mastering (command bit 2) on. Otherwise no queue is processed and no MSI is sent: a
     /// function without bus mastering may not do DMA, and firmware turns it off around
@@ -493,6 +558,9 @@ impl VirtioPciDevice {
 
 impl PciDevice for VirtioPciDevice {
     fn read_config_register(&mut self, reg: usize) -> u32 {
+        if reg == self.pci_cfg_reg + PCI_CFG_DATA {
+            return self.pci_cfg_read();
+        }
         self.config.read_reg(reg)
     }
 
@@ -500,6 +568,9 @@ impl PciDevice for VirtioPciDevice {
         self.config.write_reg(reg, offset, data);
         if reg == self.msix_control_reg {
             self.update_msix_control();
+        }
+        if reg == self.pci_cfg_reg + PCI_CFG_DATA {
+            self.pci_cfg_write();
         }
         if reg == COMMAND_REG {
             self.follow_dma();

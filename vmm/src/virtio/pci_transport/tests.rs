@@ -55,7 +55,7 @@ fn capability_list_walks_to_virtio_and_msix_caps() {
         ptr = (dword >> 8) as usize & 0xff;
     }
     found.sort();
-    assert_eq!(found, vec![1, 2, 3, 4, 0x11]);
+    assert_eq!(found, vec![1, 2, 3, 4, 5, 0x11]);
 }
 
 #[test]
@@ -655,14 +655,18 @@ fn capability(r: &OnRoot, id: u8) -> Option<usize> {
 fn hostile_config_accesses_do_not_panic_or_change_read_only_fields() {
     let r = OnRoot::new(MMIO64);
     let msix_control_reg = capability(&r, msix::CAP_ID_MSIX).unwrap() / 4;
+    let pci_cfg = r.d.dev.pci_cfg_reg;
     // What a guest may change: command (I/O, memory, bus master, INTx disable), the BAR's
-    // address bits, the interrupt line, MSI-X enable and function mask. No ROM to place.
+    // address bits, the interrupt line, MSI-X enable and function mask, and the PCI_CFG
+    // capability's BAR, offset, length and data. No ROM to place.
     let writable = |reg: usize| match reg {
         1 => 0x0000_0407,
         4 => 0xffff_c000,
         5 => u32::MAX,
         15 => 0xff,
         r if r == msix_control_reg => 0xc000_0000,
+        r if r == pci_cfg + 1 => 0xff,
+        r if (pci_cfg + 2..pci_cfg + 5).contains(&r) => u32::MAX,
         _ => 0,
     };
     let before: Vec<u32> = (0..64).map(|reg| r.config_read(reg)).collect();
@@ -706,4 +710,75 @@ fn hostile_config_accesses_do_not_panic_or_change_read_only_fields() {
     r.move_bar(SEEN_BY_ROOT);
     r.command(COMMAND_MEMORY | COMMAND_BUS_MASTER);
     assert_eq!(r.read(SEEN_BY_ROOT + 0x12, 2), Some(1), "num_queues: virtio-rng has one");
+}
+
+/// The PCI_CFG capability's register, and the driver's selection of an access through it.
+fn select_pci_cfg(d: &mut TestDriver, bar: u8, offset: u32, length: u32) -> usize {
+    let cap = d.dev.pci_cfg_reg;
+    d.dev.write_config_register(cap + 1, 0, &[bar]);
+    d.dev.write_config_register(cap + 2, 0, &offset.to_le_bytes());
+    d.dev.write_config_register(cap + 3, 0, &length.to_le_bytes());
+    cap + 4
+}
+
+#[test]
+fn the_pci_cfg_capability_reads_writes_and_notifies_through_configuration_space() {
+    let mut d = driver();
+    let cap = d.dev.pci_cfg_reg;
+    let header = d.dev.read_config_register(cap);
+    assert_eq!((header as u8, header >> 16), (CAP_ID_VENDOR, 0x0514), "20 bytes, type 5");
+    let data = select_pci_cfg(&mut d, 0, 0x12, 2);
+    assert_eq!(d.dev.read_config_register(data), 1, "num_queues");
+    // SeaBIOS's bring-up through it: status bytes, one at a time.
+    let data = select_pci_cfg(&mut d, 0, 0x14, 1);
+    d.dev.write_config_register(data, 0, &[STATUS_ACKNOWLEDGE]);
+    assert_eq!(d.status(), STATUS_ACKNOWLEDGE);
+    assert_eq!(d.dev.read_config_register(data), u32::from(STATUS_ACKNOWLEDGE));
+    d.bring_up();
+    d.tq.set_desc(&d.mem, 0, 0x20_0000, 64, crate::virtio::queue::testing::DESC_F_WRITE, 0);
+    d.tq.push(&d.mem, 0);
+    let data = select_pci_cfg(&mut d, 0, NOTIFY_OFFSET as u32, 2);
+    d.dev.write_config_register(data, 0, &0u16.to_le_bytes());
+    assert_eq!(d.tq.used_idx(&d.mem), 1, "a notify through configuration space");
+}
+
+#[test]
+fn pci_cfg_selections_a_driver_may_not_make_are_ignored() {
+    let mut d = driver();
+    d.bring_up();
+    let bad = [
+        (2, 0x14, 1),
+        (0, 0x14, 3),
+        (0, 0x13, 2),
+        (0, 0x12, 8),
+        (0, BAR0_SIZE as u32, 1),
+        (0, BAR0_SIZE as u32 - 2, 4),
+        (0, u32::MAX, 1),
+        (0xff, 0x14, 0),
+    ];
+    for (bar, offset, length) in bad {
+        let data = select_pci_cfg(&mut d, bar, offset, length);
+        assert_eq!(d.dev.read_config_register(data), 0, "{bar} {offset:#x} {length}");
+        d.dev.write_config_register(data, 0, &0u32.to_le_bytes());
+        assert_eq!(d.status(), 0xf, "no reset through {bar} {offset:#x} {length}");
+    }
+}
+
+#[test]
+fn state_saved_before_the_pci_cfg_capability_restores_with_it() {
+    let mut d = driver();
+    d.bring_up();
+    let mut old: VirtioPciState = state::decode("t", &d.dev.save_state().unwrap()).unwrap();
+    let cap = d.dev.pci_cfg_reg;
+    let msix = d.dev.msix_control_reg;
+    old.config[cap..cap + 5].fill(0);
+    old.config[msix] &= !0xff00;
+    let mut fresh = fresh_rng(&d);
+    fresh.restore_state(&state::encode("t", &old).unwrap()).unwrap();
+    assert_eq!(fresh.read_config_register(msix) >> 8 & 0xff, cap as u32 * 4, "linked");
+    assert_eq!(fresh.read_config_register(cap) >> 24, u32::from(CAP_PCI_CFG));
+    d.dev = fresh;
+    assert_eq!(d.status(), 0xf);
+    serve_one(&mut d, 0);
+    assert_eq!(d.tq.used_idx(&d.mem), 1);
 }
