@@ -782,3 +782,25 @@ fn state_saved_before_the_pci_cfg_capability_restores_with_it() {
     serve_one(&mut d, 0);
     assert_eq!(d.tq.used_idx(&d.mem), 1);
 }
+
+#[test]
+fn a_device_with_its_own_thread_delivers_nothing_without_bus_mastering() {
+    use crate::virtio::input::Input;
+    use crate::virtio::queue::testing::{TestQueue, DESC_F_WRITE};
+    let input = Input::keyboard().unwrap();
+    let keys = input.handle();
+    let mut d = TestDriver::new(Box::new(input));
+    d.tq = TestQueue::new(64, 0x10_0000);
+    d.bring_up_queues(&[&TestQueue::new(64, 0x18_0000)]);
+    for i in 0..4 {
+        d.tq.set_desc(&d.mem, i, 0x20_0000 + 8 * u64::from(i), 8, DESC_F_WRITE, 0);
+        d.tq.push(&d.mem, i);
+    }
+    d.notify(0);
+    d.dev.write_config_register(1, 0, &COMMAND_MEMORY.to_le_bytes());
+    keys.send(&[display::InputEvent::Key { code: 30, down: true }]);
+    thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(d.tq.used_idx(&d.mem), 0, "the event thread wrote into guest memory");
+    d.dev.write_config_register(1, 0, &(COMMAND_MEMORY | COMMAND_BUS_MASTER).to_le_bytes());
+    assert!(wait_used(&d, 2), "the key and its SYN_REPORT once bus mastering is back");
+}
