@@ -1655,4 +1655,26 @@ mod tests {
             &[(0, 1, vec![1]), (2, 2, vec![2]), (1, 3, vec![3])]
         );
     }
+
+    #[test]
+    fn a_rom_sized_with_decoding_on_decodes_nothing_there_and_moved_answers_at_its_new_place() {
+        let root = root_with(config());
+        let (dev, writes) =
+            TestDevice::with_bars(vec![bar(ROM_BAR_INDEX, 0x8000, PciBarKind::Rom)]);
+        root.lock().unwrap().add_device(Box::new(dev)).unwrap();
+        let mut io = PciConfigIo::new(root.clone());
+        let placed = cfc_read(&mut io, 1, 12);
+        // SeaBIOS sizes with the enable bit written too: all-ones.
+        cfc_write(&mut io, 1, 12, u32::MAX);
+        assert_eq!(cfc_read(&mut io, 1, 12), 0xffff_8001, "32 KiB, enabled");
+        let mut d = [0u8; 2];
+        assert!(!mmio_read(&root, 0xffff_8000, &mut d), "the sizing address decodes nothing");
+        let moved = u64::from(placed) + 0x10_0000;
+        cfc_write(&mut io, 1, 12, moved as u32 | ROM_ENABLE);
+        assert!(mmio_read(&root, moved + 2, &mut d));
+        assert_eq!(d, [ROM_BAR_INDEX + 2; 2], "the device's ROM bytes at offset 2");
+        assert!(!mmio_read(&root, u64::from(placed) + 2, &mut d), "not at the old place");
+        assert!(mmio_write(&root, moved + 2, &[1]), "a ROM write is claimed");
+        assert!(writes.lock().unwrap().is_empty(), "and dropped");
+    }
 }
