@@ -472,8 +472,8 @@ impl VirtioPciDevice {
     }
 
     /// The register-BAR access the PCI_CFG capability selects: (offset, length), if it is
-    /// one a driver may make (virtio 1.2 section 4.1.4.9: length 1, 2 or 4, aligned to it,
-    /// inside the BAR). Anything else is ignored.
+    /// one a driver may make (virtio 1.2, "PCI configuration access capability": length 1, 2
+    /// or 4, aligned to it, inside the BAR). Anything else is ignored.
     fn pci_cfg_access(&self) -> Option<(u64, usize)> {
         let field = |f| self.config.read_reg(self.pci_cfg_reg + f);
         let bar = field(PCI_CFG_BAR) as u8;
