@@ -73,8 +73,7 @@ pub enum Command {
     Import(ImportArgs),
     /// List, add and remove a VM's port forwards (host port → guest port); a running VM
     /// takes the change at once.
-    #[command(subcommand)]
-    Forward(ForwardCommand),
+    Forward(ForwardArgs),
     /// Open the graphical interface (also what `hutch` alone does).
     Gui,
     /// The background VM process (internal).
@@ -191,23 +190,28 @@ pub enum SnapshotCommand {
     Delete { name: String, snapshot: String },
 }
 
+/// `hutch forward NAME list|add|remove`.
+#[derive(Debug, Args)]
+pub struct ForwardArgs {
+    pub name: String,
+    #[command(subcommand)]
+    pub command: ForwardCommand,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum ForwardCommand {
     /// The VM's forwards.
     List {
-        name: String,
         #[arg(long)]
         json: bool,
     },
     /// Forward a host port: tcp|udp:[HOSTADDR]:HOSTPORT-:GUESTPORT (e.g. tcp::2222-:22).
     Add {
-        name: String,
         #[arg(value_parser = parse_forward)]
         spec: String,
     },
     /// Stop forwarding a host port (the same SPEC as added).
     Remove {
-        name: String,
         #[arg(value_parser = parse_forward)]
         spec: String,
     },
@@ -356,6 +360,23 @@ mod tests {
         let disks: Vec<_> =
             args.machine.disks.iter().map(|d| (d.path.clone(), d.readonly)).collect();
         assert_eq!(disks, vec![("a".into(), false), ("b".into(), true)]);
+    }
+
+    #[test]
+    fn forward_takes_the_vm_first_and_keeps_specs_canonical() {
+        let cli = Cli::try_parse_from(["hutch", "forward", "web", "add", "tcp::2222-:22"]).unwrap();
+        let Some(Command::Forward(args)) = cli.command else { panic!("not forward") };
+        assert_eq!(args.name, "web");
+        let ForwardCommand::Add { spec } = args.command else { panic!("not add") };
+        assert_eq!(spec, "tcp:127.0.0.1:2222-:22");
+        assert!(Cli::try_parse_from(["hutch", "forward", "web", "add", "tcp:2222"]).is_err());
+        let cli = Cli::try_parse_from(["hutch", "run", "--kernel", "k"]).unwrap();
+        let Some(Command::Run(args)) = cli.command else { panic!("not run") };
+        assert_eq!(args.machine.to_config().net, NetMode::User);
+        let cli = Cli::try_parse_from(["hutch", "run", "--kernel", "k", "--net", "none"]).unwrap();
+        let Some(Command::Run(args)) = cli.command else { panic!("not run") };
+        let config = args.machine.to_config();
+        assert_eq!((config.net, config.mac), (NetMode::None, None));
     }
 
     #[test]

@@ -1,12 +1,13 @@
 //! `hutch forward NAME list|add|remove`.
 
-use super::args::ForwardCommand;
+use super::args::{ForwardArgs, ForwardCommand};
 use crate::library::Library;
 use crate::service::net as service;
 
-pub fn run(library: &Library, command: ForwardCommand) -> anyhow::Result<()> {
-    match command {
-        ForwardCommand::List { name, json } => {
+pub fn run(library: &Library, args: ForwardArgs) -> anyhow::Result<()> {
+    let name = args.name;
+    match args.command {
+        ForwardCommand::List { json } => {
             let view = service::list(library, &name)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&view)?);
@@ -19,11 +20,11 @@ pub fn run(library: &Library, command: ForwardCommand) -> anyhow::Result<()> {
                 println!("{forward}");
             }
         }
-        ForwardCommand::Add { name, spec } => {
+        ForwardCommand::Add { spec } => {
             let added = service::add(library, &name, &spec)?;
             println!("VM '{name}' forwards {added}");
         }
-        ForwardCommand::Remove { name, spec } => {
+        ForwardCommand::Remove { spec } => {
             let removed = service::remove(library, &name, &spec)?;
             println!("VM '{name}' no longer forwards {removed}");
         }
