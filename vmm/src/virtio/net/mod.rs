@@ -13,7 +13,7 @@
 mod device;
 mod persist;
 
-pub use device::{LinkHandle, NetConfig, VirtioNet};
+pub use device::{LinkHandle, NetConfig, NetStats, VirtioNet};
 pub use persist::NetState;
 
 /// Feature bits (virtio 1.2 section 5.1.3).
