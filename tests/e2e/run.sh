@@ -39,13 +39,14 @@ CASES=(boots_to_readiness_line guest_sees_cpus_and_memory disk_hash_matches_host
     snapshots_bring_back_memory_disk_and_console snapshot_v1_fixture_restores_and_answers
     guest_reboot_comes_back_in_the_same_vm)
 
-# The guest side of networking (virtio-net + user-mode NAT), checked against QEMU's
-# -netdev user. Not in CASES until hutch has --net/--forward; run them by name:
+# Networking (virtio-net + user-mode NAT); the guest side is checked against QEMU's
+# -netdev user too (E2E_TARGET=qemu). In CASES; alone:
 #   tests/lab/lab.sh -- tests/e2e/run.sh "${NET_CASES[@]}"
 NET_CASES=(guest_gets_a_lease_resolves_and_fetches_from_the_host
     host_fetches_from_the_guest_through_a_forward bulk_transfer_each_way_keeps_its_hash
     vm_without_network_has_no_nic forward_added_while_running_reaches_the_guest
     isolated_vm_cannot_reach_the_host snapshot_restore_keeps_the_network_for_new_connections)
+CASES+=("${NET_CASES[@]}")
 
 # --- helpers -------------------------------------------------------------------------------
 
