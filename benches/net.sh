@@ -84,13 +84,7 @@ stop_servers() {
 
 # wait_listen PORT: until something listens on 127.0.0.1:PORT (TCP).
 wait_listen() {
-    local hex i
-    hex=$(printf '0100007F:%04X 00000000:0000 0A' "$1")
-    for i in $(seq 150); do
-        grep -q "$hex" /proc/net/tcp && return 0
-        sleep 0.2
-    done
-    die "nothing listens on 127.0.0.1:$1 after 30 s"
+    tcp_listening "$1" || die "nothing listens on 127.0.0.1:$1 after 30 s"
 }
 
 # value LOG KEY: the last "HUTCH-RESULT KEY=value".

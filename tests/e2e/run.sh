@@ -921,13 +921,7 @@ net_random_token() {
 
 # wait_listen PORT: until something listens on 127.0.0.1:PORT (TCP; /proc/net/tcp, state 0A).
 wait_listen() {
-    local hex i
-    hex=$(printf '0100007F:%04X 00000000:0000 0A' "$1")
-    for i in $(seq 150); do
-        grep -q "$hex" /proc/net/tcp && return 0
-        sleep 0.2
-    done
-    fail "nothing listens on 127.0.0.1:$1 after 30 s"
+    tcp_listening "$1" || fail "nothing listens on 127.0.0.1:$1 after 30 s"
 }
 
 # The DNS responder: web.hutch.test is the host (10.0.2.2), other names are refused.
@@ -1044,8 +1038,7 @@ host_fetches_from_the_guest_through_a_forward() {
         --cmdline "$(actions "dhcp,httpd:$NET_GUEST_HTTP:$token,waitfor:$VM_TIMEOUT:http://10.0.2.2:$NET_HOST_HTTP/done,poweroff")"
     wait_vm_line "$log" 'HUTCH-RESULT httpd=' "$VM_TIMEOUT"
     expect_result "$log" httpd ready
-    grep -q "$(printf '0100007F:%04X 00000000:0000 0A' $NET_FORWARD_PORT)" /proc/net/tcp ||
-        fail "nothing listens on 127.0.0.1:$NET_FORWARD_PORT"
+    tcp_listening "$NET_FORWARD_PORT" 0 || fail "nothing listens on 127.0.0.1:$NET_FORWARD_PORT"
     ! grep -q "$(printf '00000000:%04X 00000000:0000 0A' $NET_FORWARD_PORT)" /proc/net/tcp ||
         fail "the forward listens on 0.0.0.0:$NET_FORWARD_PORT, not only 127.0.0.1"
     local got=
@@ -1147,7 +1140,7 @@ forward_added_while_running_reaches_the_guest() {
         fail "hutch forward list: $(tr '\n' ';' <"$WORK/list.txt")"
     "$HUTCH" forward $name remove "tcp::$NET_FORWARD_PORT-:$NET_GUEST_HTTP" >>"$log" 2>&1 ||
         fail "hutch forward remove: exit $? (log: $log)"
-    ! grep -q "$(printf '0100007F:%04X 00000000:0000 0A' $NET_FORWARD_PORT)" /proc/net/tcp ||
+    ! tcp_listening "$NET_FORWARD_PORT" 0 ||
         fail "127.0.0.1:$NET_FORWARD_PORT still listens after the forward was removed"
     ! grep -q "$NET_FORWARD_PORT-" "$HUTCH_HOME/vms/$name/vm.toml" || fail "vm.toml still has the removed forward"
     touch "$WORK/srv/done"
