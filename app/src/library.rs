@@ -181,6 +181,23 @@ pub fn format_mac(mac: [u8; 6]) -> String {
     mac.map(|b| format!("{b:02x}")).join(":")
 }
 
+impl VmConfig {
+    /// The forwards, each a valid spec and no host socket twice.
+    pub fn parsed_forwards(&self) -> Result<Vec<net::slirp::Forward>> {
+        let bad = |reason: String| LibraryError::InvalidConfig { what: "forwards", reason };
+        let mut forwards: Vec<net::slirp::Forward> = Vec::with_capacity(self.forwards.len());
+        for spec in &self.forwards {
+            let forward =
+                spec.parse::<net::slirp::Forward>().map_err(|e| bad(format!("'{spec}': {e}")))?;
+            if forwards.iter().any(|f| f.same_host_socket(&forward)) {
+                return Err(bad(format!("{} is forwarded twice", forward.host())));
+            }
+            forwards.push(forward);
+        }
+        Ok(forwards)
+    }
+}
+
 /// Parses `aa:bb:cc:dd:ee:ff`; a multicast address cannot be a card's.
 pub fn parse_mac(text: &str) -> Result<[u8; 6]> {
     let bad = |reason: String| LibraryError::InvalidConfig { what: "mac", reason };
@@ -256,6 +273,7 @@ impl VmConfig {
         if let Some(mac) = &self.mac {
             parse_mac(mac)?;
         }
+        self.parsed_forwards()?;
         if self.format != CONFIG_FORMAT {
             return bad("format", format!("{} (this hutch reads {CONFIG_FORMAT})", self.format));
         }
@@ -774,6 +792,11 @@ mod tests {
         c.mac = Some("nonsense".into());
         assert!(matches!(c.validate(), Err(LibraryError::InvalidConfig { what: "mac", .. })));
         assert!("bridge".parse::<NetMode>().is_err());
+        let mut c = config(Path::new("/k"));
+        c.forwards = vec!["tcp::2222-:22".into(), "tcp:127.0.0.1:2222-:80".into()];
+        assert!(matches!(c.validate(), Err(LibraryError::InvalidConfig { what: "forwards", .. })));
+        c.forwards = vec!["tcp:2222".into()];
+        assert!(matches!(c.validate(), Err(LibraryError::InvalidConfig { what: "forwards", .. })));
         assert_eq!("user".parse::<NetMode>().unwrap(), NetMode::User);
     }
 

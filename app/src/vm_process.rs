@@ -51,11 +51,7 @@ pub fn user_net(config: &VmConfig) -> anyhow::Result<Option<(Arc<UserNet>, NetAt
         Some(mac) => parse_mac(mac)?,
         None => parse_mac(&crate::library::random_mac())?,
     };
-    let forwards = config
-        .forwards
-        .iter()
-        .map(|f| f.parse::<Forward>().with_context(|| format!("Bad forward '{f}' in vm.toml")))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let forwards = config.parsed_forwards()?;
     let dns_server = match std::env::var("HUTCH_DNS") {
         Ok(addr) if !addr.is_empty() => Some(
             addr.parse()

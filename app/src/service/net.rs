@@ -66,10 +66,10 @@ pub fn add(library: &Library, name: &str, spec: &str) -> anyhow::Result<String> 
     let stopped = vm.try_lock()?;
     let mut config = vm.load_config()?;
     user_net(&vm, &config)?;
-    for existing in &config.forwards {
-        if parse(existing).is_ok_and(|f| f.same_host_socket(&forward)) {
-            bail!("VM '{name}' already forwards {} ({existing})", forward.host());
-        }
+    if let Some(existing) =
+        config.parsed_forwards()?.into_iter().find(|f| f.same_host_socket(&forward))
+    {
+        bail!("VM '{name}' already forwards {} ({existing})", forward.host());
     }
     if stopped.is_none() {
         control_of(&vm)?
