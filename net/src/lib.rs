@@ -54,7 +54,8 @@ pub trait NetBackend: Send + fmt::Debug {
     fn name(&self) -> &'static str;
 
     /// Hands one frame from the guest to the host side. A backend that is momentarily full may
-    /// drop the frame (TCP retransmits); an error means it cannot carry frames any more.
+    /// wait a bounded time for room (which holds the guest's TX ring, as a busy wire would),
+    /// then drop the frame (TCP retransmits); an error means it cannot carry frames any more.
     fn send(&mut self, frame: &[u8]) -> Result<(), NetError>;
 
     /// Takes the next frame for the guest into `buf` (sized [`MAX_FRAME_LEN`]) and returns its

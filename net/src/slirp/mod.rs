@@ -4,7 +4,7 @@
 //! forwards added and removed while the VM runs. No privileges needed.
 //!
 //! ```text
-//!  device thread ── send ──▶ TX queue (bounded: full = drop) ─┐ wake pipe
+//!  device thread ── send ──▶ TX queue (bounded: full = wait) ─┐ wake pipe
 //!                                                            ▼
 //!                          net thread: slirp_input, slirp's poll loop and timers, commands
 //!                                                            │ send_packet
@@ -38,10 +38,10 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 pub use forward::{Forward, ForwardSpecError, Proto};
 
@@ -69,8 +69,13 @@ pub const DEFAULT_GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 pub const MIN_MTU: usize = 68;
 pub const MAX_MTU: usize = 65521;
 
-/// Frames from the guest waiting for the net thread; beyond, `send` drops.
+/// Frames from the guest waiting for the net thread; beyond, `send` waits for room.
 const TX_QUEUE_FRAMES: usize = 256;
+/// How long `send` waits for room before it drops the frame. Dropping at once throttled a
+/// guest's bulk upload to a crawl (every drop costs TCP a retransmit timeout); waiting holds
+/// the guest's TX ring instead, as a wire does. The bound keeps a stuck net thread from
+/// stalling the device's thread for good.
+const TX_FULL_WAIT: Duration = Duration::from_millis(100);
 /// Bytes of frames for the guest waiting for the device; beyond, slirp's frames are dropped.
 const RX_QUEUE_BYTES: usize = 4 << 20;
 /// Frames put into slirp per loop turn, so commands and host sockets are not starved.
@@ -174,6 +179,9 @@ struct Shared {
     exited: AtomicBool,
     /// A new RX notify was set: the net thread calls it if frames already wait.
     renotify: AtomicBool,
+    tx: Mutex<VecDeque<Vec<u8>>>,
+    /// Signalled when the net thread took frames from `tx`, or ended.
+    tx_room: Condvar,
     rx: Mutex<RxQueue>,
     rx_notify: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
     lease: Mutex<Option<Ipv4Addr>>,
@@ -201,6 +209,8 @@ impl Shared {
             stop: AtomicBool::new(false),
             exited: AtomicBool::new(false),
             renotify: AtomicBool::new(false),
+            tx: Mutex::new(VecDeque::with_capacity(TX_QUEUE_FRAMES)),
+            tx_room: Condvar::new(),
             rx: Mutex::default(),
             rx_notify: Mutex::new(None),
             lease: Mutex::new(None),
@@ -256,7 +266,6 @@ enum Command {
 /// is what it is for.
 pub struct UserNet {
     shared: Arc<Shared>,
-    frames: SyncSender<Vec<u8>>,
     commands: Sender<Command>,
     thread: Option<JoinHandle<()>>,
 }
@@ -279,7 +288,6 @@ impl UserNet {
             return Err(UserNetError::Mtu { mtu: config.mtu });
         }
         let shared = Arc::new(Shared::new(config.guest_mac).map_err(UserNetError::Waker)?);
-        let (frames, frames_rx) = mpsc::sync_channel(TX_QUEUE_FRAMES);
         let (commands, commands_rx) = mpsc::channel();
         let (ready, ready_rx) = mpsc::channel();
         let thread_shared = Arc::clone(&shared);
@@ -287,7 +295,7 @@ impl UserNet {
             .name("net-user".into())
             .spawn(move || {
                 let exited = ExitFlag(Arc::clone(&thread_shared));
-                match NetLoop::new(&config, thread_shared, frames_rx, commands_rx) {
+                match NetLoop::new(&config, thread_shared, commands_rx) {
                     Ok(mut net) => {
                         let _ = ready.send(Ok(()));
                         net.run();
@@ -299,7 +307,7 @@ impl UserNet {
                 drop(exited);
             })
             .map_err(UserNetError::Thread)?;
-        let net = UserNet { shared, frames, commands, thread: Some(thread) };
+        let net = UserNet { shared, commands, thread: Some(thread) };
         // A thread that died before answering (a panic) reads as stopped.
         ready_rx.recv().map_err(|_| UserNetError::Stopped)??;
         Ok(net)
@@ -395,14 +403,29 @@ impl Drop for UserNet {
 impl UserNet {
     fn send_frame(&self, frame: &[u8]) -> Result<(), NetError> {
         check_frame_len(frame.len())?;
-        match self.frames.try_send(frame.to_vec()) {
-            Ok(()) => {}
-            // Full: like a busy wire, the frame is lost and TCP retransmits.
-            Err(TrySendError::Full(_)) => {
-                self.shared.tx_dropped.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(TrySendError::Disconnected(_)) => {
-                return Err(NetError::Stopped { backend: BACKEND })
+        let deadline = Instant::now() + TX_FULL_WAIT;
+        {
+            let mut tx = lock(&self.shared.tx);
+            loop {
+                if self.shared.exited.load(Ordering::SeqCst) {
+                    return Err(NetError::Stopped { backend: BACKEND });
+                }
+                if tx.len() < TX_QUEUE_FRAMES {
+                    tx.push_back(frame.to_vec());
+                    break;
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    // Still full: like a busy wire, the frame is lost and TCP retransmits.
+                    self.shared.tx_dropped.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+                tx = self
+                    .shared
+                    .tx_room
+                    .wait_timeout(tx, left)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
             }
         }
         self.shared.waker.wake();
@@ -483,6 +506,9 @@ struct ExitFlag(Arc<Shared>);
 impl Drop for ExitFlag {
     fn drop(&mut self) {
         self.0.exited.store(true, Ordering::SeqCst);
+        // Under the TX lock, so a sender between its check and its wait still sees it.
+        drop(lock(&self.0.tx));
+        self.0.tx_room.notify_all();
         self.0.notify_rx();
     }
 }
@@ -564,8 +590,9 @@ struct NetLoop {
     slirp: *mut Slirp,
     cb: Rc<CbState>,
     shared: Arc<Shared>,
-    frames: Receiver<Vec<u8>>,
     commands: Receiver<Command>,
+    /// Frames taken from the TX queue in one turn (kept to reuse the allocation).
+    tx_batch: Vec<Vec<u8>>,
     dns: Option<dns::DnsForwarder>,
     pollfds: Vec<libc::pollfd>,
 }
@@ -574,7 +601,6 @@ impl NetLoop {
     fn new(
         config: &UserNetConfig,
         shared: Arc<Shared>,
-        frames: Receiver<Vec<u8>>,
         commands: Receiver<Command>,
     ) -> Result<NetLoop, UserNetError> {
         let cfg = sys::SlirpConfig {
@@ -623,8 +649,15 @@ impl NetLoop {
         let dns = config.dns_server.map(|server| {
             dns::DnsForwarder::new(server, DNS, config.ipv6.then_some(DNS6), GATEWAY_MAC)
         });
-        let mut net =
-            NetLoop { slirp, cb, shared, frames, commands, dns, pollfds: Vec::with_capacity(16) };
+        let mut net = NetLoop {
+            slirp,
+            cb,
+            shared,
+            commands,
+            tx_batch: Vec::with_capacity(TX_BATCH),
+            dns,
+            pollfds: Vec::with_capacity(16),
+        };
         for forward in &config.forwards {
             // On an error `net` is dropped, which cleans slirp up.
             net.add_forward(*forward)?;
@@ -645,9 +678,18 @@ impl NetLoop {
                 self.command(command);
                 worked = true;
             }
-            for _ in 0..TX_BATCH {
-                let Ok(frame) = self.frames.try_recv() else { break };
-                self.input(&frame);
+            {
+                let mut tx = lock(&self.shared.tx);
+                let n = tx.len().min(TX_BATCH);
+                self.tx_batch.extend(tx.drain(..n));
+            }
+            if !self.tx_batch.is_empty() {
+                self.shared.tx_room.notify_all();
+                let mut batch = std::mem::take(&mut self.tx_batch);
+                for frame in batch.drain(..) {
+                    self.input(&frame);
+                }
+                self.tx_batch = batch;
                 worked = true;
             }
             // After input, slirp_pollfds_poll must run at once, not after a sleep: only there

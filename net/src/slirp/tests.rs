@@ -627,29 +627,56 @@ fn armed_timers_fire_once_when_due_and_freed_ones_never() {
     assert!(state.timers.borrow().is_empty());
 }
 
+/// Holds the net thread inside the RX notify (so it drains no TX frames) until the returned
+/// sender is dropped.
+fn stall_net_thread(net: &mut UserNet) -> mpsc::Sender<()> {
+    let (entered, is_blocked) = mpsc::channel();
+    let (release, released) = mpsc::channel::<()>();
+    let released = Mutex::new(released);
+    net.set_rx_notify(Box::new(move || {
+        let _ = entered.send(());
+        let _ = lock(&released).recv();
+    }));
+    net.send(&dhcp_request(1, None)).expect("send");
+    is_blocked.recv_timeout(WAIT).expect("the net thread delivers the offer");
+    release
+}
+
 #[test]
-fn a_full_tx_queue_drops_and_counts_instead_of_blocking() {
+fn a_full_tx_queue_waits_a_bounded_time_then_drops_and_counts() {
     in_fresh_netns(|| {
         let mut net = UserNet::new(config()).expect("start slirp");
-        // The RX notify runs on the net thread: holding it there keeps the TX queue undrained.
-        let (entered, is_blocked) = mpsc::channel();
-        let (release, released) = mpsc::channel::<()>();
-        let released = Mutex::new(released);
-        net.set_rx_notify(Box::new(move || {
-            let _ = entered.send(());
-            let _ = lock(&released).recv();
-        }));
-        net.send(&dhcp_request(1, None)).expect("send");
-        is_blocked.recv_timeout(WAIT).expect("the net thread delivers the offer");
+        let release = stall_net_thread(&mut net);
         let junk = [0xee; 60];
-        let extra = 10;
+        let extra = 3;
+        let start = Instant::now();
         for _ in 0..TX_QUEUE_FRAMES + extra {
-            net.send(&junk).expect("send never blocks nor fails when full");
+            net.send(&junk).expect("a full queue is no error");
         }
         assert_eq!(net.stats().tx_dropped, extra as u64);
+        assert!(start.elapsed() >= TX_FULL_WAIT * extra as u32, "each dropped frame waited first");
         drop(release);
         let mut buf = vec![0; MAX_FRAME_LEN];
         assert!(net.recv(&mut buf).expect("recv").is_some(), "the offer");
+    });
+}
+
+#[test]
+fn a_sender_waiting_on_a_full_tx_queue_gets_in_once_the_net_thread_drains() {
+    in_fresh_netns(|| {
+        let mut net = UserNet::new(config()).expect("start slirp");
+        let release = stall_net_thread(&mut net);
+        let junk = [0xee; 60];
+        for _ in 0..TX_QUEUE_FRAMES {
+            net.send(&junk).expect("send");
+        }
+        std::thread::scope(|s| {
+            let sender = s.spawn(|| net.send_frame(&junk));
+            std::thread::sleep(TX_FULL_WAIT / 4);
+            drop(release);
+            sender.join().expect("sender thread").expect("the waiting frame is taken");
+        });
+        assert_eq!(net.stats().tx_dropped, 0, "no frame was lost");
     });
 }
 
