@@ -574,6 +574,28 @@ impl VmDir {
         write_atomic(&path, config.to_toml().as_bytes()).map_err(io_err(&path))
     }
 
+    /// Waits for, then holds, the right to edit `vm.toml` (load, change, write) while its VM
+    /// may run: two edits at once (two `hutch forward add`s, say) would otherwise each write
+    /// back what it read and lose the other's. Separate from the VM lock, which a running VM
+    /// process holds for as long as it runs.
+    pub fn edit_lock(&self) -> Result<VmLock> {
+        let path = self.dir.join("config.lock");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        // SAFETY: flock on a descriptor we own; no memory is involved.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        if rc != 0 {
+            return Err(io_err(&path)(io::Error::last_os_error()));
+        }
+        Ok(VmLock { _file: file })
+    }
+
     /// Takes the VM lock if nobody holds it; `None` if a VM process (or a delete) holds it.
     pub fn try_lock(&self) -> Result<Option<VmLock>> {
         self.try_flock(libc::LOCK_EX)

@@ -4,7 +4,8 @@
 # and a VM view fed by the frame_feed example (no guest can boot here). Checks that the
 # window exists and the screenshots are not blank, that the guest's cursor is drawn, and that
 # the relative (grabbed) pointer mode sends relative motion, and that the snapshot menu, panel,
-# shortcuts (not sent to the guest) and error toast work; the PNGs stay in $OUT for a human
+# shortcuts (not sent to the guest) and error toast work, and that the network panel adds and
+# removes a port forward; the PNGs stay in $OUT for a human
 # to look at.
 #
 #   tests/gui/smoke.sh [OUT_DIR]     (HUTCH=path/to/hutch to test a given binary)
@@ -85,6 +86,37 @@ sleep 1
 import -window root "$OUT/create-dialog.png"
 check_png "$OUT/create-dialog.png" 20
 [ -f "$HUTCH_HOME/gui-state.json" ] || fail "gui-state.json was not written"
+kill $GUI; wait $GUI 2>/dev/null || true
+
+# 2b. The network panel of the stopped VM "web": Network → its panel; a forward typed and
+# entered lands in vm.toml, its Remove button takes it out again.
+printf '{"window_width":1000,"window_height":700,"open_vm":"web","one_to_one":false}\n' \
+    >"$HUTCH_HOME/gui-state.json"
+start_gui network
+eval "$(xdotool getwindowgeometry --shell "$WID")"
+xdotool windowfocus --sync "$WID"
+xdotool mousemove --sync $((X + 207)) $((Y + 12)) click 1
+sleep 0.5
+xdotool mousemove --sync $((X + 260)) $((Y + 37)) click 1
+sleep 1
+# The panel (300 points wide) is on the right: with no forwards, its entry field is the
+# first row under "None".
+xdotool mousemove --sync $((X + WIDTH - 210)) $((Y + 178)) click 1
+sleep 0.3
+xdotool type --delay 30 'tcp::2222-:22'
+xdotool key Return
+sleep 2
+import -window root "$OUT/vm-network-panel.png"
+check_png "$OUT/vm-network-panel.png" 8
+web_toml=$HUTCH_HOME/vms/web/vm.toml
+[ -f "$web_toml" ] || web_toml=$(find "$HUTCH_HOME" -path '*/web/vm.toml' | head -1)
+grep -q '"tcp:127.0.0.1:2222-:22"' "$web_toml" ||
+    fail "the forward added in the network panel is not in vm.toml: $(grep forwards "$web_toml")"
+xdotool mousemove --sync $((X + WIDTH - 80)) $((Y + 147)) click 1
+sleep 2
+import -window root "$OUT/vm-network-removed.png"
+if grep -q '2222' "$web_toml"; then fail "Remove left the forward in vm.toml"; fi
+echo "smoke: the network panel added and removed a forward"
 kill $GUI; wait $GUI 2>/dev/null || true
 
 # 3. VM view of "screen", fed by frame_feed playing a running VM, reopened from the saved state.

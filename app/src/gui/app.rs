@@ -16,6 +16,7 @@ use super::input::{
     HostCommand, KeyRouter, PointerRouter, FULLSCREEN, RESTORE_LATEST, TAKE_SNAPSHOT,
 };
 use super::model::{VmState, VmSummary};
+use super::net_panel::{self, NetPanel, NetPanelAction};
 use super::persist::GuiState;
 use super::screen::GuestScreen;
 use super::snapshot_panel::{self, PanelAction, SnapshotPanel, ThumbCache};
@@ -57,6 +58,8 @@ pub struct GuiApp {
     pub(super) snapshot_thumbs: ThumbCache,
     /// Snapshot operations in flight (not lists), one per VM at most.
     pub(super) snapshot_busy: HashMap<String, SnapshotJob>,
+    /// The network panel of the open VM, when open.
+    pub(super) network: Option<NetPanel>,
 }
 
 impl GuiApp {
@@ -88,6 +91,7 @@ impl GuiApp {
             snapshots: None,
             snapshot_thumbs: ThumbCache::default(),
             snapshot_busy: HashMap::new(),
+            network: None,
         };
         if first_run {
             app.first_run();
@@ -260,6 +264,26 @@ impl GuiApp {
         }
     }
 
+    /// The network side panel, if open; call before the central panel.
+    pub(super) fn network_side_panel(&mut self, ui: &mut Ui) {
+        let Some(panel) = &mut self.network else { return };
+        let summary = self.vms.iter().find(|v| v.name == panel.vm);
+        let net = summary.map(|s| s.net.clone()).unwrap_or_default();
+        let live = summary.is_some_and(|s| s.state.is_live());
+        let busy = self.busy.contains(&panel.vm);
+        let mut action = None;
+        egui::Panel::right("network").resizable(true).default_size(300.0).show(ui, |ui| {
+            action = net_panel::panel_ui(ui, panel, &net, live, busy);
+        });
+        let vm = panel.vm.clone();
+        match action {
+            None => {}
+            Some(NetPanelAction::Close) => self.network = None,
+            Some(NetPanelAction::Add(spec)) => self.run(Job::ForwardAdd { name: vm, spec }),
+            Some(NetPanelAction::Remove(spec)) => self.run(Job::ForwardRemove { name: vm, spec }),
+        }
+    }
+
     /// What the in-flight indicator says: the open VM's operation first.
     fn snapshot_progress(&self) -> Option<&'static str> {
         let open = match &self.view {
@@ -322,6 +346,7 @@ impl GuiApp {
             self.state.pointer_mode = v.mouse.mode();
         }
         self.view = View::Library;
+        self.network = None;
     }
 
     // ---- drawing ----------------------------------------------------------------------------
@@ -412,6 +437,11 @@ impl GuiApp {
                                 }
                                 if self.snapshots.as_ref().is_some_and(|p| &p.vm == name) {
                                     self.snapshots = None;
+                                }
+                            }
+                            if let Job::ForwardAdd { name, .. } = &job {
+                                if let Some(p) = self.network.as_mut().filter(|p| &p.vm == name) {
+                                    p.new_forward.clear();
                                 }
                             }
                             self.message = message;

@@ -98,6 +98,7 @@ mod tests {
             pid: None,
             log_tail: Vec::new(),
             display: true,
+            net: Default::default(),
         }
     }
 

@@ -21,6 +21,7 @@ pub mod form;
 pub mod import_sheet;
 pub mod input;
 pub mod model;
+pub mod net_panel;
 pub mod persist;
 pub mod procstat;
 pub mod screen;

@@ -118,6 +118,17 @@ pub struct VmSummary {
     /// Whether the VM has a display device: as the running VM process says, else as its
     /// vm.toml says.
     pub display: bool,
+    pub net: NetSummary,
+}
+
+/// A VM's network as the GUI shows it: as the running VM process says, else as vm.toml says.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NetSummary {
+    /// `user` or `none`.
+    pub mode: String,
+    /// The guest's DHCP address, while it runs and has one.
+    pub guest_ip: Option<String>,
+    pub forwards: Vec<String>,
 }
 
 #[cfg(test)]

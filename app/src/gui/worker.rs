@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
-use super::model::{derive_state, Probe, VmState, VmSummary};
+use super::model::{derive_state, NetSummary, Probe, VmState, VmSummary};
 use super::screen::Thumbnailer;
 use super::snapshot_panel::{self, SnapshotRef};
 use crate::library::{DiskState, Library, VmConfig};
@@ -44,6 +44,15 @@ pub enum Job {
     Screenshot {
         name: String,
     },
+    /// Adds a port forward (to the running VM at once) and keeps it in vm.toml.
+    ForwardAdd {
+        name: String,
+        spec: String,
+    },
+    ForwardRemove {
+        name: String,
+        spec: String,
+    },
 }
 
 impl Job {
@@ -59,6 +68,10 @@ impl Job {
             Job::Create { name, .. } => format!("Cannot create VM '{name}'"),
             Job::SaveSettings { name, .. } => format!("Cannot save the settings of VM '{name}'"),
             Job::Screenshot { name } => format!("Cannot take a screenshot of VM '{name}'"),
+            Job::ForwardAdd { name, spec } => format!("Cannot forward {spec} to VM '{name}'"),
+            Job::ForwardRemove { name, spec } => {
+                format!("Cannot remove the forward {spec} of VM '{name}'")
+            }
         }
     }
 
@@ -72,7 +85,9 @@ impl Job {
             | Job::Delete(n) => n,
             Job::Create { name, .. }
             | Job::SaveSettings { name, .. }
-            | Job::Screenshot { name } => name,
+            | Job::Screenshot { name }
+            | Job::ForwardAdd { name, .. }
+            | Job::ForwardRemove { name, .. } => name,
         }
     }
 }
@@ -266,6 +281,7 @@ fn summarize(library: &Library, name: String) -> VmSummary {
         pid: None,
         log_tail: Vec::new(),
         display: true,
+        net: NetSummary::default(),
     };
     let vm = match library.existing(&name) {
         Ok(vm) => vm,
@@ -281,12 +297,24 @@ fn summarize(library: &Library, name: String) -> VmSummary {
     };
     let mut pid = None;
     let mut display = config.display;
+    let mut net = NetSummary {
+        mode: config.net.name().to_string(),
+        guest_ip: None,
+        forwards: config.forwards.clone(),
+    };
     let probe = match &disk {
         DiskState::Running { pid: Some(p) } => {
             pid = Some(p.pid);
             match service::probe(&p.socket, PROBE_TIMEOUT) {
                 Ok(st) => {
                     display = st.display.is_some();
+                    if let Some(live) = st.net {
+                        net = NetSummary {
+                            mode: live.mode,
+                            guest_ip: live.guest_ip,
+                            forwards: live.forwards,
+                        };
+                    }
                     Probe::Answered(st.state)
                 }
                 Err(e) => Probe::Failed {
@@ -311,6 +339,7 @@ fn summarize(library: &Library, name: String) -> VmSummary {
         pid,
         log_tail,
         display,
+        net,
     }
 }
 
@@ -375,6 +404,14 @@ fn run_job(library: &Library, job: &Job) -> anyhow::Result<String> {
             let path = vm.dir().join(format!("screenshot-{}.png", crate::library::unix_now()));
             super::screen::save_screenshot(&frame, &path)?;
             format!("Screenshot saved to {}", path.display())
+        }
+        Job::ForwardAdd { name, spec } => {
+            let added = crate::service::net::add(library, name, spec)?;
+            format!("VM '{name}' forwards {added}")
+        }
+        Job::ForwardRemove { name, spec } => {
+            let removed = crate::service::net::remove(library, name, spec)?;
+            format!("VM '{name}' no longer forwards {removed}")
         }
     })
 }

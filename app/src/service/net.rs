@@ -62,6 +62,7 @@ pub fn add(library: &Library, name: &str, spec: &str) -> anyhow::Result<String> 
     let vm = library.existing(name)?;
     let forward = parse(spec)?;
     let canonical = forward.to_string();
+    let _edit = vm.edit_lock()?;
     // Held while the VM is stopped, so it cannot start meanwhile; None: it runs.
     let stopped = vm.try_lock()?;
     let mut config = vm.load_config()?;
@@ -85,6 +86,7 @@ pub fn add(library: &Library, name: &str, spec: &str) -> anyhow::Result<String> 
 pub fn remove(library: &Library, name: &str, spec: &str) -> anyhow::Result<String> {
     let vm = library.existing(name)?;
     let forward = parse(spec)?;
+    let _edit = vm.edit_lock()?;
     // Held while the VM is stopped, so it cannot start meanwhile; None: it runs.
     let stopped = vm.try_lock()?;
     let mut config = vm.load_config()?;
@@ -105,4 +107,57 @@ pub fn remove(library: &Library, name: &str, spec: &str) -> anyhow::Result<Strin
     }
     vm.write_config(&config)?;
     Ok(removed)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // A failed unwrap is a failed test.
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    fn library_with_vm() -> (tempfile::TempDir, Library) {
+        let home = tempfile::tempdir().unwrap();
+        let lib = Library::at(home.path().to_path_buf());
+        let config = VmConfig::new(PathBuf::from("/k"), None, "c".into(), Vec::new(), 1, 128);
+        lib.create("vm", &config).unwrap();
+        (home, lib)
+    }
+
+    #[test]
+    fn concurrent_forward_adds_all_end_up_in_vm_toml() {
+        let (_home, lib) = library_with_vm();
+        let ports: Vec<u16> = (0..8).map(|i| 40000 + i).collect();
+        std::thread::scope(|s| {
+            let adds: Vec<_> = ports
+                .iter()
+                .map(|p| {
+                    let lib = &lib;
+                    s.spawn(move || add(lib, "vm", &format!("tcp::{p}-:22")))
+                })
+                .collect();
+            for a in adds {
+                a.join().unwrap().expect("every add succeeds");
+            }
+        });
+        let mut kept = lib.existing("vm").unwrap().load_config().unwrap().forwards;
+        kept.sort();
+        let want: Vec<String> = ports.iter().map(|p| format!("tcp:127.0.0.1:{p}-:22")).collect();
+        assert_eq!(kept, want, "no add lost another's");
+    }
+
+    #[test]
+    fn a_forward_is_added_listed_and_removed_on_a_stopped_vm() {
+        let (_home, lib) = library_with_vm();
+        assert_eq!(add(&lib, "vm", "tcp::2222-:22").unwrap(), "tcp:127.0.0.1:2222-:22");
+        let err = add(&lib, "vm", "tcp:127.0.0.1:2222-:80").unwrap_err();
+        assert!(format!("{err:#}").contains("already forwards"), "{err:#}");
+        let view = list(&lib, "vm").unwrap();
+        assert!(!view.running);
+        assert_eq!(view.forwards, ["tcp:127.0.0.1:2222-:22"]);
+        remove(&lib, "vm", "tcp::2222-:22").unwrap();
+        assert!(list(&lib, "vm").unwrap().forwards.is_empty());
+        let err = remove(&lib, "vm", "tcp::2222-:22").unwrap_err();
+        assert!(format!("{err:#}").contains("does not forward"), "{err:#}");
+    }
 }

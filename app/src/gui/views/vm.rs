@@ -15,6 +15,7 @@ use crate::gui::input::{
     RELEASE_KEY_NAME, RESTORE_LATEST, TAKE_SNAPSHOT,
 };
 use crate::gui::model::VmState;
+use crate::gui::net_panel::NetPanel;
 use crate::gui::procstat::CpuMeter;
 use crate::gui::screen::{cursor_rect, GuestScreen};
 use crate::gui::vm_link::VmLink;
@@ -214,6 +215,11 @@ impl GuiApp {
                         act = Some(VmAction::Snapshots);
                     }
                 });
+                ui.menu_button("Network", |ui| {
+                    if ui.button("Network and Port Forwards…").clicked() {
+                        act = Some(VmAction::Network);
+                    }
+                });
             });
             ui.horizontal(|ui| {
                 if ui.button("Library").clicked() {
@@ -232,6 +238,7 @@ impl GuiApp {
         });
 
         self.snapshots_side_panel(ui);
+        self.network_side_panel(ui);
         let View::Vm(v) = &mut self.view else { return };
         // CPU use, once a second.
         if let Some(pid) = summary.as_ref().and_then(|s| s.pid) {
@@ -415,6 +422,13 @@ impl GuiApp {
             Some(VmAction::Start) => self.start(&name),
             Some(VmAction::Job(make)) => self.run(make(name)),
             Some(VmAction::Host(command)) => self.pending_host = Some(command),
+            Some(VmAction::Network) => {
+                if self.network.as_ref().is_some_and(|p| p.vm == name) {
+                    self.network = None;
+                } else {
+                    self.network = Some(NetPanel::new(&name));
+                }
+            }
             Some(VmAction::Snapshots) => {
                 if self.snapshots.as_ref().is_some_and(|p| p.vm == name) {
                     self.snapshots = None;
@@ -437,6 +451,8 @@ enum VmAction {
     Host(HostCommand),
     /// Open or close the snapshots panel.
     Snapshots,
+    /// Open or close the network panel.
+    Network,
 }
 
 fn machine_actions(
