@@ -404,7 +404,7 @@ impl UserNet {
     fn send_frame(&self, frame: &[u8]) -> Result<(), NetError> {
         check_frame_len(frame.len())?;
         let deadline = Instant::now() + TX_FULL_WAIT;
-        {
+        let was_empty = {
             let mut tx = lock(&self.shared.tx);
             loop {
                 if self.shared.exited.load(Ordering::SeqCst) {
@@ -412,7 +412,7 @@ impl UserNet {
                 }
                 if tx.len() < TX_QUEUE_FRAMES {
                     tx.push_back(frame.to_vec());
-                    break;
+                    break tx.len() == 1;
                 }
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
@@ -427,8 +427,12 @@ impl UserNet {
                     .unwrap_or_else(PoisonError::into_inner)
                     .0;
             }
+        };
+        // Frames behind the first are seen by the same wake-up: the net thread drains the
+        // queue until it is empty. One wake per burst, not per frame, spares context switches.
+        if was_empty {
+            self.shared.waker.wake();
         }
-        self.shared.waker.wake();
         Ok(())
     }
 
