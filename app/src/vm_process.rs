@@ -64,11 +64,12 @@ pub fn user_net(config: &VmConfig) -> anyhow::Result<Option<(Arc<UserNet>, NetAt
         dns_server,
         isolate_from_host: config.isolate_from_host,
         forwards,
+        mtu: usize::from(config.mtu),
         ..UserNetConfig::default()
     })
     .context("Cannot start the VM's user-mode network")?;
     let net = Arc::new(net);
-    Ok(Some((net.clone(), NetAttachment { mac, backend: Box::new(net) })))
+    Ok(Some((net.clone(), NetAttachment { mac, mtu: config.mtu, backend: Box::new(net) })))
 }
 
 /// Checks the files and the host, opens the hypervisor and builds the machine. With `frame`

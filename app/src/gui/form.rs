@@ -36,6 +36,8 @@ pub struct VmForm {
     /// One forward per line: `tcp:127.0.0.1:2222-:22`.
     pub forwards: String,
     pub isolate_from_host: bool,
+    /// Not edited here: kept, since the guest and its snapshots were made with it.
+    pub mtu: u16,
 }
 
 impl Default for VmForm {
@@ -52,6 +54,7 @@ impl Default for VmForm {
             mac: String::new(),
             forwards: String::new(),
             isolate_from_host: false,
+            mtu: library::USER_NET_MTU,
         }
     }
 }
@@ -87,6 +90,7 @@ impl VmForm {
             mac: c.mac.clone().unwrap_or_default(),
             forwards: c.forwards.join("\n"),
             isolate_from_host: c.isolate_from_host,
+            mtu: c.mtu,
         }
     }
 
@@ -166,6 +170,7 @@ impl VmForm {
         }
         config.forwards = forwards.iter().map(ToString::to_string).collect();
         config.isolate_from_host = self.network && self.isolate_from_host;
+        config.mtu = self.mtu;
         if let Err(e) = config.make_paths_absolute() {
             return Err(vec![(Field::Kernel, e.to_string())]);
         }
@@ -289,5 +294,8 @@ mod tests {
         // The MAC made at creation stays: the guest's network configuration depends on it.
         let again = VmForm::from_config("web", &c).validate(&[]).unwrap();
         assert_eq!(again, c);
+        // So does the MTU of a VM made before the larger default: its snapshots need it.
+        let old = VmConfig { mtu: 1500, ..c };
+        assert_eq!(VmForm::from_config("web", &old).validate(&[]).unwrap().mtu, 1500);
     }
 }

@@ -166,6 +166,8 @@ pub struct BoardContext<'a> {
 /// One network card: its MAC and the backend that carries its frames on the host.
 pub struct NetAttachment {
     pub mac: [u8; 6],
+    /// What the guest is told to use (virtio-net's MTU feature); the backend must carry it.
+    pub mtu: u16,
     pub backend: Box<dyn net::NetBackend>,
 }
 

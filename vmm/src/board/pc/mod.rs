@@ -199,7 +199,7 @@ impl Board for PcBoard {
         // After the devices every machine had before networking, so their BDFs (and the
         // snapshots that name them) stay.
         if let Some(nic) = net {
-            let device = VirtioNet::new(NetConfig::new(nic.mac), nic.backend)
+            let device = VirtioNet::new(NetConfig { mac: nic.mac, mtu: nic.mtu }, nic.backend)
                 .map_err(|e| BoardError::device("virtio-net", e))?;
             add_virtio(
                 &mut pci,
