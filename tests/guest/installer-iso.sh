@@ -97,11 +97,12 @@ main() {
         die "grub-mkrescue failed"
     }
     # Into place only complete: the image first, then the stamp that vouches for it.
-    mv "$STAGE/installer.iso" "$iso.tmp"
-    sync "$iso.tmp"
-    mv "$iso.tmp" "$iso"
-    echo "$want" >"$stamp.tmp"
-    mv "$stamp.tmp" "$stamp"
+    # (Temp names per process: two builds at once do not mix their files.)
+    mv "$STAGE/installer.iso" "$iso.$$.tmp"
+    sync "$iso.$$.tmp"
+    mv "$iso.$$.tmp" "$iso"
+    echo "$want" >"$stamp.$$.tmp"
+    mv "$stamp.$$.tmp" "$stamp"
     echo "installer-iso: built $iso ($(stat -c %s "$iso") bytes, sha256" \
         "$(sha256sum "$iso" | cut -d' ' -f1)) in $(($(now_ms) - t0)) ms"
 }
