@@ -14,7 +14,10 @@ PKGS=(qemu-system-x86 qemu-utils busybox-static cpio kmod socat python3 xz-utils
     # Firmware: OVMF's variable template for the pflash tests.
     ovmf
     # User-mode networking (net/): libslirp to link and run against.
-    libslirp-dev libslirp0)
+    libslirp-dev libslirp0
+    # Firmware-boot fixture (tests/guest/installer-iso.sh): d-i's netboot kernel and initrd in a
+    # hybrid BIOS+UEFI ISO made by grub-mkrescue (its i386-pc and x86_64-efi modules, xorriso, mtools).
+    debian-installer-12-netboot-amd64 grub-common grub-pc-bin grub-efi-amd64-bin xorriso mtools)
 
 missing=()
 for p in "${PKGS[@]}"; do
