@@ -543,6 +543,18 @@ pub enum DiskState {
     },
 }
 
+/// Opens (making it if needed) a file that exists only to be flocked.
+fn open_lock_file(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err(path))
+}
+
 /// Held while a VM process runs (or while the VM is being deleted).
 #[derive(Debug)]
 pub struct VmLock {
@@ -607,14 +619,7 @@ impl VmDir {
     /// process holds for as long as it runs.
     pub fn edit_lock(&self) -> Result<VmLock> {
         let path = self.dir.join("config.lock");
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io_err(&path))?;
+        let file = open_lock_file(&path)?;
         // SAFETY: flock on a descriptor we own; no memory is involved.
         let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
         if rc != 0 {
@@ -630,14 +635,7 @@ impl VmDir {
 
     fn try_flock(&self, mode: libc::c_int) -> Result<Option<VmLock>> {
         let path = self.lock_path();
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io_err(&path))?;
+        let file = open_lock_file(&path)?;
         // SAFETY: flock on a descriptor we own; no memory is involved.
         let rc = unsafe { libc::flock(file.as_raw_fd(), mode | libc::LOCK_NB) };
         if rc == 0 {
