@@ -120,9 +120,12 @@ impl Board for PcBoard {
         )));
         let acpi_pm = Arc::new(Mutex::new(AcpiPm::new(irq.clone(), on_poweroff)));
         let i8042 = Arc::new(Mutex::new(
-            I8042::new(on_reset).with_keyboard_irq(IrqEdge::new(irq.clone(), layout::KEYBOARD_IRQ)),
+            I8042::new(on_reset)
+                .with_keyboard_irq(IrqEdge::new(irq.clone(), layout::KEYBOARD_IRQ))
+                .with_aux_irq(IrqEdge::new(irq.clone(), layout::MOUSE_IRQ)),
         ));
-        let rtc = Arc::new(Mutex::new(Rtc::new()));
+        let rtc =
+            Arc::new(Mutex::new(Rtc::new().with_irq(IrqEdge::new(irq.clone(), layout::RTC_IRQ))));
 
         let mut pci = PciRoot::new(PciRootConfig {
             // The id Intel's virtual host bridges use.
