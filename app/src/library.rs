@@ -208,6 +208,7 @@ impl VmConfig {
             memory_mib: self.memory_mib,
             // Filled from the environment where the machine is built (vm_process).
             kernel_cache_dir: None,
+            firmware: None,
         }
     }
 

@@ -107,6 +107,8 @@ impl Board for PcBoard {
             on_poweroff,
             on_reset,
             guest_map,
+            vcpu_count: _,
+            boot: _,
         } = context;
         let framebuffer = match &screen {
             Some(_) => Some(new_framebuffer()?),
@@ -398,7 +400,7 @@ fn add_virtio(
 /// notifying vCPU. With a single host CPU the hand-off to another thread cannot overlap
 /// anything; in the lab (1 CPU, 5 interleaved runs) ddread medians were 106 MB/s with threads
 /// and 99 without, within the noise, so a one-CPU host keeps the simpler synchronous path.
-fn io_thread_notifiers(vm: &Arc<dyn Vm>) -> Option<Arc<dyn NotifierRegistry>> {
+pub(crate) fn io_thread_notifiers(vm: &Arc<dyn Vm>) -> Option<Arc<dyn NotifierRegistry>> {
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     (cpus > 1).then(|| Arc::new(VmNotifiers(vm.clone())) as Arc<dyn NotifierRegistry>)
 }
