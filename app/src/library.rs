@@ -104,6 +104,9 @@ pub struct VmConfig {
     /// A screen (boot framebuffer, virtio-gpu) and keyboard/tablet (virtio-input).
     #[serde(default = "default_display")]
     pub display: bool,
+    /// Firmware booted instead of the kernel (`hutch run --firmware`); not in vm.toml yet.
+    #[serde(skip)]
+    pub firmware: Option<vmm::board::FirmwareBoot>,
     // Tables last: TOML needs plain values before arrays of tables.
     #[serde(default, rename = "disk", skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<DiskEntry>,
@@ -138,6 +141,7 @@ impl VmConfig {
             cpus,
             memory_mib,
             display: true,
+            firmware: None,
             disks,
         }
     }
@@ -165,7 +169,15 @@ impl VmConfig {
 
     /// Checks that every file exists and can be opened as the VM will open it.
     pub fn check_files(&self) -> Result<()> {
-        check_file("kernel", &self.kernel, false)?;
+        match &self.firmware {
+            Some(firmware) => {
+                check_file("firmware", &firmware.code, false)?;
+                if let Some(vars) = &firmware.vars {
+                    check_file("firmware variable store", vars, true)?;
+                }
+            }
+            None => check_file("kernel", &self.kernel, false)?,
+        }
         if let Some(initrd) = &self.initrd {
             check_file("initrd", initrd, false)?;
         }
@@ -184,7 +196,15 @@ impl VmConfig {
                 source,
             })
         };
-        self.kernel = abs(&self.kernel)?;
+        match &mut self.firmware {
+            Some(firmware) => {
+                firmware.code = abs(&firmware.code)?;
+                if let Some(vars) = &mut firmware.vars {
+                    *vars = abs(vars)?;
+                }
+            }
+            None => self.kernel = abs(&self.kernel)?,
+        }
         if let Some(initrd) = &self.initrd {
             self.initrd = Some(abs(initrd)?);
         }
@@ -208,7 +228,7 @@ impl VmConfig {
             memory_mib: self.memory_mib,
             // Filled from the environment where the machine is built (vm_process).
             kernel_cache_dir: None,
-            firmware: None,
+            firmware: self.firmware.clone(),
         }
     }
 

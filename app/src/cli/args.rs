@@ -87,8 +87,8 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct MachineArgs {
     /// Guest kernel image.
-    #[arg(long, value_name = "PATH")]
-    pub kernel: PathBuf,
+    #[arg(long, value_name = "PATH", required = true)]
+    pub kernel: Option<PathBuf>,
     /// Initial ramdisk.
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
@@ -110,7 +110,7 @@ impl MachineArgs {
     /// The configuration these options describe (not yet validated).
     pub fn to_config(&self) -> VmConfig {
         VmConfig::new(
-            self.kernel.clone(),
+            self.kernel.clone().unwrap_or_default(),
             self.initrd.clone(),
             self.cmdline.clone(),
             self.disks.clone(),
@@ -121,9 +121,17 @@ impl MachineArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(mut_arg("kernel", |a| a.required(false).required_unless_present("firmware")))]
 pub struct RunArgs {
     #[command(flatten)]
     pub machine: MachineArgs,
+    /// Boot this UEFI firmware (/usr/share/OVMF/OVMF_CODE_4M.fd) on the Q35 board instead of
+    /// a kernel.
+    #[arg(long, value_name = "CODE", conflicts_with = "kernel")]
+    pub firmware: Option<PathBuf>,
+    /// The firmware's variable store, which the guest writes (a copy of OVMF_VARS_4M.fd).
+    #[arg(long, value_name = "VARS", requires = "firmware", conflicts_with = "kernel")]
+    pub vars: Option<PathBuf>,
     /// Where the guest's serial console goes: "stdio" or a file to append to.
     #[arg(long, value_name = "stdio|PATH", default_value = "stdio", value_parser = parse_serial)]
     pub serial: SerialTarget,
@@ -280,6 +288,24 @@ mod tests {
         assert_eq!(args.serial, SerialTarget::Stdio);
         let help = Cli::command().find_subcommand_mut("run").unwrap().render_long_help();
         assert!(help.to_string().contains("console=tty0 console=ttyS0 reboot=k panic=-1"));
+    }
+
+    #[test]
+    fn run_boots_firmware_without_a_kernel_and_everything_else_still_needs_one() {
+        let cli =
+            Cli::try_parse_from(["hutch", "run", "--firmware", "c.fd", "--vars", "v.fd"]).unwrap();
+        let Some(Command::Run(args)) = cli.command else { panic!("not run") };
+        assert_eq!(args.firmware, Some(PathBuf::from("c.fd")));
+        assert_eq!(args.vars, Some(PathBuf::from("v.fd")));
+        assert_eq!(args.machine.kernel, None);
+        for refused in [
+            &["hutch", "run"][..],
+            &["hutch", "run", "--vars", "v.fd", "--kernel", "k"],
+            &["hutch", "run", "--firmware", "c.fd", "--kernel", "k"],
+            &["hutch", "create", "vm"],
+        ] {
+            assert!(Cli::try_parse_from(refused).is_err(), "{refused:?} parsed");
+        }
     }
 
     #[test]

@@ -12,7 +12,9 @@ use crate::terminal::{pump_input, stdin_kind, InputEnd, RawTerminal, StdinKind};
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let stdio = args.serial == SerialTarget::Stdio;
-    let end = service::run_foreground(args.machine.to_config(), &args.serial, |vm| {
+    let mut config = args.machine.to_config();
+    config.firmware = args.firmware.map(|code| vmm::board::FirmwareBoot { code, vars: args.vars });
+    let end = service::run_foreground(config, &args.serial, |vm| {
         let kind = if stdio { stdin_kind() } else { StdinKind::Other };
         let raw = if kind == StdinKind::Tty {
             eprintln!("hutch: serial console on this terminal; Ctrl+] powers the VM off");
