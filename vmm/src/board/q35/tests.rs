@@ -238,3 +238,259 @@ fn a_firmware_image_is_loaded_byte_for_byte() {
     let loaded = unsafe { std::slice::from_raw_parts(region.as_ptr(), 0x2000) };
     assert_eq!(loaded, &bytes[..]);
 }
+
+/// A VM that records its memory slots; the board test never runs a vCPU.
+#[derive(Default)]
+struct RecordingVm(Mutex<Vec<(u64, u64, bool)>>);
+
+impl InterruptSink for RecordingVm {
+    fn set_irq_line(&self, _gsi: u32, _active: bool) -> crate::hypervisor::Result<()> {
+        Ok(())
+    }
+    fn signal_msi(&self, _address: u64, _data: u32) -> crate::hypervisor::Result<()> {
+        Ok(())
+    }
+}
+
+impl crate::hypervisor::Vm for RecordingVm {
+    unsafe fn map_memory(
+        &self,
+        mapping: crate::hypervisor::GuestRamMapping,
+    ) -> crate::hypervisor::Result<()> {
+        lock(&self.0).push((mapping.guest_addr, mapping.size, mapping.readonly));
+        Ok(())
+    }
+    fn unmap_memory(&self, _slot: u32, _addr: u64, _size: u64) -> crate::hypervisor::Result<()> {
+        Ok(())
+    }
+    fn create_vcpu(&self, _id: u32) -> crate::hypervisor::Result<Box<dyn ArchVcpu>> {
+        Err(HypervisorError::Unsupported("vCPUs in a board test"))
+    }
+    fn save_state(&self) -> crate::hypervisor::Result<crate::hypervisor::VmState> {
+        Ok(crate::hypervisor::VmState { backend: "test".into(), blobs: Default::default() })
+    }
+    fn restore_state(&self, _state: &crate::hypervisor::VmState) -> crate::hypervisor::Result<()> {
+        Ok(())
+    }
+}
+
+/// A vCPU that counts every change of its registers.
+#[derive(Default)]
+struct CountingVcpu(u32);
+
+impl crate::hypervisor::Vcpu for CountingVcpu {
+    fn id(&self) -> u32 {
+        0
+    }
+    fn run(
+        &mut self,
+        _handler: &mut dyn crate::hypervisor::ExitHandler,
+    ) -> crate::hypervisor::Result<crate::hypervisor::VcpuExit> {
+        Err(HypervisorError::Unsupported("running"))
+    }
+    fn kicker(&self) -> Arc<dyn crate::hypervisor::VcpuKicker> {
+        struct NoKick;
+        impl crate::hypervisor::VcpuKicker for NoKick {
+            fn kick(&self) {}
+        }
+        Arc::new(NoKick)
+    }
+    fn save_state(&self) -> crate::hypervisor::Result<crate::hypervisor::VcpuState> {
+        Ok(Default::default())
+    }
+    fn restore_state(
+        &mut self,
+        _state: &crate::hypervisor::VcpuState,
+    ) -> crate::hypervisor::Result<()> {
+        self.0 += 1;
+        Ok(())
+    }
+}
+
+impl crate::hypervisor::VcpuX86_64 for CountingVcpu {
+    fn regs(&self) -> crate::hypervisor::Result<crate::hypervisor::X86Regs> {
+        Ok(Default::default())
+    }
+    fn set_regs(&mut self, _regs: &crate::hypervisor::X86Regs) -> crate::hypervisor::Result<()> {
+        self.0 += 1;
+        Ok(())
+    }
+    fn sregs(&self) -> crate::hypervisor::Result<crate::hypervisor::X86Sregs> {
+        Ok(Default::default())
+    }
+    fn set_sregs(&mut self, _sregs: &crate::hypervisor::X86Sregs) -> crate::hypervisor::Result<()> {
+        self.0 += 1;
+        Ok(())
+    }
+}
+
+const CODE_SIZE: u64 = 0x2_0000;
+const VARS_SIZE: u64 = 0x8000;
+
+/// A Q35 board built on a recording VM with a 128 KiB CODE image ending in 0xC3 and a 32 KiB
+/// store starting "VARS".
+struct Built {
+    board: Q35Board,
+    vm: Arc<RecordingVm>,
+    io: IoBuses,
+    _dir: tempfile::TempDir,
+    memory: GuestMemory,
+    firmware: FirmwareBoot,
+}
+
+fn build_board() -> Built {
+    let dir = tempfile::tempdir().unwrap();
+    let code = dir.path().join("code.fd");
+    let mut image = vec![0u8; CODE_SIZE as usize];
+    *image.last_mut().unwrap() = 0xc3;
+    std::fs::write(&code, image).unwrap();
+    let vars = dir.path().join("vars.fd");
+    let mut store = vec![0xffu8; VARS_SIZE as usize];
+    store[..4].copy_from_slice(b"VARS");
+    std::fs::write(&vars, store).unwrap();
+    let firmware = FirmwareBoot { code, vars: Some(vars) };
+
+    let vm = Arc::new(RecordingVm::default());
+    let memory = GuestMemory::from_ranges(&[(GuestAddress(0), (64 * MIB) as usize)]).unwrap();
+    let dyn_vm: Arc<dyn crate::hypervisor::Vm> = vm.clone();
+    let guest_map = Arc::new(crate::memory::slots::VmMemory::new(dyn_vm.clone()));
+    let boot = BootSource::Firmware(firmware.clone());
+    let mut board = Q35Board::new();
+    let devices = board
+        .build_devices(BoardContext {
+            vm: &dyn_vm,
+            memory: &memory,
+            irq: dyn_vm.clone(),
+            serial_out: Box::new(std::io::sink()),
+            screen: None,
+            disks: &[],
+            on_poweroff: Box::new(|| {}),
+            on_reset: Box::new(|| {}),
+            guest_map: &guest_map,
+            vcpu_count: 2,
+            boot: &boot,
+        })
+        .unwrap();
+    Built { board, vm, io: devices.io, _dir: dir, memory, firmware }
+}
+
+/// Bus, device and function as CONFIG_ADDRESS holds them (bits 23..8).
+fn config_bits(bdf: Bdf) -> u32 {
+    (u32::from(bdf.bus()) << 16)
+        | (u32::from(bdf.device()) << 11)
+        | (u32::from(bdf.function()) << 8)
+}
+
+fn pio_read32(io: &IoBuses, port: u16) -> u32 {
+    let mut data = [0u8; 4];
+    if !io.pio.read(u64::from(port), &mut data) {
+        return u32::MAX;
+    }
+    u32::from_le_bytes(data)
+}
+
+fn config_read32(io: &IoBuses, bdf: Bdf, reg: u8) -> u32 {
+    let address = 0x8000_0000 | config_bits(bdf) | u32::from(reg);
+    assert!(io.pio.write(0xcf8, &address.to_le_bytes()));
+    pio_read32(io, 0xcfc)
+}
+
+fn config_write32(io: &IoBuses, bdf: Bdf, reg: u8, value: u32) {
+    let address = 0x8000_0000 | config_bits(bdf) | u32::from(reg);
+    assert!(io.pio.write(0xcf8, &address.to_le_bytes()));
+    assert!(io.pio.write(0xcfc, &value.to_le_bytes()));
+}
+
+#[test]
+fn the_firmware_code_is_read_only_memory_ending_at_4_gib_with_the_store_right_below() {
+    let built = build_board();
+    let slots = lock(&built.vm.0).clone();
+    let code_base = FOUR_GIB - CODE_SIZE;
+    assert!(slots.contains(&(code_base, CODE_SIZE, true)), "{slots:x?}");
+    assert_eq!(built.board.firmware_base(), Some(code_base));
+    // The store is trapped MMIO (no slot), in read-array mode.
+    assert!(slots.iter().all(|&(base, _, _)| base != code_base - VARS_SIZE));
+    let mut head = [0u8; 4];
+    assert!(built.io.mmio.read(code_base - VARS_SIZE, &mut head));
+    assert_eq!(&head, b"VARS");
+    // Below the store nothing answers: an all-ones read for the firmware's probes.
+    assert!(!built.io.mmio.read(code_base - VARS_SIZE - 4, &mut head));
+}
+
+#[test]
+fn firmware_finds_the_q35_chipset_at_its_addresses() {
+    let built = build_board();
+    let io = &built.io;
+    let mch = Bdf::new(0, 0, 0).unwrap();
+    assert_eq!(config_read32(io, mch, 0), 0x29c0_8086);
+    assert_eq!(config_read32(io, mch, 0x2c), 0x1100_1af4, "subsystem: SeaBIOS's QEMU check");
+    assert_eq!(config_read32(io, LPC_BDF, 0), 0x2918_8086);
+    assert_eq!(config_read32(io, LPC_BDF, 8) >> 16, 0x0601, "an ISA bridge for SioBusDxe");
+    // fw_cfg's signature through its ports.
+    assert!(io.pio.write(fw_cfg::FW_CFG_PORT_BASE, &0u16.to_le_bytes()));
+    let mut sig = [0u8; 4];
+    for b in &mut sig {
+        let mut byte = [0u8];
+        assert!(io.pio.read(fw_cfg::FW_CFG_PORT_BASE + 1, &mut byte));
+        *b = byte[0];
+    }
+    assert_eq!(&sig, b"QEMU");
+}
+
+#[test]
+fn the_ecam_and_pm_block_decode_once_firmware_programs_them() {
+    let built = build_board();
+    let io = &built.io;
+    let mut data = [0u8; 4];
+    // Before PCIEXBAR: nothing at the ECAM.
+    assert!(!built.io.mmio.read(ECAM_BASE, &mut data) || data == [0xff; 4]);
+    config_write32(io, Bdf::new(0, 0, 0).unwrap(), 0x64, 0);
+    config_write32(io, Bdf::new(0, 0, 0).unwrap(), 0x60, ECAM_BASE as u32 | 1);
+    assert!(io.mmio.read(ECAM_BASE, &mut data));
+    assert_eq!(u32::from_le_bytes(data), 0x29c0_8086);
+    let lpc_in_ecam = ECAM_BASE + (u64::from(config_bits(LPC_BDF)) << 4);
+    assert!(io.mmio.read(lpc_in_ecam, &mut data));
+    assert_eq!(u32::from_le_bytes(data), 0x2918_8086);
+
+    // The PM timer answers only once PMBASE and ACPI_EN are set, as OVMF's SEC sets them.
+    let timer = PM_BASE + 8;
+    assert_eq!(pio_read32(io, timer), u32::MAX);
+    config_write32(io, LPC_BDF, 0x40, u32::from(PM_BASE) | 1);
+    let acpi_cntl = config_read32(io, LPC_BDF, 0x44);
+    config_write32(io, LPC_BDF, 0x44, acpi_cntl | 0x80);
+    let first = pio_read32(io, timer);
+    assert!(first < 1 << 24, "a 24-bit timer: {first:#x}");
+    std::thread::sleep(std::time::Duration::from_millis(2));
+    assert_ne!(pio_read32(io, timer), first, "the PM timer runs");
+    // SMI_EN holds APMC_EN, so SeaBIOS's SMM set-up stands down.
+    assert_eq!(pio_read32(io, PM_BASE + 0x30) & 0x20, 0x20);
+}
+
+#[test]
+fn vcpus_stay_in_their_reset_state_for_the_firmware() {
+    let built = build_board();
+    for id in 0..2 {
+        let mut vcpu = CountingVcpu::default();
+        built.board.init_vcpu(id, &mut vcpu).unwrap();
+        assert_eq!(vcpu.0, 0, "vCPU {id}: the BSP starts at the reset vector, APs wait for SIPI");
+    }
+}
+
+#[test]
+fn a_reset_boots_the_same_firmware_and_nothing_else() {
+    let built = build_board();
+    let same = BootSource::Firmware(built.firmware.clone());
+    built.board.load_boot(&built.memory, &same, 2).unwrap();
+    let other = BootSource::Firmware(FirmwareBoot { code: "/other.fd".into(), vars: None });
+    assert!(built.board.load_boot(&built.memory, &other, 2).is_err());
+    let kernel = BootSource::Kernel(crate::board::KernelBoot {
+        kernel: "/k".into(),
+        initrd: None,
+        cmdline: String::new(),
+        cache_dir: None,
+    });
+    assert!(matches!(
+        built.board.load_boot(&built.memory, &kernel, 2),
+        Err(BoardError::UnsupportedBoot { board: "q35", .. })
+    ));
+}
