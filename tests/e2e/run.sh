@@ -860,6 +860,9 @@ ovmf_reaches_its_boot_manager() {
         sleep 1
     done
     echo "+ the boot manager spoke after $((SECONDS - t0)) s" >>"$log"
+    # What it said, for the summary (the work directory is gone after a pass).
+    tr -d '\r' <"$serial" | sed 's/\x1b\[[0-9;?]*[A-Za-z]//g' | grep -aE "$reached" | head -n 5 |
+        sed "s/^/  $FUNCNAME after $((SECONDS - t0)) s: /"
     kill "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
 }
