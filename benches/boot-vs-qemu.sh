@@ -50,7 +50,7 @@ vm_cmd() {
             -device virtio-blk-pci,drive=d0)
     else
         CMD=(env "HUTCH_CACHE_DIR=$KCACHE" "$HUTCH" run --kernel "$KERNEL" --initrd "$INITRD"
-            --cmdline "$cmdline" --cpus 1 --memory "$MEM")
+            --cmdline "$cmdline" --cpus 1 --memory "$MEM" --net none)
         [ -z "$disk" ] || CMD+=(--disk "$disk")
     fi
 }

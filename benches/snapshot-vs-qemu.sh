@@ -74,7 +74,7 @@ hutch_rep() {
     "$HUTCH" delete bench >/dev/null 2>&1 || true
     qemu-img create -q -f qcow2 "$WORK/h-disk.qcow2" 64M
     "$HUTCH" create bench --kernel "$KERNEL" --initrd "$INITRD" --cpus 1 --memory "$MEM" \
-        --disk "$WORK/h-disk.qcow2" --cmdline "$CMDLINE" >/dev/null
+        --disk "$WORK/h-disk.qcow2" --cmdline "$CMDLINE" --net none >/dev/null
     "$HUTCH" start bench >/dev/null
     wait_line "$serial" 'HUTCH-RESULT cmdloop=ready' "$VM_TIMEOUT"
     t0=$(now_ms)

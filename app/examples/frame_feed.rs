@@ -139,6 +139,7 @@ fn main() -> anyhow::Result<()> {
             uptime_secs: 0,
             instance: 1,
             display: Some("virtio-gpu 800x600".into()),
+            net: None,
         };
         let target =
             Arc::new(FakeVm { status, pointer: pointer.clone(), hub: SerialHub::new(None) });

@@ -105,11 +105,121 @@ pub struct VmConfig {
     #[serde(default = "default_display")]
     pub display: bool,
     /// Firmware booted instead of the kernel (`hutch run --firmware`); not in vm.toml yet.
+    /// Boxed: a VmConfig travels in the GUI's jobs, which stay small.
     #[serde(skip)]
-    pub firmware: Option<vmm::board::FirmwareBoot>,
+    pub firmware: Option<Box<vmm::board::FirmwareBoot>>,
+    /// The network card. Files from before networking have none, so their VMs (and snapshots)
+    /// keep the devices they had; new VMs get `user`.
+    #[serde(default, skip_serializing_if = "NetMode::is_none")]
+    pub net: NetMode,
+    /// The card's MAC address, made once per VM so the guest's configuration stays valid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// Host ports forwarded into the guest, in `--forward` syntax (`tcp:127.0.0.1:2222-:22`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forwards: Vec<String>,
+    /// The guest cannot reach the host's own services through the gateway (10.0.2.2).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub isolate_from_host: bool,
     // Tables last: TOML needs plain values before arrays of tables.
     #[serde(default, rename = "disk", skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<DiskEntry>,
+}
+
+/// How a VM reaches the network.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetMode {
+    /// No network card at all.
+    #[default]
+    None,
+    /// A virtio-net card behind user-mode NAT (DHCP, DNS, port forwards; no root needed).
+    User,
+}
+
+impl NetMode {
+    fn is_none(&self) -> bool {
+        *self == NetMode::None
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            NetMode::None => "none",
+            NetMode::User => "user",
+        }
+    }
+}
+
+impl std::str::FromStr for NetMode {
+    type Err = LibraryError;
+
+    fn from_str(s: &str) -> Result<NetMode> {
+        match s {
+            "none" => Ok(NetMode::None),
+            "user" => Ok(NetMode::User),
+            _ => Err(LibraryError::InvalidConfig {
+                what: "net",
+                reason: format!("'{s}' is not a network mode (user or none)"),
+            }),
+        }
+    }
+}
+
+/// A new locally administered unicast MAC in QEMU's 52:54:00 range: the random low three bytes
+/// keep two VMs on one host apart.
+pub fn random_mac() -> String {
+    let mut low = [0u8; 3];
+    // /dev/urandom does not fail on Linux or macOS; should it, the time still varies per VM.
+    if fs::File::open("/dev/urandom")
+        .and_then(|mut f| io::Read::read_exact(&mut f, &mut low))
+        .is_err()
+    {
+        let nanos =
+            SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+        low.copy_from_slice(&nanos.to_le_bytes()[..3]);
+    }
+    format_mac([0x52, 0x54, 0x00, low[0], low[1], low[2]])
+}
+
+pub fn format_mac(mac: [u8; 6]) -> String {
+    mac.map(|b| format!("{b:02x}")).join(":")
+}
+
+impl VmConfig {
+    /// The forwards, each a valid spec and no host socket twice.
+    pub fn parsed_forwards(&self) -> Result<Vec<net::slirp::Forward>> {
+        let bad = |reason: String| LibraryError::InvalidConfig { what: "forwards", reason };
+        let mut forwards: Vec<net::slirp::Forward> = Vec::with_capacity(self.forwards.len());
+        for spec in &self.forwards {
+            let forward =
+                spec.parse::<net::slirp::Forward>().map_err(|e| bad(format!("'{spec}': {e}")))?;
+            if forwards.iter().any(|f| f.same_host_socket(&forward)) {
+                return Err(bad(format!("{} is forwarded twice", forward.host())));
+            }
+            forwards.push(forward);
+        }
+        Ok(forwards)
+    }
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`; a multicast address cannot be a card's.
+pub fn parse_mac(text: &str) -> Result<[u8; 6]> {
+    let bad = |reason: String| LibraryError::InvalidConfig { what: "mac", reason };
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let part = parts.next().filter(|p| p.len() == 2);
+        *byte = part
+            .and_then(|p| u8::from_str_radix(p, 16).ok())
+            .ok_or_else(|| bad(format!("'{text}' is not a MAC address (aa:bb:cc:dd:ee:ff)")))?;
+    }
+    if parts.next().is_some() {
+        return Err(bad(format!("'{text}' is not a MAC address (aa:bb:cc:dd:ee:ff)")));
+    }
+    if mac[0] & 1 != 0 {
+        return Err(bad(format!("{text} is a multicast address")));
+    }
+    Ok(mac)
 }
 
 fn default_format() -> u32 {
@@ -142,6 +252,10 @@ impl VmConfig {
             memory_mib,
             display: true,
             firmware: None,
+            net: NetMode::User,
+            mac: Some(random_mac()),
+            forwards: Vec::new(),
+            isolate_from_host: false,
             disks,
         }
     }
@@ -161,6 +275,10 @@ impl VmConfig {
         if self.cmdline.contains('\0') {
             return bad("cmdline", "contains a NUL byte".to_string());
         }
+        if let Some(mac) = &self.mac {
+            parse_mac(mac)?;
+        }
+        self.parsed_forwards()?;
         if self.format != CONFIG_FORMAT {
             return bad("format", format!("{} (this hutch reads {CONFIG_FORMAT})", self.format));
         }
@@ -228,7 +346,7 @@ impl VmConfig {
             memory_mib: self.memory_mib,
             // Filled from the environment where the machine is built (vm_process).
             kernel_cache_dir: None,
-            firmware: self.firmware.clone(),
+            firmware: self.firmware.as_deref().cloned(),
         }
     }
 
@@ -657,6 +775,51 @@ mod tests {
         assert_eq!(c.cmdline, DEFAULT_CMDLINE);
         assert_eq!(c.format, 1);
         assert!(c.disks.is_empty() && c.initrd.is_none());
+    }
+
+    #[test]
+    fn vm_toml_from_before_networking_has_no_network_card() {
+        let c = VmConfig::from_toml("kernel = \"/k\"\ncpus = 1\nmemory_mib = 64\n").unwrap();
+        assert_eq!(c.net, NetMode::None);
+        assert!(c.mac.is_none() && c.forwards.is_empty() && !c.isolate_from_host);
+        assert!(!c.to_toml().contains("net"), "{}", c.to_toml());
+    }
+
+    #[test]
+    fn new_vms_get_user_networking_with_their_own_mac_and_keep_it() {
+        let mut c = config(Path::new("/k"));
+        assert_eq!(c.net, NetMode::User);
+        let mac = c.mac.clone().unwrap();
+        assert_eq!(&mac[..9], "52:54:00:");
+        assert!(parse_mac(&mac).is_ok());
+        c.forwards = vec!["tcp:127.0.0.1:2222-:22".into()];
+        c.isolate_from_host = true;
+        let text = c.to_toml();
+        assert!(text.contains("net = \"user\"") && text.contains(&mac), "{text}");
+        assert_eq!(VmConfig::from_toml(&text).unwrap(), c);
+        let macs: std::collections::HashSet<_> =
+            (0..8).map(|_| config(Path::new("/k")).mac.unwrap()).collect();
+        assert!(macs.len() > 1, "every VM got the same MAC: {macs:?}");
+    }
+
+    #[test]
+    fn bad_macs_and_network_modes_are_rejected() {
+        for bad in
+            ["", "52:54:00:12:34", "52:54:00:12:34:56:78", "52-54-00-12-34-56", "zz:54:00:12:34:56"]
+        {
+            assert!(parse_mac(bad).is_err(), "{bad}");
+        }
+        assert!(parse_mac("53:54:00:12:34:56").unwrap_err().to_string().contains("multicast"));
+        let mut c = config(Path::new("/k"));
+        c.mac = Some("nonsense".into());
+        assert!(matches!(c.validate(), Err(LibraryError::InvalidConfig { what: "mac", .. })));
+        assert!("bridge".parse::<NetMode>().is_err());
+        let mut c = config(Path::new("/k"));
+        c.forwards = vec!["tcp::2222-:22".into(), "tcp:127.0.0.1:2222-:80".into()];
+        assert!(matches!(c.validate(), Err(LibraryError::InvalidConfig { what: "forwards", .. })));
+        c.forwards = vec!["tcp:2222".into()];
+        assert!(matches!(c.validate(), Err(LibraryError::InvalidConfig { what: "forwards", .. })));
+        assert_eq!("user".parse::<NetMode>().unwrap(), NetMode::User);
     }
 
     #[test]

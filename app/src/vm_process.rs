@@ -20,16 +20,56 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context};
 use display::frame::FrameWriter;
 use display::scanout::Screen;
-use vmm::machine::{ExitReason, Machine, MachineHandle, RunState};
+use net::slirp::{Forward, UserNet, UserNetConfig};
+use vmm::machine::{ExitReason, Machine, MachineHandle, NetAttachment, RunState};
 
 use crate::backend;
-use crate::control::protocol::{ControlTarget, StatusReply};
+use crate::control::protocol::{ControlTarget, NetStatus, StatusReply};
 use crate::control::server::{ConsoleTarget, ControlServer};
-use crate::library::{ExitKind, ExitRecord, Library, PidFile, VmConfig, VmDir, VmLock};
+use crate::library::{
+    parse_mac, ExitKind, ExitRecord, Library, NetMode, PidFile, VmConfig, VmDir, VmLock,
+};
 use crate::runtime;
 use crate::serial_hub::{SerialHub, SerialSubscription};
 use crate::snapshots::{self, SnapshotInfo, SnapshotList};
 use vmm::snapshot::SnapshotFile;
+
+/// A built machine and the user-mode network its card is on (for forwards and the lease).
+pub struct BuiltMachine {
+    pub machine: Machine,
+    pub net: Option<Arc<UserNet>>,
+}
+
+/// The user-mode network of a VM with `net = user`, its forwards bound (a busy host port is
+/// an error naming it). `HUTCH_DNS` (`ADDR:PORT`) sends the guest's DNS there instead of to
+/// the host's resolver, which is how tests keep DNS on a server of their own.
+pub fn user_net(config: &VmConfig) -> anyhow::Result<Option<(Arc<UserNet>, NetAttachment)>> {
+    if config.net != NetMode::User {
+        return Ok(None);
+    }
+    let mac = match &config.mac {
+        Some(mac) => parse_mac(mac)?,
+        None => parse_mac(&crate::library::random_mac())?,
+    };
+    let forwards = config.parsed_forwards()?;
+    let dns_server = match std::env::var("HUTCH_DNS") {
+        Ok(addr) if !addr.is_empty() => Some(
+            addr.parse()
+                .with_context(|| format!("HUTCH_DNS={addr} is not an ADDR:PORT socket address"))?,
+        ),
+        _ => None,
+    };
+    let net = UserNet::new(UserNetConfig {
+        guest_mac: mac,
+        dns_server,
+        isolate_from_host: config.isolate_from_host,
+        forwards,
+        ..UserNetConfig::default()
+    })
+    .context("Cannot start the VM's user-mode network")?;
+    let net = Arc::new(net);
+    Ok(Some((net.clone(), NetAttachment { mac, backend: Box::new(net) })))
+}
 
 /// Checks the files and the host, opens the hypervisor and builds the machine. With `frame`
 /// (and the display on in `config`), the machine's screen is shared at that path.
@@ -38,7 +78,7 @@ pub fn build_machine(
     serial_out: Box<dyn Write + Send>,
     frame: Option<&Path>,
     snapshot: Option<&SnapshotFile>,
-) -> anyhow::Result<Machine> {
+) -> anyhow::Result<BuiltMachine> {
     if snapshot.is_none() {
         config.check_files()?;
     }
@@ -54,12 +94,19 @@ pub fn build_machine(
         }
         None => None,
     };
-    match snapshot {
-        Some(file) => Machine::restore(&*hypervisor, &machine_config, file, serial_out, screen)
-            .with_context(|| format!("Cannot restore the snapshot {}", file.path().display())),
-        None => Machine::new(&*hypervisor, &machine_config, serial_out, screen)
-            .context("Cannot build the virtual machine"),
-    }
+    let (net, attachment) = match user_net(config)? {
+        Some((net, attachment)) => (Some(net), Some(attachment)),
+        None => (None, None),
+    };
+    let machine = match snapshot {
+        Some(file) => {
+            Machine::restore(&*hypervisor, &machine_config, file, serial_out, screen, attachment)
+                .with_context(|| format!("Cannot restore the snapshot {}", file.path().display()))?
+        }
+        None => Machine::new(&*hypervisor, &machine_config, serial_out, screen, attachment)
+            .context("Cannot build the virtual machine")?,
+    };
+    Ok(BuiltMachine { machine, net })
 }
 
 /// The decompressed-kernel cache directory: `$HUTCH_CACHE_DIR`, else
@@ -150,20 +197,27 @@ impl MachineControl for MachineHandle {
     }
 }
 
-/// A built machine the VM process can run: [`Machine`] in production.
+/// A built machine the VM process can run: [`BuiltMachine`] in production.
 pub trait RunnableMachine {
     type Handle: MachineControl;
     fn handle(&self) -> Self::Handle;
+    /// The user-mode network its card is on, if it has one.
+    fn user_net(&self) -> Option<Arc<UserNet>> {
+        None
+    }
     fn run(self) -> anyhow::Result<ExitReason>;
 }
 
-impl RunnableMachine for Machine {
+impl RunnableMachine for BuiltMachine {
     type Handle = MachineHandle;
     fn handle(&self) -> MachineHandle {
-        Machine::handle(self)
+        self.machine.handle()
+    }
+    fn user_net(&self) -> Option<Arc<UserNet>> {
+        self.net.clone()
     }
     fn run(self) -> anyhow::Result<ExitReason> {
-        Ok(Machine::run(self)?)
+        Ok(self.machine.run()?)
     }
 }
 
@@ -178,6 +232,7 @@ struct MachineTarget<H> {
     screen: Option<PathBuf>,
     /// One snapshot operation at a time (they all rewrite the index).
     snapshot_lock: Mutex<()>,
+    net: Option<Arc<UserNet>>,
 }
 
 /// The snapshot the VM process restarts into once its machine has stopped.
@@ -202,7 +257,24 @@ impl<H: MachineControl> ControlTarget for MachineTarget<H> {
             uptime_secs: self.started.elapsed().as_secs(),
             instance: self.instance,
             display: self.handle.display_status(),
+            net: self.net.as_ref().map(|net| {
+                Box::new(NetStatus {
+                    mode: NetMode::User.name().to_string(),
+                    guest_ip: net.lease().map(|ip| ip.to_string()),
+                    forwards: net.forwards().iter().map(ToString::to_string).collect(),
+                })
+            }),
         })
+    }
+    fn forward_add(&self, spec: String) -> anyhow::Result<()> {
+        let net = self.net.as_ref().ok_or_else(|| anyhow!("This VM has no user-mode network"))?;
+        let forward = spec.parse::<Forward>()?;
+        Ok(net.add_forward(forward)?)
+    }
+    fn forward_remove(&self, spec: String) -> anyhow::Result<()> {
+        let net = self.net.as_ref().ok_or_else(|| anyhow!("This VM has no user-mode network"))?;
+        let forward = spec.parse::<Forward>()?;
+        Ok(net.remove_forward(forward)?)
     }
     fn pause(&self) -> anyhow::Result<()> {
         self.handle.pause().context("Cannot pause")
@@ -375,6 +447,7 @@ fn run_locked<M: RunnableMachine>(
     let frame = runtime::frame_path_for_socket(&socket);
     let machine = build(&config, Box::new(hub.writer()), Some(&frame), snapshot.as_ref())?;
     let handle = machine.handle();
+    let net = machine.user_net();
     let target = Arc::new(MachineTarget {
         name: vm.name().to_string(),
         handle: handle.clone(),
@@ -384,6 +457,7 @@ fn run_locked<M: RunnableMachine>(
         vm: vm.clone(),
         screen: config.display.then_some(frame),
         snapshot_lock: Mutex::new(()),
+        net,
     });
     let server = ControlServer::bind(&socket, target)?;
     if let Some(set) = signals {

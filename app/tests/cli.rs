@@ -307,6 +307,7 @@ mod running {
                 uptime_secs: 5,
                 instance: 1,
                 display: None,
+                net: None,
             })
         }
         fn pause(&self) -> anyhow::Result<()> {

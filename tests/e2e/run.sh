@@ -45,6 +45,15 @@ FW_CASES=(ovmf_reaches_its_boot_manager)
 OVMF_CODE=${E2E_OVMF_CODE:-/usr/share/OVMF/OVMF_CODE_4M.fd}
 OVMF_VARS=${E2E_OVMF_VARS:-/usr/share/OVMF/OVMF_VARS_4M.fd}
 
+# Networking (virtio-net + user-mode NAT); the guest side is checked against QEMU's
+# -netdev user too (E2E_TARGET=qemu). In CASES; alone:
+#   tests/lab/lab.sh -- tests/e2e/run.sh "${NET_CASES[@]}"
+NET_CASES=(guest_gets_a_lease_resolves_and_fetches_from_the_host
+    host_fetches_from_the_guest_through_a_forward bulk_transfer_each_way_keeps_its_hash
+    vm_without_network_has_no_nic forward_added_while_running_reaches_the_guest
+    isolated_vm_cannot_reach_the_host snapshot_restore_keeps_the_network_for_new_connections)
+CASES+=("${NET_CASES[@]}")
+
 # --- helpers -------------------------------------------------------------------------------
 
 # Each case runs in its own process: a failure is "fail REASON" (exit 1), a skip "skip REASON".
@@ -63,15 +72,23 @@ need_hutch() {
 }
 
 # boot LOG [--kernel K] [--initrd I] [--cpus N] [--memory MIB] [--disk PATH] [--disk-ro PATH]
+#      [--net user|none] [--forward tcp:HOSTADDR:HOSTPORT-:GUESTPORT]... [--isolate-from-host]
 #      --cmdline CMDLINE
 # Boots one VM to the end with the selected target; output (stdout+stderr) goes to LOG.
-# Returns the VMM's exit status (124 on timeout).
+# Without --net the VM gets the target's default (QEMU here: no NIC). Network cases must call
+# need_isolated_net first. Returns the VMM's exit status (124 on timeout).
 boot() {
     local log=$1
     shift
-    local kernel=$KERNEL initrd=$INITRD cpus=1 mem=256 cmdline="" disks=()
+    local kernel=$KERNEL initrd=$INITRD cpus=1 mem=256 cmdline="" disks=() net="" forwards=()
+    local isolate=""
     while [ $# -gt 0 ]; do
         case $1 in
+        --isolate-from-host)
+            isolate=1
+            shift
+            continue
+            ;;
         --kernel) kernel=$2 ;;
         --initrd) initrd=$2 ;;
         --cpus) cpus=$2 ;;
@@ -79,12 +96,20 @@ boot() {
         --cmdline) cmdline=$2 ;;
         --disk) disks+=("rw:$2") ;;
         --disk-ro) disks+=("ro:$2") ;;
+        --net) net=$2 ;;
+        --forward) forwards+=("$2") ;;
         *) die "boot: unknown option $1" ;;
         esac
         shift 2
     done
+    case $net in
+    "" | none) [ ${#forwards[@]} = 0 ] || die "boot: --forward needs --net user" ;;
+    user) ;;
+    *) die "boot: --net must be user or none, not $net" ;;
+    esac
     local cmd d
     if [ "$TARGET" = qemu ]; then
+        [ -z "$isolate" ] || die "boot: --isolate-from-host is hutch's (QEMU's restrict=on cuts more)"
         cmd=(qemu-system-x86_64 -enable-kvm -cpu host -M q35 -m "$mem" -smp "$cpus"
             -nodefaults -no-user-config -nographic -serial stdio -no-reboot
             -kernel "$kernel" -append "$cmdline")
@@ -92,12 +117,23 @@ boot() {
         for d in ${disks[@]+"${disks[@]}"}; do
             cmd+=(-drive "file=${d#*:},if=virtio,format=raw$([ "${d%%:*}" = ro ] && echo ,readonly=on)")
         done
+        if [ "$net" = user ]; then
+            # QEMU's hostfwd syntax is the one --forward takes. No option ROM: hutch has none,
+            # and the guest boots from -kernel.
+            local netdev=user,id=n0 f
+            for f in ${forwards[@]+"${forwards[@]}"}; do
+                netdev+=",hostfwd=$f"
+            done
+            cmd+=(-netdev "$netdev" -device virtio-net-pci,netdev=n0,romfile=)
+        fi
     else
         cmd=("$HUTCH" run --kernel "$kernel" --cmdline "$cmdline" --cpus "$cpus" --memory "$mem")
         [ -z "$initrd" ] || cmd+=(--initrd "$initrd")
         for d in ${disks[@]+"${disks[@]}"}; do
             hutch_disk_args "${d#*:}" "${d%%:*}"
         done
+        [ -z "$isolate" ] || cmd+=(--isolate-from-host)
+        hutch_net_args "$net" ${forwards[@]+"${forwards[@]}"}
     fi
     echo "+ ${cmd[*]}" >"$log"
     local rc=0
@@ -113,6 +149,16 @@ hutch_disk_args() {
     else
         cmd+=(--disk "$1")
     fi
+}
+
+# The one place that knows hutch's network flags: --net user|none, --forward SPEC (repeated).
+hutch_net_args() {
+    local net=$1 f
+    shift
+    [ -z "$net" ] || cmd+=(--net "$net")
+    for f in "$@"; do
+        cmd+=(--forward "$f")
+    done
 }
 
 # result LOG KEY : the value of the last "HUTCH-RESULT KEY=value" line. Not anchored: firmware
@@ -833,6 +879,333 @@ bzimage_boots_from_kernel_cache() {
     ! has "$WORK/log3" "kernel cache:" || fail "HUTCH_KERNEL_CACHE=0 still used the cache"
 }
 
+# --- network cases (NET_CASES) -------------------------------------------------------------
+# THE NETWORK RULE: nothing may leave this machine, and only 127.0.0.0/8 is a target. These
+# cases run only in the lab's L1, which has no NIC; its /etc/resolv.conf (a tmpfs overlay) then
+# names the test's own DNS responder on 127.0.0.1, so the NAT's DNS forwarder asks nobody else.
+# The host side: busybox httpd on 127.0.0.1:8080 (the guest's 10.0.2.2:8080), socat sinks and
+# echoes, the guest's forwards on 127.0.0.1. Every server is bounded in time.
+
+NET_HOST_HTTP=8080
+NET_FORWARD_PORT=10080
+NET_GUEST_HTTP=8000
+NET_SINK_PORT=9000
+NET_ECHO_PORT=9001
+# The servers' own bound (the case's cleanup stops them sooner): the longest case timeout.
+NET_SERVER_SECS=$((CASE_TIMEOUT * 2))
+
+need_isolated_net() {
+    [ "${LAB:-}" = 1 ] || skip "network cases run only in the lab (tests/lab/lab.sh), which has no NIC"
+    local nics
+    nics=$(ls /sys/class/net | grep -vx lo || true)
+    [ -z "$nics" ] || fail "refusing to run: interfaces other than lo here ($(echo $nics))"
+    require_tools busybox socat
+    # A file of its own, not through a symlink to somewhere else.
+    rm -f /etc/resolv.conf
+    printf 'nameserver 127.0.0.1\n' >/etc/resolv.conf || fail "cannot write /etc/resolv.conf"
+    ip link set lo up 2>/dev/null || true
+    NET_PIDS=()
+    trap net_cleanup EXIT
+    trap 'exit 143' TERM
+}
+
+# Stops the servers and VMs this case started, by their pids (a background boot is a subshell:
+# its child, the VMM's timeout, goes first).
+net_cleanup() {
+    local p c
+    for p in ${NET_PIDS[@]+"${NET_PIDS[@]}"}; do
+        for c in $(ps -o pid= --ppid "$p" 2>/dev/null); do
+            kill "$c" 2>/dev/null || true
+        done
+        kill "$p" 2>/dev/null || true
+    done
+}
+
+net_random_token() {
+    echo "$1-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+}
+
+# wait_listen PORT: until something listens on 127.0.0.1:PORT (TCP; /proc/net/tcp, state 0A).
+wait_listen() {
+    tcp_listening "$1" || fail "nothing listens on 127.0.0.1:$1 after 30 s"
+}
+
+# The DNS responder: web.hutch.test is the host (10.0.2.2), other names are refused.
+start_dns() {
+    "$PYTHON" "$REPO/tests/e2e/dns-responder.py" --answer web.hutch.test=10.0.2.2 \
+        --log "$WORK/dns.log" --ready "$WORK/dns.ready" --max-seconds "$NET_SERVER_SECS" \
+        >"$WORK/dns.out" 2>&1 &
+    NET_PIDS+=($!)
+    local i
+    for i in $(seq 150); do
+        [ -s "$WORK/dns.ready" ] && return 0
+        sleep 0.2
+    done
+    fail "the DNS responder did not start: $(head -c 300 "$WORK/dns.out")"
+}
+
+# start_host_httpd DIR: serves DIR on 127.0.0.1:8080; DIR must hold a file named token.
+start_host_httpd() {
+    timeout "$NET_SERVER_SECS" busybox httpd -f -p "127.0.0.1:$NET_HOST_HTTP" -h "$1" \
+        >"$WORK/httpd.out" 2>&1 &
+    NET_PIDS+=($!)
+    wait_listen "$NET_HOST_HTTP"
+}
+
+# start_sink PORT FILE: takes one connection on 127.0.0.1:PORT into FILE, closes at its EOF.
+start_sink() {
+    timeout "$NET_SERVER_SECS" socat -u "TCP-LISTEN:$1,bind=127.0.0.1,reuseaddr" \
+        "OPEN:$2,creat,trunc" >"$WORK/sink.out" 2>&1 &
+    NET_PIDS+=($!)
+    wait_listen "$1"
+}
+
+# start_echo PORT: echoes one connection on 127.0.0.1:PORT.
+start_echo() {
+    timeout "$NET_SERVER_SECS" socat "TCP-LISTEN:$1,bind=127.0.0.1,reuseaddr" PIPE \
+        >"$WORK/echo.out" 2>&1 &
+    NET_PIDS+=($!)
+    wait_listen "$1"
+}
+
+# host_get URL FILE: one bounded HTTP GET from this side (no proxy, whatever the environment).
+host_get() {
+    timeout 60 busybox wget -Y off -q -O "$2" "$1"
+}
+
+# boot_bg LOG BOOT-ARGS...: boot in the background; VM_PID is the boot's pid (wait for it).
+boot_bg() {
+    boot "$@" &
+    VM_PID=$!
+    NET_PIDS+=("$VM_PID")
+}
+
+# wait_vm_line LOG TEXT SECS: like wait_for_line, but gives up as soon as the VM has ended.
+wait_vm_line() {
+    local i=0
+    until has "$1" "$2"; do
+        kill -0 "$VM_PID" 2>/dev/null || fail "the VM ended before '$2' (log: $1)"
+        i=$((i + 1))
+        [ "$i" -le $(($3 * 5)) ] || fail "no '$2' in $1 within $3 s"
+        sleep 0.2
+    done
+}
+
+# results LOG KEY: every value of "HUTCH-RESULT KEY=value", space-separated, in order.
+results() {
+    sed -n "s/.*HUTCH-RESULT $2=//p" "$1" | tr -d '\r' | tr '\n' ' ' | sed 's/ $//'
+}
+
+# expect_result LOG KEY WANT: the last KEY is WANT.
+expect_result() {
+    local got
+    got=$(result "$1" "$2")
+    [ "$got" = "$3" ] || fail "guest $2='$got', expected '$3' (log: $1)"
+}
+
+# The guest leases 10.0.2.15 from the NAT's DHCP (router 10.0.2.2, DNS 10.0.2.3), resolves
+# web.hutch.test through the NAT's DNS forwarder, which asks the test's responder (and relays its
+# refusal of other names), and fetches a random token from a server on this side's 127.0.0.1 by
+# that name (10.0.2.2 is the host's loopback).
+guest_gets_a_lease_resolves_and_fetches_from_the_host() {
+    need_isolated_net
+    start_dns
+    local token log=$WORK/log rc=0
+    token=$(net_random_token host)
+    mkdir -p "$WORK/srv"
+    echo "$token" >"$WORK/srv/token"
+    start_host_httpd "$WORK/srv"
+    boot "$log" --net user --cmdline "$(actions "dhcp,nslookup:web.hutch.test,nslookup:elsewhere.hutch.test,wget:http://web.hutch.test:$NET_HOST_HTTP/token,poweroff")" || rc=$?
+    [ "$rc" = 0 ] || fail "exit status $rc (log: $log)"
+    expect_ready "$log"
+    expect_result "$log" ip 10.0.2.15
+    expect_result "$log" router 10.0.2.2
+    expect_result "$log" nameserver 10.0.2.3
+    [ "$(results "$log" dns)" = "10.0.2.2 none" ] ||
+        fail "guest DNS answers '$(results "$log" dns)', expected '10.0.2.2 none' (log: $log)"
+    grep -qx 'web.hutch.test 1 0' "$WORK/dns.log" ||
+        fail "the test's DNS responder answered no A query for web.hutch.test: $(tr '\n' ';' <"$WORK/dns.log")"
+    grep -qx 'elsewhere.hutch.test 1 5' "$WORK/dns.log" ||
+        fail "the test's DNS responder did not refuse elsewhere.hutch.test: $(tr '\n' ';' <"$WORK/dns.log")"
+    expect_result "$log" fetched "$token"
+}
+
+# A forward tcp:127.0.0.1:10080-:8000 reaches a server in the guest: this side fetches the
+# guest's random token through it, and the listener is bound to 127.0.0.1 only. (A forward
+# accepts at once even when nothing listens in the guest: only the payload proves the path.)
+host_fetches_from_the_guest_through_a_forward() {
+    need_isolated_net
+    local token log=$WORK/log rc=0 i
+    token=$(net_random_token guest)
+    mkdir -p "$WORK/srv"
+    echo host >"$WORK/srv/token"
+    start_host_httpd "$WORK/srv"
+    boot_bg "$log" --net user --forward "tcp:127.0.0.1:$NET_FORWARD_PORT-:$NET_GUEST_HTTP" \
+        --cmdline "$(actions "dhcp,httpd:$NET_GUEST_HTTP:$token,waitfor:$VM_TIMEOUT:http://10.0.2.2:$NET_HOST_HTTP/done,poweroff")"
+    wait_vm_line "$log" 'HUTCH-RESULT httpd=' "$VM_TIMEOUT"
+    expect_result "$log" httpd ready
+    tcp_listening "$NET_FORWARD_PORT" 0 || fail "nothing listens on 127.0.0.1:$NET_FORWARD_PORT"
+    ! grep -q "$(printf '00000000:%04X 00000000:0000 0A' $NET_FORWARD_PORT)" /proc/net/tcp ||
+        fail "the forward listens on 0.0.0.0:$NET_FORWARD_PORT, not only 127.0.0.1"
+    local got=
+    for i in 1 2 3; do
+        host_get "http://127.0.0.1:$NET_FORWARD_PORT/token" "$WORK/got" 2>>"$WORK/host-get.err" &&
+            got=$(cat "$WORK/got") && break
+        sleep 2
+    done
+    # The guest may go now (it polls for /done).
+    touch "$WORK/srv/done"
+    wait "$VM_PID" || rc=$?
+    [ "$rc" = 0 ] || fail "exit status $rc (log: $log)"
+    expect_result "$log" waitfor ok
+    [ "$got" = "$token" ] ||
+        fail "fetched '$got' through the forward, expected '$token' ($(tail -c 200 "$WORK/host-get.err" 2>/dev/null))"
+}
+
+# 256 MiB of random bytes each way keep their sha256: the guest sends its own file to a sink on
+# this side (guest-initiated TCP), then fetches this side's file over HTTP.
+bulk_transfer_each_way_keeps_its_hash() {
+    need_isolated_net
+    local log=$WORK/log rc=0 want_down want_up got_up mib=256
+    mkdir -p "$WORK/srv"
+    echo host >"$WORK/srv/token"
+    head -c "${mib}M" /dev/urandom >"$WORK/srv/big"
+    want_down=$(sha256sum "$WORK/srv/big" | cut -d' ' -f1)
+    start_host_httpd "$WORK/srv"
+    start_sink "$NET_SINK_PORT" "$WORK/up.bin"
+    VM_TIMEOUT=$(($(case_timeout bulk_transfer_each_way_keeps_its_hash) - 120)) boot "$log" --memory 1024 --net user --cmdline "$(actions "dhcp,mkbig:$mib,put:10.0.2.2:$NET_SINK_PORT,wget:http://10.0.2.2:$NET_HOST_HTTP/big,poweroff")" ||
+        rc=$?
+    [ "$rc" = 0 ] || fail "exit status $rc (log: $log)"
+    expect_result "$log" ip 10.0.2.15
+    expect_result "$log" put ok
+    want_up=$(result "$log" big_sha256)
+    [ -n "$want_up" ] && [ "$want_up" != none ] || fail "the guest made no file to send (log: $log)"
+    [ "$(stat -c %s "$WORK/up.bin" 2>/dev/null)" = $((mib * 1048576)) ] ||
+        fail "received $(stat -c %s "$WORK/up.bin" 2>/dev/null) bytes from the guest, expected $((mib * 1048576))"
+    got_up=$(sha256sum "$WORK/up.bin" | cut -d' ' -f1)
+    [ "$got_up" = "$want_up" ] || fail "guest→host: received sha256 $got_up, the guest sent $want_up"
+    expect_result "$log" fetched_bytes $((mib * 1048576))
+    expect_result "$log" fetched "sha256:$want_down"
+    echo "guest→host ${mib} MiB in $(result "$log" put_ms) ms ($(result "$log" put_kibps) KiB/s)," \
+        "host→guest in $(result "$log" fetched_ms) ms ($(result "$log" fetched_kibps) KiB/s)" >&2
+}
+
+# With --net none the guest has no network device at all (no PCI network function, no
+# interface but lo); with --net user the same guest sees its virtio-net as eth0 (so the check
+# can tell).
+vm_without_network_has_no_nic() {
+    need_isolated_net
+    local rc=0
+    boot "$WORK/log-none" --net none --cmdline "$(actions nonet,poweroff)" || rc=$?
+    [ "$rc" = 0 ] || fail "--net none: exit status $rc (log: $WORK/log-none)"
+    expect_ready "$WORK/log-none"
+    expect_result "$WORK/log-none" nics none
+    expect_result "$WORK/log-none" pci_net 0
+    boot "$WORK/log-user" --net user --cmdline "$(actions nonet,poweroff)" || rc=$?
+    [ "$rc" = 0 ] || fail "--net user: exit status $rc (log: $WORK/log-user)"
+    expect_result "$WORK/log-user" nics eth0
+    expect_result "$WORK/log-user" pci_net 1
+}
+
+# A forward added while the VM runs (`hutch forward add`) reaches the guest's server at once and
+# is kept in vm.toml; `hutch status` shows the guest's lease; a host port that is taken is an
+# error naming it (and is not saved); `hutch forward remove` closes the port.
+forward_added_while_running_reaches_the_guest() {
+    need_hutch
+    need_isolated_net
+    local token name=fwd log=$WORK/log busy=10081 got= i
+    token=$(net_random_token live)
+    mkdir -p "$WORK/srv"
+    echo host >"$WORK/srv/token"
+    start_host_httpd "$WORK/srv"
+    start_sink "$busy" "$WORK/busy.bin"
+    start_library_vm $name "dhcp,httpd:$NET_GUEST_HTTP:$token,waitfor:$VM_TIMEOUT:http://10.0.2.2:$NET_HOST_HTTP/done,poweroff" \
+        'HUTCH-RESULT httpd='
+    local serial=$HUTCH_HOME/vms/$name/serial.log
+    expect_result "$serial" httpd ready
+    "$HUTCH" status $name >"$WORK/status.txt" 2>&1 || fail "hutch status: $(cat "$WORK/status.txt")"
+    grep -q 'guest address: 10.0.2.15' "$WORK/status.txt" ||
+        fail "hutch status shows no lease: $(tr '\n' ';' <"$WORK/status.txt")"
+    "$HUTCH" forward $name add "tcp::$NET_FORWARD_PORT-:$NET_GUEST_HTTP" >>"$log" 2>&1 ||
+        fail "hutch forward add: exit $? (log: $log)"
+    grep -q "tcp:127.0.0.1:$NET_FORWARD_PORT-:$NET_GUEST_HTTP" "$HUTCH_HOME/vms/$name/vm.toml" ||
+        fail "vm.toml does not keep the forward: $(cat "$HUTCH_HOME/vms/$name/vm.toml")"
+    for i in 1 2 3; do
+        host_get "http://127.0.0.1:$NET_FORWARD_PORT/token" "$WORK/got" 2>>"$WORK/host-get.err" &&
+            got=$(cat "$WORK/got") && break
+        sleep 2
+    done
+    [ "$got" = "$token" ] || fail "fetched '$got' through the live forward, expected '$token'"
+    local out rc=0
+    out=$("$HUTCH" forward $name add "tcp::$busy-:$NET_GUEST_HTTP" 2>&1) || rc=$?
+    [ "$rc" != 0 ] || fail "a forward from a busy host port was accepted: $out"
+    contains "$out" "127.0.0.1:$busy" || fail "the busy-port error does not name 127.0.0.1:$busy: $out"
+    ! grep -q ":$busy-" "$HUTCH_HOME/vms/$name/vm.toml" || fail "vm.toml kept the failed forward"
+    "$HUTCH" forward $name list >"$WORK/list.txt" 2>&1 || fail "hutch forward list: $(cat "$WORK/list.txt")"
+    [ "$(cat "$WORK/list.txt")" = "tcp:127.0.0.1:$NET_FORWARD_PORT-:$NET_GUEST_HTTP" ] ||
+        fail "hutch forward list: $(tr '\n' ';' <"$WORK/list.txt")"
+    "$HUTCH" forward $name remove "tcp::$NET_FORWARD_PORT-:$NET_GUEST_HTTP" >>"$log" 2>&1 ||
+        fail "hutch forward remove: exit $? (log: $log)"
+    ! tcp_listening "$NET_FORWARD_PORT" 0 ||
+        fail "127.0.0.1:$NET_FORWARD_PORT still listens after the forward was removed"
+    ! grep -q "$NET_FORWARD_PORT-" "$HUTCH_HOME/vms/$name/vm.toml" || fail "vm.toml still has the removed forward"
+    touch "$WORK/srv/done"
+    wait_for_line "$serial" 'reboot: Power down' "$VM_TIMEOUT"
+    expect_result "$serial" waitfor ok
+}
+
+# "Isolate from host": the guest still gets its lease, but the gateway does not lead to the
+# host's own services.
+isolated_vm_cannot_reach_the_host() {
+    need_hutch
+    need_isolated_net
+    local log=$WORK/log rc=0
+    mkdir -p "$WORK/srv"
+    net_random_token iso >"$WORK/srv/token"
+    start_host_httpd "$WORK/srv"
+    boot "$log" --net user --isolate-from-host \
+        --cmdline "$(actions "dhcp,wget:http://10.0.2.2:$NET_HOST_HTTP/token,poweroff")" || rc=$?
+    [ "$rc" = 0 ] || fail "exit status $rc (log: $log)"
+    expect_result "$log" ip 10.0.2.15
+    expect_result "$log" fetched error
+}
+
+# After a snapshot restore the network works for new connections both ways: the host reaches
+# the guest's server through the VM's forward (re-made by the restored VM process), and the
+# guest's new connections reach the host.
+snapshot_restore_keeps_the_network_for_new_connections() {
+    need_hutch
+    need_isolated_net
+    local token name=netsnap log=$WORK/log got
+    token=$(net_random_token snap)
+    mkdir -p "$WORK/srv"
+    net_random_token host >"$WORK/srv/token"
+    start_host_httpd "$WORK/srv"
+    export HUTCH_HOME=$WORK/home
+    "$HUTCH" create $name --kernel "$KERNEL" --initrd "$INITRD" --forward "tcp::$NET_FORWARD_PORT-:$NET_GUEST_HTTP" \
+        --cmdline "$(actions "dhcp,httpd:$NET_GUEST_HTTP:$token,waitfor:$VM_TIMEOUT:http://10.0.2.2:$NET_HOST_HTTP/done,wget:http://10.0.2.2:$NET_HOST_HTTP/token,poweroff")" \
+        >>"$log" 2>&1 || fail "hutch create: exit $? (log: $log)"
+    "$HUTCH" start $name >>"$log" 2>&1 || fail "hutch start: exit $? (log: $log)"
+    local serial=$HUTCH_HOME/vms/$name/serial.log
+    wait_for_line "$serial" 'HUTCH-RESULT httpd=' "$VM_TIMEOUT"
+    expect_result "$serial" httpd ready
+    "$HUTCH" snapshot take $name served >>"$log" 2>&1 || fail "snapshot take: exit $? (log: $log)"
+    host_get "http://127.0.0.1:$NET_FORWARD_PORT/token" "$WORK/got" || fail "no answer through the forward before the restore"
+    [ "$(cat "$WORK/got")" = "$token" ] || fail "fetched '$(cat "$WORK/got")' before the restore, expected '$token'"
+    "$HUTCH" snapshot restore $name served >>"$log" 2>&1 || fail "snapshot restore: exit $? (log: $log)"
+    got=
+    for i in 1 2 3 4 5; do
+        host_get "http://127.0.0.1:$NET_FORWARD_PORT/token" "$WORK/got" 2>>"$WORK/host-get.err" &&
+            got=$(cat "$WORK/got") && break
+        sleep 2
+    done
+    [ "$got" = "$token" ] || fail "after the restore, fetched '$got' through the forward, expected '$token'"
+    touch "$WORK/srv/done"
+    wait_for_line "$serial" 'reboot: Power down' "$VM_TIMEOUT"
+    expect_result "$serial" waitfor ok
+    expect_result "$serial" fetched "$(cat "$WORK/srv/token")"
+}
+
 # --- firmware cases ------------------------------------------------------------------------
 
 # Debian's OVMF with no disk on the Q35 board: SEC, PEI and DXE run, the serial console comes up
@@ -878,6 +1251,8 @@ kvm_can_boot() {
 case_timeout() {
     case $1 in
     gui_*) echo $((CASE_TIMEOUT * 3 / 2)) ;;
+    # 256 MiB each way through user-mode NAT under emulation: about 400 s in the lab.
+    bulk_*) echo $((CASE_TIMEOUT * 2)) ;;
     *) echo "$CASE_TIMEOUT" ;;
     esac
 }

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Builds the test guest into build/guest/: vmlinuz (Debian's bzImage), vmlinux (its ELF, for
-# the PVH entry), initramfs.cpio.gz (busybox + virtio modules + tests/guest/init.sh) and VERSION.
+# the PVH entry), initramfs.cpio.gz (busybox + virtio modules + tests/guest/init.sh and udhcpc.script) and VERSION.
 # Usage: tests/guest/build.sh
 set -euo pipefail
 . "$(dirname "$0")/../lab/common.sh"
 . "$REPO/tests/guest/kernel.sh"
 
 GUEST_MODULES=(virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci
-    virtio_blk rng_core virtio_rng button evdev)
+    virtio_blk rng_core virtio_rng button evdev virtio_net)
 # Loaded on demand (actions load:gpu, load:input), so that tests see the guest before and
 # after its display and input drivers.
 GPU_MODULES=(virtio-gpu)
@@ -41,6 +41,7 @@ main() {
     initramfs_add_modules "$stage" gpu.list "${GPU_MODULES[@]}"
     initramfs_add_modules "$stage" input.list "${INPUT_MODULES[@]}"
     install -m 0755 "$REPO/tests/guest/init.sh" "$stage/init"
+    install -m 0755 "$REPO/tests/guest/udhcpc.script" "$stage/etc/udhcpc.script"
     initramfs_pack "$stage" "$out/initramfs.cpio.gz"
 
     echo "$KVER" >"$out/VERSION"

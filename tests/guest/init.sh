@@ -154,6 +154,190 @@ act_cmdloop() {
     done </dev/console
 }
 
+# --- networking (tests/e2e/run.sh NET_CASES, benches/net.sh) ---------------------------------
+# Every step is bounded in time (timeout) and every loop in count. Files live on /srv, a tmpfs
+# sized for a 256 MiB transfer each way (rootfs alone is capped at half the RAM).
+NET_TIMEOUT=300
+
+net_scratch() {
+    mkdir -p /srv
+    grep -q ' /srv ' /proc/mounts || mount -t tmpfs -o size=85% srv /srv
+    mkdir -p /srv/guest
+}
+
+# The network interfaces but lo, comma-separated, or "none".
+net_ifaces() {
+    n=
+    for d in /sys/class/net/*; do
+        i=${d##*/}
+        [ "$i" = lo ] || [ ! -e "$d" ] || n=${n:+$n,}$i
+    done
+    echo "${n:-none}"
+}
+
+# PCI functions of class 02 (network controller), with a driver or not.
+pci_nets() {
+    n=0
+    for c in /sys/bus/pci/devices/*/class; do
+        case $(cat "$c" 2>/dev/null) in 0x02*) n=$((n + 1)) ;; esac
+    done
+    echo $n
+}
+
+# sha256 of a file, or "none".
+file_sha256() {
+    h=$(sha256sum "$1" 2>/dev/null | cut -d' ' -f1)
+    echo "${h:-none}"
+}
+
+# PREFIX BYTES MS: PREFIX_bytes, PREFIX_ms and PREFIX_kibps (KiB/s; integer MiB/s is too coarse
+# for a guest under emulation).
+rate() {
+    ms=$3
+    [ "$ms" -gt 0 ] || ms=1
+    result "${1}_bytes=$2"
+    result "${1}_ms=$3"
+    result "${1}_kibps=$(($2 * 1000 / ms / 1024))"
+}
+
+act_dhcp() {
+    ip link set lo up
+    i=0
+    while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 50 ]; do
+        sleep 0.1
+        i=$((i + 1))
+    done
+    [ -e /sys/class/net/eth0 ] || { result "ip=none"; result "error=no-eth0"; return; }
+    ip link set eth0 up
+    # -n: give up without a lease; 5 discovers 1 s apart; timeout is the hard bound.
+    timeout 30 udhcpc -i eth0 -n -q -t 5 -T 1 -s /etc/udhcpc.script >/tmp/udhcpc.log 2>&1 ||
+        sed 's/^/udhcpc: /' /tmp/udhcpc.log
+    addr=$(ip -4 -o addr show dev eth0 | awk '{print $4; exit}')
+    if [ -n "$addr" ]; then result "ip=${addr%/*}"; else result ip=none; fi
+    result "router=$(ip -4 route show default | awk '{print $3; exit}')"
+    result "nameserver=$(awk '/^nameserver/{print $2; exit}' /etc/resolv.conf 2>/dev/null)"
+    result "mtu=$(cat /sys/class/net/eth0/mtu)"
+}
+
+act_nslookup() {
+    out=$(timeout 20 nslookup "$1" 2>&1)
+    # The first Address after the Name line (the lines before it name the server).
+    addr=$(echo "$out" | awk '/^Name:/{n = 1; next} n && /^Address/{print $2; exit}')
+    [ -n "$addr" ] || echo "$out" | sed 's/^/nslookup: /'
+    result "dns=${addr:-none}"
+}
+
+# Fetches URL into /srv/fetched: fetched=CONTENT (its first line) when it is at most 256 bytes,
+# else fetched=sha256:HEX; and fetched_bytes, fetched_ms, fetched_kibps (the transfer alone:
+# the hash is taken afterwards).
+act_wget() {
+    net_scratch
+    rm -f /srv/fetched
+    t0=$(now_ms)
+    if timeout $NET_TIMEOUT wget -q -O /srv/fetched "$1" 2>/tmp/wget.err; then
+        t1=$(now_ms)
+        bytes=$(wc -c </srv/fetched)
+        if [ "$bytes" -le 256 ]; then
+            result "fetched=$(head -n 1 /srv/fetched | tr -d '\r')"
+        else
+            result "fetched=sha256:$(file_sha256 /srv/fetched)"
+        fi
+        rate fetched "$bytes" $((t1 - t0))
+    else
+        sed 's/^/wget: /' /tmp/wget.err
+        result fetched=error
+    fi
+    rm -f /srv/fetched
+}
+
+# Serves /srv/guest on PORT (busybox httpd, in the background), TOKEN (if given) as /token.
+act_httpd() {
+    port=${1%%:*}
+    net_scratch
+    case $1 in *:*) echo "${1#*:}" >/srv/guest/token ;; esac
+    ip link set lo up
+    httpd -p "$port" -h /srv/guest || { result httpd=failed; return; }
+    i=0
+    while [ $i -lt 50 ]; do
+        netstat -ltn 2>/dev/null | grep -q ":$port " && { result httpd=ready; return; }
+        sleep 0.1
+        i=$((i + 1))
+    done
+    result httpd=failed
+}
+
+# MIB MiB from /dev/urandom as /srv/guest/big (served by httpd as /big): big_sha256, big_bytes.
+act_mkbig() {
+    net_scratch
+    head -c "$(($1 * 1048576))" /dev/urandom >/srv/guest/big
+    result "big_bytes=$(wc -c </srv/guest/big)"
+    result "big_sha256=$(file_sha256 /srv/guest/big)"
+}
+
+# Sends /srv/guest/big to HOST:PORT on one TCP connection (nc; the host closes after EOF):
+# put=ok|failed and put_bytes, put_ms, put_kibps.
+act_put() {
+    host=${1%%:*} port=${1#*:}
+    [ -f /srv/guest/big ] || { result put=failed; result "error=no-big"; return; }
+    bytes=$(wc -c </srv/guest/big)
+    t0=$(now_ms)
+    if timeout $NET_TIMEOUT nc "$host" "$port" </srv/guest/big >/dev/null 2>/tmp/nc.err; then
+        t1=$(now_ms)
+        result put=ok
+        rate put "$bytes" $((t1 - t0))
+    else
+        sed 's/^/nc: /' /tmp/nc.err
+        result put=failed
+    fi
+}
+
+# Polls URL (every 0.5 s, each try at most 5 s) until it answers or SECONDS pass:
+# waitfor=ok|timeout. The host's way to tell the guest it is done with it.
+act_waitfor() {
+    secs=${1%%:*} url=${1#*:}
+    end=$(($(now_ms) + secs * 1000))
+    while [ "$(now_ms)" -lt $end ]; do
+        timeout 5 wget -q -O /dev/null "$url" 2>/dev/null && { result waitfor=ok; return; }
+        sleep 0.5
+    done
+    result waitfor=timeout
+}
+
+# N request/answer round trips of a short line over one TCP connection to an echo server at
+# HOST:PORT: rr_count (the answered ones, N if all came back right), rr_ms, rr_us (per trip).
+act_rr() {
+    n=${1%%:*} rest=${1#*:}
+    host=${rest%%:*} port=${rest#*:}
+    (
+        # A write to a dead connection fails instead of killing the loop.
+        trap '' PIPE
+        rm -f /tmp/rr.in /tmp/rr.out
+        mkfifo /tmp/rr.in /tmp/rr.out
+        timeout $((n / 10 + 60)) nc "$host" "$port" </tmp/rr.in >/tmp/rr.out 2>/tmp/nc.err &
+        nc_pid=$!
+        exec 3>/tmp/rr.in 4</tmp/rr.out
+        # One trip first: the connect is not part of the figure.
+        echo warmup >&3
+        read -r -t 10 line <&4
+        [ "$line" = warmup ] || { sed 's/^/nc: /' /tmp/nc.err; result rr_count=0; exit; }
+        i=0
+        t0=$(now_ms)
+        while [ $i -lt "$n" ]; do
+            echo "rr $i" >&3 || break
+            read -r -t 10 line <&4 || break
+            [ "$line" = "rr $i" ] || break
+            i=$((i + 1))
+        done
+        t1=$(now_ms)
+        exec 3>&- 4<&-
+        kill $nc_pid 2>/dev/null
+        wait $nc_pid 2>/dev/null
+        result "rr_count=$i"
+        result "rr_ms=$((t1 - t0))"
+        [ $i -eq 0 ] || result "rr_us=$(((t1 - t0) * 1000 / i))"
+    )
+}
+
 run_action() {
     case $1 in
     cpus)
@@ -278,6 +462,18 @@ run_action() {
         # Touches MIB of guest RAM with non-zero data (in the initramfs, which lives in RAM).
         yes 0123456789abcdef | head -c "$((${1#fill:} * 1048576))" >/fill
         result "fill=$(($(wc -c </fill) >> 20))"
+        ;;
+    dhcp) act_dhcp ;;
+    nslookup:*) act_nslookup "${1#nslookup:}" ;;
+    wget:*) act_wget "${1#wget:}" ;;
+    httpd:*) act_httpd "${1#httpd:}" ;;
+    mkbig:*) act_mkbig "${1#mkbig:}" ;;
+    put:*) act_put "${1#put:}" ;;
+    waitfor:*) act_waitfor "${1#waitfor:}" ;;
+    rr:*) act_rr "${1#rr:}" ;;
+    nonet)
+        result "nics=$(net_ifaces)"
+        result "pci_net=$(pci_nets)"
         ;;
     shell)
         setsid cttyhack sh

@@ -19,6 +19,18 @@ now_ms() {
     date +%s%3N
 }
 
+# tcp_listening PORT [SECS]: something listens on 127.0.0.1:PORT (TCP; /proc/net/tcp, state
+# 0A), waiting at most SECS (default 30; 0: only now). False when nothing does.
+tcp_listening() {
+    local hex i
+    hex=$(printf '0100007F:%04X 00000000:0000 0A' "$1")
+    for i in $(seq 0 $((${2:-30} * 5))); do
+        grep -q "$hex" /proc/net/tcp && return 0
+        [ "$i" = $((${2:-30} * 5)) ] || sleep 0.2
+    done
+    return 1
+}
+
 # require_tools CMD... : fail with the package hint if a tool is missing.
 require_tools() {
     local missing=()

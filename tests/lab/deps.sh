@@ -12,7 +12,9 @@ PKGS=(qemu-system-x86 qemu-utils busybox-static cpio kmod socat python3 xz-utils
     # Disk image fixtures (ISO 9660).
     genisoimage
     # Firmware: OVMF's variable template for the pflash tests.
-    ovmf)
+    ovmf
+    # User-mode networking (net/): libslirp to link and run against.
+    libslirp-dev libslirp0)
 
 missing=()
 for p in "${PKGS[@]}"; do

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use disk::ImageFormat;
 
-use crate::library::{parse_disk, DiskEntry, VmConfig, DEFAULT_CMDLINE};
+use crate::library::{parse_disk, DiskEntry, NetMode, VmConfig, DEFAULT_CMDLINE};
 use crate::service::import::ImportOptions;
 pub use crate::service::vm::SerialTarget;
 
@@ -71,6 +71,9 @@ pub enum Command {
     Disk(DiskCommand),
     /// Create a VM from a disk image (any format) or an OVA appliance.
     Import(ImportArgs),
+    /// List, add and remove a VM's port forwards (host port → guest port); a running VM
+    /// takes the change at once.
+    Forward(ForwardArgs),
     /// Open the graphical interface (also what `hutch` alone does).
     Gui,
     /// The background VM process (internal).
@@ -104,20 +107,50 @@ pub struct MachineArgs {
     /// Guest RAM in MiB.
     #[arg(long, value_name = "MIB", default_value_t = 512)]
     pub memory: u64,
+    #[command(flatten)]
+    pub net: NetArgs,
+}
+
+/// The network card (shared by `run` and `create`).
+#[derive(Debug, Args)]
+pub struct NetArgs {
+    /// "user": a virtio-net card behind user-mode NAT (DHCP gives the guest 10.0.2.15, the
+    /// host's own services are at 10.0.2.2); "none": no network card.
+    #[arg(long, value_name = "user|none", default_value = "user")]
+    pub net: NetMode,
+    /// Forward a host port to the guest: tcp|udp:[HOSTADDR]:HOSTPORT-:GUESTPORT, e.g.
+    /// tcp:127.0.0.1:2222-:22 (HOSTADDR defaults to 127.0.0.1); repeat for more.
+    #[arg(long = "forward", value_name = "SPEC", value_parser = parse_forward)]
+    pub forwards: Vec<String>,
+    /// The guest cannot reach the host's own services through the gateway.
+    #[arg(long)]
+    pub isolate_from_host: bool,
 }
 
 impl MachineArgs {
     /// The configuration these options describe (not yet validated).
     pub fn to_config(&self) -> VmConfig {
-        VmConfig::new(
+        let mut config = VmConfig::new(
             self.kernel.clone().unwrap_or_default(),
             self.initrd.clone(),
             self.cmdline.clone(),
             self.disks.clone(),
             self.cpus,
             self.memory,
-        )
+        );
+        config.net = self.net.net;
+        if config.net == NetMode::None {
+            config.mac = None;
+        }
+        config.forwards = self.net.forwards.clone();
+        config.isolate_from_host = self.net.isolate_from_host;
+        config
     }
+}
+
+/// A forward in its canonical spelling (what vm.toml keeps).
+fn parse_forward(s: &str) -> Result<String, String> {
+    s.parse::<net::slirp::Forward>().map(|f| f.to_string()).map_err(|e| e.to_string())
 }
 
 #[derive(Debug, Args)]
@@ -163,6 +196,33 @@ pub enum SnapshotCommand {
     Restore { name: String, snapshot: String },
     /// Delete a snapshot; the others keep all their data.
     Delete { name: String, snapshot: String },
+}
+
+/// `hutch forward NAME list|add|remove`.
+#[derive(Debug, Args)]
+pub struct ForwardArgs {
+    pub name: String,
+    #[command(subcommand)]
+    pub command: ForwardCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ForwardCommand {
+    /// The VM's forwards.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forward a host port: tcp|udp:[HOSTADDR]:HOSTPORT-:GUESTPORT (e.g. tcp::2222-:22).
+    Add {
+        #[arg(value_parser = parse_forward)]
+        spec: String,
+    },
+    /// Stop forwarding a host port (the same SPEC as added).
+    Remove {
+        #[arg(value_parser = parse_forward)]
+        spec: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -326,6 +386,23 @@ mod tests {
         let disks: Vec<_> =
             args.machine.disks.iter().map(|d| (d.path.clone(), d.readonly)).collect();
         assert_eq!(disks, vec![("a".into(), false), ("b".into(), true)]);
+    }
+
+    #[test]
+    fn forward_takes_the_vm_first_and_keeps_specs_canonical() {
+        let cli = Cli::try_parse_from(["hutch", "forward", "web", "add", "tcp::2222-:22"]).unwrap();
+        let Some(Command::Forward(args)) = cli.command else { panic!("not forward") };
+        assert_eq!(args.name, "web");
+        let ForwardCommand::Add { spec } = args.command else { panic!("not add") };
+        assert_eq!(spec, "tcp:127.0.0.1:2222-:22");
+        assert!(Cli::try_parse_from(["hutch", "forward", "web", "add", "tcp:2222"]).is_err());
+        let cli = Cli::try_parse_from(["hutch", "run", "--kernel", "k"]).unwrap();
+        let Some(Command::Run(args)) = cli.command else { panic!("not run") };
+        assert_eq!(args.machine.to_config().net, NetMode::User);
+        let cli = Cli::try_parse_from(["hutch", "run", "--kernel", "k", "--net", "none"]).unwrap();
+        let Some(Command::Run(args)) = cli.command else { panic!("not run") };
+        let config = args.machine.to_config();
+        assert_eq!((config.net, config.mac), (NetMode::None, None));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 pub mod args;
 mod disk;
+mod forward;
 mod import;
 mod progress;
 mod snapshot;
@@ -37,6 +38,7 @@ pub fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 Command::Screenshot { name, output } => vm::screenshot(&library, &name, &output),
                 Command::Import(args) => import::run(&library, &args),
                 Command::Snapshot(cmd) => snapshot::run(&library, cmd),
+                Command::Forward(cmd) => forward::run(&library, cmd),
                 Command::Gui => crate::gui::run(library),
                 Command::Run(_) | Command::VmProcess { .. } | Command::Disk(_) => {
                     unreachable!("handled above")

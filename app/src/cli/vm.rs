@@ -13,7 +13,8 @@ use crate::terminal::{pump_input, stdin_kind, InputEnd, RawTerminal, StdinKind};
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let stdio = args.serial == SerialTarget::Stdio;
     let mut config = args.machine.to_config();
-    config.firmware = args.firmware.map(|code| vmm::board::FirmwareBoot { code, vars: args.vars });
+    config.firmware =
+        args.firmware.map(|code| Box::new(vmm::board::FirmwareBoot { code, vars: args.vars }));
     let end = service::run_foreground(config, &args.serial, |vm| {
         let kind = if stdio { stdin_kind() } else { StdinKind::Other };
         let raw = if kind == StdinKind::Tty {
@@ -87,6 +88,13 @@ pub fn status(library: &Library, name: &str, json: bool) -> anyhow::Result<()> {
     }
     if let Some(display) = &v.display {
         println!("display: {display}");
+    }
+    println!("network: {}", v.net);
+    if let Some(ip) = &v.guest_ip {
+        println!("guest address: {ip}");
+    }
+    for forward in &v.forwards {
+        println!("forward: {forward}");
     }
     if let Some(rec) = &v.last_exit {
         let reason = wire_name(&rec.reason);

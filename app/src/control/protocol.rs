@@ -86,6 +86,13 @@ macro_rules! for_each_request {
             /// Deletes a snapshot (by name or id), keeping every other snapshot's data.
             SnapshotDelete { snapshot: String } => snapshot_delete -> (),
                 else "This VM cannot delete snapshots";
+            /// Forwards a host port to the guest now (`tcp:127.0.0.1:2222-:22`); a busy host
+            /// port is an error naming it.
+            ForwardAdd { spec: String } => forward_add -> (),
+                else "This VM has no user-mode network";
+            /// Stops forwarding a host port (the spec as added).
+            ForwardRemove { spec: String } => forward_remove -> (),
+                else "This VM has no user-mode network";
         }
     };
 }
@@ -199,6 +206,22 @@ pub struct StatusReply {
     /// What the screen shows (`virtio-gpu 1280x800`); absent without a display.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub display: Option<String>,
+    /// The network card, absent without one (boxed: most replies are small).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<Box<NetStatus>>,
+}
+
+/// A running VM's network card.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetStatus {
+    /// `user`.
+    pub mode: String,
+    /// The address the guest leased from the NAT's DHCP, once it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_ip: Option<String>,
+    /// The port forwards active now.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forwards: Vec<String>,
 }
 
 /// A server's reply. On the wire: `{"ok":BOOL,"reply":KIND,...payload}`, `ok` false only for
@@ -429,6 +452,7 @@ mod tests {
             uptime_secs: 3,
             instance: 5,
             display: None,
+            net: None,
         };
         let line = Response::status(status.clone()).to_line();
         assert_eq!(

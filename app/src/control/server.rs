@@ -305,6 +305,7 @@ mod tests {
                 uptime_secs: 9,
                 instance: 0,
                 display: None,
+                net: None,
             })
         }
         fn pause(&self) -> anyhow::Result<()> {

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use crate::library::parse_disk;
-use crate::library::{self, VmConfig, DEFAULT_CMDLINE, MAX_CPUS, MAX_MEMORY_MIB};
+use crate::library::{self, NetMode, VmConfig, DEFAULT_CMDLINE, MAX_CPUS, MAX_MEMORY_MIB};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Field {
@@ -15,6 +15,7 @@ pub enum Field {
     Cpus,
     Memory,
     Cmdline,
+    Forwards,
 }
 
 /// The form's text, as typed.
@@ -28,6 +29,13 @@ pub struct VmForm {
     pub cpus: String,
     pub memory_mib: String,
     pub cmdline: String,
+    /// A network card behind user-mode NAT.
+    pub network: bool,
+    /// The card's MAC, kept across edits (empty: a new one).
+    pub mac: String,
+    /// One forward per line: `tcp:127.0.0.1:2222-:22`.
+    pub forwards: String,
+    pub isolate_from_host: bool,
 }
 
 impl Default for VmForm {
@@ -40,6 +48,10 @@ impl Default for VmForm {
             cpus: "1".into(),
             memory_mib: "512".into(),
             cmdline: DEFAULT_CMDLINE.into(),
+            network: true,
+            mac: String::new(),
+            forwards: String::new(),
+            isolate_from_host: false,
         }
     }
 }
@@ -71,6 +83,10 @@ impl VmForm {
             cpus: c.cpus.to_string(),
             memory_mib: c.memory_mib.to_string(),
             cmdline: c.cmdline.clone(),
+            network: c.net == NetMode::User,
+            mac: c.mac.clone().unwrap_or_default(),
+            forwards: c.forwards.join("\n"),
+            isolate_from_host: c.isolate_from_host,
         }
     }
 
@@ -117,6 +133,18 @@ impl VmForm {
         if self.cmdline.contains('\0') {
             errors.push((Field::Cmdline, "The command line contains a NUL byte".into()));
         }
+        let mut forwards: Vec<net::slirp::Forward> = Vec::new();
+        for line in self.forwards.lines().map(str::trim).filter(|l| !l.is_empty()) {
+            match line.parse::<net::slirp::Forward>() {
+                Ok(f) if forwards.iter().any(|o| o.same_host_socket(&f)) => errors
+                    .push((Field::Forwards, format!("{line}: {} is forwarded twice", f.host()))),
+                Ok(f) => forwards.push(f),
+                Err(e) => errors.push((Field::Forwards, format!("{line}: {e}"))),
+            }
+        }
+        if !self.network && !forwards.is_empty() {
+            errors.push((Field::Forwards, "Port forwards need the network card".into()));
+        }
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -128,6 +156,16 @@ impl VmForm {
             cpus,
             memory,
         );
+        if self.network {
+            if !self.mac.trim().is_empty() {
+                config.mac = Some(self.mac.trim().to_string());
+            }
+        } else {
+            config.net = NetMode::None;
+            config.mac = None;
+        }
+        config.forwards = forwards.iter().map(ToString::to_string).collect();
+        config.isolate_from_host = self.network && self.isolate_from_host;
         if let Err(e) = config.make_paths_absolute() {
             return Err(vec![(Field::Kernel, e.to_string())]);
         }
@@ -218,9 +256,37 @@ mod tests {
     }
 
     #[test]
+    fn bad_or_doubled_forwards_are_reported_on_their_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut form = form_with_files(dir.path());
+        form.forwards = "tcp:127.0.0.1:2222-:22\ntcp::2222-:80\nsctp::1-:2".into();
+        let errors = form.validate(&[]).unwrap_err();
+        let msg = error_for(&errors, Field::Forwards).unwrap();
+        assert!(msg.contains("twice"), "{errors:?}");
+        assert_eq!(errors.iter().filter(|(f, _)| *f == Field::Forwards).count(), 2, "{errors:?}");
+        form.forwards = "tcp::2222-:22".into();
+        form.network = false;
+        assert!(error_for(&form.validate(&[]).unwrap_err(), Field::Forwards).is_some());
+    }
+
+    #[test]
+    fn a_vm_without_network_keeps_no_mac() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut form = form_with_files(dir.path());
+        form.network = false;
+        let c = form.validate(&[]).unwrap();
+        assert_eq!((c.net, c.mac), (NetMode::None, None));
+    }
+
+    #[test]
     fn settings_round_trip_through_the_form() {
         let dir = tempfile::tempdir().unwrap();
-        let c = form_with_files(dir.path()).validate(&[]).unwrap();
+        let mut form = form_with_files(dir.path());
+        form.forwards = "tcp::2222-:22\nudp:127.0.0.1:5353-:53".into();
+        form.isolate_from_host = true;
+        let c = form.validate(&[]).unwrap();
+        assert_eq!(c.forwards, ["tcp:127.0.0.1:2222-:22", "udp:127.0.0.1:5353-:53"]);
+        // The MAC made at creation stays: the guest's network configuration depends on it.
         let again = VmForm::from_config("web", &c).validate(&[]).unwrap();
         assert_eq!(again, c);
     }

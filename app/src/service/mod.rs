@@ -11,5 +11,6 @@
 
 pub mod disk;
 pub mod import;
+pub mod net;
 pub mod snapshot;
 pub mod vm;

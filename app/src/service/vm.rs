@@ -22,7 +22,7 @@ use crate::{backend, fsutil, vm_process};
 /// How long `start` waits for the VM process to answer.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long `status`/`list` wait for a VM process to answer.
-const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
+pub const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 const START_MARKER: &str = "==== hutch start";
 
 /// `config` validated, its paths absolute, its files checked.
@@ -75,9 +75,9 @@ pub fn run_foreground<G>(
                 .with_context(|| format!("Cannot open serial output {}", path.display()))?,
         ),
     };
-    let machine = vm_process::build_machine(&config, serial_out, None, None)?;
-    let guard = attach(ForegroundControl(machine.handle()))?;
-    let result = machine.run();
+    let built = vm_process::build_machine(&config, serial_out, None, None)?;
+    let guard = attach(ForegroundControl(built.machine.handle()))?;
+    let result = built.machine.run();
     drop(guard);
     Ok(match result.context("The virtual machine failed")? {
         ExitReason::PowerOff => ExitKind::PowerOff,
@@ -134,6 +134,14 @@ pub struct VmView {
     /// What a running VM's screen shows (`virtio-gpu 1280x800`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub display: Option<String>,
+    /// The network card (`user` or `none`).
+    pub net: String,
+    /// The address a running guest leased from the NAT's DHCP.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_ip: Option<String>,
+    /// Port forwards (a running VM's active ones, else vm.toml's).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub forwards: Vec<String>,
 }
 
 /// Asks the VM process at `socket` for its status, waiting at most `timeout`.
@@ -158,6 +166,9 @@ fn view(vm: &VmDir) -> anyhow::Result<VmView> {
         last_exit: vm.read_last_exit(),
         error: None,
         display: None,
+        net: config.net.name().to_string(),
+        guest_ip: None,
+        forwards: config.forwards.clone(),
     };
     match vm.disk_state()? {
         DiskState::Running { pid: None } => v.state = "starting".into(),
@@ -168,6 +179,10 @@ fn view(vm: &VmDir) -> anyhow::Result<VmView> {
                     v.state = wire_name(&st.state);
                     v.uptime_secs = Some(st.uptime_secs);
                     v.display = st.display;
+                    if let Some(net) = st.net {
+                        v.guest_ip = net.guest_ip;
+                        v.forwards = net.forwards;
+                    }
                     // The machine's own numbers win once it reports them.
                     if st.cpus > 0 {
                         v.cpus = st.cpus;
@@ -211,6 +226,9 @@ pub fn list(library: &Library) -> anyhow::Result<Vec<VmView>> {
                 last_exit: None,
                 error: Some(format!("{e:#}")),
                 display: None,
+                net: String::new(),
+                guest_ip: None,
+                forwards: Vec::new(),
             }),
         }
     }
@@ -326,8 +344,14 @@ pub fn running(vm: &VmDir) -> anyhow::Result<PidFile> {
 
 /// The control connection of running VM `name`.
 pub fn control(library: &Library, name: &str) -> anyhow::Result<ControlClient> {
-    let pidfile = running(&library.existing(name)?)?;
-    ControlClient::connect(&pidfile.socket).with_context(|| format!("Cannot reach VM '{name}'"))
+    control_of(&library.existing(name)?)
+}
+
+/// The control connection of running VM `vm`.
+pub fn control_of(vm: &VmDir) -> anyhow::Result<ControlClient> {
+    let pidfile = running(vm)?;
+    ControlClient::connect(&pidfile.socket)
+        .with_context(|| format!("Cannot reach VM '{}'", vm.name()))
 }
 
 /// Presses the ACPI power button (the guest decides what to do).

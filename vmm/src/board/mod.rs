@@ -165,6 +165,14 @@ pub struct BoardContext<'a> {
     pub vcpu_count: u32,
     /// What the machine boots (a firmware board maps its images while building).
     pub boot: &'a BootSource,
+    /// A network card and the host side it talks to; None: no card.
+    pub net: Option<NetAttachment>,
+}
+
+/// One network card: its MAC and the backend that carries its frames on the host.
+pub struct NetAttachment {
+    pub mac: [u8; 6],
+    pub backend: Box<dyn net::NetBackend>,
 }
 
 /// Port I/O and MMIO dispatch shared by all vCPUs.

@@ -41,6 +41,7 @@ use self::lifecycle::Lifecycle;
 pub use self::persist::MachineState;
 pub use self::snapshot::{HostError, SnapshotTimes};
 use self::vcpu::{vcpu_thread, VcpuContext, VcpuStart};
+pub use crate::board::NetAttachment;
 use crate::board::{
     Board, BoardContext, BoardError, BootSource, FirmwareBoot, IoBuses, KernelBoot,
 };
@@ -249,15 +250,17 @@ fn validate(config: &MachineConfig, board: &dyn Board) -> Result<(), MachineErro
 impl Machine {
     /// Builds the whole machine; nothing runs yet. Serial output (COM1) goes to `serial_out`.
     /// With a `screen`, the machine gets a display (boot framebuffer, virtio-gpu) and input
-    /// devices (virtio keyboard, tablet and mouse) that draw into it.
+    /// devices (virtio keyboard, tablet and mouse) that draw into it; with `net`, a network
+    /// card (virtio-net).
     #[cfg(target_arch = "x86_64")]
     pub fn new(
         hypervisor: &dyn Hypervisor,
         config: &MachineConfig,
         serial_out: Box<dyn Write + Send>,
         screen: Option<Arc<Screen>>,
+        net: Option<NetAttachment>,
     ) -> Result<Machine, MachineError> {
-        Self::build(default_board(config), hypervisor, config, serial_out, screen, None)
+        Self::build(default_board(config), hypervisor, config, serial_out, screen, net, None)
     }
 
     /// Builds the machine a snapshot holds: the same devices as [`Machine::new`] for
@@ -271,8 +274,17 @@ impl Machine {
         snapshot: &SnapshotFile,
         serial_out: Box<dyn Write + Send>,
         screen: Option<Arc<Screen>>,
+        net: Option<NetAttachment>,
     ) -> Result<Machine, MachineError> {
-        Self::build(default_board(config), hypervisor, config, serial_out, screen, Some(snapshot))
+        Self::build(
+            default_board(config),
+            hypervisor,
+            config,
+            serial_out,
+            screen,
+            net,
+            Some(snapshot),
+        )
     }
 
     /// Checks that `snapshot` can be restored into a machine built from `config` (with or
@@ -328,6 +340,7 @@ impl Machine {
         config: &MachineConfig,
         serial_out: Box<dyn Write + Send>,
         screen: Option<Arc<Screen>>,
+        net: Option<NetAttachment>,
         snapshot: Option<&SnapshotFile>,
     ) -> Result<Machine, MachineError> {
         validate(config, board.as_ref())?;
@@ -368,6 +381,7 @@ impl Machine {
             guest_map: &guest_map,
             vcpu_count: config.cpus,
             boot: &boot,
+            net,
         })?;
         let power_on = PowerOnState {
             devices: persist::save_devices(&devices.saved)?,

@@ -234,7 +234,7 @@ fn start(
     let hv = FakeHypervisor(script.clone());
     let board = Box::new(EmptyBoard(script.clone()));
     let machine =
-        Machine::build(board, &hv, &config(), Box::new(std::io::sink()), None, None).unwrap();
+        Machine::build(board, &hv, &config(), Box::new(std::io::sink()), None, None, None).unwrap();
     let handle = machine.handle();
     let runner = thread::spawn(move || machine.run());
     (script, handle, runner)
@@ -318,7 +318,7 @@ fn snapshot_of_another_board_is_refused() {
     let hv = FakeHypervisor(script.clone());
     let board = Box::new(EmptyBoard(script));
     let machine =
-        Machine::build(board, &hv, &config(), Box::new(std::io::sink()), None, None).unwrap();
+        Machine::build(board, &hv, &config(), Box::new(std::io::sink()), None, None, None).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.hsnap");
     let handle = machine.handle();

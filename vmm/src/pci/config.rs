@@ -268,6 +268,11 @@ impl PciConfiguration {
     pub fn io_space_enabled(&self) -> bool {
         self.command() & COMMAND_IO_SPACE != 0
     }
+
+    /// Whether the function may master the bus: touch guest memory, send MSIs.
+    pub fn bus_master_enabled(&self) -> bool {
+        self.command() & COMMAND_BUS_MASTER != 0
+    }
 }
 
 /// The address a BAR of `kind` at `index` holds, reading registers through `read`

@@ -9,8 +9,11 @@
 //!  I/O window         ─▶ PciIoWindow   ┘        │                 bb:dd.f Box<dyn PciDevice>
 //!                                               └─ RAM BARs ─▶ MemoryMapper (map / unmap)
 //! ```
-//! BAR dispatch follows the BAR registers the guest last wrote, and only while the function's
-//! command register enables the space (bit 0 I/O, bit 1 memory). Devices are locked on their
+//! BAR dispatch follows the BAR registers the guest last wrote, only while the function's
+//! command register enables the space (bit 0 I/O, bit 1 memory) and only inside a window of
+//! that space (never at a BAR's all-ones sizing address); the function hears where each BAR
+//! decodes ([`PciDevice::bar_decoded`]) so that what it keeps at a guest address (virtio's
+//! notifiers) moves with it when firmware sizes and places every BAR. Devices are locked on their
 //! own, so a slow BAR access (a virtio notify doing disk I/O) does not hold up the rest of the
 //! bus. A RAM BAR (host memory, the boot framebuffer) is not dispatched at all: the root maps
 //! it into the guest where the BAR points and moves the mapping when the guest moves the BAR.
@@ -228,6 +231,13 @@ pub trait PciDevice: Send {
     fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]);
     /// A write at `offset` inside BAR `bar` (never the ROM: it is read-only).
     fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]);
+    /// Where BAR `index` (a dispatched one: not a RAM BAR) decodes now, told by the root
+    /// whenever that changes: the command register, the BAR registers or a restore moved it.
+    /// None while it decodes nothing: decoding off, unassigned, being sized, half-written or
+    /// outside every window. A device with resources at a BAR's guest address (virtio-pci's
+    /// queue notifiers) keeps them here, never where its own registers point: the root alone
+    /// knows which addresses reach the function.
+    fn bar_decoded(&mut self, _index: u8, _address: Option<u64>) {}
     /// The line its interrupt pin (configuration byte 0x3D) drives, given once when the
     /// function is added, if it has a pin and the board routes it.
     fn set_intx_line(&mut self, _line: IntxLine) {}

@@ -8,6 +8,8 @@
 //!  trigger(v) ─ masked? ─yes─▶ pending[v]      unmask ─▶ take_ready() ─▶ messages to send
 //!              └─no──▶ MsixMessage to send
 //! ```
+//! A function with bus mastering off may send no message (an MSI is a memory write): its
+//! vectors pend as if masked and go out once it is on again ([`MsixTable::set_bus_master`]).
 //! The table knows nothing of who raises vectors or how messages reach the interrupt
 //! controller: the device maps its events to vectors and sends what [`MsixTable::trigger`]
 //! and [`MsixTable::take_ready`] return, outside its own locks.
@@ -82,6 +84,8 @@ pub struct MsixTable {
     pending: Vec<bool>,
     enabled: bool,
     function_mask: bool,
+    /// Bus mastering is off (the command register's, not saved with the table).
+    no_bus_master: bool,
 }
 
 impl MsixTable {
@@ -91,6 +95,7 @@ impl MsixTable {
             pending: vec![false; vectors],
             enabled: false,
             function_mask: false,
+            no_bus_master: false,
         }
     }
 
@@ -114,15 +119,23 @@ impl MsixTable {
         self.function_mask = control & CONTROL_FUNCTION_MASK != 0;
     }
 
+    /// Follows the function's bus-master enable (command bit 2): while it is off, raised
+    /// vectors pend; once it is on, pending unmasked ones are ready
+    /// ([`MsixTable::take_ready`]).
+    pub fn set_bus_master(&mut self, on: bool) {
+        self.no_bus_master = !on;
+    }
+
     /// Raises `vector`: its message to send now, or None when MSI-X is off, the vector does
-    /// not exist, or it is masked (then it is pending until unmasked).
+    /// not exist, or it is masked or bus mastering is off (then it is pending until both
+    /// are undone).
     pub fn trigger(&mut self, vector: u16) -> Option<MsixMessage> {
         if !self.enabled {
             return None;
         }
         let v = usize::from(vector);
         let entry = *self.entries.get(v)?;
-        if self.function_mask || entry.masked() {
+        if self.function_mask || self.no_bus_master || entry.masked() {
             self.pending[v] = true;
             return None;
         }
@@ -131,7 +144,7 @@ impl MsixTable {
 
     /// The messages of pending vectors that are no longer masked, their pending bits cleared.
     pub fn take_ready(&mut self) -> Vec<MsixMessage> {
-        if !self.enabled || self.function_mask {
+        if !self.enabled || self.function_mask || self.no_bus_master {
             return Vec::new();
         }
         let mut ready = Vec::new();
@@ -246,6 +259,7 @@ impl MsixTable {
             pending: saved.pending.clone(),
             enabled: saved.enabled,
             function_mask: saved.function_mask,
+            no_bus_master: self.no_bus_master,
         })
     }
 }
@@ -305,6 +319,18 @@ mod tests {
         assert!(t.take_ready().is_empty());
         t.set_control(CONTROL_ENABLE);
         assert_eq!(t.take_ready(), vec![MsixMessage { address: ADDR, data: 0x41 }]);
+    }
+
+    #[test]
+    fn without_bus_mastering_vectors_pend_and_are_sent_once_it_is_on() {
+        let mut t = table(0x41);
+        t.set_bus_master(false);
+        assert_eq!(t.trigger(1), None, "no message without bus mastering");
+        assert_eq!(pba(&t), 0b10);
+        assert!(t.take_ready().is_empty(), "unmasked, but still no bus mastering");
+        t.set_bus_master(true);
+        assert_eq!(t.take_ready(), vec![MsixMessage { address: ADDR, data: 0x41 }]);
+        assert_eq!(t.trigger(1), Some(MsixMessage { address: ADDR, data: 0x41 }));
     }
 
     #[test]

@@ -165,25 +165,62 @@ struct Function {
 }
 
 /// What a refresh needs from the root besides the function.
-struct Decoding<'a> {
-    memory: Option<&'a dyn MemoryMapper>,
+struct Decoding {
+    memory: Option<Arc<dyn MemoryMapper>>,
     windows: [PciWindow; 2],
+    io_window: PciWindow,
+}
+
+impl Decoding {
+    /// Whether a BAR of `kind` may decode at `start`: whole inside a window of its space, and
+    /// not the all-ones address a guest reads back while sizing it. Firmware sizes BARs with
+    /// decoding on, and writes a 64-bit BAR one half at a time: none of those in-between
+    /// addresses may reach a device (a notifier registered there would swallow writes meant
+    /// for whatever lives at that address).
+    fn decodes(&self, kind: PciBarKind, start: u64, size: u64) -> bool {
+        if start == 0 || is_sizing_address(kind, start, size) {
+            return false;
+        }
+        match kind {
+            PciBarKind::Io => self.io_window.contains(start, size),
+            _ => self.windows.iter().any(|w| w.contains(start, size)),
+        }
+    }
+}
+
+/// Whether `start` is what a BAR of `kind` holds after all-ones was written to its register
+/// (for a 64-bit BAR: to its high half, or to its low half while the high half is 0).
+fn is_sizing_address(kind: PciBarKind, start: u64, size: u64) -> bool {
+    let low_all_ones = (1u64 << 32) - size.min(1 << 32);
+    match kind {
+        PciBarKind::Memory64 => start >= 0xffff_ffff_0000_0000 || start == low_all_ones,
+        _ => start == low_all_ones,
+    }
 }
 
 /// A RAM BAR the refresh could not map: (BAR index, address, why).
 type RamRefusal = (u8, u64, SlotError);
 
+/// Whether a refresh tells the device about every BAR or only the ones that changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Report {
+    Changes,
+    /// After a restore replaced the registers the device had been told about.
+    All,
+}
+
 impl Function {
-    /// Recomputes the decoded ranges from the command register and the BAR registers, and
+    /// Recomputes the decoded ranges from the command register and the BAR registers, tells
+    /// the device where its dispatched BARs decode now ([`PciDevice::bar_decoded`]), and
     /// moves RAM BAR mappings to where their registers point. Returns the first RAM BAR it
     /// could not map (already logged once).
-    fn refresh(&mut self, bdf: Bdf, ctx: &Decoding<'_>) -> Result<(), RamRefusal> {
+    fn refresh(&mut self, bdf: Bdf, ctx: &Decoding, report: Report) -> Result<(), RamRefusal> {
         let mut device = lock(&self.device);
         let command = device.read_config_register(COMMAND_REG);
         let memory_on = command & COMMAND_MEMORY_SPACE != 0;
         let io_on = command & COMMAND_IO_SPACE != 0;
         let rom_on = device.read_config_register(ROM_BAR_REG) & ROM_ENABLE != 0;
-        self.decoded.clear();
+        let before = std::mem::take(&mut self.decoded);
         for bar in &self.bars {
             let (space, on) = match bar.kind {
                 PciBarKind::Io => (Space::Io, io_on),
@@ -195,9 +232,17 @@ impl Function {
             }
             let start =
                 config::bar_address(bar.kind, |reg| device.read_config_register(reg), bar.index);
-            // An unassigned BAR (0) or one wrapping the address space decodes nothing.
-            if start != 0 && start.checked_add(bar.size).is_some() {
+            if ctx.decodes(bar.kind, start, bar.size) {
                 self.decoded.push(Decoded { space, start, size: bar.size, bar: bar.index });
+            }
+        }
+        let at = |decoded: &[Decoded], index: u8| {
+            decoded.iter().find(|d| d.bar == index).map(|d| d.start)
+        };
+        for bar in &self.bars {
+            let now = at(&self.decoded, bar.index);
+            if report == Report::All || now != at(&before, bar.index) {
+                device.bar_decoded(bar.index, now);
             }
         }
         let mut refused = Ok(());
@@ -211,7 +256,7 @@ impl Function {
             if wanted == ram.mapped.map(|(at, _)| at) {
                 continue;
             }
-            let Some(mapper) = ctx.memory else { continue };
+            let Some(mapper) = ctx.memory.as_deref() else { continue };
             if let Some((at, slot)) = ram.mapped {
                 if let Err(e) = mapper.unmap(slot) {
                     log::error!("PCI {bdf} BAR {}: cannot unmap it from {at:#x}: {e}", ram.index);
@@ -444,8 +489,9 @@ impl PciRoot {
             .collect();
         let mut function =
             Function { device: Arc::new(Mutex::new(device)), bars, decoded: Vec::new(), ram };
-        let ctx = Decoding { memory: self.memory.as_deref(), windows: self.memory_windows() };
-        if let Err((index, address, source)) = function.refresh(bdf, &ctx) {
+        if let Err((index, address, source)) =
+            function.refresh(bdf, &self.decoding(), Report::Changes)
+        {
             function.unmap_ram(bdf, self.memory.as_deref());
             return Err(PciError::RamBarMap { bdf, index, address, source });
         }
@@ -454,8 +500,12 @@ impl PciRoot {
         Ok(())
     }
 
-    fn memory_windows(&self) -> [PciWindow; 2] {
-        [self.mmio32.window, self.mmio64.window]
+    fn decoding(&self) -> Decoding {
+        Decoding {
+            memory: self.memory.clone(),
+            windows: [self.mmio32.window, self.mmio64.window],
+            io_window: self.io.window,
+        }
     }
 
     /// Gives a function with an interrupt pin the line the board routes it to, and writes
@@ -508,12 +558,12 @@ impl PciRoot {
 
     /// Writes bytes into configuration dword `reg` of `bdf`.
     pub fn config_write(&mut self, bdf: Bdf, reg: usize, offset: u64, data: &[u8]) {
-        let ctx = Decoding { memory: self.memory.as_deref(), windows: self.memory_windows() };
+        let ctx = self.decoding();
         if let Some(function) = self.functions.get_mut(&bdf) {
             lock(&function.device).write_config_register(reg, offset, data);
             // Any write may have moved a BAR or toggled decoding; a refused RAM BAR is
             // logged and stays unmapped.
-            let _ = function.refresh(bdf, &ctx);
+            let _ = function.refresh(bdf, &ctx, Report::Changes);
         }
     }
 
@@ -535,14 +585,15 @@ impl PciRoot {
     /// Restores the function at `bdf` and brings its BAR decoding and RAM BAR mappings in
     /// line with the restored registers; a refused state leaves the function as it was.
     pub fn restore_function(&mut self, bdf: Bdf, bytes: &[u8]) -> Result<(), StateError> {
-        let ctx = Decoding { memory: self.memory.as_deref(), windows: self.memory_windows() };
+        let ctx = self.decoding();
         let Some(function) = self.functions.get_mut(&bdf) else {
             return Err(StateError::invalid("PCI bus", format!("no function at {bdf}")));
         };
         lock(&function.device).restore_state(bytes)?;
         // A RAM BAR the restored registers put where it cannot go is logged and stays
-        // unmapped, as after a guest's own write.
-        let _ = function.refresh(bdf, &ctx);
+        // unmapped, as after a guest's own write. The device hears where every BAR decodes:
+        // what it was told before belonged to the registers it just replaced.
+        let _ = function.refresh(bdf, &ctx, Report::All);
         Ok(())
     }
 
@@ -830,10 +881,15 @@ mod tests {
 
     type WriteLog = Arc<Mutex<Vec<(u8, u64, Vec<u8>)>>>;
 
-    /// A function with the given BARs that remembers BAR writes and reads back a pattern.
+    /// What the root told a function: (BAR, where it decodes).
+    type DecodeLog = Arc<Mutex<Vec<(u8, Option<u64>)>>>;
+
+    /// A function with the given BARs that remembers BAR writes and where the root said its
+    /// BARs decode, and reads back a pattern.
     struct TestDevice {
         config: PciConfiguration,
         writes: WriteLog,
+        decoded: DecodeLog,
         line: Option<IntxLine>,
     }
 
@@ -851,7 +907,8 @@ mod tests {
                 config.add_bar(bar).unwrap();
             }
             let writes = Arc::new(Mutex::new(Vec::new()));
-            (TestDevice { config, writes: writes.clone(), line: None }, writes)
+            let decoded = Arc::default();
+            (TestDevice { config, writes: writes.clone(), decoded, line: None }, writes)
         }
 
         /// One 64-bit memory BAR 0 of `bar_size` bytes.
@@ -885,6 +942,9 @@ mod tests {
         }
         fn set_intx_line(&mut self, line: IntxLine) {
             self.line = Some(line);
+        }
+        fn bar_decoded(&mut self, index: u8, address: Option<u64>) {
+            self.decoded.lock().unwrap().push((index, address));
         }
         fn save_state(&self) -> Result<Vec<u8>, StateError> {
             state::encode("test", &self.config.registers())
@@ -1409,5 +1469,212 @@ mod tests {
         assert!(mmio_write(&root, 0xc000_0000, &[1]));
         assert!(mmio_write(&root, 0xc000_0000, &[0]));
         assert_eq!(lines.lines(), [(18, true), (18, false)]);
+    }
+
+    /// 00:01.0 with a 64-bit memory BAR 0, a 32-bit one at 2 and an I/O BAR at 3, on a root
+    /// with a 64-bit window up to a 46-bit physical-address limit; returns what it was told.
+    fn reporting_setup() -> (Arc<Mutex<PciRoot>>, DecodeLog, WriteLog) {
+        let root = root_with(PciRootConfig {
+            mmio64: PciWindow::new(0x100_0000_0000, (1 << 46) - 0x100_0000_0000),
+            ..config()
+        });
+        let (dev, writes) = TestDevice::with_bars(vec![
+            bar(0, 0x4000, PciBarKind::Memory64),
+            bar(2, 0x1000, PciBarKind::Memory32),
+            bar(3, 0x20, PciBarKind::Io),
+        ]);
+        let decoded = dev.decoded.clone();
+        root.lock().unwrap().add_device(Box::new(dev)).unwrap();
+        (root, decoded, writes)
+    }
+
+    fn told(log: &DecodeLog) -> Vec<(u8, Option<u64>)> {
+        std::mem::take(&mut *log.lock().unwrap())
+    }
+
+    #[test]
+    fn the_root_tells_a_function_where_each_bar_decodes_whenever_that_changes() {
+        let (root, decoded, _) = reporting_setup();
+        assert_eq!(
+            told(&decoded),
+            [(0, Some(0x100_0000_0000)), (2, Some(0xc000_0000)), (3, Some(0xc000))],
+            "where the root placed them"
+        );
+        let mut io = PciConfigIo::new(root.clone());
+        cfc_write(&mut io, 1, 15, 0x0b);
+        assert!(told(&decoded).is_empty(), "unrelated writes tell nothing");
+        cfc_write(&mut io, 1, 6, 0xd000_0000);
+        assert_eq!(told(&decoded), [(2, Some(0xd000_0000))]);
+        cfc_write(&mut io, 1, 1, 0x5);
+        assert_eq!(told(&decoded), [(0, None), (2, None)], "memory decoding off");
+        cfc_write(&mut io, 1, 1, 0x6);
+        assert_eq!(told(&decoded), [(0, Some(0x100_0000_0000)), (2, Some(0xd000_0000)), (3, None)]);
+        // Moved outside every window (onto guest RAM, the ECAM, beyond the limit): nowhere.
+        for (reg, value) in [(6, 0x1000_0000), (6, ECAM as u32), (5, 0x4000), (5, 0x100)] {
+            cfc_write(&mut io, 1, reg, value);
+        }
+        assert_eq!(told(&decoded), [(2, None), (0, None), (0, Some(0x100_0000_0000))]);
+        let saved = root.lock().unwrap().save_function(Bdf::new(0, 1, 0).unwrap()).unwrap();
+        root.lock().unwrap().restore_function(Bdf::new(0, 1, 0).unwrap(), &saved).unwrap();
+        assert_eq!(
+            told(&decoded),
+            [(0, Some(0x100_0000_0000)), (2, None), (3, None)],
+            "after a restore every BAR, changed or not"
+        );
+    }
+
+    #[test]
+    fn sizing_then_relocating_a_32_bit_bar_with_decoding_on_decodes_only_at_the_new_place() {
+        let (root, decoded, writes) = reporting_setup();
+        told(&decoded);
+        let mut io = PciConfigIo::new(root.clone());
+        cfc_write(&mut io, 1, 6, u32::MAX);
+        assert_eq!(cfc_read(&mut io, 1, 6), 0xffff_f000, "4 KiB");
+        assert_eq!(told(&decoded), [(2, None)], "the sizing address decodes nothing");
+        let mut d = [0u8; 4];
+        assert!(!mmio_read(&root, 0xc000_0000, &mut d), "nor does the old place");
+        assert!(!mmio_read(&root, 0xffff_f000, &mut d));
+        cfc_write(&mut io, 1, 6, 0xd100_0000);
+        assert_eq!(told(&decoded), [(2, Some(0xd100_0000))]);
+        assert!(mmio_write(&root, 0xd100_0010, &[5]));
+        assert_eq!(writes.lock().unwrap().as_slice(), &[(2, 0x10, vec![5])]);
+        // The I/O BAR the same way.
+        cfc_write(&mut io, 1, 7, u32::MAX);
+        assert_eq!(cfc_read(&mut io, 1, 7), 0xffff_ffe1);
+        cfc_write(&mut io, 1, 7, 0xd040);
+        assert_eq!(told(&decoded), [(3, None), (3, Some(0xd040))]);
+    }
+
+    #[test]
+    fn sizing_then_relocating_a_64_bit_bar_reaches_the_top_of_the_64_bit_window() {
+        let (root, decoded, writes) = reporting_setup();
+        told(&decoded);
+        let mut io = PciConfigIo::new(root.clone());
+        // Firmware sizes each half; the low half with the high half still 0x100 is an
+        // address inside the window (as real hardware would decode it), the high half
+        // all-ones is not.
+        cfc_write(&mut io, 1, 4, u32::MAX);
+        cfc_write(&mut io, 1, 5, u32::MAX);
+        assert_eq!((cfc_read(&mut io, 1, 4), cfc_read(&mut io, 1, 5)), (0xffff_c004, u32::MAX));
+        assert_eq!(told(&decoded), [(0, Some(0x100_ffff_c000)), (0, None)]);
+        let top = (1u64 << 46) - 0x4000;
+        cfc_write(&mut io, 1, 4, top as u32);
+        assert!(told(&decoded).is_empty(), "the high half is still being sized");
+        cfc_write(&mut io, 1, 5, (top >> 32) as u32);
+        assert_eq!(told(&decoded), [(0, Some(top))], "low half 0xffffc000, yet no sizing");
+        let mut d = [0u8; 1];
+        assert!(mmio_read(&root, top + 0x3fff, &mut d));
+        assert_eq!(d, [0xff], "BAR 0, offset 0x3fff: the pattern's low byte");
+        assert!(!mmio_read(&root, 0x100_0000_0000, &mut d), "the old place is gone");
+        assert!(mmio_write(&root, top + 8, &[1]));
+        assert_eq!(writes.lock().unwrap().as_slice(), &[(0, 8, vec![1])]);
+        // Below 4 GiB too, as SeaBIOS puts them while the 32-bit window has room.
+        cfc_write(&mut io, 1, 4, 0xd800_0000);
+        cfc_write(&mut io, 1, 5, 0);
+        assert_eq!(
+            told(&decoded),
+            [(0, Some(0x3fff_d800_0000)), (0, Some(0xd800_0000))],
+            "in between, the new low half under the old high half"
+        );
+    }
+
+    #[test]
+    fn bars_moved_onto_another_or_to_garbage_decode_nothing_new_and_come_back() {
+        let root = root_with(PciRootConfig {
+            mmio64: PciWindow::new(0x100_0000_0000, 0x100_0000_0000),
+            ..config()
+        });
+        let bars = || {
+            vec![
+                bar(0, 0x1000, PciBarKind::Memory32),
+                bar(1, 0x20, PciBarKind::Io),
+                bar(2, 0x4000, PciBarKind::Memory64),
+            ]
+        };
+        let (first, first_writes) = TestDevice::with_bars(bars());
+        let (second, second_writes) = TestDevice::with_bars(bars());
+        root.lock().unwrap().add_device(Box::new(first)).unwrap();
+        root.lock().unwrap().add_device(Box::new(second)).unwrap();
+        let mut io = PciConfigIo::new(root.clone());
+        let first_bar0 = cfc_read(&mut io, 1, 4);
+        let (second_bar0, second_bar1) = (cfc_read(&mut io, 2, 4), cfc_read(&mut io, 2, 5));
+        let second_bar2 = (cfc_read(&mut io, 2, 6), cfc_read(&mut io, 2, 7));
+
+        // Onto the other function's BAR: one of them takes the access, never both.
+        cfc_write(&mut io, 2, 4, first_bar0);
+        assert!(mmio_write(&root, u64::from(first_bar0) + 4, &[7]));
+        let taken = first_writes.lock().unwrap().len() + second_writes.lock().unwrap().len();
+        assert_eq!(taken, 1);
+        assert!(!mmio_write(&root, u64::from(second_bar0), &[7]), "its old place is gone");
+
+        // Garbage: over RAM, the ECAM, the LAPIC, across 4 GiB or the end of port space,
+        // wrapping the 64-bit space, sizing addresses, unaligned values.
+        let garbage = [
+            (4, 0x0010_0000),
+            (4, ECAM as u32),
+            (4, 0xfee0_0000),
+            (4, 0xffff_f000),
+            (4, 0xffff_ffff),
+            (4, 0x1234_5678),
+            (5, 0xfff0),
+            (5, 0xffff_ffff),
+            (5, 0x0001_0000),
+            (5, 0x3),
+        ];
+        for (reg, value) in garbage {
+            cfc_write(&mut io, 2, reg, value);
+        }
+        for (low, high) in [(0xffff_c000, u32::MAX), (0, 0x8000_0000), (0xffff_fff0, 0x0fff_ffff)] {
+            cfc_write(&mut io, 2, 6, low);
+            cfc_write(&mut io, 2, 7, high);
+        }
+        let mut d = [0u8; 4];
+        for addr in [0x0010_0000, ECAM, 0xfee0_0000, 0xffff_f000, 0xffff_ffff_ffff_c000] {
+            assert!(!mmio_read(&root, addr, &mut d), "{addr:#x} decodes");
+        }
+        let mut ports = PciIoWindow::new(root.clone(), IO.start);
+        ports.read(IO.size - 4, &mut d);
+        assert_eq!(d, [0xff; 4], "nothing at the top of the I/O window");
+        assert!(!mmio_write(&root, u64::from(second_bar2.0) + 8, &[1]), "the 64-bit BAR left");
+        let total = first_writes.lock().unwrap().len() + second_writes.lock().unwrap().len();
+        assert_eq!(total, 1, "no garbage address reached a function");
+
+        // Put back where they were, they decode again.
+        for (reg, value) in
+            [(4, second_bar0), (5, second_bar1), (6, second_bar2.0), (7, second_bar2.1)]
+        {
+            cfc_write(&mut io, 2, reg, value);
+        }
+        second_writes.lock().unwrap().clear();
+        assert!(mmio_write(&root, u64::from(second_bar0) + 1, &[1]));
+        let bar2 = u64::from(second_bar2.1) << 32 | u64::from(second_bar2.0 & !0xf);
+        assert!(mmio_write(&root, bar2 + 2, &[2]));
+        ports.write(u64::from(second_bar1 & !3) - IO.start + 3, &[3]);
+        assert_eq!(
+            second_writes.lock().unwrap().as_slice(),
+            &[(0, 1, vec![1]), (2, 2, vec![2]), (1, 3, vec![3])]
+        );
+    }
+
+    #[test]
+    fn a_rom_sized_with_decoding_on_decodes_nothing_there_and_moved_answers_at_its_new_place() {
+        let root = root_with(config());
+        let (dev, writes) =
+            TestDevice::with_bars(vec![bar(ROM_BAR_INDEX, 0x8000, PciBarKind::Rom)]);
+        root.lock().unwrap().add_device(Box::new(dev)).unwrap();
+        let mut io = PciConfigIo::new(root.clone());
+        let placed = cfc_read(&mut io, 1, 12);
+        // SeaBIOS sizes with the enable bit written too: all-ones.
+        cfc_write(&mut io, 1, 12, u32::MAX);
+        assert_eq!(cfc_read(&mut io, 1, 12), 0xffff_8001, "32 KiB, enabled");
+        let mut d = [0u8; 2];
+        assert!(!mmio_read(&root, 0xffff_8000, &mut d), "the sizing address decodes nothing");
+        let moved = u64::from(placed) + 0x10_0000;
+        cfc_write(&mut io, 1, 12, moved as u32 | ROM_ENABLE);
+        assert!(mmio_read(&root, moved + 2, &mut d));
+        assert_eq!(d, [ROM_BAR_INDEX + 2; 2], "the device's ROM bytes at offset 2");
+        assert!(!mmio_read(&root, u64::from(placed) + 2, &mut d), "not at the old place");
+        assert!(mmio_write(&root, moved + 2, &[1]), "a ROM write is claimed");
+        assert!(writes.lock().unwrap().is_empty(), "and dropped");
     }
 }

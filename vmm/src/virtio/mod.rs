@@ -17,6 +17,7 @@
 pub mod block;
 pub mod gpu;
 pub mod input;
+pub mod net;
 pub mod pci_transport;
 pub mod queue;
 pub mod rng;
@@ -63,6 +64,13 @@ pub enum VirtioError {
         #[source]
         source: queue::VirtioQueueError,
     },
+    /// What the device carries to the host stopped working (a network backend).
+    #[error("The backend of {device} failed")]
+    Backend {
+        device: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// Interrupts a device raises; the transport maps them to MSI-X vectors.
@@ -102,6 +110,9 @@ pub trait VirtioDevice: Send {
     /// Reads the device-specific configuration at `offset`; reads past its end return 0.
     fn read_config(&self, offset: u64, data: &mut [u8]);
     fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// The features the driver accepted (a subset of [`VirtioDevice::features`]), told
+    /// right before [`VirtioDevice::activate`], for devices whose behaviour depends on them.
+    fn ack_features(&mut self, _features: u64) {}
     /// The driver set DRIVER_OK: the device takes its queues (one per max size, disabled ones
     /// not ready) and starts serving them.
     fn activate(

@@ -158,6 +158,32 @@ impl GuiApp {
                             });
                             ui.end_row();
                         }
+                        ui.label("Network");
+                        ui.vertical(|ui| {
+                            ui.checkbox(&mut form.network, "Network card (user-mode NAT, DHCP)");
+                            ui.add_enabled(
+                                form.network,
+                                egui::Checkbox::new(
+                                    &mut form.isolate_from_host,
+                                    "Isolate from host (the guest cannot reach 10.0.2.2)",
+                                ),
+                            );
+                            if !form.mac.is_empty() {
+                                ui.label(format!("MAC address {}", form.mac));
+                            }
+                        });
+                        ui.end_row();
+                        ui.label("Port forwards (one per line, tcp:127.0.0.1:2222-:22)");
+                        ui.vertical(|ui| {
+                            let edit = egui::TextEdit::multiline(&mut form.forwards)
+                                .desired_rows(2)
+                                .desired_width(360.0);
+                            ui.add_enabled(form.network, edit);
+                            if let Some(msg) = error_for(&errors, Field::Forwards) {
+                                ui.label(RichText::new(msg).color(Color32::LIGHT_RED));
+                            }
+                        });
+                        ui.end_row();
                     });
                     ui.horizontal(|ui| {
                         let ok = if editing.is_some() { "Save" } else { "Create" };

@@ -34,6 +34,7 @@ use crate::virtio::block::Block;
 use crate::virtio::gpu::boot_fb::{self, BootFramebuffer};
 use crate::virtio::gpu::Gpu;
 use crate::virtio::input::{Input, InputHandle, VirtioInputError};
+use crate::virtio::net::{NetConfig, VirtioNet};
 use crate::virtio::rng::Rng;
 use crate::virtio::VirtioPciDevice;
 use display::SourceId;
@@ -109,6 +110,7 @@ impl Board for PcBoard {
             guest_map,
             vcpu_count: _,
             boot: _,
+            net,
         } = context;
         let framebuffer = match &screen {
             Some(_) => Some(new_framebuffer()?),
@@ -199,6 +201,20 @@ impl Board for PcBoard {
         }
         let rng = Rng::new().map_err(|e| BoardError::device("virtio-rng", e))?;
         add_virtio(&mut pci, "virtio-rng", Box::new(rng), memory, &irq, None)?;
+        // After the devices every machine had before networking, so their BDFs (and the
+        // snapshots that name them) stay.
+        if let Some(nic) = net {
+            let device = VirtioNet::new(NetConfig::new(nic.mac), nic.backend)
+                .map_err(|e| BoardError::device("virtio-net", e))?;
+            add_virtio(
+                &mut pci,
+                "virtio-net",
+                Box::new(device),
+                memory,
+                &irq,
+                io_thread_notifiers(vm),
+            )?;
+        }
         let pci_functions = pci.functions();
         let pci = Arc::new(Mutex::new(pci));
 

@@ -12,6 +12,7 @@
 //!  0x1_0000_0000 the rest of RAM; then the 64-bit window       0x0CF8  config + 0xCF9 reset
 //!                                                               0x6000  PCI I/O window
 //!  PCI 00:00.0 MCH 8086:29C0, 00:1f.0 ICH9 LPC 8086:2918, virtio devices from 00:01.0
+//!  (disks, rng, then the network card if the VM has one)
 //! ```
 //!
 //! The vCPUs start in their reset state: the BSP at the reset vector inside CODE, the APs
@@ -48,6 +49,7 @@ use crate::memory::GuestMemory;
 use crate::pci::{Bdf, PciConfigIo, PciConfigMmio, PciIoWindow, PciMmioWindow, PciRoot};
 use crate::pci::{PciRootConfig, PciWindow};
 use crate::virtio::block::Block;
+use crate::virtio::net::{NetConfig, VirtioNet};
 use crate::virtio::rng::Rng;
 use crate::virtio::VirtioPciDevice;
 
@@ -342,6 +344,7 @@ impl Board for Q35Board {
             guest_map,
             vcpu_count,
             boot,
+            net,
         } = context;
         let BootSource::Firmware(firmware) = boot else {
             return Err(BoardError::UnsupportedBoot { board: "q35", what: "a kernel" });
@@ -447,6 +450,13 @@ impl Board for Q35Board {
         }
         let rng = Rng::new().map_err(|e| BoardError::device("virtio-rng", e))?;
         add_virtio(&mut pci, "virtio-rng", Box::new(rng), memory, &irq, None)?;
+        // Last, as on the PC: the devices before it keep their BDFs with or without a card.
+        if let Some(nic) = net {
+            let device = VirtioNet::new(NetConfig::new(nic.mac), nic.backend)
+                .map_err(|e| BoardError::device("virtio-net", e))?;
+            let notifiers = crate::board::pc::io_thread_notifiers(vm);
+            add_virtio(&mut pci, "virtio-net", Box::new(device), memory, &irq, notifiers)?;
+        }
         let pci_functions = pci.functions();
         let pci = Arc::new(Mutex::new(pci));
 

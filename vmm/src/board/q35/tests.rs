@@ -339,6 +339,10 @@ struct Built {
 }
 
 fn build_board() -> Built {
+    build_board_with(None)
+}
+
+fn build_board_with(net: Option<crate::board::NetAttachment>) -> Built {
     let dir = tempfile::tempdir().unwrap();
     let code = dir.path().join("code.fd");
     let mut image = vec![0u8; CODE_SIZE as usize];
@@ -369,6 +373,7 @@ fn build_board() -> Built {
             guest_map: &guest_map,
             vcpu_count: 2,
             boot: &boot,
+            net,
         })
         .unwrap();
     Built { board, vm, io: devices.io, _dir: dir, memory, firmware }
@@ -435,6 +440,26 @@ fn firmware_finds_the_q35_chipset_at_its_addresses() {
         *b = byte[0];
     }
     assert_eq!(&sig, b"QEMU");
+}
+
+#[test]
+fn a_nic_from_the_context_is_a_virtio_net_function_after_the_rng() {
+    let rng = Bdf::new(0, 1, 0).unwrap();
+    let after_rng = Bdf::new(0, 2, 0).unwrap();
+    let without = build_board();
+    assert_eq!(config_read32(&without.io, rng, 0), 0x1044_1af4, "virtio-rng");
+    assert_eq!(config_read32(&without.io, after_rng, 0), u32::MAX, "no card: nothing after it");
+
+    let mac = [0x52, 0x54, 0x00, 0xab, 0xcd, 0xef];
+    let user = net::slirp::UserNet::new(net::slirp::UserNetConfig {
+        guest_mac: mac,
+        ..Default::default()
+    })
+    .unwrap();
+    let with = build_board_with(Some(crate::board::NetAttachment { mac, backend: Box::new(user) }));
+    assert_eq!(config_read32(&with.io, rng, 0), 0x1044_1af4, "the rng keeps its address");
+    assert_eq!(config_read32(&with.io, after_rng, 0), 0x1041_1af4, "virtio-net");
+    assert_eq!(config_read32(&with.io, after_rng, 8) >> 8, 0x02_0000, "an Ethernet controller");
 }
 
 #[test]

@@ -15,7 +15,10 @@
 //! Interrupts are MSI-X only: INTx is not wired (interrupt pin 0). A vector that is masked
 //! (entry or function mask) is recorded in the PBA and sent when unmasked; an interrupt with
 //! MSI-X disabled or with no vector assigned only sets the ISR bit.
-//! The VIRTIO_PCI_CAP_PCI_CFG access window is not offered (Linux does not use it).
+//! The VIRTIO_PCI_CAP_PCI_CFG window (the last capability) reaches the register BAR through
+//! configuration space, for firmware that cannot map a BAR placed above 4 GiB (SeaBIOS):
+//! the driver selects BAR, offset and length, and a read or write of its data field is that
+//! access to the BAR.
 //!
 //! A device with a [RAM BAR](VirtioDevice::ram_bar) (virtio-gpu's boot framebuffer) gets it
 //! as BAR 0, 32-bit prefetchable, and the register BAR above moves to BAR 2, the layout of
@@ -47,7 +50,8 @@ use crate::error_chain;
 use crate::hypervisor::{InterruptSink, NotifierRegistry};
 use crate::memory::GuestMemory;
 use crate::pci::config::{
-    CLASS_DISPLAY_OTHER, CLASS_INPUT_OTHER, CLASS_NETWORK_ETHERNET, CLASS_OTHER, CLASS_STORAGE_SCSI,
+    CLASS_DISPLAY_OTHER, CLASS_INPUT_OTHER, CLASS_NETWORK_ETHERNET, CLASS_OTHER,
+    CLASS_STORAGE_SCSI, COMMAND_REG,
 };
 use crate::pci::msix::{self, MsixMessage, MsixTable};
 use crate::pci::{PciBar, PciBarKind, PciConfiguration, PciDevice, PciError, PciHeader};
@@ -85,6 +89,9 @@ const CAP_COMMON_CFG: u8 = 1;
 const CAP_NOTIFY_CFG: u8 = 2;
 const CAP_ISR_CFG: u8 = 3;
 const CAP_DEVICE_CFG: u8 = 4;
+const CAP_PCI_CFG: u8 = 5;
+/// The PCI_CFG capability's length: a virtio_pci_cap and the 4-byte data field.
+const PCI_CFG_CAP_LEN: u8 = 20;
 
 const ISR_QUEUE: u8 = 1;
 const ISR_CONFIG: u8 = 2;
@@ -97,6 +104,21 @@ pub enum VirtioPciError {
     QueueMaxSize { index: usize, size: u16 },
     #[error("Could not build the PCI configuration space")]
     Pci(#[from] PciError),
+}
+
+/// The PCI_CFG capability's fields, as registers after its first: BAR (byte 0), offset,
+/// length, data.
+const PCI_CFG_BAR: usize = 1;
+const PCI_CFG_OFFSET: usize = 2;
+const PCI_CFG_LENGTH: usize = 3;
+const PCI_CFG_DATA: usize = 4;
+
+/// The PCI_CFG capability after its id and next pointer: the register BAR `bar` (as every
+/// capability names it), no access selected (offset 0, length 0), data 0.
+fn pci_cfg_cap_body(bar: u8) -> Vec<u8> {
+    let mut body = vec![PCI_CFG_CAP_LEN, CAP_PCI_CFG, bar];
+    body.resize(usize::from(PCI_CFG_CAP_LEN) - 2, 0);
+    body
 }
 
 /// The MSI-X table and what virtio maps onto it: the config and per-queue vectors, and the
@@ -176,6 +198,9 @@ pub struct VirtioPciDevice {
     interrupt: Arc<PciInterrupt>,
     /// Configuration register whose high half is the MSI-X message control word.
     msix_control_reg: usize,
+    /// The PCI_CFG capability's first register: the BAR, offset, length and data fields
+    /// are the four after it.
+    pci_cfg_reg: usize,
     device_feature_select: u32,
     driver_feature_select: u32,
     driver_features: u64,
@@ -185,8 +210,14 @@ pub struct VirtioPciDevice {
     active: bool,
     /// I/O threads stopped for a snapshot; notifies wait for [`PciDevice::resume`].
     quiesced: bool,
+    /// The device's own threads are parked ([`VirtioDevice::quiesce`]): quiesced, or bus
+    /// mastering off.
+    parked: bool,
     /// The BAR holding the virtio registers (0, or 2 when BAR 0 is a RAM BAR).
     regs_bar: u8,
+    /// Where the PCI root decodes that BAR ([`PciDevice::bar_decoded`]): the notifiers'
+    /// base. None until the root says, and while it decodes nothing.
+    regs_decoded: Option<u64>,
 }
 
 impl VirtioPciDevice {
@@ -280,6 +311,12 @@ impl VirtioPciDevice {
             msix_control_reg,
             u32::from(msix::CONTROL_ENABLE | msix::CONTROL_FUNCTION_MASK) << 16,
         );
+        // Last, so that the capabilities before it keep the offsets snapshots saved them at.
+        let pci_cfg_reg = config.add_capability(CAP_ID_VENDOR, &pci_cfg_cap_body(regs_bar))? / 4;
+        for (field, mask) in [(PCI_CFG_BAR, 0xff), (PCI_CFG_OFFSET, !0), (PCI_CFG_LENGTH, !0)] {
+            config.set_writable_bits(pci_cfg_reg + field, mask);
+        }
+        config.set_writable_bits(pci_cfg_reg + PCI_CFG_DATA, !0);
         let interrupt = Arc::new(PciInterrupt {
             sink: interrupt,
             state: Mutex::new(InterruptState {
@@ -298,6 +335,7 @@ impl VirtioPciDevice {
             failed: Arc::new(AtomicBool::new(false)),
             interrupt,
             msix_control_reg,
+            pci_cfg_reg,
             device_feature_select: 0,
             driver_feature_select: 0,
             driver_features: 0,
@@ -306,7 +344,9 @@ impl VirtioPciDevice {
             queues: max_sizes.into_iter().map(QueueConfig::new).collect(),
             active: false,
             quiesced: false,
+            parked: false,
             regs_bar,
+            regs_decoded: None,
         })
     }
 
@@ -404,7 +444,11 @@ impl VirtioPciDevice {
             queues.push(q);
         }
         let interrupt: Arc<dyn VirtioInterrupt> = self.interrupt.clone();
-        let result = lock(&self.device).activate(self.memory.clone(), interrupt, queues);
+        let result = {
+            let mut device = lock(&self.device);
+            device.ack_features(self.driver_features);
+            device.activate(self.memory.clone(), interrupt, queues)
+        };
         match result {
             Ok(()) => {
                 self.active = true;
@@ -431,6 +475,83 @@ impl VirtioPciDevice {
         device_name(lock(&self.device).device_type())
     }
 
+    /// The register-BAR access the PCI_CFG capability selects: (offset, length), if it is
+    /// one a driver may make (virtio 1.2, "PCI configuration access capability": length 1, 2
+    /// or 4, aligned to it, inside the BAR). Anything else is ignored.
+    fn pci_cfg_access(&self) -> Option<(u64, usize)> {
+        let field = |f| self.config.read_reg(self.pci_cfg_reg + f);
+        let bar = field(PCI_CFG_BAR) as u8;
+        let offset = u64::from(field(PCI_CFG_OFFSET));
+        let length = field(PCI_CFG_LENGTH);
+        let fits = bar == self.regs_bar
+            && matches!(length, 1 | 2 | 4)
+            && offset % u64::from(length) == 0
+            && offset + u64::from(length) <= BAR0_SIZE;
+        fits.then_some((offset, length as usize))
+    }
+
+    /// A read of the PCI_CFG data field: the selected access, its bytes first.
+    fn pci_cfg_read(&mut self) -> u32 {
+        let mut data = [0u8; 4];
+        if let Some((offset, length)) = self.pci_cfg_access() {
+            let bar = self.regs_bar;
+            self.bar_read(bar, offset, &mut data[..length]);
+        }
+        u32::from_le_bytes(data)
+    }
+
+    /// After a write of the PCI_CFG data field: the selected access with its first bytes.
+    fn pci_cfg_write(&mut self) {
+        if let Some((offset, length)) = self.pci_cfg_access() {
+            let data = self.config.read_reg(self.pci_cfg_reg + PCI_CFG_DATA).to_le_bytes();
+            let bar = self.regs_bar;
+            self.bar_write(bar, offset, &data[..length]);
+        }
+    }
+
+    /// Whether the device may touch guest memory: not quiesced for a snapshot, and bus
+    /// mastering (command bit 2) on. Otherwise no queue is processed and no MSI is sent: a
+    /// function without bus mastering may not do DMA, and firmware turns it off around
+    /// enumeration and hand-over. Notifies wait and are served once it may again.
+    fn may_dma(&self) -> bool {
+        !self.quiesced && self.config.bus_master_enabled()
+    }
+
+    /// Brings the I/O threads, the device's own threads and MSI delivery in line with
+    /// [`Self::may_dma`] after the command register changed or a quiesce.
+    fn follow_dma(&mut self) {
+        lock(&self.interrupt.state).msix.set_bus_master(self.config.bus_master_enabled());
+        if !self.may_dma() {
+            self.update_queue_threads();
+            self.park();
+        } else if self.parked {
+            self.unpark();
+        } else {
+            self.update_queue_threads();
+        }
+    }
+
+    fn park(&mut self) {
+        if !self.parked {
+            self.parked = true;
+            lock(&self.device).quiesce();
+        }
+    }
+
+    /// The device's threads and the I/O threads back, a pass over every queue for the
+    /// notifies that came meanwhile, and the MSIs that pended.
+    fn unpark(&mut self) {
+        self.parked = false;
+        lock(&self.device).resume();
+        self.update_queue_threads();
+        for index in 0..self.queues.len() {
+            if self.queues[index].enabled {
+                self.notify(index);
+            }
+        }
+        self.interrupt.deliver_pending();
+    }
+
     /// Picks up MSI-X enable / function-mask changes from the capability.
     fn update_msix_control(&mut self) {
         let control = (self.config.read_reg(self.msix_control_reg) >> 16) as u16;
@@ -441,6 +562,9 @@ impl VirtioPciDevice {
 
 impl PciDevice for VirtioPciDevice {
     fn read_config_register(&mut self, reg: usize) -> u32 {
+        if reg == self.pci_cfg_reg + PCI_CFG_DATA {
+            return self.pci_cfg_read();
+        }
         self.config.read_reg(reg)
     }
 
@@ -449,8 +573,21 @@ impl PciDevice for VirtioPciDevice {
         if reg == self.msix_control_reg {
             self.update_msix_control();
         }
-        // The command register or a BAR may have moved the notify region.
-        self.update_queue_threads();
+        if reg == self.pci_cfg_reg + PCI_CFG_DATA {
+            self.pci_cfg_write();
+        }
+        if reg == COMMAND_REG {
+            self.follow_dma();
+        }
+        // A moved BAR or a decoding change reaches the notifiers through the root's
+        // `bar_decoded`, never from the registers here: mid-sizing they hold garbage.
+    }
+
+    fn bar_decoded(&mut self, index: u8, address: Option<u64>) {
+        if index == self.regs_bar {
+            self.regs_decoded = address;
+            self.update_queue_threads();
+        }
     }
 
     fn bars(&self) -> Vec<PciBar> {
@@ -515,21 +652,17 @@ impl PciDevice for VirtioPciDevice {
 
     fn quiesce(&mut self) {
         self.quiesced = true;
-        self.update_queue_threads();
-        lock(&self.device).quiesce();
+        self.follow_dma();
     }
 
     /// Also right after a restore: a notify the saved machine's I/O thread had not served
-    /// yet is served by this pass.
+    /// yet is served by this pass (unless bus mastering is off: then when it is on).
     fn resume(&mut self) {
         self.quiesced = false;
-        lock(&self.device).resume();
-        self.update_queue_threads();
-        // A notify may have come while the threads were stopped: serve every queue once.
-        for index in 0..self.queues.len() {
-            if self.queues[index].enabled {
-                self.notify(index);
-            }
+        if self.may_dma() {
+            self.unpark();
+        } else {
+            self.follow_dma();
         }
     }
 }

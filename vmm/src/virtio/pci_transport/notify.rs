@@ -2,7 +2,9 @@
 //! region processes the queue on the vCPU that wrote it; with a notifier registry, each
 //! enabled queue instead gets an I/O thread sleeping on a hypervisor notifier (KVM: an
 //! ioeventfd) registered at that slot, so the guest's write completes without a VMM exit.
-//! The threads follow the device state and the BAR's address, and stop while quiesced.
+//! The threads follow the device state and where the PCI root decodes the BAR (moved by the
+//! guest, decoding turned off, or mid-sizing: no notifier), and stop while quiesced or
+//! while bus mastering is off.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -116,20 +118,21 @@ fn serve_queue(
 }
 
 impl VirtioPciDevice {
-    /// Guest-physical address of the notify region while notifiers should be registered.
+    /// Guest-physical address of the notify region while notifiers should be registered:
+    /// the device is active and the root decodes the register BAR (memory decoding on, a
+    /// real address inside a window).
     fn notify_base(&self) -> Option<u64> {
-        if !self.active || self.notifiers.is_none() || !self.config.memory_space_enabled() {
+        if !self.active || self.notifiers.is_none() {
             return None;
         }
-        self.config
-            .bar_address(self.regs_bar)
-            .filter(|&a| a != 0)
-            .and_then(|a| a.checked_add(NOTIFY_OFFSET))
+        self.regs_decoded.and_then(|a| a.checked_add(NOTIFY_OFFSET))
     }
 
-    /// Brings the I/O threads in line with the device state and BAR address.
+    /// Brings the I/O threads in line with the device state and where the root decodes the
+    /// register BAR: a notifier at an address the root no longer decodes would still catch
+    /// the guest's writes there.
     pub(super) fn update_queue_threads(&mut self) {
-        let want = if self.quiesced { None } else { self.notify_base() };
+        let want = if self.may_dma() { self.notify_base() } else { None };
         if self.queue_threads.first().map(|w| w.base) == want {
             return;
         }
@@ -176,8 +179,9 @@ impl VirtioPciDevice {
         {
             return;
         }
-        if self.failed.load(Ordering::Acquire) || self.quiesced {
-            // While quiesced the notify is served by the pass resume makes.
+        if self.failed.load(Ordering::Acquire) || !self.may_dma() {
+            // Served by the pass made when the device may touch guest memory again
+            // (resume, or bus mastering back on).
             return;
         }
         let result = lock(&self.device).process_queue(queue_index);

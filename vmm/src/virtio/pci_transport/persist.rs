@@ -217,6 +217,21 @@ impl VirtioPciDevice {
         Ok(Checked { configs, msix, queues: Some(queues) })
     }
 
+    /// Registers saved before the PCI_CFG capability (the last one) was offered, with it
+    /// added as a fresh device has it and linked after MSI-X; others as they are.
+    fn with_pci_cfg_capability(&self, saved: &[u32]) -> Vec<u32> {
+        let mut registers = saved.to_vec();
+        let (cap, msix) = (self.pci_cfg_reg, self.msix_control_reg);
+        let absent = registers.get(cap..cap + 5).is_some_and(|r| r.iter().all(|&v| v == 0))
+            && registers.get(msix).is_some_and(|&v| v & 0xff00 == 0);
+        if absent {
+            registers[cap] = self.config.read_reg(cap);
+            registers[cap + 1] = u32::from(self.regs_bar);
+            registers[msix] |= (cap as u32 * 4) << 8;
+        }
+        registers
+    }
+
     pub(super) fn restore(&mut self, bytes: &[u8]) -> Result<(), StateError> {
         let name = self.name();
         let saved: VirtioPciState = state::decode(&name, bytes)?;
@@ -227,7 +242,8 @@ impl VirtioPciDevice {
             self.check(&saved).map_err(|e| StateError::invalid(&name, error_chain(&e)))?;
         // Checked before anything changes; applied only once the device took its state.
         let mut config = self.config.clone();
-        config.restore_registers(&saved.config).map_err(|e| StateError::rejected(&name, e))?;
+        let registers = self.with_pci_cfg_capability(&saved.config);
+        config.restore_registers(&registers).map_err(|e| StateError::rejected(&name, e))?;
         self.stop_queue_threads();
         let interrupt: Arc<dyn VirtioInterrupt> = self.interrupt.clone();
         let restored =
@@ -242,6 +258,7 @@ impl VirtioPciDevice {
             let m = &saved.msix;
             let mut st = lock(&self.interrupt.state);
             st.msix = msix;
+            st.msix.set_bus_master(self.config.bus_master_enabled());
             st.config_vector = m.config_vector;
             st.queue_vectors = m.queue_vectors.clone();
             st.isr = m.isr;
@@ -254,7 +271,15 @@ impl VirtioPciDevice {
         self.driver_features = saved.driver_features;
         self.queue_select = saved.queue_select;
         self.queues = configs;
+        // Where the old registers decoded says nothing about the restored ones: the root
+        // tells the BAR's place again right after a restore (`PciDevice::bar_decoded`).
+        self.regs_decoded = None;
         self.update_queue_threads();
+        if !self.may_dma() {
+            self.park();
+        }
+        // Coming back from parked is `resume`'s, which follows a restore and serves every
+        // queue once.
         Ok(())
     }
 }

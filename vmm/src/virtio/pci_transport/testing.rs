@@ -8,6 +8,8 @@ use crate::virtio::queue::testing::{memory, TestQueue};
 use crate::virtio::{STATUS_ACKNOWLEDGE, STATUS_DRIVER};
 
 pub const MSI_ADDR: u64 = 0xfee0_0000;
+pub const COMMAND_MEMORY: u16 = crate::pci::config::COMMAND_MEMORY_SPACE as u16;
+pub const COMMAND_BUS_MASTER: u16 = crate::pci::config::COMMAND_BUS_MASTER as u16;
 pub const QUEUE_MSI_DATA: u32 = 0x41;
 pub const CONFIG_MSI_DATA: u32 = 0x40;
 
@@ -113,17 +115,23 @@ impl TestDriver {
     pub fn new(device: Box<dyn VirtioDevice>) -> Self {
         let mem = memory(4);
         let sink = Arc::new(RecordingSink::default());
-        let dev = VirtioPciDevice::new(device, mem.clone(), sink.clone()).unwrap();
+        let mut dev = VirtioPciDevice::new(device, mem.clone(), sink.clone()).unwrap();
+        // Bus mastering on, as the PCI root leaves every function it adds.
+        dev.write_config_register(1, 0, &COMMAND_BUS_MASTER.to_le_bytes());
         TestDriver { dev, mem, sink, tq: TestQueue::new(256, 0x10_0000) }
     }
 
-    /// Places the register BAR at `addr` and turns on memory decoding (what firmware or
-    /// Linux does).
+    /// Places the register BAR at `addr` and turns on memory decoding and bus mastering
+    /// (what firmware or Linux does), then tells the device it decodes there, as the PCI
+    /// root would.
     pub fn place_bar0(&mut self, addr: u64) {
-        let reg = 4 + usize::from(self.dev.regs_bar);
+        let bar = self.dev.regs_bar;
+        let reg = 4 + usize::from(bar);
         self.dev.write_config_register(reg, 0, &(addr as u32 | 0b100).to_le_bytes());
         self.dev.write_config_register(reg + 1, 0, &((addr >> 32) as u32).to_le_bytes());
-        self.dev.write_config_register(1, 0, &2u16.to_le_bytes());
+        let command = COMMAND_MEMORY | COMMAND_BUS_MASTER;
+        self.dev.write_config_register(1, 0, &command.to_le_bytes());
+        self.dev.bar_decoded(bar, Some(addr));
     }
 
     pub fn read(&mut self, offset: u64, len: usize) -> u64 {
