@@ -50,6 +50,20 @@ impl Sandbox {
             .unwrap()
     }
 
+    /// `hutch` with `HUTCH_FIRMWARE_DIR` set to `dir`.
+    fn hutch_with_firmware_dir(&self, dir: &Path, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_hutch"))
+            .args(args)
+            .current_dir(self.files.path())
+            .env("HUTCH_HOME", self.home.path())
+            .env("XDG_RUNTIME_DIR", self.runtime.path())
+            .env("HUTCH_FIRMWARE_DIR", dir)
+            .env_remove("HUTCH_BACKEND")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
     fn create(&self, name: &str) -> Output {
         self.hutch(&["create", name, "--kernel", self.kernel().to_str().unwrap()])
     }
@@ -148,6 +162,17 @@ fn run_with_a_missing_kernel_fails_naming_the_path() {
     let missing = s.file("no-such-kernel");
     let o = s.hutch(&["run", "--kernel", missing.to_str().unwrap()]);
     assert_error(&o, &["kernel", missing.to_str().unwrap(), "No such file"]);
+}
+
+#[test]
+fn without_uefi_firmware_run_names_the_package_and_the_paths_searched() {
+    let s = Sandbox::new();
+    let empty = s.file("no-ovmf");
+    std::fs::create_dir(&empty).unwrap();
+    let code = empty.join("OVMF_CODE_4M.fd");
+    let vars = empty.join("OVMF_VARS.fd");
+    let o = s.hutch_with_firmware_dir(&empty, &["run", "--firmware", "uefi"]);
+    assert_error(&o, &["'ovmf' package", code.to_str().unwrap(), vars.to_str().unwrap()]);
 }
 
 #[test]

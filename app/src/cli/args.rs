@@ -158,11 +158,14 @@ fn parse_forward(s: &str) -> Result<String, String> {
 pub struct RunArgs {
     #[command(flatten)]
     pub machine: MachineArgs,
-    /// Boot this UEFI firmware (/usr/share/OVMF/OVMF_CODE_4M.fd) on the Q35 board instead of
-    /// a kernel.
-    #[arg(long, value_name = "CODE", conflicts_with = "kernel")]
+    /// Boot UEFI firmware on the Q35 board instead of a kernel: "uefi" finds the host's
+    /// (Debian's ovmf package: /usr/share/OVMF/OVMF_CODE_4M.fd, or $HUTCH_FIRMWARE_DIR), or
+    /// give a CODE image's path (./uefi for a file of that name).
+    #[arg(long, value_name = "uefi|CODE", conflicts_with = "kernel")]
     pub firmware: Option<PathBuf>,
     /// The firmware's variable store, which the guest writes (a copy of OVMF_VARS_4M.fd).
+    /// Without it, "uefi" runs on a fresh copy of the firmware's template that is removed
+    /// afterwards.
     #[arg(long, value_name = "VARS", requires = "firmware", conflicts_with = "kernel")]
     pub vars: Option<PathBuf>,
     /// Where the guest's serial console goes: "stdio" or a file to append to.
