@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use disk::ImageFormat;
 
-use crate::library::{parse_disk, DiskEntry, NetMode, VmConfig, DEFAULT_CMDLINE};
+use crate::library::{parse_disk, BootMode, DiskEntry, NetMode, VmConfig, DEFAULT_CMDLINE};
 use crate::service::import::ImportOptions;
 pub use crate::service::vm::SerialTarget;
 
@@ -174,11 +174,27 @@ pub struct RunArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(mut_arg("kernel", |a| a.required(false).required_unless_present("firmware")))]
 pub struct CreateArgs {
     /// VM name: 1 to 64 of A-Z a-z 0-9 . _ - (not starting with '.').
     pub name: String,
     #[command(flatten)]
     pub machine: MachineArgs,
+    /// Boot the host's UEFI firmware (Debian's ovmf package) on the Q35 board instead of a
+    /// kernel (vm.toml: boot = "uefi"); the VM keeps its variables in its own vars.fd.
+    #[arg(long, value_name = "uefi", value_parser = ["uefi"], conflicts_with_all = ["kernel", "initrd"])]
+    pub firmware: Option<String>,
+}
+
+impl CreateArgs {
+    /// The configuration these options describe (not yet validated).
+    pub fn to_config(&self) -> VmConfig {
+        let mut config = self.machine.to_config();
+        if self.firmware.is_some() {
+            config.boot = BootMode::Uefi;
+        }
+        config
+    }
 }
 
 #[derive(Debug, Subcommand)]

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
-use super::args::{MachineArgs, RunArgs, SerialTarget};
+use super::args::{CreateArgs, RunArgs, SerialTarget};
 use crate::firmware;
 use crate::library::{ExitKind, Library};
 use crate::service::vm::{self as service, wire_name};
@@ -79,7 +79,7 @@ impl Drop for ScratchFile {
     }
 }
 
-pub fn create(library: &Library, name: &str, args: &MachineArgs) -> anyhow::Result<()> {
+pub fn create(library: &Library, name: &str, args: &CreateArgs) -> anyhow::Result<()> {
     service::create(library, name, args.to_config())?;
     println!("Created VM '{name}'");
     Ok(())
