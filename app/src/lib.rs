@@ -15,6 +15,7 @@ pub mod backend;
 pub mod cli;
 pub mod console;
 pub mod control;
+pub mod firmware;
 pub mod fsutil;
 pub mod gui;
 pub mod library;

@@ -53,6 +53,8 @@ pub enum LibraryError {
         #[source]
         source: toml::de::Error,
     },
+    #[error(transparent)]
+    Firmware(#[from] crate::firmware::FirmwareError),
     #[error("Cannot access {path}")]
     Io {
         path: PathBuf,
@@ -94,6 +96,11 @@ pub struct VmConfig {
     /// Version of this file's layout, for later migrations.
     #[serde(default = "default_format")]
     pub format: u32,
+    /// What the VM boots. Files from before firmware boot have no `boot` key: a kernel.
+    #[serde(default, skip_serializing_if = "BootMode::is_kernel")]
+    pub boot: BootMode,
+    /// The kernel (`boot = "kernel"`); a UEFI VM has none.
+    #[serde(default, skip_serializing_if = "path_is_empty")]
     pub kernel: PathBuf,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initrd: Option<PathBuf>,
@@ -104,6 +111,10 @@ pub struct VmConfig {
     /// A screen (boot framebuffer, virtio-gpu) and keyboard/tablet (virtio-input).
     #[serde(default = "default_display")]
     pub display: bool,
+    /// Firmware booted instead of the kernel (`hutch run --firmware`); not in vm.toml yet.
+    /// Boxed: a VmConfig travels in the GUI's jobs, which stay small.
+    #[serde(skip)]
+    pub firmware: Option<Box<vmm::board::FirmwareBoot>>,
     /// The network card. Files from before networking have none, so their VMs (and snapshots)
     /// keep the devices they had; new VMs get `user`.
     #[serde(default, skip_serializing_if = "NetMode::is_none")]
@@ -125,6 +136,28 @@ pub struct VmConfig {
     // Tables last: TOML needs plain values before arrays of tables.
     #[serde(default, rename = "disk", skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<DiskEntry>,
+}
+
+/// What a VM boots.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BootMode {
+    /// A Linux kernel the VMM loads (PC board).
+    #[default]
+    Kernel,
+    /// The host's UEFI firmware (`crate::firmware`) on the Q35 board, with the VM's own
+    /// variable store (`vars.fd` in its directory).
+    Uefi,
+}
+
+impl BootMode {
+    fn is_kernel(&self) -> bool {
+        *self == BootMode::Kernel
+    }
+}
+
+fn path_is_empty(path: &Path) -> bool {
+    path.as_os_str().is_empty()
 }
 
 /// How a VM reaches the network.
@@ -260,12 +293,14 @@ impl VmConfig {
     ) -> VmConfig {
         VmConfig {
             format: CONFIG_FORMAT,
+            boot: BootMode::Kernel,
             kernel,
             initrd,
             cmdline,
             cpus,
             memory_mib,
             display: true,
+            firmware: None,
             net: NetMode::User,
             mac: Some(random_mac()),
             forwards: Vec::new(),
@@ -290,6 +325,9 @@ impl VmConfig {
         if self.cmdline.contains('\0') {
             return bad("cmdline", "contains a NUL byte".to_string());
         }
+        if self.boot == BootMode::Kernel && self.firmware.is_none() && path_is_empty(&self.kernel) {
+            return bad("kernel", "none given (a VM boots a kernel unless boot = \"uefi\")".into());
+        }
         if let Some(mac) = &self.mac {
             parse_mac(mac)?;
         }
@@ -309,7 +347,20 @@ impl VmConfig {
 
     /// Checks that every file exists and can be opened as the VM will open it.
     pub fn check_files(&self) -> Result<()> {
-        check_file("kernel", &self.kernel, false)?;
+        match &self.firmware {
+            Some(firmware) => {
+                check_file("firmware", &firmware.code, false)?;
+                if let Some(vars) = &firmware.vars {
+                    check_file("firmware variable store", vars, true)?;
+                }
+            }
+            // The firmware is found (and the VM's store made) when the VM starts; a missing
+            // one is an error here already.
+            None if self.boot == BootMode::Uefi => {
+                crate::firmware::find_uefi_in_env()?;
+            }
+            None => check_file("kernel", &self.kernel, false)?,
+        }
         if let Some(initrd) = &self.initrd {
             check_file("initrd", initrd, false)?;
         }
@@ -328,13 +379,40 @@ impl VmConfig {
                 source,
             })
         };
-        self.kernel = abs(&self.kernel)?;
+        match &mut self.firmware {
+            Some(firmware) => {
+                firmware.code = abs(&firmware.code)?;
+                if let Some(vars) = &mut firmware.vars {
+                    *vars = abs(vars)?;
+                }
+            }
+            None if path_is_empty(&self.kernel) => {}
+            None => self.kernel = abs(&self.kernel)?,
+        }
         if let Some(initrd) = &self.initrd {
             self.initrd = Some(abs(initrd)?);
         }
         for disk in &mut self.disks {
             disk.path = abs(&disk.path)?;
         }
+        Ok(())
+    }
+
+    /// For `boot = "uefi"` (unless a firmware is set already): the host's UEFI firmware, and
+    /// `nvram` as its variable store, copied from the firmware's template the first time so
+    /// the guest's variables persist from then on.
+    pub fn resolve_firmware(&mut self, nvram: &Path) -> Result<()> {
+        if self.boot != BootMode::Uefi || self.firmware.is_some() {
+            return Ok(());
+        }
+        let found = crate::firmware::find_uefi_in_env()?;
+        if crate::firmware::ensure_nvram(nvram, &found.vars_template)? {
+            log::info!("made the UEFI variable store {}", nvram.display());
+        }
+        self.firmware = Some(Box::new(vmm::board::FirmwareBoot {
+            code: found.code,
+            vars: Some(nvram.to_path_buf()),
+        }));
         Ok(())
     }
 
@@ -352,6 +430,7 @@ impl VmConfig {
             memory_mib: self.memory_mib,
             // Filled from the environment where the machine is built (vm_process).
             kernel_cache_dir: None,
+            firmware: self.firmware.as_deref().cloned(),
         }
     }
 
@@ -586,6 +665,11 @@ impl VmDir {
     pub fn log_path(&self) -> PathBuf {
         self.dir.join("hutch.log")
     }
+    /// A UEFI VM's variable store (its NVRAM), made on first start.
+    pub fn nvram_path(&self) -> PathBuf {
+        self.dir.join("vars.fd")
+    }
+
     pub fn serial_log_path(&self) -> PathBuf {
         self.dir.join("serial.log")
     }
@@ -800,6 +884,35 @@ mod tests {
         assert_eq!(c.cmdline, DEFAULT_CMDLINE);
         assert_eq!(c.format, 1);
         assert!(c.disks.is_empty() && c.initrd.is_none());
+    }
+
+    #[test]
+    fn vm_toml_without_a_boot_key_boots_its_kernel() {
+        let c = VmConfig::from_toml("kernel = \"/k\"\ncpus = 1\nmemory_mib = 64\n").unwrap();
+        assert_eq!(c.boot, BootMode::Kernel);
+        assert!(c.validate().is_ok());
+        // Written back as it was: older hutch versions keep reading it.
+        assert!(!c.to_toml().lines().any(|l| l.starts_with("boot")), "{}", c.to_toml());
+    }
+
+    #[test]
+    fn a_uefi_vm_toml_round_trips_without_a_kernel() {
+        let mut c = config(Path::new(""));
+        c.initrd = None;
+        c.boot = BootMode::Uefi;
+        c.validate().unwrap();
+        let text = c.to_toml();
+        assert!(text.contains("boot = \"uefi\""), "{text}");
+        assert!(!text.contains("kernel"), "{text}");
+        assert_eq!(VmConfig::from_toml(&text).unwrap(), c);
+        assert!(VmConfig::from_toml("boot = \"bios\"\ncpus = 1\nmemory_mib = 64\n").is_err());
+    }
+
+    #[test]
+    fn a_kernel_vm_without_a_kernel_is_refused() {
+        let c = VmConfig::from_toml("cpus = 1\nmemory_mib = 64\n").unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("kernel"), "{err}");
     }
 
     #[test]

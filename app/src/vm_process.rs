@@ -435,7 +435,8 @@ fn run_locked<M: RunnableMachine>(
         Some(id) => Some(snapshots::apply_restore(vm, id)?),
         None => None,
     };
-    let config = vm.load_config()?;
+    let mut config = vm.load_config()?;
+    config.resolve_firmware(&vm.nvram_path())?;
 
     let serial_path = vm.serial_log_path();
     let serial_log = OpenOptions::new()

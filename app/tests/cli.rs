@@ -50,6 +50,32 @@ impl Sandbox {
             .unwrap()
     }
 
+    /// `hutch` with `HUTCH_FIRMWARE_DIR` set to `dir`.
+    fn hutch_with_firmware_dir(&self, dir: &Path, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_hutch"))
+            .args(args)
+            .current_dir(self.files.path())
+            .env("HUTCH_HOME", self.home.path())
+            .env("XDG_RUNTIME_DIR", self.runtime.path())
+            .env("HUTCH_FIRMWARE_DIR", dir)
+            .env_remove("HUTCH_BACKEND")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    /// A stand-in for Debian's OVMF pair in `files/ovmf`: a CODE page that halts at the reset
+    /// vector, and a VARS template.
+    fn fake_ovmf(&self) -> PathBuf {
+        let dir = self.file("ovmf");
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut code = vec![0u8; 4096];
+        code[0xff0..0xff3].copy_from_slice(&[0xf4, 0xeb, 0xfd]); // hlt; jmp back to it
+        std::fs::write(dir.join("OVMF_CODE_4M.fd"), code).unwrap();
+        std::fs::write(dir.join("OVMF_VARS_4M.fd"), vec![0x5au8; 8192]).unwrap();
+        dir
+    }
+
     fn create(&self, name: &str) -> Output {
         self.hutch(&["create", name, "--kernel", self.kernel().to_str().unwrap()])
     }
@@ -148,6 +174,60 @@ fn run_with_a_missing_kernel_fails_naming_the_path() {
     let missing = s.file("no-such-kernel");
     let o = s.hutch(&["run", "--kernel", missing.to_str().unwrap()]);
     assert_error(&o, &["kernel", missing.to_str().unwrap(), "No such file"]);
+}
+
+#[test]
+fn without_uefi_firmware_run_and_create_name_the_package_and_the_paths_searched() {
+    let s = Sandbox::new();
+    let empty = s.file("no-ovmf");
+    std::fs::create_dir(&empty).unwrap();
+    let code = empty.join("OVMF_CODE_4M.fd");
+    let vars = empty.join("OVMF_VARS.fd");
+    let want = ["'ovmf' package", code.to_str().unwrap(), vars.to_str().unwrap()];
+    let o = s.hutch_with_firmware_dir(&empty, &["run", "--firmware", "uefi"]);
+    assert_error(&o, &want);
+    let o = s.hutch_with_firmware_dir(&empty, &["create", "vm", "--firmware", "uefi"]);
+    assert_error(&o, &want);
+    assert!(!s.vm_dir("vm").exists());
+    // Only the keyword: a library VM does not keep a firmware path; and no kernel with it.
+    for (args, needle) in [
+        (&["create", "vm", "--firmware", "code.fd"][..], "possible values: uefi"),
+        (&["create", "vm", "--firmware", "uefi", "--kernel", "k"], "--kernel"),
+    ] {
+        let o = s.hutch_with_firmware_dir(&empty, args);
+        assert!(!o.status.success() && stderr(&o).contains(needle), "{args:?}: {}", stderr(&o));
+    }
+}
+
+#[test]
+fn a_uefi_vm_gets_its_own_variable_store_on_first_start_and_keeps_it() {
+    let s = Sandbox::new();
+    let ovmf = s.fake_ovmf();
+    let o =
+        s.hutch_with_firmware_dir(&ovmf, &["create", "vm", "--firmware", "uefi", "--net", "none"]);
+    assert_ok(&o);
+    let toml = std::fs::read_to_string(s.vm_dir("vm").join("vm.toml")).unwrap();
+    assert!(toml.contains("boot = \"uefi\"") && !toml.contains("kernel"), "{toml}");
+    let nvram = s.vm_dir("vm").join("vars.fd");
+    assert!(!nvram.exists(), "made before the first start");
+
+    // Whether this host can run the VM or not, its store is made before the machine is.
+    let start = |s: &Sandbox| {
+        let _ = s.hutch_with_firmware_dir(&ovmf, &["start", "vm"]);
+        let _ = s.hutch_with_firmware_dir(&ovmf, &["stop", "vm", "--force", "--timeout", "20"]);
+    };
+    start(&s);
+    assert_eq!(std::fs::read(&nvram).unwrap(), vec![0x5au8; 8192]);
+    // What the guest wrote is there at the next start.
+    std::fs::write(&nvram, vec![0xa5u8; 8192]).unwrap();
+    start(&s);
+    assert_eq!(std::fs::read(&nvram).unwrap(), vec![0xa5u8; 8192]);
+    let leftovers: Vec<_> = std::fs::read_dir(s.vm_dir("vm"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("vars") && n != "vars.fd")
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
 #[test]

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use disk::ImageFormat;
 
-use crate::library::{parse_disk, DiskEntry, NetMode, VmConfig, DEFAULT_CMDLINE};
+use crate::library::{parse_disk, BootMode, DiskEntry, NetMode, VmConfig, DEFAULT_CMDLINE};
 use crate::service::import::ImportOptions;
 pub use crate::service::vm::SerialTarget;
 
@@ -90,8 +90,8 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct MachineArgs {
     /// Guest kernel image.
-    #[arg(long, value_name = "PATH")]
-    pub kernel: PathBuf,
+    #[arg(long, value_name = "PATH", required = true)]
+    pub kernel: Option<PathBuf>,
     /// Initial ramdisk.
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
@@ -131,7 +131,7 @@ impl MachineArgs {
     /// The configuration these options describe (not yet validated).
     pub fn to_config(&self) -> VmConfig {
         let mut config = VmConfig::new(
-            self.kernel.clone(),
+            self.kernel.clone().unwrap_or_default(),
             self.initrd.clone(),
             self.cmdline.clone(),
             self.disks.clone(),
@@ -154,20 +154,47 @@ fn parse_forward(s: &str) -> Result<String, String> {
 }
 
 #[derive(Debug, Args)]
+#[command(mut_arg("kernel", |a| a.required(false).required_unless_present("firmware")))]
 pub struct RunArgs {
     #[command(flatten)]
     pub machine: MachineArgs,
+    /// Boot UEFI firmware on the Q35 board instead of a kernel: "uefi" finds the host's
+    /// (Debian's ovmf package: /usr/share/OVMF/OVMF_CODE_4M.fd, or $HUTCH_FIRMWARE_DIR), or
+    /// give a CODE image's path (./uefi for a file of that name).
+    #[arg(long, value_name = "uefi|CODE", conflicts_with = "kernel")]
+    pub firmware: Option<PathBuf>,
+    /// The firmware's variable store, which the guest writes (a copy of OVMF_VARS_4M.fd).
+    /// Without it, "uefi" runs on a fresh copy of the firmware's template that is removed
+    /// afterwards.
+    #[arg(long, value_name = "VARS", requires = "firmware", conflicts_with = "kernel")]
+    pub vars: Option<PathBuf>,
     /// Where the guest's serial console goes: "stdio" or a file to append to.
     #[arg(long, value_name = "stdio|PATH", default_value = "stdio", value_parser = parse_serial)]
     pub serial: SerialTarget,
 }
 
 #[derive(Debug, Args)]
+#[command(mut_arg("kernel", |a| a.required(false).required_unless_present("firmware")))]
 pub struct CreateArgs {
     /// VM name: 1 to 64 of A-Z a-z 0-9 . _ - (not starting with '.').
     pub name: String,
     #[command(flatten)]
     pub machine: MachineArgs,
+    /// Boot the host's UEFI firmware (Debian's ovmf package) on the Q35 board instead of a
+    /// kernel (vm.toml: boot = "uefi"); the VM keeps its variables in its own vars.fd.
+    #[arg(long, value_name = "uefi", value_parser = ["uefi"], conflicts_with_all = ["kernel", "initrd"])]
+    pub firmware: Option<String>,
+}
+
+impl CreateArgs {
+    /// The configuration these options describe (not yet validated).
+    pub fn to_config(&self) -> VmConfig {
+        let mut config = self.machine.to_config();
+        if self.firmware.is_some() {
+            config.boot = BootMode::Uefi;
+        }
+        config
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -340,6 +367,24 @@ mod tests {
         assert_eq!(args.serial, SerialTarget::Stdio);
         let help = Cli::command().find_subcommand_mut("run").unwrap().render_long_help();
         assert!(help.to_string().contains("console=tty0 console=ttyS0 reboot=k panic=-1"));
+    }
+
+    #[test]
+    fn run_boots_firmware_without_a_kernel_and_everything_else_still_needs_one() {
+        let cli =
+            Cli::try_parse_from(["hutch", "run", "--firmware", "c.fd", "--vars", "v.fd"]).unwrap();
+        let Some(Command::Run(args)) = cli.command else { panic!("not run") };
+        assert_eq!(args.firmware, Some(PathBuf::from("c.fd")));
+        assert_eq!(args.vars, Some(PathBuf::from("v.fd")));
+        assert_eq!(args.machine.kernel, None);
+        for refused in [
+            &["hutch", "run"][..],
+            &["hutch", "run", "--vars", "v.fd", "--kernel", "k"],
+            &["hutch", "run", "--firmware", "c.fd", "--kernel", "k"],
+            &["hutch", "create", "vm"],
+        ] {
+            assert!(Cli::try_parse_from(refused).is_err(), "{refused:?} parsed");
+        }
     }
 
     #[test]

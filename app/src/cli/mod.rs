@@ -28,7 +28,7 @@ pub fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         other => {
             let library = Library::from_env()?;
             match other {
-                Command::Create(args) => vm::create(&library, &args.name, &args.machine),
+                Command::Create(args) => vm::create(&library, &args.name, &args),
                 Command::List { json } => vm::list(&library, json),
                 Command::Start { name } => vm::start(&library, &name),
                 Command::Console { name } => vm::console(&library, &name),

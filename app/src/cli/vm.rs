@@ -1,18 +1,42 @@
 //! `hutch run|create|list|status|start|stop|console|screenshot|delete`.
 
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
-use super::args::{MachineArgs, RunArgs, SerialTarget};
+use super::args::{CreateArgs, RunArgs, SerialTarget};
+use crate::firmware;
 use crate::library::{ExitKind, Library};
 use crate::service::vm::{self as service, wire_name};
 use crate::terminal::{pump_input, stdin_kind, InputEnd, RawTerminal, StdinKind};
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let stdio = args.serial == SerialTarget::Stdio;
-    let end = service::run_foreground(args.machine.to_config(), &args.serial, |vm| {
+    let mut config = args.machine.to_config();
+    let mut scratch_vars = None;
+    config.firmware = match args.firmware {
+        Some(keyword) if keyword.as_os_str() == firmware::UEFI_KEYWORD => {
+            let found = firmware::find_uefi_in_env()?;
+            let vars = match args.vars {
+                Some(vars) => vars,
+                None => {
+                    let scratch = ScratchFile(
+                        std::env::temp_dir()
+                            .join(format!("hutch-run-{}-vars.fd", std::process::id())),
+                    );
+                    // A leftover of a crashed run with the same pid is not this run's.
+                    let _ = std::fs::remove_file(&scratch.0);
+                    firmware::ensure_nvram(&scratch.0, &found.vars_template)?;
+                    scratch_vars.insert(scratch).0.clone()
+                }
+            };
+            Some(Box::new(vmm::board::FirmwareBoot { code: found.code, vars: Some(vars) }))
+        }
+        Some(code) => Some(Box::new(vmm::board::FirmwareBoot { code, vars: args.vars })),
+        None => None,
+    };
+    let end = service::run_foreground(config, &args.serial, |vm| {
         let kind = if stdio { stdin_kind() } else { StdinKind::Other };
         let raw = if kind == StdinKind::Tty {
             eprintln!("hutch: serial console on this terminal; Ctrl+] powers the VM off");
@@ -46,7 +70,16 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn create(library: &Library, name: &str, args: &MachineArgs) -> anyhow::Result<()> {
+/// A file of this run's own, removed when the run ends.
+struct ScratchFile(PathBuf);
+
+impl Drop for ScratchFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+pub fn create(library: &Library, name: &str, args: &CreateArgs) -> anyhow::Result<()> {
     service::create(library, name, args.to_config())?;
     println!("Created VM '{name}'");
     Ok(())

@@ -15,6 +15,8 @@
 
 #[cfg(target_arch = "x86_64")]
 pub mod pc;
+#[cfg(target_arch = "x86_64")]
+pub mod q35;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -51,7 +53,7 @@ pub struct KernelBoot {
 }
 
 /// Firmware (UEFI or BIOS): its code, and a per-VM store for its variables.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FirmwareBoot {
     pub code: PathBuf,
     pub vars: Option<PathBuf>,
@@ -159,6 +161,10 @@ pub struct BoardContext<'a> {
     pub on_reset: Box<dyn Fn() + Send + Sync>,
     /// The VM's memory-slot registry, guest RAM already in it: RAM BARs map through it.
     pub guest_map: &'a Arc<VmMemory>,
+    /// vCPUs at boot (firmware is told how many to expect).
+    pub vcpu_count: u32,
+    /// What the machine boots (a firmware board maps its images while building).
+    pub boot: &'a BootSource,
     /// A network card and the host side it talks to; None: no card.
     pub net: Option<NetAttachment>,
 }

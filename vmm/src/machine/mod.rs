@@ -42,7 +42,9 @@ pub use self::persist::MachineState;
 pub use self::snapshot::{HostError, SnapshotTimes};
 use self::vcpu::{vcpu_thread, VcpuContext, VcpuStart};
 pub use crate::board::NetAttachment;
-use crate::board::{Board, BoardContext, BoardError, BootSource, IoBuses, KernelBoot};
+use crate::board::{
+    Board, BoardContext, BoardError, BootSource, FirmwareBoot, IoBuses, KernelBoot,
+};
 use crate::devices::bus::lock;
 use crate::hypervisor::{Hypervisor, HypervisorError, VcpuState, Vm};
 use crate::memory::{self, slots::VmMemory};
@@ -74,6 +76,9 @@ pub struct MachineConfig {
     /// Directory of the decompressed-kernel cache (`arch::x86_64::kernel_cache`); None: off.
     #[serde(default)]
     pub kernel_cache_dir: Option<PathBuf>,
+    /// Boot this firmware (on the Q35 board) instead of `kernel`.
+    #[serde(default)]
+    pub firmware: Option<FirmwareBoot>,
 }
 
 /// Coarse state reported over the control protocol.
@@ -168,6 +173,9 @@ pub const RESET_LOOP_LIMIT: usize = 10;
 impl MachineConfig {
     /// What this configuration boots.
     pub fn boot_source(&self) -> BootSource {
+        if let Some(firmware) = &self.firmware {
+            return BootSource::Firmware(firmware.clone());
+        }
         BootSource::Kernel(KernelBoot {
             kernel: self.kernel.clone(),
             initrd: self.initrd.clone(),
@@ -202,10 +210,13 @@ enum Start {
     Restore(Vec<VcpuState>),
 }
 
-/// The board machines are built on (the only one so far).
+/// The board a configuration runs on: the PC for a kernel, Q35 for firmware.
 #[cfg(target_arch = "x86_64")]
-fn default_board() -> Box<dyn Board> {
-    Box::new(crate::board::pc::PcBoard::new())
+fn default_board(config: &MachineConfig) -> Box<dyn Board> {
+    match config.firmware {
+        Some(_) => Box::new(crate::board::q35::Q35Board::new()),
+        None => Box::new(crate::board::pc::PcBoard::new()),
+    }
 }
 
 fn validate(config: &MachineConfig, board: &dyn Board) -> Result<(), MachineError> {
@@ -249,7 +260,7 @@ impl Machine {
         screen: Option<Arc<Screen>>,
         net: Option<NetAttachment>,
     ) -> Result<Machine, MachineError> {
-        Self::build(default_board(), hypervisor, config, serial_out, screen, net, None)
+        Self::build(default_board(config), hypervisor, config, serial_out, screen, net, None)
     }
 
     /// Builds the machine a snapshot holds: the same devices as [`Machine::new`] for
@@ -265,7 +276,15 @@ impl Machine {
         screen: Option<Arc<Screen>>,
         net: Option<NetAttachment>,
     ) -> Result<Machine, MachineError> {
-        Self::build(default_board(), hypervisor, config, serial_out, screen, net, Some(snapshot))
+        Self::build(
+            default_board(config),
+            hypervisor,
+            config,
+            serial_out,
+            screen,
+            net,
+            Some(snapshot),
+        )
     }
 
     /// Checks that `snapshot` can be restored into a machine built from `config` (with or
@@ -276,7 +295,7 @@ impl Machine {
         config: &MachineConfig,
         display: bool,
     ) -> Result<(), MachineError> {
-        Self::snapshot_state(snapshot, default_board().as_ref(), config, display).map(drop)
+        Self::snapshot_state(snapshot, default_board(config).as_ref(), config, display).map(drop)
     }
 
     /// The saved machine's state, checked against `config` and the display before anything
@@ -349,6 +368,7 @@ impl Machine {
             let lifecycle = lifecycle.clone();
             Box::new(move || lifecycle.request_reset())
         };
+        let boot = config.boot_source();
         let devices = board.build_devices(BoardContext {
             vm: &vm,
             memory: &memory,
@@ -359,12 +379,14 @@ impl Machine {
             on_poweroff,
             on_reset,
             guest_map: &guest_map,
+            vcpu_count: config.cpus,
+            boot: &boot,
             net,
         })?;
         let power_on = PowerOnState {
             devices: persist::save_devices(&devices.saved)?,
             vm: vm.save_state()?,
-            boot: config.boot_source(),
+            boot,
         };
         let start = match saved {
             // A restored guest's RAM already holds its tables and kernel.

@@ -222,6 +222,7 @@ fn config() -> MachineConfig {
         cpus: 2,
         memory_mib: 2,
         kernel_cache_dir: None,
+        firmware: None,
     }
 }
 

@@ -225,13 +225,42 @@ impl VmMemory {
         host_addr: *mut u8,
         track_dirty: bool,
     ) -> Result<SlotRegion, SlotError> {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.map_slot(guest_addr, size, host_addr, track_dirty, false) }
+    }
+
+    /// As [`VmMemory::map_raw`], read-only for the guest: its writes exit as MMIO (and are
+    /// dropped unless a device claims them). Firmware ROM.
+    ///
+    /// # Safety
+    /// As [`VmMemory::map_raw`].
+    pub unsafe fn map_readonly(
+        &self,
+        guest_addr: u64,
+        size: u64,
+        host_addr: *mut u8,
+    ) -> Result<SlotRegion, SlotError> {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.map_slot(guest_addr, size, host_addr, false, true) }
+    }
+
+    /// # Safety
+    /// As [`VmMemory::map_raw`].
+    unsafe fn map_slot(
+        &self,
+        guest_addr: u64,
+        size: u64,
+        host_addr: *mut u8,
+        track_dirty: bool,
+        readonly: bool,
+    ) -> Result<SlotRegion, SlotError> {
         let region = self.slots.allocate(guest_addr, size, host_addr as usize)?;
         let mapping = GuestRamMapping {
             slot: region.slot,
             guest_addr,
             size,
             host_addr,
-            readonly: false,
+            readonly,
             track_dirty,
         };
         // SAFETY: forwarded from the caller.

@@ -27,10 +27,11 @@ pub use probe::{kvm_acceleration, KvmAcceleration};
 use state::{check_backend, decode_key, encode, invalid, BACKEND};
 
 /// Where KVM puts the three pages of the real-mode TSS (VMX needs them below 4 GiB, outside
-/// RAM and the PCI hole's devices).
-const TSS_ADDRESS: usize = 0xfffb_d000;
+/// RAM and the PCI hole's devices). QEMU's addresses, right below the 16 MiB a firmware image
+/// may fill under 4 GiB: KVM refuses a memory slot over its own pages.
+const TSS_ADDRESS: usize = 0xfeff_d000;
 /// The identity-map page table page KVM needs on VMX without unrestricted guest.
-const IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+const IDENTITY_MAP_ADDRESS: u64 = 0xfeff_c000;
 
 /// Maps a kvm-ioctls error to [`HypervisorError::Os`] for `op`.
 fn os(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> HypervisorError {

@@ -42,7 +42,7 @@ pub const RESET_PORT: u16 = 0x64;
 pub const RESET_REG_VALUE: u8 = 0xfe;
 
 // FADT field offsets (ACPI 6.x, table 5.9).
-pub(super) mod fadt {
+pub(crate) mod fadt {
     pub const LEN: usize = 276;
     pub const REVISION: u8 = 6;
     pub const MINOR_REVISION: u8 = 0;
@@ -54,11 +54,14 @@ pub(super) mod fadt {
     pub const PM1A_EVT_BLK: usize = 56;
     pub const PM1A_CNT_BLK: usize = 64;
     pub const PM_TMR_BLK: usize = 76;
+    pub const GPE0_BLK: usize = 80;
     pub const PM1_EVT_LEN: usize = 88;
     pub const PM1_CNT_LEN: usize = 89;
     pub const PM_TMR_LEN: usize = 91;
+    pub const GPE0_BLK_LEN: usize = 92;
     pub const P_LVL2_LAT: usize = 96;
     pub const P_LVL3_LAT: usize = 98;
+    pub const CENTURY: usize = 108;
     pub const IAPC_BOOT_ARCH: usize = 109;
     pub const FLAGS: usize = 112;
     pub const RESET_REG: usize = 116;
@@ -69,11 +72,13 @@ pub(super) mod fadt {
     pub const X_PM1A_EVT_BLK: usize = 148;
     pub const X_PM1A_CNT_BLK: usize = 172;
     pub const X_PM_TMR_BLK: usize = 208;
+    pub const X_GPE0_BLK: usize = 220;
 
     pub const PM_PROFILE_DESKTOP: u8 = 1;
     /// Latencies above 100 / 1000 µs mean "C2 / C3 not supported".
     pub const C2_UNSUPPORTED: u16 = 101;
     pub const C3_UNSUPPORTED: u16 = 1001;
+    pub const BOOT_ARCH_LEGACY_DEVICES: u16 = 1 << 0;
     pub const BOOT_ARCH_8042: u16 = 1 << 1;
     pub const FLAG_WBINVD: u32 = 1 << 0;
     pub const FLAG_PROC_C1: u32 = 1 << 2;
@@ -101,19 +106,75 @@ const MPS_INTI_ACTIVE_HIGH_LEVEL: u16 = 0x1 | (0x3 << 2);
 const MPS_INTI_CONFORMS: u16 = 0;
 const ALL_PROCESSORS: u8 = 0xff;
 
+/// What the tables say about the board they describe: the PC for kernel boot
+/// ([`AcpiPlatform::PC`]) or a Q35 board behind firmware (`board::q35`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AcpiPlatform {
+    /// The PM1 event block; PM1 control is at +4, the PM timer at +8.
+    pub pm_base: u16,
+    /// GPE0 block (port, length in bytes), if the board has one.
+    pub gpe0: Option<(u16, u8)>,
+    /// The sleep type `\_S5` names (what the PM block treats as soft off).
+    pub s5_sleep_type: u8,
+    /// The FADT reset register: an I/O port and the byte written to it.
+    pub reset: (u16, u8),
+    /// The CMOS index of the century byte; 0: none.
+    pub century: u8,
+    /// IAPC_BOOT_ARCH flags.
+    pub boot_arch: u16,
+    /// ECAM base and the number of buses it covers (1 MiB each).
+    pub ecam_base: u64,
+    pub ecam_buses: u16,
+    /// The PCI memory windows `\_SB.PCI0._CRS` hands out: 32-bit (start, size), and 64-bit
+    /// (size 0: none).
+    pub mmio32: (u64, u64),
+    pub mmio64: (u64, u64),
+    /// Q35 legacy devices below PCI0 as firmware expects them: the VGA hole, RTC, keyboard
+    /// controller and mouse, fw_cfg, and the PM block reserved as a motherboard resource.
+    pub q35_devices: bool,
+}
+
+impl AcpiPlatform {
+    /// The kernel-boot PC (`board::pc`).
+    pub const PC: AcpiPlatform = AcpiPlatform {
+        pm_base: layout::ACPI_PM_PORT,
+        gpe0: None,
+        s5_sleep_type: layout::ACPI_S5_SLEEP_TYPE,
+        reset: (RESET_PORT, RESET_REG_VALUE),
+        century: 0,
+        boot_arch: fadt::BOOT_ARCH_8042,
+        ecam_base: layout::PCI_ECAM_START,
+        ecam_buses: (layout::PCI_ECAM_SIZE >> 20) as u16,
+        mmio32: (layout::PCI_MMIO_START, layout::PCI_MMIO_SIZE),
+        mmio64: (0, 0),
+        q35_devices: false,
+    };
+
+    fn pm1_evt(&self) -> u16 {
+        self.pm_base
+    }
+    fn pm1_cnt(&self) -> u16 {
+        self.pm_base + 4
+    }
+    fn pm_tmr(&self) -> u16 {
+        self.pm_base + 8
+    }
+}
+
 /// Writes all tables to `layout::ACPI_START` and returns the RSDP's guest address.
 pub fn create_acpi_tables(memory: &GuestMemory, vcpu_count: u32) -> Result<u64, AcpiError> {
+    let p = &AcpiPlatform::PC;
     if vcpu_count == 0 || vcpu_count > MAX_VCPUS {
         return Err(AcpiError::InvalidVcpuCount { count: vcpu_count, max: MAX_VCPUS });
     }
     let mut area = TableArea::new(layout::ACPI_START);
     // The RSDP goes first, where a scan of 0xE0000.. finds it at once; filled in last.
     area.reserve(RSDP_LEN, 16);
-    let dsdt = area.place(&dsdt(), 16);
+    let dsdt = area.place(&dsdt(p), 16);
     let facs = area.place(&facs(), 64);
-    let fadt = area.place(&fadt(dsdt, facs), 16);
+    let fadt = area.place(&fadt(p, dsdt, facs), 16);
     let madt = area.place(&madt(vcpu_count), 16);
-    let mcfg = area.place(&mcfg(), 16);
+    let mcfg = area.place(&mcfg(p), 16);
     let xsdt = area.place(&xsdt(&[fadt, madt, mcfg]), 16);
     area.bytes[..RSDP_LEN].copy_from_slice(&rsdp(xsdt));
 
@@ -208,7 +269,7 @@ fn gas_io(port: u16, len_bytes: u8, access: u8) -> [u8; 12] {
     g
 }
 
-pub(super) fn fadt(dsdt: u64, facs: u64) -> Vec<u8> {
+pub(super) fn fadt(p: &AcpiPlatform, dsdt: u64, facs: u64) -> Vec<u8> {
     use fadt::*;
     let mut f = vec![0u8; LEN - HEADER_LEN];
     // Offsets in the `fadt` module count the header; the body starts after it.
@@ -222,31 +283,31 @@ pub(super) fn fadt(dsdt: u64, facs: u64) -> Vec<u8> {
     set(SCI_INT, &(layout::ACPI_SCI_IRQ as u16).to_le_bytes());
     // SMI_CMD 0: no SMI port, ACPI mode is always on (SCI_EN reads 1).
     set(SMI_CMD, &0u32.to_le_bytes());
-    set(PM1A_EVT_BLK, &u32::from(layout::ACPI_PM1_EVT_PORT).to_le_bytes());
-    set(PM1A_CNT_BLK, &u32::from(layout::ACPI_PM1_CNT_PORT).to_le_bytes());
-    set(PM_TMR_BLK, &u32::from(layout::ACPI_PM_TMR_PORT).to_le_bytes());
+    set(PM1A_EVT_BLK, &u32::from(p.pm1_evt()).to_le_bytes());
+    set(PM1A_CNT_BLK, &u32::from(p.pm1_cnt()).to_le_bytes());
+    set(PM_TMR_BLK, &u32::from(p.pm_tmr()).to_le_bytes());
+    if let Some((port, len)) = p.gpe0 {
+        set(GPE0_BLK, &u32::from(port).to_le_bytes());
+        set(GPE0_BLK_LEN, &[len]);
+        set(X_GPE0_BLK, &gas_io(port, len, GAS_ACCESS_BYTE));
+    }
+    set(CENTURY, &[p.century]);
     set(PM1_EVT_LEN, &[layout::ACPI_PM1_EVT_LEN]);
     set(PM1_CNT_LEN, &[layout::ACPI_PM1_CNT_LEN]);
     set(PM_TMR_LEN, &[layout::ACPI_PM_TMR_LEN]);
     set(P_LVL2_LAT, &C2_UNSUPPORTED.to_le_bytes());
     set(P_LVL3_LAT, &C3_UNSUPPORTED.to_le_bytes());
-    set(IAPC_BOOT_ARCH, &BOOT_ARCH_8042.to_le_bytes());
+    set(IAPC_BOOT_ARCH, &p.boot_arch.to_le_bytes());
     let flags = FLAG_WBINVD | FLAG_PROC_C1 | FLAG_SLP_BUTTON | FLAG_RESET_REG_SUP;
     set(FLAGS, &flags.to_le_bytes());
-    set(RESET_REG, &gas_io(RESET_PORT, 1, GAS_ACCESS_BYTE));
-    set(RESET_VALUE, &[RESET_REG_VALUE]);
+    set(RESET_REG, &gas_io(p.reset.0, 1, GAS_ACCESS_BYTE));
+    set(RESET_VALUE, &[p.reset.1]);
     set(MINOR_VERSION, &[MINOR_REVISION]);
     set(X_FIRMWARE_CTRL, &facs.to_le_bytes());
     set(X_DSDT, &dsdt.to_le_bytes());
-    set(
-        X_PM1A_EVT_BLK,
-        &gas_io(layout::ACPI_PM1_EVT_PORT, layout::ACPI_PM1_EVT_LEN, GAS_ACCESS_WORD),
-    );
-    set(
-        X_PM1A_CNT_BLK,
-        &gas_io(layout::ACPI_PM1_CNT_PORT, layout::ACPI_PM1_CNT_LEN, GAS_ACCESS_WORD),
-    );
-    set(X_PM_TMR_BLK, &gas_io(layout::ACPI_PM_TMR_PORT, layout::ACPI_PM_TMR_LEN, GAS_ACCESS_DWORD));
+    set(X_PM1A_EVT_BLK, &gas_io(p.pm1_evt(), layout::ACPI_PM1_EVT_LEN, GAS_ACCESS_WORD));
+    set(X_PM1A_CNT_BLK, &gas_io(p.pm1_cnt(), layout::ACPI_PM1_CNT_LEN, GAS_ACCESS_WORD));
+    set(X_PM_TMR_BLK, &gas_io(p.pm_tmr(), layout::ACPI_PM_TMR_LEN, GAS_ACCESS_DWORD));
     sdt(b"FACP", REVISION, &f)
 }
 
@@ -287,29 +348,45 @@ pub(super) fn madt(vcpu_count: u32) -> Vec<u8> {
     sdt(b"APIC", 4, &body)
 }
 
-pub(super) fn mcfg() -> Vec<u8> {
+pub(super) fn mcfg(p: &AcpiPlatform) -> Vec<u8> {
     let mut body = vec![0u8; 8];
-    body.extend(layout::PCI_ECAM_START.to_le_bytes());
+    body.extend(p.ecam_base.to_le_bytes());
     body.extend(0u16.to_le_bytes()); // segment
-    let last_bus = (layout::PCI_ECAM_SIZE >> 20).saturating_sub(1) as u8;
+    let last_bus = p.ecam_buses.saturating_sub(1) as u8;
     body.extend([0, last_bus]);
     body.extend(0u32.to_le_bytes());
     sdt(b"MCFG", 1, &body)
 }
 
 /// The DSDT's AML.
-pub(super) fn dsdt() -> Vec<u8> {
+pub(super) fn dsdt(p: &AcpiPlatform) -> Vec<u8> {
     let s5 = aml::name(
         "\\_S5",
         &aml::package(&[
-            aml::integer(layout::ACPI_S5_SLEEP_TYPE.into()),
-            aml::integer(layout::ACPI_S5_SLEEP_TYPE.into()),
+            aml::integer(p.s5_sleep_type.into()),
+            aml::integer(p.s5_sleep_type.into()),
             aml::integer(0),
             aml::integer(0),
         ]),
     );
-    let mmio_end = layout::PCI_MMIO_START + layout::PCI_MMIO_SIZE - 1;
+    let (mmio_start, mmio_size) = p.mmio32;
+    let mmio_end = mmio_start + mmio_size - 1;
     let cfg_port = layout::PCI_CONFIG_ADDRESS_PORT;
+    let last_bus = if p.q35_devices { p.ecam_buses.saturating_sub(1) } else { 0 };
+    let mut crs = vec![
+        resource::word_bus_number(0, last_bus),
+        resource::io(cfg_port, cfg_port, 1, 8),
+        resource::word_io(0, cfg_port - 1),
+        resource::word_io(0x0d00, 0xffff),
+    ];
+    if p.q35_devices {
+        // The legacy VGA window, as QEMU's q35 hands it to PCI0.
+        crs.push(resource::dword_memory(0xa_0000, 0xb_ffff));
+    }
+    crs.push(resource::dword_memory(mmio_start as u32, mmio_end as u32));
+    if p.mmio64.1 != 0 {
+        crs.push(resource::qword_memory(p.mmio64.0, p.mmio64.0 + p.mmio64.1 - 1));
+    }
     let pci0 = aml::device(
         "PCI0",
         &[
@@ -318,18 +395,15 @@ pub(super) fn dsdt() -> Vec<u8> {
             aml::name("_SEG", &aml::integer(0)),
             aml::name("_BBN", &aml::integer(0)),
             aml::name("_UID", &aml::integer(0)),
-            aml::name(
-                "_CRS",
-                &resource::template(&[
-                    resource::word_bus_number(0, 0),
-                    resource::io(cfg_port, cfg_port, 1, 8),
-                    resource::word_io(0, cfg_port - 1),
-                    resource::word_io(0x0d00, 0xffff),
-                    resource::dword_memory(layout::PCI_MMIO_START as u32, mmio_end as u32),
-                ]),
-            ),
+            aml::name("_CRS", &resource::template(&crs)),
         ],
     );
+    let isa = |name: &str, hid: &[u8], resources: &[Vec<u8>]| {
+        aml::device(
+            name,
+            &[aml::name("_HID", hid), aml::name("_CRS", &resource::template(resources))],
+        )
+    };
     let com1 = aml::device(
         "COM1",
         &[
@@ -345,23 +419,57 @@ pub(super) fn dsdt() -> Vec<u8> {
         ],
     );
     // Linux trusts MCFG's window only if a motherboard resource (or e820) reserves it.
+    let mut reserved =
+        vec![resource::memory32_fixed(p.ecam_base as u32, (u64::from(p.ecam_buses) << 20) as u32)];
+    if p.q35_devices {
+        reserved.push(resource::io(p.pm_base, p.pm_base, 1, Q35_PM_BLOCK_LEN));
+    }
     let mres = aml::device(
         "MRES",
         &[
             aml::name("_HID", &aml::eisa_id("PNP0C02")),
             aml::name("_UID", &aml::integer(2)),
-            aml::name(
-                "_CRS",
-                &resource::template(&[resource::memory32_fixed(
-                    layout::PCI_ECAM_START as u32,
-                    layout::PCI_ECAM_SIZE as u32,
-                )]),
-            ),
+            aml::name("_CRS", &resource::template(&reserved)),
         ],
     );
-    let sb = aml::scope("\\_SB", &[pci0, com1, mres]);
+    let mut devices = vec![pci0, com1, mres];
+    if p.q35_devices {
+        let rtc = layout::RTC_PORT;
+        let (kbd_data, kbd_cmd) = (layout::I8042_DATA_PORT, layout::I8042_COMMAND_PORT);
+        let fw_cfg = crate::devices::fw_cfg::FW_CFG_PORT_BASE as u16;
+        devices.extend([
+            isa(
+                "RTC",
+                &aml::eisa_id("PNP0B00"),
+                &[resource::io(rtc, rtc, 1, 2), resource::irq_no_flags(layout::RTC_IRQ as u8)],
+            ),
+            isa(
+                "KBD",
+                &aml::eisa_id("PNP0303"),
+                &[
+                    resource::io(kbd_data, kbd_data, 1, 1),
+                    resource::io(kbd_cmd, kbd_cmd, 1, 1),
+                    resource::irq_no_flags(layout::KEYBOARD_IRQ as u8),
+                ],
+            ),
+            isa(
+                "MOU",
+                &aml::eisa_id("PNP0F13"),
+                &[resource::irq_no_flags(layout::MOUSE_IRQ as u8)],
+            ),
+            isa(
+                "FWCF",
+                &aml::string("QEMU0002"),
+                &[resource::io(fw_cfg, fw_cfg, 1, crate::devices::fw_cfg::FW_CFG_PORT_LEN as u8)],
+            ),
+        ]);
+    }
+    let sb = aml::scope("\\_SB", &devices);
     sdt(b"DSDT", 2, &[s5, sb].concat())
 }
+
+/// Ports the ICH9 PM block decodes (`devices::q35::pm::PM_BLOCK_LEN`).
+const Q35_PM_BLOCK_LEN: u8 = 128;
 
 #[cfg(test)]
 mod tests {

@@ -12,7 +12,7 @@
 //! Both OVMF and SeaBIOS run one script. Checksum bytes are left 0 because OVMF computes the
 //! checksum over a range that includes them.
 
-use super::acpi::{self, fadt, TableArea, RSDP_LEN};
+use super::acpi::{self, fadt, AcpiPlatform, TableArea, RSDP_LEN};
 use crate::devices::fw_cfg::loader::{AllocZone, TableLoader, TableLoaderError};
 
 pub const TABLE_LOADER_FILE: &str = "etc/table-loader";
@@ -51,17 +51,26 @@ pub struct FirmwareAcpi {
 /// Builds the kernel-boot tables for `vcpu_count` as firmware files. Their lengths depend on
 /// `vcpu_count` only, so a rebuild after a reset keeps the directory's sizes.
 pub fn build_firmware_acpi(vcpu_count: u32) -> Result<FirmwareAcpi, AcpiFwError> {
+    build_firmware_acpi_for(&AcpiPlatform::PC, vcpu_count)
+}
+
+/// Builds `platform`'s tables for `vcpu_count` as firmware files; their lengths depend on the
+/// platform and `vcpu_count` only.
+pub fn build_firmware_acpi_for(
+    platform: &AcpiPlatform,
+    vcpu_count: u32,
+) -> Result<FirmwareAcpi, AcpiFwError> {
     if vcpu_count == 0 || vcpu_count > acpi::MAX_VCPUS {
         return Err(AcpiFwError::InvalidVcpuCount { count: vcpu_count, max: acpi::MAX_VCPUS });
     }
     // Addresses below are offsets into the blob (its base is 0), the same layout as kernel
     // boot's area without the RSDP.
     let mut area = TableArea::new(0);
-    let dsdt = area.place(&unchecksummed(acpi::dsdt()), 16);
+    let dsdt = area.place(&unchecksummed(acpi::dsdt(platform)), 16);
     let facs = area.place(&acpi::facs(), 64);
-    let fadt = area.place(&unchecksummed(acpi::fadt(dsdt, facs)), 16);
+    let fadt = area.place(&unchecksummed(acpi::fadt(platform, dsdt, facs)), 16);
     let madt = area.place(&unchecksummed(acpi::madt(vcpu_count)), 16);
-    let mcfg = area.place(&unchecksummed(acpi::mcfg()), 16);
+    let mcfg = area.place(&unchecksummed(acpi::mcfg(platform)), 16);
     let xsdt_entries = [fadt, madt, mcfg];
     let xsdt = area.place(&unchecksummed(acpi::xsdt(&xsdt_entries)), 16);
     let tables = area.bytes;

@@ -197,6 +197,7 @@ pub mod resource {
     const MEMORY32_FIXED_TAG: u8 = 0x86;
     const DWORD_ADDRESS_TAG: u8 = 0x87;
     const WORD_ADDRESS_TAG: u8 = 0x88;
+    const QWORD_ADDRESS_TAG: u8 = 0x8a;
 
     const SPACE_MEMORY: u8 = 0;
     const SPACE_IO: u8 = 1;
@@ -260,6 +261,23 @@ pub mod resource {
         let mut out = vec![
             DWORD_ADDRESS_TAG,
             23,
+            0,
+            SPACE_MEMORY,
+            PRODUCER_MIN_MAX_FIXED,
+            MEM_RW_NON_CACHEABLE,
+        ];
+        for v in [0, min, max, 0, max - min + 1] {
+            out.extend(v.to_le_bytes());
+        }
+        out
+    }
+
+    /// `QWordMemory(ResourceProducer, PosDecode, MinFixed, MaxFixed, NonCacheable, ReadWrite,
+    /// 0, min, max, 0, len)`: a window above 4 GiB.
+    pub fn qword_memory(min: u64, max: u64) -> Vec<u8> {
+        let mut out = vec![
+            QWORD_ADDRESS_TAG,
+            43,
             0,
             SPACE_MEMORY,
             PRODUCER_MIN_MAX_FIXED,

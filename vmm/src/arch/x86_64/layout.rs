@@ -53,6 +53,8 @@ pub const SERIAL_COM1_IRQ: u32 = 4;
 pub const ACPI_SCI_IRQ: u32 = 9;
 pub const RTC_IRQ: u32 = 8;
 pub const KEYBOARD_IRQ: u32 = 1;
+/// The i8042's aux (PS/2 mouse) port.
+pub const MOUSE_IRQ: u32 = 12;
 
 /// Port I/O map.
 pub const COM1_PORT: u16 = 0x3f8;

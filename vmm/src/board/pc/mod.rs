@@ -108,6 +108,8 @@ impl Board for PcBoard {
             on_poweroff,
             on_reset,
             guest_map,
+            vcpu_count: _,
+            boot: _,
             net,
         } = context;
         let framebuffer = match &screen {
@@ -122,9 +124,12 @@ impl Board for PcBoard {
         )));
         let acpi_pm = Arc::new(Mutex::new(AcpiPm::new(irq.clone(), on_poweroff)));
         let i8042 = Arc::new(Mutex::new(
-            I8042::new(on_reset).with_keyboard_irq(IrqEdge::new(irq.clone(), layout::KEYBOARD_IRQ)),
+            I8042::new(on_reset)
+                .with_keyboard_irq(IrqEdge::new(irq.clone(), layout::KEYBOARD_IRQ))
+                .with_aux_irq(IrqEdge::new(irq.clone(), layout::MOUSE_IRQ)),
         ));
-        let rtc = Arc::new(Mutex::new(Rtc::new()));
+        let rtc =
+            Arc::new(Mutex::new(Rtc::new().with_irq(IrqEdge::new(irq.clone(), layout::RTC_IRQ))));
 
         let mut pci = PciRoot::new(PciRootConfig {
             // The id Intel's virtual host bridges use.
@@ -411,7 +416,7 @@ fn add_virtio(
 /// notifying vCPU. With a single host CPU the hand-off to another thread cannot overlap
 /// anything; in the lab (1 CPU, 5 interleaved runs) ddread medians were 106 MB/s with threads
 /// and 99 without, within the noise, so a one-CPU host keeps the simpler synchronous path.
-fn io_thread_notifiers(vm: &Arc<dyn Vm>) -> Option<Arc<dyn NotifierRegistry>> {
+pub(crate) fn io_thread_notifiers(vm: &Arc<dyn Vm>) -> Option<Arc<dyn NotifierRegistry>> {
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     (cpus > 1).then(|| Arc::new(VmNotifiers(vm.clone())) as Arc<dyn NotifierRegistry>)
 }

@@ -27,8 +27,8 @@ pub struct MachineStateV1 {
     pub vcpus: Vec<VcpuState>,
     pub vm: VmState,
     pub serial: crate::devices::serial::SerialDeviceState,
-    pub i8042: crate::devices::i8042::I8042State,
-    pub rtc: crate::devices::rtc::RtcState,
+    pub i8042: crate::devices::i8042::I8042StateV1,
+    pub rtc: crate::devices::rtc::RtcStateV1,
     pub acpi_pm: crate::devices::acpi_pm::AcpiPmState,
     pub pci: crate::pci::PciRootStateV1,
     pub pci_config_io: crate::pci::root::PciConfigIoState,
@@ -84,8 +84,7 @@ mod tests {
 
     use super::*;
     use crate::devices::acpi_pm::AcpiPm;
-    use crate::devices::i8042::I8042;
-    use crate::devices::rtc::Rtc;
+    use crate::devices::rtc::RtcStateV1;
     use crate::devices::serial::{IrqEdge, SerialDevice};
     use crate::hypervisor::InterruptSink;
     use crate::testing::IrqLog;
@@ -101,8 +100,30 @@ mod tests {
             vcpus: vec![VcpuState::default()],
             vm: VmState::default(),
             serial: serial.save_state(),
-            i8042: I8042::new(Box::new(|| {})).save_state(),
-            rtc: Rtc::new().save_state(),
+            // The keyboard-only i8042 at power-on, in its first form.
+            i8042: crate::devices::i8042::I8042StateV1 {
+                ctr: 0x45,
+                output: None,
+                last_read: 0,
+                controller: vec![],
+                keyboard: crate::devices::i8042::KeyboardState {
+                    responses: vec![],
+                    scancodes: vec![],
+                    pending: None,
+                    scanning: true,
+                    scancode_set: 2,
+                    leds: 0,
+                    last_sent: 0,
+                },
+                pending_command: None,
+                last_was_command: false,
+            },
+            // A fresh RTC as format 1 saved it.
+            rtc: {
+                let mut nvram = vec![0; 128];
+                (nvram[0x0a], nvram[0x0b], nvram[0x0d]) = (0x26, 0x02, 0x80);
+                RtcStateV1 { index: 0, nvram, offset_secs: 0 }
+            },
             // The PM timer runs from the device's creation: pinned, so the bytes are fixed.
             acpi_pm: crate::devices::acpi_pm::AcpiPmState {
                 timer_ticks: 0,
@@ -170,6 +191,9 @@ mod tests {
         let serial: crate::devices::serial::SerialDeviceState =
             state::decode("com1", &keyed.devices["pc/com1"]).unwrap();
         assert_eq!(serial, v1.serial);
+        let rtc: crate::devices::rtc::RtcState =
+            state::decode("rtc", &keyed.devices["pc/rtc"]).unwrap();
+        assert_eq!(rtc, v1.rtc.into());
         assert_eq!((keyed.cpus, keyed.memory_mib, keyed.display), (1, 64, true));
     }
 

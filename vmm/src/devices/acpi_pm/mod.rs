@@ -13,7 +13,6 @@
 //! register may be accessed with any width at any offset (Linux's ACPICA reads bytes too).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use crate::arch::x86_64::layout;
 use crate::devices::bus::BusDevice;
@@ -21,8 +20,11 @@ use crate::hypervisor::InterruptSink;
 use crate::state::StateError;
 
 mod persist;
+pub mod pm1;
 
 pub use persist::AcpiPmState;
+use pm1::{gather_write, le16, read_block, HostClock, Pm1Registers, PmTimer, SleepRequest};
+pub use pm1::{MonotonicClock, PM_TIMER_MASK};
 
 /// PM1 status / enable: the power button.
 pub const PWRBTN: u16 = 1 << 8;
@@ -33,7 +35,6 @@ pub const SLP_TYP_MASK: u16 = 0x7 << SLP_TYP_SHIFT;
 pub const SLP_EN: u16 = 1 << 13;
 /// PM timer frequency (ACPI spec: 3.579545 MHz).
 pub const PM_TIMER_HZ: u128 = 3_579_545;
-const PM_TIMER_MASK: u32 = 0x00ff_ffff;
 
 const STATUS_OFFSET: usize = 0;
 const ENABLE_OFFSET: usize = 2;
@@ -45,11 +46,8 @@ const BLOCK_LEN: usize = layout::ACPI_PM_LEN as usize;
 pub struct AcpiPm {
     irq: Arc<dyn InterruptSink>,
     on_poweroff: Box<dyn Fn() + Send>,
-    status: u16,
-    enable: u16,
-    /// SLP_TYP and the other read/write control bits; SLP_EN is never stored (write-only).
-    control: u16,
-    clock_start: Instant,
+    pm1: Pm1Registers,
+    timer: PmTimer,
     sci_level: bool,
 }
 
@@ -59,35 +57,26 @@ impl AcpiPm {
         AcpiPm {
             irq,
             on_poweroff,
-            status: 0,
-            enable: 0,
-            control: 0,
-            clock_start: Instant::now(),
+            // No SMI port: the machine is always in ACPI mode, SCI_EN reads 1.
+            pm1: Pm1Registers::new(layout::ACPI_S5_SLEEP_TYPE, true),
+            timer: PmTimer::new(Arc::new(HostClock::new())),
             sci_level: false,
         }
     }
 
     /// The host pressed the power button: latch PWRBTN_STS; SCI fires if the guest enabled it.
     pub fn press_power_button(&mut self) {
-        self.status |= PWRBTN;
+        self.pm1.status |= PWRBTN;
         self.update_sci();
-    }
-
-    fn ticks(&self) -> u128 {
-        self.clock_start.elapsed().as_nanos() * PM_TIMER_HZ / 1_000_000_000
-    }
-
-    fn timer(&self) -> u32 {
-        (self.ticks() as u32) & PM_TIMER_MASK
     }
 
     pub fn save_state(&self) -> AcpiPmState {
         AcpiPmState {
-            status: self.status,
-            enable: self.enable,
-            control: self.control,
+            status: self.pm1.status,
+            enable: self.pm1.enable,
+            control: self.pm1.control,
             // Only the low 24 bits are visible; keep the count within the timer's wrap.
-            timer_ticks: (self.ticks() & u128::from(PM_TIMER_MASK)) as u64,
+            timer_ticks: self.timer.saved_ticks(),
         }
     }
 
@@ -97,21 +86,12 @@ impl AcpiPm {
         if state.timer_ticks > u64::from(PM_TIMER_MASK) {
             return Err(StateError::invalid("ACPI PM", "timer count wider than 24 bits"));
         }
-        let nanos = u128::from(state.timer_ticks) * 1_000_000_000 / PM_TIMER_HZ;
-        let elapsed = Duration::from_nanos(nanos as u64);
-        // At most 4.7 s back; only a just-booted host could fail this.
-        let Some(start) = Instant::now().checked_sub(elapsed) else {
-            return Err(StateError::invalid(
-                "ACPI PM",
-                "the host clock cannot represent the timer",
-            ));
-        };
-        self.status = state.status;
-        self.enable = state.enable;
-        self.control = state.control & !(SLP_EN | SCI_EN);
-        self.clock_start = start;
+        self.pm1.status = state.status;
+        self.pm1.enable = state.enable;
+        self.pm1.control = self.pm1.storable_control(state.control);
+        self.timer.continue_from(state.timer_ticks);
         // Force the line to be driven: a fresh device's notion of it may not match.
-        self.sci_level = self.status & self.enable == 0;
+        self.sci_level = self.pm1.status & self.pm1.enable == 0;
         self.update_sci();
         Ok(())
     }
@@ -119,17 +99,16 @@ impl AcpiPm {
     /// The whole register block as the guest sees it right now.
     fn snapshot(&self) -> [u8; BLOCK_LEN] {
         let mut regs = [0u8; BLOCK_LEN];
-        regs[STATUS_OFFSET..STATUS_OFFSET + 2].copy_from_slice(&self.status.to_le_bytes());
-        regs[ENABLE_OFFSET..ENABLE_OFFSET + 2].copy_from_slice(&self.enable.to_le_bytes());
-        // No SMI port: the machine is always in ACPI mode.
-        let control = self.control | SCI_EN;
+        regs[STATUS_OFFSET..STATUS_OFFSET + 2].copy_from_slice(&self.pm1.status.to_le_bytes());
+        regs[ENABLE_OFFSET..ENABLE_OFFSET + 2].copy_from_slice(&self.pm1.enable.to_le_bytes());
+        let control = self.pm1.control_read();
         regs[CONTROL_OFFSET..CONTROL_OFFSET + 2].copy_from_slice(&control.to_le_bytes());
-        regs[TIMER_OFFSET..TIMER_OFFSET + 4].copy_from_slice(&self.timer().to_le_bytes());
+        regs[TIMER_OFFSET..TIMER_OFFSET + 4].copy_from_slice(&self.timer.value().to_le_bytes());
         regs
     }
 
     fn update_sci(&mut self) {
-        let level = self.status & self.enable != 0;
+        let level = self.pm1.status & self.pm1.enable != 0;
         if level == self.sci_level {
             return;
         }
@@ -140,54 +119,31 @@ impl AcpiPm {
     }
 
     fn write_control(&mut self, value: u16, mask: u16) {
-        let merged = (self.control & !mask) | (value & mask);
-        self.control = merged & !(SLP_EN | SCI_EN);
-        if merged & SLP_EN != 0 {
-            let sleep_type = (merged & SLP_TYP_MASK) >> SLP_TYP_SHIFT;
-            if sleep_type == u16::from(layout::ACPI_S5_SLEEP_TYPE) {
+        match self.pm1.write_control(value, mask) {
+            Some(SleepRequest::PowerOff) => {
                 log::info!("ACPI PM: guest entered S5 (soft off)");
                 (self.on_poweroff)();
-            } else {
+            }
+            Some(SleepRequest::Unsupported(sleep_type)) => {
                 log::warn!("ACPI PM: guest asked for unsupported sleep type {sleep_type}");
             }
+            None => {}
         }
     }
 }
 
 impl BusDevice for AcpiPm {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        let regs = self.snapshot();
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| regs.get(o).copied())
-                .unwrap_or(0);
-        }
+        read_block(&self.snapshot(), offset, data, 0);
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        // Gather which bytes of the block this access writes, then apply each register once,
-        // so a 16-bit write and two byte writes behave the same.
-        let mut value = [0u8; BLOCK_LEN];
-        let mut mask = [0u8; BLOCK_LEN];
-        for (i, &byte) in data.iter().enumerate() {
-            let Some(o) = usize::try_from(offset).ok().and_then(|o| o.checked_add(i)) else {
-                break;
-            };
-            if o < BLOCK_LEN {
-                value[o] = byte;
-                mask[o] = 0xff;
-            }
-        }
-        let reg16 = |b: &[u8; BLOCK_LEN], o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
-        let status_clear = reg16(&value, STATUS_OFFSET) & reg16(&mask, STATUS_OFFSET);
-        self.status &= !status_clear;
-        let enable_mask = reg16(&mask, ENABLE_OFFSET);
-        self.enable = (self.enable & !enable_mask) | (reg16(&value, ENABLE_OFFSET) & enable_mask);
-        let control_mask = reg16(&mask, CONTROL_OFFSET);
+        let (value, mask) = gather_write::<BLOCK_LEN>(offset, data);
+        self.pm1.write_status(le16(&value, STATUS_OFFSET), le16(&mask, STATUS_OFFSET));
+        self.pm1.write_enable(le16(&value, ENABLE_OFFSET), le16(&mask, ENABLE_OFFSET));
+        let control_mask = le16(&mask, CONTROL_OFFSET);
         if control_mask != 0 {
-            self.write_control(reg16(&value, CONTROL_OFFSET), control_mask);
+            self.write_control(le16(&value, CONTROL_OFFSET), control_mask);
         }
         // The timer and reserved bytes ignore writes.
         self.update_sci();
@@ -198,7 +154,7 @@ impl BusDevice for AcpiPm {
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
-    use std::time::Duration;
+    use std::time::{Duration, Instant};
 
     use super::*;
     use crate::hypervisor::Result as HvResult;
