@@ -152,6 +152,8 @@ HUTCH="${CARGO_TARGET_DIR:-$REPO/target}/release/hutch" bash tests/e2e/snapshot-
 
 step "guest fixtures"
 bash tests/guest/build.sh
+# The Debian installer on a hybrid BIOS+UEFI ISO (cached), for the firmware cases.
+bash tests/guest/installer-iso.sh
 
 step "host /dev/kvm: a real kernel fails with a clear error"
 HUTCH="${CARGO_TARGET_DIR:-$REPO/target}/release/hutch" bash tests/e2e/host-kvm.sh

@@ -1,10 +1,12 @@
-//! Finding the host's UEFI firmware (Debian's `ovmf` package, never bundled) and a VM's own
-//! copy of its variable store.
+//! Finding the host's firmware (Debian's `ovmf` and `seabios` packages, never bundled) and a
+//! VM's own copy of its UEFI variable store.
 //!
 //! `--firmware uefi` and `boot = "uefi"` look in `$HUTCH_FIRMWARE_DIR` when it is set (and
 //! nowhere else, so tests and unusual installs choose exactly), else in `/usr/share/OVMF`,
 //! for a CODE image and the VARS template that goes with it: the 4 MiB pair first (the only
-//! 4 MiB build that needs no SMM), then the 2 MiB one.
+//! 4 MiB build that needs no SMM), then the 2 MiB one. `--firmware bios` and `boot = "bios"`
+//! look for SeaBIOS's `bios.bin` the same way (in `/usr/share/seabios`): the 128 KiB build,
+//! which needs no SMM (FIRMWARE.md §3.4).
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -20,6 +22,12 @@ pub const UEFI_PAIRS: [(&str, &str); 2] =
     [("OVMF_CODE_4M.fd", "OVMF_VARS_4M.fd"), ("OVMF_CODE.fd", "OVMF_VARS.fd")];
 /// The keyword `--firmware` takes instead of a path.
 pub const UEFI_KEYWORD: &str = "uefi";
+/// Where Debian's `seabios` package puts its images, the package, and the image.
+pub const DEBIAN_SEABIOS_DIR: &str = "/usr/share/seabios";
+pub const DEBIAN_SEABIOS_PACKAGE: &str = "seabios";
+pub const BIOS_IMAGE: &str = "bios.bin";
+/// The keyword `--firmware` takes for SeaBIOS.
+pub const BIOS_KEYWORD: &str = "bios";
 
 #[derive(Debug, thiserror::Error)]
 pub enum FirmwareError {
@@ -29,6 +37,12 @@ pub enum FirmwareError {
         list(searched)
     )]
     NotFound { searched: Vec<PathBuf> },
+    #[error(
+        "No BIOS firmware found: install Debian's '{DEBIAN_SEABIOS_PACKAGE}' package (or set \
+         HUTCH_FIRMWARE_DIR to a directory holding {BIOS_IMAGE}); searched {}",
+        path.display()
+    )]
+    BiosNotFound { path: PathBuf },
     #[error("Cannot make the UEFI variable store {path} from {template}")]
     Nvram {
         path: PathBuf,
@@ -52,9 +66,7 @@ pub struct UefiFirmware {
 
 /// Finds the UEFI firmware; `var` reads the environment (`HUTCH_FIRMWARE_DIR`).
 pub fn find_uefi(var: impl Fn(&str) -> Option<OsString>) -> Result<UefiFirmware, FirmwareError> {
-    let dir = var("HUTCH_FIRMWARE_DIR")
-        .filter(|v| !v.is_empty())
-        .map_or_else(|| PathBuf::from(DEBIAN_OVMF_DIR), PathBuf::from);
+    let dir = firmware_dir(var, DEBIAN_OVMF_DIR);
     let mut searched = Vec::new();
     for (code, vars) in UEFI_PAIRS {
         let (code, vars) = (dir.join(code), dir.join(vars));
@@ -65,6 +77,28 @@ pub fn find_uefi(var: impl Fn(&str) -> Option<OsString>) -> Result<UefiFirmware,
         searched.push(vars);
     }
     Err(FirmwareError::NotFound { searched })
+}
+
+/// Finds SeaBIOS; `var` reads the environment (`HUTCH_FIRMWARE_DIR`).
+pub fn find_bios(var: impl Fn(&str) -> Option<OsString>) -> Result<PathBuf, FirmwareError> {
+    let path = firmware_dir(var, DEBIAN_SEABIOS_DIR).join(BIOS_IMAGE);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(FirmwareError::BiosNotFound { path })
+    }
+}
+
+/// [`find_bios`] with this process's environment.
+pub fn find_bios_in_env() -> Result<PathBuf, FirmwareError> {
+    find_bios(|k| std::env::var_os(k))
+}
+
+/// `$HUTCH_FIRMWARE_DIR` if set and not empty, else `default`.
+fn firmware_dir(var: impl Fn(&str) -> Option<OsString>, default: &str) -> PathBuf {
+    var("HUTCH_FIRMWARE_DIR")
+        .filter(|v| !v.is_empty())
+        .map_or_else(|| default.into(), PathBuf::from)
 }
 
 /// [`find_uefi`] with this process's environment.
@@ -150,6 +184,23 @@ mod tests {
                 }
                 Err(e) => panic!("{e}"),
             }
+        }
+    }
+
+    #[test]
+    fn seabios_is_found_in_the_override_and_its_absence_names_the_package_and_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = find_bios(env_with_dir(dir.path())).unwrap_err().to_string();
+        assert!(text.contains("'seabios' package"), "{text}");
+        assert!(text.contains(&dir.path().join("bios.bin").display().to_string()), "{text}");
+        std::fs::write(dir.path().join("bios.bin"), b"rom").unwrap();
+        assert_eq!(find_bios(env_with_dir(dir.path())).unwrap(), dir.path().join("bios.bin"));
+        match find_bios(|_| None) {
+            Ok(found) => assert!(found.starts_with(DEBIAN_SEABIOS_DIR), "{found:?}"),
+            Err(FirmwareError::BiosNotFound { path }) => {
+                assert_eq!(path, Path::new(DEBIAN_SEABIOS_DIR).join("bios.bin"));
+            }
+            Err(e) => panic!("{e}"),
         }
     }
 

@@ -148,6 +148,8 @@ pub enum BootMode {
     /// The host's UEFI firmware (`crate::firmware`) on the Q35 board, with the VM's own
     /// variable store (`vars.fd` in its directory).
     Uefi,
+    /// The host's SeaBIOS on the Q35 board.
+    Bios,
 }
 
 impl BootMode {
@@ -326,7 +328,10 @@ impl VmConfig {
             return bad("cmdline", "contains a NUL byte".to_string());
         }
         if self.boot == BootMode::Kernel && self.firmware.is_none() && path_is_empty(&self.kernel) {
-            return bad("kernel", "none given (a VM boots a kernel unless boot = \"uefi\")".into());
+            return bad(
+                "kernel",
+                "none given (a VM boots a kernel unless boot = \"uefi\" or \"bios\")".into(),
+            );
         }
         if let Some(mac) = &self.mac {
             parse_mac(mac)?;
@@ -358,6 +363,9 @@ impl VmConfig {
             // one is an error here already.
             None if self.boot == BootMode::Uefi => {
                 crate::firmware::find_uefi_in_env()?;
+            }
+            None if self.boot == BootMode::Bios => {
+                crate::firmware::find_bios_in_env()?;
             }
             None => check_file("kernel", &self.kernel, false)?,
         }
@@ -400,10 +408,19 @@ impl VmConfig {
 
     /// For `boot = "uefi"` (unless a firmware is set already): the host's UEFI firmware, and
     /// `nvram` as its variable store, copied from the firmware's template the first time so
-    /// the guest's variables persist from then on.
+    /// the guest's variables persist from then on. For `boot = "bios"`: the host's SeaBIOS.
     pub fn resolve_firmware(&mut self, nvram: &Path) -> Result<()> {
-        if self.boot != BootMode::Uefi || self.firmware.is_some() {
+        if self.firmware.is_some() {
             return Ok(());
+        }
+        match self.boot {
+            BootMode::Kernel => return Ok(()),
+            BootMode::Bios => {
+                let code = crate::firmware::find_bios_in_env()?;
+                self.firmware = Some(Box::new(vmm::board::FirmwareBoot { code, vars: None }));
+                return Ok(());
+            }
+            BootMode::Uefi => {}
         }
         let found = crate::firmware::find_uefi_in_env()?;
         if crate::firmware::ensure_nvram(nvram, &found.vars_template)? {
@@ -905,7 +922,10 @@ mod tests {
         assert!(text.contains("boot = \"uefi\""), "{text}");
         assert!(!text.contains("kernel"), "{text}");
         assert_eq!(VmConfig::from_toml(&text).unwrap(), c);
-        assert!(VmConfig::from_toml("boot = \"bios\"\ncpus = 1\nmemory_mib = 64\n").is_err());
+        assert!(VmConfig::from_toml("boot = \"bsd\"\ncpus = 1\nmemory_mib = 64\n").is_err());
+        let bios = VmConfig::from_toml("boot = \"bios\"\ncpus = 1\nmemory_mib = 64\n").unwrap();
+        assert_eq!(bios.boot, BootMode::Bios);
+        bios.validate().unwrap();
     }
 
     #[test]

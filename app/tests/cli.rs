@@ -191,12 +191,32 @@ fn without_uefi_firmware_run_and_create_name_the_package_and_the_paths_searched(
     assert!(!s.vm_dir("vm").exists());
     // Only the keyword: a library VM does not keep a firmware path; and no kernel with it.
     for (args, needle) in [
-        (&["create", "vm", "--firmware", "code.fd"][..], "possible values: uefi"),
+        (&["create", "vm", "--firmware", "code.fd"][..], "possible values: uefi, bios"),
         (&["create", "vm", "--firmware", "uefi", "--kernel", "k"], "--kernel"),
     ] {
         let o = s.hutch_with_firmware_dir(&empty, args);
         assert!(!o.status.success() && stderr(&o).contains(needle), "{args:?}: {}", stderr(&o));
     }
+}
+
+#[test]
+fn without_seabios_run_and_create_name_the_package_and_the_path_searched() {
+    let s = Sandbox::new();
+    let empty = s.file("no-seabios");
+    std::fs::create_dir(&empty).unwrap();
+    let image = empty.join("bios.bin");
+    let want = ["'seabios' package", image.to_str().unwrap()];
+    let o = s.hutch_with_firmware_dir(&empty, &["run", "--firmware", "bios"]);
+    assert_error(&o, &want);
+    let o = s.hutch_with_firmware_dir(&empty, &["create", "vm", "--firmware", "bios"]);
+    assert_error(&o, &want);
+    assert!(!s.vm_dir("vm").exists());
+    // With it, the VM says what it boots and has no kernel.
+    std::fs::write(&image, vec![0u8; 128 << 10]).unwrap();
+    let o = s.hutch_with_firmware_dir(&empty, &["create", "vm", "--firmware", "bios"]);
+    assert_ok(&o);
+    let toml = std::fs::read_to_string(s.vm_dir("vm").join("vm.toml")).unwrap();
+    assert!(toml.contains("boot = \"bios\"") && !toml.contains("kernel"), "{toml}");
 }
 
 #[test]

@@ -158,10 +158,11 @@ fn parse_forward(s: &str) -> Result<String, String> {
 pub struct RunArgs {
     #[command(flatten)]
     pub machine: MachineArgs,
-    /// Boot UEFI firmware on the Q35 board instead of a kernel: "uefi" finds the host's
-    /// (Debian's ovmf package: /usr/share/OVMF/OVMF_CODE_4M.fd, or $HUTCH_FIRMWARE_DIR), or
-    /// give a CODE image's path (./uefi for a file of that name).
-    #[arg(long, value_name = "uefi|CODE", conflicts_with = "kernel")]
+    /// Boot firmware on the Q35 board instead of a kernel: "uefi" finds the host's UEFI
+    /// (Debian's ovmf package: /usr/share/OVMF/OVMF_CODE_4M.fd, or $HUTCH_FIRMWARE_DIR),
+    /// "bios" its SeaBIOS (the seabios package: /usr/share/seabios/bios.bin), or give an
+    /// image's path (./uefi for a file of that name).
+    #[arg(long, value_name = "uefi|bios|IMAGE", conflicts_with = "kernel")]
     pub firmware: Option<PathBuf>,
     /// The firmware's variable store, which the guest writes (a copy of OVMF_VARS_4M.fd).
     /// Without it, "uefi" runs on a fresh copy of the firmware's template that is removed
@@ -180,9 +181,10 @@ pub struct CreateArgs {
     pub name: String,
     #[command(flatten)]
     pub machine: MachineArgs,
-    /// Boot the host's UEFI firmware (Debian's ovmf package) on the Q35 board instead of a
-    /// kernel (vm.toml: boot = "uefi"); the VM keeps its variables in its own vars.fd.
-    #[arg(long, value_name = "uefi", value_parser = ["uefi"], conflicts_with_all = ["kernel", "initrd"])]
+    /// Boot the host's firmware on the Q35 board instead of a kernel: "uefi" (Debian's ovmf
+    /// package; vm.toml: boot = "uefi"; the VM keeps its variables in its own vars.fd) or
+    /// "bios" (the seabios package; boot = "bios").
+    #[arg(long, value_name = "uefi|bios", value_parser = ["uefi", "bios"], conflicts_with_all = ["kernel", "initrd"])]
     pub firmware: Option<String>,
 }
 
@@ -190,8 +192,10 @@ impl CreateArgs {
     /// The configuration these options describe (not yet validated).
     pub fn to_config(&self) -> VmConfig {
         let mut config = self.machine.to_config();
-        if self.firmware.is_some() {
-            config.boot = BootMode::Uefi;
+        match self.firmware.as_deref() {
+            Some("bios") => config.boot = BootMode::Bios,
+            Some(_) => config.boot = BootMode::Uefi,
+            None => {}
         }
         config
     }

@@ -33,6 +33,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             };
             Some(Box::new(vmm::board::FirmwareBoot { code: found.code, vars: Some(vars) }))
         }
+        Some(keyword) if keyword.as_os_str() == firmware::BIOS_KEYWORD => {
+            let code = firmware::find_bios_in_env()?;
+            Some(Box::new(vmm::board::FirmwareBoot { code, vars: None }))
+        }
         Some(code) => Some(Box::new(vmm::board::FirmwareBoot { code, vars: args.vars })),
         None => None,
     };

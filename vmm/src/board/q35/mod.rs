@@ -5,12 +5,13 @@
 //!  0x0000_0000  RAM up to min(size, 2816 MiB)          ports  0x0060  i8042 (IRQ 1/12)
 //!  0xB000_0000  ECAM, 256 buses, where PCIEXBAR says           0x0070  RTC (IRQ 8)
 //!  0xC000_0000  32-bit PCI window (firmware's BARs)            0x0080  POST codes (dropped)
-//!  0xFC00_0000  ... IOAPIC 0xFEC0_0000, LAPIC 0xFEE0_0000      0x0092  port A (fast reset)
+//!  0xFEC0_0000  IOAPIC; LAPIC 0xFEE0_0000                     0x0092  port A (fast reset)
 //!  0xFEFF_C000  KVM's TSS / identity-map pages (reserved)      0x03F8  COM1 (IRQ 4)
-//!  4G-code-vars VARS: the pflash over the VM's vars.fd         0x0510  fw_cfg (+ DMA 0x514)
-//!  4G - code    CODE: the firmware image, read-only memory     0x0600  ICH9 PM (ACPI_EN)
-//!  0x1_0000_0000 the rest of RAM; then the 64-bit window       0x0CF8  config + 0xCF9 reset
-//!                                                               0x6000  PCI I/O window
+//!  4G-code-vars VARS: the pflash over the VM's vars.fd         0x0402  firmware debug log
+//!  4G - code    CODE: the firmware image, read-only memory     0x0510  fw_cfg (+ DMA 0x514)
+//!  0x1_0000_0000 the rest of RAM; then the 64-bit window       0x0600  ICH9 PM (ACPI_EN)
+//!  0x000E_0000  RAM, filled with CODE's last 128 KiB at every  0x0CF8  config + 0xCF9 reset
+//!               power-on and reset (the BIOS's shadow)         0x6000  PCI I/O window
 //!  PCI 00:00.0 MCH 8086:29C0, 00:1f.0 ICH9 LPC 8086:2918, virtio devices from 00:01.0
 //!  (disks, rng, then the network card if the VM has one)
 //! ```
@@ -39,8 +40,8 @@ use crate::devices::fw_cfg::{self, FwCfg, FwCfgConfig, E820_RAM, E820_RESERVED};
 use crate::devices::i8042::I8042;
 use crate::devices::pflash::{Pflash, PflashAccess};
 use crate::devices::q35::{
-    pm::PM_BLOCK_LEN, ConfigPortsWithReset, EcamDecode, Ich9Lpc, Ich9Pm, Mch, Port92, ResetControl,
-    LPC_BDF, PORT92_PORT,
+    pm::PM_BLOCK_LEN, ConfigPortsWithReset, DebugCon, EcamDecode, Ich9Lpc, Ich9Pm, Mch, Port92,
+    ResetControl, DEBUG_PORT, LPC_BDF, PORT92_PORT,
 };
 use crate::devices::rtc::Rtc;
 use crate::devices::serial::{IrqEdge, SerialDevice};
@@ -65,9 +66,10 @@ pub const LOW_RAM_MAX: u64 = 0xb000_0000;
 /// Where both firmwares put PCIEXBAR, and the only place this board decodes it.
 pub const ECAM_BASE: u64 = 0xb000_0000;
 pub const ECAM_BUSES: u16 = 256;
-/// The 32-bit PCI window OVMF uses on Q35 (ECAM end up to 0xFC00_0000).
+/// The 32-bit PCI window: from the ECAM's end to the IOAPIC, as QEMU's q35 `_CRS` says.
+/// OVMF places BARs up to 0xFC00_0000; SeaBIOS fills it top-down from 0xFEC0_0000.
 pub const MMIO32_START: u64 = 0xc000_0000;
-pub const MMIO32_END: u64 = 0xfc00_0000;
+pub const MMIO32_END: u64 = 0xfec0_0000;
 /// The 64-bit window starts at the first GiB above RAM and ends at 2^47 (OVMF's cap), which
 /// holds both its default 32 GiB window and the one it puts in the top eighth of a
 /// phys-bits-sized address space.
@@ -94,7 +96,7 @@ const FOUR_GIB: u64 = 1 << 32;
 // IOAPIC and LAPIC, KVM's pages, the firmware.
 const _: () = {
     assert!(ECAM_BASE + ((ECAM_BUSES as u64) << 20) == MMIO32_START);
-    assert!(MMIO32_END <= layout::IOAPIC_START);
+    assert!(MMIO32_END == layout::IOAPIC_START);
     assert!(layout::LAPIC_START + (1 << 20) <= KVM_PRIVATE_START);
 };
 
@@ -134,6 +136,13 @@ pub enum Q35Error {
 pub const FIRMWARE_AREA_START: u64 = KVM_PRIVATE_START + KVM_PRIVATE_SIZE;
 /// Largest firmware image: the whole area.
 pub const MAX_FIRMWARE_BYTES: u64 = FOUR_GIB - FIRMWARE_AREA_START;
+/// How much of CODE's end is also seen below 1 MiB (ending at 0x10_0000), as QEMU's
+/// `isa-bios` alias: the BIOS's reset vector jumps into F000:xxxx. Here it is plain RAM,
+/// refilled at every power-on and reset, and the PAM registers are storage only
+/// (FIRMWARE.md §3.1): SeaBIOS copies itself into it whatever PAM reads, and OVMF never
+/// runs from it.
+pub const ISA_BIOS_MAX: usize = 128 << 10;
+const ISA_BIOS_END: u64 = 0x10_0000;
 
 /// Guest RAM regions for `ram_bytes`: below [`LOW_RAM_MAX`], the rest from 4 GiB.
 pub fn ram_regions(ram_bytes: u64) -> Vec<(u64, u64)> {
@@ -232,6 +241,9 @@ pub struct Q35Board {
     rom: Option<FirmwareRom>,
     /// The firmware the board was built for (a reset must boot the same).
     firmware: Option<FirmwareBoot>,
+    /// The last [`ISA_BIOS_MAX`] bytes of CODE, copied to RAM below 1 MiB at power-on and
+    /// on every reset.
+    isa_bios: Vec<u8>,
 }
 
 impl Q35Board {
@@ -356,6 +368,11 @@ impl Board for Q35Board {
         // CODE ends at 4 GiB, read-only; VARS right below it as trapped MMIO.
         let (region, code_size) = load_rom(&firmware.code).map_err(firmware_error)?;
         let code_base = FOUR_GIB - code_size;
+        let isa_bios = {
+            // SAFETY: the region holds `code_size` initialised bytes and nothing writes to it.
+            let code = unsafe { std::slice::from_raw_parts(region.as_ptr(), region.size()) };
+            code[code.len().saturating_sub(ISA_BIOS_MAX)..].to_vec()
+        };
         // SAFETY: the region is a live mapping the board keeps (in `self.rom`) as long as it
         // lives, and the machine keeps the board for as long as the VM can run.
         unsafe { guest_map.map_readonly(code_base, code_size, region.as_ptr()) }
@@ -478,6 +495,8 @@ impl Board for Q35Board {
         pio.insert(config_ports.clone(), u64::from(layout::PCI_CONFIG_ADDRESS_PORT), 8)
             .map_err(on_bus("the PCI configuration ports"))?;
         pio.insert(Arc::new(Mutex::new(Sink)), 0x80, 1).map_err(on_bus("port 0x80"))?;
+        pio.insert(Arc::new(Mutex::new(DebugCon::new())), u64::from(DEBUG_PORT), 1)
+            .map_err(on_bus("the firmware debug port"))?;
         let ecam = GatedEcam { ecam: PciConfigMmio::new(pci.clone()), decode: ecam_decode };
         mmio.insert(Arc::new(Mutex::new(ecam)), ECAM_BASE, u64::from(ECAM_BUSES) << 20)
             .map_err(on_bus("PCI ECAM"))?;
@@ -532,17 +551,19 @@ impl Board for Q35Board {
         self.fw_cfg = Some(fw_cfg);
         self.pflash = pflash.map(|(_, flash)| flash);
         self.firmware = Some(firmware.clone());
+        self.isa_bios = isa_bios;
         Ok(BoardDevices { io: IoBuses { pio, mmio }, saved, pci, display: None, disks })
     }
 
     fn load_boot(
         &self,
-        _memory: &GuestMemory,
+        memory: &GuestMemory,
         source: &BootSource,
         _vcpu_count: u32,
     ) -> Result<(), BoardError> {
         // The images were mapped when the board was built and the guest cannot change CODE;
-        // a reset only puts the flash back in read-array mode and re-arms fw_cfg's tables.
+        // a reset refills the BIOS's shadow, puts the flash back in read-array mode and
+        // re-arms fw_cfg's tables.
         match source {
             BootSource::Firmware(firmware) if self.firmware.as_ref() == Some(firmware) => {}
             BootSource::Firmware(_) => {
@@ -555,6 +576,9 @@ impl Board for Q35Board {
                 return Err(BoardError::UnsupportedBoot { board: "q35", what: "a kernel" })
             }
         }
+        let shadow = ISA_BIOS_END - self.isa_bios.len() as u64;
+        vm_memory::Bytes::write_slice(memory, &self.isa_bios, vm_memory::GuestAddress(shadow))
+            .map_err(|e| BoardError::device("the BIOS shadow below 1 MiB", e))?;
         if let Some(flash) = &self.pflash {
             lock(flash).reset();
         }

@@ -523,3 +523,29 @@ fn a_reset_boots_the_same_firmware_and_nothing_else() {
         Err(BoardError::UnsupportedBoot { board: "q35", .. })
     ));
 }
+
+#[test]
+fn the_end_of_the_firmware_is_in_ram_below_1_mib_again_after_every_reset() {
+    let built = build_board();
+    let boot = BootSource::Firmware(built.firmware.clone());
+    built.board.load_boot(&built.memory, &boot, 2).unwrap();
+    let last = |memory: &GuestMemory| -> u8 {
+        vm_memory::Bytes::read_obj(memory, GuestAddress(0xf_ffff)).unwrap()
+    };
+    // CODE is 128 KiB: all of it, ending at 1 MiB, with its reset-vector byte last.
+    assert_eq!(last(&built.memory), 0xc3);
+    // The guest owns the shadow (it copies itself there); a reset brings back the image.
+    vm_memory::Bytes::write_obj(&built.memory, 0x90u8, GuestAddress(0xf_ffff)).unwrap();
+    assert_eq!(last(&built.memory), 0x90);
+    built.board.load_boot(&built.memory, &boot, 2).unwrap();
+    assert_eq!(last(&built.memory), 0xc3);
+}
+
+#[test]
+fn the_firmware_debug_port_answers_that_it_is_there() {
+    let built = build_board();
+    let mut byte = [0u8];
+    assert!(built.io.pio.read(0x402, &mut byte));
+    assert_eq!(byte, [0xe9]);
+    assert!(built.io.pio.write(0x402, b"SeaBIOS\n"));
+}

@@ -9,18 +9,21 @@
 //!  PMBASE   Ich9Pm    128 ports  PM1, PM timer, GPE0, SMI_EN (0x20), SMI_STS; SCI level
 //!  0xCF9    ResetControl         RST_CPU (bit 2) ─▶ reset callback
 //!  0x92     Port92               fast reset (bit 0) ─▶ reset callback; A20 reads 1
+//!  0x402    DebugCon             firmware's debug log ─▶ the VMM's log (reads 0xE9)
 //! ```
 //!
 //! Hooks run on the vCPU thread doing the configuration write, with the PCI root and the
 //! device locked: a hook must not lock the PCI root (it may lock other devices, such as the
 //! PM block, or record the change for the board to apply).
 
+pub mod debugcon;
 pub mod lpc;
 pub mod mch;
 pub mod persist;
 pub mod pm;
 pub mod reset;
 
+pub use debugcon::{DebugCon, DEBUG_PORT};
 pub use lpc::{Ich9Lpc, LpcView, PmDecode, LPC_BDF};
 pub use mch::{EcamDecode, EcamWindow, Mch, MCH_BDF};
 pub use persist::{Ich9LpcState, Ich9PmState, MchState, Port92State, ResetControlState};
