@@ -505,3 +505,67 @@ fn import_of_an_ova_takes_name_cpus_and_memory_from_the_ovf() {
     let out = s.hutch(&["import", "appliance.ova", "--in-place", "--kernel", "vmlinuz"]);
     assert_error(&out, &["--in-place", "OVA"]);
 }
+
+/// An imported disk boots its own OS: the firmware comes from its partition table (a GPT with
+/// an EFI system partition: UEFI; an MBR with boot code: BIOS), through every format.
+#[test]
+fn import_picks_the_firmware_from_the_partition_table() {
+    let s = Sandbox::new();
+    let firmware = s.path("firmware");
+    std::fs::create_dir(&firmware).unwrap();
+    for name in ["OVMF_CODE_4M.fd", "OVMF_VARS_4M.fd", "bios.bin"] {
+        std::fs::write(firmware.join(name), vec![0u8; 128 << 10]).unwrap();
+    }
+    // GPT with an ESP, by sfdisk on a file; MBR with boot code written by hand.
+    let gpt = s.path("uefi.raw");
+    std::fs::write(&gpt, vec![0u8; 16 << 20]).unwrap();
+    let mut sfdisk = Command::new("sfdisk")
+        .args(["--quiet", gpt.to_str().unwrap()])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    sfdisk
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(
+            b"label: gpt\nsize=4MiB, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B\ntype=linux\n",
+        )
+        .unwrap();
+    assert!(sfdisk.wait().unwrap().success());
+    let mut mbr = vec![0u8; 16 << 20];
+    mbr[..2].copy_from_slice(&[0xeb, 0x63]);
+    mbr[446 + 4] = 0x83;
+    mbr[510..512].copy_from_slice(&[0x55, 0xaa]);
+    std::fs::write(s.path("bios.raw"), mbr).unwrap();
+    s.qemu_img(&["convert", "-O", "vdi", "bios.raw", "bios.vdi"]);
+    s.qemu_img(&["convert", "-O", "vmdk", "uefi.raw", "uefi.vmdk"]);
+    s.qemu_img(&["convert", "-O", "vhdx", "uefi.raw", "uefi.vhdx"]);
+    let import = |file: &str, name: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_hutch"))
+            .args(["import", file, "--name", name])
+            .current_dir(s.dir.path())
+            .env("HUTCH_HOME", s.home())
+            .env("HUTCH_GUEST_DIR", s.path("no-guest"))
+            .env("HUTCH_FIRMWARE_DIR", &firmware)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_ok(&out);
+        let toml =
+            std::fs::read_to_string(s.home().join("vms").join(name).join("vm.toml")).unwrap();
+        (stdout(&out), toml)
+    };
+    for (file, boot, why) in [
+        ("bios.vdi", "bios", "MBR has boot code"),
+        ("uefi.vmdk", "uefi", "EFI system partition"),
+        ("uefi.vhdx", "uefi", "EFI system partition"),
+    ] {
+        let name = file.replace('.', "-");
+        let (said, toml) = import(file, &name);
+        assert!(toml.contains(&format!("boot = \"{boot}\"")), "{file}: {toml}");
+        assert!(!toml.contains("kernel"), "{file}: {toml}");
+        assert!(said.contains(why), "{file}: {said}");
+    }
+}

@@ -31,6 +31,7 @@ use std::path::{Path, PathBuf};
 
 use vm_memory::VolatileSlice;
 
+pub mod boot;
 mod bytes;
 mod chain;
 pub mod convert;
@@ -50,6 +51,7 @@ pub mod vhd;
 pub mod vhdx;
 pub mod vmdk;
 
+pub use boot::{boot_firmware, BootFirmware};
 pub use bytes::BytesError;
 pub use chain::ChainError;
 pub use detect::{detect, detect_bytes};

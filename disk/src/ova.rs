@@ -59,6 +59,9 @@ pub struct OvfDescriptor {
     pub cpus: u32,
     pub memory_mib: u64,
     pub disks: Vec<OvfDisk>,
+    /// The firmware the appliance was made with, when its writer says: VirtualBox's
+    /// `<Firmware type="EFI|BIOS">`, VMware's `<vmw:Config vmw:key="firmware" vmw:value=...>`.
+    pub firmware: Option<crate::BootFirmware>,
 }
 
 /// An opened OVA.
@@ -514,7 +517,22 @@ fn parse_ovf(
             1024
         }
     };
-    Ok((OvfDescriptor { name, cpus, memory_mib, disks }, version))
+    let firmware = system.and_then(ovf_firmware);
+    Ok((OvfDescriptor { name, cpus, memory_mib, disks, firmware }, version))
+}
+
+/// The firmware named anywhere in a VirtualSystem, by VirtualBox's or VMware's element.
+fn ovf_firmware(system: roxmltree::Node<'_, '_>) -> Option<crate::BootFirmware> {
+    let named = |value: &str| match value.to_ascii_lowercase().as_str() {
+        "efi" | "efi32" | "efi64" | "uefi" => Some(crate::BootFirmware::Uefi),
+        "bios" => Some(crate::BootFirmware::Bios),
+        _ => None,
+    };
+    system.descendants().find_map(|node| match node.tag_name().name() {
+        "Firmware" => attr(node, "type").and_then(named),
+        "Config" if attr(node, "key") == Some("firmware") => attr(node, "value").and_then(named),
+        _ => None,
+    })
 }
 
 /// A Disk element's capacity in bytes (capacityAllocationUnits default to bytes).
@@ -598,6 +616,25 @@ mod tests {
         );
         assert_eq!(ova.info().subformat.as_deref(), Some("ovf2"));
         assert!(ova.problems().is_empty(), "{:?}", ova.problems());
+    }
+
+    #[test]
+    fn the_firmware_comes_from_virtualbox_or_vmware_elements_and_is_unknown_otherwise() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = ovf("1", "1024", "MegaBytes", "1");
+        let firmware =
+            |text: &str| Ova::open(&write(dir.path(), &ova(text))).unwrap().descriptor().firmware;
+        assert_eq!(firmware(&plain), None);
+        let vbox = plain.replace(
+            "</VirtualHardwareSection>",
+            r#"</VirtualHardwareSection><vbox:Machine xmlns:vbox="http://www.virtualbox.org/ovf/machine"><Hardware><Firmware type="EFI"/></Hardware></vbox:Machine>"#,
+        );
+        assert_eq!(firmware(&vbox), Some(crate::BootFirmware::Uefi));
+        let vmware = plain.replace(
+            "</VirtualHardwareSection>",
+            r#"<vmw:Config xmlns:vmw="http://www.vmware.com/schema/ovf" vmw:key="firmware" vmw:value="bios"/></VirtualHardwareSection>"#,
+        );
+        assert_eq!(firmware(&vmware), Some(crate::BootFirmware::Bios));
     }
 
     #[test]

@@ -17,7 +17,8 @@
 #   E2E_LOGS          a directory to copy failed cases' work (logs) into, e.g. the lab's --out
 #   E2E_SNAPV1_FIXTURES  the v1 snapshot fixtures (default tests/fixtures/snapshot-v1)
 #   E2E_OVMF_CODE, E2E_OVMF_VARS  the firmware FW_CASES boot (default: Debian's ovmf package)
-# The firmware cases (FW_CASES) are not in the default run yet: name them to run them.
+#   E2E_SEABIOS  the SeaBIOS image BIOS_CASES boot (default: Debian's seabios package)
+# The OVMF cases (FW_CASES) are not in the default run yet: name them to run them.
 set -euo pipefail
 . "$(dirname "$0")/../lab/common.sh"
 
@@ -40,10 +41,15 @@ CASES=(boots_to_readiness_line guest_sees_cpus_and_memory disk_hash_matches_host
     imported_vmdk_and_vhdx_read_right_in_the_guest
     snapshots_bring_back_memory_disk_and_console snapshot_v1_fixture_restores_and_answers
     guest_reboot_comes_back_in_the_same_vm)
-# Stock firmware on the Q35 board (issue 14), run by name only until they join CASES.
+# Stock firmware on the Q35 board (issue 14). The SeaBIOS cases are in CASES; the OVMF ones
+# run by name only: an OVMF guest crashes the lab's own emulator (FIRMWARE.md §7.1).
+BIOS_CASES=(seabios_boots_the_installer_iso_to_its_first_screen_and_takes_a_key)
 FW_CASES=(ovmf_reaches_its_boot_manager)
+CASES+=("${BIOS_CASES[@]}")
 OVMF_CODE=${E2E_OVMF_CODE:-/usr/share/OVMF/OVMF_CODE_4M.fd}
 OVMF_VARS=${E2E_OVMF_VARS:-/usr/share/OVMF/OVMF_VARS_4M.fd}
+SEABIOS=${E2E_SEABIOS:-/usr/share/seabios/bios.bin}
+INSTALLER_ISO=$GUEST/installer.iso
 
 # Networking (virtio-net + user-mode NAT); the guest side is checked against QEMU's
 # -netdev user too (E2E_TARGET=qemu). In CASES; alone:
@@ -1238,6 +1244,45 @@ ovmf_reaches_its_boot_manager() {
         sed "s/^/  $FUNCNAME after $((SECONDS - t0)) s: /"
     kill "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
+}
+
+# A library VM made with `hutch create --firmware bios` and the installer ISO as its (read-only)
+# disk: SeaBIOS boots the ISO's MBR, GRUB starts d-i, whose first screen appears on the serial
+# console; Enter (typed through `hutch console`) takes it to the next screen.
+seabios_boots_the_installer_iso_to_its_first_screen_and_takes_a_key() {
+    need_hutch
+    [ -f "$SEABIOS" ] || fail "no SeaBIOS at $SEABIOS (package seabios)"
+    [ -f "$INSTALLER_ISO" ] || fail "no $INSTALLER_ISO (tests/guest/installer-iso.sh)"
+    . "$REPO/tests/guest/installer-iso-check.sh"
+    export HUTCH_HOME=$WORK/home
+    local log=$WORK/log t0=$SECONDS serial=$WORK/home/vms/inst/serial.log screen
+    HUTCH_FIRMWARE_DIR=$(dirname "$SEABIOS") "$HUTCH" create inst --firmware bios \
+        --disk "$INSTALLER_ISO,readonly" --memory 1024 --net none >>"$log" 2>&1 ||
+        fail "hutch create: exit $? (log: $log)"
+    grep -q '^boot = "bios"' "$HUTCH_HOME/vms/inst/vm.toml" ||
+        fail "vm.toml does not say boot = \"bios\": $(cat "$HUTCH_HOME/vms/inst/vm.toml")"
+    RUST_LOG=${RUST_LOG:-info} HUTCH_FIRMWARE_DIR=$(dirname "$SEABIOS") "$HUTCH" start inst \
+        >>"$log" 2>&1 || fail "hutch start: exit $? (log: $log)"
+    until screen=$(installer_first_screen "$serial"); do
+        [ $((SECONDS - t0)) -lt $((VM_TIMEOUT * 2)) ] ||
+            fail "no installer screen within $((VM_TIMEOUT * 2)) s: $(installer_strip_ansi "$serial" | tail -n 5)"
+        sleep 1
+    done
+    echo "  $FUNCNAME: '$screen' after $((SECONDS - t0)) s"
+    has "$serial" 'SeaBIOS' || fail "SeaBIOS's banner is not on serial"
+    # newt reads the terminal after drawing; give it a moment, then Enter takes the default.
+    local before t1=$SECONDS
+    sleep 3
+    before=$(wc -c <"$serial")
+    (printf '\r'; sleep 3) | timeout 20 "$HUTCH" console inst >>"$WORK/console.out" 2>&1 || true
+    until tail -c +"$before" "$serial" >"$WORK/after.log" &&
+        installer_strip_ansi "$WORK/after.log" | grep -qE 'Select your location|Choose the location|country'; do
+        [ $((SECONDS - t1)) -lt 120 ] ||
+            fail "Enter did not lead to the next screen: $(installer_strip_ansi "$WORK/after.log" | tail -n 5)"
+        sleep 1
+    done
+    echo "  $FUNCNAME: Enter led to the location screen after $((SECONDS - t1)) s"
+    "$HUTCH" stop inst --force >>"$log" 2>&1 || fail "hutch stop --force: exit $?"
 }
 
 # --- driver --------------------------------------------------------------------------------

@@ -310,7 +310,12 @@ pub struct ImportArgs {
     /// (foreign formats get a qcow2 overlay that writes go to).
     #[arg(long)]
     pub in_place: bool,
-    /// Guest kernel (default: the demo guest's, if built).
+    /// Boot this firmware (default: the one the OVF or the disk's partition table asks for:
+    /// a GPT with an EFI system partition boots UEFI, an MBR with boot code BIOS).
+    #[arg(long, value_name = "uefi|bios", value_parser = ["uefi", "bios"], conflicts_with_all = ["kernel", "initrd", "cmdline"])]
+    pub firmware: Option<String>,
+    /// Boot this Linux kernel instead of the disk's own OS (default, when the disk has no
+    /// boot loader Hutch recognises: the demo guest's, if built).
     #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
     /// Initial ramdisk (default: the demo guest's, with the default kernel).
@@ -337,6 +342,10 @@ impl From<&ImportArgs> for ImportOptions {
             cmdline: a.cmdline.clone(),
             cpus: a.cpus,
             memory_mib: a.memory,
+            firmware: a.firmware.as_deref().map(|f| match f {
+                "bios" => BootMode::Bios,
+                _ => BootMode::Uefi,
+            }),
         }
     }
 }

@@ -29,6 +29,7 @@ pub fn run(library: &Library, args: &ImportArgs) -> anyhow::Result<()> {
         if outcome.config.cpus == 1 { "" } else { "s" },
         outcome.config.memory_mib
     );
+    println!("  boots {}", outcome.boots);
     for (path, origin) in &outcome.disks {
         let how = match origin {
             DiskOrigin::Converted(f) => format!("converted from {}", f.name()),

@@ -22,7 +22,7 @@ use disk::ova::Ova;
 use disk::{BlockBackend, DiskErrorKind, ImageFormat, OpenOptions};
 
 use super::disk::Progress;
-use crate::library::{self, DiskEntry, Library, VmConfig, DEFAULT_CMDLINE};
+use crate::library::{self, BootMode, DiskEntry, Library, VmConfig, DEFAULT_CMDLINE};
 
 /// CPUs and memory when neither the command line nor an OVF says.
 const DEFAULT_CPUS: u32 = 1;
@@ -43,6 +43,9 @@ pub struct ImportOptions {
     pub cmdline: Option<String>,
     pub cpus: Option<u32>,
     pub memory_mib: Option<u64>,
+    /// Boot this firmware; `None` (and no kernel): the one the OVF or the image's partition
+    /// table asks for, else the demo guest's kernel.
+    pub firmware: Option<BootMode>,
 }
 
 /// How one disk of the new VM came to be.
@@ -65,6 +68,9 @@ pub struct ImportOutcome {
     pub disks: Vec<(PathBuf, DiskOrigin)>,
     /// Things worth telling the user (clamped OVF numbers, manifest mismatches...).
     pub warnings: Vec<String>,
+    /// What the VM boots and why, for the user ("UEFI, as its GPT has an EFI system
+    /// partition").
+    pub boots: String,
 }
 
 /// Creates a VM in `library` from the disk image or OVA at `source`. `progress(done, total)`
@@ -110,17 +116,20 @@ pub fn import(
         None => (None, None, None),
     };
 
-    // Everything that can be checked is checked before copying gigabytes.
-    let (kernel, initrd) = match &options.kernel {
-        Some(k) => (k.clone(), options.initrd.clone()),
-        None => match default_guest() {
-            Some((k, i)) => (k, options.initrd.clone().or(i)),
-            None => bail!(
-                "No kernel to boot: Hutch boots Linux kernels directly, so pass --kernel \
-                 (and usually --initrd); the demo guest's (build/guest/vmlinuz, made by \
-                 tests/guest/build.sh) was not found"
-            ),
-        },
+    // Everything that can be checked is checked before copying gigabytes: what the VM boots
+    // (an OVA whose OVF does not say is looked at once its disks are converted).
+    let mut boot = match (&options.kernel, options.firmware, &ova) {
+        (Some(kernel), _, _) => {
+            Some(Boot::Kernel(kernel.clone(), options.initrd.clone(), "the kernel given".into()))
+        }
+        (None, Some(mode), _) => Some(Boot::Firmware(mode, "as asked".into())),
+        (None, None, Some(ova)) => {
+            ova.descriptor().firmware.map(|f| Boot::Firmware(mode_of(f), "as its OVF says".into()))
+        }
+        (None, None, None) => {
+            let (_, image) = open_source_image(&source)?;
+            Some(boot_of_disk(image.as_ref(), &source, options)?)
+        }
     };
     let mut cpus = options.cpus.or(ovf_cpus).unwrap_or(DEFAULT_CPUS);
     let mut memory_mib = options.memory_mib.or(ovf_memory).unwrap_or(DEFAULT_MEMORY_MIB);
@@ -134,10 +143,10 @@ pub fn import(
         memory_mib = library::MAX_MEMORY_MIB;
     }
     let cmdline = options.cmdline.clone().unwrap_or_else(|| DEFAULT_CMDLINE.to_string());
-    let mut config = VmConfig::new(kernel, initrd, cmdline, Vec::new(), cpus, memory_mib);
-    config.validate()?;
-    config.make_paths_absolute()?;
-    config.check_files()?;
+    let mut config = VmConfig::new(PathBuf::new(), None, cmdline, Vec::new(), cpus, memory_mib);
+    if let Some(boot) = &boot {
+        boot.apply(&mut config)?;
+    }
 
     let base = match (&options.name, &ovf_name) {
         (Some(n), _) => n.clone(),
@@ -204,12 +213,98 @@ pub fn import(
         }
     }
 
+    if boot.is_none() {
+        let first = disks.first().map(|(p, _)| p.clone()).unwrap_or_default();
+        let image = disk::open_image(&first, OpenOptions { writable: false })
+            .with_context(|| format!("Cannot open {}", first.display()))?;
+        let found = boot_of_disk(image.as_ref(), &source, options)?;
+        found.apply(&mut config)?;
+        boot = Some(found);
+    }
+    let boots = boot.map(|b| b.describe()).unwrap_or_default();
     config.disks =
         disks.iter().map(|(p, _)| DiskEntry { path: p.clone(), readonly: false }).collect();
     let vm = library.vm(&name)?;
     vm.write_config(&config)?;
     claim.keep();
-    Ok(ImportOutcome { name, dir, config, disks, warnings })
+    Ok(ImportOutcome { name, dir, config, disks, warnings, boots })
+}
+
+/// What an imported VM boots, and why (for the user).
+enum Boot {
+    Kernel(PathBuf, Option<PathBuf>, String),
+    Firmware(BootMode, String),
+}
+
+impl Boot {
+    /// Sets `config` up to boot this, checking that its files (or the firmware) are there.
+    fn apply(&self, config: &mut VmConfig) -> anyhow::Result<()> {
+        match self {
+            Boot::Kernel(kernel, initrd, _) => {
+                config.boot = BootMode::Kernel;
+                config.kernel = kernel.clone();
+                config.initrd = initrd.clone();
+            }
+            Boot::Firmware(mode, _) => {
+                config.boot = *mode;
+                config.kernel = PathBuf::new();
+                config.initrd = None;
+            }
+        }
+        config.validate()?;
+        config.make_paths_absolute()?;
+        config.check_files()?;
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Boot::Kernel(kernel, _, why) => format!("the kernel {} ({why})", kernel.display()),
+            Boot::Firmware(BootMode::Uefi, why) => format!("its own OS with UEFI firmware, {why}"),
+            Boot::Firmware(BootMode::Bios, why) => format!("its own OS with BIOS firmware, {why}"),
+            Boot::Firmware(BootMode::Kernel, why) => format!("a kernel ({why})"),
+        }
+    }
+}
+
+fn mode_of(firmware: disk::BootFirmware) -> BootMode {
+    match firmware {
+        disk::BootFirmware::Uefi => BootMode::Uefi,
+        disk::BootFirmware::Bios => BootMode::Bios,
+    }
+}
+
+/// The firmware `image`'s partition table asks for; without one, the demo guest's kernel
+/// (the disk is data, or boots in a way Hutch cannot tell).
+fn boot_of_disk(
+    image: &dyn BlockBackend,
+    source: &Path,
+    options: &ImportOptions,
+) -> anyhow::Result<Boot> {
+    let found = disk::boot_firmware(image)
+        .with_context(|| format!("Cannot read the partition table of {}", source.display()))?;
+    match found {
+        Some(disk::BootFirmware::Uefi) => {
+            Ok(Boot::Firmware(BootMode::Uefi, "as its GPT has an EFI system partition".into()))
+        }
+        Some(disk::BootFirmware::Bios) => {
+            Ok(Boot::Firmware(BootMode::Bios, "as its MBR has boot code".into()))
+        }
+        None => match default_guest() {
+            Some((kernel, initrd)) => Ok(Boot::Kernel(
+                kernel,
+                options.initrd.clone().or(initrd),
+                "the demo guest's: the disk has no boot loader Hutch recognises".into(),
+            )),
+            None => bail!(
+                "{} has no boot loader Hutch recognises (no GPT with an EFI system partition, \
+                 no MBR boot code), and the demo guest's kernel (build/guest/vmlinuz, made by \
+                 tests/guest/build.sh) was not found to boot instead: pass --firmware uefi|bios \
+                 or --kernel",
+                source.display()
+            ),
+        },
+    }
 }
 
 /// The demo guest's kernel and initramfs: `$HUTCH_GUEST_DIR` if set (and only there), else
