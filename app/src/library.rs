@@ -99,6 +99,10 @@ pub struct VmConfig {
     /// What the VM boots. Files from before firmware boot have no `boot` key: a kernel.
     #[serde(default, skip_serializing_if = "BootMode::is_kernel")]
     pub boot: BootMode,
+    /// Installation media, attached read-only: first while the VM's first disk has no boot
+    /// loader (a blank disk to install on), after the disks once it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iso: Option<PathBuf>,
     /// The kernel (`boot = "kernel"`); a UEFI VM has none.
     #[serde(default, skip_serializing_if = "path_is_empty")]
     pub kernel: PathBuf,
@@ -156,6 +160,15 @@ impl BootMode {
     fn is_kernel(&self) -> bool {
         *self == BootMode::Kernel
     }
+}
+
+/// Whether the disk at `path` has a boot loader firmware recognises (an unreadable disk has
+/// none here; the VM's start reports why it cannot be opened).
+fn has_boot_loader(path: &Path) -> bool {
+    disk::open_image(path, disk::OpenOptions { writable: false })
+        .ok()
+        .and_then(|image| disk::boot_firmware(image.as_ref()).ok().flatten())
+        .is_some()
 }
 
 fn path_is_empty(path: &Path) -> bool {
@@ -296,6 +309,7 @@ impl VmConfig {
         VmConfig {
             format: CONFIG_FORMAT,
             boot: BootMode::Kernel,
+            iso: None,
             kernel,
             initrd,
             cmdline,
@@ -372,6 +386,9 @@ impl VmConfig {
         if let Some(initrd) = &self.initrd {
             check_file("initrd", initrd, false)?;
         }
+        if let Some(iso) = &self.iso {
+            check_file("ISO", iso, false)?;
+        }
         for disk in &self.disks {
             check_file("disk", &disk.path, !disk.readonly)?;
         }
@@ -399,6 +416,9 @@ impl VmConfig {
         }
         if let Some(initrd) = &self.initrd {
             self.initrd = Some(abs(initrd)?);
+        }
+        if let Some(iso) = &self.iso {
+            self.iso = Some(abs(iso)?);
         }
         for disk in &mut self.disks {
             disk.path = abs(&disk.path)?;
@@ -433,16 +453,32 @@ impl VmConfig {
         Ok(())
     }
 
+    /// The disks in the order the firmware sees them: the ISO first while the first disk
+    /// has no boot loader (firmware boots the first bootable disk), else last.
+    fn machine_disks(&self) -> Vec<DiskConfig> {
+        let mut disks: Vec<DiskConfig> = self
+            .disks
+            .iter()
+            .map(|d| DiskConfig { path: d.path.clone(), readonly: d.readonly })
+            .collect();
+        if let Some(iso) = &self.iso {
+            let cd = DiskConfig { path: iso.clone(), readonly: true };
+            let installed = self.disks.first().is_some_and(|d| has_boot_loader(&d.path));
+            if installed {
+                disks.push(cd);
+            } else {
+                disks.insert(0, cd);
+            }
+        }
+        disks
+    }
+
     pub fn to_machine_config(&self) -> MachineConfig {
         MachineConfig {
             kernel: self.kernel.clone(),
             initrd: self.initrd.clone(),
             cmdline: self.cmdline.clone(),
-            disks: self
-                .disks
-                .iter()
-                .map(|d| DiskConfig { path: d.path.clone(), readonly: d.readonly })
-                .collect(),
+            disks: self.machine_disks(),
             cpus: self.cpus,
             memory_mib: self.memory_mib,
             // Filled from the environment where the machine is built (vm_process).
@@ -910,6 +946,33 @@ mod tests {
         assert!(c.validate().is_ok());
         // Written back as it was: older hutch versions keep reading it.
         assert!(!c.to_toml().lines().any(|l| l.starts_with("boot")), "{}", c.to_toml());
+    }
+
+    #[test]
+    fn the_iso_boots_first_until_the_first_disk_has_a_boot_loader() {
+        let dir = tempfile::tempdir().unwrap();
+        let iso = dir.path().join("inst.iso");
+        std::fs::write(&iso, vec![0u8; 1 << 20]).unwrap();
+        let disk = dir.path().join("disk.raw");
+        std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+        let mut c = config(Path::new(""));
+        c.boot = BootMode::Bios;
+        c.iso = Some(iso.clone());
+        c.disks.clear();
+        let order = |c: &VmConfig| -> Vec<(PathBuf, bool)> {
+            c.to_machine_config().disks.into_iter().map(|d| (d.path, d.readonly)).collect()
+        };
+        assert_eq!(order(&c), vec![(iso.clone(), true)]);
+        c.disks = vec![DiskEntry { path: disk.clone(), readonly: false }];
+        assert_eq!(order(&c), vec![(iso.clone(), true), (disk.clone(), false)]);
+        // The installer wrote a boot loader: the disk boots, the CD stays in.
+        let mut mbr = vec![0u8; 1 << 20];
+        mbr[..2].copy_from_slice(&[0xeb, 0x63]);
+        mbr[510..512].copy_from_slice(&[0x55, 0xaa]);
+        std::fs::write(&disk, mbr).unwrap();
+        assert_eq!(order(&c), vec![(disk, false), (iso, true)]);
+        let text = c.to_toml();
+        assert_eq!(VmConfig::from_toml(&text).unwrap(), c);
     }
 
     #[test]

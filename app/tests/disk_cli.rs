@@ -569,3 +569,53 @@ fn import_picks_the_firmware_from_the_partition_table() {
         assert!(said.contains(why), "{file}: {said}");
     }
 }
+
+/// An ISO becomes a VM that installs from it: the ISO as its read-only CD (left where it is),
+/// a new blank qcow2 disk (20 GiB unless --disk-size says), UEFI unless --firmware says.
+#[test]
+fn import_of_an_iso_makes_a_vm_that_installs_from_it_onto_a_new_disk() {
+    let s = Sandbox::new();
+    let firmware = s.path("firmware");
+    std::fs::create_dir(&firmware).unwrap();
+    for name in ["OVMF_CODE_4M.fd", "OVMF_VARS_4M.fd", "bios.bin"] {
+        std::fs::write(firmware.join(name), vec![0u8; 128 << 10]).unwrap();
+    }
+    let mut iso = vec![0u8; 1 << 20];
+    iso[0x8001..0x8006].copy_from_slice(b"CD001");
+    std::fs::write(s.path("debian.iso"), &iso).unwrap();
+    let import = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_hutch"))
+            .arg("import")
+            .args(args)
+            .current_dir(s.dir.path())
+            .env("HUTCH_HOME", s.home())
+            .env("HUTCH_FIRMWARE_DIR", &firmware)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let virtual_size = |vm: &str| {
+        let disk = s.home().join("vms").join(vm).join("disk.qcow2");
+        let out = s.qemu_img(&["info", "--output=json", disk.to_str().unwrap()]);
+        let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        info["virtual-size"].as_u64().unwrap()
+    };
+    let out = import(&["debian.iso"]);
+    assert_ok(&out);
+    let toml = std::fs::read_to_string(s.home().join("vms/debian/vm.toml")).unwrap();
+    assert!(toml.contains("boot = \"uefi\""), "{toml}");
+    assert!(toml.contains(&format!("iso = \"{}\"", s.p("debian.iso"))), "{toml}");
+    assert!(!toml.contains("kernel"), "{toml}");
+    assert_eq!(virtual_size("debian"), 20 << 30);
+    assert_eq!(std::fs::read(s.path("debian.iso")).unwrap(), iso, "the ISO is left as it was");
+
+    assert_ok(&import(&["debian.iso", "--name", "small", "--firmware", "bios", "--disk-size", "2G"]));
+    let toml = std::fs::read_to_string(s.home().join("vms/small/vm.toml")).unwrap();
+    assert!(toml.contains("boot = \"bios\""), "{toml}");
+    assert_eq!(virtual_size("small"), 2 << 30);
+
+    // A kernel makes no sense for installation media; nothing is left behind.
+    let out = import(&["debian.iso", "--name", "nok", "--kernel", "vmlinuz"]);
+    assert_error(&out, &["ISO", "--kernel"]);
+    assert!(!s.home().join("vms/nok").exists());
+}

@@ -1332,7 +1332,7 @@ main() {
 
     local selected=("$@")
     [ ${#selected[@]} -gt 0 ] || selected=("${CASES[@]}")
-    local root passed=0 failed=0 name dir rc reason t0
+    local root passed=0 failed=0 name dir rc reason t0 beat
     root=$(mktemp -d "${TMPDIR:-/tmp}/hutch-e2e.XXXXXX")
     log "e2e: target $TARGET, work in $root"
     for name in "${selected[@]}"; do
@@ -1341,7 +1341,13 @@ main() {
         mkdir -p "$dir"
         t0=$(now_ms)
         rc=0
+        # A case may run quietly for minutes (the bulk transfer); a line every two minutes
+        # tells the lab's stall watchdog the machine is alive (a frozen one prints nothing).
+        (while sleep 120; do echo "  ... $name still running ($((($(now_ms) - t0) / 1000)) s)"; done) &
+        beat=$!
         timeout -k 5 "$(case_timeout "$name")" bash "$0" --case "$dir" "$name" || rc=$?
+        kill "$beat" 2>/dev/null || true
+        wait "$beat" 2>/dev/null || true
         reason=$(cat "$dir/.reason" 2>/dev/null || true)
         case $rc in
         0) echo "PASS $name ($(( ($(now_ms) - t0) / 1000 )) s)"; passed=$((passed + 1)) ;;

@@ -101,6 +101,10 @@ pub struct MachineArgs {
     /// Disk image (virtio-blk); repeat for more disks; append ",readonly" for read-only.
     #[arg(long = "disk", value_name = "PATH[,readonly]", value_parser = parse_disk)]
     pub disks: Vec<DiskEntry>,
+    /// Installation media (an ISO), attached read-only: booted first while the first disk
+    /// has no boot loader, after the disks once it has one.
+    #[arg(long, value_name = "PATH")]
+    pub iso: Option<PathBuf>,
     /// Number of vCPUs (1 to 254).
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub cpus: u32,
@@ -144,6 +148,7 @@ impl MachineArgs {
         }
         config.forwards = self.net.forwards.clone();
         config.isolate_from_host = self.net.isolate_from_host;
+        config.iso = self.iso.clone();
         config
     }
 }
@@ -186,6 +191,10 @@ pub struct CreateArgs {
     /// "bios" (the seabios package; boot = "bios").
     #[arg(long, value_name = "uefi|bios", value_parser = ["uefi", "bios"], conflicts_with_all = ["kernel", "initrd"])]
     pub firmware: Option<String>,
+    /// Create an empty qcow2 disk of this size (e.g. 20G) in the VM's directory as its first
+    /// disk, to install on.
+    #[arg(long, value_name = "SIZE", value_parser = parse_disk_size)]
+    pub new_disk: Option<u64>,
 }
 
 impl CreateArgs {
@@ -301,8 +310,12 @@ impl OutputFormat {
 
 #[derive(Debug, Args)]
 pub struct ImportArgs {
-    /// A disk image (qcow2, raw, VMDK, VDI, VHD, VHDX, Parallels) or an OVA appliance.
+    /// A disk image (qcow2, raw, VMDK, VDI, VHD, VHDX, Parallels), an OVA appliance, or an
+    /// installer ISO (a new VM that installs from it onto a new blank disk).
     pub file: PathBuf,
+    /// For an ISO: the size of the new disk to install on (default 20G).
+    #[arg(long, value_name = "SIZE", value_parser = parse_disk_size)]
+    pub disk_size: Option<u64>,
     /// VM name (default: the OVF's name or the file name).
     #[arg(long)]
     pub name: Option<String>,
@@ -346,7 +359,17 @@ impl From<&ImportArgs> for ImportOptions {
                 "bios" => BootMode::Bios,
                 _ => BootMode::Uefi,
             }),
+            new_disk_bytes: a.disk_size,
         }
+    }
+}
+
+/// A new disk's size: `20G`, `512M`... (not a change such as `+1G`).
+fn parse_disk_size(s: &str) -> Result<u64, String> {
+    match crate::service::disk::parse_size(s) {
+        Ok(crate::service::disk::SizeSpec::Absolute(bytes)) => Ok(bytes),
+        Ok(_) => Err(format!("a size such as 20G, not a change ({s})")),
+        Err(e) => Err(e.to_string()),
     }
 }
 

@@ -30,11 +30,15 @@ pub fn run(library: &Library, args: &ImportArgs) -> anyhow::Result<()> {
         outcome.config.memory_mib
     );
     println!("  boots {}", outcome.boots);
+    if let Some(iso) = &outcome.config.iso {
+        println!("  CD {} (read-only; booted while the disk is blank)", iso.display());
+    }
     for (path, origin) in &outcome.disks {
         let how = match origin {
             DiskOrigin::Converted(f) => format!("converted from {}", f.name()),
             DiskOrigin::InPlace(f) => format!("{} image used in place", f.name()),
             DiskOrigin::Overlay(f) => format!("qcow2 overlay over the {} image", f.name()),
+            DiskOrigin::New(bytes) => format!("new, empty, {} GiB", bytes >> 30),
         };
         println!("  disk {} ({how})", path.display());
     }

@@ -84,8 +84,16 @@ impl Drop for ScratchFile {
 }
 
 pub fn create(library: &Library, name: &str, args: &CreateArgs) -> anyhow::Result<()> {
-    service::create(library, name, args.to_config())?;
-    println!("Created VM '{name}'");
+    match &args.new_disk {
+        Some(bytes) => {
+            service::create_with_new_disk(library, name, args.to_config(), *bytes)?;
+            println!("Created VM '{name}' with a new {} MiB disk", bytes >> 20);
+        }
+        None => {
+            service::create(library, name, args.to_config())?;
+            println!("Created VM '{name}'");
+        }
+    }
     Ok(())
 }
 

@@ -93,10 +93,6 @@ pub fn classify(file: &str, image: ImageSummary) -> Probe {
                 human(image.virtual_size)
             ))
         }
-        ImageFormat::Iso => Probe::Refused(format!(
-            "{file} is an ISO image (installation media); Hutch boots kernels directly and \
-             cannot install from it yet"
-        )),
         _ => Probe::Image(image),
     }
 }
@@ -149,7 +145,7 @@ impl Entry {
 
     /// An OVA's disks are inside the archive: they can only be converted.
     pub fn can_use_in_place(&self) -> bool {
-        self.image().is_some_and(|i| i.format != ImageFormat::Ova)
+        self.image().is_some_and(|i| !matches!(i.format, ImageFormat::Ova | ImageFormat::Iso))
     }
 }
 
@@ -618,8 +614,9 @@ mod tests {
             }
         }
         assert!(matches!(classify("disk.img", raw(MIN_RAW_BYTES)), Probe::Image(_)));
+        // An ISO becomes a VM that installs from it.
         let iso = ImageSummary { format: ImageFormat::Iso, ..raw(MIN_RAW_BYTES) };
-        assert!(matches!(classify("x.iso", iso), Probe::Refused(w) if w.contains("ISO")));
+        assert!(matches!(classify("x.iso", iso), Probe::Image(_)));
     }
 
     #[test]

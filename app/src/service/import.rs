@@ -44,9 +44,15 @@ pub struct ImportOptions {
     pub cpus: Option<u32>,
     pub memory_mib: Option<u64>,
     /// Boot this firmware; `None` (and no kernel): the one the OVF or the image's partition
-    /// table asks for, else the demo guest's kernel.
+    /// table asks for, else the demo guest's kernel (an ISO: UEFI).
     pub firmware: Option<BootMode>,
+    /// An ISO's VM gets a new blank disk of this many bytes to install on (default
+    /// [`DEFAULT_INSTALL_DISK_BYTES`]).
+    pub new_disk_bytes: Option<u64>,
 }
+
+/// The disk an ISO's VM installs on when the user does not say: 20 GiB (a sparse qcow2).
+pub const DEFAULT_INSTALL_DISK_BYTES: u64 = 20 << 30;
 
 /// How one disk of the new VM came to be.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,6 +63,8 @@ pub enum DiskOrigin {
     InPlace(ImageFormat),
     /// A qcow2 overlay over the source image.
     Overlay(ImageFormat),
+    /// A new blank disk of this many bytes (an ISO's VM installs on it).
+    New(u64),
 }
 
 /// The VM [`import`] created.
@@ -87,11 +95,7 @@ pub fn import(
     let format =
         disk::detect(&source).with_context(|| format!("Cannot read {}", source.display()))?;
     if format == ImageFormat::Iso {
-        bail!(
-            "{} is an ISO image (installation media); Hutch boots kernels directly and cannot \
-             install from it yet",
-            source.display()
-        );
+        return import_iso(library, &source, options);
     }
     let mut warnings = Vec::new();
     let ova = if format == ImageFormat::Ova {
@@ -228,6 +232,63 @@ pub fn import(
     vm.write_config(&config)?;
     claim.keep();
     Ok(ImportOutcome { name, dir, config, disks, warnings, boots })
+}
+
+/// An ISO becomes a VM that installs from it: the ISO as its CD, a new blank qcow2 disk,
+/// UEFI unless asked otherwise. The ISO stays where it is.
+fn import_iso(
+    library: &Library,
+    source: &Path,
+    options: &ImportOptions,
+) -> anyhow::Result<ImportOutcome> {
+    if options.kernel.is_some() || options.in_place {
+        bail!(
+            "{} is an ISO image (installation media): it boots through firmware, so --kernel \
+             and --in-place do not apply",
+            source.display()
+        );
+    }
+    let mode = options.firmware.unwrap_or(BootMode::Uefi);
+    let size = options.new_disk_bytes.unwrap_or(DEFAULT_INSTALL_DISK_BYTES);
+    if size == 0 || !size.is_multiple_of(512) {
+        bail!("A new disk of {size} bytes: the size must be a non-zero multiple of 512 bytes");
+    }
+    let cpus = options.cpus.unwrap_or(DEFAULT_CPUS);
+    let memory_mib = options.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB);
+    let mut config = VmConfig::new(
+        PathBuf::new(),
+        None,
+        DEFAULT_CMDLINE.to_string(),
+        Vec::new(),
+        cpus,
+        memory_mib,
+    );
+    config.iso = Some(source.to_path_buf());
+    let boot = Boot::Firmware(mode, "to install from the ISO".into());
+    boot.apply(&mut config)?;
+
+    let base = match &options.name {
+        Some(n) => n.clone(),
+        None => sanitize_name(&source.file_stem().unwrap_or_default().to_string_lossy()),
+    };
+    let claim = claim_vm_dir(library, &base, options.name.is_some())?;
+    let target = claim.path.join(disk_file_name(0));
+    let image = NewImage::create(&target, ImageFormat::Qcow2, size)
+        .with_context(|| format!("Cannot create the disk {}", target.display()))?;
+    image.commit(false)?;
+    config.disks = vec![DiskEntry { path: target.clone(), readonly: false }];
+    let vm = library.vm(&claim.name)?;
+    vm.write_config(&config)?;
+    let (name, dir) = (claim.name.clone(), claim.path.clone());
+    claim.keep();
+    Ok(ImportOutcome {
+        name,
+        dir,
+        config,
+        disks: vec![(target, DiskOrigin::New(size))],
+        warnings: Vec::new(),
+        boots: boot.describe(),
+    })
 }
 
 /// What an imported VM boots, and why (for the user).

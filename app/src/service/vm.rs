@@ -108,6 +108,38 @@ pub fn create(library: &Library, name: &str, config: VmConfig) -> anyhow::Result
     Ok(())
 }
 
+/// The file name of the disk `create_with_new_disk` makes in the VM's directory.
+pub const NEW_DISK_FILE: &str = "disk.qcow2";
+
+/// [`create`], with an empty qcow2 disk of `size` bytes in the VM's directory as its first
+/// disk (to install on). A failure leaves no VM behind.
+pub fn create_with_new_disk(
+    library: &Library,
+    name: &str,
+    config: VmConfig,
+    size: u64,
+) -> anyhow::Result<()> {
+    crate::library::validate_name(name)?;
+    if size == 0 || !size.is_multiple_of(512) {
+        bail!("A new disk of {size} bytes: the size must be a non-zero multiple of 512 bytes");
+    }
+    let mut config = checked_config(config)?;
+    let vm = library.create(name, &config)?;
+    let path = vm.dir().join(NEW_DISK_FILE);
+    let made = (|| -> anyhow::Result<()> {
+        let image = disk::convert::NewImage::create(&path, disk::ImageFormat::Qcow2, size)
+            .with_context(|| format!("Cannot create the disk {}", path.display()))?;
+        image.commit(false)?;
+        config.disks.insert(0, crate::library::DiskEntry { path, readonly: false });
+        vm.write_config(&config)?;
+        Ok(())
+    })();
+    if made.is_err() {
+        let _ = std::fs::remove_dir_all(vm.dir());
+    }
+    made
+}
+
 /// Replaces a stopped VM's configuration (the lock keeps it from starting meanwhile).
 pub fn save_settings(library: &Library, name: &str, config: &VmConfig) -> anyhow::Result<()> {
     let vm = library.existing(name)?;
