@@ -609,7 +609,15 @@ fn import_of_an_iso_makes_a_vm_that_installs_from_it_onto_a_new_disk() {
     assert_eq!(virtual_size("debian"), 20 << 30);
     assert_eq!(std::fs::read(s.path("debian.iso")).unwrap(), iso, "the ISO is left as it was");
 
-    assert_ok(&import(&["debian.iso", "--name", "small", "--firmware", "bios", "--disk-size", "2G"]));
+    assert_ok(&import(&[
+        "debian.iso",
+        "--name",
+        "small",
+        "--firmware",
+        "bios",
+        "--disk-size",
+        "2G",
+    ]));
     let toml = std::fs::read_to_string(s.home().join("vms/small/vm.toml")).unwrap();
     assert!(toml.contains("boot = \"bios\""), "{toml}");
     assert_eq!(virtual_size("small"), 2 << 30);

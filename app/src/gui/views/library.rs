@@ -138,12 +138,17 @@ impl GuiApp {
                         let n = || vm.name.clone();
                         button(ui, down, "Start", CardAction::Start(n()));
                         button(ui, true, "Show", CardAction::Show(n()));
-                        button(ui, running, "Shut down", CardAction::Job(Job::Shutdown(n())));
+                        button(
+                            ui,
+                            running,
+                            "Shut down",
+                            CardAction::Job(Box::new(Job::Shutdown(n()))),
+                        );
                         button(
                             ui,
                             vm.state.is_live(),
                             "Force off",
-                            CardAction::Job(Job::PowerOff(n())),
+                            CardAction::Job(Box::new(Job::PowerOff(n()))),
                         );
                         button(ui, true, "Snapshots…", CardAction::Snapshots(n()));
                         button(ui, down, "Settings…", CardAction::Edit(n()));
@@ -160,7 +165,7 @@ impl GuiApp {
             CardAction::Start(name) => self.start(&name),
             CardAction::Show(name) => self.open_vm(&name),
             CardAction::Snapshots(name) => self.open_snapshots(&name),
-            CardAction::Job(job) => self.run(job),
+            CardAction::Job(job) => self.run(*job),
             CardAction::Delete(name) => self.dialog = Some(Dialog::ConfirmDelete { name }),
             CardAction::Edit(name) => {
                 let loaded = self.library.existing(&name).and_then(|vm| vm.load_config());
@@ -181,7 +186,8 @@ enum CardAction {
     Start(String),
     Show(String),
     Snapshots(String),
-    Job(Job),
+    // Boxed: a job can carry a whole VM configuration.
+    Job(Box<Job>),
     Edit(String),
     Delete(String),
 }
