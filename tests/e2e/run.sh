@@ -1246,23 +1246,24 @@ ovmf_reaches_its_boot_manager() {
     wait "$pid" 2>/dev/null || true
 }
 
-# A library VM made with `hutch create --firmware bios` and the installer ISO as its (read-only)
-# disk: SeaBIOS boots the ISO's MBR, GRUB starts d-i, whose first screen appears on the serial
-# console; Enter (typed through `hutch console`) takes it to the next screen.
+# The installer ISO imported as users bring it (`hutch import ISO --firmware bios`): a VM with a
+# new blank disk and the ISO as its CD, booted first while the disk is blank. SeaBIOS boots the
+# ISO's MBR, GRUB starts d-i, whose first screen appears on the serial console; Enter (typed
+# through `hutch console`) takes it to the next screen.
 seabios_boots_the_installer_iso_to_its_first_screen_and_takes_a_key() {
     need_hutch
     [ -f "$SEABIOS" ] || fail "no SeaBIOS at $SEABIOS (package seabios)"
     [ -f "$INSTALLER_ISO" ] || fail "no $INSTALLER_ISO (tests/guest/installer-iso.sh)"
     . "$REPO/tests/guest/installer-iso-check.sh"
-    export HUTCH_HOME=$WORK/home
-    local log=$WORK/log t0=$SECONDS serial=$WORK/home/vms/inst/serial.log screen
-    HUTCH_FIRMWARE_DIR=$(dirname "$SEABIOS") "$HUTCH" create inst --firmware bios \
-        --disk "$INSTALLER_ISO,readonly" --memory 1024 --net none >>"$log" 2>&1 ||
-        fail "hutch create: exit $? (log: $log)"
-    grep -q '^boot = "bios"' "$HUTCH_HOME/vms/inst/vm.toml" ||
-        fail "vm.toml does not say boot = \"bios\": $(cat "$HUTCH_HOME/vms/inst/vm.toml")"
-    RUST_LOG=${RUST_LOG:-info} HUTCH_FIRMWARE_DIR=$(dirname "$SEABIOS") "$HUTCH" start inst \
-        >>"$log" 2>&1 || fail "hutch start: exit $? (log: $log)"
+    export HUTCH_HOME=$WORK/home HUTCH_FIRMWARE_DIR
+    HUTCH_FIRMWARE_DIR=$(dirname "$SEABIOS")
+    local log=$WORK/log t0=$SECONDS serial=$WORK/home/vms/inst/serial.log screen toml
+    "$HUTCH" import "$INSTALLER_ISO" --name inst --firmware bios --disk-size 4G >>"$log" 2>&1 ||
+        fail "hutch import: exit $? (log: $log)"
+    toml=$(cat "$HUTCH_HOME/vms/inst/vm.toml")
+    contains "$toml" '^boot = "bios"' || fail "vm.toml does not say boot = \"bios\": $toml"
+    contains "$toml" "^iso = \"$INSTALLER_ISO\"" || fail "vm.toml has no iso = $INSTALLER_ISO: $toml"
+    RUST_LOG=${RUST_LOG:-info} "$HUTCH" start inst >>"$log" 2>&1 || fail "hutch start: exit $? (log: $log)"
     until screen=$(installer_first_screen "$serial"); do
         [ $((SECONDS - t0)) -lt $((VM_TIMEOUT * 2)) ] ||
             fail "no installer screen within $((VM_TIMEOUT * 2)) s: $(installer_strip_ansi "$serial" | tail -n 5)"
