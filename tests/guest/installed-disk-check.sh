@@ -8,7 +8,7 @@
 #   .vdi, .vmdk, .vhdx, .qcow2). The image is not written: QEMU runs it with -snapshot.
 # Prints the seconds from launch to GRUB, to the kernel, to "login:", to the shell and to the
 # power-off. Exits 0 when all came, non-zero with the serial log's tail otherwise.
-# The serial log stays in $BUILD/installed-disk-check/FIRMWARE.serial.log.
+# The serial log stays in $BUILD/installed-disk-check/IMAGE-NAME.serial.log.
 set -euo pipefail
 . "$(dirname "$0")/../lab/common.sh"
 
@@ -65,16 +65,18 @@ main() {
     esac
     local dir=$BUILD/installed-disk-check
     mkdir -p "$dir"
-    LOG=$dir/$FW.serial.log
+    local name
+    name=$(basename "$img")
+    LOG=$dir/$name.serial.log
     : >"$LOG"
 
     local firmware=()
     if [ "$FW" = uefi ]; then
         [ -f "$OVMF_CODE" ] && [ -f "$OVMF_VARS" ] || die "no $OVMF_CODE / $OVMF_VARS (Debian package ovmf)"
         # A fresh copy of the variable template each run, as Hutch keeps one per VM.
-        cp "$OVMF_VARS" "$dir/uefi.vars.fd"
+        cp "$OVMF_VARS" "$dir/$name.vars.fd"
         firmware=(-drive "if=pflash,format=raw,readonly=on,file=$OVMF_CODE"
-            -drive "if=pflash,format=raw,file=$dir/uefi.vars.fd")
+            -drive "if=pflash,format=raw,file=$dir/$name.vars.fd")
     else
         [ -f "$SEABIOS" ] || die "no $SEABIOS (Debian package seabios)"
         firmware=(-bios "$SEABIOS")
@@ -82,12 +84,12 @@ main() {
 
     # The serial port on a FIFO pair, so that the check can type: QEMU opens both ends read-write,
     # so neither open waits for the other side.
-    local fifo=$dir/$FW.serial
+    local fifo=$dir/$name.serial
     rm -f "$fifo.in" "$fifo.out"
     mkfifo "$fifo.in" "$fifo.out"
     qemu-system-x86_64 -accel tcg -M q35 -m 1024 -smp 1 -nodefaults -nic none -nographic \
         -monitor none -serial "pipe:$fifo" "${firmware[@]}" -snapshot \
-        -drive "file=$img,if=virtio,format=$format" </dev/null >"$dir/$FW.qemu.log" 2>&1 &
+        -drive "file=$img,if=virtio,format=$format" </dev/null >"$dir/$name.qemu.log" 2>&1 &
     local qemu=$!
     cat "$fifo.out" >"$LOG" &
     local reader=$!
@@ -128,7 +130,7 @@ main() {
             sent_poweroff=$t
         fi
         if ! kill -0 "$qemu" 2>/dev/null; then
-            wait "$qemu" || fail "QEMU failed ($(tail -n 3 "$dir/$FW.qemu.log"))"
+            wait "$qemu" || fail "QEMU failed ($(tail -n 3 "$dir/$name.qemu.log"))"
             [ -n "$sent_poweroff" ] || fail "QEMU exited before poweroff"
             echo "  ${t}s powered off (QEMU exited)"
             echo "installed-disk-check $FW: PASS, GRUB ${grub:-?}s, kernel ${kernel:-?}s," \

@@ -5,9 +5,10 @@
 #   debian-uefi.img   raw, GPT: an EFI system partition (FAT32) with GRUB x86_64-efi as
 #                     EFI/BOOT/BOOTX64.EFI, and an ext4 root (OVMF boots it)
 #   debian-bios.vdi, debian-uefi.vmdk, debian-uefi.vhdx   the same disks in the formats users bring
-# The system: debootstrap --variant=minbase of bookworm with linux-image-amd64, systemd-sysv and
-# udev; GRUB, the kernel and a getty on the serial console (COM1, 115200), so a boot reads there up
-# to "hutch-debian login:" (root's password: hutch). tests/guest/installed-disk-check.sh boots them.
+# The system: debootstrap --variant=minbase of bookworm with linux-image-amd64, systemd-sysv, udev
+# and dbus (systemctl and logind talk through it); GRUB, the kernel and a getty on the serial
+# console (COM1, 115200), so a boot reads there up to "hutch-debian login:" (root's password:
+# hutch). tests/guest/installed-disk-check.sh boots them.
 #
 # No loop devices, mounts, kpartx or nbd (CI runs as root in containers without them): each file
 # system is made in a file (mkfs.ext4 -d DIR, mkfs.fat + mtools) and copied into the image at its
@@ -26,7 +27,7 @@ set -euo pipefail
 . "$(dirname "$0")/../lab/common.sh"
 
 SUITE=bookworm
-INCLUDE=linux-image-amd64,systemd-sysv,udev
+INCLUDE=linux-image-amd64,systemd-sysv,udev,dbus
 GUEST_HOSTNAME=hutch-debian
 ROOT_PASSWORD=hutch
 # Sizes in MiB. The root holds about 450 MiB; the images are sparse.
@@ -90,7 +91,7 @@ apt_mirror() {
 # the kernel the suite offers (as far as the host's apt index knows) and the functions that make
 # and trim the tree.
 rootfs_inputs() {
-    echo "suite $SUITE include $INCLUDE mirror $(apt_mirror)"
+    echo "suite $SUITE include $INCLUDE mirror $(apt_mirror) hostname $GUEST_HOSTNAME password $ROOT_PASSWORD"
     echo "debootstrap $(dpkg-query -W -f='${Version}' debootstrap)"
     echo "kernel $(apt-cache madison linux-image-amd64 2>/dev/null | awk -v s=" $SUITE/main " 'index($0, s) {print $3; exit}')"
     echo "recipe $(declare -f build_rootfs trim_rootfs | sha256sum | cut -d' ' -f1)"
@@ -119,7 +120,7 @@ build_rootfs() {
         die "debootstrap failed (log: $dir.log)"
     }
     # debootstrap unmounts what it mounted; a leftover would end up copied into the image.
-    ! grep -q " $dir/" /proc/mounts || die "debootstrap left mounts under $dir: $(grep " $dir/" /proc/mounts)"
+    no_mounts_under "$dir"
     echo "root:$ROOT_PASSWORD" | chroot "$dir" chpasswd
     echo "$GUEST_HOSTNAME" >"$dir/etc/hostname"
     printf '127.0.0.1\tlocalhost\n127.0.1.1\t%s\n::1\t\tlocalhost ip6-localhost ip6-loopback\n' \
@@ -151,6 +152,14 @@ trim_rootfs() {
     done
 }
 
+# no_mounts_under DIR: nothing is mounted below DIR (an interrupted debootstrap may have left its
+# /proc), so that removing DIR stays in DIR's own files.
+no_mounts_under() {
+    local m
+    m=$(awk -v d="$1/" 'index($2, d) == 1 {print $2}' /proc/mounts)
+    [ -z "$m" ] || die "mounted below $1 (left by an interrupted debootstrap?): $m; umount it first"
+}
+
 # prepare_rootfs: the cached debootstrap tree in $ROOTFS, rebuilt when its inputs change.
 prepare_rootfs() {
     ROOTFS=$BUILD/installed-disk/rootfs
@@ -160,7 +169,9 @@ prepare_rootfs() {
         log "installed-disk: reusing the debootstrap tree $ROOTFS"
         return 0
     fi
-    rm -rf "$ROOTFS" "$ROOTFS.new" "$ROOTFS.stamp"
+    no_mounts_under "$ROOTFS"
+    no_mounts_under "$ROOTFS.new"
+    rm -rf --one-file-system "$ROOTFS" "$ROOTFS.new" "$ROOTFS.stamp"
     mkdir -p "$BUILD/installed-disk"
     build_rootfs "$ROOTFS.new"
     mv "$ROOTFS.new" "$ROOTFS"
