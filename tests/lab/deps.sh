@@ -17,7 +17,10 @@ PKGS=(qemu-system-x86 qemu-utils busybox-static cpio kmod socat python3 xz-utils
     libslirp-dev libslirp0
     # Firmware-boot fixture (tests/guest/installer-iso.sh): d-i's netboot kernel and initrd in a
     # hybrid BIOS+UEFI ISO made by grub-mkrescue (its i386-pc and x86_64-efi modules, xorriso, mtools).
-    debian-installer-12-netboot-amd64 grub-common grub-pc-bin grub-efi-amd64-bin xorriso mtools)
+    debian-installer-12-netboot-amd64 grub-common grub-pc-bin grub-efi-amd64-bin xorriso mtools
+    # Installed-disk fixture (tests/guest/installed-disk.sh): a debootstrap'd Debian 12 on MBR and
+    # GPT disk images (sfdisk), its file systems made in files (mkfs.ext4 -d, mkfs.fat + mtools).
+    debootstrap fdisk e2fsprogs dosfstools)
 
 missing=()
 for p in "${PKGS[@]}"; do
