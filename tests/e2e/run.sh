@@ -43,13 +43,15 @@ CASES=(boots_to_readiness_line guest_sees_cpus_and_memory disk_hash_matches_host
     guest_reboot_comes_back_in_the_same_vm)
 # Stock firmware on the Q35 board (issue 14). The SeaBIOS cases are in CASES; the OVMF ones
 # run by name only: an OVMF guest crashes the lab's own emulator (FIRMWARE.md §7.1).
-BIOS_CASES=(seabios_boots_the_installer_iso_to_its_first_screen_and_takes_a_key)
+BIOS_CASES=(seabios_boots_the_installer_iso_to_its_first_screen_and_takes_a_key
+    imported_bios_vdi_boots_to_login_reboots_and_stops_through_acpi)
 FW_CASES=(ovmf_reaches_its_boot_manager)
 CASES+=("${BIOS_CASES[@]}")
 OVMF_CODE=${E2E_OVMF_CODE:-/usr/share/OVMF/OVMF_CODE_4M.fd}
 OVMF_VARS=${E2E_OVMF_VARS:-/usr/share/OVMF/OVMF_VARS_4M.fd}
 SEABIOS=${E2E_SEABIOS:-/usr/share/seabios/bios.bin}
 INSTALLER_ISO=$GUEST/installer.iso
+BIOS_VDI=$GUEST/debian-bios.vdi
 
 # Networking (virtio-net + user-mode NAT); the guest side is checked against QEMU's
 # -netdev user too (E2E_TARGET=qemu). In CASES; alone:
@@ -1284,6 +1286,58 @@ seabios_boots_the_installer_iso_to_its_first_screen_and_takes_a_key() {
     done
     echo "  $FUNCNAME: Enter led to the location screen after $((SECONDS - t1)) s"
     "$HUTCH" stop inst --force >>"$log" 2>&1 || fail "hutch stop --force: exit $?"
+}
+
+# count_of FILE PATTERN : how many lines of FILE match PATTERN (0 when none or no file).
+count_of() {
+    grep -a -c -- "$2" "$1" 2>/dev/null || true
+}
+
+# wait_count FILE PATTERN N LIMIT : waits until PATTERN is on N lines of FILE.
+wait_count() {
+    local t0=$SECONDS
+    until [ "$(count_of "$1" "$2")" -ge "$3" ]; do
+        [ $((SECONDS - t0)) -lt "$4" ] ||
+            fail "'$2' seen $(count_of "$1" "$2") times (not $3) in $4 s: $(tail -c 400 "$1" | tr -d '\r')"
+        sleep 1
+    done
+}
+
+# An installed Debian (tests/guest/installed-disk.sh) as VirtualBox users bring it, a VDI with
+# an MBR, imported with no flag: Hutch picks BIOS from its partition table, SeaBIOS boots GRUB,
+# the system reaches its login prompt on serial; root logs in (typed through `hutch console`)
+# and runs reboot, which comes back to the login prompt in the same VM process; `hutch stop`
+# then powers it off through ACPI (the power button, logind).
+imported_bios_vdi_boots_to_login_reboots_and_stops_through_acpi() {
+    need_hutch
+    [ -f "$SEABIOS" ] || fail "no SeaBIOS at $SEABIOS (package seabios)"
+    [ -f "$BIOS_VDI" ] || fail "no $BIOS_VDI (tests/guest/installed-disk.sh)"
+    export HUTCH_HOME=$WORK/home HUTCH_FIRMWARE_DIR
+    HUTCH_FIRMWARE_DIR=$(dirname "$SEABIOS")
+    local log=$WORK/log serial=$WORK/home/vms/deb/serial.log pid t0=$SECONDS rc=0
+    # In place: a qcow2 overlay over the (read-only) fixture, no copy.
+    "$HUTCH" import "$BIOS_VDI" --name deb --in-place --memory 1024 --net none >>"$log" 2>&1 ||
+        fail "hutch import: exit $? (log: $log)"
+    grep -q '^boot = "bios"' "$HUTCH_HOME/vms/deb/vm.toml" ||
+        fail "the import did not pick BIOS: $(cat "$HUTCH_HOME/vms/deb/vm.toml")"
+    grep -q 'MBR has boot code' "$log" || fail "the import did not say why BIOS: $(cat "$log")"
+    RUST_LOG=${RUST_LOG:-info} "$HUTCH" start deb >>"$log" 2>&1 || fail "hutch start: exit $? (log: $log)"
+    pid=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["pid"])' "$HUTCH_HOME/vms/deb/pid.json")
+    wait_count "$serial" 'login: *$' 1 $((VM_TIMEOUT * 2))
+    echo "  $FUNCNAME: login prompt after $((SECONDS - t0)) s"
+    has "$serial" 'SeaBIOS' || fail "SeaBIOS's banner is not on serial"
+    local t1=$SECONDS
+    (sleep 1; printf 'root\r'; sleep 4; printf 'hutch\r'; sleep 6; printf 'reboot\r'; sleep 3) |
+        timeout 30 "$HUTCH" console deb >>"$WORK/console.out" 2>&1 || true
+    wait_count "$serial" 'login: *$' 2 $((VM_TIMEOUT * 2))
+    echo "  $FUNCNAME: rebooted to the login prompt in $((SECONDS - t1)) s"
+    [ "$(count_of "$serial" 'SeaBIOS (version')" -ge 2 ] || fail "the reboot did not go through the firmware"
+    kill -0 "$pid" 2>/dev/null || fail "the VM process $pid is gone after the reboot"
+    local t2=$SECONDS
+    timeout -k 5 120 "$HUTCH" stop deb --timeout 100 >>"$log" 2>&1 || rc=$?
+    [ "$rc" = 0 ] || fail "hutch stop: exit $rc (log: $log; serial: $(tail -c 400 "$serial" | tr -d '\r'))"
+    has "$serial" 'reboot: Power down' || fail "no orderly poweroff ('reboot: Power down') on serial"
+    echo "  $FUNCNAME: powered off through ACPI in $((SECONDS - t2)) s"
 }
 
 # --- driver --------------------------------------------------------------------------------
