@@ -366,6 +366,9 @@ impl VmConfig {
             }
             None if self.boot == BootMode::Bios => {
                 crate::firmware::find_bios_in_env()?;
+                if self.display {
+                    crate::firmware::find_vga_bios_in_env()?;
+                }
             }
             None => check_file("kernel", &self.kernel, false)?,
         }
@@ -417,7 +420,14 @@ impl VmConfig {
             BootMode::Kernel => return Ok(()),
             BootMode::Bios => {
                 let code = crate::firmware::find_bios_in_env()?;
-                self.firmware = Some(Box::new(vmm::board::FirmwareBoot { code, vars: None }));
+                // The screen's bochs-display shows nothing under SeaBIOS without its ROM.
+                let vga_bios = if self.display {
+                    Some(crate::firmware::find_vga_bios_in_env()?)
+                } else {
+                    None
+                };
+                self.firmware =
+                    Some(Box::new(vmm::board::FirmwareBoot { code, vars: None, vga_bios }));
                 return Ok(());
             }
             BootMode::Uefi => {}
@@ -429,6 +439,7 @@ impl VmConfig {
         self.firmware = Some(Box::new(vmm::board::FirmwareBoot {
             code: found.code,
             vars: Some(nvram.to_path_buf()),
+            vga_bios: None,
         }));
         Ok(())
     }
