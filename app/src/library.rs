@@ -108,7 +108,8 @@ pub struct VmConfig {
     pub cmdline: String,
     pub cpus: u32,
     pub memory_mib: u64,
-    /// A screen (boot framebuffer, virtio-gpu) and keyboard/tablet (virtio-input).
+    /// A screen (boot framebuffer, virtio-gpu) and keyboard/tablet (virtio-input); on a
+    /// firmware VM a bochs-display, with keys through the PS/2 keyboard.
     #[serde(default = "default_display")]
     pub display: bool,
     /// Firmware booted instead of the kernel (`hutch run --firmware`); not in vm.toml yet.
