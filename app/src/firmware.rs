@@ -6,7 +6,9 @@
 //! for a CODE image and the VARS template that goes with it: the 4 MiB pair first (the only
 //! 4 MiB build that needs no SMM), then the 2 MiB one. `--firmware bios` and `boot = "bios"`
 //! look for SeaBIOS's `bios.bin` the same way (in `/usr/share/seabios`): the 128 KiB build,
-//! which needs no SMM (FIRMWARE.md §3.4).
+//! which needs no SMM (FIRMWARE.md §3.4). A BIOS VM with a screen also needs the VGA BIOS
+//! for its bochs-display, `vgabios-bochs-display.bin` from the same package and directory
+//! (FIRMWARE.md §3.8); OVMF drives that display without one.
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -26,6 +28,9 @@ pub const UEFI_KEYWORD: &str = "uefi";
 pub const DEBIAN_SEABIOS_DIR: &str = "/usr/share/seabios";
 pub const DEBIAN_SEABIOS_PACKAGE: &str = "seabios";
 pub const BIOS_IMAGE: &str = "bios.bin";
+/// SeaBIOS's VGA BIOS for the bochs-display (VBE modes and text mode drawn into its
+/// framebuffer).
+pub const VGA_BIOS_IMAGE: &str = "vgabios-bochs-display.bin";
 /// The keyword `--firmware` takes for SeaBIOS.
 pub const BIOS_KEYWORD: &str = "bios";
 
@@ -43,6 +48,13 @@ pub enum FirmwareError {
         path.display()
     )]
     BiosNotFound { path: PathBuf },
+    #[error(
+        "No VGA BIOS for the screen of a BIOS VM found: install Debian's \
+         '{DEBIAN_SEABIOS_PACKAGE}' package (or set HUTCH_FIRMWARE_DIR to a directory holding \
+         {VGA_BIOS_IMAGE}), or turn the VM's display off; searched {}",
+        path.display()
+    )]
+    VgaBiosNotFound { path: PathBuf },
     #[error("Cannot make the UEFI variable store {path} from {template}")]
     Nvram {
         path: PathBuf,
@@ -92,6 +104,21 @@ pub fn find_bios(var: impl Fn(&str) -> Option<OsString>) -> Result<PathBuf, Firm
 /// [`find_bios`] with this process's environment.
 pub fn find_bios_in_env() -> Result<PathBuf, FirmwareError> {
     find_bios(|k| std::env::var_os(k))
+}
+
+/// Finds SeaBIOS's VGA BIOS for the bochs-display where [`find_bios`] finds SeaBIOS.
+pub fn find_vga_bios(var: impl Fn(&str) -> Option<OsString>) -> Result<PathBuf, FirmwareError> {
+    let path = firmware_dir(var, DEBIAN_SEABIOS_DIR).join(VGA_BIOS_IMAGE);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(FirmwareError::VgaBiosNotFound { path })
+    }
+}
+
+/// [`find_vga_bios`] with this process's environment.
+pub fn find_vga_bios_in_env() -> Result<PathBuf, FirmwareError> {
+    find_vga_bios(|k| std::env::var_os(k))
 }
 
 /// `$HUTCH_FIRMWARE_DIR` if set and not empty, else `default`.
@@ -199,6 +226,25 @@ mod tests {
             Ok(found) => assert!(found.starts_with(DEBIAN_SEABIOS_DIR), "{found:?}"),
             Err(FirmwareError::BiosNotFound { path }) => {
                 assert_eq!(path, Path::new(DEBIAN_SEABIOS_DIR).join("bios.bin"));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn the_vga_bios_is_found_beside_seabios_and_its_absence_names_the_package_and_path() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("bios.bin"), b"rom").unwrap();
+        let text = find_vga_bios(env_with_dir(dir.path())).unwrap_err().to_string();
+        assert!(text.contains("'seabios' package"), "{text}");
+        let path = dir.path().join("vgabios-bochs-display.bin");
+        assert!(text.contains(&path.display().to_string()), "{text}");
+        std::fs::write(&path, b"vga").unwrap();
+        assert_eq!(find_vga_bios(env_with_dir(dir.path())).unwrap(), path);
+        match find_vga_bios(|_| None) {
+            Ok(found) => assert!(found.starts_with(DEBIAN_SEABIOS_DIR), "{found:?}"),
+            Err(FirmwareError::VgaBiosNotFound { path }) => {
+                assert_eq!(path, Path::new(DEBIAN_SEABIOS_DIR).join(VGA_BIOS_IMAGE));
             }
             Err(e) => panic!("{e}"),
         }

@@ -112,7 +112,8 @@ pub struct VmConfig {
     pub cmdline: String,
     pub cpus: u32,
     pub memory_mib: u64,
-    /// A screen (boot framebuffer, virtio-gpu) and keyboard/tablet (virtio-input).
+    /// A screen (boot framebuffer, virtio-gpu) and keyboard/tablet (virtio-input); on a
+    /// firmware VM a bochs-display, with keys through the PS/2 keyboard.
     #[serde(default = "default_display")]
     pub display: bool,
     /// Firmware booted instead of the kernel (`hutch run --firmware`); not in vm.toml yet.
@@ -380,6 +381,9 @@ impl VmConfig {
             }
             None if self.boot == BootMode::Bios => {
                 crate::firmware::find_bios_in_env()?;
+                if self.display {
+                    crate::firmware::find_vga_bios_in_env()?;
+                }
             }
             None => check_file("kernel", &self.kernel, false)?,
         }
@@ -437,7 +441,14 @@ impl VmConfig {
             BootMode::Kernel => return Ok(()),
             BootMode::Bios => {
                 let code = crate::firmware::find_bios_in_env()?;
-                self.firmware = Some(Box::new(vmm::board::FirmwareBoot { code, vars: None }));
+                // The screen's bochs-display shows nothing under SeaBIOS without its ROM.
+                let vga_bios = if self.display {
+                    Some(crate::firmware::find_vga_bios_in_env()?)
+                } else {
+                    None
+                };
+                self.firmware =
+                    Some(Box::new(vmm::board::FirmwareBoot { code, vars: None, vga_bios }));
                 return Ok(());
             }
             BootMode::Uefi => {}
@@ -449,6 +460,7 @@ impl VmConfig {
         self.firmware = Some(Box::new(vmm::board::FirmwareBoot {
             code: found.code,
             vars: Some(nvram.to_path_buf()),
+            vga_bios: None,
         }));
         Ok(())
     }

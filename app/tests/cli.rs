@@ -211,8 +211,14 @@ fn without_seabios_run_and_create_name_the_package_and_the_path_searched() {
     let o = s.hutch_with_firmware_dir(&empty, &["create", "vm", "--firmware", "bios"]);
     assert_error(&o, &want);
     assert!(!s.vm_dir("vm").exists());
-    // With it, the VM says what it boots and has no kernel.
+    // With it but without the VGA BIOS, a VM with a screen (the default) is refused too.
     std::fs::write(&image, vec![0u8; 128 << 10]).unwrap();
+    let vga_bios = empty.join("vgabios-bochs-display.bin");
+    let o = s.hutch_with_firmware_dir(&empty, &["create", "vm", "--firmware", "bios"]);
+    assert_error(&o, &["'seabios' package", vga_bios.to_str().unwrap()]);
+    assert!(!s.vm_dir("vm").exists());
+    // With both, the VM says what it boots and has no kernel.
+    std::fs::write(&vga_bios, vec![0u8; 28 << 10]).unwrap();
     let o = s.hutch_with_firmware_dir(&empty, &["create", "vm", "--firmware", "bios"]);
     assert_ok(&o);
     let toml = std::fs::read_to_string(s.vm_dir("vm").join("vm.toml")).unwrap();

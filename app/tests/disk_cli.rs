@@ -513,7 +513,7 @@ fn import_picks_the_firmware_from_the_partition_table() {
     let s = Sandbox::new();
     let firmware = s.path("firmware");
     std::fs::create_dir(&firmware).unwrap();
-    for name in ["OVMF_CODE_4M.fd", "OVMF_VARS_4M.fd", "bios.bin"] {
+    for name in ["OVMF_CODE_4M.fd", "OVMF_VARS_4M.fd", "bios.bin", "vgabios-bochs-display.bin"] {
         std::fs::write(firmware.join(name), vec![0u8; 128 << 10]).unwrap();
     }
     // GPT with an ESP, by sfdisk on a file; MBR with boot code written by hand.
@@ -577,7 +577,7 @@ fn import_of_an_iso_makes_a_vm_that_installs_from_it_onto_a_new_disk() {
     let s = Sandbox::new();
     let firmware = s.path("firmware");
     std::fs::create_dir(&firmware).unwrap();
-    for name in ["OVMF_CODE_4M.fd", "OVMF_VARS_4M.fd", "bios.bin"] {
+    for name in ["OVMF_CODE_4M.fd", "OVMF_VARS_4M.fd", "bios.bin", "vgabios-bochs-display.bin"] {
         std::fs::write(firmware.join(name), vec![0u8; 128 << 10]).unwrap();
     }
     let mut iso = vec![0u8; 1 << 20];

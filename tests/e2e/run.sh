@@ -1216,6 +1216,37 @@ snapshot_restore_keeps_the_network_for_new_connections() {
 
 # --- firmware cases ------------------------------------------------------------------------
 
+# A BIOS library VM with a screen (the default) and the installer ISO: SeaBIOS's VGA BIOS in the
+# bochs-display's ROM draws its text mode into the framebuffer, so `hutch screenshot` shows
+# GRUB's menu. Run by name (a BIOS case).
+seabios_screen_shows_grub_through_the_bochs_display() {
+    need_hutch
+    require_tools tesseract convert
+    local seabios=${E2E_SEABIOS:-/usr/share/seabios/bios.bin}
+    local iso=${E2E_INSTALLER_ISO:-$BUILD/guest/installer.iso}
+    [ -f "$seabios" ] || fail "no SeaBIOS at $seabios (package seabios)"
+    [ -f "$(dirname "$seabios")/vgabios-bochs-display.bin" ] || fail "no vgabios-bochs-display.bin beside $seabios"
+    [ -f "$iso" ] || fail "no $iso (tests/guest/installer-iso.sh)"
+    export HUTCH_HOME=$WORK/home HUTCH_FIRMWARE_DIR
+    HUTCH_FIRMWARE_DIR=$(dirname "$seabios")
+    local log=$WORK/log png=$WORK/grub.png t0=$SECONDS src
+    "$HUTCH" create bs --firmware bios --disk "$iso,readonly" --memory 1024 --net none \
+        >>"$log" 2>&1 || fail "hutch create: exit $? (log: $log)"
+    "$HUTCH" start bs >>"$log" 2>&1 || fail "hutch start: exit $? (log: $log)"
+    until "$HUTCH" screenshot bs "$png" >>"$log" 2>&1 && screen_has_text "$png" "GNU GRUB"; do
+        if [ $((SECONDS - t0)) -ge $((VM_TIMEOUT * 2)) ]; then
+            keep_screens "$png"
+            fail "no GRUB on the screen within $((VM_TIMEOUT * 2)) s; OCR saw: $(head -c 300 "$png.txt" 2>/dev/null)"
+        fi
+        sleep 2
+    done
+    keep_screens "$png"
+    echo "  $FUNCNAME: GRUB on the screen after $((SECONDS - t0)) s"
+    src=$(display_source bs)
+    contains "$src" '^bochs-display' || fail "display source: $src"
+    "$HUTCH" stop bs --force >>"$log" 2>&1 || fail "hutch stop --force: exit $?"
+}
+
 # Debian's OVMF with no disk on the Q35 board: SEC, PEI and DXE run, the serial console comes up
 # behind the LPC bridge, and the boot manager, with nothing to boot from, starts the UEFI shell
 # or says so. The VM is stopped once the boot manager has spoken.

@@ -31,13 +31,20 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                     scratch_vars.insert(scratch).0.clone()
                 }
             };
-            Some(Box::new(vmm::board::FirmwareBoot { code: found.code, vars: Some(vars) }))
+            Some(Box::new(vmm::board::FirmwareBoot {
+                code: found.code,
+                vars: Some(vars),
+                vga_bios: None,
+            }))
         }
         Some(keyword) if keyword.as_os_str() == firmware::BIOS_KEYWORD => {
+            // `hutch run` is headless: no screen, so no VGA BIOS.
             let code = firmware::find_bios_in_env()?;
-            Some(Box::new(vmm::board::FirmwareBoot { code, vars: None }))
+            Some(Box::new(vmm::board::FirmwareBoot { code, vars: None, vga_bios: None }))
         }
-        Some(code) => Some(Box::new(vmm::board::FirmwareBoot { code, vars: args.vars })),
+        Some(code) => {
+            Some(Box::new(vmm::board::FirmwareBoot { code, vars: args.vars, vga_bios: None }))
+        }
         None => None,
     };
     let end = service::run_foreground(config, &args.serial, |vm| {

@@ -52,11 +52,17 @@ pub struct KernelBoot {
     pub cache_dir: Option<PathBuf>,
 }
 
-/// Firmware (UEFI or BIOS): its code, and a per-VM store for its variables.
+/// Firmware (UEFI or BIOS): its code, a per-VM store for its variables, and the VGA BIOS
+/// the board's display serves.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FirmwareBoot {
     pub code: PathBuf,
     pub vars: Option<PathBuf>,
+    /// The option ROM in the display's expansion-ROM BAR when the machine has a screen
+    /// (SeaBIOS's `vgabios-bochs-display.bin`: SeaBIOS draws nothing without it). None: no
+    /// ROM, as UEFI needs (OVMF drives the display itself).
+    #[serde(default)]
+    pub vga_bios: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -1,5 +1,6 @@
-//! The display of a machine: its screen, the virtio-gpu and input handles, the boot
-//! framebuffer, and the thread that copies what the guest draws on it to the screen.
+//! The display of a machine: its screen, the display hardware behind it (the PC's virtio-gpu
+//! with its boot framebuffer and virtio input devices, or the Q35 board's bochs-display), and
+//! the thread that copies what the guest draws in a framebuffer to the screen.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -8,6 +9,7 @@ use display::scanout::Screen;
 use display::SourceId;
 
 use super::lifecycle::Lifecycle;
+use crate::devices::bochs_display::BochsDisplayScanout;
 use crate::devices::bus::lock;
 use crate::hypervisor::Vm;
 use crate::memory::slots::MemorySlots;
@@ -15,18 +17,60 @@ use crate::virtio::gpu::boot_fb::BootFramebuffer;
 use crate::virtio::gpu::GpuHandle;
 use crate::virtio::input::InputHandle;
 
-/// The screen and input devices of a machine with a display.
+/// The screen and display hardware of a machine with a display.
 pub struct DisplayDevices {
     pub screen: Arc<Screen>,
+    pub hardware: DisplayHardware,
+    /// Where the framebuffer is mapped now (the guest may move its BAR); its slot's dirty log
+    /// says which rows to compare.
+    pub memory_slots: Arc<MemorySlots>,
+}
+
+/// What draws on the screen and takes input.
+pub enum DisplayHardware {
+    /// The PC: virtio-gpu with its boot framebuffer, virtio keyboard, tablet and mouse.
+    VirtioGpu(VirtioDisplay),
+    /// A firmware board's bochs-display: BAR 0 is the framebuffer; keys reach the board's own
+    /// keyboard ([`crate::board::Board::legacy_key`]) and there is no pointer device yet.
+    BochsDisplay(BochsDisplayScanout),
+}
+
+/// The PC's virtio display devices.
+pub struct VirtioDisplay {
     pub gpu: GpuHandle,
     pub keyboard: InputHandle,
     pub tablet: InputHandle,
     pub mouse: InputHandle,
     // Mapped into the VM: dropped last, with the handle that owns the guest RAM too.
     pub framebuffer: Arc<Mutex<BootFramebuffer>>,
-    /// Where the framebuffer is mapped now (the guest may move its BAR); its slot's dirty log
-    /// says which rows to compare.
-    pub memory_slots: Arc<MemorySlots>,
+}
+
+impl DisplayHardware {
+    /// The framebuffer the scanner copies from while the boot framebuffer is the live source.
+    pub fn framebuffer(&self) -> &Arc<Mutex<BootFramebuffer>> {
+        match self {
+            DisplayHardware::VirtioGpu(virtio) => &virtio.framebuffer,
+            DisplayHardware::BochsDisplay(scanout) => scanout.framebuffer(),
+        }
+    }
+
+    /// Whether the framebuffer holds a mode to show (the boot framebuffer always does; a
+    /// bochs-display only while the guest's registers describe one). Read it under the
+    /// framebuffer's lock, which the device changes its mode under.
+    pub fn shows_framebuffer(&self) -> bool {
+        match self {
+            DisplayHardware::VirtioGpu(_) => true,
+            DisplayHardware::BochsDisplay(scanout) => scanout.is_live(),
+        }
+    }
+
+    /// The virtio devices, None on a bochs-display.
+    pub fn virtio(&self) -> Option<&VirtioDisplay> {
+        match self {
+            DisplayHardware::VirtioGpu(virtio) => Some(virtio),
+            DisplayHardware::BochsDisplay(_) => None,
+        }
+    }
 }
 
 /// How often the boot framebuffer is checked for what the guest drew. Guests write it without
@@ -57,7 +101,7 @@ pub(crate) fn scan_framebuffer(display: &DisplayDevices, vm: &dyn Vm, lifecycle:
         let epoch = display.screen.epoch();
         let force = last_epoch != Some(epoch);
         last_epoch = Some(epoch);
-        let mut framebuffer = lock(&display.framebuffer);
+        let mut framebuffer = lock(display.hardware.framebuffer());
         let host = framebuffer.host_addr() as usize;
         let mapping = display.memory_slots.find_host(host);
         let moved = mapping.map(|m| m.generation) != last_mapping;
@@ -86,6 +130,8 @@ pub(crate) fn scan_framebuffer(display: &DisplayDevices, vm: &dyn Vm, lifecycle:
             None => None,
         };
         let written = written.filter(|_| !moved);
-        framebuffer.scan_written(&*display.screen, force, written.as_deref());
+        if display.hardware.shows_framebuffer() {
+            framebuffer.scan_written(&*display.screen, force, written.as_deref());
+        }
     }
 }

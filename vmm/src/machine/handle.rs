@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::disks::SwitchableDisk;
-use super::display::DisplayDevices;
+use super::display::{DisplayDevices, DisplayHardware};
 use super::lifecycle::Lifecycle;
 use super::{ExitReason, MachineError, RunState};
 use crate::board::{Board, SavedDevice};
@@ -82,46 +82,63 @@ impl MachineHandle {
     }
 
     /// Keyboard and pointer events for the guest's input devices. Keys go to the virtio
-    /// keyboard once its driver runs, to the PS/2 keyboard (i8042) before that.
+    /// keyboard once its driver runs, to the board's PS/2 keyboard (i8042) before that and
+    /// on a display without virtio input (a firmware board's bochs-display), whose pointer
+    /// events are dropped.
     pub fn send_input(&self, events: &[InputEvent]) -> Result<(), MachineError> {
         let display = self.display.as_ref().ok_or(MachineError::NoDisplay)?;
+        let virtio = display.hardware.virtio();
         let _gate = lock(&self.snapshot_gate);
         for event in events {
-            match *event {
-                InputEvent::Key { code, down }
-                    if !display.keyboard.is_ready() && self.board.legacy_key(code, down) =>
+            match (*event, virtio) {
+                (InputEvent::Key { code, down }, _)
+                    if !virtio.is_some_and(|v| v.keyboard.is_ready())
+                        && self.board.legacy_key(code, down) =>
                 {
                     log::debug!("key {code} {} → board keyboard", if down { "down" } else { "up" });
                 }
-                InputEvent::Key { code, down } => {
+                (InputEvent::Key { code, down }, Some(virtio)) => {
                     log::debug!("key {code} {} → virtio", if down { "down" } else { "up" });
-                    display.keyboard.send(std::slice::from_ref(event))
+                    virtio.keyboard.send(std::slice::from_ref(event))
                 }
-                InputEvent::PointerRel { .. } => display.mouse.send(std::slice::from_ref(event)),
-                InputEvent::PointerAbs { .. }
-                | InputEvent::Button { .. }
-                | InputEvent::Wheel { .. } => display.tablet.send(std::slice::from_ref(event)),
+                (InputEvent::PointerRel { .. }, Some(virtio)) => {
+                    virtio.mouse.send(std::slice::from_ref(event))
+                }
+                (
+                    InputEvent::PointerAbs { .. }
+                    | InputEvent::Button { .. }
+                    | InputEvent::Wheel { .. },
+                    Some(virtio),
+                ) => virtio.tablet.send(std::slice::from_ref(event)),
+                (_, None) => log::debug!("{event:?} dropped: no device takes it"),
             }
         }
         Ok(())
     }
 
     /// Asks the guest to switch its display to `width`×`height` (virtio-gpu display change).
+    /// A bochs-display has no such request: its mode is the guest's choice alone.
     pub fn set_display_size(&self, width: u32, height: u32) -> Result<(), MachineError> {
         let display = self.display.as_ref().ok_or(MachineError::NoDisplay)?;
         let _gate = lock(&self.snapshot_gate);
-        display.gpu.set_display_size(width, height);
+        if let Some(virtio) = display.hardware.virtio() {
+            virtio.gpu.set_display_size(width, height);
+        }
         Ok(())
     }
 
-    /// What the screen shows: `boot-framebuffer 1024x768`, `virtio-gpu 1280x800`; None
-    /// without a display.
+    /// What the screen shows: `boot-framebuffer 1024x768`, `virtio-gpu 1280x800`,
+    /// `bochs-display 720x400`; None without a display.
     pub fn display_status(&self) -> Option<String> {
-        let screen = &self.display.as_ref()?.screen;
-        let source = match screen.live_source() {
-            SourceId::BootFramebuffer => "boot-framebuffer".to_string(),
-            SourceId::Gpu(0) => "virtio-gpu".to_string(),
-            SourceId::Gpu(n) => format!("virtio-gpu:{n}"),
+        let display = self.display.as_ref()?;
+        let screen = &display.screen;
+        let source = match (screen.live_source(), &display.hardware) {
+            (SourceId::BootFramebuffer, DisplayHardware::BochsDisplay(_)) => {
+                "bochs-display".to_string()
+            }
+            (SourceId::BootFramebuffer, _) => "boot-framebuffer".to_string(),
+            (SourceId::Gpu(0), _) => "virtio-gpu".to_string(),
+            (SourceId::Gpu(n), _) => format!("virtio-gpu:{n}"),
         };
         let (width, height) = screen.size();
         Some(format!("{source} {width}x{height}"))

@@ -24,7 +24,7 @@ use crate::hypervisor::{
     X86Sregs,
 };
 use crate::machine::disks::SwitchableDisk;
-use crate::machine::display::DisplayDevices;
+use crate::machine::display::{DisplayDevices, DisplayHardware, VirtioDisplay};
 use crate::memory::GuestMemory;
 use crate::pci::{
     Bdf, PciConfigIo, PciConfigMmio, PciHostBridge, PciIoWindow, PciMmioWindow, PciRoot,
@@ -175,12 +175,14 @@ impl Board for PcBoard {
                 Ok(handle)
             };
             display = Some(DisplayDevices {
-                keyboard: input("the virtio keyboard", Input::keyboard())?,
-                tablet: input("the virtio tablet", Input::tablet())?,
-                mouse: input("the virtio mouse", Input::mouse())?,
+                hardware: DisplayHardware::VirtioGpu(VirtioDisplay {
+                    keyboard: input("the virtio keyboard", Input::keyboard())?,
+                    tablet: input("the virtio tablet", Input::tablet())?,
+                    mouse: input("the virtio mouse", Input::mouse())?,
+                    gpu: gpu_handle,
+                    framebuffer,
+                }),
                 screen,
-                gpu: gpu_handle,
-                framebuffer,
                 memory_slots: guest_map.slots().clone(),
             });
         }
@@ -266,7 +268,7 @@ impl Board for PcBoard {
             SavedDevice::of(ACPI_PM_ID, &acpi_pm, AcpiPm::save_state, AcpiPm::restore_state),
         ];
         if let Some(display) = &display {
-            saved.push(boot_framebuffer_state(&display.framebuffer));
+            saved.push(boot_framebuffer_state(display.hardware.framebuffer()));
         }
         for bdf in pci_functions {
             saved.push(pci_function_state(&pci, bdf));

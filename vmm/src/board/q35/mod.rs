@@ -13,7 +13,9 @@
 //!  0x000E_0000  RAM, filled with CODE's last 128 KiB at every  0x0CF8  config + 0xCF9 reset
 //!               power-on and reset (the BIOS's shadow)         0x6000  PCI I/O window
 //!  PCI 00:00.0 MCH 8086:29C0, 00:1f.0 ICH9 LPC 8086:2918, virtio devices from 00:01.0
-//!  (disks, rng, then the network card if the VM has one)
+//!  (disks, rng, then the network card if the VM has one); with a screen, 00:1e.0
+//!  bochs-display 1234:1111 (BAR 0 the framebuffer, wherever firmware puts it, scanned out
+//!  by the machine's scanner; its ROM the VGA BIOS of `FirmwareBoot::vga_bios`, if any)
 //! ```
 //!
 //! The vCPUs start in their reset state: the BSP at the reset vector inside CODE, the APs
@@ -23,7 +25,8 @@
 //! program (0xB000_0000, 0x600); anywhere else they stay off and the first attempt is logged.
 //!
 //! Saved device ids: `q35/com1`, `q35/i8042`, `q35/rtc`, `q35/pm`, `q35/port92`,
-//! `q35/config-ports`, `q35/fw-cfg`, `pci/00:NN.F`. The pflash is not saved state: its
+//! `q35/config-ports`, `q35/fw-cfg`, `pci/00:NN.F` (the bochs-display's registers and
+//! framebuffer under `pci/00:1e.0`). The pflash is not saved state: its
 //! contents are the VM's variable store, which a guest's reset must keep (it is reset to
 //! read-array mode by `load_boot`); snapshots of firmware VMs are not supported yet.
 
@@ -35,6 +38,7 @@ use crate::board::{
     Board, BoardContext, BoardDevices, BoardError, BootSource, FirmwareBoot, IoBuses, SavedDevice,
     WhenMissing,
 };
+use crate::devices::bochs_display::BochsDisplay;
 use crate::devices::bus::{lock, Bus, BusDevice};
 use crate::devices::fw_cfg::{self, FwCfg, FwCfgConfig, E820_RAM, E820_RESERVED};
 use crate::devices::i8042::I8042;
@@ -46,6 +50,7 @@ use crate::devices::q35::{
 use crate::devices::rtc::Rtc;
 use crate::devices::serial::{IrqEdge, SerialDevice};
 use crate::hypervisor::{ArchVcpu, HypervisorError, InterruptSink, VmSetup};
+use crate::machine::display::{DisplayDevices, DisplayHardware};
 use crate::memory::GuestMemory;
 use crate::pci::{Bdf, PciConfigIo, PciConfigMmio, PciIoWindow, PciMmioWindow, PciRoot};
 use crate::pci::{PciRootConfig, PciWindow};
@@ -129,7 +134,23 @@ pub enum Q35Error {
     FirmwareTooLarge { code: std::path::PathBuf, vars: std::path::PathBuf },
     #[error("Cannot allocate memory for the firmware image")]
     Allocate(#[source] vm_memory::mmap::MmapRegionError),
+    #[error("Cannot read the VGA BIOS {path}")]
+    ReadVgaBios {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
+
+/// Where the bochs-display sits when the machine has a screen: a fixed slot, the last free
+/// one before the LPC bridge, which the virtio devices (numbered up from 00:01.0) do not
+/// reach, so a VM with a screen has every other device at the BDF it has without one.
+pub const DISPLAY_BDF: Bdf = match Bdf::new(0, 0x1e, 0) {
+    Some(bdf) => bdf,
+    None => panic!("device 0x1e is a valid slot"),
+};
+/// The mode the display's EDID prefers (OVMF's and Linux's first choice).
+pub const DISPLAY_PREFERRED_MODE: (u32, u32) = (1024, 768);
 
 /// Where the firmware area (CODE, and VARS below it) may start at the lowest: the 16 MiB
 /// below 4 GiB, right above KVM's pages and clear of the LAPIC and IOAPIC.
@@ -349,7 +370,7 @@ impl Board for Q35Board {
             memory,
             irq,
             serial_out,
-            screen: _,
+            screen,
             disks: disk_configs,
             on_poweroff,
             on_reset,
@@ -474,6 +495,20 @@ impl Board for Q35Board {
             let notifiers = crate::board::pc::io_thread_notifiers(vm);
             add_virtio(&mut pci, "virtio-net", Box::new(device), memory, &irq, notifiers)?;
         }
+        // After every other device, so their first BAR addresses stay as they were too.
+        let display = match screen {
+            Some(screen) => {
+                let vga_bios = match &firmware.vga_bios {
+                    Some(path) => Some(std::fs::read(path).map_err(|source| {
+                        firmware_error(Q35Error::ReadVgaBios { path: path.clone(), source })
+                    })?),
+                    None => None,
+                };
+                let vga_bios = vga_bios.as_deref().unwrap_or_default();
+                Some(add_display(&mut pci, screen, vga_bios, guest_map.slots())?)
+            }
+            None => None,
+        };
         let pci_functions = pci.functions();
         let pci = Arc::new(Mutex::new(pci));
 
@@ -552,7 +587,7 @@ impl Board for Q35Board {
         self.pflash = pflash.map(|(_, flash)| flash);
         self.firmware = Some(firmware.clone());
         self.isa_bios = isa_bios;
-        Ok(BoardDevices { io: IoBuses { pio, mmio }, saved, pci, display: None, disks })
+        Ok(BoardDevices { io: IoBuses { pio, mmio }, saved, pci, display, disks })
     }
 
     fn load_boot(
@@ -626,6 +661,27 @@ fn pci_function_state(pci: &Arc<Mutex<PciRoot>>, bdf: Bdf) -> SavedDevice {
         restore: Box::new(move |bytes| lock(&for_restore).restore_function(bdf, bytes)),
         when_missing: WhenMissing::Refuse,
     }
+}
+
+/// Puts a bochs-display serving `vga_bios` (no ROM if empty) at [`DISPLAY_BDF`], drawing on
+/// `screen`. Its framebuffer is found in `memory_slots` wherever firmware maps BAR 0.
+fn add_display(
+    pci: &mut PciRoot,
+    screen: Arc<display::scanout::Screen>,
+    vga_bios: &[u8],
+    memory_slots: &Arc<crate::memory::slots::MemorySlots>,
+) -> Result<DisplayDevices, BoardError> {
+    let sink: Arc<dyn display::ScanoutSink> = screen.clone();
+    let device = BochsDisplay::new(DISPLAY_PREFERRED_MODE, vga_bios, sink)
+        .map_err(|e| BoardError::device("the bochs-display", e))?;
+    let scanout = device.scanout();
+    pci.add_device_at(DISPLAY_BDF, Box::new(device))
+        .map_err(|e| BoardError::device("the bochs-display", e))?;
+    Ok(DisplayDevices {
+        screen,
+        hardware: DisplayHardware::BochsDisplay(scanout),
+        memory_slots: memory_slots.clone(),
+    })
 }
 
 fn add_virtio(

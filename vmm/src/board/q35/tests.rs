@@ -336,6 +336,17 @@ struct Built {
     _dir: tempfile::TempDir,
     memory: GuestMemory,
     firmware: FirmwareBoot,
+    display: Option<DisplayDevices>,
+    saved: Vec<SavedDevice>,
+    pci: Arc<Mutex<PciRoot>>,
+}
+
+/// What a test board is built with besides the firmware.
+#[derive(Default)]
+struct Extras {
+    net: Option<crate::board::NetAttachment>,
+    /// A screen, and the VGA BIOS bytes (None: no VGA BIOS path in the firmware).
+    screen: Option<Option<Vec<u8>>>,
 }
 
 fn build_board() -> Built {
@@ -343,6 +354,16 @@ fn build_board() -> Built {
 }
 
 fn build_board_with(net: Option<crate::board::NetAttachment>) -> Built {
+    try_build_board(Extras { net, ..Extras::default() }).unwrap()
+}
+
+/// A board with a screen whose VGA BIOS is `vga_bios` (None: the firmware names none).
+fn build_board_with_screen(vga_bios: Option<Vec<u8>>) -> Built {
+    try_build_board(Extras { screen: Some(vga_bios), ..Extras::default() }).unwrap()
+}
+
+fn try_build_board(extras: Extras) -> Result<Built, BoardError> {
+    let Extras { net, screen } = extras;
     let dir = tempfile::tempdir().unwrap();
     let code = dir.path().join("code.fd");
     let mut image = vec![0u8; CODE_SIZE as usize];
@@ -352,7 +373,20 @@ fn build_board_with(net: Option<crate::board::NetAttachment>) -> Built {
     let mut store = vec![0xffu8; VARS_SIZE as usize];
     store[..4].copy_from_slice(b"VARS");
     std::fs::write(&vars, store).unwrap();
-    let firmware = FirmwareBoot { code, vars: Some(vars) };
+    let mut firmware = FirmwareBoot { code, vars: Some(vars), vga_bios: None };
+    let screen = screen.map(|vga_bios| {
+        if let Some(bytes) = vga_bios {
+            let path = dir.path().join("vgabios-bochs-display.bin");
+            // An empty file stands for a missing one.
+            if !bytes.is_empty() {
+                std::fs::write(&path, bytes).unwrap();
+            }
+            firmware.vga_bios = Some(path);
+        }
+        let frame = dir.path().join("screen.shm");
+        let writer = display::frame::FrameWriter::create(&frame, 1920, 1080).unwrap();
+        Arc::new(display::scanout::Screen::new(writer))
+    });
 
     let vm = Arc::new(RecordingVm::default());
     let memory = GuestMemory::from_ranges(&[(GuestAddress(0), (64 * MIB) as usize)]).unwrap();
@@ -360,23 +394,31 @@ fn build_board_with(net: Option<crate::board::NetAttachment>) -> Built {
     let guest_map = Arc::new(crate::memory::slots::VmMemory::new(dyn_vm.clone()));
     let boot = BootSource::Firmware(firmware.clone());
     let mut board = Q35Board::new();
-    let devices = board
-        .build_devices(BoardContext {
-            vm: &dyn_vm,
-            memory: &memory,
-            irq: dyn_vm.clone(),
-            serial_out: Box::new(std::io::sink()),
-            screen: None,
-            disks: &[],
-            on_poweroff: Box::new(|| {}),
-            on_reset: Box::new(|| {}),
-            guest_map: &guest_map,
-            vcpu_count: 2,
-            boot: &boot,
-            net,
-        })
-        .unwrap();
-    Built { board, vm, io: devices.io, _dir: dir, memory, firmware }
+    let devices = board.build_devices(BoardContext {
+        vm: &dyn_vm,
+        memory: &memory,
+        irq: dyn_vm.clone(),
+        serial_out: Box::new(std::io::sink()),
+        screen,
+        disks: &[],
+        on_poweroff: Box::new(|| {}),
+        on_reset: Box::new(|| {}),
+        guest_map: &guest_map,
+        vcpu_count: 2,
+        boot: &boot,
+        net,
+    })?;
+    Ok(Built {
+        board,
+        vm,
+        io: devices.io,
+        _dir: dir,
+        memory,
+        firmware,
+        display: devices.display,
+        saved: devices.saved,
+        pci: devices.pci,
+    })
 }
 
 /// Bus, device and function as CONFIG_ADDRESS holds them (bits 23..8).
@@ -510,7 +552,8 @@ fn a_reset_boots_the_same_firmware_and_nothing_else() {
     let built = build_board();
     let same = BootSource::Firmware(built.firmware.clone());
     built.board.load_boot(&built.memory, &same, 2).unwrap();
-    let other = BootSource::Firmware(FirmwareBoot { code: "/other.fd".into(), vars: None });
+    let other =
+        BootSource::Firmware(FirmwareBoot { code: "/other.fd".into(), vars: None, vga_bios: None });
     assert!(built.board.load_boot(&built.memory, &other, 2).is_err());
     let kernel = BootSource::Kernel(crate::board::KernelBoot {
         kernel: "/k".into(),
@@ -548,4 +591,139 @@ fn the_firmware_debug_port_answers_that_it_is_there() {
     assert!(built.io.pio.read(0x402, &mut byte));
     assert_eq!(byte, [0xe9]);
     assert!(built.io.pio.write(0x402, b"SeaBIOS\n"));
+}
+
+/// Debian's vgabios-bochs-display.bin is 28 KiB with an option ROM header.
+fn vga_bios_image() -> Vec<u8> {
+    let mut rom: Vec<u8> = (0..28672u32).map(|i| (i * 13 % 251) as u8).collect();
+    rom[..3].copy_from_slice(&[0x55, 0xaa, (28672 / 512) as u8]);
+    rom
+}
+
+/// The BAR register `reg` sized as firmware does: all-ones written, the mask read back and
+/// the old value put back.
+fn bar_size(io: &IoBuses, bdf: Bdf, reg: u8) -> u32 {
+    let old = config_read32(io, bdf, reg);
+    config_write32(io, bdf, reg, u32::MAX);
+    let mask = config_read32(io, bdf, reg);
+    config_write32(io, bdf, reg, old);
+    !(mask & !0xf) + 1
+}
+
+#[test]
+fn the_display_slot_is_free_of_the_chipset_and_out_of_reach_of_the_virtio_devices() {
+    assert_eq!(DISPLAY_BDF.to_string(), "00:1e.0");
+    assert_ne!(DISPLAY_BDF, LPC_BDF);
+    // Devices are numbered up from 00:01.0: a machine has far fewer than 29 before it.
+    assert!(DISPLAY_BDF.device() > 20);
+}
+
+#[test]
+fn with_a_screen_a_bochs_display_at_00_1e_0_serves_the_vga_bios_and_moves_no_device() {
+    let without = build_board();
+    let with = build_board_with_screen(Some(vga_bios_image()));
+    assert!(without.display.is_none());
+    assert_eq!(config_read32(&without.io, DISPLAY_BDF, 0), u32::MAX, "no screen: no display");
+    let functions = |b: &Built| lock(&b.pci).functions();
+    let mut expected = functions(&without);
+    expected.push(DISPLAY_BDF);
+    expected.sort();
+    assert_eq!(functions(&with), expected, "every other function at the BDF it had");
+    for bdf in functions(&without) {
+        for reg in [0x10, 0x14, 0x18] {
+            assert_eq!(
+                config_read32(&with.io, bdf, reg),
+                config_read32(&without.io, bdf, reg),
+                "{bdf} BAR at {reg:#x}"
+            );
+        }
+    }
+
+    let io = &with.io;
+    assert_eq!(config_read32(io, DISPLAY_BDF, 0), 0x1111_1234);
+    assert_eq!(config_read32(io, DISPLAY_BDF, 8) >> 8, 0x03_8000, "a display, not VGA");
+    assert_eq!(bar_size(io, DISPLAY_BDF, 0x10), 16 << 20, "the framebuffer");
+    assert_eq!(bar_size(io, DISPLAY_BDF, 0x18), 0x1000, "the registers");
+    assert_eq!(bar_size(io, DISPLAY_BDF, 0x30), 32 << 10, "the ROM, 28 KiB rounded up");
+    // Enabled at an address in the 32-bit window (as SeaBIOS does), it reads the VGA BIOS.
+    let rom_at = 0xfe00_0000u32;
+    config_write32(io, DISPLAY_BDF, 0x30, rom_at | 1);
+    let mut head = [0u8; 16];
+    assert!(io.mmio.read(u64::from(rom_at), &mut head));
+    assert_eq!(&head[..], &vga_bios_image()[..16]);
+    assert!(matches!(
+        with.display.as_ref().map(|d| &d.hardware),
+        Some(DisplayHardware::BochsDisplay(_))
+    ));
+}
+
+#[test]
+fn under_uefi_the_display_has_no_rom() {
+    let built = build_board_with_screen(None);
+    assert_eq!(config_read32(&built.io, DISPLAY_BDF, 0), 0x1111_1234);
+    config_write32(&built.io, DISPLAY_BDF, 0x30, u32::MAX);
+    assert_eq!(config_read32(&built.io, DISPLAY_BDF, 0x30), 0, "no expansion ROM");
+}
+
+#[test]
+fn an_unreadable_vga_bios_is_an_error_naming_it() {
+    // An empty file stands for a missing one: nothing is written.
+    let Err(err) = try_build_board(Extras { screen: Some(Some(Vec::new())), ..Extras::default() })
+    else {
+        panic!("built without its VGA BIOS");
+    };
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(&err);
+    while let Some(e) = source {
+        text += &format!(": {e}");
+        source = e.source();
+    }
+    assert!(text.contains("vgabios-bochs-display.bin"), "{text}");
+}
+
+#[test]
+fn the_scanner_finds_the_framebuffer_wherever_firmware_moves_bar_0() {
+    let built = build_board_with_screen(Some(vga_bios_image()));
+    let display = built.display.as_ref().unwrap();
+    let host = lock(display.hardware.framebuffer()).host_addr() as usize;
+    let placed = |_: &Built| display.memory_slots.find_host(host).map(|r| (r.guest_addr, r.size));
+    let first = u64::from(config_read32(&built.io, DISPLAY_BDF, 0x10) & !0xf);
+    assert_eq!(placed(&built), Some((first, 16 << 20)), "mapped where the board put it");
+    let generation = display.memory_slots.find_host(host).unwrap().generation;
+    // OVMF and SeaBIOS place BARs themselves: decoding off, the BAR moved, decoding on.
+    let command = config_read32(&built.io, DISPLAY_BDF, 0x04);
+    config_write32(&built.io, DISPLAY_BDF, 0x04, command & !0x2);
+    assert_eq!(placed(&built), None, "unmapped while memory decoding is off");
+    config_write32(&built.io, DISPLAY_BDF, 0x10, 0xc100_0000);
+    config_write32(&built.io, DISPLAY_BDF, 0x04, command);
+    assert_eq!(placed(&built), Some((0xc100_0000, 16 << 20)));
+    let moved = display.memory_slots.find_host(host).unwrap();
+    assert_ne!(moved.generation, generation, "a new mapping the scanner rescans in full");
+    assert!(lock(&built.vm.0).contains(&(0xc100_0000, 16 << 20, false)));
+}
+
+#[test]
+fn the_display_is_saved_with_the_pci_functions_and_comes_back() {
+    let built = build_board_with_screen(Some(vga_bios_image()));
+    let id = format!("pci/{DISPLAY_BDF}");
+    let saved = built.saved.iter().find(|d| d.id == id).expect("the display in saved state");
+    assert_eq!(saved.when_missing, WhenMissing::Refuse);
+    // The guest sets a mode and draws; the state taken then comes back after a reset's.
+    let regs = u64::from(config_read32(&built.io, DISPLAY_BDF, 0x18) & !0xf);
+    let dispi = |index: u64, value: u16| {
+        assert!(built.io.mmio.write(regs + 0x500 + 2 * index, &value.to_le_bytes()));
+    };
+    let power_on = (saved.save)().unwrap();
+    for (index, value) in [(1, 640), (2, 480), (3, 32), (4, 0x41)] {
+        dispi(index, value);
+    }
+    let with_mode = (saved.save)().unwrap();
+    assert_ne!(with_mode, power_on);
+    (saved.restore)(&power_on).unwrap();
+    assert_eq!((saved.save)().unwrap(), power_on);
+    (saved.restore)(&with_mode).unwrap();
+    assert_eq!((saved.save)().unwrap(), with_mode);
+    let mut xres = [0u8; 2];
+    assert!(built.io.mmio.read(regs + 0x502, &mut xres));
+    assert_eq!(u16::from_le_bytes(xres), 640);
 }
