@@ -51,6 +51,18 @@ impl Sandbox {
             .unwrap()
     }
 
+    /// A `HUTCH_FIRMWARE_DIR` with stand-ins for OVMF, SeaBIOS and its VGA BIOS (import
+    /// only checks that they are there).
+    fn fake_firmware(&self) -> PathBuf {
+        let dir = self.path("firmware");
+        std::fs::create_dir(&dir).unwrap();
+        for name in ["OVMF_CODE_4M.fd", "OVMF_VARS_4M.fd", "bios.bin", "vgabios-bochs-display.bin"]
+        {
+            std::fs::write(dir.join(name), vec![0u8; 128 << 10]).unwrap();
+        }
+        dir
+    }
+
     fn qemu_img(&self, args: &[&str]) -> Output {
         let out =
             Command::new("qemu-img").args(args).current_dir(self.dir.path()).output().unwrap();
@@ -511,11 +523,7 @@ fn import_of_an_ova_takes_name_cpus_and_memory_from_the_ovf() {
 #[test]
 fn import_picks_the_firmware_from_the_partition_table() {
     let s = Sandbox::new();
-    let firmware = s.path("firmware");
-    std::fs::create_dir(&firmware).unwrap();
-    for name in ["OVMF_CODE_4M.fd", "OVMF_VARS_4M.fd", "bios.bin", "vgabios-bochs-display.bin"] {
-        std::fs::write(firmware.join(name), vec![0u8; 128 << 10]).unwrap();
-    }
+    let firmware = s.fake_firmware();
     // GPT with an ESP, by sfdisk on a file; MBR with boot code written by hand.
     let gpt = s.path("uefi.raw");
     std::fs::write(&gpt, vec![0u8; 16 << 20]).unwrap();
@@ -575,11 +583,7 @@ fn import_picks_the_firmware_from_the_partition_table() {
 #[test]
 fn import_of_an_iso_makes_a_vm_that_installs_from_it_onto_a_new_disk() {
     let s = Sandbox::new();
-    let firmware = s.path("firmware");
-    std::fs::create_dir(&firmware).unwrap();
-    for name in ["OVMF_CODE_4M.fd", "OVMF_VARS_4M.fd", "bios.bin", "vgabios-bochs-display.bin"] {
-        std::fs::write(firmware.join(name), vec![0u8; 128 << 10]).unwrap();
-    }
+    let firmware = s.fake_firmware();
     let mut iso = vec![0u8; 1 << 20];
     iso[0x8001..0x8006].copy_from_slice(b"CD001");
     std::fs::write(s.path("debian.iso"), &iso).unwrap();
