@@ -43,10 +43,11 @@ CASES=(boots_to_readiness_line guest_sees_cpus_and_memory disk_hash_matches_host
     guest_reboot_comes_back_in_the_same_vm)
 # Stock firmware on the Q35 board (issue 14). The SeaBIOS cases are in CASES; the OVMF ones
 # run by name only: an OVMF guest crashes the lab's own emulator (FIRMWARE.md §7.1).
-BIOS_CASES=(seabios_boots_the_installer_iso_to_its_first_screen_and_takes_a_key
+BIOS_CASES=(seabios_boots_the_installer_iso_to_its_first_screen_and_takes_a_key)
+# Run by name: the screen case has not passed in the lab in its final form yet, and the
+# installed-VDI case's second boot froze the lab machine in 2 of 3 runs (under investigation).
+FW_CASES=(ovmf_reaches_its_boot_manager seabios_screen_shows_grub_through_the_bochs_display
     imported_bios_vdi_boots_to_login_reboots_and_stops_through_acpi)
-# Run by name: the screen case has not passed in the lab in its final form yet.
-FW_CASES=(ovmf_reaches_its_boot_manager seabios_screen_shows_grub_through_the_bochs_display)
 CASES+=("${BIOS_CASES[@]}")
 OVMF_CODE=${E2E_OVMF_CODE:-/usr/share/OVMF/OVMF_CODE_4M.fd}
 OVMF_VARS=${E2E_OVMF_VARS:-/usr/share/OVMF/OVMF_VARS_4M.fd}
