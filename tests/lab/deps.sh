@@ -11,8 +11,8 @@ PKGS=(qemu-system-x86 qemu-utils busybox-static cpio kmod socat python3 xz-utils
     libxcursor1 libxrandr2 libxi6
     # Disk image fixtures (ISO 9660).
     genisoimage
-    # Firmware: OVMF's variable template for the pflash tests.
-    ovmf
+    # Firmware: OVMF (and its variable template for the pflash tests), SeaBIOS and its VGA BIOSes.
+    ovmf seabios
     # User-mode networking (net/): libslirp to link and run against.
     libslirp-dev libslirp0
     # Firmware-boot fixture (tests/guest/installer-iso.sh): d-i's netboot kernel and initrd in a
