@@ -93,12 +93,7 @@ pub fn find_uefi(var: impl Fn(&str) -> Option<OsString>) -> Result<UefiFirmware,
 
 /// Finds SeaBIOS; `var` reads the environment (`HUTCH_FIRMWARE_DIR`).
 pub fn find_bios(var: impl Fn(&str) -> Option<OsString>) -> Result<PathBuf, FirmwareError> {
-    let path = firmware_dir(var, DEBIAN_SEABIOS_DIR).join(BIOS_IMAGE);
-    if path.is_file() {
-        Ok(path)
-    } else {
-        Err(FirmwareError::BiosNotFound { path })
-    }
+    find_seabios_file(var, BIOS_IMAGE).map_err(|path| FirmwareError::BiosNotFound { path })
 }
 
 /// [`find_bios`] with this process's environment.
@@ -108,11 +103,19 @@ pub fn find_bios_in_env() -> Result<PathBuf, FirmwareError> {
 
 /// Finds SeaBIOS's VGA BIOS for the bochs-display where [`find_bios`] finds SeaBIOS.
 pub fn find_vga_bios(var: impl Fn(&str) -> Option<OsString>) -> Result<PathBuf, FirmwareError> {
-    let path = firmware_dir(var, DEBIAN_SEABIOS_DIR).join(VGA_BIOS_IMAGE);
+    find_seabios_file(var, VGA_BIOS_IMAGE).map_err(|path| FirmwareError::VgaBiosNotFound { path })
+}
+
+/// `name` in SeaBIOS's directory if it is a file there, else the path searched.
+fn find_seabios_file(
+    var: impl Fn(&str) -> Option<OsString>,
+    name: &str,
+) -> Result<PathBuf, PathBuf> {
+    let path = firmware_dir(var, DEBIAN_SEABIOS_DIR).join(name);
     if path.is_file() {
         Ok(path)
     } else {
-        Err(FirmwareError::VgaBiosNotFound { path })
+        Err(path)
     }
 }
 
