@@ -99,11 +99,7 @@ rootfs_inputs() {
 
 # The images' inputs: this script, the host tools, the tree.
 image_inputs() {
-    local p v
-    for p in "${INPUT_PKGS[@]}"; do
-        v=$(dpkg-query -W -f='${Version}' "$p" 2>/dev/null) || die "package $p is not installed"
-        echo "package $p $v"
-    done
+    package_versions "${INPUT_PKGS[@]}"
     echo "script $(sha256sum <"${BASH_SOURCE[0]}" | cut -d' ' -f1)"
     cat "$ROOTFS.stamp"
 }

@@ -40,11 +40,7 @@ check_tools() {
 
 # inputs: what the image is made of, one line each; a change in any line means a rebuild.
 inputs() {
-    local p v
-    for p in "${INPUT_PKGS[@]}"; do
-        v=$(dpkg-query -W -f='${Version}' "$p" 2>/dev/null) || die "package $p is not installed"
-        echo "package $p $v"
-    done
+    package_versions "${INPUT_PKGS[@]}"
     echo "script $(sha256sum <"${BASH_SOURCE[0]}" | cut -d' ' -f1)"
 }
 

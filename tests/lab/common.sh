@@ -45,3 +45,13 @@ require_tools() {
 
 # A python3 from Debian's own package; stdlib only.
 PYTHON=${PYTHON:-python3}
+
+# package_versions PKG... : "package PKG VERSION" per installed package (a fixture's stamp
+# lines); a package that is not installed is fatal.
+package_versions() {
+    local p v
+    for p in "$@"; do
+        v=$(dpkg-query -W -f='${Version}' "$p" 2>/dev/null) || die "package $p is not installed"
+        echo "package $p $v"
+    done
+}
