@@ -9,7 +9,8 @@
 #   --interactive  connect the command's stdin to this terminal
 # Environment: LAB_TIMEOUT (s, default 1800), LAB_STALL (s without serial output after which the
 #   lab counts as hung and is stopped, default 600; not with --interactive), LAB_MEM (MiB,
-#   default 4096), LAB_CPUS (default 1:
+#   default 4096), LAB_POKE (s without serial output after which the lab machine gets a key
+#   press every 5 s, default 15), LAB_CPUS (default 1:
 #   measured faster than 2), LAB_ENV (extra variable names to pass in). CI, HUTCH_*, E2E_*,
 #   BENCH_*, RUST_*, CARGO_TARGET_DIR and TERM are passed in.
 # Exit status: the command's, or 125 if the lab itself failed (crash, timeout, stall, no
@@ -119,15 +120,17 @@ main() {
 
     build_l1
 
-    local script log rc
+    local script log rc monitor
     script=$(mktemp "$BUILD/lab/cmd.XXXXXX")
+    monitor=$(mktemp -u "$BUILD/lab/monitor.XXXXXX")
     log=$out/lab-serial.log
     write_script "$script" "$@"
-    trap 'rm -f "$script"' EXIT
+    trap 'rm -f "$script" "$monitor"' EXIT
 
     local qemu=(qemu-system-x86_64 -accel tcg,thread=multi -cpu EPYC,+svm,+npt
         -smp "${LAB_CPUS:-1}" -m "${LAB_MEM:-4096}" -M q35 -nodefaults -no-user-config
         -nographic -chardev stdio,id=con,signal=off -serial chardev:con -no-reboot
+        -monitor "unix:$monitor,server=on,wait=off"
         -kernel "$BUILD/lab/kernel" -initrd "$BUILD/lab/l1-initramfs.cpio.gz"
         -virtfs "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap"
         -virtfs "local,path=$out,mount_tag=out,security_model=none,multidevs=remap"
@@ -152,8 +155,12 @@ main() {
         : >"$log"
         timeout -k 10 "${LAB_TIMEOUT:-1800}" "${qemu[@]}" </dev/null 2> >(quiet_qemu >&2) \
             > >(tee -a "$log") &
-        local lab_pid=$! size=-1 quiet=0 stalled=0
+        local lab_pid=$! size=-1 quiet=0 stalled=0 pokes=0 spells=0
         # The watchdog: no serial output for LAB_STALL seconds means the lab machine hangs.
+        # Before that, a quiet machine gets a key press every 5 s: the emulated CPU under the
+        # lab can lose an interrupt request while it runs a nested guest and then sleep for
+        # ever with the interrupt pending in its local APIC; any new interrupt makes the APIC
+        # raise it again. A busy machine ignores the key (it goes to the unused VGA console).
         while kill -0 "$lab_pid" 2>/dev/null; do
             sleep 5
             local now_size
@@ -162,6 +169,18 @@ main() {
                 quiet=$((quiet + 5))
             else
                 size=$now_size quiet=0
+            fi
+            if [ "$quiet" -ge "${LAB_POKE:-15}" ]; then
+                if [ "$quiet" -lt $((${LAB_POKE:-15} + 5)) ]; then
+                    spells=$((spells + 1))
+                    # What the CPU was doing, for the first few spells.
+                    [ "$spells" -gt 5 ] || {
+                        echo "[$(date +%T)] quiet for $quiet s"
+                        "$PYTHON" "$REPO/tests/lab/hmp.py" "$monitor" "info registers" "info lapic" | grep -Ev "^(YMM|FPR|DR)"
+                    } >>"$out/lab-monitor.log" 2>&1
+                fi
+                "$PYTHON" "$REPO/tests/lab/hmp.py" "$monitor" "sendkey shift" >/dev/null 2>&1 &&
+                    pokes=$((pokes + 1))
             fi
             if [ "$quiet" -ge "${LAB_STALL:-600}" ]; then
                 stalled=1
@@ -177,6 +196,8 @@ main() {
             grep -q 'LAB-EXIT=' "$log" && break
             sleep 0.1
         done
+        [ "$pokes" = 0 ] ||
+            log "lab: $spells quiet spells of ${LAB_POKE:-15} s or more, $pokes key presses (CPU state: $out/lab-monitor.log)"
         [ "$stalled" = 0 ] || lab_die "stalled: no serial output for ${LAB_STALL:-600} s (LAB_STALL); serial log: $log"
     fi
     set -e
