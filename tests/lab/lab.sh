@@ -155,7 +155,7 @@ main() {
         : >"$log"
         timeout -k 10 "${LAB_TIMEOUT:-1800}" "${qemu[@]}" </dev/null 2> >(quiet_qemu >&2) \
             > >(tee -a "$log") &
-        local lab_pid=$! size=-1 quiet=0 stalled=0 pokes=0 spells=0
+        local lab_pid=$! size=-1 quiet=0 stalled=0 pokes=0 spells=0 lost=0
         # The watchdog: no serial output for LAB_STALL seconds means the lab machine hangs.
         # Before that, a quiet machine gets a key press every 5 s: the emulated CPU under the
         # lab can lose an interrupt request while it runs a nested guest and then sleep for
@@ -171,13 +171,16 @@ main() {
                 size=$now_size quiet=0
             fi
             if [ "$quiet" -ge "${LAB_POKE:-15}" ]; then
-                if [ "$quiet" -lt $((${LAB_POKE:-15} + 5)) ]; then
-                    spells=$((spells + 1))
-                    # What the CPU was doing, for the first few spells.
-                    [ "$spells" -gt 5 ] || {
-                        echo "[$(date +%T)] quiet for $quiet s"
-                        "$PYTHON" "$REPO/tests/lab/hmp.py" "$monitor" "info registers" "info lapic" | grep -Ev "^(YMM|FPR|DR)"
-                    } >>"$out/lab-monitor.log" 2>&1
+                [ "$quiet" -ge $((${LAB_POKE:-15} + 5)) ] || spells=$((spells + 1))
+                # A CPU halted with an interrupt waiting in its APIC's IRR is the lost request.
+                local cpu
+                cpu=$("$PYTHON" "$REPO/tests/lab/hmp.py" "$monitor" "info registers" "info lapic" 2>&1 |
+                    grep -Ev "^(YMM|FPR|DR)")
+                if grep -q 'HLT=1' <<<"$cpu" && grep -qE '^IRR[[:space:]]+[0-9]' <<<"$cpu"; then
+                    lost=$((lost + 1))
+                    [ "$lost" -gt 5 ] ||
+                        printf '[%s] quiet for %s s, halted with an interrupt pending\n%s\n' \
+                            "$(date +%T)" "$quiet" "$cpu" >>"$out/lab-monitor.log"
                 fi
                 "$PYTHON" "$REPO/tests/lab/hmp.py" "$monitor" "sendkey shift" >/dev/null 2>&1 &&
                     pokes=$((pokes + 1))
@@ -197,7 +200,7 @@ main() {
             sleep 0.1
         done
         [ "$pokes" = 0 ] ||
-            log "lab: $spells quiet spells of ${LAB_POKE:-15} s or more, $pokes key presses (CPU state: $out/lab-monitor.log)"
+            log "lab: $spells quiet spells of ${LAB_POKE:-15} s or more, $pokes key presses; the CPU was halted with an interrupt pending $lost times (lab-monitor.log)"
         [ "$stalled" = 0 ] || lab_die "stalled: no serial output for ${LAB_STALL:-600} s (LAB_STALL); serial log: $log"
     fi
     set -e
