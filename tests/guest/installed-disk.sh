@@ -115,8 +115,8 @@ build_rootfs() {
         tail -n 30 "$dir.log" >&2
         die "debootstrap failed (log: $dir.log)"
     }
-    # debootstrap unmounts what it mounted; a leftover would end up copied into the image.
-    no_mounts_under "$dir"
+    # A leftover /proc would end up copied into the image.
+    release_mounts_under "$dir"
     echo "root:$ROOT_PASSWORD" | chroot "$dir" chpasswd
     echo "$GUEST_HOSTNAME" >"$dir/etc/hostname"
     printf '127.0.0.1\tlocalhost\n127.0.1.1\t%s\n::1\t\tlocalhost ip6-localhost ip6-loopback\n' \
@@ -148,12 +148,17 @@ trim_rootfs() {
     done
 }
 
-# no_mounts_under DIR: nothing is mounted below DIR (an interrupted debootstrap may have left its
-# /proc), so that removing DIR stays in DIR's own files.
-no_mounts_under() {
+# release_mounts_under DIR: unmounts what is mounted below DIR, deepest first (debootstrap
+# mounts /proc in the target and, interrupted or with a process of the chroot still holding it,
+# leaves it there), so that removing DIR stays in DIR's own files and the image gets none of it.
+release_mounts_under() {
     local m
+    for m in $(awk -v d="$1/" 'index($2, d) == 1 {print $2}' /proc/mounts | sort -r); do
+        log "installed-disk: unmounting $m"
+        umount "$m" 2>/dev/null || umount -l "$m"
+    done
     m=$(awk -v d="$1/" 'index($2, d) == 1 {print $2}' /proc/mounts)
-    [ -z "$m" ] || die "mounted below $1 (left by an interrupted debootstrap?): $m; umount it first"
+    [ -z "$m" ] || die "still mounted below $1: $m; unmount it first"
 }
 
 # prepare_rootfs: the cached debootstrap tree in $ROOTFS, rebuilt when its inputs change.
@@ -165,8 +170,8 @@ prepare_rootfs() {
         log "installed-disk: reusing the debootstrap tree $ROOTFS"
         return 0
     fi
-    no_mounts_under "$ROOTFS"
-    no_mounts_under "$ROOTFS.new"
+    release_mounts_under "$ROOTFS"
+    release_mounts_under "$ROOTFS.new"
     rm -rf --one-file-system "$ROOTFS" "$ROOTFS.new" "$ROOTFS.stamp"
     mkdir -p "$BUILD/installed-disk"
     build_rootfs "$ROOTFS.new"
