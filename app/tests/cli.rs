@@ -292,6 +292,33 @@ fn run_reports_a_hypervisor_or_machine_failure_as_an_error() {
 }
 
 #[test]
+fn run_with_a_new_disk_makes_a_scratch_disk_and_removes_it_when_the_run_ends() {
+    let s = Sandbox::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |size: &str| {
+        Command::new(env!("CARGO_BIN_EXE_hutch"))
+            .args(["run", "--kernel", "vmlinuz", "--memory", "64", "--new-disk", size])
+            .current_dir(s.files.path())
+            .env("HUTCH_HOME", s.home.path())
+            .env("XDG_RUNTIME_DIR", s.runtime.path())
+            .env("TMPDIR", tmp.path())
+            .env_remove("HUTCH_BACKEND")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    // The text file is no kernel: the run fails after making its disk, which must go too.
+    let o = run("1G");
+    let err = stderr(&o);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.starts_with("hutch: a new 1024 MiB disk for this run"), "{err}");
+    assert!(err.contains("\nhutch: error: "), "{err}");
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
+    assert!(left.is_empty(), "the run left {left:?}");
+    assert_error(&run("0"), &["0 bytes", "multiple of 512"]);
+}
+
+#[test]
 fn start_of_a_vm_whose_kernel_was_deleted_reports_the_path() {
     let s = Sandbox::new();
     assert_ok(&s.create("vm"));

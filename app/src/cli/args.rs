@@ -177,6 +177,10 @@ pub struct RunArgs {
     /// Where the guest's serial console goes: "stdio" or a file to append to.
     #[arg(long, value_name = "stdio|PATH", default_value = "stdio", value_parser = parse_serial)]
     pub serial: SerialTarget,
+    /// An empty qcow2 disk of this size (e.g. 20G) as the first disk, for this run only: it
+    /// is removed when the run ends (`hutch create --new-disk` keeps one in the VM).
+    #[arg(long, value_name = "SIZE", value_parser = parse_disk_size)]
+    pub new_disk: Option<u64>,
 }
 
 #[derive(Debug, Args)]

@@ -47,6 +47,25 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let _scratch_disk = match args.new_disk {
+        Some(size) => {
+            let scratch = ScratchFile(
+                std::env::temp_dir().join(format!("hutch-run-{}-disk.qcow2", std::process::id())),
+            );
+            let _ = std::fs::remove_file(&scratch.0);
+            service::create_blank_disk(&scratch.0, size)?;
+            config
+                .disks
+                .insert(0, crate::library::DiskEntry { path: scratch.0.clone(), readonly: false });
+            eprintln!(
+                "hutch: a new {} MiB disk for this run, removed when it ends: {}",
+                size >> 20,
+                scratch.0.display()
+            );
+            Some(scratch)
+        }
+        None => None,
+    };
     let end = service::run_foreground(config, &args.serial, |vm| {
         let kind = if stdio { stdin_kind() } else { StdinKind::Other };
         let raw = if kind == StdinKind::Tty {

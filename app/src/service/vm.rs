@@ -120,16 +120,12 @@ pub fn create_with_new_disk(
     size: u64,
 ) -> anyhow::Result<()> {
     crate::library::validate_name(name)?;
-    if size == 0 || !size.is_multiple_of(512) {
-        bail!("A new disk of {size} bytes: the size must be a non-zero multiple of 512 bytes");
-    }
+    check_new_disk_size(size)?;
     let mut config = checked_config(config)?;
     let vm = library.create(name, &config)?;
     let path = vm.dir().join(NEW_DISK_FILE);
     let made = (|| -> anyhow::Result<()> {
-        let image = disk::convert::NewImage::create(&path, disk::ImageFormat::Qcow2, size)
-            .with_context(|| format!("Cannot create the disk {}", path.display()))?;
-        image.commit(false)?;
+        create_blank_disk(&path, size)?;
         config.disks.insert(0, crate::library::DiskEntry { path, readonly: false });
         vm.write_config(&config)?;
         Ok(())
@@ -138,6 +134,22 @@ pub fn create_with_new_disk(
         let _ = std::fs::remove_dir_all(vm.dir());
     }
     made
+}
+
+fn check_new_disk_size(size: u64) -> anyhow::Result<()> {
+    if size == 0 || !size.is_multiple_of(512) {
+        bail!("A new disk of {size} bytes: the size must be a non-zero multiple of 512 bytes");
+    }
+    Ok(())
+}
+
+/// An empty qcow2 image of `size` bytes at `path`, which must not exist (it appears whole).
+pub fn create_blank_disk(path: &Path, size: u64) -> anyhow::Result<()> {
+    check_new_disk_size(size)?;
+    let image = disk::convert::NewImage::create(path, disk::ImageFormat::Qcow2, size)
+        .with_context(|| format!("Cannot create the disk {}", path.display()))?;
+    image.commit(false)?;
+    Ok(())
 }
 
 /// Replaces a stopped VM's configuration (the lock keeps it from starting meanwhile).
