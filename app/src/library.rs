@@ -120,6 +120,11 @@ pub struct VmConfig {
     /// Boxed: a VmConfig travels in the GUI's jobs, which stay small.
     #[serde(skip)]
     pub firmware: Option<Box<vmm::board::FirmwareBoot>>,
+    /// Where the CD goes among the machine's disks, when that is fixed already: a restored
+    /// machine must have its disks in the order the snapshot was taken with. None: decided
+    /// from the first disk (see `cd_is_first`).
+    #[serde(skip)]
+    pub cd_first: Option<bool>,
     /// The network card. Files from before networking have none, so their VMs (and snapshots)
     /// keep the devices they had; new VMs get `user`.
     #[serde(default, skip_serializing_if = "NetMode::is_none")]
@@ -318,6 +323,7 @@ impl VmConfig {
             memory_mib,
             display: true,
             firmware: None,
+            cd_first: None,
             net: NetMode::User,
             mac: Some(random_mac()),
             forwards: Vec::new(),
@@ -399,6 +405,24 @@ impl VmConfig {
         Ok(())
     }
 
+    /// Puts `iso` in the VM's CD drive (an absolute path to a readable file), or empties the
+    /// drive with None.
+    pub fn set_iso(&mut self, iso: Option<&Path>) -> Result<()> {
+        self.iso = match iso {
+            Some(iso) => {
+                check_file("ISO", iso, false)?;
+                let path = std::path::absolute(iso).map_err(|source| LibraryError::File {
+                    what: "ISO",
+                    path: iso.to_path_buf(),
+                    source,
+                })?;
+                Some(path)
+            }
+            None => None,
+        };
+        Ok(())
+    }
+
     /// Makes every path absolute against the current directory (symlinks are kept as links).
     pub fn make_paths_absolute(&mut self) -> Result<()> {
         let abs = |p: &Path| {
@@ -465,24 +489,26 @@ impl VmConfig {
         Ok(())
     }
 
-    /// The disks in the order the firmware sees them: the ISO first while the first disk
-    /// has no boot loader (firmware boots the first bootable disk), else last.
+    /// Whether the machine gets the CD before its disks: while the first disk has no boot
+    /// loader (firmware boots the first bootable disk), unless `cd_first` fixes it already.
+    pub fn cd_is_first(&self) -> bool {
+        self.iso.is_some()
+            && self
+                .cd_first
+                .unwrap_or_else(|| !self.disks.first().is_some_and(|d| has_boot_loader(&d.path)))
+    }
+
+    /// The disks in the order the firmware sees them: the ISO first or last
+    /// ([`Self::cd_is_first`]), the VM's disks in their order.
     fn machine_disks(&self) -> Vec<DiskConfig> {
-        let mut disks: Vec<DiskConfig> = self
-            .disks
-            .iter()
-            .map(|d| DiskConfig { path: d.path.clone(), readonly: d.readonly })
-            .collect();
-        if let Some(iso) = &self.iso {
-            let cd = DiskConfig { path: iso.clone(), readonly: true };
-            let installed = self.disks.first().is_some_and(|d| has_boot_loader(&d.path));
-            if installed {
-                disks.push(cd);
-            } else {
-                disks.insert(0, cd);
-            }
+        let disks =
+            self.disks.iter().map(|d| DiskConfig { path: d.path.clone(), readonly: d.readonly });
+        let cd = self.iso.iter().map(|iso| DiskConfig { path: iso.clone(), readonly: true });
+        if self.cd_is_first() {
+            cd.chain(disks).collect()
+        } else {
+            disks.chain(cd).collect()
         }
-        disks
     }
 
     pub fn to_machine_config(&self) -> MachineConfig {
@@ -982,9 +1008,16 @@ mod tests {
         mbr[..2].copy_from_slice(&[0xeb, 0x63]);
         mbr[510..512].copy_from_slice(&[0x55, 0xaa]);
         std::fs::write(&disk, mbr).unwrap();
-        assert_eq!(order(&c), vec![(disk, false), (iso, true)]);
+        assert_eq!(order(&c), vec![(disk.clone(), false), (iso.clone(), true)]);
         let text = c.to_toml();
         assert_eq!(VmConfig::from_toml(&text).unwrap(), c);
+        // A machine restored from a snapshot taken before that keeps the CD first.
+        c.cd_first = Some(true);
+        assert_eq!(order(&c), vec![(iso.clone(), true), (disk.clone(), false)]);
+        assert!(!c.to_toml().contains("cd_first"), "a run-time choice, not vm.toml's");
+        c.iso = None;
+        assert!(!c.cd_is_first(), "no CD, nothing first");
+        assert_eq!(order(&c), vec![(disk, false)]);
     }
 
     #[test]

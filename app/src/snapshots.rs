@@ -77,6 +77,12 @@ struct Entry {
     display: bool,
     /// The layers frozen by this snapshot, one per disk of the VM.
     disks: Vec<DiskEntry>,
+    /// The ISO in the VM's CD drive (snapshots from before CDs have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    iso: Option<PathBuf>,
+    /// The CD came before the disks in the machine (a restore keeps that order).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    cd_first: bool,
 }
 
 fn snapshots_dir(vm: &VmDir) -> PathBuf {
@@ -243,6 +249,7 @@ pub fn take(
     machine: &MachineHandle,
     name: Option<&str>,
     screen: Option<&Path>,
+    cd_first: bool,
 ) -> anyhow::Result<SnapshotInfo> {
     let mut index = load_index(vm)?;
     let config = vm.load_config()?;
@@ -264,9 +271,18 @@ pub fn take(
         memory_mib: config.memory_mib,
         display: config.display,
         disks: config.disks.clone(),
+        iso: config.iso.clone(),
+        cd_first: cd_first && config.iso.is_some(),
+    };
+    // The machine's disks in its order: the new layers, and the CD (read-only: kept as is).
+    let cd = config.iso.iter().map(|iso| DiskEntry { path: iso.clone(), readonly: true });
+    let machine_disks: Vec<DiskEntry> = if entry.cd_first {
+        cd.chain(layers.iter().cloned()).collect()
+    } else {
+        layers.iter().cloned().chain(cd).collect()
     };
     let mut open_new = || {
-        layers
+        machine_disks
             .iter()
             .map(|d| {
                 disk::open_image(&d.path, disk::OpenOptions { writable: !d.readonly })
@@ -359,12 +375,21 @@ fn restored_config(current: &VmConfig, entry: &Entry) -> VmConfig {
     config.memory_mib = entry.memory_mib;
     config.display = entry.display;
     config.disks = entry.disks.clone();
+    config.iso = entry.iso.clone();
+    config.cd_first = Some(entry.cd_first);
     config
+}
+
+/// A snapshot put back by [`apply_restore`].
+pub struct Restored {
+    pub file: SnapshotFile,
+    /// Where the machine must have its CD (`VmConfig::cd_first`).
+    pub cd_first: bool,
 }
 
 /// Puts the VM's disks and configuration at snapshot `id` (under the VM lock, the VM not
 /// running) and returns the opened snapshot for `Machine::restore`.
-pub fn apply_restore(vm: &VmDir, id: &str) -> anyhow::Result<SnapshotFile> {
+pub fn apply_restore(vm: &VmDir, id: &str) -> anyhow::Result<Restored> {
     let mut index = load_index(vm)?;
     let entry = index.find(id)?.clone();
     let file = SnapshotFile::open(&state_path(vm, &entry.id))?;
@@ -377,7 +402,7 @@ pub fn apply_restore(vm: &VmDir, id: &str) -> anyhow::Result<SnapshotFile> {
     save_index(vm, &index)?;
     vm.write_config(&config)?;
     drop_unused_layers(vm, &index, &config)?;
-    Ok(file)
+    Ok(Restored { file, cd_first: entry.cd_first })
 }
 
 /// Removes layer files that neither a snapshot nor the VM's config uses (the active layers
@@ -509,7 +534,35 @@ mod tests {
             memory_mib: 64,
             display: false,
             disks: vec![],
+            iso: None,
+            cd_first: false,
         }
+    }
+
+    #[test]
+    fn an_index_from_before_cds_loads_and_restores_with_no_cd() {
+        let old = r#"{"snapshots":[{"id":"a1","name":"clean","created":1,"parent":null,
+            "cpus":1,"memory_mib":64,"display":false,"disks":[]}],"current":"a1"}"#;
+        let index: Index = serde_json::from_str(old).unwrap();
+        let entry = index.find("a1").unwrap();
+        assert_eq!((entry.iso.as_ref(), entry.cd_first), (None, false));
+        let mut current = VmConfig::new("/k".into(), None, "c".into(), vec![], 1, 64);
+        current.iso = Some("/later.iso".into());
+        let config = restored_config(&current, entry);
+        assert_eq!((config.iso, config.cd_first), (None, Some(false)));
+    }
+
+    #[test]
+    fn a_snapshot_restores_the_cd_it_was_taken_with_in_its_place() {
+        let mut taken = entry("a1", "installer", 1);
+        taken.iso = Some("/inst.iso".into());
+        taken.cd_first = true;
+        let json = serde_json::to_string(&taken).unwrap();
+        let back: Entry = serde_json::from_str(&json).unwrap();
+        let current = VmConfig::new("/k".into(), None, "c".into(), vec![], 1, 64);
+        let config = restored_config(&current, &back);
+        assert_eq!(config.iso.as_deref(), Some(Path::new("/inst.iso")));
+        assert_eq!(config.cd_first, Some(true));
     }
 
     #[test]

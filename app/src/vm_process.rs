@@ -149,6 +149,7 @@ pub trait MachineControl: Clone + Send + Sync + 'static {
         _vm: &VmDir,
         _name: Option<&str>,
         _screen: Option<&Path>,
+        _cd_first: bool,
     ) -> anyhow::Result<SnapshotInfo> {
         Err(anyhow!("This machine cannot be saved"))
     }
@@ -193,8 +194,9 @@ impl MachineControl for MachineHandle {
         vm: &VmDir,
         name: Option<&str>,
         screen: Option<&Path>,
+        cd_first: bool,
     ) -> anyhow::Result<SnapshotInfo> {
-        snapshots::take(vm, self, name, screen)
+        snapshots::take(vm, self, name, screen, cd_first)
     }
 }
 
@@ -234,6 +236,8 @@ struct MachineTarget<H> {
     /// One snapshot operation at a time (they all rewrite the index).
     snapshot_lock: Mutex<()>,
     net: Option<Arc<UserNet>>,
+    /// The machine has its CD before its disks (a snapshot records it).
+    cd_first: bool,
 }
 
 /// The snapshot the VM process restarts into once its machine has stopped.
@@ -298,7 +302,7 @@ impl<H: MachineControl> ControlTarget for MachineTarget<H> {
     }
     fn snapshot_take(&self, name: Option<String>) -> anyhow::Result<SnapshotInfo> {
         let _one = self.snapshot_lock.lock().unwrap_or_else(|p| p.into_inner());
-        self.handle.snapshot_take(&self.vm, name.as_deref(), self.screen.as_deref())
+        self.handle.snapshot_take(&self.vm, name.as_deref(), self.screen.as_deref(), self.cd_first)
     }
     fn snapshot_list(&self) -> anyhow::Result<SnapshotList> {
         snapshots::list(&self.vm)
@@ -431,12 +435,16 @@ fn run_locked<M: RunnableMachine>(
     if let Err(e) = merged {
         log::warn!("Cannot merge the layers of deleted snapshots yet: {e:#}");
     }
-    let snapshot = match restore {
+    let restored = match restore {
         Some(id) => Some(snapshots::apply_restore(vm, id)?),
         None => None,
     };
     let mut config = vm.load_config()?;
     config.resolve_firmware(&vm.nvram_path())?;
+    // Fixed once: the guest may write a boot loader while it runs, and the snapshot must
+    // record the order the machine was built with.
+    config.cd_first = Some(restored.as_ref().map_or_else(|| config.cd_is_first(), |r| r.cd_first));
+    let snapshot = restored.map(|r| r.file);
 
     let serial_path = vm.serial_log_path();
     let serial_log = OpenOptions::new()
@@ -460,6 +468,7 @@ fn run_locked<M: RunnableMachine>(
         screen: config.display.then_some(frame),
         snapshot_lock: Mutex::new(()),
         net,
+        cd_first: config.cd_is_first(),
     });
     let server = ControlServer::bind(&socket, target)?;
     if let Some(set) = signals {

@@ -74,6 +74,8 @@ pub enum Command {
     /// List, add and remove a VM's port forwards (host port → guest port); a running VM
     /// takes the change at once.
     Forward(ForwardArgs),
+    /// Show, insert or eject a stopped VM's CD (an ISO image).
+    Media(MediaArgs),
     /// Open the graphical interface (also what `hutch` alone does).
     Gui,
     /// The background VM process (internal).
@@ -232,6 +234,22 @@ pub enum SnapshotCommand {
     Restore { name: String, snapshot: String },
     /// Delete a snapshot; the others keep all their data.
     Delete { name: String, snapshot: String },
+}
+
+/// `hutch media NAME [insert ISO|eject]`.
+#[derive(Debug, Args)]
+pub struct MediaArgs {
+    pub name: String,
+    #[command(subcommand)]
+    pub command: Option<MediaCommand>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MediaCommand {
+    /// Put an ISO in the VM's CD drive (it boots from it while its disk has no OS).
+    Insert { iso: PathBuf },
+    /// Empty the VM's CD drive.
+    Eject,
 }
 
 /// `hutch forward NAME list|add|remove`.

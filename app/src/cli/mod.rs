@@ -39,6 +39,7 @@ pub fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 Command::Import(args) => import::run(&library, &args),
                 Command::Snapshot(cmd) => snapshot::run(&library, cmd),
                 Command::Forward(cmd) => forward::run(&library, cmd),
+                Command::Media(args) => vm::media(&library, args),
                 Command::Gui => crate::gui::run(library),
                 Command::Run(_) | Command::VmProcess { .. } | Command::Disk(_) => {
                     unreachable!("handled above")

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
-use super::args::{CreateArgs, RunArgs, SerialTarget};
+use super::args::{CreateArgs, MediaArgs, MediaCommand, RunArgs, SerialTarget};
 use crate::firmware;
 use crate::library::{ExitKind, Library};
 use crate::service::vm::{self as service, wire_name};
@@ -119,6 +119,25 @@ pub fn create(library: &Library, name: &str, args: &CreateArgs) -> anyhow::Resul
             service::create(library, name, args.to_config())?;
             println!("Created VM '{name}'");
         }
+    }
+    Ok(())
+}
+
+pub fn media(library: &Library, args: MediaArgs) -> anyhow::Result<()> {
+    let name = args.name;
+    match args.command {
+        None => match library.existing(&name)?.load_config()?.iso {
+            Some(iso) => println!("{}", iso.display()),
+            None => println!("VM '{name}' has no CD"),
+        },
+        Some(MediaCommand::Insert { iso }) => {
+            service::change_media(library, &name, Some(&iso))?;
+            println!("VM '{name}' has {} in its CD drive", iso.display());
+        }
+        Some(MediaCommand::Eject) => match service::change_media(library, &name, None)? {
+            Some(old) => println!("VM '{name}': ejected {}", old.display()),
+            None => println!("VM '{name}' had no CD"),
+        },
     }
     Ok(())
 }

@@ -152,6 +152,27 @@ pub fn create_blank_disk(path: &Path, size: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Puts `iso` in stopped VM `name`'s CD drive, or with None ejects it; returns what was
+/// there. The firmware boots the CD first while the VM's first disk has no boot loader.
+pub fn change_media(
+    library: &Library,
+    name: &str,
+    iso: Option<&Path>,
+) -> anyhow::Result<Option<PathBuf>> {
+    let vm = library.existing(name)?;
+    let _edit = vm.edit_lock()?;
+    // Changing the CD of a running guest needs a drive whose size can change under it
+    // (virtio-blk's capacity is fixed while it runs): stopped VMs only, for now.
+    let _lock = vm.try_lock()?.ok_or_else(|| {
+        anyhow!("VM '{name}' is running; stop it to change its CD (a running VM keeps its CD)")
+    })?;
+    let mut config = vm.load_config()?;
+    let before = config.iso.clone();
+    config.set_iso(iso)?;
+    vm.write_config(&config)?;
+    Ok(before)
+}
+
 /// Replaces a stopped VM's configuration (the lock keeps it from starting meanwhile).
 pub fn save_settings(library: &Library, name: &str, config: &VmConfig) -> anyhow::Result<()> {
     let vm = library.existing(name)?;
@@ -457,4 +478,52 @@ pub fn screenshot(library: &Library, name: &str, output: &Path) -> anyhow::Resul
 
 pub fn delete(library: &Library, name: &str) -> anyhow::Result<()> {
     Ok(library.delete(name)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn library_with_vm() -> (tempfile::TempDir, Library) {
+        let home = tempfile::tempdir().unwrap();
+        let lib = Library::at(home.path().to_path_buf());
+        let config = VmConfig::new(PathBuf::from("/k"), None, "c".into(), Vec::new(), 1, 128);
+        lib.create("vm", &config).unwrap();
+        (home, lib)
+    }
+
+    #[test]
+    fn a_cd_is_inserted_with_its_absolute_path_and_ejected() {
+        let (home, lib) = library_with_vm();
+        let iso = home.path().join("inst.iso");
+        std::fs::write(&iso, [0u8; 2048]).unwrap();
+        assert_eq!(change_media(&lib, "vm", Some(&iso)).unwrap(), None);
+        assert_eq!(lib.existing("vm").unwrap().load_config().unwrap().iso, Some(iso.clone()));
+        assert_eq!(change_media(&lib, "vm", None).unwrap(), Some(iso));
+        assert_eq!(lib.existing("vm").unwrap().load_config().unwrap().iso, None);
+    }
+
+    #[test]
+    fn a_missing_iso_is_refused_naming_it_and_vm_toml_keeps_its_cd() {
+        let (home, lib) = library_with_vm();
+        let iso = home.path().join("inst.iso");
+        std::fs::write(&iso, [0u8; 2048]).unwrap();
+        change_media(&lib, "vm", Some(&iso)).unwrap();
+        let missing = home.path().join("gone.iso");
+        let err = format!("{:#}", change_media(&lib, "vm", Some(&missing)).unwrap_err());
+        assert!(err.contains("gone.iso"), "{err}");
+        assert_eq!(lib.existing("vm").unwrap().load_config().unwrap().iso, Some(iso));
+    }
+
+    #[test]
+    fn the_cd_of_a_running_vm_is_not_changed() {
+        let (home, lib) = library_with_vm();
+        let iso = home.path().join("inst.iso");
+        std::fs::write(&iso, [0u8; 2048]).unwrap();
+        let vm = lib.existing("vm").unwrap();
+        let _running = vm.try_lock().unwrap().expect("the VM lock, as a VM process holds it");
+        let err = format!("{:#}", change_media(&lib, "vm", Some(&iso)).unwrap_err());
+        assert!(err.contains("is running"), "{err}");
+        assert_eq!(vm.load_config().unwrap().iso, None);
+    }
 }
