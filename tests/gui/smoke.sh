@@ -44,10 +44,15 @@ for _ in $(seq 50); do xdotool getmouselocation >/dev/null 2>&1 && break; sleep 
 
 fail() { echo "smoke: FAIL: $*" >&2; exit 1; }
 
+# colour_pixels PNG RGB FUZZ: how many pixels of PNG are within FUZZ of the colour RGB.
+colour_pixels() {
+    convert "$1" -fuzz "$3" -fill black +opaque "$2" -fill white -opaque "$2" \
+        -format '%[fx:int(mean*w*h+0.5)]' info:
+}
+
 # Pixels of the fake guest's cursor colour (frame_feed's CURSOR_RGB) in a screenshot.
 cursor_pixels() {
-    convert "$1" -fuzz 4% -fill black +opaque 'rgb(255,20,147)' -fill white -opaque 'rgb(255,20,147)' \
-        -format '%[fx:int(mean*w*h+0.5)]' info:
+    colour_pixels "$1" 'rgb(255,20,147)' 4%
 }
 
 # A screenshot must show more than a handful of colours (a blank or black window has ~1).
@@ -75,16 +80,21 @@ echo "smoke: window $WID at $X,$Y size ${WIDTH}x$HEIGHT"
 import -window root "$OUT/library.png"
 check_png "$OUT/library.png" 20
 
-# 2. The create dialog: Machine → New… then Create with the form empty (validation messages).
+# 2. The create dialog (Install from an ISO first): Machine → New… then Create with the form
+# empty (validation messages).
 xdotool mousemove --sync $((X + 30)) $((Y + 12)) click 1
 sleep 0.5
 xdotool mousemove --sync $((X + 40)) $((Y + 38)) click 1
 sleep 1
 # The dialog is centred: its Create button sits left of the centre, near its bottom.
-xdotool mousemove --sync $((X + WIDTH / 2 - 233)) $((Y + HEIGHT / 2 + 108)) click 1
+xdotool mousemove --sync $((X + WIDTH / 2 - 221)) $((Y + HEIGHT / 2 + 186)) click 1
 sleep 1
 import -window root "$OUT/create-dialog.png"
 check_png "$OUT/create-dialog.png" 20
+# The empty "Install from an ISO" form is refused with messages in egui's LIGHT_RED (name, ISO).
+form_px=$(colour_pixels "$OUT/create-dialog.png" 'rgb(255,128,128)' 15%)
+echo "smoke: the create dialog's error messages cover $form_px pixels"
+[ "$form_px" -ge 100 ] || fail "Create on an empty form showed no error message"
 [ -f "$HUTCH_HOME/gui-state.json" ] || fail "gui-state.json was not written"
 kill $GUI; wait $GUI 2>/dev/null || true
 
@@ -155,8 +165,7 @@ xdotool key ctrl+alt+s
 sleep 4
 import -window root "$OUT/vm-snapshot-toast.png"
 # The error toast's fill (toast.rs) covers a good area and outlives a note's 3 s.
-toast_px=$(convert "$OUT/vm-snapshot-toast.png" -fuzz 2% -fill black +opaque 'rgb(90,30,30)' \
-    -fill white -opaque 'rgb(90,30,30)' -format '%[fx:int(mean*w*h+0.5)]' info:)
+toast_px=$(colour_pixels "$OUT/vm-snapshot-toast.png" 'rgb(90,30,30)' 2%)
 echo "smoke: the error toast covers $toast_px pixels"
 [ "$toast_px" -ge 1000 ] || fail "no error toast after Ctrl+Alt+S"
 

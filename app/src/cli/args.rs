@@ -386,13 +386,8 @@ impl From<&ImportArgs> for ImportOptions {
     }
 }
 
-/// A new disk's size: `20G`, `512M`... (not a change such as `+1G`).
 fn parse_disk_size(s: &str) -> Result<u64, String> {
-    match crate::service::disk::parse_size(s) {
-        Ok(crate::service::disk::SizeSpec::Absolute(bytes)) => Ok(bytes),
-        Ok(_) => Err(format!("a size such as 20G, not a change ({s})")),
-        Err(e) => Err(e.to_string()),
-    }
+    crate::service::disk::parse_new_size(s)
 }
 
 fn parse_serial(s: &str) -> Result<SerialTarget, String> {

@@ -137,7 +137,11 @@ impl GuiApp {
             return;
         }
         if let Some(guest) = demo::find_demo(&demo::default_candidates()) {
-            self.run(Job::Create { name: demo::DEMO_NAME.into(), config: guest.config() });
+            self.run(Job::Create {
+                name: demo::DEMO_NAME.into(),
+                config: guest.config(),
+                new_disk: None,
+            });
         }
     }
 

@@ -36,6 +36,8 @@ pub enum Job {
     Create {
         name: String,
         config: VmConfig,
+        /// A new blank disk of this many bytes, made in the VM's directory as its first.
+        new_disk: Option<u64>,
     },
     SaveSettings {
         name: String,
@@ -390,9 +392,16 @@ fn run_job(library: &Library, job: &Job) -> anyhow::Result<String> {
             service::delete(library, name)?;
             format!("VM '{name}' deleted")
         }
-        Job::Create { name, config } => {
+        Job::Create { name, config, new_disk: None } => {
             library.create(name, config)?;
             format!("VM '{name}' created")
+        }
+        Job::Create { name, config, new_disk: Some(bytes) } => {
+            service::create_with_new_disk(library, name, config.clone(), *bytes)?;
+            format!(
+                "VM '{name}' created with a new {} disk",
+                crate::gui::capacity::format_mib(bytes >> 20)
+            )
         }
         Job::SaveSettings { name, config } => {
             service::save_settings(library, name, config)?;

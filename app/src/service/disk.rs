@@ -328,6 +328,15 @@ fn checked_new_size(spec: SizeSpec, old: u64, shrink: bool) -> anyhow::Result<u6
     Ok(new)
 }
 
+/// A new disk's size: `20G`, `512M`... (not a change such as `+1G`).
+pub fn parse_new_size(s: &str) -> Result<u64, String> {
+    match parse_size(s) {
+        Ok(SizeSpec::Absolute(bytes)) => Ok(bytes),
+        Ok(_) => Err(format!("a size such as 20G, not a change ({s})")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // A failed unwrap is a failed test.
 mod tests {

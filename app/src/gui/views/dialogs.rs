@@ -4,16 +4,17 @@ use egui::{Color32, RichText};
 
 use crate::gui::app::GuiApp;
 use crate::gui::capacity;
-use crate::gui::form::{error_for, Field, FormErrors, VmForm};
+use crate::gui::form::{error_for, Field, FormErrors, FormOutcome, VmForm, DEFAULT_NEW_DISK};
 use crate::gui::snapshot_panel::SnapshotRef;
 use crate::gui::worker::{Job, SnapshotJob};
+use crate::library::BootMode;
 
 /// A modal dialog; one at a time.
 pub(in crate::gui) enum Dialog {
     Error { title: String, chain: Vec<String> },
     ConfirmDelete { name: String },
     Overcommit { name: String, memory_mib: u64, running_mib: u64 },
-    Form { editing: Option<String>, form: VmForm, errors: FormErrors },
+    Form { editing: Option<String>, form: Box<VmForm>, errors: FormErrors },
     ConfirmRestore { vm: String, snapshot: SnapshotRef },
     ConfirmDeleteSnapshot { vm: String, snapshot: SnapshotRef },
 }
@@ -127,31 +128,96 @@ impl GuiApp {
                         Some(n) => format!("Settings of '{n}'"),
                         None => "New virtual machine".into(),
                     });
+                    if editing.is_none() {
+                        // What users bring first: an installer ISO; a kernel second.
+                        ui.horizontal(|ui| {
+                            let installing = form.boot != BootMode::Kernel;
+                            if ui.selectable_label(installing, "Install from an ISO").clicked()
+                                && !installing
+                            {
+                                form.boot = BootMode::Uefi;
+                                if form.new_disk.is_empty() {
+                                    form.new_disk = DEFAULT_NEW_DISK.into();
+                                }
+                            }
+                            if ui.selectable_label(!installing, "Boot a Linux kernel").clicked() {
+                                form.boot = BootMode::Kernel;
+                            }
+                        });
+                        ui.add_space(4.0);
+                    }
+                    let firmware = form.boot != BootMode::Kernel;
                     egui::Grid::new("form").num_columns(2).spacing([8.0, 6.0]).show(ui, |ui| {
-                        let fields: [(&str, Field, &mut String, bool); 7] = [
-                            ("Name", Field::Name, &mut form.name, false),
-                            ("Kernel", Field::Kernel, &mut form.kernel, false),
-                            ("Initrd", Field::Initrd, &mut form.initrd, false),
-                            (
-                                "Disks (one per line, PATH[,readonly])",
-                                Field::Disks,
-                                &mut form.disks,
-                                true,
-                            ),
-                            ("CPUs", Field::Cpus, &mut form.cpus, false),
-                            ("Memory (MiB)", Field::Memory, &mut form.memory_mib, false),
-                            ("Command line", Field::Cmdline, &mut form.cmdline, false),
-                        ];
+                        ui.label("Name");
+                        ui.vertical(|ui| {
+                            let edit =
+                                egui::TextEdit::singleline(&mut form.name).desired_width(360.0);
+                            ui.add_enabled(editing.is_none(), edit);
+                            if let Some(msg) = error_for(&errors, Field::Name) {
+                                ui.label(RichText::new(msg).color(Color32::LIGHT_RED));
+                            }
+                        });
+                        ui.end_row();
+                        if firmware || editing.is_some() {
+                            ui.label("Firmware");
+                            ui.vertical(|ui| {
+                                ui.horizontal(|ui| {
+                                    ui.radio_value(&mut form.boot, BootMode::Uefi, "UEFI");
+                                    ui.radio_value(&mut form.boot, BootMode::Bios, "BIOS");
+                                    if editing.is_some() {
+                                        ui.radio_value(
+                                            &mut form.boot,
+                                            BootMode::Kernel,
+                                            "Linux kernel",
+                                        );
+                                    }
+                                });
+                                if let Some(msg) = error_for(&errors, Field::Boot) {
+                                    ui.label(RichText::new(msg).color(Color32::LIGHT_RED));
+                                }
+                            });
+                            ui.end_row();
+                        }
+                        let firmware = form.boot != BootMode::Kernel;
+                        let mut fields: Vec<(&str, Field, &mut String, bool)> = Vec::new();
+                        if firmware {
+                            fields.push(("ISO (CD)", Field::Iso, &mut form.iso, false));
+                            if editing.is_none() {
+                                fields.push((
+                                    "New disk size",
+                                    Field::NewDisk,
+                                    &mut form.new_disk,
+                                    false,
+                                ));
+                            }
+                        } else {
+                            fields.push(("Kernel", Field::Kernel, &mut form.kernel, false));
+                            fields.push(("Initrd", Field::Initrd, &mut form.initrd, false));
+                        }
+                        fields.push((
+                            if firmware && editing.is_none() {
+                                "Other disks (one per line, PATH[,readonly])"
+                            } else {
+                                "Disks (one per line, PATH[,readonly])"
+                            },
+                            Field::Disks,
+                            &mut form.disks,
+                            true,
+                        ));
+                        fields.push(("CPUs", Field::Cpus, &mut form.cpus, false));
+                        fields.push(("Memory (MiB)", Field::Memory, &mut form.memory_mib, false));
+                        if !firmware {
+                            fields.push(("Command line", Field::Cmdline, &mut form.cmdline, false));
+                        }
                         for (label, field, text, multiline) in fields {
                             ui.label(label);
                             ui.vertical(|ui| {
-                                let enabled = !(field == Field::Name && editing.is_some());
                                 let edit = if multiline {
                                     egui::TextEdit::multiline(text).desired_rows(2)
                                 } else {
                                     egui::TextEdit::singleline(text)
                                 };
-                                ui.add_enabled(enabled, edit.desired_width(360.0));
+                                ui.add(edit.desired_width(360.0));
                                 if let Some(msg) = error_for(&errors, field) {
                                     ui.label(RichText::new(msg).color(Color32::LIGHT_RED));
                                 }
@@ -195,12 +261,12 @@ impl GuiApp {
                                 .filter(|n| Some(n) != editing.as_ref())
                                 .collect();
                             match form.validate(&existing) {
-                                Ok(config) => {
+                                Ok(FormOutcome { config, new_disk }) => {
                                     keep = false;
                                     let name = form.name.trim().to_string();
                                     let job = match &editing {
                                         Some(_) => Job::SaveSettings { name, config },
-                                        None => Job::Create { name, config },
+                                        None => Job::Create { name, config, new_disk },
                                     };
                                     then = Some(job);
                                 }

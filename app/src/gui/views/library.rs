@@ -71,7 +71,7 @@ impl GuiApp {
 
     fn new_vm_form(&mut self) {
         self.dialog =
-            Some(Dialog::Form { editing: None, form: VmForm::default(), errors: Vec::new() });
+            Some(Dialog::Form { editing: None, form: Box::default(), errors: Vec::new() });
     }
 
     fn vm_card(&self, ui: &mut Ui, vm: &VmSummary) -> Option<CardAction> {
@@ -172,7 +172,7 @@ impl GuiApp {
                 self.dialog = Some(match loaded {
                     Ok(c) => Dialog::Form {
                         editing: Some(name.clone()),
-                        form: VmForm::from_config(&name, &c),
+                        form: Box::new(VmForm::from_config(&name, &c)),
                         errors: Vec::new(),
                     },
                     Err(e) => error_dialog(format!("Cannot edit VM '{name}'"), &e),
