@@ -359,7 +359,9 @@ pub fn check_restore(vm: &VmDir, key: &str) -> anyhow::Result<String> {
     let index = load_index(vm)?;
     let entry = index.find(key)?;
     let file = SnapshotFile::open(&state_path(vm, &entry.id))?;
-    let config = restored_config(&vm.load_config()?, entry);
+    let mut config = restored_config(&vm.load_config()?, entry);
+    // A firmware VM's machine is the firmware board: find its firmware as a start would.
+    config.resolve_firmware(&vm.nvram_path())?;
     vmm::machine::Machine::check_snapshot(&file, &config.to_machine_config(), config.display)?;
     for disk in &entry.disks {
         if !disk.path.exists() {
@@ -395,7 +397,9 @@ pub fn apply_restore(vm: &VmDir, id: &str) -> anyhow::Result<Restored> {
     let file = SnapshotFile::open(&state_path(vm, &entry.id))?;
     let current = vm.load_config()?;
     let mut config = restored_config(&current, &entry);
-    vmm::machine::Machine::check_snapshot(&file, &config.to_machine_config(), config.display)?;
+    let mut machine = config.clone();
+    machine.resolve_firmware(&vm.nvram_path())?;
+    vmm::machine::Machine::check_snapshot(&file, &machine.to_machine_config(), machine.display)?;
     let layer_id = new_id();
     config.disks = new_layers(vm, &layer_id, &entry.disks)?;
     index.current = Some(entry.id.clone());
