@@ -2,10 +2,65 @@
 //! ([`Viewport`]), absolute tablet positions, relative motion for the grabbed mouse, and the
 //! guest mode to ask for when the window is resized.
 
-use crate::{MAX_HEIGHT, MAX_WIDTH};
+use crate::{InputEvent, PointerButton, MAX_HEIGHT, MAX_WIDTH};
 
 /// Largest absolute pointer coordinate (the tablet's axis range is 0..=ABS_MAX).
 pub const ABS_MAX: u16 = 0x7fff;
+
+/// The button bits of a PS/2 mouse packet's first byte (and of [`Ps2Motion`]).
+pub const PS2_BUTTON_LEFT: u8 = 0x01;
+pub const PS2_BUTTON_RIGHT: u8 = 0x02;
+pub const PS2_BUTTON_MIDDLE: u8 = 0x04;
+
+/// Host pointer events as a PS/2 mouse reports them: relative counts and the buttons held.
+/// An absolute position (the window's pointer outside capture) becomes the motion from the
+/// last one, on a nominal screen of [`Ps2Pointer::SCREEN`] counts: a PS/2 mouse cannot say
+/// where the pointer is, so the guest's cursor follows the host's only roughly, as on a real
+/// PC; capture (relative motion) tracks exactly.
+#[derive(Debug, Default)]
+pub struct Ps2Pointer {
+    buttons: u8,
+    last: Option<(i32, i32)>,
+}
+
+/// The PS/2 motion of one event: (dx, dy, wheel, buttons).
+pub type Ps2Motion = (i32, i32, i32, u8);
+
+impl Ps2Pointer {
+    /// The counts a full sweep of the absolute range makes, per axis.
+    pub const SCREEN: (i32, i32) = (1024, 768);
+
+    /// What `event` makes the PS/2 mouse report; None for a key, or a button PS/2 lacks.
+    pub fn motion(&mut self, event: &InputEvent) -> Option<Ps2Motion> {
+        let scale = |v: u16, span: i32| i32::from(v.min(ABS_MAX)) * span / i32::from(ABS_MAX);
+        match *event {
+            InputEvent::PointerRel { dx, dy } => Some((dx, dy, 0, self.buttons)),
+            InputEvent::PointerAbs { x, y } => {
+                let now = (scale(x, Self::SCREEN.0), scale(y, Self::SCREEN.1));
+                // The first position only says where the pointer starts.
+                let (dx, dy) = self.last.map_or((0, 0), |(lx, ly)| (now.0 - lx, now.1 - ly));
+                self.last = Some(now);
+                Some((dx, dy, 0, self.buttons))
+            }
+            InputEvent::Button { button, down } => {
+                let bit = match button {
+                    PointerButton::Left => PS2_BUTTON_LEFT,
+                    PointerButton::Right => PS2_BUTTON_RIGHT,
+                    PointerButton::Middle => PS2_BUTTON_MIDDLE,
+                    PointerButton::Side | PointerButton::Extra => return None,
+                };
+                if down {
+                    self.buttons |= bit;
+                } else {
+                    self.buttons &= !bit;
+                }
+                Some((0, 0, 0, self.buttons))
+            }
+            InputEvent::Wheel { dy, .. } => Some((0, 0, dy, self.buttons)),
+            InputEvent::Key { .. } => None,
+        }
+    }
+}
 
 /// Smallest mode [`guest_size_for_window`] asks for.
 pub const MIN_WIDTH: u32 = 640;
@@ -172,6 +227,57 @@ fn take_whole(rem: &mut f64, delta: f64) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ps2_motion_carries_relative_moves_buttons_and_the_wheel() {
+        let mut p = Ps2Pointer::default();
+        assert_eq!(p.motion(&InputEvent::PointerRel { dx: 5, dy: -3 }), Some((5, -3, 0, 0)));
+        let left = InputEvent::Button { button: PointerButton::Left, down: true };
+        assert_eq!(p.motion(&left), Some((0, 0, 0, PS2_BUTTON_LEFT)));
+        let right = InputEvent::Button { button: PointerButton::Right, down: true };
+        assert_eq!(p.motion(&right), Some((0, 0, 0, PS2_BUTTON_LEFT | PS2_BUTTON_RIGHT)));
+        // Motion while dragging keeps the buttons held.
+        assert_eq!(
+            p.motion(&InputEvent::PointerRel { dx: 1, dy: 1 }),
+            Some((1, 1, 0, PS2_BUTTON_LEFT | PS2_BUTTON_RIGHT))
+        );
+        let up = InputEvent::Button { button: PointerButton::Left, down: false };
+        assert_eq!(p.motion(&up), Some((0, 0, 0, PS2_BUTTON_RIGHT)));
+        assert_eq!(
+            p.motion(&InputEvent::Wheel { dx: 0, dy: 2 }),
+            Some((0, 0, 2, PS2_BUTTON_RIGHT))
+        );
+        let side = InputEvent::Button { button: PointerButton::Side, down: true };
+        assert_eq!(p.motion(&side), None, "PS/2 has three buttons");
+        assert_eq!(p.motion(&InputEvent::Key { code: 30, down: true }), None);
+    }
+
+    #[test]
+    fn ps2_motion_of_absolute_positions_is_the_move_from_the_last_one() {
+        let mut p = Ps2Pointer::default();
+        let at = |x: u16, y: u16| InputEvent::PointerAbs { x, y };
+        assert_eq!(p.motion(&at(ABS_MAX / 2, ABS_MAX / 2)), Some((0, 0, 0, 0)), "only a start");
+        // From the middle (511, 383 after rounding down) to the far corner.
+        assert_eq!(p.motion(&at(ABS_MAX, ABS_MAX)), Some((513, 385, 0, 0)));
+        assert_eq!(p.motion(&at(0, 0)), Some((-1024, -768, 0, 0)));
+        // Many small moves add up to the whole sweep: nothing is lost to rounding.
+        let (mut x, mut y) = (0, 0);
+        for i in 1..=ABS_MAX / 7 {
+            let (dx, dy, _, _) = p.motion(&at(i * 7, i * 7)).unwrap();
+            x += dx;
+            y += dy;
+        }
+        let last = ABS_MAX / 7 * 7;
+        assert_eq!(
+            (x, y),
+            (
+                i32::from(last) * 1024 / i32::from(ABS_MAX),
+                i32::from(last) * 768 / i32::from(ABS_MAX)
+            )
+        );
+        // Out-of-range positions are clamped to the edge.
+        assert_eq!(p.motion(&at(u16::MAX, u16::MAX)).unwrap().0, 1024 - x);
+    }
 
     fn close(a: (f32, f32, f32, f32), b: (f32, f32, f32, f32)) -> bool {
         let d = [a.0 - b.0, a.1 - b.1, a.2 - b.2, a.3 - b.3];

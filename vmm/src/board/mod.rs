@@ -234,4 +234,10 @@ pub trait Board: Send + Sync {
     /// A key for the board's own keyboard (before the guest drives a virtio keyboard);
     /// false when the board has none.
     fn legacy_key(&self, code: u16, down: bool) -> bool;
+    /// Motion for the board's own PS/2 mouse, for a display without virtio input: `dx`
+    /// right and `dy` down in counts, `wheel` in detents away from the user, `buttons` held
+    /// (the i8042's `BUTTON_*` bits). False when the board has no such mouse.
+    fn legacy_pointer(&self, _dx: i32, _dy: i32, _wheel: i32, _buttons: u8) -> bool {
+        false
+    }
 }

@@ -30,8 +30,9 @@ pub struct DisplayDevices {
 pub enum DisplayHardware {
     /// The PC: virtio-gpu with its boot framebuffer, virtio keyboard, tablet and mouse.
     VirtioGpu(VirtioDisplay),
-    /// A firmware board's bochs-display: BAR 0 is the framebuffer; keys reach the board's own
-    /// keyboard ([`crate::board::Board::legacy_key`]) and there is no pointer device yet.
+    /// A firmware board's bochs-display: BAR 0 is the framebuffer; keys and the pointer reach
+    /// the board's own PS/2 keyboard and mouse ([`crate::board::Board::legacy_key`],
+    /// [`crate::board::Board::legacy_pointer`], through a [`display::pointer::Ps2Pointer`]).
     BochsDisplay(BochsDisplayScanout),
 }
 

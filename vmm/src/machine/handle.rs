@@ -13,6 +13,7 @@ use crate::devices::bus::lock;
 use crate::hypervisor::Vm;
 use crate::memory::GuestMemory;
 use crate::pci::PciRoot;
+use display::pointer::Ps2Pointer;
 use display::{InputEvent, SourceId};
 
 /// Control of a machine from any thread.
@@ -30,6 +31,8 @@ pub struct MachineHandle {
     pub(crate) vm: Arc<dyn Vm>,
     /// Held while a snapshot is taken: host-side input waits instead of changing devices.
     pub(crate) snapshot_gate: Arc<Mutex<()>>,
+    /// The pointer's buttons and last position, for a board's PS/2 mouse.
+    pub(crate) ps2_pointer: Arc<Mutex<Ps2Pointer>>,
     // Guest RAM stays mapped while anything can still reach the VM (the devices above hold
     // it through their interrupt sinks), so the backend's memory slots never dangle. Last
     // field: dropped after the VM references.
@@ -84,7 +87,7 @@ impl MachineHandle {
     /// Keyboard and pointer events for the guest's input devices. Keys go to the virtio
     /// keyboard once its driver runs, to the board's PS/2 keyboard (i8042) before that and
     /// on a display without virtio input (a firmware board's bochs-display), whose pointer
-    /// events are dropped.
+    /// events go to the board's PS/2 mouse.
     pub fn send_input(&self, events: &[InputEvent]) -> Result<(), MachineError> {
         let display = self.display.as_ref().ok_or(MachineError::NoDisplay)?;
         let virtio = display.hardware.virtio();
@@ -110,7 +113,15 @@ impl MachineHandle {
                     | InputEvent::Wheel { .. },
                     Some(virtio),
                 ) => virtio.tablet.send(std::slice::from_ref(event)),
-                (_, None) => log::debug!("{event:?} dropped: no device takes it"),
+                (_, None) => {
+                    let taken =
+                        lock(&self.ps2_pointer).motion(event).is_some_and(|(dx, dy, wheel, b)| {
+                            self.board.legacy_pointer(dx, dy, wheel, b)
+                        });
+                    if !taken {
+                        log::debug!("{event:?} dropped: no device takes it");
+                    }
+                }
             }
         }
         Ok(())

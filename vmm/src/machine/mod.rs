@@ -414,6 +414,7 @@ impl Machine {
             disks: Arc::new(devices.disks),
             vm: vm.clone(),
             snapshot_gate: Arc::new(Mutex::new(())),
+            ps2_pointer: Arc::default(),
             memory,
         };
         Ok(Machine { vm, io: Arc::new(devices.io), start, handle, power_on })

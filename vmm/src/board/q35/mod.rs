@@ -650,6 +650,14 @@ impl Board for Q35Board {
         }
         true
     }
+
+    fn legacy_pointer(&self, dx: i32, dy: i32, wheel: i32, buttons: u8) -> bool {
+        let Some(i8042) = &self.i8042 else {
+            return false;
+        };
+        lock(i8042).pointer_motion(dx, dy, wheel, buttons);
+        true
+    }
 }
 
 /// The PCI function at `bdf`, saved under its address.

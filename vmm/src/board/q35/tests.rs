@@ -727,3 +727,26 @@ fn the_display_is_saved_with_the_pci_functions_and_comes_back() {
     assert!(built.io.mmio.read(regs + 0x502, &mut xres));
     assert_eq!(u16::from_le_bytes(xres), 640);
 }
+
+#[test]
+fn the_host_pointer_reaches_the_ps2_mouse_once_the_guest_enables_it() {
+    let built = build_board();
+    let read = |port: u16| {
+        let mut byte = [0u8];
+        assert!(built.io.pio.read(u64::from(port), &mut byte));
+        byte[0]
+    };
+    // Before the guest enables reporting, a real mouse sends nothing.
+    assert!(built.board.legacy_pointer(4, 0, 0, 0));
+    assert_eq!(read(0x64) & 0x01, 0, "no byte waits");
+    // Enable the aux port, then tell the mouse (0xD4) to report (0xF4): it acknowledges.
+    assert!(built.io.pio.write(0x64, &[0xa8]));
+    assert!(built.io.pio.write(0x64, &[0xd4]));
+    assert!(built.io.pio.write(0x60, &[0xf4]));
+    assert_eq!(read(0x64) & 0x21, 0x21, "a mouse byte waits");
+    assert_eq!(read(0x60), 0xfa);
+    assert!(built.board.legacy_pointer(5, 0, 0, crate::devices::i8042::BUTTON_LEFT));
+    let packet: Vec<u8> = (0..3).map(|_| read(0x60)).collect();
+    assert_eq!(packet[0] & 0x0f, 0x08 | 0x01, "always-one bit and the left button: {packet:?}");
+    assert_eq!(packet[1], 5, "dx");
+}

@@ -42,9 +42,9 @@ pub(super) const RESPONSE_CAPACITY: usize = 16;
 pub(super) const PACKET_CAPACITY: usize = 256;
 
 /// Button bits of [`Mouse::motion`]'s `buttons` and of the packet's first byte.
-pub const BUTTON_LEFT: u8 = 0x01;
-pub const BUTTON_RIGHT: u8 = 0x02;
-pub const BUTTON_MIDDLE: u8 = 0x04;
+pub const BUTTON_LEFT: u8 = display::pointer::PS2_BUTTON_LEFT;
+pub const BUTTON_RIGHT: u8 = display::pointer::PS2_BUTTON_RIGHT;
+pub const BUTTON_MIDDLE: u8 = display::pointer::PS2_BUTTON_MIDDLE;
 const BUTTONS: u8 = BUTTON_LEFT | BUTTON_RIGHT | BUTTON_MIDDLE;
 
 // First packet byte.
