@@ -41,13 +41,13 @@ CASES=(boots_to_readiness_line guest_sees_cpus_and_memory disk_hash_matches_host
     imported_vmdk_and_vhdx_read_right_in_the_guest
     snapshots_bring_back_memory_disk_and_console snapshot_v1_fixture_restores_and_answers
     guest_reboot_comes_back_in_the_same_vm)
-# Stock firmware on the Q35 board (issue 14). The SeaBIOS cases are in CASES; the OVMF ones
-# run by name only: an OVMF guest crashes the lab's own emulator (FIRMWARE.md §7.1).
-BIOS_CASES=(seabios_boots_the_installer_iso_to_its_first_screen_and_takes_a_key)
-# Run by name: the screen case has not passed in the lab in its final form yet, and the
-# installed-VDI case's second boot froze the lab machine in 2 of 3 runs (under investigation).
-FW_CASES=(ovmf_reaches_its_boot_manager seabios_screen_shows_grub_through_the_bochs_display
+# Stock firmware on the Q35 board (issue 14). The SeaBIOS cases are in CASES; the OVMF one
+# runs by name only: an OVMF guest crashes the lab's own emulator (FIRMWARE.md §7.1).
+BIOS_CASES=(silent_firmware_gets_a_diagnostic_naming_its_last_port_accesses
+    seabios_installer_iso_reaches_its_first_screen_takes_a_key_and_a_snapshot_restores_it
+    seabios_screen_shows_grub_through_the_bochs_display
     imported_bios_vdi_boots_to_login_reboots_and_stops_through_acpi)
+FW_CASES=(ovmf_reaches_its_boot_manager)
 CASES+=("${BIOS_CASES[@]}")
 OVMF_CODE=${E2E_OVMF_CODE:-/usr/share/OVMF/OVMF_CODE_4M.fd}
 OVMF_VARS=${E2E_OVMF_VARS:-/usr/share/OVMF/OVMF_VARS_4M.fd}
@@ -1281,11 +1281,28 @@ ovmf_reaches_its_boot_manager() {
     wait "$pid" 2>/dev/null || true
 }
 
+# A firmware image that spins reading a port and prints nothing: after a minute of silence
+# hutch logs a diagnostic with the vCPU's last port accesses instead of spinning silently.
+silent_firmware_gets_a_diagnostic_naming_its_last_port_accesses() {
+    need_hutch
+    # 128 KiB of zeros; at the reset vector (4 GiB - 16): in al, 0x61; jmp back to it.
+    local image=$WORK/spin.fd log=$WORK/log rc=0
+    head -c 131072 /dev/zero >"$image"
+    printf '\xe4\x61\xeb\xfc' | dd of="$image" bs=1 seek=$((131072 - 16)) conv=notrunc status=none
+    timeout -k 5 80 "$HUTCH" run --firmware "$image" --memory 64 --net none --serial "$WORK/serial.log" \
+        </dev/null >"$log" 2>&1 || rc=$?
+    [ "$rc" = 124 ] || fail "hutch run ended with $rc before the time-out (log: $log)"
+    has "$log" "printed nothing on its serial console for" ||
+        fail "no silent-firmware diagnostic within 80 s: $(tail -n 5 "$log")"
+    has "$log" "pio read 0x61/1" || fail "the diagnostic does not name port 0x61: $(grep -A4 'printed nothing' "$log")"
+    echo "  $FUNCNAME: $(grep -a -m1 -o 'vcpu0 ([0-9]* accesses in all)' "$log")"
+}
+
 # The installer ISO imported as users bring it (`hutch import ISO --firmware bios`): a VM with a
 # new blank disk and the ISO as its CD, booted first while the disk is blank. SeaBIOS boots the
 # ISO's MBR, GRUB starts d-i, whose first screen appears on the serial console; Enter (typed
 # through `hutch console`) takes it to the next screen.
-seabios_boots_the_installer_iso_to_its_first_screen_and_takes_a_key() {
+seabios_installer_iso_reaches_its_first_screen_takes_a_key_and_a_snapshot_restores_it() {
     need_hutch
     [ -f "$SEABIOS" ] || fail "no SeaBIOS at $SEABIOS (package seabios)"
     [ -f "$INSTALLER_ISO" ] || fail "no $INSTALLER_ISO (tests/guest/installer-iso.sh)"
@@ -1309,6 +1326,8 @@ seabios_boots_the_installer_iso_to_its_first_screen_and_takes_a_key() {
     # newt reads the terminal after drawing; give it a moment, then Enter takes the default.
     local before t1=$SECONDS
     sleep 3
+    "$HUTCH" snapshot take inst language >>"$log" 2>&1 ||
+        fail "snapshot take at the language screen: exit $? (log: $log)"
     before=$(wc -c <"$serial")
     (printf '\r'; sleep 3) | timeout 20 "$HUTCH" console inst >>"$WORK/console.out" 2>&1 || true
     until tail -c +"$before" "$serial" >"$WORK/after.log" &&
@@ -1318,6 +1337,23 @@ seabios_boots_the_installer_iso_to_its_first_screen_and_takes_a_key() {
         sleep 1
     done
     echo "  $FUNCNAME: Enter led to the location screen after $((SECONDS - t1)) s"
+    # The snapshot taken at the language screen brings it back: Enter there leads to the
+    # location screen again (at the location screen it would lead to the keyboard's).
+    "$HUTCH" snapshot restore inst language >>"$log" 2>&1 ||
+        fail "snapshot restore language: exit $? (log: $log)"
+    t1=$SECONDS
+    sleep 3
+    before=$(wc -c <"$serial")
+    (printf '\r'; sleep 3) | timeout 20 "$HUTCH" console inst >>"$WORK/console.out" 2>&1 || true
+    until tail -c +"$before" "$serial" >"$WORK/restored.log" &&
+        installer_strip_ansi "$WORK/restored.log" | grep -qE 'Select your location|Choose the location|country'; do
+        [ $((SECONDS - t1)) -lt 120 ] ||
+            fail "after the restore Enter did not lead to the location screen: $(installer_strip_ansi "$WORK/restored.log" | tail -n 5)"
+        sleep 1
+    done
+    ! installer_strip_ansi "$WORK/restored.log" | grep -qiE 'keymap|Configure the keyboard' ||
+        fail "after the restore the installer went on past the location screen"
+    echo "  $FUNCNAME: restored to the language screen; Enter led to the location screen after $((SECONDS - t1)) s"
     "$HUTCH" stop inst --force >>"$log" 2>&1 || fail "hutch stop --force: exit $?"
 }
 
@@ -1355,7 +1391,7 @@ imported_bios_vdi_boots_to_login_reboots_and_stops_through_acpi() {
         fail "the import did not pick BIOS: $(cat "$HUTCH_HOME/vms/deb/vm.toml")"
     grep -q 'MBR has boot code' "$log" || fail "the import did not say why BIOS: $(cat "$log")"
     RUST_LOG=${RUST_LOG:-info} "$HUTCH" start deb >>"$log" 2>&1 || fail "hutch start: exit $? (log: $log)"
-    wait_count "$serial" 'hutch-debian login:' 1 $((VM_TIMEOUT * 2))
+    wait_count "$serial" 'hutch-debian login:' 1 $((VM_TIMEOUT * 3))
     echo "  $FUNCNAME: login prompt after $((SECONDS - t0)) s"
     has "$serial" 'SeaBIOS' || fail "SeaBIOS's banner is not on serial"
     local t2=$SECONDS
@@ -1367,11 +1403,11 @@ imported_bios_vdi_boots_to_login_reboots_and_stops_through_acpi() {
     logins=$(count_of "$serial" 'hutch-debian login:')
     RUST_LOG=${RUST_LOG:-info} "$HUTCH" start deb >>"$log" 2>&1 || fail "hutch start (2): exit $? (log: $log)"
     pid=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["pid"])' "$HUTCH_HOME/vms/deb/pid.json")
-    wait_count "$serial" 'hutch-debian login:' $((logins + 1)) $((VM_TIMEOUT * 2))
+    wait_count "$serial" 'hutch-debian login:' $((logins + 1)) $((VM_TIMEOUT * 3))
     local t1=$SECONDS
     (sleep 2; printf 'root\r'; sleep 5; printf 'hutch\r'; sleep 8; printf 'reboot\r'; sleep 3) |
         timeout 40 "$HUTCH" console deb >>"$log" 2>&1 || true
-    wait_count "$serial" 'hutch-debian login:' $((logins + 2)) $((VM_TIMEOUT * 2))
+    wait_count "$serial" 'hutch-debian login:' $((logins + 2)) $((VM_TIMEOUT * 3))
     echo "  $FUNCNAME: rebooted to the login prompt in $((SECONDS - t1)) s"
     kill -0 "$pid" 2>/dev/null || fail "the VM process $pid is gone after the reboot"
     "$HUTCH" stop deb --force >>"$log" 2>&1 || true

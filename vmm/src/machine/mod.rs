@@ -26,6 +26,7 @@ mod snapshot;
 #[cfg(test)]
 mod tests;
 mod vcpu;
+mod watchdog;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -36,6 +37,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use self::display::DisplayDevices;
 pub use self::handle::MachineHandle;
 use self::lifecycle::Lifecycle;
 pub use self::persist::MachineState;
@@ -192,6 +194,8 @@ pub struct Machine {
     start: Start,
     handle: MachineHandle,
     power_on: PowerOnState,
+    /// When the guest last printed on serial (the silent-firmware watchdog reads it).
+    silence: Arc<watchdog::Silence>,
 }
 
 /// What a guest's reset puts back: the devices and the VM (interrupt controllers, timers) as
@@ -369,11 +373,12 @@ impl Machine {
             Box::new(move || lifecycle.request_reset())
         };
         let boot = config.boot_source();
+        let silence = Arc::new(watchdog::Silence::new());
         let devices = board.build_devices(BoardContext {
             vm: &vm,
             memory: &memory,
             irq: vm.clone(),
-            serial_out,
+            serial_out: Box::new(watchdog::StampedWriter::new(serial_out, silence.clone())),
             screen,
             disks: &config.disks,
             on_poweroff,
@@ -417,7 +422,7 @@ impl Machine {
             ps2_pointer: Arc::default(),
             memory,
         };
-        Ok(Machine { vm, io: Arc::new(devices.io), start, handle, power_on })
+        Ok(Machine { vm, io: Arc::new(devices.io), start, handle, power_on, silence })
     }
 
     pub fn handle(&self) -> MachineHandle {
@@ -436,12 +441,15 @@ impl Machine {
                 states.into_iter().map(|s| VcpuStart::Restore(Box::new(s))).collect()
             }
         };
+        let traces: Vec<Arc<Mutex<watchdog::ExitTrace>>> =
+            (0..self.handle.vcpu_count).map(|_| Arc::default()).collect();
         for id in 0..self.handle.vcpu_count {
             let context = VcpuContext {
                 vm: self.vm.clone(),
                 io: self.io.clone(),
                 board: self.handle.board.clone(),
                 lifecycle: lifecycle.clone(),
+                trace: traces[id as usize].clone(),
             };
             let ready = ready_tx.clone();
             let start = std::mem::replace(&mut starts[id as usize], VcpuStart::Boot);
@@ -466,6 +474,17 @@ impl Machine {
                 .name("fb-scan".into())
                 .spawn(move || display::scan_framebuffer(&display, vm.as_ref(), &lifecycle))
                 .map_err(|e| log::warn!("no boot framebuffer scanner: {e}"))
+                .ok()
+        });
+        // Firmware that goes quiet gets a diagnostic (a kernel boot prints at once, or means to
+        // be quiet).
+        let silence_watch = matches!(self.power_on.boot, BootSource::Firmware(_)).then(|| {
+            let (lifecycle, silence) = (lifecycle.clone(), self.silence.clone());
+            let display = self.handle.display.clone();
+            thread::Builder::new()
+                .name("fw-watch".into())
+                .spawn(move || watch_silence(&lifecycle, &silence, &traces, display.as_deref()))
+                .map_err(|e| log::warn!("no silent-firmware watchdog: {e}"))
                 .ok()
         });
         // Every vCPU reports once, created or failed, before the machine counts as running.
@@ -509,6 +528,11 @@ impl Machine {
                 log::error!("the framebuffer scanner panicked");
             }
         }
+        if let Some(t) = silence_watch.flatten() {
+            if t.join().is_err() {
+                log::error!("the silent-firmware watchdog panicked");
+            }
+        }
         let mut control = lock(&lifecycle.control);
         control.state = RunState::Stopped;
         control.outcome.take().unwrap_or(Ok(ExitReason::ForcedOff))
@@ -538,5 +562,34 @@ impl Machine {
         lock(&handle.pci).resume_io();
         handle.lifecycle.finish_reset();
         Ok(())
+    }
+}
+
+/// Until the machine ends: logs [`watchdog::silence_report`] once per spell of
+/// [`watchdog::SILENT_AFTER`] without serial output while the screen (if any) shows nothing.
+fn watch_silence(
+    lifecycle: &Lifecycle,
+    silence: &watchdog::Silence,
+    traces: &[Arc<Mutex<watchdog::ExitTrace>>],
+    display: Option<&DisplayDevices>,
+) {
+    let mut watch = watchdog::SilenceWatch::default();
+    let mut control = lock(&lifecycle.control);
+    while control.outcome.is_none() {
+        let (next, _) = lifecycle
+            .changed
+            .wait_timeout(control, Duration::from_secs(1))
+            .unwrap_or_else(|p| p.into_inner());
+        control = next;
+        if control.outcome.is_some() || control.state != RunState::Running {
+            continue;
+        }
+        let screen_live = display.is_some_and(|d| {
+            let _mode = lock(d.hardware.framebuffer());
+            d.hardware.shows_framebuffer()
+        });
+        if watch.due(silence.quiet_for(), screen_live) {
+            log::warn!("{}", watchdog::silence_report(silence.quiet_for(), traces));
+        }
     }
 }

@@ -1,11 +1,12 @@
 //! One thread per vCPU: the vCPU is created on it and never leaves it (HVF binds vCPUs to
 //! their thread), runs between safe points, and does the jobs asked of paused vCPUs.
 
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
 use super::lifecycle::Lifecycle;
+use super::watchdog::{ExitTrace, TracedIo};
 use super::{ExitReason, MachineError};
 use crate::board::{Board, IoBuses};
 use crate::devices::bus::lock;
@@ -25,6 +26,8 @@ pub(crate) struct VcpuContext {
     pub io: Arc<IoBuses>,
     pub board: Arc<dyn Board>,
     pub lifecycle: Arc<Lifecycle>,
+    /// This vCPU's last accesses, for the silent-firmware diagnostic.
+    pub trace: Arc<Mutex<ExitTrace>>,
 }
 
 pub(crate) fn vcpu_thread(
@@ -47,7 +50,7 @@ pub(crate) fn vcpu_thread(
             return;
         }
     };
-    let mut handler: &IoBuses = &context.io;
+    let mut handler = TracedIo { io: &context.io, trace: &context.trace };
     // A guest's reset: back to the power-on state, then the board's boot state.
     let mut reset = |vcpu: &mut dyn ArchVcpu| {
         vcpu.restore_state(&power_on)
