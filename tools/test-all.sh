@@ -154,8 +154,9 @@ step "guest fixtures"
 bash tests/guest/build.sh
 # The Debian installer on a hybrid BIOS+UEFI ISO (cached), for the firmware cases.
 bash tests/guest/installer-iso.sh
-# The installed-Debian disks (tests/guest/installed-disk.sh) join here with the case that boots
-# them, once it runs in the default set.
+# An installed Debian on MBR and on GPT+ESP disks, in the formats users bring (debootstrap from
+# Debian's package registry the first time; cached).
+bash tests/guest/installed-disk.sh
 
 step "host /dev/kvm: a real kernel fails with a clear error"
 HUTCH="${CARGO_TARGET_DIR:-$REPO/target}/release/hutch" bash tests/e2e/host-kvm.sh

@@ -187,8 +187,8 @@ impl SilenceWatch {
 /// The diagnostic: how long the guest has been quiet and each vCPU's last accesses.
 pub(crate) fn silence_report(quiet: Duration, traces: &[Arc<Mutex<ExitTrace>>]) -> String {
     let mut report = format!(
-        "the guest has printed nothing on its serial console for {} s and shows nothing on \
-         its screen: the firmware may be stuck. Last port and MMIO accesses:",
+        "the guest has printed nothing on its serial console for {} s, with nothing on a \
+         screen either: the firmware may be stuck. Last port and MMIO accesses:",
         quiet.as_secs()
     );
     for (id, trace) in traces.iter().enumerate() {
