@@ -15,9 +15,13 @@
 #   kernel   the kernel's first line ("Linux version")
 #   screen   the installer's first screen ("Select a language")
 # and the VMM's peak RSS (VmHWM) at the screen.
+# BENCH_MEDIA=disk boots the installed Debian instead (tests/guest/installed-disk.sh:
+# debian-bios.img or debian-uefi.img, through a fresh qcow2 overlay per boot so every boot
+# starts from the same disk), and the last milestone is
+#   login    the installed system's login prompt ("hutch-debian login:")
 # Output: a table, then fw_<milestone>_ratio= (hutch/qemu time, lower is better; the issue's
-#   target is <= 0.5 to the installed system's login prompt, which this ISO has no stand-in for)
-#   and fw_rss_ratio=; "n/a" (and a failing exit) when a VMM could not be measured.
+#   target is <= 0.5 to the installed system's login prompt) and fw_rss_ratio=; "n/a" (and a
+#   failing exit) when a VMM could not be measured.
 set -euo pipefail
 . "$(dirname "$0")/../tests/lab/common.sh"
 
@@ -26,15 +30,25 @@ REPS=${BENCH_REPS:-2}
 MEM=${BENCH_MEM:-1024}
 FIRMWARE=${BENCH_FIRMWARE:-bios}
 VM_TIMEOUT=${BENCH_VM_TIMEOUT:-600}
+MEDIA=${BENCH_MEDIA:-iso}
 ISO=$BUILD/guest/installer.iso
+DISK=$BUILD/guest/debian-$FIRMWARE.img
 SEABIOS=/usr/share/seabios/bios.bin
 OVMF_CODE=/usr/share/OVMF/OVMF_CODE_4M.fd
 OVMF_VARS=/usr/share/OVMF/OVMF_VARS_4M.fd
-MILESTONES=(byte grub kernel screen)
+case $MEDIA in
+iso) MILESTONES=(byte grub kernel screen) ;;
+disk) MILESTONES=(byte grub kernel login) ;;
+*) die "BENCH_MEDIA must be iso or disk, not $MEDIA" ;;
+esac
 
 if [ "${LAB:-}" != 1 ]; then
     "$REPO/tests/guest/build.sh"
-    "$REPO/tests/guest/installer-iso.sh"
+    if [ "$MEDIA" = iso ]; then
+        "$REPO/tests/guest/installer-iso.sh"
+    else
+        "$REPO/tests/guest/installed-disk.sh"
+    fi
     out=$BUILD/bench-firmware
     mkdir -p "$out"
     BENCH_LOGS=${BENCH_LOGS:-$out/logs} exec "$REPO/tests/lab/lab.sh" --out "$out" -- \
@@ -45,10 +59,16 @@ fi
 # vm_cmd VMM SERIAL WORK : the command line of one boot, into the array CMD.
 vm_cmd() {
     local vmm=$1 serial=$2 work=$3
+    local media=(-drive "file=$ISO,if=virtio,format=raw,readonly=on") hutch_media=(--iso "$ISO")
+    if [ "$MEDIA" = disk ]; then
+        qemu-img create -q -f qcow2 -b "$DISK" -F raw "$work/disk.qcow2"
+        media=(-drive "file=$work/disk.qcow2,if=virtio,format=qcow2")
+        hutch_media=(--disk "$work/disk.qcow2")
+    fi
     if [ "$vmm" = qemu ]; then
         CMD=(qemu-system-x86_64 -enable-kvm -cpu host -M q35 -m "$MEM" -smp 1
             -nodefaults -no-user-config -display none -serial "file:$serial" -no-reboot
-            -drive "file=$ISO,if=virtio,format=raw,readonly=on")
+            "${media[@]}")
         if [ "$FIRMWARE" = uefi ]; then
             cp "$OVMF_VARS" "$work/vars.fd"
             CMD+=(-drive "if=pflash,format=raw,unit=0,readonly=on,file=$OVMF_CODE"
@@ -57,7 +77,7 @@ vm_cmd() {
             CMD+=(-bios "$SEABIOS")
         fi
     else
-        CMD=("$HUTCH" run --firmware "$FIRMWARE" --iso "$ISO" --cpus 1 --memory "$MEM"
+        CMD=("$HUTCH" run --firmware "$FIRMWARE" "${hutch_media[@]}" --cpus 1 --memory "$MEM"
             --net none --serial "$serial")
         if [ "$FIRMWARE" = uefi ]; then
             cp "$OVMF_VARS" "$work/vars.fd"
@@ -66,7 +86,16 @@ vm_cmd() {
     fi
 }
 
-# boot_once VMM : one boot; prints "byte grub kernel screen rss_kib".
+# last_milestone SERIAL : the final milestone is on serial (the installer's screen, or login).
+last_milestone() {
+    if [ "$MEDIA" = iso ]; then
+        installer_first_screen "$1" >/dev/null
+    else
+        grep -a -q 'hutch-debian login:' "$1"
+    fi
+}
+
+# boot_once VMM : one boot; prints "byte grub kernel screen|login rss_kib".
 boot_once() {
     local vmm=$1 work t0 now pid serial got=() rss=
     work=$(mktemp -d "${TMPDIR:-/tmp}/fw-bench.XXXXXX")
@@ -81,7 +110,7 @@ boot_once() {
     while [ -z "$screen" ]; do
         now=$((($(now_ms) - t0)))
         if ! kill -0 "$pid" 2>/dev/null || [ "$now" -gt $((VM_TIMEOUT * 1000)) ]; then
-            echo "$vmm: no installer screen (log ${BENCH_LOGS:-$work}/$vmm.*)" >&2
+            echo "$vmm: no ${MILESTONES[3]} milestone (log ${BENCH_LOGS:-$work}/$vmm.*)" >&2
             save_logs "$vmm" "$work"
             kill "$pid" 2>/dev/null || true
             wait "$pid" 2>/dev/null || true
@@ -90,7 +119,7 @@ boot_once() {
         [ -n "$byte" ] || { [ -s "$serial" ] && byte=$now; }
         [ -n "$grub" ] || { installer_strip_ansi "$serial" | grep -q -E 'GNU GRUB|Booting .Debian' && grub=$now; }
         [ -n "$kernel" ] || { grep -a -q 'Linux version' "$serial" && kernel=$now; }
-        installer_first_screen "$serial" >/dev/null && screen=$now
+        last_milestone "$serial" && screen=$now
         [ -n "$screen" ] || sleep 0.2
     done
     rss=$(awk '/^VmHWM:/ { print $2 }' "/proc/$pid/status" 2>/dev/null || echo 0)
@@ -104,8 +133,8 @@ boot_once() {
 save_logs() {
     [ -n "${BENCH_LOGS:-}" ] || return 0
     mkdir -p "$BENCH_LOGS"
-    cp "$2/serial.log" "$BENCH_LOGS/$1.$FIRMWARE.serial.log" 2>/dev/null || true
-    cp "$2/vmm.log" "$BENCH_LOGS/$1.$FIRMWARE.vmm.log" 2>/dev/null || true
+    cp "$2/serial.log" "$BENCH_LOGS/$1.$FIRMWARE.$MEDIA.serial.log" 2>/dev/null || true
+    cp "$2/vmm.log" "$BENCH_LOGS/$1.$FIRMWARE.$MEDIA.vmm.log" 2>/dev/null || true
 }
 
 median() {
@@ -118,14 +147,19 @@ ratio() {
 
 main() {
     require_tools qemu-system-x86_64 timeout awk sort
-    [ -f "$ISO" ] || die "no $ISO (tests/guest/installer-iso.sh)"
+    if [ "$MEDIA" = iso ]; then
+        [ -f "$ISO" ] || die "no $ISO (tests/guest/installer-iso.sh)"
+    else
+        [ -f "$DISK" ] || die "no $DISK (tests/guest/installed-disk.sh)"
+        require_tools qemu-img
+    fi
     [ -x "$HUTCH" ] || die "no hutch at $HUTCH"
     local rep vmm line failed=0
     declare -A samples=()
     for rep in $(seq 1 "$REPS"); do
         for vmm in qemu hutch; do
             if line=$(boot_once "$vmm"); then
-                log "rep $rep $vmm ($FIRMWARE): byte/grub/kernel/screen ms, peak KiB: $line"
+                log "rep $rep $vmm ($FIRMWARE, $MEDIA): ${MILESTONES[*]} ms, peak KiB: $line"
                 samples[$vmm]+="$line"$'\n'
             else
                 failed=1
@@ -142,7 +176,7 @@ main() {
         echo "fw_${name}_ratio=$(ratio "$h" "$q")"
         [ "$(ratio "$h" "$q")" != n/a ] || failed=1
     done
-    echo "(times in ms from launch, medians of $REPS; rss = peak KiB at the installer's screen)"
+    echo "(times in ms from launch, medians of $REPS; rss = peak KiB at the ${MILESTONES[3]} milestone)"
     return "$failed"
 }
 
