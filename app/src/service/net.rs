@@ -112,17 +112,8 @@ pub fn remove(library: &Library, name: &str, spec: &str) -> anyhow::Result<Strin
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // A failed unwrap is a failed test.
 mod tests {
-    use std::path::PathBuf;
-
     use super::*;
-
-    fn library_with_vm() -> (tempfile::TempDir, Library) {
-        let home = tempfile::tempdir().unwrap();
-        let lib = Library::at(home.path().to_path_buf());
-        let config = VmConfig::new(PathBuf::from("/k"), None, "c".into(), Vec::new(), 1, 128);
-        lib.create("vm", &config).unwrap();
-        (home, lib)
-    }
+    use crate::service::library_with_vm;
 
     #[test]
     fn concurrent_forward_adds_all_end_up_in_vm_toml() {

@@ -484,13 +484,7 @@ pub fn delete(library: &Library, name: &str) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
-    fn library_with_vm() -> (tempfile::TempDir, Library) {
-        let home = tempfile::tempdir().unwrap();
-        let lib = Library::at(home.path().to_path_buf());
-        let config = VmConfig::new(PathBuf::from("/k"), None, "c".into(), Vec::new(), 1, 128);
-        lib.create("vm", &config).unwrap();
-        (home, lib)
-    }
+    use crate::service::library_with_vm;
 
     #[test]
     fn a_cd_is_inserted_with_its_absolute_path_and_ejected() {
