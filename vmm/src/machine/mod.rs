@@ -574,16 +574,22 @@ fn watch_silence(
     display: Option<&DisplayDevices>,
 ) {
     let mut watch = watchdog::SilenceWatch::default();
-    let mut control = lock(&lifecycle.control);
-    while control.outcome.is_none() {
-        let (next, _) = lifecycle
-            .changed
-            .wait_timeout(control, Duration::from_secs(1))
-            .unwrap_or_else(|p| p.into_inner());
-        control = next;
-        if control.outcome.is_some() || control.state != RunState::Running {
-            continue;
+    loop {
+        {
+            let control = lock(&lifecycle.control);
+            let (control, _) = lifecycle
+                .changed
+                .wait_timeout(control, Duration::from_secs(1))
+                .unwrap_or_else(|p| p.into_inner());
+            if control.outcome.is_some() {
+                return;
+            }
+            if control.state != RunState::Running {
+                continue;
+            }
         }
+        // Not under the lifecycle's lock: waiting here for the framebuffer's (a vCPU holds it
+        // while it changes the mode) or a trace's must not hold up pause, resume or exit.
         let screen_live = display.is_some_and(|d| {
             let _mode = lock(d.hardware.framebuffer());
             d.hardware.shows_framebuffer()
