@@ -1281,20 +1281,20 @@ ovmf_reaches_its_boot_manager() {
     wait "$pid" 2>/dev/null || true
 }
 
-# A firmware image that spins reading a port and prints nothing: after a minute of silence
+# A firmware image that spins writing a port and prints nothing: after a minute of silence
 # hutch logs a diagnostic with the vCPU's last port accesses instead of spinning silently.
 silent_firmware_gets_a_diagnostic_naming_its_last_port_accesses() {
     need_hutch
-    # 128 KiB of zeros; at the reset vector (4 GiB - 16): in al, 0x61; jmp back to it.
+    # 128 KiB of zeros; at the reset vector (4 GiB - 16): out 0x80,al; jmp back to it.
     local image=$WORK/spin.fd log=$WORK/log rc=0
     head -c 131072 /dev/zero >"$image"
-    printf '\xe4\x61\xeb\xfc' | dd of="$image" bs=1 seek=$((131072 - 16)) conv=notrunc status=none
+    printf '\xe6\x80\xeb\xfc' | dd of="$image" bs=1 seek=$((131072 - 16)) conv=notrunc status=none
     timeout -k 5 80 "$HUTCH" run --firmware "$image" --memory 64 --net none --serial "$WORK/serial.log" \
         </dev/null >"$log" 2>&1 || rc=$?
     [ "$rc" = 124 ] || fail "hutch run ended with $rc before the time-out (log: $log)"
     has "$log" "printed nothing on its serial console for" ||
         fail "no silent-firmware diagnostic within 80 s: $(tail -n 5 "$log")"
-    has "$log" "pio read 0x61/1" || fail "the diagnostic does not name port 0x61: $(grep -A4 'printed nothing' "$log")"
+    has "$log" "pio write 0x80/" || fail "the diagnostic does not name port 0x80: $(grep -A4 'printed nothing' "$log")"
     echo "  $FUNCNAME: $(grep -a -m1 -o 'vcpu0 ([0-9]* accesses in all)' "$log")"
 }
 
