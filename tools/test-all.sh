@@ -29,7 +29,8 @@ run_e2e_in_lab() {
     while :; do
         log=$REPO/build/e2e/attempt$attempt.log
         set +e
-        E2E_LOGS="$REPO/build/e2e" \
+        # One lab run holds every case: about 30 min with the firmware cases.
+        E2E_LOGS="$REPO/build/e2e" LAB_TIMEOUT=${LAB_TIMEOUT:-3600} \
             bash tests/lab/lab.sh --out "$REPO/build/e2e" -- bash tests/e2e/run.sh "${todo[@]}" 2>&1 |
             tee "$log"
         rc=${PIPESTATUS[0]}
