@@ -1298,6 +1298,20 @@ silent_firmware_gets_a_diagnostic_naming_its_last_port_accesses() {
     echo "  $FUNCNAME: $(grep -a -m1 -o 'vcpu0 ([0-9]* accesses in all)' "$log")"
 }
 
+# enter_leads_to_location SERIAL OUT : types Enter on VM inst's console and waits (120 s) for
+# d-i's location screen in what SERIAL gets from then on, which is kept in OUT.
+enter_leads_to_location() {
+    local before t0=$SECONDS
+    before=$(wc -c <"$1")
+    (printf '\r'; sleep 3) | timeout 20 "$HUTCH" console inst >>"$WORK/console.out" 2>&1 || true
+    until tail -c +"$before" "$1" >"$2" &&
+        installer_strip_ansi "$2" | grep -qE 'Select your location|Choose the location|country'; do
+        [ $((SECONDS - t0)) -lt 120 ] ||
+            fail "Enter did not lead to the location screen: $(installer_strip_ansi "$2" | tail -n 5)"
+        sleep 1
+    done
+}
+
 # The installer ISO imported as users bring it (`hutch import ISO --firmware bios`): a VM with a
 # new blank disk and the ISO as its CD, booted first while the disk is blank. SeaBIOS boots the
 # ISO's MBR, GRUB starts d-i, whose first screen appears on the serial console; Enter (typed
@@ -1324,18 +1338,11 @@ seabios_installer_iso_reaches_its_first_screen_takes_a_key_and_a_snapshot_restor
     echo "  $FUNCNAME: '$screen' after $((SECONDS - t0)) s"
     has "$serial" 'SeaBIOS' || fail "SeaBIOS's banner is not on serial"
     # newt reads the terminal after drawing; give it a moment, then Enter takes the default.
-    local before t1=$SECONDS
+    local t1=$SECONDS
     sleep 3
     "$HUTCH" snapshot take inst language >>"$log" 2>&1 ||
         fail "snapshot take at the language screen: exit $? (log: $log)"
-    before=$(wc -c <"$serial")
-    (printf '\r'; sleep 3) | timeout 20 "$HUTCH" console inst >>"$WORK/console.out" 2>&1 || true
-    until tail -c +"$before" "$serial" >"$WORK/after.log" &&
-        installer_strip_ansi "$WORK/after.log" | grep -qE 'Select your location|Choose the location|country'; do
-        [ $((SECONDS - t1)) -lt 120 ] ||
-            fail "Enter did not lead to the next screen: $(installer_strip_ansi "$WORK/after.log" | tail -n 5)"
-        sleep 1
-    done
+    enter_leads_to_location "$serial" "$WORK/after.log"
     echo "  $FUNCNAME: Enter led to the location screen after $((SECONDS - t1)) s"
     # The snapshot taken at the language screen brings it back: Enter there leads to the
     # location screen again (at the location screen it would lead to the keyboard's).
@@ -1343,14 +1350,7 @@ seabios_installer_iso_reaches_its_first_screen_takes_a_key_and_a_snapshot_restor
         fail "snapshot restore language: exit $? (log: $log)"
     t1=$SECONDS
     sleep 3
-    before=$(wc -c <"$serial")
-    (printf '\r'; sleep 3) | timeout 20 "$HUTCH" console inst >>"$WORK/console.out" 2>&1 || true
-    until tail -c +"$before" "$serial" >"$WORK/restored.log" &&
-        installer_strip_ansi "$WORK/restored.log" | grep -qE 'Select your location|Choose the location|country'; do
-        [ $((SECONDS - t1)) -lt 120 ] ||
-            fail "after the restore Enter did not lead to the location screen: $(installer_strip_ansi "$WORK/restored.log" | tail -n 5)"
-        sleep 1
-    done
+    enter_leads_to_location "$serial" "$WORK/restored.log"
     ! installer_strip_ansi "$WORK/restored.log" | grep -qiE 'keymap|Configure the keyboard' ||
         fail "after the restore the installer went on past the location screen"
     echo "  $FUNCNAME: restored to the language screen; Enter led to the location screen after $((SECONDS - t1)) s"
