@@ -12,9 +12,6 @@
 set -euo pipefail
 . "$(dirname "$0")/../lab/common.sh"
 
-OVMF_CODE=${OVMF_CODE:-/usr/share/OVMF/OVMF_CODE_4M.fd}
-OVMF_VARS=${OVMF_VARS:-/usr/share/OVMF/OVMF_VARS_4M.fd}
-SEABIOS=${SEABIOS:-/usr/share/seabios/bios.bin}
 ROOT_PASSWORD=hutch
 POWEROFF_TIMEOUT=180
 
@@ -70,17 +67,7 @@ main() {
     LOG=$dir/$name.serial.log
     : >"$LOG"
 
-    local firmware=()
-    if [ "$FW" = uefi ]; then
-        [ -f "$OVMF_CODE" ] && [ -f "$OVMF_VARS" ] || die "no $OVMF_CODE / $OVMF_VARS (Debian package ovmf)"
-        # A fresh copy of the variable template each run, as Hutch keeps one per VM.
-        cp "$OVMF_VARS" "$dir/$name.vars.fd"
-        firmware=(-drive "if=pflash,format=raw,readonly=on,file=$OVMF_CODE"
-            -drive "if=pflash,format=raw,file=$dir/$name.vars.fd")
-    else
-        [ -f "$SEABIOS" ] || die "no $SEABIOS (Debian package seabios)"
-        firmware=(-bios "$SEABIOS")
-    fi
+    qemu_firmware_args "$FW" "$dir/$name.vars.fd" "$SEABIOS"
 
     # The serial port on a FIFO pair, so that the check can type: QEMU opens both ends read-write,
     # so neither open waits for the other side.
@@ -88,14 +75,16 @@ main() {
     rm -f "$fifo.in" "$fifo.out"
     mkfifo "$fifo.in" "$fifo.out"
     qemu-system-x86_64 -accel tcg -M q35 -m 1024 -smp 1 -nodefaults -nic none -nographic \
-        -monitor none -serial "pipe:$fifo" "${firmware[@]}" -snapshot \
+        -monitor none -serial "pipe:$fifo" "${QEMU_FIRMWARE[@]}" -snapshot \
         -drive "file=$img,if=virtio,format=$format" </dev/null >"$dir/$name.qemu.log" 2>&1 &
     local qemu=$!
     cat "$fifo.out" >"$LOG" &
     local reader=$!
     exec {SERIAL_IN}<>"$fifo.in"
+    # The processes may be gone already: under set -e a failed kill in the trap would turn a
+    # PASS into exit 1.
     # shellcheck disable=SC2064 # the pids are meant to be fixed now
-    trap "kill $qemu 2>/dev/null; wait $qemu 2>/dev/null; kill $reader 2>/dev/null; rm -f '$fifo.in' '$fifo.out'" EXIT
+    trap "kill $qemu 2>/dev/null || true; wait $qemu 2>/dev/null || true; kill $reader 2>/dev/null || true; rm -f '$fifo.in' '$fifo.out'" EXIT
 
     T0=$(now_ms)
     echo "installed-disk-check $FW: $img ($format), QEMU pid $qemu, serial log $LOG (bound ${timeout}s)"
