@@ -33,9 +33,6 @@ VM_TIMEOUT=${BENCH_VM_TIMEOUT:-600}
 MEDIA=${BENCH_MEDIA:-iso}
 ISO=$BUILD/guest/installer.iso
 DISK=$BUILD/guest/debian-$FIRMWARE.img
-SEABIOS=/usr/share/seabios/bios.bin
-OVMF_CODE=/usr/share/OVMF/OVMF_CODE_4M.fd
-OVMF_VARS=/usr/share/OVMF/OVMF_VARS_4M.fd
 case $MEDIA in
 iso) MILESTONES=(byte grub kernel screen) ;;
 disk) MILESTONES=(byte grub kernel login) ;;
@@ -69,13 +66,8 @@ vm_cmd() {
         CMD=(qemu-system-x86_64 -enable-kvm -cpu host -M q35 -m "$MEM" -smp 1
             -nodefaults -no-user-config -display none -serial "file:$serial" -no-reboot
             "${media[@]}")
-        if [ "$FIRMWARE" = uefi ]; then
-            cp "$OVMF_VARS" "$work/vars.fd"
-            CMD+=(-drive "if=pflash,format=raw,unit=0,readonly=on,file=$OVMF_CODE"
-                -drive "if=pflash,format=raw,unit=1,file=$work/vars.fd")
-        else
-            CMD+=(-bios "$SEABIOS")
-        fi
+        qemu_firmware_args "$FIRMWARE" "$work/vars.fd" "$SEABIOS"
+        CMD+=("${QEMU_FIRMWARE[@]}")
     else
         CMD=("$HUTCH" run --firmware "$FIRMWARE" "${hutch_media[@]}" --cpus 1 --memory "$MEM"
             --net none --serial "$serial")

@@ -13,9 +13,6 @@
 #   installer_first_screen FILE  true once FILE holds d-i's first screen; prints the line matched
 # shellcheck shell=bash
 
-OVMF_CODE=${OVMF_CODE:-/usr/share/OVMF/OVMF_CODE_4M.fd}
-OVMF_VARS=${OVMF_VARS:-/usr/share/OVMF/OVMF_VARS_4M.fd}
-
 # installer_strip_ansi FILE: d-i's newt UI draws with ANSI/VT100 escapes (colours, the
 # line-drawing character set, cursor positioning instead of newlines). A cursor positioning starts
 # a new line (so a screen row reads as one line), other cursor moves become a space (they may
@@ -79,17 +76,10 @@ installer_check_main() {
     local log=$dir/$fw.serial.log
     : >"$log"
 
-    local firmware=()
-    if [ "$fw" = uefi ]; then
-        [ -f "$OVMF_CODE" ] && [ -f "$OVMF_VARS" ] || die "no $OVMF_CODE / $OVMF_VARS (Debian package ovmf)"
-        # A fresh copy of the variable template each run, as Hutch keeps one per VM.
-        cp "$OVMF_VARS" "$dir/uefi.vars.fd"
-        firmware=(-drive "if=pflash,format=raw,readonly=on,file=$OVMF_CODE"
-            -drive "if=pflash,format=raw,file=$dir/uefi.vars.fd")
-    fi
-    # SeaBIOS is QEMU's default -bios.
+    # BIOS: QEMU's default -bios (SeaBIOS).
+    qemu_firmware_args "$fw" "$dir/uefi.vars.fd"
     qemu-system-x86_64 -accel tcg -M q35 -m 1024 -smp 1 -nodefaults -nic none -nographic \
-        -monitor none -serial "file:$log" "${firmware[@]}" \
+        -monitor none -serial "file:$log" "${QEMU_FIRMWARE[@]}" \
         -drive "file=$iso,if=virtio,format=raw,readonly=on" </dev/null >"$dir/$fw.qemu.log" 2>&1 &
     local qemu=$!
     # shellcheck disable=SC2064 # the pid is meant to be fixed now

@@ -46,6 +46,28 @@ require_tools() {
 # A python3 from Debian's own package; stdlib only.
 PYTHON=${PYTHON:-python3}
 
+# The host's firmware, from Debian's ovmf and seabios packages.
+OVMF_CODE=${OVMF_CODE:-/usr/share/OVMF/OVMF_CODE_4M.fd}
+OVMF_VARS=${OVMF_VARS:-/usr/share/OVMF/OVMF_VARS_4M.fd}
+SEABIOS=${SEABIOS:-/usr/share/seabios/bios.bin}
+
+# qemu_firmware_args uefi|bios VARS_COPY [BIOS_IMAGE] : QEMU's firmware options, in the array
+# QEMU_FIRMWARE. UEFI: OVMF's CODE read-only and a fresh copy of its VARS template at
+# VARS_COPY (as Hutch keeps one per VM). BIOS: -bios BIOS_IMAGE, or none for QEMU's own default.
+qemu_firmware_args() {
+    QEMU_FIRMWARE=()
+    if [ "$1" = uefi ]; then
+        [ -f "$OVMF_CODE" ] && [ -f "$OVMF_VARS" ] ||
+            die "no $OVMF_CODE / $OVMF_VARS (Debian package ovmf)"
+        cp "$OVMF_VARS" "$2"
+        QEMU_FIRMWARE=(-drive "if=pflash,format=raw,unit=0,readonly=on,file=$OVMF_CODE"
+            -drive "if=pflash,format=raw,unit=1,file=$2")
+    elif [ -n "${3:-}" ]; then
+        [ -f "$3" ] || die "no $3 (Debian package seabios)"
+        QEMU_FIRMWARE=(-bios "$3")
+    fi
+}
+
 # package_versions PKG... : "package PKG VERSION" per installed package (a fixture's stamp
 # lines); a package that is not installed is fatal.
 package_versions() {
