@@ -272,7 +272,7 @@ pub fn take(
         display: config.display,
         disks: config.disks.clone(),
         iso: config.iso.clone(),
-        cd_first: cd_first && config.iso.is_some(),
+        cd_first,
     };
     // The machine's disks in its order: the new layers, and the CD (read-only: kept as is).
     let cd = config.iso.iter().map(|iso| DiskEntry { path: iso.clone(), readonly: true });
@@ -397,9 +397,8 @@ pub fn apply_restore(vm: &VmDir, id: &str) -> anyhow::Result<Restored> {
     let file = SnapshotFile::open(&state_path(vm, &entry.id))?;
     let current = vm.load_config()?;
     let mut config = restored_config(&current, &entry);
-    let mut machine = config.clone();
-    machine.resolve_firmware(&vm.nvram_path())?;
-    vmm::machine::Machine::check_snapshot(&file, &machine.to_machine_config(), machine.display)?;
+    config.resolve_firmware(&vm.nvram_path())?;
+    vmm::machine::Machine::check_snapshot(&file, &config.to_machine_config(), config.display)?;
     let layer_id = new_id();
     config.disks = new_layers(vm, &layer_id, &entry.disks)?;
     index.current = Some(entry.id.clone());

@@ -53,11 +53,11 @@ pub fn boot_firmware(disk: &dyn BlockBackend) -> Result<Option<BootFirmware>, Di
     if types.contains(&MBR_TYPE_GPT_PROTECTIVE) && gpt_has_esp(disk)? {
         return Ok(Some(BootFirmware::Uefi));
     }
-    // A FAT partition of type EF in a plain MBR is an ESP too (some installers make those).
     let boot_code = mbr[..MBR_BOOT_CODE].iter().any(|&b| b != 0);
     if boot_code {
         return Ok(Some(BootFirmware::Bios));
     }
+    // A FAT partition of type EF in a plain MBR is an ESP too (some installers make those).
     if types.contains(&MBR_TYPE_EFI) {
         return Ok(Some(BootFirmware::Uefi));
     }

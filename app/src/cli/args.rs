@@ -181,7 +181,7 @@ pub struct RunArgs {
     pub serial: SerialTarget,
     /// An empty qcow2 disk of this size (e.g. 20G) as the first disk, for this run only: it
     /// is removed when the run ends (`hutch create --new-disk` keeps one in the VM).
-    #[arg(long, value_name = "SIZE", value_parser = parse_disk_size)]
+    #[arg(long, value_name = "SIZE", value_parser = crate::service::disk::parse_new_size)]
     pub new_disk: Option<u64>,
 }
 
@@ -199,7 +199,7 @@ pub struct CreateArgs {
     pub firmware: Option<String>,
     /// Create an empty qcow2 disk of this size (e.g. 20G) in the VM's directory as its first
     /// disk, to install on.
-    #[arg(long, value_name = "SIZE", value_parser = parse_disk_size)]
+    #[arg(long, value_name = "SIZE", value_parser = crate::service::disk::parse_new_size)]
     pub new_disk: Option<u64>,
 }
 
@@ -336,7 +336,7 @@ pub struct ImportArgs {
     /// installer ISO (a new VM that installs from it onto a new blank disk).
     pub file: PathBuf,
     /// For an ISO: the size of the new disk to install on (default 20G).
-    #[arg(long, value_name = "SIZE", value_parser = parse_disk_size)]
+    #[arg(long, value_name = "SIZE", value_parser = crate::service::disk::parse_new_size)]
     pub disk_size: Option<u64>,
     /// VM name (default: the OVF's name or the file name).
     #[arg(long)]
@@ -384,10 +384,6 @@ impl From<&ImportArgs> for ImportOptions {
             new_disk_bytes: a.disk_size,
         }
     }
-}
-
-fn parse_disk_size(s: &str) -> Result<u64, String> {
-    crate::service::disk::parse_new_size(s)
 }
 
 fn parse_serial(s: &str) -> Result<SerialTarget, String> {

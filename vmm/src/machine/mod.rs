@@ -594,8 +594,9 @@ fn watch_silence(
             let _mode = lock(d.hardware.framebuffer());
             d.hardware.shows_framebuffer()
         });
-        if watch.due(silence.quiet_for(), screen_live) {
-            log::warn!("{}", watchdog::silence_report(silence.quiet_for(), traces));
+        let quiet = silence.quiet_for();
+        if watch.due(quiet, screen_live) {
+            log::warn!("{}", watchdog::silence_report(quiet, traces));
         }
     }
 }

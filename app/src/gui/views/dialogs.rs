@@ -146,7 +146,6 @@ impl GuiApp {
                         });
                         ui.add_space(4.0);
                     }
-                    let firmware = form.boot != BootMode::Kernel;
                     egui::Grid::new("form").num_columns(2).spacing([8.0, 6.0]).show(ui, |ui| {
                         ui.label("Name");
                         ui.vertical(|ui| {
@@ -158,7 +157,7 @@ impl GuiApp {
                             }
                         });
                         ui.end_row();
-                        if firmware || editing.is_some() {
+                        if editing.is_some() || form.boot != BootMode::Kernel {
                             ui.label("Firmware");
                             ui.vertical(|ui| {
                                 ui.horizontal(|ui| {
@@ -178,6 +177,7 @@ impl GuiApp {
                             });
                             ui.end_row();
                         }
+                        // After the radio buttons: this frame shows the boot just picked.
                         let firmware = form.boot != BootMode::Kernel;
                         let mut fields: Vec<(&str, Field, &mut String, bool)> = Vec::new();
                         if firmware {
