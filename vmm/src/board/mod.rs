@@ -26,7 +26,7 @@ use display::scanout::Screen;
 
 use crate::devices::bus::Bus;
 use crate::hypervisor::{ArchVcpu, HypervisorError, InterruptSink, Vm, VmSetup};
-use crate::machine::disks::SwitchableDisk;
+use crate::machine::disks::AttachedDisks;
 use crate::machine::display::DisplayDevices;
 use crate::memory::slots::VmMemory;
 use crate::memory::GuestMemory;
@@ -197,8 +197,8 @@ pub struct BoardDevices {
     /// The PCI root, whose devices' I/O threads stop while a snapshot is taken.
     pub pci: Arc<Mutex<PciRoot>>,
     pub display: Option<DisplayDevices>,
-    /// The disks in the configuration's order, switchable to new layers.
-    pub disks: Vec<SwitchableDisk>,
+    /// The disks in the configuration's order, switchable to new layers, and the CD drive.
+    pub disks: AttachedDisks,
 }
 
 /// One kind of machine.

@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::disks::SwitchableDisk;
+use super::disks::{RemovableDrive, SwitchableDisk};
 use super::display::{DisplayDevices, DisplayHardware};
 use super::lifecycle::Lifecycle;
 use super::{ExitReason, MachineError, RunState};
@@ -28,6 +28,8 @@ pub struct MachineHandle {
     pub(crate) saved: Arc<Vec<SavedDevice>>,
     pub(crate) pci: Arc<Mutex<PciRoot>>,
     pub(crate) disks: Arc<Vec<SwitchableDisk>>,
+    /// The CD drive, whose medium changes while the guest runs.
+    pub(crate) removable: Option<RemovableDrive>,
     pub(crate) vm: Arc<dyn Vm>,
     /// Held while a snapshot is taken: host-side input waits instead of changing devices.
     pub(crate) snapshot_gate: Arc<Mutex<()>>,
@@ -153,6 +155,22 @@ impl MachineHandle {
         };
         let (width, height) = screen.size();
         Some(format!("{source} {width}x{height}"))
+    }
+
+    /// Puts `medium` in the machine's CD drive (None: ejects it) and tells the guest, which
+    /// sees the drive's new size. Waits for a snapshot being taken.
+    pub fn change_media(
+        &self,
+        medium: Option<Box<dyn disk::BlockBackend>>,
+    ) -> Result<(), MachineError> {
+        let drive = self.removable.as_ref().ok_or(MachineError::NoRemovableDrive)?;
+        let _gate = lock(&self.snapshot_gate);
+        drive.change(medium);
+        Ok(())
+    }
+
+    pub fn has_removable_drive(&self) -> bool {
+        self.removable.is_some()
     }
 
     pub fn vcpu_count(&self) -> u32 {

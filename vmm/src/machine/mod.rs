@@ -17,7 +17,7 @@
 //!  disks.rs      disks switchable to new layers
 //! ```
 
-pub(crate) mod disks;
+pub mod disks;
 pub(crate) mod display;
 mod handle;
 mod lifecycle;
@@ -61,9 +61,25 @@ pub const MAX_VCPUS: u32 = crate::board::pc::MAX_VCPUS;
 /// One disk attached as virtio-blk.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskConfig {
+    /// The image; empty for a removable drive with nothing in it.
     pub path: PathBuf,
     #[serde(default)]
     pub readonly: bool,
+    /// A read-only drive whose medium can change while the guest runs (the CD).
+    #[serde(default)]
+    pub removable: bool,
+}
+
+impl DiskConfig {
+    /// A removable drive (read-only) holding `medium`, or empty.
+    pub fn removable(medium: Option<PathBuf>) -> Self {
+        DiskConfig { path: medium.unwrap_or_default(), readonly: true, removable: true }
+    }
+
+    /// A removable drive with no medium.
+    pub fn is_empty_drive(&self) -> bool {
+        self.removable && self.path.as_os_str().is_empty()
+    }
 }
 
 /// What to boot and with how much.
@@ -145,6 +161,8 @@ pub enum MachineError {
     PauseTimeout,
     #[error("This machine has no display")]
     NoDisplay,
+    #[error("This machine has no CD drive")]
+    NoRemovableDrive,
     #[error("Cannot save or restore the machine state")]
     State(#[from] StateError),
     #[error(transparent)]
@@ -416,7 +434,8 @@ impl Machine {
             display: devices.display.map(Arc::new),
             saved: Arc::new(devices.saved),
             pci: devices.pci,
-            disks: Arc::new(devices.disks),
+            disks: Arc::new(devices.disks.disks),
+            removable: devices.disks.removable,
             vm: vm.clone(),
             snapshot_gate: Arc::new(Mutex::new(())),
             ps2_pointer: Arc::default(),

@@ -190,7 +190,7 @@ impl Board for EmptyBoard {
             saved: Vec::new(),
             pci: Arc::new(Mutex::new(empty_pci_root())),
             display: None,
-            disks: Vec::new(),
+            disks: Default::default(),
         })
     }
     fn load_boot(

@@ -110,6 +110,11 @@ pub trait VirtioDevice: Send {
     /// Reads the device-specific configuration at `offset`; reads past its end return 0.
     fn read_config(&self, offset: u64, data: &mut [u8]);
     fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Changes each time the device-specific configuration changes under the driver, so
+    /// that a driver reading a multi-byte field twice knows it did not tear.
+    fn config_generation(&self) -> u8 {
+        0
+    }
     /// The features the driver accepted (a subset of [`VirtioDevice::features`]), told
     /// right before [`VirtioDevice::activate`], for devices whose behaviour depends on them.
     fn ack_features(&mut self, _features: u64) {}

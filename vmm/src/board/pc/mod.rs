@@ -23,14 +23,13 @@ use crate::hypervisor::{
     ArchVcpu, HypervisorError, InterruptSink, NotifierRegistry, Vm, VmNotifiers, VmSetup, X86Regs,
     X86Sregs,
 };
-use crate::machine::disks::SwitchableDisk;
+use crate::machine::disks::AttachedDisks;
 use crate::machine::display::{DisplayDevices, DisplayHardware, VirtioDisplay};
 use crate::memory::GuestMemory;
 use crate::pci::{
     Bdf, PciConfigIo, PciConfigMmio, PciHostBridge, PciIoWindow, PciMmioWindow, PciRoot,
     PciRootConfig, PciWindow,
 };
-use crate::virtio::block::Block;
 use crate::virtio::gpu::boot_fb::{self, BootFramebuffer};
 use crate::virtio::gpu::Gpu;
 use crate::virtio::input::{Input, InputHandle, VirtioInputError};
@@ -186,19 +185,9 @@ impl Board for PcBoard {
                 memory_slots: guest_map.slots().clone(),
             });
         }
-        let mut disks = Vec::with_capacity(disk_configs.len());
+        let mut disks = AttachedDisks::default();
         for (index, disk) in disk_configs.iter().enumerate() {
-            // Any format (detected by content); foreign formats open read-only, so a VM
-            // writes them through a qcow2 overlay (`hutch import --in-place`).
-            let options = disk::OpenOptions { writable: !disk.readonly };
-            let backend = disk::open_image(&disk.path, options)
-                .map_err(|source| BoardError::Disk { path: disk.path.clone(), source })?;
-            let switchable = SwitchableDisk::new(backend);
-            disks.push(switchable.clone());
-            let name = format!("virtio-blk {}", disk.path.display());
-            let block =
-                Block::new(Box::new(switchable), disk.readonly, format!("hutch-disk{index}"))
-                    .map_err(|e| BoardError::device(name.clone(), e))?;
+            let (name, block) = disks.open(index, disk)?;
             add_virtio(&mut pci, &name, Box::new(block), memory, &irq, io_thread_notifiers(vm))?;
         }
         let rng = Rng::new().map_err(|e| BoardError::device("virtio-rng", e))?;

@@ -50,11 +50,11 @@ use crate::devices::q35::{
 use crate::devices::rtc::Rtc;
 use crate::devices::serial::{IrqEdge, SerialDevice};
 use crate::hypervisor::{ArchVcpu, HypervisorError, InterruptSink, VmSetup};
+use crate::machine::disks::AttachedDisks;
 use crate::machine::display::{DisplayDevices, DisplayHardware};
 use crate::memory::GuestMemory;
 use crate::pci::{Bdf, PciConfigIo, PciConfigMmio, PciIoWindow, PciMmioWindow, PciRoot};
 use crate::pci::{PciRootConfig, PciWindow};
-use crate::virtio::block::Block;
 use crate::virtio::net::{NetConfig, VirtioNet};
 use crate::virtio::rng::Rng;
 use crate::virtio::VirtioPciDevice;
@@ -472,17 +472,9 @@ impl Board for Q35Board {
         .map_err(|e| BoardError::device("the PCI root", e))?;
         pci.add_device_at(LPC_BDF, Box::new(lpc))
             .map_err(|e| BoardError::device("the ICH9 LPC bridge", e))?;
-        let mut disks = Vec::with_capacity(disk_configs.len());
+        let mut disks = AttachedDisks::default();
         for (index, disk) in disk_configs.iter().enumerate() {
-            let options = disk::OpenOptions { writable: !disk.readonly };
-            let backend = disk::open_image(&disk.path, options)
-                .map_err(|source| BoardError::Disk { path: disk.path.clone(), source })?;
-            let switchable = crate::machine::disks::SwitchableDisk::new(backend);
-            disks.push(switchable.clone());
-            let name = format!("virtio-blk {}", disk.path.display());
-            let block =
-                Block::new(Box::new(switchable), disk.readonly, format!("hutch-disk{index}"))
-                    .map_err(|e| BoardError::device(name.clone(), e))?;
+            let (name, block) = disks.open(index, disk)?;
             let notifiers = crate::board::pc::io_thread_notifiers(vm);
             add_virtio(&mut pci, &name, Box::new(block), memory, &irq, notifiers)?;
         }

@@ -4,13 +4,15 @@
 //! buffers), never through a per-request copy.
 
 use std::cell::Cell;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 
 use log::{error, warn};
 use virtio_queue::{DescriptorChain, Queue, QueueState};
 use vm_memory::VolatileSlice;
 
 use super::*;
+use crate::devices::bus::lock;
 use crate::memory::GuestMemory;
 use crate::state::{self, StateError};
 use crate::virtio::queue::{
@@ -39,8 +41,39 @@ const CONFIG_SIZE: usize = 0x3c;
 struct Active {
     memory: GuestMemory,
     queue: Queue,
-    /// Kept for devices that complete asynchronously; requests here finish in process_queue.
-    _interrupt: Arc<dyn VirtioInterrupt>,
+}
+
+/// The medium's size as the guest reads it, shared with a removable drive's [`MediaHandle`].
+struct Medium {
+    capacity_sectors: AtomicU64,
+    /// The config-space generation: a changed medium makes the driver read the capacity again.
+    generation: AtomicU8,
+    /// The active driver's interrupt, for the configuration change a new medium raises.
+    interrupt: Mutex<Option<Arc<dyn VirtioInterrupt>>>,
+}
+
+/// Tells the guest that a removable drive's medium changed (a CD inserted or ejected). The
+/// host swaps the backend under the device first (the device reads through a backend that
+/// can be switched, see `machine::disks`), then calls [`MediaHandle::changed`].
+#[derive(Clone)]
+pub struct MediaHandle(Arc<Medium>);
+
+impl MediaHandle {
+    /// The drive now holds `size` bytes (0: empty): the guest reads the new capacity after
+    /// a configuration-change interrupt. Requests past the new end fail from now on.
+    pub fn changed(&self, size: u64) {
+        self.0.capacity_sectors.store(size / SECTOR_SIZE, Ordering::Release);
+        self.0.generation.fetch_add(1, Ordering::AcqRel);
+        let interrupt = lock(&self.0.interrupt).clone();
+        if let Some(interrupt) = interrupt {
+            interrupt.signal_config_change();
+        }
+    }
+
+    /// The size the guest is told, in bytes.
+    pub fn size(&self) -> u64 {
+        self.0.capacity_sectors.load(Ordering::Acquire) * SECTOR_SIZE
+    }
 }
 
 /// Request counters, logged at debug level: what sizes the guest's driver really sends.
@@ -81,7 +114,7 @@ pub struct Block {
     disk: Box<dyn disk::BlockBackend>,
     read_only: bool,
     id: [u8; VIRTIO_BLK_ID_BYTES],
-    capacity_sectors: u64,
+    medium: Arc<Medium>,
     config: [u8; CONFIG_SIZE],
     active: Option<Active>,
 }
@@ -106,13 +139,32 @@ impl Block {
         read_only: bool,
         id: String,
     ) -> Result<Block, VirtioBlockError> {
+        if disk.size() / SECTOR_SIZE == 0 {
+            return Err(VirtioBlockError::Empty);
+        }
+        Self::build(disk, read_only, id)
+    }
+
+    /// A read-only drive whose medium the host can change while the guest runs (a CD),
+    /// possibly empty (`disk` of size 0), and the handle that tells the guest of a change.
+    pub fn removable(
+        disk: Box<dyn disk::BlockBackend>,
+        id: String,
+    ) -> Result<(Block, MediaHandle), VirtioBlockError> {
+        let block = Self::build(disk, true, id)?;
+        let handle = MediaHandle(block.medium.clone());
+        Ok((block, handle))
+    }
+
+    fn build(
+        disk: Box<dyn disk::BlockBackend>,
+        read_only: bool,
+        id: String,
+    ) -> Result<Block, VirtioBlockError> {
         if !read_only && !disk.is_writable() {
             return Err(VirtioBlockError::BackendReadOnly);
         }
         let capacity_sectors = disk.size() / SECTOR_SIZE;
-        if capacity_sectors == 0 {
-            return Err(VirtioBlockError::Empty);
-        }
         if disk.size() & (SECTOR_SIZE - 1) != 0 {
             warn!("virtio-blk: disk size {} is not a multiple of 512", disk.size());
         }
@@ -124,7 +176,6 @@ impl Block {
         let mut put = |offset: usize, bytes: &[u8]| {
             config[offset..offset + bytes.len()].copy_from_slice(bytes);
         };
-        put(0x00, &capacity_sectors.to_le_bytes());
         put(0x0c, &SEG_MAX.to_le_bytes());
         put(0x14, &(SECTOR_SIZE as u32).to_le_bytes());
         put(0x22, &1u16.to_le_bytes()); // num_queues
@@ -139,10 +190,18 @@ impl Block {
             disk,
             read_only,
             id: id_bytes,
-            capacity_sectors,
+            medium: Arc::new(Medium {
+                capacity_sectors: AtomicU64::new(capacity_sectors),
+                generation: AtomicU8::new(0),
+                interrupt: Mutex::new(None),
+            }),
             config,
             active: None,
         })
+    }
+
+    fn capacity_sectors(&self) -> u64 {
+        self.medium.capacity_sectors.load(Ordering::Acquire)
     }
 
     /// Handles one chain; returns the number of bytes written into it (data + status).
@@ -243,7 +302,7 @@ impl Block {
     /// Byte offset of `len` bytes at `sector`, if the range is whole sectors inside the disk.
     fn checked_range(&self, sector: u64, len: u64) -> Option<u64> {
         let end_ok =
-            sector.checked_add(len / SECTOR_SIZE).is_some_and(|end| end <= self.capacity_sectors);
+            sector.checked_add(len / SECTOR_SIZE).is_some_and(|end| end <= self.capacity_sectors());
         if len & (SECTOR_SIZE - 1) != 0 || !end_ok {
             warn!("virtio-blk: request of {len} bytes at sector {sector} is out of range");
             return None;
@@ -326,7 +385,14 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config, offset, data);
+        let mut config = self.config;
+        // The capacity changes with a removable drive's medium; the rest never does.
+        config[..8].copy_from_slice(&self.capacity_sectors().to_le_bytes());
+        read_config_bytes(&config, offset, data);
+    }
+
+    fn config_generation(&self) -> u8 {
+        self.medium.generation.load(Ordering::Acquire)
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
@@ -341,7 +407,8 @@ impl VirtioDevice for Block {
         queues: Vec<Queue>,
     ) -> Result<(), VirtioError> {
         let queue = single_queue(queues)?;
-        self.active = Some(Active { memory, queue, _interrupt: interrupt });
+        self.active = Some(Active { memory, queue });
+        *lock(&self.medium.interrupt) = Some(interrupt);
         Ok(())
     }
 
@@ -363,13 +430,14 @@ impl VirtioDevice for Block {
     fn reset(&mut self) {
         self.stats.log();
         self.active = None;
+        *lock(&self.medium.interrupt) = None;
     }
 
     fn save_state(&self) -> Result<Vec<u8>, StateError> {
         state::encode(
             "virtio-blk",
             &BlockState {
-                capacity_sectors: self.capacity_sectors,
+                capacity_sectors: self.capacity_sectors(),
                 read_only: self.read_only,
                 id: self.id.to_vec(),
                 active: self.active.is_some(),
@@ -387,7 +455,7 @@ impl VirtioDevice for Block {
         active: Option<RestoredQueues>,
     ) -> Result<(), StateError> {
         let saved: BlockState = state::decode("virtio-blk", saved)?;
-        if saved.capacity_sectors != self.capacity_sectors
+        if saved.capacity_sectors != self.capacity_sectors()
             || saved.read_only != self.read_only
             || saved.id != self.id
         {
@@ -400,7 +468,8 @@ impl VirtioDevice for Block {
             Some(a) => {
                 let queue = single_queue(a.queues)
                     .map_err(|e| StateError::invalid("virtio-blk", e.to_string()))?;
-                Some(Active { memory: a.memory, queue, _interrupt: a.interrupt })
+                *lock(&self.medium.interrupt) = Some(a.interrupt);
+                Some(Active { memory: a.memory, queue })
             }
             None => None,
         };
@@ -423,7 +492,9 @@ mod tests {
 
     use super::*;
     use crate::pci::PciDevice;
-    use crate::virtio::pci_transport::testing::{TestDriver, MSI_ADDR, QUEUE_MSI_DATA};
+    use crate::virtio::pci_transport::testing::{
+        TestDriver, CONFIG_MSI_DATA, MSI_ADDR, QUEUE_MSI_DATA,
+    };
     use crate::virtio::queue::testing::{DESC_F_NEXT, DESC_F_WRITE};
 
     const HEADER: u64 = 0x20_0000;
@@ -705,6 +776,76 @@ mod tests {
         let mut got = vec![0u8; 512];
         s.d.mem.read_slice(&mut got, GuestAddress(DATA)).unwrap();
         assert_eq!(got, s.file_bytes()[5 * 512..6 * 512]);
+    }
+
+    /// An empty removable drive brought up by the test driver, its switchable backend and
+    /// its media handle.
+    fn empty_drive() -> (Setup, crate::machine::disks::SwitchableDisk, MediaHandle) {
+        use crate::machine::disks::{EmptyMedium, SwitchableDisk};
+        let switchable = SwitchableDisk::new(Box::new(EmptyMedium));
+        let (block, media) =
+            Block::removable(Box::new(switchable.clone()), "hutch-disk1".into()).unwrap();
+        let mut d = TestDriver::new(Box::new(block));
+        d.bring_up();
+        let unused = tempfile::NamedTempFile::new().unwrap();
+        (Setup { d, file: unused, next_head: 0 }, switchable, media)
+    }
+
+    #[test]
+    fn a_medium_put_in_an_empty_drive_shows_its_size_after_a_config_interrupt() {
+        let (mut s, switchable, media) = empty_drive();
+        let read = |s: &mut Setup, sector| {
+            s.submit(VIRTIO_BLK_T_IN, sector, Some((DATA, 512, DESC_F_WRITE))).0
+        };
+        assert_eq!(s.d.read(0x1000, 8), 0, "an empty drive has no sectors");
+        assert_eq!(read(&mut s, 0), VIRTIO_BLK_S_IOERR);
+        let generation = s.d.read(0x15, 1);
+        let config_irqs =
+            |d: &TestDriver| d.msis().iter().filter(|(_, data)| *data == CONFIG_MSI_DATA).count();
+        assert_eq!(config_irqs(&s.d), 0);
+
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        let contents: Vec<u8> = (0..8 * 512).map(|i| (i % 253) as u8).collect();
+        file.write_all(&contents).unwrap();
+        let iso = disk::RawFile::open(file.path(), true).unwrap();
+        switchable.replace(Box::new(iso));
+        media.changed(8 * 512);
+
+        assert_eq!(config_irqs(&s.d), 1, "the driver hears of the change");
+        assert_ne!(s.d.read(0x15, 1), generation, "the config generation moved");
+        assert_eq!(s.d.read(0x1000, 8), 8);
+        assert_eq!(read(&mut s, 3), VIRTIO_BLK_S_OK);
+        let mut got = vec![0u8; 512];
+        s.d.mem.read_slice(&mut got, GuestAddress(DATA)).unwrap();
+        assert_eq!(got, contents[3 * 512..4 * 512]);
+        let (status, _) = s.submit(VIRTIO_BLK_T_OUT, 0, Some((DATA, 512, 0)));
+        assert_eq!(status, VIRTIO_BLK_S_IOERR, "a CD stays read-only");
+
+        switchable.replace(Box::new(crate::machine::disks::EmptyMedium));
+        media.changed(0);
+        assert_eq!((config_irqs(&s.d), s.d.read(0x1000, 8)), (2, 0), "ejected");
+        assert_eq!(read(&mut s, 0), VIRTIO_BLK_S_IOERR);
+    }
+
+    #[test]
+    fn a_fixed_disk_refuses_to_be_empty_but_a_removable_drive_may_be() {
+        use crate::machine::disks::EmptyMedium;
+        assert!(matches!(
+            Block::new(Box::new(EmptyMedium), true, "x".into()),
+            Err(VirtioBlockError::Empty)
+        ));
+        assert!(Block::removable(Box::new(EmptyMedium), "x".into()).is_ok());
+    }
+
+    #[test]
+    fn a_drive_changed_before_the_driver_runs_raises_no_interrupt() {
+        use crate::machine::disks::{EmptyMedium, SwitchableDisk};
+        let switchable = SwitchableDisk::new(Box::new(EmptyMedium));
+        let (block, media) = Block::removable(Box::new(switchable), "x".into()).unwrap();
+        let mut d = TestDriver::new(Box::new(block));
+        media.changed(4096);
+        assert!(d.msis().is_empty());
+        assert_eq!(d.read(0x1000, 8), 8, "the driver reads the new size when it comes");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 mod device;
 mod persist;
 
-pub use device::Block;
+pub use device::{Block, MediaHandle};
 pub use persist::BlockState;
 
 /// Feature bits.

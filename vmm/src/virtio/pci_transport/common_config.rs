@@ -104,7 +104,7 @@ impl VirtioPciDevice {
             (0x10, 2) => u64::from(st.config_vector),
             (0x12, 2) => self.queues.len() as u64,
             (0x14, 1) => u64::from(self.status()),
-            (0x15, 1) => 0, // config_generation: device configs never change under the driver
+            (0x15, 1) => u64::from(lock(&self.device).config_generation()),
             (0x16, 2) => u64::from(self.queue_select),
             (0x18, 2) => q.map_or(0, |q| u64::from(q.size)),
             (0x1a, 2) => u64::from(qvec.unwrap_or(VIRTIO_MSI_NO_VECTOR)),
