@@ -140,6 +140,7 @@ fn main() -> anyhow::Result<()> {
             instance: 1,
             display: Some("virtio-gpu 800x600".into()),
             net: None,
+            cd: None,
         };
         let target =
             Arc::new(FakeVm { status, pointer: pointer.clone(), hub: SerialHub::new(None) });

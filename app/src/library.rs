@@ -125,6 +125,11 @@ pub struct VmConfig {
     /// from the first disk (see `cd_is_first`).
     #[serde(skip)]
     pub cd_first: Option<bool>,
+    /// Whether the machine has a CD drive, when that is fixed already (a running or
+    /// restored machine keeps the drive it was built with, empty or not). None: firmware
+    /// VMs always have one, kernel-boot VMs only with an ISO (see `has_cd_drive`).
+    #[serde(skip)]
+    pub cd_drive: Option<bool>,
     /// The network card. Files from before networking have none, so their VMs (and snapshots)
     /// keep the devices they had; new VMs get `user`.
     #[serde(default, skip_serializing_if = "NetMode::is_none")]
@@ -146,6 +151,15 @@ pub struct VmConfig {
     // Tables last: TOML needs plain values before arrays of tables.
     #[serde(default, rename = "disk", skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<DiskEntry>,
+}
+
+/// A built machine's CD drive: whether it has one, whether it comes before the disks, and
+/// the ISO in it now (None: empty).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CdDrive {
+    pub present: bool,
+    pub first: bool,
+    pub iso: Option<PathBuf>,
 }
 
 /// What a VM boots.
@@ -324,6 +338,7 @@ impl VmConfig {
             display: true,
             firmware: None,
             cd_first: None,
+            cd_drive: None,
             net: NetMode::User,
             mac: Some(random_mac()),
             forwards: Vec::new(),
@@ -492,18 +507,40 @@ impl VmConfig {
     /// Whether the machine gets the CD before its disks: while the first disk has no boot
     /// loader (firmware boots the first bootable disk), unless `cd_first` fixes it already.
     pub fn cd_is_first(&self) -> bool {
-        self.iso.is_some()
-            && self
-                .cd_first
-                .unwrap_or_else(|| !self.disks.first().is_some_and(|d| has_boot_loader(&d.path)))
+        self.has_cd_drive()
+            && self.cd_first.unwrap_or_else(|| {
+                self.iso.is_some() && !self.disks.first().is_some_and(|d| has_boot_loader(&d.path))
+            })
+    }
+
+    /// The CD drive as this configuration builds it.
+    pub fn cd(&self) -> CdDrive {
+        CdDrive { present: self.has_cd_drive(), first: self.cd_is_first(), iso: self.iso.clone() }
+    }
+
+    /// Builds the drive as `cd` says: a machine restored or running keeps the drive it had.
+    pub fn set_cd(&mut self, cd: &CdDrive) {
+        self.cd_drive = Some(cd.present);
+        self.cd_first = Some(cd.first);
+        self.iso = cd.iso.clone();
+    }
+
+    /// Whether the machine gets a CD drive (which can then change its medium while the
+    /// guest runs): a firmware VM always, empty without an ISO, as a PC has its drive; a
+    /// kernel-boot VM only with an ISO. `cd_drive` fixes it for a built machine.
+    pub fn has_cd_drive(&self) -> bool {
+        self.cd_drive.unwrap_or(self.boot != BootMode::Kernel || self.iso.is_some())
     }
 
     /// The disks in the order the firmware sees them: the ISO first or last
     /// ([`Self::cd_is_first`]), the VM's disks in their order.
     fn machine_disks(&self) -> Vec<DiskConfig> {
-        let disks =
-            self.disks.iter().map(|d| DiskConfig { path: d.path.clone(), readonly: d.readonly });
-        let cd = self.iso.iter().map(|iso| DiskConfig { path: iso.clone(), readonly: true });
+        let disks = self.disks.iter().map(|d| DiskConfig {
+            path: d.path.clone(),
+            readonly: d.readonly,
+            removable: false,
+        });
+        let cd = self.has_cd_drive().then(|| DiskConfig::removable(self.iso.clone())).into_iter();
         if self.cd_is_first() {
             cd.chain(disks).collect()
         } else {
@@ -1015,9 +1052,20 @@ mod tests {
         c.cd_first = Some(true);
         assert_eq!(order(&c), vec![(iso.clone(), true), (disk.clone(), false)]);
         assert!(!c.to_toml().contains("cd_first"), "a run-time choice, not vm.toml's");
+        // Ejected from the running machine: its drive stays where it was, empty.
         c.iso = None;
+        let empty = (PathBuf::new(), true);
+        assert_eq!(order(&c), vec![empty.clone(), (disk.clone(), false)]);
+        // Started with no CD: the empty drive comes last, and boots nothing.
+        c.cd_first = None;
         assert!(!c.cd_is_first(), "no CD, nothing first");
-        assert_eq!(order(&c), vec![(disk, false)]);
+        assert_eq!(order(&c), vec![(disk.clone(), false), empty]);
+        assert!(c.to_machine_config().disks[1].is_empty_drive());
+        // A kernel-boot VM has a drive only with an ISO.
+        c.boot = BootMode::Kernel;
+        assert_eq!(order(&c), vec![(disk.clone(), false)]);
+        c.iso = Some(iso.clone());
+        assert_eq!(order(&c), vec![(disk, false), (iso, true)]);
     }
 
     #[test]

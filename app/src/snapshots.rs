@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use vmm::machine::MachineHandle;
 use vmm::snapshot::SnapshotFile;
 
-use crate::library::{DiskEntry, VmConfig, VmDir};
+use crate::library::{CdDrive, DiskEntry, VmConfig, VmDir};
 
 /// One snapshot as the CLI, GUI and control protocol show it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,6 +83,20 @@ struct Entry {
     /// The CD came before the disks in the machine (a restore keeps that order).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     cd_first: bool,
+    /// The machine had a CD drive (empty without `iso`). Snapshots from before empty drives
+    /// have none: theirs had a drive exactly when they had an ISO.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cd_drive: Option<bool>,
+}
+
+impl Entry {
+    fn cd(&self) -> CdDrive {
+        CdDrive {
+            present: self.cd_drive.unwrap_or(self.iso.is_some()),
+            first: self.cd_first,
+            iso: self.iso.clone(),
+        }
+    }
 }
 
 fn snapshots_dir(vm: &VmDir) -> PathBuf {
@@ -249,7 +263,7 @@ pub fn take(
     machine: &MachineHandle,
     name: Option<&str>,
     screen: Option<&Path>,
-    cd_first: bool,
+    cd: &CdDrive,
 ) -> anyhow::Result<SnapshotInfo> {
     let mut index = load_index(vm)?;
     let config = vm.load_config()?;
@@ -271,21 +285,21 @@ pub fn take(
         memory_mib: config.memory_mib,
         display: config.display,
         disks: config.disks.clone(),
-        iso: config.iso.clone(),
-        cd_first,
+        iso: cd.iso.clone(),
+        cd_first: cd.first,
+        cd_drive: Some(cd.present),
     };
-    // The machine's disks in its order: the new layers, and the CD (read-only: kept as is).
-    let cd = config.iso.iter().map(|iso| DiskEntry { path: iso.clone(), readonly: true });
-    let machine_disks: Vec<DiskEntry> = if entry.cd_first {
-        cd.chain(layers.iter().cloned()).collect()
-    } else {
-        layers.iter().cloned().chain(cd).collect()
-    };
+    // The machine's disks in its order: the new layers, and the CD drive as it is now
+    // (read-only: kept as is).
+    let mut on_layers = config.clone();
+    on_layers.disks = layers.clone();
+    on_layers.set_cd(cd);
+    let machine_disks = on_layers.to_machine_config().disks;
     let mut open_new = || {
         machine_disks
             .iter()
             .map(|d| {
-                disk::open_image(&d.path, disk::OpenOptions { writable: !d.readonly })
+                vmm::machine::disks::open_disk(d)
                     .map_err(|e| format!("{}: {e}", d.path.display()).into())
             })
             .collect::<Result<Vec<_>, vmm::machine::HostError>>()
@@ -377,16 +391,15 @@ fn restored_config(current: &VmConfig, entry: &Entry) -> VmConfig {
     config.memory_mib = entry.memory_mib;
     config.display = entry.display;
     config.disks = entry.disks.clone();
-    config.iso = entry.iso.clone();
-    config.cd_first = Some(entry.cd_first);
+    config.set_cd(&entry.cd());
     config
 }
 
 /// A snapshot put back by [`apply_restore`].
 pub struct Restored {
     pub file: SnapshotFile,
-    /// Where the machine must have its CD (`VmConfig::cd_first`).
-    pub cd_first: bool,
+    /// The CD drive the machine must have (`VmConfig::set_cd`).
+    pub cd: CdDrive,
 }
 
 /// Puts the VM's disks and configuration at snapshot `id` (under the VM lock, the VM not
@@ -405,7 +418,7 @@ pub fn apply_restore(vm: &VmDir, id: &str) -> anyhow::Result<Restored> {
     save_index(vm, &index)?;
     vm.write_config(&config)?;
     drop_unused_layers(vm, &index, &config)?;
-    Ok(Restored { file, cd_first: entry.cd_first })
+    Ok(Restored { file, cd: entry.cd() })
 }
 
 /// Removes layer files that neither a snapshot nor the VM's config uses (the active layers
@@ -539,6 +552,7 @@ mod tests {
             disks: vec![],
             iso: None,
             cd_first: false,
+            cd_drive: None,
         }
     }
 
@@ -553,6 +567,20 @@ mod tests {
         current.iso = Some("/later.iso".into());
         let config = restored_config(&current, entry);
         assert_eq!((config.iso, config.cd_first), (None, Some(false)));
+        assert_eq!(config.cd_drive, Some(false), "no ISO then: no drive");
+    }
+
+    #[test]
+    fn a_snapshot_taken_with_an_empty_drive_restores_the_drive_empty() {
+        let mut taken = entry("a1", "ejected", 1);
+        taken.cd_drive = Some(true);
+        let back: Entry = serde_json::from_str(&serde_json::to_string(&taken).unwrap()).unwrap();
+        let mut current = VmConfig::new("/k".into(), None, "c".into(), vec![], 1, 64);
+        current.iso = Some("/later.iso".into());
+        let config = restored_config(&current, &back);
+        assert_eq!((config.iso.as_ref(), config.has_cd_drive()), (None, true));
+        let disks = config.to_machine_config().disks;
+        assert!(disks.len() == 1 && disks[0].is_empty_drive(), "{disks:?}");
     }
 
     #[test]

@@ -17,17 +17,17 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context};
+use anyhow::{anyhow, bail, Context};
 use display::frame::FrameWriter;
 use display::scanout::Screen;
 use net::slirp::{Forward, UserNet, UserNetConfig};
 use vmm::machine::{ExitReason, Machine, MachineHandle, NetAttachment, RunState};
 
 use crate::backend;
-use crate::control::protocol::{ControlTarget, NetStatus, StatusReply};
+use crate::control::protocol::{CdStatus, ControlTarget, NetStatus, StatusReply};
 use crate::control::server::{ConsoleTarget, ControlServer};
 use crate::library::{
-    parse_mac, ExitKind, ExitRecord, Library, NetMode, PidFile, VmConfig, VmDir, VmLock,
+    parse_mac, CdDrive, ExitKind, ExitRecord, Library, NetMode, PidFile, VmConfig, VmDir, VmLock,
 };
 use crate::runtime;
 use crate::serial_hub::{SerialHub, SerialSubscription};
@@ -149,9 +149,13 @@ pub trait MachineControl: Clone + Send + Sync + 'static {
         _vm: &VmDir,
         _name: Option<&str>,
         _screen: Option<&Path>,
-        _cd_first: bool,
+        _cd: &CdDrive,
     ) -> anyhow::Result<SnapshotInfo> {
         Err(anyhow!("This machine cannot be saved"))
+    }
+    /// Puts the ISO at `iso` in the machine's CD drive (None: ejects).
+    fn change_media(&self, _iso: Option<&Path>) -> anyhow::Result<()> {
+        Err(anyhow!("This machine has no CD drive"))
     }
 }
 
@@ -194,9 +198,21 @@ impl MachineControl for MachineHandle {
         vm: &VmDir,
         name: Option<&str>,
         screen: Option<&Path>,
-        cd_first: bool,
+        cd: &CdDrive,
     ) -> anyhow::Result<SnapshotInfo> {
-        snapshots::take(vm, self, name, screen, cd_first)
+        snapshots::take(vm, self, name, screen, cd)
+    }
+    fn change_media(&self, iso: Option<&Path>) -> anyhow::Result<()> {
+        let medium = match iso {
+            Some(path) => {
+                let drive = vmm::machine::DiskConfig::removable(Some(path.to_path_buf()));
+                let opened = vmm::machine::disks::open_disk(&drive)
+                    .with_context(|| format!("Cannot open the ISO {}", path.display()))?;
+                Some(opened)
+            }
+            None => None,
+        };
+        Ok(MachineHandle::change_media(self, medium)?)
     }
 }
 
@@ -236,8 +252,9 @@ struct MachineTarget<H> {
     /// One snapshot operation at a time (they all rewrite the index).
     snapshot_lock: Mutex<()>,
     net: Option<Arc<UserNet>>,
-    /// The machine has its CD before its disks (a snapshot records it).
-    cd_first: bool,
+    /// The machine's CD drive and what it holds now (a snapshot records it). Held across a
+    /// media change and a snapshot, so a snapshot never records another ISO than the drive's.
+    cd: Mutex<CdDrive>,
 }
 
 /// The snapshot the VM process restarts into once its machine has stopped.
@@ -269,6 +286,10 @@ impl<H: MachineControl> ControlTarget for MachineTarget<H> {
                     forwards: net.forwards().iter().map(ToString::to_string).collect(),
                 })
             }),
+            cd: {
+                let cd = self.cd.lock().unwrap_or_else(|p| p.into_inner());
+                cd.present.then(|| CdStatus { iso: cd.iso.clone() })
+            },
         })
     }
     fn forward_add(&self, spec: String) -> anyhow::Result<()> {
@@ -302,7 +323,27 @@ impl<H: MachineControl> ControlTarget for MachineTarget<H> {
     }
     fn snapshot_take(&self, name: Option<String>) -> anyhow::Result<SnapshotInfo> {
         let _one = self.snapshot_lock.lock().unwrap_or_else(|p| p.into_inner());
-        self.handle.snapshot_take(&self.vm, name.as_deref(), self.screen.as_deref(), self.cd_first)
+        let cd = self.cd.lock().unwrap_or_else(|p| p.into_inner());
+        self.handle.snapshot_take(&self.vm, name.as_deref(), self.screen.as_deref(), &cd)
+    }
+    fn media(&self, iso: Option<PathBuf>) -> anyhow::Result<()> {
+        let mut cd = self.cd.lock().unwrap_or_else(|p| p.into_inner());
+        if !cd.present {
+            bail!(
+                "This VM has no CD drive (a kernel-boot VM started without an ISO has none); \
+                 stop it to insert one"
+            );
+        }
+        if let Some(iso) = iso.as_deref().filter(|p| !p.is_absolute()) {
+            bail!("The ISO path must be absolute: {}", iso.display());
+        }
+        self.handle.change_media(iso.as_deref())?;
+        match &iso {
+            Some(iso) => log::info!("CD drive: inserted {}", iso.display()),
+            None => log::info!("CD drive: ejected"),
+        }
+        cd.iso = iso;
+        Ok(())
     }
     fn snapshot_list(&self) -> anyhow::Result<SnapshotList> {
         snapshots::list(&self.vm)
@@ -442,8 +483,9 @@ fn run_locked<M: RunnableMachine>(
     let mut config = vm.load_config()?;
     config.resolve_firmware(&vm.nvram_path())?;
     // Fixed once: the guest may write a boot loader while it runs, and the snapshot must
-    // record the order the machine was built with.
-    config.cd_first = Some(restored.as_ref().map_or_else(|| config.cd_is_first(), |r| r.cd_first));
+    // record the drive the machine was built with.
+    let cd = restored.as_ref().map_or_else(|| config.cd(), |r| r.cd.clone());
+    config.set_cd(&cd);
     let snapshot = restored.map(|r| r.file);
 
     let serial_path = vm.serial_log_path();
@@ -468,7 +510,7 @@ fn run_locked<M: RunnableMachine>(
         screen: config.display.then_some(frame),
         snapshot_lock: Mutex::new(()),
         net,
-        cd_first: config.cd_is_first(),
+        cd: Mutex::new(cd),
     });
     let server = ControlServer::bind(&socket, target)?;
     if let Some(set) = signals {
@@ -571,6 +613,8 @@ mod tests {
     struct FakeHandle {
         tx: mpsc::Sender<Cmd>,
         paused: Arc<Mutex<bool>>,
+        /// What each media change put in the CD drive.
+        media: Arc<Mutex<Vec<Option<PathBuf>>>>,
     }
 
     impl MachineControl for FakeHandle {
@@ -613,6 +657,10 @@ mod tests {
         fn display_status(&self) -> Option<String> {
             None
         }
+        fn change_media(&self, iso: Option<&Path>) -> anyhow::Result<()> {
+            self.media.lock().unwrap().push(iso.map(Path::to_path_buf));
+            Ok(())
+        }
     }
 
     struct FakeMachine {
@@ -645,7 +693,8 @@ mod tests {
         _: Option<&SnapshotFile>,
     ) -> anyhow::Result<FakeMachine> {
         let (tx, rx) = mpsc::channel();
-        Ok(FakeMachine { handle: FakeHandle { tx, paused: Arc::default() }, rx, serial })
+        let handle = FakeHandle { tx, paused: Arc::default(), media: Arc::default() };
+        Ok(FakeMachine { handle, rx, serial })
     }
 
     struct Setup {
@@ -713,6 +762,63 @@ mod tests {
         assert!(!socket.exists() && !socket.parent().unwrap().exists());
         let log = std::fs::read_to_string(s.vm.serial_log_path()).unwrap();
         assert_eq!(log, "Booting fake\r\necho me");
+    }
+
+    #[test]
+    fn the_cd_of_a_running_vm_changes_in_its_drive_and_in_vm_toml() {
+        let s = setup();
+        let lib = Library::at(s._home.path().to_path_buf());
+        let iso = s._home.path().join("inst.iso");
+        std::fs::write(&iso, [0u8; 4096]).unwrap();
+        let other = s._home.path().join("other.iso");
+        std::fs::write(&other, [0u8; 4096]).unwrap();
+        let mut config = s.vm.load_config().unwrap();
+        config.iso = Some(iso.clone());
+        s.vm.write_config(&config).unwrap();
+        let media = Arc::new(Mutex::new(Vec::new()));
+        let seen = media.clone();
+        let build = move |c: &VmConfig,
+                          serial: Box<dyn Write + Send>,
+                          f: Option<&Path>,
+                          r: Option<&SnapshotFile>|
+              -> anyhow::Result<FakeMachine> {
+            let mut m = fake_build(c, serial, f, r)?;
+            m.handle.media = seen.clone();
+            Ok(m)
+        };
+        let (vm, root) = (s.vm.clone(), s.runtime.path().to_path_buf());
+        let run = std::thread::spawn(move || lifecycle(&vm, &root, None, None, build));
+        let socket = wait_for_socket(&s.vm);
+
+        assert_eq!(crate::service::vm::change_media(&lib, "vm", None).unwrap(), Some(iso.clone()));
+        assert_eq!(s.vm.load_config().unwrap().iso, None);
+        crate::service::vm::change_media(&lib, "vm", Some(&other)).unwrap();
+        assert_eq!(s.vm.load_config().unwrap().iso, Some(other.clone()));
+        assert_eq!(*media.lock().unwrap(), vec![None, Some(other.clone())]);
+        // A hostile client's relative path is refused; the drive keeps its ISO.
+        let mut c = ControlClient::connect(&socket).unwrap();
+        let err = c.media(Some(PathBuf::from("inst.iso"))).unwrap_err();
+        assert!(format!("{err:#}").contains("must be absolute"), "{err:#}");
+        assert_eq!(media.lock().unwrap().len(), 2);
+
+        c.poweroff().unwrap();
+        run.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn a_running_vm_without_a_cd_drive_refuses_an_iso_and_vm_toml_keeps_none() {
+        let s = setup();
+        let lib = Library::at(s._home.path().to_path_buf());
+        let iso = s._home.path().join("inst.iso");
+        std::fs::write(&iso, [0u8; 4096]).unwrap();
+        let (vm, root) = (s.vm.clone(), s.runtime.path().to_path_buf());
+        let run = std::thread::spawn(move || lifecycle(&vm, &root, None, None, fake_build));
+        let socket = wait_for_socket(&s.vm);
+        let err = crate::service::vm::change_media(&lib, "vm", Some(&iso)).unwrap_err();
+        assert!(format!("{err:#}").contains("no CD drive"), "{err:#}");
+        assert_eq!(s.vm.load_config().unwrap().iso, None);
+        ControlClient::connect(&socket).unwrap().poweroff().unwrap();
+        run.join().unwrap().unwrap();
     }
 
     #[test]

@@ -441,6 +441,7 @@ mod running {
                 instance: 1,
                 display: None,
                 net: None,
+                cd: None,
             })
         }
         fn pause(&self) -> anyhow::Result<()> {

@@ -40,7 +40,7 @@ CASES=(boots_to_readiness_line guest_sees_cpus_and_memory disk_hash_matches_host
     gui_shows_the_guest_and_drives_its_keyboard_pointer_and_mode
     imported_vmdk_and_vhdx_read_right_in_the_guest
     snapshots_bring_back_memory_disk_and_console snapshot_v1_fixture_restores_and_answers
-    guest_reboot_comes_back_in_the_same_vm)
+    guest_reboot_comes_back_in_the_same_vm cd_changes_while_the_guest_runs_and_snapshots_keep_it)
 # Stock firmware on the Q35 board (issue 14). The SeaBIOS cases are in CASES; the OVMF one
 # runs by name only: an OVMF guest crashes the lab's own emulator (FIRMWARE.md §7.1).
 BIOS_CASES=(silent_firmware_gets_a_diagnostic_naming_its_last_port_accesses
@@ -794,6 +794,75 @@ snapshot_v1_fixture_restores_and_answers() {
     expect_tokens $vm after-v1 "after writing to the restored guest"
     "$HUTCH" stop $vm --force >>"$log" 2>&1 || fail "stop --force (log: $log)"
     grep -h 'is running from\|snapshot' "$log" "$HUTCH_HOME/vms/$vm/hutch.log" >&2 || true
+}
+
+# disc_image PATH LABEL SECTORS: a disc image of SECTORS 512-byte sectors whose first bytes
+# are LABEL (the case reads them back in the guest, past its page cache).
+disc_image() {
+    head -c $(($3 * 512)) /dev/zero >"$1"
+    printf '%s\n' "$2" | dd of="$1" conv=notrunc status=none
+}
+
+# expect_disc NAME SECTORS LABEL WHAT: the guest's CD (vda: the VM has no other disk) has
+# SECTORS sectors and, unless empty, starts with LABEL. The guest reads a new size after the
+# drive's configuration interrupt: asked a few times.
+expect_disc() {
+    local name=$1 sectors=$2 label=$3 what=$4 size= i
+    for i in 1 2 3 4 5 6 7 8 9 10; do
+        size=$(guest_ask "$name" '$(cat /sys/block/vda/size)')
+        [ "$size" = "$sectors" ] && break
+        sleep 1
+    done
+    [ "$size" = "$sectors" ] || fail "$what: the guest's CD has $size sectors, not $sectors"
+    [ "$sectors" != 0 ] || return 0
+    local got
+    got=$(guest_ask "$name" '$(dd if=/dev/vda bs=4096 count=1 iflag=direct 2>/dev/null | head -n1 | tr -d "\0")')
+    [ "$got" = "$label" ] || fail "$what: the guest's CD starts with '$got', not $label"
+}
+
+# A running VM's CD drive: `hutch media` ejects and inserts while the guest runs, which sees
+# the new size at once and reads the new disc; vm.toml follows; a missing ISO is refused and
+# changes nothing; a snapshot keeps the drive as it was, an ISO in it or empty.
+cd_changes_while_the_guest_runs_and_snapshots_keep_it() {
+    need_hutch
+    local log=$WORK/log name=cd out rc=0
+    export HUTCH_HOME=$WORK/home
+    disc_image "$WORK/a.iso" DISC-A 2048
+    disc_image "$WORK/b.iso" DISC-B 4096
+    "$HUTCH" create "$name" --kernel "$KERNEL" --initrd "$INITRD" --iso "$WORK/a.iso" \
+        --cmdline "$(actions cmdloop)" >>"$log" 2>&1 || fail "hutch create: exit $? (log: $log)"
+    "$HUTCH" start "$name" >>"$log" 2>&1 || fail "hutch start: exit $? (log: $log)"
+    local serial=$HUTCH_HOME/vms/$name/serial.log toml=$HUTCH_HOME/vms/$name/vm.toml
+    wait_for_line "$serial" 'HUTCH-RESULT cmdloop=ready' "$VM_TIMEOUT"
+    expect_disc $name 2048 DISC-A "at boot"
+
+    "$HUTCH" media $name eject >>"$log" 2>&1 || fail "hutch media eject: exit $? (log: $log)"
+    expect_disc $name 0 "" "ejected"
+    ! grep -q '^iso' "$toml" || fail "vm.toml keeps the ejected ISO: $(cat "$toml")"
+    "$HUTCH" media $name insert "$WORK/b.iso" >>"$log" 2>&1 || fail "hutch media insert: exit $? (log: $log)"
+    expect_disc $name 4096 DISC-B "B inserted"
+    grep -q "b.iso" "$toml" || fail "vm.toml does not have the inserted ISO: $(cat "$toml")"
+    out=$("$HUTCH" media $name insert "$WORK/gone.iso" 2>&1) || rc=$?
+    [ "$rc" != 0 ] || fail "a missing ISO was inserted: $out"
+    contains "$out" gone.iso || fail "the error does not name the missing ISO: $out"
+    grep -q "b.iso" "$toml" || fail "vm.toml lost its ISO to a failed insert: $(cat "$toml")"
+    expect_disc $name 4096 DISC-B "after the failed insert"
+
+    "$HUTCH" snapshot take $name with-b >>"$log" 2>&1 || fail "snapshot take with-b (log: $log)"
+    "$HUTCH" media $name eject >>"$log" 2>&1 || fail "hutch media eject: exit $? (log: $log)"
+    "$HUTCH" snapshot take $name empty >>"$log" 2>&1 || fail "snapshot take empty (log: $log)"
+    "$HUTCH" media $name insert "$WORK/a.iso" >>"$log" 2>&1 || fail "hutch media insert a (log: $log)"
+    expect_disc $name 2048 DISC-A "A inserted again"
+
+    "$HUTCH" snapshot restore $name with-b >>"$log" 2>&1 || fail "restore with-b: exit $? (log: $log)"
+    expect_disc $name 4096 DISC-B "after restoring with-b"
+    grep -q "b.iso" "$toml" || fail "vm.toml after restoring with-b: $(cat "$toml")"
+    "$HUTCH" snapshot restore $name empty >>"$log" 2>&1 || fail "restore empty: exit $? (log: $log)"
+    expect_disc $name 0 "" "after restoring empty"
+    ! grep -q '^iso' "$toml" || fail "vm.toml after restoring empty: $(cat "$toml")"
+    "$HUTCH" media $name insert "$WORK/b.iso" >>"$log" 2>&1 || fail "insert after restore (log: $log)"
+    expect_disc $name 4096 DISC-B "B inserted after the restore"
+    "$HUTCH" stop $name --force >>"$log" 2>&1 || fail "stop --force (log: $log)"
 }
 
 stop_qemu_via_monitor() {

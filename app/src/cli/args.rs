@@ -74,7 +74,7 @@ pub enum Command {
     /// List, add and remove a VM's port forwards (host port → guest port); a running VM
     /// takes the change at once.
     Forward(ForwardArgs),
-    /// Show, insert or eject a stopped VM's CD (an ISO image).
+    /// Show, insert or eject a VM's CD (an ISO image); a running VM's drive changes at once.
     Media(MediaArgs),
     /// Open the graphical interface (also what `hutch` alone does).
     Gui,

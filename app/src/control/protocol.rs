@@ -93,6 +93,13 @@ macro_rules! for_each_request {
             /// Stops forwarding a host port (the spec as added).
             ForwardRemove { spec: String } => forward_remove -> (),
                 else "This VM has no user-mode network";
+            /// Puts the ISO at `iso` (an absolute path) in the CD drive, or without one
+            /// ejects it; the guest sees the drive's new size.
+            Media {
+                #[serde(default, skip_serializing_if = "Option::is_none")]
+                iso: Option<std::path::PathBuf>,
+            } => media -> (),
+                else "This VM has no CD drive";
         }
     };
 }
@@ -209,6 +216,17 @@ pub struct StatusReply {
     /// The network card, absent without one (boxed: most replies are small).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub net: Option<Box<NetStatus>>,
+    /// The CD drive, absent without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cd: Option<CdStatus>,
+}
+
+/// A running VM's CD drive.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CdStatus {
+    /// The ISO in it; absent when it is empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iso: Option<std::path::PathBuf>,
 }
 
 /// A running VM's network card.
@@ -453,12 +471,14 @@ mod tests {
             instance: 5,
             display: None,
             net: None,
+            cd: Some(CdStatus { iso: Some("/isos/debian.iso".into()) }),
         };
         let line = Response::status(status.clone()).to_line();
         assert_eq!(
             line,
             "{\"ok\":true,\"reply\":\"status\",\"name\":\"web\",\"state\":\"running\",\"pid\":7,\
-             \"cpus\":2,\"memory_mib\":512,\"uptime_secs\":3,\"instance\":5}\n"
+             \"cpus\":2,\"memory_mib\":512,\"uptime_secs\":3,\"instance\":5,\
+             \"cd\":{\"iso\":\"/isos/debian.iso\"}}\n"
         );
         assert_eq!(Response::parse(&line).unwrap(), Response::status(status));
         let list = SnapshotList { snapshots: Vec::new(), current: Some("s1".into()) };

@@ -306,6 +306,7 @@ mod tests {
                 instance: 0,
                 display: None,
                 net: None,
+                cd: None,
             })
         }
         fn pause(&self) -> anyhow::Result<()> {

@@ -340,6 +340,7 @@ impl GuiApp {
             cpu_percent: None,
             cpu_sampled: Instant::now(),
             pointer: None,
+            insert_iso: None,
         }));
     }
 

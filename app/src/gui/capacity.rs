@@ -99,6 +99,7 @@ mod tests {
             log_tail: Vec::new(),
             display: true,
             net: Default::default(),
+            cd: Default::default(),
         }
     }
 

@@ -119,6 +119,29 @@ pub struct VmSummary {
     /// vm.toml says.
     pub display: bool,
     pub net: NetSummary,
+    pub cd: CdSummary,
+}
+
+/// A VM's CD drive as the GUI shows it: as the running VM process says, else as vm.toml says.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CdSummary {
+    /// It has a drive (a stopped VM gets one with an ISO in any case).
+    pub drive: bool,
+    pub iso: Option<std::path::PathBuf>,
+}
+
+impl CdSummary {
+    /// What the CD menu says the drive holds.
+    pub fn label(&self) -> String {
+        match &self.iso {
+            Some(iso) => {
+                let name = iso.file_name().unwrap_or(iso.as_os_str());
+                format!("CD: {}", name.to_string_lossy())
+            }
+            None if self.drive => "CD: empty".to_string(),
+            None => "No CD drive while it runs".to_string(),
+        }
+    }
 }
 
 /// A VM's network as the GUI shows it: as the running VM process says, else as vm.toml says.

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
-use super::model::{derive_state, NetSummary, Probe, VmState, VmSummary};
+use super::model::{derive_state, CdSummary, NetSummary, Probe, VmState, VmSummary};
 use super::screen::Thumbnailer;
 use super::snapshot_panel::{self, SnapshotRef};
 use crate::library::{DiskState, Library, VmConfig};
@@ -55,6 +55,11 @@ pub enum Job {
         name: String,
         spec: String,
     },
+    /// Puts an ISO in the CD drive (None: ejects), at once in a running VM.
+    Media {
+        name: String,
+        iso: Option<PathBuf>,
+    },
 }
 
 impl Job {
@@ -74,6 +79,7 @@ impl Job {
             Job::ForwardRemove { name, spec } => {
                 format!("Cannot remove the forward {spec} of VM '{name}'")
             }
+            Job::Media { name, .. } => format!("Cannot change the CD of VM '{name}'"),
         }
     }
 
@@ -89,7 +95,8 @@ impl Job {
             | Job::SaveSettings { name, .. }
             | Job::Screenshot { name }
             | Job::ForwardAdd { name, .. }
-            | Job::ForwardRemove { name, .. } => name,
+            | Job::ForwardRemove { name, .. }
+            | Job::Media { name, .. } => name,
         }
     }
 }
@@ -284,6 +291,7 @@ fn summarize(library: &Library, name: String) -> VmSummary {
         log_tail: Vec::new(),
         display: true,
         net: NetSummary::default(),
+        cd: CdSummary::default(),
     };
     let vm = match library.existing(&name) {
         Ok(vm) => vm,
@@ -304,12 +312,16 @@ fn summarize(library: &Library, name: String) -> VmSummary {
         guest_ip: None,
         forwards: config.forwards.clone(),
     };
+    let mut cd = CdSummary { drive: config.has_cd_drive(), iso: config.iso.clone() };
     let probe = match &disk {
         DiskState::Running { pid: Some(p) } => {
             pid = Some(p.pid);
             match service::probe(&p.socket, PROBE_TIMEOUT) {
                 Ok(st) => {
                     display = st.display.is_some();
+                    cd = st
+                        .cd
+                        .map_or_else(CdSummary::default, |c| CdSummary { drive: true, iso: c.iso });
                     if let Some(live) = st.net {
                         net = NetSummary {
                             mode: live.mode,
@@ -342,6 +354,7 @@ fn summarize(library: &Library, name: String) -> VmSummary {
         log_tail,
         display,
         net,
+        cd,
     }
 }
 
@@ -421,6 +434,14 @@ fn run_job(library: &Library, job: &Job) -> anyhow::Result<String> {
         Job::ForwardRemove { name, spec } => {
             let removed = crate::service::net::remove(library, name, spec)?;
             format!("VM '{name}' no longer forwards {removed}")
+        }
+        Job::Media { name, iso } => {
+            let before = service::change_media(library, name, iso.as_deref())?;
+            match (iso, before) {
+                (Some(iso), _) => format!("VM '{name}': {} is in the CD drive", iso.display()),
+                (None, Some(old)) => format!("VM '{name}': ejected {}", old.display()),
+                (None, None) => format!("VM '{name}' had no CD"),
+            }
         }
     })
 }

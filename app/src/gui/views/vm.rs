@@ -44,6 +44,8 @@ pub(in crate::gui) struct VmView {
     pub(in crate::gui) cpu_sampled: Instant,
     /// The pointer in points, while it is over the window.
     pub(in crate::gui) pointer: Option<egui::Pos2>,
+    /// The path typed in the Insert ISO dialog, while it is open.
+    pub(in crate::gui) insert_iso: Option<String>,
 }
 
 impl GuiApp {
@@ -220,6 +222,20 @@ impl GuiApp {
                         act = Some(VmAction::Network);
                     }
                 });
+                ui.menu_button("CD", |ui| {
+                    let cd = summary.as_ref().map(|s| s.cd.clone()).unwrap_or_default();
+                    ui.label(cd.label());
+                    ui.separator();
+                    // A running VM changes its drive at once; one without a drive cannot.
+                    let can = !busy && (down || cd.drive);
+                    if ui.add_enabled(can, egui::Button::new("Insert ISO…")).clicked() {
+                        act = Some(VmAction::InsertIso);
+                    }
+                    if ui.add_enabled(can && cd.iso.is_some(), egui::Button::new("Eject")).clicked()
+                    {
+                        act = Some(VmAction::Job(|name| Job::Media { name, iso: None }));
+                    }
+                });
             });
             ui.horizontal(|ui| {
                 if ui.button("Library").clicked() {
@@ -240,6 +256,36 @@ impl GuiApp {
         self.snapshots_side_panel(ui);
         self.network_side_panel(ui);
         let View::Vm(v) = &mut self.view else { return };
+        if let Some(path) = &mut v.insert_iso {
+            let mut open = true;
+            let mut insert = false;
+            let mut cancel = false;
+            egui::Window::new("Insert ISO")
+                .collapsible(false)
+                .resizable(false)
+                .open(&mut open)
+                .show(ui.ctx(), |ui| {
+                    ui.label("Path of the ISO image:");
+                    let field = ui.add(
+                        egui::TextEdit::singleline(path)
+                            .hint_text("/home/me/Downloads/debian.iso")
+                            .desired_width(360.0),
+                    );
+                    let entered =
+                        field.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
+                    ui.horizontal(|ui| {
+                        insert = ui.button("Insert").clicked() || entered;
+                        cancel = ui.button("Cancel").clicked();
+                    });
+                });
+            let typed = path.trim().to_string();
+            if insert && !typed.is_empty() {
+                v.insert_iso = None;
+                act = Some(VmAction::Media(std::path::PathBuf::from(typed)));
+            } else if !open || cancel {
+                v.insert_iso = None;
+            }
+        }
         // CPU use, once a second.
         if let Some(pid) = summary.as_ref().and_then(|s| s.pid) {
             if v.cpu.as_ref().is_none_or(|c| c.pid() != pid) {
@@ -420,6 +466,11 @@ impl GuiApp {
                 self.state.pointer_mode = mode;
             }
             Some(VmAction::Start) => self.start(&name),
+            Some(VmAction::InsertIso) => {
+                v.release();
+                v.insert_iso = Some(String::new());
+            }
+            Some(VmAction::Media(iso)) => self.run(Job::Media { name, iso: Some(iso) }),
             Some(VmAction::Job(make)) => self.run(make(name)),
             Some(VmAction::Host(command)) => self.pending_host = Some(command),
             Some(VmAction::Network) => {
@@ -453,6 +504,10 @@ enum VmAction {
     Snapshots,
     /// Open or close the network panel.
     Network,
+    /// Open the Insert ISO dialog.
+    InsertIso,
+    /// Put this ISO in the CD drive.
+    Media(std::path::PathBuf),
 }
 
 fn machine_actions(
