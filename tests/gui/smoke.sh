@@ -129,6 +129,33 @@ if grep -q '2222' "$web_toml"; then fail "Remove left the forward in vm.toml"; f
 echo "smoke: the network panel added and removed a forward"
 kill $GUI; wait $GUI 2>/dev/null || true
 
+# 2c. The CD menu of the stopped VM "web": Insert ISO… opens a dialog whose field takes the
+# typing at once; Enter puts the ISO in vm.toml and the menu names it; Eject takes it out.
+head -c 1M /dev/zero >"$WORK/tools.iso"
+printf '{"window_width":1000,"window_height":700,"open_vm":"web","one_to_one":false}\n' \
+    >"$HUTCH_HOME/gui-state.json"
+start_gui cd
+eval "$(xdotool getwindowgeometry --shell "$WID")"
+xdotool windowfocus --sync "$WID"
+xdotool mousemove --sync $((X + 253)) $((Y + 12)) click 1
+sleep 0.5
+xdotool mousemove --sync $((X + 285)) $((Y + 66)) click 1
+sleep 1
+xdotool type --delay 20 "$WORK/tools.iso"
+xdotool key Return
+sleep 2
+grep -q "^iso = \"$WORK/tools.iso\"" "$web_toml" ||
+    fail "the ISO typed in the Insert ISO dialog is not in vm.toml: $(grep iso "$web_toml")"
+xdotool mousemove --sync $((X + 253)) $((Y + 12)) click 1
+sleep 0.5
+import -window root "$OUT/vm-cd-menu.png"
+check_png "$OUT/vm-cd-menu.png" 8
+xdotool mousemove --sync $((X + 266)) $((Y + 89)) click 1
+sleep 2
+if grep -q '^iso' "$web_toml"; then fail "Eject left the ISO in vm.toml"; fi
+echo "smoke: the CD menu inserted and ejected an ISO"
+kill $GUI; wait $GUI 2>/dev/null || true
+
 # 3. VM view of "screen", fed by frame_feed playing a running VM, reopened from the saved state.
 "$FEED" --fake-vm screen 60 >"$OUT/feed.log" 2>&1 &
 PIDS+=($!)

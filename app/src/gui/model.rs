@@ -131,14 +131,14 @@ pub struct CdSummary {
 }
 
 impl CdSummary {
-    /// What the CD menu says the drive holds.
-    pub fn label(&self) -> String {
+    /// What the CD menu says the drive holds; a stopped VM gets a drive with its next ISO.
+    pub fn label(&self, stopped: bool) -> String {
         match &self.iso {
             Some(iso) => {
                 let name = iso.file_name().unwrap_or(iso.as_os_str());
                 format!("CD: {}", name.to_string_lossy())
             }
-            None if self.drive => "CD: empty".to_string(),
+            None if self.drive || stopped => "CD: empty".to_string(),
             None => "No CD drive while it runs".to_string(),
         }
     }

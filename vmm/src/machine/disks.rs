@@ -79,7 +79,7 @@ pub struct AttachedDisks {
 impl AttachedDisks {
     /// Opens disk `index` and makes its virtio-blk device, named for errors and logs; the
     /// board puts it on its bus.
-    pub(crate) fn open(
+    pub fn open(
         &mut self,
         index: usize,
         config: &DiskConfig,

@@ -224,7 +224,7 @@ impl GuiApp {
                 });
                 ui.menu_button("CD", |ui| {
                     let cd = summary.as_ref().map(|s| s.cd.clone()).unwrap_or_default();
-                    ui.label(cd.label());
+                    ui.label(cd.label(down));
                     ui.separator();
                     // A running VM changes its drive at once; one without a drive cannot.
                     let can = !busy && (down || cd.drive);
@@ -273,6 +273,11 @@ impl GuiApp {
                     );
                     let entered =
                         field.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
+                    // Typing goes to the path at once, as in a file dialog (after Enter,
+                    // so that taking the focus back does not hide the Enter).
+                    if !entered && ui.memory(|m| m.focused().is_none()) {
+                        field.request_focus();
+                    }
                     ui.horizontal(|ui| {
                         insert = ui.button("Insert").clicked() || entered;
                         cancel = ui.button("Cancel").clicked();
@@ -319,15 +324,19 @@ impl GuiApp {
                     ui.separator();
                     ui.label(format!("CPU {p:.0}%"));
                 }
-                ui.separator();
                 if v.mouse.grabs(v.keys.is_captured()) {
+                    ui.separator();
                     let text = format!("Pointer grabbed: {RELEASE_KEY_NAME} releases");
                     ui.label(RichText::new(text).strong());
                 } else if v.keys.is_captured() {
+                    ui.separator();
                     ui.label(RichText::new(format!("{RELEASE_KEY_NAME} releases")).strong());
                 } else if headless {
+                    ui.separator();
                     ui.label("No display");
-                } else {
+                } else if !down {
+                    // Only a VM that runs has a screen to capture or to wait for.
+                    ui.separator();
                     ui.label("Click the screen to capture keyboard and pointer");
                     ui.separator();
                     ui.label(v.screen.status());
