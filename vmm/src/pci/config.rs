@@ -261,6 +261,11 @@ impl PciConfiguration {
         self.registers[COMMAND_REG] & 0xffff
     }
 
+    /// Command bit 10: the function may not assert INTx.
+    pub fn intx_disabled(&self) -> bool {
+        self.command() & COMMAND_INTX_DISABLE != 0
+    }
+
     pub fn memory_space_enabled(&self) -> bool {
         self.command() & COMMAND_MEMORY_SPACE != 0
     }

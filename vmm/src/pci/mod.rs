@@ -189,6 +189,12 @@ impl IntxLine {
         IntxLine { gsi, sink, shared, level: Arc::new(AtomicBool::new(false)) }
     }
 
+    /// A line of its own to `gsi`, for tests of a device's INTx.
+    #[cfg(test)]
+    pub(crate) fn unshared(gsi: u32, sink: Arc<dyn InterruptSink>) -> Self {
+        IntxLine::new(gsi, sink, Arc::new(SharedLines::default()))
+    }
+
     pub fn gsi(&self) -> u32 {
         self.gsi
     }

@@ -359,6 +359,24 @@ pub(super) fn mcfg(p: &AcpiPlatform) -> Vec<u8> {
 }
 
 /// The DSDT's AML.
+/// `\_SB.PCI0._PRT`: every slot's INTA#–INTD# to the GSI the board wires it to
+/// ([`layout::pci_intx_gsi`]). Source Zero: the index is a GSI, no link device to program.
+fn pci_routing_table() -> Vec<u8> {
+    let entries: Vec<Vec<u8>> = (0..32u8)
+        .flat_map(|slot| {
+            (0..4u8).map(move |pin| {
+                aml::package(&[
+                    aml::integer(u64::from(slot) << 16 | 0xffff),
+                    aml::integer(pin.into()),
+                    aml::integer(0),
+                    aml::integer(layout::pci_intx_gsi(slot, pin).into()),
+                ])
+            })
+        })
+        .collect();
+    aml::package(&entries)
+}
+
 pub(super) fn dsdt(p: &AcpiPlatform) -> Vec<u8> {
     let s5 = aml::name(
         "\\_S5",
@@ -396,6 +414,7 @@ pub(super) fn dsdt(p: &AcpiPlatform) -> Vec<u8> {
             aml::name("_BBN", &aml::integer(0)),
             aml::name("_UID", &aml::integer(0)),
             aml::name("_CRS", &resource::template(&crs)),
+            aml::name("_PRT", &pci_routing_table()),
         ],
     );
     let isa = |name: &str, hid: &[u8], resources: &[Vec<u8>]| {
@@ -675,6 +694,9 @@ mod tests {
             "IRQNoFlags ()",
             "Memory32Fixed (ReadWrite",
             "0xE0000000",
+            // _PRT: 32 slots of 4 pins; slot 3's INTB# on GSI 16 + (3 + 1) % 8 = 20.
+            "Name (_PRT, Package (0x80)",
+            "0x0003FFFF, \n                    One, \n                    Zero, \n                    0x14",
         ] {
             assert!(dsl.contains(needle), "{needle:?} missing from:\n{dsl}");
         }

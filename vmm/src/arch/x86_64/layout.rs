@@ -55,6 +55,26 @@ pub const RTC_IRQ: u32 = 8;
 pub const KEYBOARD_IRQ: u32 = 1;
 /// The i8042's aux (PS/2 mouse) port.
 pub const MOUSE_IRQ: u32 = 12;
+/// PCI INTx on bus 0: IOAPIC inputs 16–23, above every ISA line. A slot's pins rotate over
+/// them (the swizzle of a PCI-to-PCI bridge) so that neighbouring functions rarely share one;
+/// `\_SB.PCI0._PRT` names the same lines to the guest.
+pub const PCI_INTX_GSI_BASE: u32 = 16;
+pub const PCI_INTX_GSI_COUNT: u32 = 8;
+
+/// The GSI that pin `pin` (0 = INTA#) of bus 0's slot `slot` drives.
+pub const fn pci_intx_gsi(slot: u8, pin: u8) -> u32 {
+    PCI_INTX_GSI_BASE + (slot as u32 + pin as u32) % PCI_INTX_GSI_COUNT
+}
+
+/// Routes bus 0's INTx pins as [`pci_intx_gsi`] does (no bridges: other buses stay
+/// unconnected).
+pub struct PciIntxSwizzle;
+
+impl crate::pci::IntxRouter for PciIntxSwizzle {
+    fn route(&self, bdf: crate::pci::Bdf, pin: crate::pci::IntxPin) -> Option<u32> {
+        (bdf.bus() == 0).then(|| pci_intx_gsi(bdf.device(), pin as u8 - 1))
+    }
+}
 
 /// Port I/O map.
 pub const COM1_PORT: u16 = 0x3f8;

@@ -27,8 +27,8 @@ use crate::machine::disks::AttachedDisks;
 use crate::machine::display::{DisplayDevices, DisplayHardware, VirtioDisplay};
 use crate::memory::GuestMemory;
 use crate::pci::{
-    Bdf, PciConfigIo, PciConfigMmio, PciHostBridge, PciIoWindow, PciMmioWindow, PciRoot,
-    PciRootConfig, PciWindow,
+    Bdf, IntxRouting, PciConfigIo, PciConfigMmio, PciHostBridge, PciIoWindow, PciMmioWindow,
+    PciRoot, PciRootConfig, PciWindow,
 };
 use crate::virtio::gpu::boot_fb::{self, BootFramebuffer};
 use crate::virtio::gpu::Gpu;
@@ -139,7 +139,7 @@ impl Board for PcBoard {
             ecam_base: layout::PCI_ECAM_START,
             bus_count: (layout::PCI_ECAM_SIZE >> 20) as u16,
             memory: Some(guest_map.clone()),
-            intx: None,
+            intx: Some(IntxRouting { router: Arc::new(layout::PciIntxSwizzle), sink: irq.clone() }),
         })
         .map_err(|e| BoardError::device("the PCI root", e))?;
         let mut display = None;

@@ -54,7 +54,7 @@ use crate::machine::disks::AttachedDisks;
 use crate::machine::display::{DisplayDevices, DisplayHardware};
 use crate::memory::GuestMemory;
 use crate::pci::{Bdf, PciConfigIo, PciConfigMmio, PciIoWindow, PciMmioWindow, PciRoot};
-use crate::pci::{PciRootConfig, PciWindow};
+use crate::pci::{IntxRouting, PciRootConfig, PciWindow};
 use crate::virtio::net::{NetConfig, VirtioNet};
 use crate::virtio::rng::Rng;
 use crate::virtio::VirtioPciDevice;
@@ -467,7 +467,7 @@ impl Board for Q35Board {
             ecam_base: ECAM_BASE,
             bus_count: ECAM_BUSES,
             memory: Some(guest_map.clone()),
-            intx: None,
+            intx: Some(IntxRouting { router: Arc::new(layout::PciIntxSwizzle), sink: irq.clone() }),
         })
         .map_err(|e| BoardError::device("the PCI root", e))?;
         pci.add_device_at(LPC_BDF, Box::new(lpc))

@@ -5,7 +5,8 @@
 //!  00:00.0  Mch       8086:29C0  PCIEXBAR ─▶ EcamDecode + hook ─▶ board moves ECAM
 //!                                PAM0–6, SMRAM, ESMRAMC: storage (no SMM, no shadow RAM)
 //!  00:1f.0  Ich9Lpc   8086:2918  PMBASE, ACPI_CNTL ─▶ LpcView + hook ─▶ board gates/moves
-//!                                PIRQA–H ─▶ LpcView (a future INTx router)     the PM block
+//!                                PIRQA–H ─▶ LpcView: storage                   the PM block
+//!                                (INTx reaches IOAPIC lines 16–23, not through the PIRQs)
 //!  PMBASE   Ich9Pm    128 ports  PM1, PM timer, GPE0, SMI_EN (0x20), SMI_STS; SCI level
 //!  0xCF9    ResetControl         RST_CPU (bit 2) ─▶ reset callback
 //!  0x92     Port92               fast reset (bit 0) ─▶ reset callback; A20 reads 1

@@ -12,9 +12,12 @@
 //!  persist.rs        saved state (VirtioPciState) and its checks
 //!  crate::pci::msix  the MSI-X table and PBA
 //! ```
-//! Interrupts are MSI-X only: INTx is not wired (interrupt pin 0). A vector that is masked
-//! (entry or function mask) is recorded in the PBA and sent when unmasked; an interrupt with
-//! MSI-X disabled or with no vector assigned only sets the ISR bit.
+//! Interrupts go through MSI-X while the driver enables it; a vector that is masked (entry or
+//! function mask) is recorded in the PBA and sent when unmasked, and an interrupt with no
+//! vector assigned only sets the ISR bit. With MSI-X disabled (firmware, `pci=nomsi`, older
+//! drivers) the function's INTA# follows the ISR: a level held while any ISR bit is set and
+//! the command register's INTx disable bit is clear, dropped by the driver's read of the ISR.
+//! The board routes INTA# to a GSI (`_PRT`).
 //! The VIRTIO_PCI_CAP_PCI_CFG window (the last capability) reaches the register BAR through
 //! configuration space, for firmware that cannot map a BAR placed above 4 GiB (SeaBIOS):
 //! the driver selects BAR, offset and length, and a read or write of its data field is that
@@ -54,6 +57,7 @@ use crate::pci::config::{
     CLASS_STORAGE_SCSI, COMMAND_REG,
 };
 use crate::pci::msix::{self, MsixMessage, MsixTable};
+use crate::pci::IntxLine;
 use crate::pci::{PciBar, PciBarKind, PciConfiguration, PciDevice, PciError, PciHeader};
 use crate::state::{self, StateError};
 use common_config::QueueConfig;
@@ -128,6 +132,19 @@ struct InterruptState {
     config_vector: u16,
     queue_vectors: Vec<u16>,
     isr: u8,
+    /// INTA#, when the board routes it.
+    intx: Option<IntxLine>,
+    /// The command register's INTx disable bit.
+    intx_disabled: bool,
+}
+
+impl InterruptState {
+    /// Drives INTA# from the ISR: the legacy interrupt, used while MSI-X is disabled.
+    fn update_intx(&self) {
+        if let Some(line) = &self.intx {
+            line.set_level(self.isr != 0 && !self.msix.enabled() && !self.intx_disabled);
+        }
+    }
 }
 
 /// The transport's interrupt side, shared with the activated device.
@@ -142,6 +159,10 @@ impl PciInterrupt {
         let message = {
             let mut st = lock(&self.state);
             st.isr |= isr_bit;
+            if !st.msix.enabled() {
+                st.update_intx();
+                return;
+            }
             if vector == VIRTIO_MSI_NO_VECTOR {
                 return;
             }
@@ -252,6 +273,7 @@ impl VirtioPciDevice {
             subsystem_vendor_id: VIRTIO_PCI_VENDOR_ID,
             subsystem_id: VIRTIO_PCI_SUBSYSTEM_ID,
         });
+        config.set_interrupt_pin(Some(crate::pci::IntxPin::A));
         let regs_bar = match device.ram_bar() {
             Some(memory) => {
                 config.add_bar(PciBar {
@@ -324,6 +346,8 @@ impl VirtioPciDevice {
                 config_vector: VIRTIO_MSI_NO_VECTOR,
                 queue_vectors: vec![VIRTIO_MSI_NO_VECTOR; num_queues],
                 isr: 0,
+                intx: None,
+                intx_disabled: false,
             }),
         });
         Ok(VirtioPciDevice {
@@ -394,6 +418,7 @@ impl VirtioPciDevice {
         st.queue_vectors.fill(VIRTIO_MSI_NO_VECTOR);
         st.msix.clear_pending();
         st.isr = 0;
+        st.update_intx();
     }
 
     fn write_status(&mut self, value: u8) {
@@ -520,7 +545,12 @@ impl VirtioPciDevice {
     /// Brings the I/O threads, the device's own threads and MSI delivery in line with
     /// [`Self::may_dma`] after the command register changed or a quiesce.
     fn follow_dma(&mut self) {
-        lock(&self.interrupt.state).msix.set_bus_master(self.config.bus_master_enabled());
+        {
+            let mut st = lock(&self.interrupt.state);
+            st.msix.set_bus_master(self.config.bus_master_enabled());
+            st.intx_disabled = self.config.intx_disabled();
+            st.update_intx();
+        }
         if !self.may_dma() {
             self.update_queue_threads();
             self.park();
@@ -555,7 +585,11 @@ impl VirtioPciDevice {
     /// Picks up MSI-X enable / function-mask changes from the capability.
     fn update_msix_control(&mut self) {
         let control = (self.config.read_reg(self.msix_control_reg) >> 16) as u16;
-        lock(&self.interrupt.state).msix.set_control(control);
+        {
+            let mut st = lock(&self.interrupt.state);
+            st.msix.set_control(control);
+            st.update_intx();
+        }
         self.interrupt.deliver_pending();
     }
 }
@@ -583,6 +617,12 @@ impl PciDevice for VirtioPciDevice {
         // `bar_decoded`, never from the registers here: mid-sizing they hold garbage.
     }
 
+    fn set_intx_line(&mut self, line: IntxLine) {
+        let mut st = lock(&self.interrupt.state);
+        st.intx = Some(line);
+        st.update_intx();
+    }
+
     fn bar_decoded(&mut self, index: u8, address: Option<u64>) {
         if index == self.regs_bar {
             self.regs_decoded = address;
@@ -607,6 +647,7 @@ impl PciDevice for VirtioPciDevice {
                 if o == ISR_CFG_OFFSET {
                     data[0] = st.isr;
                     st.isr = 0;
+                    st.update_intx();
                 }
             }
             o if (DEVICE_CFG_OFFSET..DEVICE_CFG_OFFSET + DEVICE_CFG_SIZE).contains(&o) => {

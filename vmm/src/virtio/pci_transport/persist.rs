@@ -12,6 +12,7 @@ use super::common_config::QueueConfigError;
 use super::{QueueConfig, VirtioPciDevice, VIRTIO_MSI_NO_VECTOR};
 use crate::devices::bus::lock;
 use crate::error_chain;
+use crate::pci::config::INTERRUPT_REG;
 use crate::pci::msix::{MsixTable, MsixTableState};
 use crate::state::{self, StateError};
 use crate::virtio::queue::{SavedQueue, VirtioQueueError};
@@ -219,8 +220,16 @@ impl VirtioPciDevice {
 
     /// Registers saved before the PCI_CFG capability (the last one) was offered, with it
     /// added as a fresh device has it and linked after MSI-X; others as they are.
+    /// Saved registers from before INTx was wired have interrupt pin 0 where this device
+    /// has INTA#: they take this device's pin (their guest's driver used MSI-X; a re-probe
+    /// sees the pin).
     fn with_pci_cfg_capability(&self, saved: &[u32]) -> Vec<u32> {
         let mut registers = saved.to_vec();
+        if let Some(reg) = registers.get_mut(INTERRUPT_REG) {
+            if *reg & 0xff00 == 0 {
+                *reg |= self.config.read_reg(INTERRUPT_REG) & 0xff00;
+            }
+        }
         let (cap, msix) = (self.pci_cfg_reg, self.msix_control_reg);
         let absent = registers.get(cap..cap + 5).is_some_and(|r| r.iter().all(|&v| v == 0))
             && registers.get(msix).is_some_and(|&v| v & 0xff00 == 0);
@@ -262,6 +271,8 @@ impl VirtioPciDevice {
             st.config_vector = m.config_vector;
             st.queue_vectors = m.queue_vectors.clone();
             st.isr = m.isr;
+            st.intx_disabled = self.config.intx_disabled();
+            st.update_intx();
         }
         self.status = saved.status;
         self.failed.store(saved.failed, Ordering::Release);

@@ -16,10 +16,13 @@ pub const CONFIG_MSI_DATA: u32 = 0x40;
 #[derive(Default)]
 pub struct RecordingSink {
     pub msis: Mutex<Vec<(u64, u32)>>,
+    /// Every change of an interrupt line: (GSI, level).
+    pub lines: Mutex<Vec<(u32, bool)>>,
 }
 
 impl InterruptSink for RecordingSink {
-    fn set_irq_line(&self, _gsi: u32, _active: bool) -> hypervisor::Result<()> {
+    fn set_irq_line(&self, gsi: u32, active: bool) -> hypervisor::Result<()> {
+        self.lines.lock().unwrap().push((gsi, active));
         Ok(())
     }
     fn signal_msi(&self, address: u64, data: u32) -> hypervisor::Result<()> {

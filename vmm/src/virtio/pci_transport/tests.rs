@@ -23,7 +23,7 @@ fn identity_is_modern_virtio() {
     assert_eq!(d.dev.read_config_register(0), 0x1044_1af4);
     assert_eq!(d.dev.read_config_register(2) & 0xff, 1);
     assert_eq!(d.dev.read_config_register(11), 0x1100_1af4);
-    assert_eq!(d.dev.read_config_register(15) >> 8 & 0xff, 0, "no INTx pin");
+    assert_eq!(d.dev.read_config_register(15) >> 8 & 0xff, 1, "INTA#");
 }
 
 #[test]
@@ -206,6 +206,76 @@ fn isr_is_set_and_cleared_by_reading() {
     d.dev.interrupt.signal_config_change();
     assert_eq!(d.read(ISR_CFG_OFFSET, 1), u64::from(ISR_CONFIG));
     assert_eq!(d.read(ISR_CFG_OFFSET, 1), 0);
+}
+
+/// The driver's bring-up with MSI-X left disabled, as `pci=nomsi` or firmware does it.
+fn bring_up_without_msix(d: &mut TestDriver) -> Arc<RecordingSink> {
+    let sink = d.sink.clone();
+    d.dev.set_intx_line(IntxLine::unshared(17, sink.clone()));
+    assert_ne!(d.negotiate(u64::MAX) & crate::virtio::STATUS_FEATURES_OK, 0);
+    d.setup_queue(256);
+    d.write(0x14, 1, 0xf);
+    sink
+}
+
+#[test]
+fn without_msix_a_used_buffer_holds_inta_until_the_driver_reads_the_isr() {
+    let mut d = driver();
+    let sink = bring_up_without_msix(&mut d);
+    serve_one(&mut d, 0);
+    assert_eq!(*sink.lines.lock().unwrap(), [(17, true)]);
+    assert!(sink.msis.lock().unwrap().is_empty(), "no MSI while MSI-X is disabled");
+    // A second interrupt before the read keeps the one level.
+    serve_one(&mut d, 1);
+    assert_eq!(*sink.lines.lock().unwrap(), [(17, true)]);
+    assert_eq!(d.read(ISR_CFG_OFFSET, 1), u64::from(ISR_QUEUE));
+    assert_eq!(*sink.lines.lock().unwrap(), [(17, true), (17, false)]);
+}
+
+#[test]
+fn intx_disable_holds_the_line_low_and_enabling_msix_drops_it() {
+    let mut d = driver();
+    let sink = bring_up_without_msix(&mut d);
+    let command = |d: &mut TestDriver, extra: u16| {
+        let value = COMMAND_MEMORY | COMMAND_BUS_MASTER | extra;
+        d.dev.write_config_register(1, 0, &value.to_le_bytes());
+    };
+    command(&mut d, 1 << 10);
+    d.dev.interrupt.signal_config_change();
+    assert!(sink.lines.lock().unwrap().is_empty(), "INTx disabled");
+    command(&mut d, 0);
+    assert_eq!(*sink.lines.lock().unwrap(), [(17, true)], "the pending ISR asserts");
+    d.setup_msix();
+    assert_eq!(*sink.lines.lock().unwrap(), [(17, true), (17, false)], "MSI-X took over");
+    d.dev.interrupt.signal_config_change();
+    assert_eq!(sink.lines.lock().unwrap().len(), 2, "interrupts go through MSI-X now");
+}
+
+#[test]
+fn a_reset_drops_inta() {
+    let mut d = driver();
+    let sink = bring_up_without_msix(&mut d);
+    d.dev.interrupt.signal_config_change();
+    d.write(0x14, 1, 0);
+    assert_eq!(*sink.lines.lock().unwrap(), [(17, true), (17, false)]);
+}
+
+#[test]
+fn a_snapshot_from_before_intx_restores_with_inta_and_an_isr_bit_left_raises_it() {
+    let mut d = driver();
+    d.bring_up();
+    let mut saved: VirtioPciState = state::decode("t", &d.dev.save_state().unwrap()).unwrap();
+    saved.config[15] &= !0xff00; // what devices without a pin saved
+    saved.msix.isr = ISR_CONFIG;
+    let mut fresh = fresh_rng(&d);
+    let sink = Arc::new(RecordingSink::default());
+    fresh.set_intx_line(IntxLine::unshared(19, sink.clone()));
+    let msix_reg = fresh.msix_control_reg;
+    saved.config[msix_reg] &= !(u32::from(msix::CONTROL_ENABLE) << 16);
+    saved.msix.table.enabled = false;
+    fresh.restore_state(&state::encode("t", &saved).unwrap()).unwrap();
+    assert_eq!(fresh.read_config_register(15) >> 8 & 0xff, 1, "INTA#");
+    assert_eq!(*sink.lines.lock().unwrap(), [(19, true)], "the saved ISR bit, MSI-X off");
 }
 
 fn fresh_rng(d: &TestDriver) -> VirtioPciDevice {
@@ -577,7 +647,7 @@ fn without_a_rom_the_rom_bar_reads_0_and_the_interrupt_line_is_storage_under_a_f
         dev.write_config_register(12, 0, &u32::MAX.to_le_bytes());
         assert_eq!(dev.read_config_register(12), 0, "{name}: no ROM, nothing to size");
         dev.write_config_register(15, 0, &[0x0b, 0x01]);
-        assert_eq!(dev.read_config_register(15) & 0xffff, 0x000b, "{name}: line kept, pin 0");
+        assert_eq!(dev.read_config_register(15) & 0xffff, 0x010b, "{name}: line kept, pin A");
     }
 }
 
