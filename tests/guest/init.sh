@@ -403,6 +403,12 @@ run_action() {
         result "rng_current=$(cat /sys/class/misc/hw_random/rng_current 2>/dev/null)"
         result "rng_bytes=$(head -c 64 /dev/hwrng 2>/dev/null | wc -c)"
         ;;
+    intx)
+        # How the virtio devices interrupt: lines on the IOAPIC (INTx) or MSI-X vectors.
+        grep virtio /proc/interrupts | sed 's/^/interrupts: /'
+        result "intx_lines=$(grep -c 'IO-APIC.*virtio' /proc/interrupts)"
+        result "msi_lines=$(grep -c 'PCI-MSI.*virtio' /proc/interrupts)"
+        ;;
     sleep:*)
         result "sleep=${1#sleep:}"
         sleep "${1#sleep:}"

@@ -47,6 +47,9 @@ inputs() {
 # GRUB and the installer on COM1. No quiet: the kernel's log on serial shows where a boot stops
 # and when the kernel starts. d-i's own defaults otherwise (priority high: the first screen is
 # "Select a language").
+# The second entry is the installer on the screen, as a user sees it: a key pressed before the
+# 1 s countdown ends (End picks the last entry) stops it there, and the VM's display and
+# keyboard carry the installer from there (a framebuffer mode for Linux; its log stays on COM1).
 write_grub_cfg() {
     cat >"$1" <<'EOF'
 serial --unit=0 --speed=115200
@@ -56,6 +59,12 @@ set timeout=1
 set default=0
 menuentry 'Debian 12 installer (serial console)' {
     linux /install/vmlinuz console=ttyS0,115200n8
+    initrd /install/initrd.gz
+}
+menuentry 'Debian 12 installer (on the screen)' {
+    insmod all_video
+    set gfxpayload=1024x768x32,1024x768,auto
+    linux /install/vmlinuz console=ttyS0,115200n8 console=tty0
     initrd /install/initrd.gz
 }
 EOF
