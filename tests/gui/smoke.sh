@@ -72,6 +72,20 @@ start_gui() {
     kill -0 $GUI 2>/dev/null || fail "hutch gui exited: $(cat "$OUT/gui-$1.log")"
 }
 
+# web_menu_item LOG MENU_X ITEM_X ITEM_Y: the GUI opened on the VM "web"; a click on the menu
+# bar at MENU_X, then on the item at (ITEM_X, ITEM_Y), in window coordinates.
+web_menu_item() {
+    printf '{"window_width":1000,"window_height":700,"open_vm":"web","one_to_one":false}\n' \
+        >"$HUTCH_HOME/gui-state.json"
+    start_gui "$1"
+    eval "$(xdotool getwindowgeometry --shell "$WID")"
+    xdotool windowfocus --sync "$WID"
+    xdotool mousemove --sync $((X + $2)) $((Y + 12)) click 1
+    sleep 0.5
+    xdotool mousemove --sync $((X + $3)) $((Y + $4)) click 1
+    sleep 1
+}
+
 # 1. Library view.
 start_gui library
 eval "$(xdotool getwindowgeometry --shell "$WID")"
@@ -100,15 +114,7 @@ kill $GUI; wait $GUI 2>/dev/null || true
 
 # 2b. The network panel of the stopped VM "web": Network → its panel; a forward typed and
 # entered lands in vm.toml, its Remove button takes it out again.
-printf '{"window_width":1000,"window_height":700,"open_vm":"web","one_to_one":false}\n' \
-    >"$HUTCH_HOME/gui-state.json"
-start_gui network
-eval "$(xdotool getwindowgeometry --shell "$WID")"
-xdotool windowfocus --sync "$WID"
-xdotool mousemove --sync $((X + 207)) $((Y + 12)) click 1
-sleep 0.5
-xdotool mousemove --sync $((X + 260)) $((Y + 37)) click 1
-sleep 1
+web_menu_item network 207 260 37
 # The panel (300 points wide) is on the right: with no forwards, its entry field is the
 # first row under "None".
 xdotool mousemove --sync $((X + WIDTH - 210)) $((Y + 178)) click 1
@@ -132,15 +138,7 @@ kill $GUI; wait $GUI 2>/dev/null || true
 # 2c. The CD menu of the stopped VM "web": Insert ISO… opens a dialog whose field takes the
 # typing at once; Enter puts the ISO in vm.toml and the menu names it; Eject takes it out.
 head -c 1M /dev/zero >"$WORK/tools.iso"
-printf '{"window_width":1000,"window_height":700,"open_vm":"web","one_to_one":false}\n' \
-    >"$HUTCH_HOME/gui-state.json"
-start_gui cd
-eval "$(xdotool getwindowgeometry --shell "$WID")"
-xdotool windowfocus --sync "$WID"
-xdotool mousemove --sync $((X + 253)) $((Y + 12)) click 1
-sleep 0.5
-xdotool mousemove --sync $((X + 285)) $((Y + 66)) click 1
-sleep 1
+web_menu_item cd 253 285 66
 xdotool type --delay 20 "$WORK/tools.iso"
 xdotool key Return
 sleep 2
