@@ -17,7 +17,7 @@
 
 use std::collections::VecDeque;
 
-use log::warn;
+use log::{trace, warn};
 use vm_superio::Trigger;
 
 use crate::devices::bus::BusDevice;
@@ -340,6 +340,7 @@ impl BusDevice for I8042 {
             COMMAND_OFFSET => self.status(),
             _ => 0xff,
         };
+        trace!("i8042: read {offset:#x} = {value:#04x}");
         data.fill(0);
         if let Some(first) = data.first_mut() {
             *first = value;
@@ -348,6 +349,7 @@ impl BusDevice for I8042 {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         let Some(&value) = data.first() else { return };
+        trace!("i8042: write {offset:#x} = {value:#04x}");
         match offset {
             DATA_OFFSET => {
                 self.last_was_command = false;
