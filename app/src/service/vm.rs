@@ -494,6 +494,58 @@ mod tests {
 
     use crate::service::library_with_vm;
 
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::net::UnixListener;
+
+    use crate::control::protocol::{Response, VERSION};
+
+    /// A fake VM process for `vm`: holds its lock, answers the hello, reads one request, then
+    /// lets the lock go and answers `reply`, or hangs up without a word when `reply` is None
+    /// (a VM process that ends before it writes its reply).
+    fn fake_vm_process(
+        home: &Path,
+        lib: &Library,
+        reply: Option<Response>,
+    ) -> std::thread::JoinHandle<String> {
+        let vm = lib.existing("vm").unwrap();
+        let lock = vm.try_lock().unwrap().unwrap();
+        let socket = home.join("control.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        vm.write_pid_file(&PidFile { pid: std::process::id(), socket, started_at: 0 }).unwrap();
+        std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut writer = stream;
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            writer.write_all(Response::Hello { version: VERSION }.to_line().as_bytes()).unwrap();
+            line.clear();
+            reader.read_line(&mut line).unwrap();
+            drop(lock);
+            if let Some(reply) = reply {
+                writer.write_all(reply.to_line().as_bytes()).unwrap();
+            }
+            line
+        })
+    }
+
+    #[test]
+    fn forced_stop_of_a_vm_that_ends_before_its_reply_succeeds() {
+        let (home, lib) = library_with_vm();
+        let server = fake_vm_process(home.path(), &lib, None);
+        stop(&lib, "vm", true, 5).unwrap();
+        assert!(server.join().unwrap().contains("poweroff"));
+    }
+
+    #[test]
+    fn a_refused_stop_is_still_an_error() {
+        let (home, lib) = library_with_vm();
+        let server = fake_vm_process(home.path(), &lib, Some(Response::error("no power button")));
+        let err = stop(&lib, "vm", false, 5).unwrap_err();
+        assert!(format!("{err:#}").contains("no power button"), "{err:#}");
+        assert!(server.join().unwrap().contains("shutdown"));
+    }
+
     #[test]
     fn a_cd_is_inserted_with_its_absolute_path_and_ejected() {
         let (home, lib) = library_with_vm();
